@@ -1,0 +1,298 @@
+//! The compute seam. Everything the server executes goes through [`Backend`].
+//!
+//! Memory: a backend reserves [`Backend::Region`]s (one driver allocation each; the VMU reserves
+//! one per device at start-up and carves it). Operands are [`View`]s: a region, a byte offset, a
+//! dtype and an element count. Every op checks that its operands lie inside their regions and
+//! that its outputs do not overlap its inputs (unless the op says it works in place).
+//!
+//! Ordering: work is issued on a [`Backend::Stream`] and runs in issue order on that stream;
+//! [`Backend::Event`]s mark completion. The CPU backend executes eagerly on the calling thread, so
+//! its events are complete on return; the CUDA backend is asynchronous.
+//!
+//! Regions are `Send` but need not be `Sync`: whoever issues work on a region holds it, which is
+//! what keeps the CPU backend (plain host memory written through `&Region`) free of data races.
+
+use crate::error::Result;
+use crate::{DType, KvLayout};
+
+/// A typed window into a region: `len` elements of `dtype` starting `offset` bytes in.
+pub struct View<'a, B: Backend + ?Sized> {
+    pub region: &'a B::Region,
+    pub offset: usize,
+    pub dtype: DType,
+    pub len: usize,
+}
+
+impl<'a, B: Backend + ?Sized> View<'a, B> {
+    pub fn new(region: &'a B::Region, offset: usize, dtype: DType, len: usize) -> Self {
+        View { region, offset, dtype, len }
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size_bytes()
+    }
+    /// A sub-view of `len` elements starting `first` elements in (same dtype).
+    pub fn slice(&self, first: usize, len: usize) -> Self {
+        assert!(first + len <= self.len, "View::slice out of range");
+        View { region: self.region, offset: self.offset + first * self.dtype.size_bytes(), dtype: self.dtype, len }
+    }
+}
+
+impl<B: Backend + ?Sized> Clone for View<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for View<'_, B> {}
+
+/// Reserved device memory.
+pub trait RegionInfo {
+    fn len_bytes(&self) -> usize;
+}
+
+/// Page-locked host memory (swap pool, staging). Not write-combined: the host reads it back.
+pub trait HostBuf: Send {
+    fn as_slice(&self) -> &[u8];
+    fn as_mut_slice(&mut self) -> &mut [u8];
+}
+
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// "cpu" or "cuda".
+    pub kind: &'static str,
+    /// e.g. "NVIDIA H100 80GB HBM3" or the CPU model.
+    pub name: String,
+    pub ordinal: usize,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+}
+
+/// `c[b] = alpha * a[b] · op(b[b]) + beta * c[b]` for `b` in `0..batch`, row-major.
+/// `a` is `[m, k]`; `b` is `[n, k]` when `trans_b` (the Hugging Face `[out, in]` weight layout)
+/// else `[k, n]`; `c` is `[m, n]`. Strides are in elements between consecutive batch entries.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmArgs {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_b: bool,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl GemmArgs {
+    /// One `[m,k] · [n,k]ᵀ` product, the shape of every projection.
+    pub fn linear(m: usize, n: usize, k: usize) -> Self {
+        GemmArgs { m, n, k, trans_b: true, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0, alpha: 1.0, beta: 0.0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnaryOp {
+    Silu,
+    Exp,
+    Neg,
+    Sqrt,
+}
+
+/// A batch of ragged sequences for attention. All index arrays are i32 views in device memory
+/// (the caller writes them into scratch once per step).
+pub struct AttnBatch<'a, B: Backend + ?Sized> {
+    pub seqs: usize,
+    /// `[seqs + 1]`: query rows of sequence `i` are `q_start[i]..q_start[i+1]`.
+    pub q_start: View<'a, B>,
+    /// `[seqs]`: tokens in the cache for sequence `i`, including this step's.
+    /// Query row `j` of a sequence with `q_len` rows sits at position `ctx_len - q_len + j` and
+    /// attends causally to positions `0..=that`.
+    pub ctx_lens: View<'a, B>,
+    /// `[seqs, max_blocks_per_seq]`: block ids in position order.
+    pub block_tables: View<'a, B>,
+    pub max_blocks_per_seq: usize,
+    /// Host-known maxima, for launch geometry.
+    pub max_q_len: usize,
+    pub max_ctx_len: usize,
+}
+
+/// The paged KV cache: `num_blocks` blocks of `layout.block_bytes()` starting at `offset`.
+pub struct KvCacheRef<'a, B: Backend + ?Sized> {
+    pub region: &'a B::Region,
+    pub offset: usize,
+    pub num_blocks: usize,
+    pub layout: KvLayout,
+}
+
+/// Per-row sampling parameters. Temperature 0 means greedy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    pub temperature: f32,
+    /// 0 = no top-k cut.
+    pub top_k: u32,
+    /// 1.0 = no nucleus cut.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Counter mixed with the seed so each step draws fresh randomness reproducibly.
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    type Region: RegionInfo + Send;
+    type Stream: Send;
+    type Event: Send;
+    type Host: HostBuf;
+
+    fn info(&self) -> DeviceInfo;
+
+    // ---- memory -------------------------------------------------------------------------------
+    /// One driver allocation. Never called on the request path (the VMU reserves at start-up).
+    fn reserve(&self, bytes: usize) -> Result<Self::Region>;
+    /// Page-locked host memory.
+    fn alloc_host(&self, bytes: usize) -> Result<Self::Host>;
+    fn new_stream(&self) -> Result<Self::Stream>;
+    fn default_stream(&self) -> &Self::Stream;
+    fn record(&self, stream: &Self::Stream) -> Result<Self::Event>;
+    /// Makes later work on `stream` wait for `event`.
+    fn wait(&self, stream: &Self::Stream, event: &Self::Event) -> Result<()>;
+    fn event_done(&self, event: &Self::Event) -> Result<bool>;
+    fn sync_event(&self, event: &Self::Event) -> Result<()>;
+    fn sync_stream(&self, stream: &Self::Stream) -> Result<()>;
+
+    /// Synchronous host → device copy of `src` to `region[offset..]`.
+    fn write(&self, region: &Self::Region, offset: usize, src: &[u8]) -> Result<()>;
+    /// Synchronous device → host copy of `region[offset..offset + dst.len()]` into `dst`.
+    fn read(&self, region: &Self::Region, offset: usize, dst: &mut [u8]) -> Result<()>;
+    /// Device → device copy, ordered on `stream`.
+    fn copy(
+        &self,
+        stream: &Self::Stream,
+        src: &Self::Region,
+        src_offset: usize,
+        dst: &Self::Region,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<()>;
+
+    /// Asynchronous host → device copy of `host[host_offset..+bytes]` to `region[offset..]`.
+    ///
+    /// # Safety
+    /// `host` must not be written, moved or dropped until an event recorded on `stream` after this
+    /// call has completed: the device reads it in the background.
+    unsafe fn copy_h2d_async(
+        &self,
+        stream: &Self::Stream,
+        host: &Self::Host,
+        host_offset: usize,
+        region: &Self::Region,
+        offset: usize,
+        bytes: usize,
+    ) -> Result<()>;
+
+    /// Asynchronous device → host copy of `region[offset..+bytes]` into `host[host_offset..]`.
+    ///
+    /// # Safety
+    /// `host` must not be read, written, moved or dropped until an event recorded on `stream`
+    /// after this call has completed: the device writes it in the background.
+    unsafe fn copy_d2h_async(
+        &self,
+        stream: &Self::Stream,
+        region: &Self::Region,
+        offset: usize,
+        host: &mut Self::Host,
+        host_offset: usize,
+        bytes: usize,
+    ) -> Result<()>;
+
+    // ---- linear algebra and elementwise ------------------------------------------------------
+    fn gemm(&self, s: &Self::Stream, a: View<Self>, b: View<Self>, c: View<Self>, args: &GemmArgs) -> Result<()>;
+    fn binary(&self, s: &Self::Stream, op: BinaryOp, a: View<Self>, b: View<Self>, out: View<Self>) -> Result<()>;
+    fn unary(&self, s: &Self::Stream, op: UnaryOp, x: View<Self>, out: View<Self>) -> Result<()>;
+    /// Converts between float dtypes (and i32 ↔ f32).
+    fn cast(&self, s: &Self::Stream, x: View<Self>, out: View<Self>) -> Result<()>;
+    /// `out = silu(gate) * up`, elementwise.
+    fn silu_mul(&self, s: &Self::Stream, gate: View<Self>, up: View<Self>, out: View<Self>) -> Result<()>;
+    /// Row-wise softmax over `[rows, cols]`.
+    fn softmax(&self, s: &Self::Stream, x: View<Self>, out: View<Self>, cols: usize) -> Result<()>;
+
+    // ---- transformer ops ----------------------------------------------------------------------
+    /// `out[i] = table[ids[i]]`; `table` is `[vocab, hidden]`, `ids` i32. Out-of-range ids are an
+    /// error (checked by the caller for device backends; the CPU backend checks too).
+    fn embedding(&self, s: &Self::Stream, table: View<Self>, ids: View<Self>, out: View<Self>, hidden: usize) -> Result<()>;
+    /// RMSNorm over rows of `hidden`. With `residual`: first `residual += x` (in place), then
+    /// `out = rmsnorm(residual) * weight` — the fused pre-norm of a transformer block.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm(
+        &self,
+        s: &Self::Stream,
+        x: View<Self>,
+        residual: Option<View<Self>>,
+        weight: View<Self>,
+        out: View<Self>,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// Rotate-half RoPE in place on `x` = `[tokens, heads, head_dim]`; `positions` i32 `[tokens]`;
+    /// `inv_freq` f32 `[head_dim / 2]` (rope_theta and any scaling already folded in).
+    fn rope(
+        &self,
+        s: &Self::Stream,
+        x: View<Self>,
+        positions: View<Self>,
+        inv_freq: View<Self>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+    /// Writes this step's K and V (`[tokens, kv_heads, head_dim]` each) into the cache at `slots`
+    /// (i32 `[tokens]`, slot = block * block_tokens + offset) for `layer`.
+    fn kv_append(
+        &self,
+        s: &Self::Stream,
+        k: View<Self>,
+        v: View<Self>,
+        cache: &KvCacheRef<Self>,
+        layer: usize,
+        slots: View<Self>,
+    ) -> Result<()>;
+    /// Causal attention of a ragged batch of query rows (`q`, `out`: `[rows, heads, head_dim]`)
+    /// over the paged cache (which already holds this step's K/V). GQA: `heads / kv_heads`
+    /// query heads share each KV head. Covers prefill (many rows) and decode (one row each).
+    fn attention(
+        &self,
+        s: &Self::Stream,
+        q: View<Self>,
+        cache: &KvCacheRef<Self>,
+        layer: usize,
+        batch: &AttnBatch<Self>,
+        out: View<Self>,
+        heads: usize,
+        scale: f32,
+    ) -> Result<()>;
+    /// Copies whole blocks inside the cache: `pairs` i32 `[n, 2]` of (src, dst).
+    fn copy_blocks(&self, s: &Self::Stream, cache: &KvCacheRef<Self>, pairs: View<Self>) -> Result<()>;
+    /// Packs the listed blocks (i32 ids) back to back into `staging` (u8).
+    fn gather_blocks(&self, s: &Self::Stream, cache: &KvCacheRef<Self>, ids: View<Self>, staging: View<Self>) -> Result<()>;
+    /// Unpacks `staging` into the listed blocks: the inverse of `gather_blocks`.
+    fn scatter_blocks(&self, s: &Self::Stream, staging: View<Self>, cache: &KvCacheRef<Self>, ids: View<Self>) -> Result<()>;
+
+    // ---- sampling -----------------------------------------------------------------------------
+    /// Row-wise argmax of f32 `[rows, vocab]` into i32 `[rows]` (first maximum wins).
+    fn argmax(&self, s: &Self::Stream, logits: View<Self>, out: View<Self>, vocab: usize) -> Result<()>;
+    /// Row-wise sampling with per-row parameters (temperature 0 = argmax).
+    fn sample(
+        &self,
+        s: &Self::Stream,
+        logits: View<Self>,
+        out: View<Self>,
+        vocab: usize,
+        params: &[SampleParams],
+    ) -> Result<()>;
+}

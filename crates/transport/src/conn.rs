@@ -1,0 +1,104 @@
+//! The transport seam: a connection is a sending half and a receiving half that can live on
+//! different threads (the server streams replies from its engine while a reader parses requests).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use djinn_proto::{FrameHeader, HeaderError};
+
+/// How a waiting side waits for the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WaitMode {
+    /// Spin for a short while, then park in the kernel (eventfd/futex/epoll). No CPU burnt idle.
+    #[default]
+    SpinThenPark,
+    /// Never park: lowest latency, one core per waiting side.
+    BusyPoll,
+}
+
+/// Bytes a connection has moved, readable by the caller at any time.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+impl ByteCounters {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+/// One outgoing frame: header, metadata, and bulk data gathered from the caller's buffers
+/// without copying them (vectored send / one-sided write).
+pub struct OutFrame<'a> {
+    pub header: FrameHeader,
+    pub meta: &'a [u8],
+    pub data: &'a [&'a [u8]],
+}
+
+/// The header and metadata of a received frame, in private memory, header already validated.
+/// The frame's `data_len` bytes of bulk data are still pending on the receiving half.
+#[derive(Debug)]
+pub struct RxHead {
+    pub header: FrameHeader,
+    pub meta: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("framing lost: {0}")]
+    BadHeader(#[from] HeaderError),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error("ring or queue full ({0})")]
+    Full(&'static str),
+    #[error("bulk data misuse: {0}")]
+    DataMisuse(&'static str),
+    #[error("bad URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The sending half of a connection.
+pub trait FrameTx: Send {
+    /// Sends one whole frame. Blocks (according to the connection's `WaitMode`) while the peer's
+    /// receive space is full; never buffers without bound.
+    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError>;
+}
+
+/// The receiving half of a connection.
+pub trait FrameRx: Send {
+    /// Waits for the next frame and returns its validated header and metadata. The previous
+    /// frame's bulk data must have been consumed (`recv_data`/`skip_data`) first.
+    fn recv_head(&mut self) -> Result<RxHead, TransportError>;
+    /// Moves the next `dst.len()` bytes of the current frame's bulk data into `dst`.
+    fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError>;
+    /// Discards the next `len` bytes of the current frame's bulk data.
+    fn skip_data(&mut self, len: u64) -> Result<(), TransportError>;
+}
+
+/// A connected pair of halves plus what both sides share.
+pub struct Connection {
+    pub tx: Box<dyn FrameTx>,
+    pub rx: Box<dyn FrameRx>,
+    pub counters: Arc<ByteCounters>,
+    /// "tcp", "tcp-socket", "shm", "rdma".
+    pub transport: &'static str,
+    /// Human-readable peer (address or socket name) for logs and errors.
+    pub peer: String,
+}
+
+/// A bound server endpoint.
+pub trait Listener: Send {
+    /// Blocks until a client connects (or the listener is shut down → `Closed`).
+    fn accept(&mut self) -> Result<Connection, TransportError>;
+    /// The URL clients connect to.
+    fn url(&self) -> String;
+}

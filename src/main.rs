@@ -1,0 +1,45 @@
+//! `djinn-dataplane`: serve, ping, generate, logits, convert-gguf, demo.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(name = "djinn-dataplane", version, about = "Remote GPU inference with server-resident state")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the data-plane server.
+    Serve(cmd::serve::Args),
+    /// Round-trip latency and bandwidth against a server.
+    Ping(cmd::ping::Args),
+    /// Generate tokens from a model (in process with --model-dir, or remote with --server).
+    Generate(cmd::generate::Args),
+    /// Print a model's logits for a prompt.
+    Logits(cmd::logits::Args),
+    /// Convert a GGUF file into a Hugging Face layout directory.
+    ConvertGguf(cmd::convert::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cmd::init_tracing();
+    let result = match cli.command {
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Ping(a) => cmd::ping::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Logits(a) => cmd::logits::run(a),
+        Command::ConvertGguf(a) => cmd::convert::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
