@@ -226,7 +226,14 @@ pub trait Backend: Send + Sync + 'static {
     // ---- transformer ops ----------------------------------------------------------------------
     /// `out[i] = table[ids[i]]`; `table` is `[vocab, hidden]`, `ids` i32. Out-of-range ids are an
     /// error (checked by the caller for device backends; the CPU backend checks too).
-    fn embedding(&self, s: &Self::Stream, table: View<Self>, ids: View<Self>, out: View<Self>, hidden: usize) -> Result<()>;
+    fn embedding(
+        &self,
+        s: &Self::Stream,
+        table: View<Self>,
+        ids: View<Self>,
+        out: View<Self>,
+        hidden: usize,
+    ) -> Result<()>;
     /// RMSNorm over rows of `hidden`. With `residual`: first `residual += x` (in place), then
     /// `out = rmsnorm(residual) * weight` — the fused pre-norm of a transformer block.
     #[allow(clippy::too_many_arguments)]
@@ -279,9 +286,21 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies whole blocks inside the cache: `pairs` i32 `[n, 2]` of (src, dst).
     fn copy_blocks(&self, s: &Self::Stream, cache: &KvCacheRef<Self>, pairs: View<Self>) -> Result<()>;
     /// Packs the listed blocks (i32 ids) back to back into `staging` (u8).
-    fn gather_blocks(&self, s: &Self::Stream, cache: &KvCacheRef<Self>, ids: View<Self>, staging: View<Self>) -> Result<()>;
+    fn gather_blocks(
+        &self,
+        s: &Self::Stream,
+        cache: &KvCacheRef<Self>,
+        ids: View<Self>,
+        staging: View<Self>,
+    ) -> Result<()>;
     /// Unpacks `staging` into the listed blocks: the inverse of `gather_blocks`.
-    fn scatter_blocks(&self, s: &Self::Stream, staging: View<Self>, cache: &KvCacheRef<Self>, ids: View<Self>) -> Result<()>;
+    fn scatter_blocks(
+        &self,
+        s: &Self::Stream,
+        staging: View<Self>,
+        cache: &KvCacheRef<Self>,
+        ids: View<Self>,
+    ) -> Result<()>;
 
     // ---- sampling -----------------------------------------------------------------------------
     /// Row-wise argmax of f32 `[rows, vocab]` into i32 `[rows]` (first maximum wins).

@@ -101,4 +101,40 @@ pub trait Listener: Send {
     fn accept(&mut self) -> Result<Connection, TransportError>;
     /// The URL clients connect to.
     fn url(&self) -> String;
+    /// A handle that makes a blocked (or later) `accept` return `Closed`.
+    fn stopper(&self) -> ListenerStop;
 }
+
+/// Settings every transport reads, fixed at start-up.
+#[derive(Clone, Debug)]
+pub struct TransportOptions {
+    pub wait: WaitMode,
+    pub limits: djinn_proto::Limits,
+    /// TCP: use plain sockets even where io_uring works.
+    pub force_socket: bool,
+    /// TCP: sends at or above this many bytes use zero-copy send (measured; see tcp module).
+    pub zerocopy_send_bytes_min: usize,
+    /// SHM: bytes of the data area of each direction's ring in a client's region.
+    pub shm_data_bytes: usize,
+    /// SHM: frame slots in each direction's ring.
+    pub shm_slots: usize,
+    /// Spin this long before parking (SpinThenPark).
+    pub spin_us: u64,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            wait: WaitMode::SpinThenPark,
+            limits: djinn_proto::Limits::default(),
+            force_socket: false,
+            zerocopy_send_bytes_min: 64 * 1024,
+            shm_data_bytes: 16 * 1024 * 1024,
+            shm_slots: 256,
+            spin_us: 50,
+        }
+    }
+}
+
+/// Stops a listener from another thread: a blocked `accept` returns `TransportError::Closed`.
+pub type ListenerStop = std::sync::Arc<dyn Fn() + Send + Sync>;

@@ -1,7 +1,7 @@
 //! Transports carry frames (see `djinn-proto`) between a client and the server. One trait pair
 //! ([`FrameTx`], [`FrameRx`]) covers every implementation; each lives in a sibling module:
 //! `tcp` (io_uring, plain-socket fallback), `shm` (memfd region + rings + doorbell) and, later,
-//! `rdma` (ibverbs). `recommended` picks the implementation for a URL.
+//! `rdma` (ibverbs). [`recommended`] picks the implementation for a URL.
 //!
 //! The shape every transport shares is the RDMA one: the sender places bytes into memory the
 //! receiver owns (a socket buffer, a shared region, a registered MR) and rings a doorbell; the
@@ -9,5 +9,12 @@
 //! moves bulk data straight into its destination buffer.
 
 pub mod conn;
+pub mod recommended;
+pub mod shm;
+pub mod tcp;
 
-pub use conn::{ByteCounters, Connection, FrameRx, FrameTx, Listener, OutFrame, RxHead, TransportError, WaitMode};
+pub use conn::{
+    ByteCounters, Connection, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead, TransportError,
+    TransportOptions, WaitMode,
+};
+pub use recommended::{connect, listen};

@@ -1,0 +1,25 @@
+//! `tcp` transport (being written).
+
+use crate::{Connection, Listener, ListenerStop, TransportError, TransportOptions};
+
+pub struct TcpListener;
+
+impl Listener for TcpListener {
+    fn accept(&mut self) -> Result<Connection, TransportError> {
+        Err(TransportError::Other("tcp: not built yet".into()))
+    }
+    fn url(&self) -> String {
+        String::new()
+    }
+    fn stopper(&self) -> ListenerStop {
+        std::sync::Arc::new(|| {})
+    }
+}
+
+pub fn connect(_addr: &str, _opts: &TransportOptions) -> Result<Connection, TransportError> {
+    Err(TransportError::Other("tcp: not built yet".into()))
+}
+
+pub fn listen(_addr: &str, _opts: &TransportOptions) -> Result<TcpListener, TransportError> {
+    Err(TransportError::Other("tcp: not built yet".into()))
+}
