@@ -1,8 +1,138 @@
-//! `djinn-dataplane serve` (being written).
+//! `djinn-dataplane serve`: flags and an optional TOML file (same keys, `-` written `_`) become a
+//! [`ServerConfig`]; flags override the file. Picks the backend from `--gpus`, starts the server,
+//! and drains on SIGTERM/SIGINT (exit 0).
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::path::PathBuf;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("serve: not built yet")
+use anyhow::Context;
+use djinn_server::{Server, ServerConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML file whose keys match these flags (see configs/).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME. Default tcp://127.0.0.1:7070.
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// `cpu`, or CUDA device ordinals (`0` or `0,1`). Default: cpu unless a GPU backend is built in.
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// RDMA device (not available yet: refused at start-up).
+    #[arg(long)]
+    pub nic: Option<String>,
+    /// Name of this server in logs and metrics.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// HOST:PORT serving /healthz and /metrics.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// File of `TENANT TOKEN` lines; without it every connection is its own tenant.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+    /// Connections served at once.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Requests in flight per connection.
+    #[arg(long)]
+    pub max_inflight_per_conn: Option<usize>,
+    /// Tensor handles per tenant.
+    #[arg(long)]
+    pub handles_max_per_tenant: Option<usize>,
+    /// Tensor bytes per tenant.
+    #[arg(long)]
+    pub tensor_bytes_max_per_tenant: Option<u64>,
+    /// Tensor bytes over all tenants.
+    #[arg(long)]
+    pub tensor_bytes_max: Option<u64>,
+    /// Nodes in one Exec graph.
+    #[arg(long)]
+    pub exec_nodes_max: Option<usize>,
+    /// Largest frame accepted, bytes (default admits 64 MiB payloads).
+    #[arg(long)]
+    pub frame_bytes_max: Option<u64>,
+    /// spin-then-park (default) or busy-poll.
+    #[arg(long)]
+    pub wait: Option<String>,
+    /// TCP: plain sockets even where io_uring works.
+    #[arg(long)]
+    pub force_socket: bool,
+    /// SHM: data-area bytes per direction of each client's region.
+    #[arg(long)]
+    pub shm_data_bytes: Option<usize>,
+    /// Milliseconds SIGTERM waits for in-flight requests.
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+impl Args {
+    /// The file's configuration (or defaults) with every given flag applied on top.
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let mut c = match &self.config {
+            Some(p) => ServerConfig::from_file(p)?,
+            None => ServerConfig::default(),
+        };
+        if !self.listen.is_empty() {
+            c.listen = self.listen.clone();
+        }
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
+        }
+        over!(gpus, node_id, max_connections, max_inflight_per_conn, handles_max_per_tenant);
+        over!(tensor_bytes_max_per_tenant, tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
+        over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file);
+        if self.force_socket {
+            c.force_socket = true;
+        }
+        Ok(c)
+    }
+}
+
+/// Which backend `--gpus` asks for.
+enum Device {
+    Cpu,
+    Cuda(Vec<usize>),
+}
+
+fn parse_gpus(s: &str) -> anyhow::Result<Device> {
+    match s.trim() {
+        "" | "cpu" => Ok(Device::Cpu),
+        list => {
+            let ords = list
+                .split(',')
+                .map(|p| p.trim().parse::<usize>().with_context(|| format!("--gpus {list:?}: expected cpu or 0,1,...")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(Device::Cuda(ords))
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = args.to_config()?;
+    cfg.validate()?;
+    match parse_gpus(&cfg.gpus)? {
+        Device::Cpu => {
+            let backend = djinn_backend::cpu::CpuBackend::new().context("starting the CPU backend")?;
+            serve(cfg, backend)
+        }
+        Device::Cuda(ords) => anyhow::bail!(
+            "--gpus {}: the CUDA backend is not wired into `serve` in this build yet; use --gpus cpu",
+            ords.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(",")
+        ),
+    }
+}
+
+fn serve<B: djinn_backend::Backend>(cfg: ServerConfig, backend: B) -> anyhow::Result<()> {
+    let server = Server::start(cfg, backend)?;
+    for url in server.urls() {
+        // One line per listener on stdout, so scripts and tests can find resolved ports.
+        println!("listening {url}");
+    }
+    if let Some(a) = server.metrics_addr() {
+        println!("metrics http://{a}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    server.run_until_signal()?;
+    Ok(())
 }

@@ -133,6 +133,16 @@ pub struct KvCacheRef<'a, B: Backend + ?Sized> {
 }
 
 /// Per-row sampling parameters. Temperature 0 means greedy.
+///
+/// The contract every backend follows (the CPU backend is its reference):
+/// 1. `temperature <= 0` (or NaN) or `top_k == 1`: argmax, first maximum wins.
+/// 2. Candidates: every id whose logit is not NaN; with `0 < top_k < vocab`, only the `top_k`
+///    largest logits (ties: lower id first).
+/// 3. Weights `w_i = exp((logit_i - max) / temperature)`, `max` over the candidates.
+/// 4. With `top_p < 1`: order candidates by descending logit (ties: lower id first) and keep the
+///    shortest prefix whose weight sum reaches `top_p * total` (at least one).
+/// 5. Draw `u = sample_uniform(seed, step)` in `[0, 1)` and return the first kept candidate,
+///    walking ids in ascending order, at which the running weight sum exceeds `u * kept_total`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleParams {
     pub temperature: f32,
@@ -143,6 +153,22 @@ pub struct SampleParams {
     pub seed: u64,
     /// Counter mixed with the seed so each step draws fresh randomness reproducibly.
     pub step: u64,
+}
+
+/// The uniform draw in `[0, 1)` for one sampling step: a pure function of `(seed, step)`, so a
+/// session replays identically on every backend. Two rounds of the SplitMix64 finaliser
+/// (`mix(z) = z ^ z>>30 · 0xbf58476d1ce4e5b9 → ^ >>27 · 0x94d049bb133111eb → ^ >>31`, each round
+/// adding the golden-ratio increment 0x9e3779b97f4a7c15 first):
+/// `r = mix(seed + γ ^ mix(step + γ))`, and `u = (r >> 40) · 2⁻²⁴` (24 bits, exact in f32).
+pub fn sample_uniform(seed: u64, step: u64) -> f32 {
+    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let r = mix(seed.wrapping_add(GAMMA) ^ mix(step.wrapping_add(GAMMA)));
+    (r >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -272,6 +298,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Causal attention of a ragged batch of query rows (`q`, `out`: `[rows, heads, head_dim]`)
     /// over the paged cache (which already holds this step's K/V). GQA: `heads / kv_heads`
     /// query heads share each KV head. Covers prefill (many rows) and decode (one row each).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         s: &Self::Stream,

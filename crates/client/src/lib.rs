@@ -1,1 +1,348 @@
-//! placeholder
+//! The thin client of djinn-dataplane: connect by URL (`tcp://HOST:PORT`, `shm://NAME`), the
+//! handshake, blocking calls, pipelined submission, and the bytes the connection has moved.
+//!
+//! One [`Client`] is one connection, used from one thread. Pipelining: [`Client::submit`] sends a
+//! request and returns its id at once; [`Client::wait`] returns the reply of one id, keeping
+//! replies to other ids that arrive first (at most `replies_buffered_max` of them, after which
+//! waiting is an error rather than growth). Blocking calls are submit + wait.
+//!
+//! Errors carry the server's status code and message ([`ClientError::Server`]).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use djinn_proto::msg::{
+    ErrorReply, ExecReply, ExecReq, Handle, HelloReply, HelloReq, StatsReply, TensorFreeReq, TensorGetReq,
+    TensorPutReply, TensorPutReq,
+};
+use djinn_proto::{FrameHeader, Meta, MetaError, Opcode, Status, TensorDesc, VERSION};
+use djinn_transport::{ByteCounters, FrameRx, FrameTx, OutFrame, TransportError, TransportOptions};
+
+pub mod ping;
+
+/// Environment variable holding a token when no token file is given.
+pub const TOKEN_ENV: &str = "DJINN_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {url}: {source}")]
+    Connect { url: String, source: TransportError },
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The server answered with a failure status.
+    #[error("server refused {opcode}: {status:?}: {message}")]
+    Server { opcode: &'static str, status: Status, message: String },
+    #[error("bad reply to {opcode}: {why}")]
+    Protocol { opcode: &'static str, why: String },
+    #[error("reading token file {path}: {source}")]
+    Token { path: PathBuf, source: std::io::Error },
+    #[error("{0} replies are buffered unclaimed (replies_buffered_max); claim them with wait()")]
+    TooManyBuffered(usize),
+    #[error("request {0} was never submitted on this connection or was already claimed")]
+    UnknownRequest(u64),
+}
+
+impl ClientError {
+    /// The server's status code, when the server refused the request.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ClientError::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// The token to present: the file's first line if a file is given, else `DJINN_TOKEN`, else none.
+pub fn load_token(token_file: Option<&Path>) -> Result<Option<Vec<u8>>> {
+    if let Some(p) = token_file {
+        let text = std::fs::read_to_string(p).map_err(|source| ClientError::Token { path: p.to_owned(), source })?;
+        return Ok(Some(text.lines().next().unwrap_or("").trim().as_bytes().to_vec()));
+    }
+    Ok(std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()).map(String::into_bytes))
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub token: Option<Vec<u8>>,
+    pub client_name: String,
+    pub transport: TransportOptions,
+    /// Replies that may wait unclaimed while the caller waits for another one.
+    pub replies_buffered_max: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            token: None,
+            client_name: format!("djinn-client/{}", env!("CARGO_PKG_VERSION")),
+            transport: TransportOptions::default(),
+            replies_buffered_max: 1024,
+        }
+    }
+}
+
+/// A reply frame: header, metadata and bulk data, all owned.
+#[derive(Debug)]
+pub struct Reply {
+    pub header: FrameHeader,
+    pub meta: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+/// One connection to a server.
+pub struct Client {
+    tx: Box<dyn FrameTx>,
+    rx: Box<dyn FrameRx>,
+    counters: Arc<ByteCounters>,
+    transport: &'static str,
+    url: String,
+    hello: HelloReply,
+    next_id: u64,
+    pending: HashSet<u64>,
+    ready: HashMap<u64, Result<Reply>>,
+    replies_buffered_max: usize,
+}
+
+fn opcode_name(raw: u16) -> &'static str {
+    Opcode::try_from(raw).map(|o| o.name()).unwrap_or("unknown opcode")
+}
+
+impl Client {
+    /// Connects with a token from `DJINN_TOKEN` (if set) and default options.
+    pub fn connect(url: &str) -> Result<Client> {
+        let opts = ClientOptions { token: load_token(None)?, ..Default::default() };
+        Client::connect_with(url, &opts)
+    }
+
+    /// Connects and completes the handshake.
+    pub fn connect_with(url: &str, opts: &ClientOptions) -> Result<Client> {
+        let conn = djinn_transport::connect(url, &opts.transport)
+            .map_err(|source| ClientError::Connect { url: url.to_owned(), source })?;
+        let mut c = Client {
+            tx: conn.tx,
+            rx: conn.rx,
+            counters: conn.counters,
+            transport: conn.transport,
+            url: url.to_owned(),
+            hello: HelloReply {
+                version: 0,
+                tenant_id: 0,
+                frame_bytes_max: 0,
+                meta_bytes_max: 0,
+                backend: String::new(),
+                devices: Vec::new(),
+                models: Vec::new(),
+                transports: Vec::new(),
+            },
+            next_id: 1,
+            pending: HashSet::new(),
+            ready: HashMap::new(),
+            replies_buffered_max: opts.replies_buffered_max.max(1),
+        };
+        let req = HelloReq {
+            version_min: 1,
+            version_max: VERSION,
+            token: opts.token.clone().unwrap_or_default(),
+            client_name: opts.client_name.clone(),
+        };
+        let reply = c.call(Opcode::Hello, &req.to_meta(), &[])?;
+        c.hello = decode(Opcode::Hello, &reply.meta)?;
+        Ok(c)
+    }
+
+    /// The server's capabilities (backend, devices, models, transports, limits).
+    pub fn capabilities(&self) -> &HelloReply {
+        &self.hello
+    }
+    /// "tcp", "tcp-socket", "shm", ...
+    pub fn transport(&self) -> &'static str {
+        self.transport
+    }
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    pub fn bytes_sent(&self) -> u64 {
+        self.counters.sent()
+    }
+    pub fn bytes_received(&self) -> u64 {
+        self.counters.received()
+    }
+    /// The live counters, readable from other threads.
+    pub fn counters(&self) -> Arc<ByteCounters> {
+        self.counters.clone()
+    }
+    /// Requests submitted and not yet claimed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    // ---- pipelining -----------------------------------------------------------------------------
+
+    /// Sends a request and returns its id without waiting for the reply.
+    pub fn submit(&mut self, opcode: Opcode, meta: &[u8], data: &[&[u8]]) -> Result<u64> {
+        self.submit_raw(opcode.as_u16(), meta, data)
+    }
+
+    /// [`Client::submit`] with any opcode number (tests of unknown opcodes use this).
+    pub fn submit_raw(&mut self, opcode: u16, meta: &[u8], data: &[&[u8]]) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let data_len = data.iter().map(|d| d.len() as u64).sum();
+        let meta_len = u32::try_from(meta.len())
+            .map_err(|_| ClientError::Protocol { opcode: opcode_name(opcode), why: "metadata over 4 GiB".into() })?;
+        let header = FrameHeader::new(opcode, 0, id, meta_len, data_len);
+        self.tx.send(&OutFrame { header, meta, data })?;
+        self.pending.insert(id);
+        Ok(id)
+    }
+
+    /// Waits for the reply to `id`. A failure status becomes [`ClientError::Server`].
+    pub fn wait(&mut self, id: u64) -> Result<Reply> {
+        if let Some(r) = self.ready.remove(&id) {
+            self.pending.remove(&id);
+            return r;
+        }
+        if !self.pending.contains(&id) {
+            return Err(ClientError::UnknownRequest(id));
+        }
+        loop {
+            let (rid, r) = self.recv_reply()?;
+            if rid == id {
+                self.pending.remove(&id);
+                return r;
+            }
+            if rid == 0 {
+                // An unsolicited error (connection refused, framing lost): it concerns every
+                // request on the connection, so it answers the one being waited for.
+                self.pending.remove(&id);
+                return r;
+            }
+            if !self.pending.contains(&rid) || self.ready.contains_key(&rid) {
+                return Err(ClientError::Protocol {
+                    opcode: "reply",
+                    why: format!("reply to request {rid}, which is not pending"),
+                });
+            }
+            if self.ready.len() >= self.replies_buffered_max {
+                return Err(ClientError::TooManyBuffered(self.ready.len()));
+            }
+            self.ready.insert(rid, r);
+        }
+    }
+
+    /// Waits for whichever pending reply comes next (or one already buffered).
+    pub fn wait_any(&mut self) -> Result<(u64, Result<Reply>)> {
+        if let Some(&id) = self.ready.keys().next() {
+            self.pending.remove(&id);
+            let r = self.ready.remove(&id).expect("key just seen");
+            return Ok((id, r));
+        }
+        let (rid, r) = self.recv_reply()?;
+        self.pending.remove(&rid);
+        Ok((rid, r))
+    }
+
+    /// Receives one reply frame. The outer error is a transport failure; the inner one the
+    /// server's verdict on that request.
+    fn recv_reply(&mut self) -> Result<(u64, Result<Reply>)> {
+        let head = self.rx.recv_head()?;
+        let h = head.header;
+        let n = usize::try_from(h.data_len.get())
+            .map_err(|_| ClientError::Protocol { opcode: "reply", why: "data larger than memory".into() })?;
+        let mut data = vec![0u8; n];
+        if n > 0 {
+            self.rx.recv_data(&mut data)?;
+        }
+        let rid = h.request_id.get();
+        let op = opcode_name(h.opcode.get());
+        if !h.is_reply() {
+            return Err(ClientError::Protocol { opcode: op, why: "server sent a request frame".into() });
+        }
+        let status = Status::try_from(h.status.get()).unwrap_or(Status::Internal);
+        if status != Status::Ok {
+            let message = ErrorReply::decode_bytes(&head.meta).message;
+            return Ok((rid, Err(ClientError::Server { opcode: op, status, message })));
+        }
+        Ok((rid, Ok(Reply { header: h, meta: head.meta, data })))
+    }
+
+    /// Submits and waits.
+    pub fn call(&mut self, opcode: Opcode, meta: &[u8], data: &[&[u8]]) -> Result<Reply> {
+        let id = self.submit(opcode, meta, data)?;
+        self.wait(id)
+    }
+
+    // ---- calls ----------------------------------------------------------------------------------
+
+    /// One echo round trip; returns the echoed bytes.
+    pub fn ping(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
+        let r = self.call(Opcode::Ping, &[], &[payload])?;
+        if r.data.len() != payload.len() {
+            return Err(ClientError::Protocol {
+                opcode: "Ping",
+                why: format!("echoed {} bytes of {}", r.data.len(), payload.len()),
+            });
+        }
+        Ok(r.data)
+    }
+
+    /// Uploads a tensor; `bytes` are sent straight from the caller's buffer.
+    pub fn put(&mut self, desc: TensorDesc, bytes: &[u8]) -> Result<Handle> {
+        let r = self.call(Opcode::TensorPut, &TensorPutReq { desc }.to_meta(), &[bytes])?;
+        Ok(decode::<TensorPutReply>(Opcode::TensorPut, &r.meta)?.handle)
+    }
+
+    /// Uploads f32 values of `shape`.
+    pub fn put_f32(&mut self, shape: &[u64], values: &[f32]) -> Result<Handle> {
+        let desc = TensorDesc::new(djinn_proto::DType::F32, shape)
+            .map_err(|e| ClientError::Protocol { opcode: "TensorPut", why: e.to_string() })?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.put(desc, &bytes)
+    }
+
+    /// Downloads a tensor: its descriptor and bytes.
+    pub fn get(&mut self, handle: Handle) -> Result<(TensorDesc, Vec<u8>)> {
+        let r = self.call(Opcode::TensorGet, &TensorGetReq { handle }.to_meta(), &[])?;
+        let desc: TensorDesc = decode(Opcode::TensorGet, &r.meta)?;
+        if desc.byte_len() != r.data.len() as u64 {
+            return Err(ClientError::Protocol {
+                opcode: "TensorGet",
+                why: format!("descriptor says {} bytes, {} arrived", desc.byte_len(), r.data.len()),
+            });
+        }
+        Ok((desc, r.data))
+    }
+
+    /// Downloads an f32 tensor's values.
+    pub fn get_f32(&mut self, handle: Handle) -> Result<(TensorDesc, Vec<f32>)> {
+        let (d, bytes) = self.get(handle)?;
+        if d.dtype() != djinn_proto::DType::F32 {
+            return Err(ClientError::Protocol { opcode: "TensorGet", why: format!("tensor is {:?}, not f32", d) });
+        }
+        Ok((d, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+    }
+
+    pub fn free(&mut self, handles: &[Handle]) -> Result<()> {
+        self.call(Opcode::TensorFree, &TensorFreeReq { handles: handles.to_vec() }.to_meta(), &[])?;
+        Ok(())
+    }
+
+    /// Runs an op graph; returns one (handle, descriptor) per requested output.
+    pub fn exec(&mut self, req: &ExecReq) -> Result<Vec<(Handle, TensorDesc)>> {
+        let r = self.call(Opcode::Exec, &req.to_meta(), &[])?;
+        Ok(decode::<ExecReply>(Opcode::Exec, &r.meta)?.outputs)
+    }
+
+    /// The server's named counters.
+    pub fn stats(&mut self) -> Result<Vec<(String, u64)>> {
+        let r = self.call(Opcode::Stats, &[], &[])?;
+        Ok(decode::<StatsReply>(Opcode::Stats, &r.meta)?.counters)
+    }
+}
+
+fn decode<T: Meta>(op: Opcode, meta: &[u8]) -> Result<T> {
+    T::from_meta(meta).map_err(|e: MetaError| ClientError::Protocol { opcode: op.name(), why: e.to_string() })
+}

@@ -1,1 +1,18 @@
-//! placeholder
+//! Llama-family models over the compute seam: configuration, checkpoint loading (safetensors,
+//! GGUF), tokenizer and chat template, and the forward pass over a ragged batch of sequences
+//! reading a paged KV cache.
+//!
+//! The crate knows nothing of transports or sessions: callers hand it memory (the shared weights
+//! lease, the KV pool, a step's scratch range) and token ids; it hands back logits or sampled ids.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod weights;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
+pub use weights::WeightLayout;

@@ -114,3 +114,67 @@ impl FrameHeader {
         HEADER_LEN as u64 + self.meta_len.get() as u64 + self.data_len.get()
     }
 }
+
+impl FrameHeader {
+    /// The header of a successful reply to `req` (same opcode and request id, `FLAG_REPLY` set).
+    pub fn reply_to(req: &FrameHeader, meta_len: u32, data_len: u64) -> Self {
+        FrameHeader::new(req.opcode.get(), FLAG_REPLY, req.request_id.get(), meta_len, data_len)
+    }
+
+    /// The header of a failed reply: `meta_len` bytes of UTF-8 message follow, no data.
+    pub fn error_reply(opcode: u16, request_id: u64, status: crate::Status, meta_len: u32) -> Self {
+        let mut h = FrameHeader::new(opcode, FLAG_REPLY, request_id, meta_len, 0);
+        h.status = status.as_u16().into();
+        h
+    }
+
+    /// The opcode, if this build knows it.
+    pub fn opcode(&self) -> Result<crate::Opcode, crate::UnknownCode> {
+        crate::Opcode::try_from(self.opcode.get())
+    }
+
+    /// The status, if this build knows it (an unknown non-zero status is still a failure).
+    pub fn status(&self) -> Result<crate::Status, crate::UnknownCode> {
+        crate::Status::try_from(self.status.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    #[test]
+    fn header_validation() {
+        let limits = Limits::default();
+        let h = FrameHeader::new(2, 0, 9, 16, 64 << 20);
+        assert_eq!(FrameHeader::read_validated(h.as_bytes(), &limits), Ok(h));
+        assert_eq!(FrameHeader::read_validated(&h.as_bytes()[..31], &limits), Err(HeaderError::Truncated(31)));
+        let mut bad = h;
+        bad.magic = 0.into();
+        assert_eq!(bad.validate(&limits), Err(HeaderError::BadMagic(0)));
+        let mut bad = h;
+        bad.version = (VERSION + 1).into();
+        assert_eq!(bad.validate(&limits), Err(HeaderError::BadVersion(VERSION + 1)));
+        let mut bad = h;
+        bad.meta_len = (limits.meta_bytes_max + 1).into();
+        assert!(matches!(bad.validate(&limits), Err(HeaderError::MetaTooLarge { .. })));
+        let mut bad = h;
+        bad.data_len = u64::MAX.into();
+        assert!(matches!(bad.validate(&limits), Err(HeaderError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn replies() {
+        let req = FrameHeader::new(crate::Opcode::Exec.as_u16(), 0, 5, 10, 0);
+        let ok = FrameHeader::reply_to(&req, 3, 4);
+        assert!(ok.is_reply());
+        assert_eq!(
+            (ok.request_id.get(), ok.opcode(), ok.status()),
+            (5, Ok(crate::Opcode::Exec), Ok(crate::Status::Ok))
+        );
+        let err = FrameHeader::error_reply(req.opcode.get(), 5, crate::Status::BadHandle, 7);
+        assert_eq!(err.status(), Ok(crate::Status::BadHandle));
+        assert_eq!(err.frame_len(), 32 + 7);
+    }
+}

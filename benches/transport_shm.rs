@@ -1,0 +1,287 @@
+//! shm transport benchmark: round-trip latency percentiles (HDR histogram) for payloads of
+//! 8 B … 64 MiB and one-direction bandwidth, in busy-poll and spin-then-park modes, beside raw
+//! baselines measured in the same run:
+//! - latency: a two-thread ping-pong over one cache line in a shared mapping (the floor for any
+//!   shared-memory round trip between two cores);
+//! - bandwidth: `memcpy` between two shared mappings (one copy, one core).
+//!
+//! Round trip = request carrying SIZE bytes, reply echoing SIZE bytes. Bandwidth = SIZE bytes one
+//! way with an empty acknowledgement, SIZE / median time.
+//!
+//! `cargo bench --bench transport_shm`; `DJINN_BENCH_QUICK=1` shortens the run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use djinn_proto::FrameHeader;
+use djinn_transport::{Connection, Listener, OutFrame, TransportOptions, WaitMode};
+use hdrhistogram::Histogram;
+
+const OP_ECHO: u16 = 1;
+const OP_SINK: u16 = 2;
+const SIZE_MAX: usize = 64 << 20;
+const SIZES: [usize; 9] = [8, 64, 512, 4096, 65_536, 1 << 20, 4 << 20, 16 << 20, 64 << 20];
+
+/// Short run: `DJINN_BENCH_QUICK=1`, or when run without `--bench` (as `cargo test` runs benches).
+fn quick() -> bool {
+    static QUICK: OnceLock<bool> = OnceLock::new();
+    *QUICK.get_or_init(|| {
+        std::env::var("DJINN_BENCH_QUICK").is_ok_and(|v| v == "1") || !std::env::args().any(|a| a == "--bench")
+    })
+}
+
+/// Iterations for a payload size: many for small frames, few for large ones.
+fn iterations(size: usize) -> usize {
+    let (bytes_budget, max) = if quick() { (256 << 20, 3000) } else { (2 << 30, 30_000) };
+    (bytes_budget / size.max(1)).clamp(if quick() { 4 } else { 10 }, max)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("histogram bounds")
+}
+
+/// A shared anonymous mapping (MAP_SHARED on a memfd), as the transport's region is.
+struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedMap {
+    fn new(len: usize) -> SharedMap {
+        // SAFETY: memfd_create with a literal name; the descriptor is checked, sized, mapped, closed.
+        unsafe {
+            let fd = libc::memfd_create(c"bench".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create");
+            assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0, "ftruncate");
+            let ptr =
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+            libc::close(fd);
+            assert_ne!(ptr, libc::MAP_FAILED, "mmap");
+            // Touch every page so the baseline does not measure page faults.
+            std::ptr::write_bytes(ptr.cast::<u8>(), 1, len);
+            SharedMap { ptr: ptr.cast(), len }
+        }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// SAFETY: the mapping is plain memory; the baselines synchronise through atomics in it.
+unsafe impl Send for SharedMap {}
+unsafe impl Sync for SharedMap {}
+
+/// Raw baseline: two threads bounce a counter through one cache line of a shared mapping.
+fn raw_ping_pong(rounds: usize) -> Histogram<u64> {
+    let map = Arc::new(SharedMap::new(4096));
+    // SAFETY: offset 0 of a page-aligned mapping that outlives both threads; accessed only atomically.
+    let line = |m: &SharedMap| unsafe { &*m.ptr.cast::<AtomicU64>() };
+    line(&map).store(0, Ordering::SeqCst);
+    let peer = {
+        let map = map.clone();
+        thread::spawn(move || {
+            let l = line(&map);
+            for i in 0..rounds as u64 {
+                while l.load(Ordering::Acquire) != 2 * i + 1 {
+                    std::hint::spin_loop();
+                }
+                l.store(2 * i + 2, Ordering::Release);
+            }
+        })
+    };
+    let l = line(&map);
+    let mut h = histogram();
+    for i in 0..rounds as u64 {
+        let t0 = Instant::now();
+        l.store(2 * i + 1, Ordering::Release);
+        while l.load(Ordering::Acquire) != 2 * i + 2 {
+            std::hint::spin_loop();
+        }
+        h.record(t0.elapsed().as_nanos() as u64).unwrap();
+    }
+    peer.join().unwrap();
+    h
+}
+
+/// Raw baseline: memcpy of `size` bytes between two shared mappings; median GB/s.
+fn raw_memcpy_gbps(size: usize) -> f64 {
+    let (a, b) = (SharedMap::new(size), SharedMap::new(size));
+    let mut times = Vec::new();
+    for _ in 0..iterations(size).clamp(5, 200) {
+        let t0 = Instant::now();
+        // SAFETY: two distinct live mappings of `size` bytes each.
+        unsafe { std::ptr::copy_nonoverlapping(a.ptr, b.ptr, size) };
+        times.push(t0.elapsed());
+    }
+    gbps(size, median(&mut times))
+}
+
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn gbps(size: usize, t: Duration) -> f64 {
+    size as f64 / t.as_secs_f64() / 1e9
+}
+
+/// The server side: echoes OP_ECHO frames, acknowledges OP_SINK frames with an empty reply.
+fn serve(mut c: Connection) {
+    let mut buf = vec![0u8; SIZE_MAX];
+    loop {
+        let Ok(head) = c.rx.recv_head() else { return };
+        let len = head.header.data_len.get() as usize;
+        if c.rx.recv_data(&mut buf[..len]).is_err() {
+            return;
+        }
+        let echo = head.header.opcode.get() == OP_ECHO;
+        let data_len = if echo { len } else { 0 };
+        let reply = FrameHeader::reply_to(&head.header, 0, data_len as u64);
+        if c.tx.send(&OutFrame { header: reply, meta: &[], data: &[&buf[..data_len]] }).is_err() {
+            return;
+        }
+    }
+}
+
+struct Pair {
+    client: Option<Connection>,
+    server: Option<thread::JoinHandle<()>>,
+}
+
+impl Pair {
+    fn new(wait: WaitMode) -> Pair {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let opts = TransportOptions { wait, ..TransportOptions::default() };
+        let mut listener = djinn_transport::shm::listen(&name, &opts).expect("listen");
+        let server = thread::spawn(move || serve(listener.accept().expect("accept")));
+        let client = djinn_transport::shm::connect(&name, &opts).expect("connect");
+        Pair { client: Some(client), server: Some(server) }
+    }
+
+    /// One request of `size` bytes and its reply; returns the elapsed time.
+    fn round_trip(&mut self, op: u16, id: u64, src: &[u8], dst: &mut [u8]) -> Duration {
+        let c = self.client.as_mut().expect("open until drop");
+        let t0 = Instant::now();
+        let header = FrameHeader::new(op, 0, id, 0, src.len() as u64);
+        c.tx.send(&OutFrame { header, meta: &[], data: &[src] }).expect("send");
+        let head = c.rx.recv_head().expect("recv_head");
+        let len = head.header.data_len.get() as usize;
+        c.rx.recv_data(&mut dst[..len]).expect("recv_data");
+        t0.elapsed()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // Dropping the client's halves closes the connection; the server thread then returns.
+        drop(self.client.take());
+        if let Some(t) = self.server.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+struct Row {
+    size: usize,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    gbps: f64,
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1e3
+}
+
+fn run_mode(wait: WaitMode, src: &[u8], dst: &mut [u8]) -> Vec<Row> {
+    let mut pair = Pair::new(wait);
+    let mut rows = Vec::new();
+    let mut id = 0u64;
+    for &size in &SIZES {
+        let n = iterations(size);
+        for _ in 0..(n / 10).max(2) {
+            id += 1;
+            pair.round_trip(OP_ECHO, id, &src[..size], dst);
+        }
+        let mut h = histogram();
+        for _ in 0..n {
+            id += 1;
+            h.record(pair.round_trip(OP_ECHO, id, &src[..size], dst).as_nanos() as u64).unwrap();
+        }
+        let mut times: Vec<Duration> = (0..n.min(200))
+            .map(|_| {
+                id += 1;
+                pair.round_trip(OP_SINK, id, &src[..size], dst)
+            })
+            .collect();
+        let row = Row {
+            size,
+            p50_us: us(&h, 0.5),
+            p99_us: us(&h, 0.99),
+            p999_us: us(&h, 0.999),
+            gbps: gbps(size, median(&mut times)),
+        };
+        println!(
+            "shm {:<14} {:>9} B  rtt p50 {:>10.2} us  p99 {:>10.2} us  p999 {:>10.2} us  one-way {:>7.2} GB/s",
+            format!("{wait:?}"),
+            size,
+            row.p50_us,
+            row.p99_us,
+            row.p999_us,
+            row.gbps
+        );
+        rows.push(row);
+    }
+    rows
+}
+
+fn main() {
+    println!("transport_shm benchmark{}", if quick() { " (quick)" } else { "" });
+
+    let rounds = if quick() { 20_000 } else { 200_000 };
+    let raw = raw_ping_pong(rounds);
+    let raw_p50_us = us(&raw, 0.5);
+    println!(
+        "raw ping-pong (one shared cache line)  rtt p50 {:.3} us  p99 {:.3} us  p999 {:.3} us",
+        raw_p50_us,
+        us(&raw, 0.99),
+        us(&raw, 0.999)
+    );
+    let memcpy = raw_memcpy_gbps(SIZE_MAX);
+    println!("raw memcpy between shared mappings, 64 MiB: {memcpy:.2} GB/s");
+
+    let src: Vec<u8> = (0..SIZE_MAX).map(|i| (i * 31 % 251) as u8).collect();
+    let mut dst = vec![0u8; SIZE_MAX];
+    let busy = run_mode(WaitMode::BusyPoll, &src, &mut dst);
+    let park = run_mode(WaitMode::SpinThenPark, &src, &mut dst);
+
+    println!("\nratios (same run):");
+    for (name, rows) in [("BusyPoll", &busy), ("SpinThenPark", &park)] {
+        let r64 = rows.iter().find(|r| r.size == 64).expect("64 B row");
+        let big = rows.iter().find(|r| r.size == SIZE_MAX).expect("64 MiB row");
+        println!(
+            "  {name:<12} 64 B rtt p50 {:.2} us = {:.1}x raw ping-pong; 64 MiB {:.2} GB/s = {:.2}x memcpy",
+            r64.p50_us,
+            r64.p50_us / raw_p50_us,
+            big.gbps,
+            big.gbps / memcpy
+        );
+    }
+    let r64 = busy.iter().find(|r| r.size == 64).expect("64 B row");
+    let big = busy.iter().find(|r| r.size == SIZE_MAX).expect("64 MiB row");
+    println!(
+        "targets: busy-poll 64 B p50 <= 2 us: {} ({:.2} us); 64 MiB >= 0.5x memcpy: {} ({:.2}x)",
+        if r64.p50_us <= 2.0 { "met" } else { "MISSED" },
+        r64.p50_us,
+        if big.gbps >= 0.5 * memcpy { "met" } else { "MISSED" },
+        big.gbps / memcpy
+    );
+}

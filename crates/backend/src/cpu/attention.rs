@@ -1,0 +1,339 @@
+//! The paged KV cache on the CPU: append, causal GQA attention with online softmax, and whole-block
+//! copies (within the cache, and gather/scatter through a staging buffer for the VMU's swap).
+//!
+//! Layout: see [`KvLayout`] (`[block][layer][k|v][kv_head][token][head_dim]`). Attention works on
+//! (sequence, KV head, tile of query rows) items: each K/V slab of a block is read and widened
+//! once and serves every query head of the group and every row of the tile.
+
+// Numeric kernels index several parallel arrays with one counter; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+use super::raw::{self, ints, load, store, with_scratch, Raw};
+use super::CpuBackend;
+use crate::error::Result;
+use crate::KvLayout;
+
+/// Query rows per attention work item (prefill); decode items have one row.
+const ROW_TILE: usize = 16;
+
+/// The batch's index arrays, checked as i32 operands.
+pub(crate) struct BatchIdx {
+    pub seqs: usize,
+    pub q_start: Raw,
+    pub ctx: Raw,
+    pub tables: Raw,
+    pub max_blocks: usize,
+}
+
+/// The cache range viewed as elements of the layout's dtype.
+fn cache_elems(c: &Raw, l: &KvLayout) -> Raw {
+    Raw { ptr: c.ptr, dtype: l.dtype, len: c.bytes() / l.dtype.size_bytes() }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kv_append(
+    be: &CpuBackend,
+    k: &Raw,
+    v: &Raw,
+    c: &Raw,
+    l: &KvLayout,
+    num_blocks: usize,
+    layer: usize,
+    slots: &Raw,
+) -> Result<()> {
+    let op = "kv_append";
+    if layer >= l.layers {
+        return Err(raw::shape(op, format!("layer {layer} of {}", l.layers)));
+    }
+    let row = l.kv_heads * l.head_dim;
+    if k.len % row != 0 {
+        return Err(raw::shape(op, format!("k of {} elements is not [tokens, {}, {}]", k.len, l.kv_heads, l.head_dim)));
+    }
+    let tokens = k.len / row;
+    raw::len_eq(op, "v", v, k.len)?;
+    raw::len_eq(op, "slots", slots, tokens)?;
+    let slots_max = num_blocks * l.block_tokens;
+    // SAFETY: checked i32 operand, disjoint from the cache (the only output).
+    let sl = unsafe { ints(slots) };
+    if let Some((i, s)) = sl.iter().enumerate().find(|(_, &s)| s < 0 || s as usize >= slots_max) {
+        return Err(raw::shape(op, format!("slots[{i}] = {s} outside the cache's {slots_max} slots")));
+    }
+    let cache = cache_elems(c, l);
+    let hd = l.head_dim;
+    // One worker per KV head: a head's slabs are disjoint from every other head's, so repeated
+    // slots cannot race (the later token wins, as it would on a serial device).
+    be.for_chunks(l.kv_heads, if tokens * row < 64 * 1024 { l.kv_heads } else { 1 }, |h0, nh| {
+        with_scratch(hd, |buf| {
+            for h in h0..h0 + nh {
+                for (t, &s) in sl.iter().enumerate() {
+                    let (block, off) = (s as usize / l.block_tokens, s as usize % l.block_tokens);
+                    for (kv, src) in [(0, k), (1, v)] {
+                        let at = l.elem_offset(block, layer, kv, h, off);
+                        // SAFETY: the slot is inside the cache (checked); the head's slab belongs
+                        // to this worker; sources are disjoint from the cache (checked).
+                        unsafe {
+                            load(src, (t * l.kv_heads + h) * hd, buf);
+                            store(&cache, at, buf);
+                        }
+                    }
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// 8-lane dot product (vectorises without reassociation flags).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = a.len() - a.len() % 8;
+    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in n..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    be: &CpuBackend,
+    q: &Raw,
+    c: &Raw,
+    l: &KvLayout,
+    num_blocks: usize,
+    layer: usize,
+    b: &BatchIdx,
+    out: &Raw,
+    heads: usize,
+    scale: f32,
+) -> Result<()> {
+    let op = "attention";
+    let (kvh, hd, bt) = (l.kv_heads, l.head_dim, l.block_tokens);
+    if layer >= l.layers {
+        return Err(raw::shape(op, format!("layer {layer} of {}", l.layers)));
+    }
+    if heads == 0 || heads % kvh != 0 {
+        return Err(raw::shape(op, format!("{heads} query heads are not a multiple of {kvh} KV heads")));
+    }
+    let row = heads * hd;
+    if q.len % row != 0 {
+        return Err(raw::shape(op, format!("q of {} elements is not [rows, {heads}, {hd}]", q.len)));
+    }
+    let rows = q.len / row;
+    raw::len_eq(op, "out", out, q.len)?;
+    raw::len_eq(op, "q_start", &b.q_start, b.seqs + 1)?;
+    raw::len_eq(op, "ctx_lens", &b.ctx, b.seqs)?;
+    raw::len_eq(op, "block_tables", &b.tables, b.seqs * b.max_blocks)?;
+    // SAFETY: checked i32 operands, disjoint from `out` (the only output).
+    let (qs, ctx, tables) = unsafe { (ints(&b.q_start), ints(&b.ctx), ints(&b.tables)) };
+    if qs[0] != 0 || qs[b.seqs] as i64 != rows as i64 {
+        return Err(raw::shape(op, format!("q_start runs {}..{}, expected 0..{rows}", qs[0], qs[b.seqs])));
+    }
+    let mut max_q = 0usize;
+    for s in 0..b.seqs {
+        let q_len = qs[s + 1] as i64 - qs[s] as i64;
+        let n_ctx = ctx[s] as i64;
+        if q_len < 0 || n_ctx < q_len {
+            return Err(raw::shape(op, format!("sequence {s}: {q_len} query rows over a context of {n_ctx}")));
+        }
+        let blocks = (n_ctx as usize).div_ceil(bt);
+        if blocks > b.max_blocks {
+            return Err(raw::shape(op, format!("sequence {s}: context {n_ctx} needs {blocks} blocks > {}", b.max_blocks)));
+        }
+        let t = &tables[s * b.max_blocks..s * b.max_blocks + blocks];
+        if let Some((i, id)) = t.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= num_blocks) {
+            return Err(raw::shape(op, format!("sequence {s}: block_tables[{i}] = {id} outside {num_blocks} blocks")));
+        }
+        max_q = max_q.max(q_len as usize);
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let cache = cache_elems(c, l);
+    let group = heads / kvh;
+    let tiles = max_q.div_ceil(ROW_TILE);
+    let items = b.seqs * kvh * tiles;
+    let slab = bt * hd;
+    // State per (row, head of group): running max, running sum, accumulator; plus q, K, V, scores.
+    let scratch = ROW_TILE * group * (hd + 2) + ROW_TILE * group * hd + 2 * slab + bt;
+    be.for_chunks(items, 1, |item, _| {
+        let (s, rest) = (item / (kvh * tiles), item % (kvh * tiles));
+        let (h, tile) = (rest / tiles, rest % tiles);
+        let (q0, q_len) = (qs[s] as usize, (qs[s + 1] - qs[s]) as usize);
+        let j0 = tile * ROW_TILE;
+        if j0 >= q_len {
+            return;
+        }
+        let nr = ROW_TILE.min(q_len - j0);
+        let n_ctx = ctx[s] as usize;
+        let first_pos = n_ctx - q_len + j0;
+        let last_pos = first_pos + nr - 1;
+        let table = &tables[s * b.max_blocks..];
+        with_scratch(scratch, |buf| {
+            let n = nr * group;
+            let (m, buf) = buf.split_at_mut(n);
+            let (lsum, buf) = buf.split_at_mut(n);
+            let (acc, buf) = buf.split_at_mut(n * hd);
+            let (qv, buf) = buf.split_at_mut(n * hd);
+            let (kb, buf) = buf.split_at_mut(slab);
+            let (vb, sc) = buf.split_at_mut(slab);
+            m.fill(f32::NEG_INFINITY);
+            lsum.fill(0.0);
+            acc.fill(0.0);
+            for j in 0..nr {
+                for g in 0..group {
+                    let qh = h * group + g;
+                    let dst = &mut qv[(j * group + g) * hd..][..hd];
+                    // SAFETY: row `q0 + j0 + j` < rows, head `qh` < heads: inside `q`, read-only.
+                    unsafe { load(q, ((q0 + j0 + j) * heads + qh) * hd, dst) };
+                    dst.iter_mut().for_each(|v| *v *= scale);
+                }
+            }
+            for blk in 0..=last_pos / bt {
+                let id = table[blk] as usize;
+                let valid = bt.min(last_pos + 1 - blk * bt);
+                // SAFETY: `id` < num_blocks (checked); the slabs are inside the cache, which this
+                // op only reads.
+                unsafe {
+                    load(&cache, l.elem_offset(id, layer, 0, h, 0), &mut kb[..valid * hd]);
+                    load(&cache, l.elem_offset(id, layer, 1, h, 0), &mut vb[..valid * hd]);
+                }
+                for j in 0..nr {
+                    let pos = first_pos + j;
+                    if pos < blk * bt {
+                        continue;
+                    }
+                    let upto = valid.min(pos + 1 - blk * bt);
+                    for g in 0..group {
+                        let i = j * group + g;
+                        let qi = &qv[i * hd..(i + 1) * hd];
+                        let sc = &mut sc[..upto];
+                        for (t, sv) in sc.iter_mut().enumerate() {
+                            *sv = dot(qi, &kb[t * hd..(t + 1) * hd]);
+                        }
+                        let bmax = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let new_m = m[i].max(bmax);
+                        let corr = (m[i] - new_m).exp();
+                        let ai = &mut acc[i * hd..(i + 1) * hd];
+                        if corr != 1.0 {
+                            ai.iter_mut().for_each(|v| *v *= corr);
+                        }
+                        let mut add = 0.0f32;
+                        for (t, sv) in sc.iter().enumerate() {
+                            let p = (sv - new_m).exp();
+                            add += p;
+                            ai.iter_mut().zip(&vb[t * hd..(t + 1) * hd]).for_each(|(a, v)| *a += p * v);
+                        }
+                        lsum[i] = lsum[i] * corr + add;
+                        m[i] = new_m;
+                    }
+                }
+            }
+            for j in 0..nr {
+                for g in 0..group {
+                    let i = j * group + g;
+                    let inv = 1.0 / lsum[i];
+                    let ai = &mut acc[i * hd..(i + 1) * hd];
+                    ai.iter_mut().for_each(|v| *v *= inv);
+                    // SAFETY: (row, head) is owned by this item alone; `out` is disjoint from
+                    // every input (checked).
+                    unsafe { store(out, ((q0 + j0 + j) * heads + h * group + g) * hd, ai) };
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// Block ids from an i32 operand, each checked against `num_blocks`.
+fn block_ids<'a>(op: &'static str, ids: &Raw, num_blocks: usize) -> Result<&'a [i32]> {
+    // SAFETY: checked i32 operand that this op does not write.
+    let v = unsafe { ints(ids) };
+    if let Some((i, id)) = v.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= num_blocks) {
+        return Err(raw::shape(op, format!("block id [{i}] = {id} outside {num_blocks} blocks")));
+    }
+    Ok(v)
+}
+
+pub(crate) fn copy_blocks(be: &CpuBackend, c: &Raw, block_bytes: usize, num_blocks: usize, pairs: &Raw) -> Result<()> {
+    let op = "copy_blocks";
+    if pairs.len % 2 != 0 {
+        return Err(raw::shape(op, format!("pairs has {} elements, not [n, 2]", pairs.len)));
+    }
+    let p = block_ids(op, pairs, num_blocks)?;
+    // Copies run in parallel (as on a GPU): destinations must be distinct and never a source.
+    let mut dsts: Vec<i32> = p.chunks_exact(2).filter(|x| x[0] != x[1]).map(|x| x[1]).collect();
+    dsts.sort_unstable();
+    if let Some(w) = dsts.windows(2).find(|w| w[0] == w[1]) {
+        return Err(raw::shape(op, format!("block {} is the destination of two copies", w[0])));
+    }
+    if let Some(x) = p.chunks_exact(2).find(|x| x[0] != x[1] && dsts.binary_search(&x[0]).is_ok()) {
+        return Err(raw::shape(op, format!("block {} is both a source and a destination", x[0])));
+    }
+    let n = pairs.len / 2;
+    be.for_chunks(n, be.chunk_for(n, (1 << 20) / block_bytes.max(1) + 1), |i0, ni| {
+        for x in p[2 * i0..2 * (i0 + ni)].chunks_exact(2) {
+            if x[0] != x[1] {
+                // SAFETY: both blocks lie in the checked cache; the destination is written by
+                // this pair only and is nobody's source (checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        c.ptr.add(x[0] as usize * block_bytes),
+                        c.ptr.add(x[1] as usize * block_bytes),
+                        block_bytes,
+                    )
+                };
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Gather (`cache[ids[i]] → staging[i]`) or scatter (the inverse) of whole blocks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn move_blocks(
+    be: &CpuBackend,
+    op: &'static str,
+    c: &Raw,
+    block_bytes: usize,
+    num_blocks: usize,
+    ids: &Raw,
+    staging: &Raw,
+    gather: bool,
+) -> Result<()> {
+    let v = block_ids(op, ids, num_blocks)?;
+    let need = v.len() * block_bytes;
+    if staging.bytes() < need {
+        return Err(raw::shape(op, format!("staging has {} bytes, {} blocks need {need}", staging.bytes(), v.len())));
+    }
+    if !gather {
+        let mut sorted = v.to_vec();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(raw::shape(op, format!("block {} listed twice", w[0])));
+        }
+    }
+    be.for_chunks(v.len(), be.chunk_for(v.len(), (1 << 20) / block_bytes.max(1) + 1), |i0, ni| {
+        for (i, &id) in v.iter().enumerate().skip(i0).take(ni) {
+            // SAFETY: block `id` is in the cache, slot `i` in staging (both checked); cache and
+            // staging are disjoint; scatter destinations are distinct (checked), gather ones are
+            // distinct staging slots.
+            unsafe {
+                let blk = c.ptr.add(id as usize * block_bytes);
+                let st = staging.ptr.add(i * block_bytes);
+                if gather {
+                    std::ptr::copy_nonoverlapping(blk, st, block_bytes)
+                } else {
+                    std::ptr::copy_nonoverlapping(st, blk, block_bytes)
+                }
+            }
+        }
+    });
+    Ok(())
+}

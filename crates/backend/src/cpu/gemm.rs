@@ -1,0 +1,637 @@
+//! GEMM on the CPU.
+//!
+//! Two paths:
+//! - **GEMV** (`trans_b` and `m <= GEMV_M_MAX`, the decode shape): our own kernel reads each
+//!   weight row once, in its stored dtype (bf16/f16/f32), widens it to f32 in registers and
+//!   multiplies it against every activation row. Decode is bound by reading the weights, so this
+//!   never makes f32 copies of them. x86-64 with AVX2+FMA+F16C (detected at run time) gets the
+//!   vector kernel; everything else a portable one the compiler auto-vectorises.
+//! - **GEMM** (everything else): the `gemm` crate in f32. All-f32 operands go straight through
+//!   (batched entries one after another, each parallel); other dtypes are converted panel by
+//!   panel of `b` into per-thread scratch, panels spread over the pool.
+//!
+//! Accumulation is f32 in both; `c = alpha * a·op(b) + beta * c`, and `c` is not read when
+//! `beta == 0` (so NaNs in a fresh output do not leak in).
+
+// Numeric kernels index several parallel arrays with one counter; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+use std::sync::OnceLock;
+
+use gemm::Parallelism;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+use super::raw::{load, store, with_scratch, Raw};
+use super::CpuBackend;
+use crate::backend::GemmArgs;
+use crate::error::{BackendError, Result};
+use crate::DType;
+
+/// Largest `m` served by the GEMV kernel (the activations of one decode batch chunk).
+pub const GEMV_M_MAX: usize = 8;
+/// Weight rows a GEMV worker finishes before storing their outputs.
+const GEMV_J_TILE: usize = 64;
+/// Minimum weight rows per GEMV parallel chunk.
+const GEMV_CHUNK_MIN: usize = 16;
+/// Columns of `op(b)` per panel on the converting GEMM path.
+const PANEL_N: usize = 128;
+
+/// The vector instruction set the kernels run with, detected once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2Fma,
+    /// Portable Rust (auto-vectorised for the build's baseline target).
+    Portable,
+}
+
+/// The level detected on this machine (cached). `DJINN_CPU_SIMD=portable` forces the fallback.
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var("DJINN_CPU_SIMD").is_ok_and(|v| v == "portable") {
+            return SimdLevel::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                return SimdLevel::Avx2Fma;
+            }
+        }
+        SimdLevel::Portable
+    })
+}
+
+fn need(op_len: usize, name: &'static str, batch: usize, stride: usize, per: usize) -> Result<()> {
+    let want = (batch - 1).checked_mul(stride).and_then(|v| v.checked_add(per));
+    match want {
+        Some(w) if w <= op_len => Ok(()),
+        _ => Err(BackendError::Shape {
+            op: "gemm",
+            why: format!("{name} has {op_len} elements, needs ({batch} - 1) * {stride} + {per}"),
+        }),
+    }
+}
+
+pub(crate) fn gemm(be: &CpuBackend, a: &Raw, b: &Raw, c: &Raw, g: &GemmArgs) -> Result<()> {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if g.batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let mk = m.checked_mul(k);
+    let nk = n.checked_mul(k);
+    let mn = m.checked_mul(n);
+    let (Some(mk), Some(nk), Some(mn)) = (mk, nk, mn) else {
+        return Err(BackendError::Shape { op: "gemm", why: format!("m={m} n={n} k={k} overflow") });
+    };
+    need(a.len, "a", g.batch, g.stride_a, mk)?;
+    need(b.len, "b", g.batch, g.stride_b, nk)?;
+    need(c.len, "c", g.batch, g.stride_c, mn)?;
+    for bi in 0..g.batch {
+        let (ab, bb, cb) = (a.sub(bi * g.stride_a, mk), b.sub(bi * g.stride_b, nk), c.sub(bi * g.stride_c, mn));
+        if k == 0 {
+            scale_c(&cb, g.beta);
+        } else if g.trans_b && m <= GEMV_M_MAX {
+            gemv(be, &ab, &bb, &cb, m, n, k, g.alpha, g.beta);
+        } else {
+            general(be, &ab, &bb, &cb, m, n, k, g.trans_b, g.alpha, g.beta);
+        }
+    }
+    Ok(())
+}
+
+/// `c = beta * c` (the `k == 0` product).
+fn scale_c(c: &Raw, beta: f32) {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < c.len {
+        let n = 256.min(c.len - i);
+        // SAFETY: `i..i + n` is inside the checked output.
+        unsafe {
+            if beta != 0.0 {
+                load(c, i, &mut t[..n]);
+            }
+            t[..n].iter_mut().for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+            store(c, i, &t[..n]);
+        }
+        i += n;
+    }
+}
+
+/// Stores `alpha * acc + beta * c` into `c[first..first + acc.len()]`.
+///
+/// # Safety
+/// The range must be inside `c` and owned by the calling worker.
+unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) {
+    if beta != 0.0 {
+        let mut old = [0f32; GEMV_J_TILE];
+        let old = &mut old[..acc.len()];
+        load(c, first, old);
+        acc.iter_mut().zip(old.iter()).for_each(|(v, o)| *v = alpha * *v + beta * *o);
+    } else if alpha != 1.0 {
+        acc.iter_mut().for_each(|v| *v *= alpha);
+    }
+    store(c, first, acc);
+}
+
+/// One weight row's dot products with `m` activation rows: `out[r] = w · x[r*k..(r+1)*k]`.
+type DotFn = unsafe fn(w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32; GEMV_M_MAX]);
+
+fn dot_fn(dtype: DType) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Fma {
+        return match dtype {
+            DType::BF16 => avx2::dot::<{ avx2::BF16 }>,
+            DType::F16 => avx2::dot::<{ avx2::F16 }>,
+            _ => avx2::dot::<{ avx2::F32 }>,
+        };
+    }
+    match dtype {
+        DType::BF16 => portable::dot::<bf16>,
+        DType::F16 => portable::dot::<f16>,
+        _ => portable::dot::<f32>,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if w.dtype == DType::BF16 && simd_level() == SimdLevel::Avx2Fma {
+        return gemv_bf16_avx2(be, a, w, c, m, n, k, alpha, beta);
+    }
+    let dot = dot_fn(w.dtype);
+    let row_bytes = k * w.dtype.size_bytes();
+    let run = |x: &[f32]| {
+        be.for_chunks(n, n.div_ceil(be.threads()).max(GEMV_CHUNK_MIN), |j0, nj| {
+            let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
+            let mut jt = j0;
+            while jt < j0 + nj {
+                let nt = GEMV_J_TILE.min(j0 + nj - jt);
+                for j in 0..nt {
+                    let mut out = [0f32; GEMV_M_MAX];
+                    // SAFETY: row `jt + j < n` of the weights (n*k elements, checked) is read
+                    // only; `x` holds `m*k` f32 values; the kernel matches this machine's features.
+                    unsafe { dot(w.ptr.add((jt + j) * row_bytes), x, k, m, &mut out) };
+                    for r in 0..m {
+                        acc[r][j] = out[r];
+                    }
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate().take(m) {
+                    // SAFETY: `c[r*n + jt..+nt]` belongs to this worker's column chunk.
+                    unsafe { finish(c, r * n + jt, &mut acc_r[..nt], alpha, beta) };
+                }
+                jt += nt;
+            }
+        });
+    };
+    if a.dtype == DType::F32 {
+        // SAFETY: `a` is a checked f32 operand, disjoint from `c`, read-only here.
+        run(unsafe { &a.slice::<f32>()[..m * k] })
+    } else {
+        with_scratch(m * k, |x| {
+            // SAFETY: `a` holds at least `m*k` elements (checked by the caller).
+            unsafe { load(a, 0, x) };
+            run(x)
+        })
+    }
+}
+
+/// The bf16 GEMV on AVX2: the activations are permuted once per call to match the lane order of
+/// `unpacklo/hi_epi16`, so each 32-byte weight load widens with two shuffles and no shift, and
+/// several weight rows share each activation load (load ports, not FMAs, are the limit).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn gemv_bf16_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+    let k16 = k - k % 16;
+    let row_bytes = k * 2;
+    with_scratch(m * k + m * k16, |buf| {
+        let (x, xp) = buf.split_at_mut(m * k);
+        // SAFETY: `a` holds at least `m*k` elements (checked by the caller); read-only here.
+        unsafe { load(a, 0, x) };
+        for r in 0..m {
+            avx2::permute_for_bf16(&x[r * k..r * k + k16], &mut xp[r * k16..(r + 1) * k16]);
+        }
+        let (x, xp) = (&*x, &*xp);
+        be.for_chunks(n, n.div_ceil(be.threads()).max(GEMV_CHUNK_MIN), |j0, nj| {
+            let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
+            let mut jt = j0;
+            while jt < j0 + nj {
+                let nt = GEMV_J_TILE.min(j0 + nj - jt);
+                // Activation rows in groups of up to four; weight rows in groups sized so the
+                // accumulators stay in registers.
+                let mut r0 = 0;
+                while r0 < m {
+                    let ma = (m - r0).min(4);
+                    let group = match ma {
+                        1 => 4,
+                        2 => 2,
+                        _ => 1,
+                    };
+                    let mut j = 0;
+                    while j < nt {
+                        let rows = if nt - j >= group { group } else { 1 };
+                        let mut out = [[0f32; 4]; 4];
+                        // SAFETY: rows `jt+j..jt+j+rows` < n lie inside the weights; `xp` holds
+                        // `m * k16` permuted values; AVX2/FMA/F16C were detected.
+                        unsafe {
+                            avx2::bf16_rows(
+                                w.ptr.add((jt + j) * row_bytes),
+                                row_bytes,
+                                rows,
+                                xp.as_ptr().add(r0 * k16),
+                                k16,
+                                ma,
+                                &mut out,
+                            )
+                        };
+                        for rr in 0..rows {
+                            // SAFETY: row `jt + j + rr` < n.
+                            let wr = unsafe { (w.ptr as *const half::bf16).add((jt + j + rr) * k) };
+                            for mm in 0..ma {
+                                let xr = &x[(r0 + mm) * k..(r0 + mm + 1) * k];
+                                let mut t = out[rr][mm];
+                                for kk in k16..k {
+                                    // SAFETY: `kk < k`, inside the row.
+                                    t += unsafe { wr.add(kk).read_unaligned() }.to_f32() * xr[kk];
+                                }
+                                acc[r0 + mm][j + rr] = t;
+                            }
+                        }
+                        j += rows;
+                    }
+                    r0 += ma;
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate().take(m) {
+                    // SAFETY: `c[r*n + jt..+nt]` belongs to this worker's column chunk.
+                    unsafe { finish(c, r * n + jt, &mut acc_r[..nt], alpha, beta) };
+                }
+                jt += nt;
+            }
+        });
+    });
+}
+
+/// Converts a panel of `op(b)` (columns `j0..j0+nb`) to f32, laid out `[nb, k]` (trans_b) or
+/// `[k, nb]`.
+///
+/// # Safety
+/// The panel must be inside `b`, which nothing writes meanwhile.
+unsafe fn b_panel(b: &Raw, trans_b: bool, n: usize, k: usize, j0: usize, nb: usize, dst: &mut [f32]) {
+    if trans_b {
+        load(b, j0 * k, &mut dst[..nb * k]);
+    } else {
+        for kk in 0..k {
+            load(b, kk * n + j0, &mut dst[kk * nb..(kk + 1) * nb]);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn general(
+    be: &CpuBackend,
+    a: &Raw,
+    b: &Raw,
+    c: &Raw,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) {
+    let (b_cs, b_rs) = if trans_b { (k as isize, 1) } else { (1, n as isize) };
+    let all_f32 = a.dtype == DType::F32 && b.dtype == DType::F32 && c.dtype == DType::F32;
+    if all_f32 {
+        // SAFETY: every operand is checked for the extents this call touches (`need`), `c` is
+        // disjoint from `a` and `b`; gemm's dst = alpha_g*dst + beta_g*lhs*rhs, read_dst only
+        // when beta != 0.
+        be.install(|| unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.ptr as *mut f32,
+                1,
+                n as isize,
+                beta != 0.0,
+                a.ptr as *const f32,
+                1,
+                k as isize,
+                b.ptr as *const f32,
+                b_cs,
+                b_rs,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(be.threads()),
+            )
+        });
+        return;
+    }
+    let run = |x: &[f32]| {
+        let chunk = be.chunk_for(n, PANEL_N).min(PANEL_N.max(n.div_ceil(be.threads())));
+        be.for_chunks(n, chunk, |j0, nb| {
+            with_scratch(nb * k + m * nb, |buf| {
+                let (bp, cp) = buf.split_at_mut(nb * k);
+                // SAFETY: columns `j0..j0+nb` are inside `op(b)`; `c`'s panel (rows of `nb`
+                // columns starting at `j0`) belongs to this worker; `cp` is `[m, nb]` scratch.
+                unsafe {
+                    b_panel(b, trans_b, n, k, j0, nb, bp);
+                    let (rhs_cs, rhs_rs) = if trans_b { (k as isize, 1) } else { (1, nb as isize) };
+                    let direct = c.dtype == DType::F32;
+                    let (dst, dst_rs) = if direct {
+                        ((c.ptr as *mut f32).add(j0), n as isize)
+                    } else {
+                        if beta != 0.0 {
+                            for r in 0..m {
+                                load(c, r * n + j0, &mut cp[r * nb..(r + 1) * nb]);
+                            }
+                        }
+                        (cp.as_mut_ptr(), nb as isize)
+                    };
+                    gemm::gemm(
+                        m,
+                        nb,
+                        k,
+                        dst,
+                        1,
+                        dst_rs,
+                        beta != 0.0,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        bp.as_ptr(),
+                        rhs_cs,
+                        rhs_rs,
+                        beta,
+                        alpha,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                    if !direct {
+                        for r in 0..m {
+                            store(c, r * n + j0, &cp[r * nb..(r + 1) * nb]);
+                        }
+                    }
+                }
+            })
+        });
+    };
+    if a.dtype == DType::F32 {
+        // SAFETY: checked f32 operand, disjoint from `c`, read-only here.
+        run(unsafe { &a.slice::<f32>()[..m * k] })
+    } else {
+        with_scratch(m * k, |x| {
+            // SAFETY: `a` holds at least `m*k` elements.
+            unsafe { load(a, 0, x) };
+            run(x)
+        })
+    }
+}
+
+mod portable {
+    use super::*;
+
+    /// A storage type the portable kernel widens in chunks.
+    pub trait Widen: Copy + 'static {
+        fn widen(src: &[Self], dst: &mut [f32]);
+    }
+    impl Widen for f32 {
+        fn widen(src: &[f32], dst: &mut [f32]) {
+            dst.copy_from_slice(src)
+        }
+    }
+    impl Widen for f16 {
+        fn widen(src: &[f16], dst: &mut [f32]) {
+            src.convert_to_f32_slice(dst)
+        }
+    }
+    impl Widen for bf16 {
+        fn widen(src: &[bf16], dst: &mut [f32]) {
+            src.convert_to_f32_slice(dst)
+        }
+    }
+
+    const CHUNK: usize = 256;
+
+    /// # Safety
+    /// `w` must point at `k` readable elements of `T`; `x` must hold `m * k` values.
+    pub unsafe fn dot<T: Widen>(w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32; GEMV_M_MAX]) {
+        let w = std::slice::from_raw_parts(w as *const T, k);
+        let mut wf = [0f32; CHUNK];
+        let mut acc = [[0f32; 8]; GEMV_M_MAX];
+        let mut i = 0;
+        while i < k {
+            let n = CHUNK.min(k - i);
+            T::widen(&w[i..i + n], &mut wf[..n]);
+            for r in 0..m {
+                let xr = &x[r * k + i..r * k + i + n];
+                let (wc, wt) = wf[..n].split_at(n - n % 8);
+                let (xc, xt) = xr.split_at(n - n % 8);
+                for (w8, x8) in wc.chunks_exact(8).zip(xc.chunks_exact(8)) {
+                    for l in 0..8 {
+                        acc[r][l] += w8[l] * x8[l];
+                    }
+                }
+                for (a, b) in wt.iter().zip(xt) {
+                    acc[r][0] += a * b;
+                }
+            }
+            i += n;
+        }
+        for r in 0..m {
+            out[r] = acc[r].iter().sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::GEMV_M_MAX;
+
+    pub const BF16: u8 = 0;
+    pub const F16: u8 = 1;
+    pub const F32: u8 = 2;
+
+    /// Dispatches on `m` to a kernel with the accumulators unrolled for it.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C (checked by `simd_level`); `w` must point at `k`
+    /// readable elements of the storage type `DT`; `x` must hold `m * k` values, `m <= 8`.
+    pub unsafe fn dot<const DT: u8>(w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32; GEMV_M_MAX]) {
+        debug_assert!(x.len() >= m * k);
+        match m {
+            1 => dot_m::<DT, 1, 4>(w, x.as_ptr(), k, out),
+            2 => dot_m::<DT, 2, 4>(w, x.as_ptr(), k, out),
+            3 => dot_m::<DT, 3, 2>(w, x.as_ptr(), k, out),
+            4 => dot_m::<DT, 4, 2>(w, x.as_ptr(), k, out),
+            5 => dot_m::<DT, 5, 1>(w, x.as_ptr(), k, out),
+            6 => dot_m::<DT, 6, 1>(w, x.as_ptr(), k, out),
+            7 => dot_m::<DT, 7, 1>(w, x.as_ptr(), k, out),
+            _ => dot_m::<DT, 8, 1>(w, x.as_ptr(), k, out),
+        }
+    }
+
+    /// Eight weights at element `i`, widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<const DT: u8>(w: *const u8, i: usize) -> __m256 {
+        match DT {
+            BF16 => {
+                // bf16 is the top half of an f32: zero-extend to 32 bits and shift up.
+                let h = _mm_loadu_si128(w.add(i * 2) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.add(i * 2) as *const __m128i)),
+            _ => _mm256_loadu_ps(w.add(i * 4) as *const f32),
+        }
+    }
+
+    /// Reorders each 16-element block of `x` as `[0..4, 8..12, 4..8, 12..16]`: the element order
+    /// in which `unpacklo_epi16`/`unpackhi_epi16` widen 16 bf16 values (per 128-bit lane).
+    pub fn permute_for_bf16(x: &[f32], xp: &mut [f32]) {
+        for (src, dst) in x.chunks_exact(16).zip(xp.chunks_exact_mut(16)) {
+            dst[0..4].copy_from_slice(&src[0..4]);
+            dst[4..8].copy_from_slice(&src[8..12]);
+            dst[8..12].copy_from_slice(&src[4..8]);
+            dst[12..16].copy_from_slice(&src[12..16]);
+        }
+    }
+
+    /// `out[r][a] = Σ_{i < k16} w[r][i] · x[a][i]` for `rows` (1, 2 or 4) bf16 weight rows
+    /// `row_bytes` apart and `acts` (1..=4) permuted activation rows `k16` apart.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C must be available; the weight rows must hold `k16` readable bf16 values and
+    /// `xp` `acts * k16` f32 values; `k16` must be a multiple of 16.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn bf16_rows(
+        w: *const u8,
+        row_bytes: usize,
+        rows: usize,
+        xp: *const f32,
+        k16: usize,
+        acts: usize,
+        out: &mut [[f32; 4]; 4],
+    ) {
+        match (rows, acts) {
+            (4, 1) => bf16_rows_rm::<4, 1>(w, row_bytes, xp, k16, out),
+            (2, 2) => bf16_rows_rm::<2, 2>(w, row_bytes, xp, k16, out),
+            (2, 1) => bf16_rows_rm::<2, 1>(w, row_bytes, xp, k16, out),
+            (_, 1) => bf16_rows_rm::<1, 1>(w, row_bytes, xp, k16, out),
+            (_, 2) => bf16_rows_rm::<1, 2>(w, row_bytes, xp, k16, out),
+            (_, 3) => bf16_rows_rm::<1, 3>(w, row_bytes, xp, k16, out),
+            _ => bf16_rows_rm::<1, 4>(w, row_bytes, xp, k16, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bf16_rows_rm<const R: usize, const M: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        xp: *const f32,
+        k16: usize,
+        out: &mut [[f32; 4]; 4],
+    ) {
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[[_mm256_setzero_ps(); 2]; M]; R];
+        let mut i = 0;
+        while i < k16 {
+            let mut xl = [_mm256_setzero_ps(); M];
+            let mut xh = [_mm256_setzero_ps(); M];
+            for a in 0..M {
+                xl[a] = _mm256_loadu_ps(xp.add(a * k16 + i));
+                xh[a] = _mm256_loadu_ps(xp.add(a * k16 + i + 8));
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_si256(w.add(r * row_bytes + i * 2) as *const __m256i);
+                // (0, w) word pairs are w << 16 as 32-bit lanes: exactly bf16 → f32.
+                let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
+                let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
+                for a in 0..M {
+                    acc_r[a][0] = _mm256_fmadd_ps(lo, xl[a], acc_r[a][0]);
+                    acc_r[a][1] = _mm256_fmadd_ps(hi, xh[a], acc_r[a][1]);
+                }
+            }
+            i += 16;
+        }
+        for r in 0..R {
+            for a in 0..M {
+                out[r][a] = hsum(_mm256_add_ps(acc[r][a][0], acc[r][a][1]));
+            }
+        }
+    }
+
+    #[inline]
+    fn scalar<const DT: u8>(w: *const u8, i: usize) -> f32 {
+        // SAFETY: callers pass `i < k`, inside the row.
+        unsafe {
+            match DT {
+                BF16 => half::bf16::from_bits((w as *const u16).add(i).read_unaligned()).to_f32(),
+                F16 => half::f16::from_bits((w as *const u16).add(i).read_unaligned()).to_f32(),
+                _ => (w as *const f32).add(i).read_unaligned(),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `M` activation rows, `U` vectors of 8 weights per step (`M * U` independent FMA chains
+    /// hide the FMA latency; `M * U + U` stays within the 16 ymm registers).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_m<const DT: u8, const M: usize, const U: usize>(
+        w: *const u8,
+        x: *const f32,
+        k: usize,
+        out: &mut [f32; GEMV_M_MAX],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); U]; M];
+        let step = 8 * U;
+        let mut i = 0;
+        while i + step <= k {
+            let mut wv = [_mm256_setzero_ps(); U];
+            for (u, v) in wv.iter_mut().enumerate() {
+                *v = load8::<DT>(w, i + 8 * u);
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for u in 0..U {
+                    let xv = _mm256_loadu_ps(x.add(r * k + i + 8 * u));
+                    acc_r[u] = _mm256_fmadd_ps(wv[u], xv, acc_r[u]);
+                }
+            }
+            i += step;
+        }
+        while i + 8 <= k {
+            let wv = load8::<DT>(w, i);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                acc_r[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(r * k + i)), acc_r[0]);
+            }
+            i += 8;
+        }
+        for r in 0..M {
+            let mut s = acc[r][0];
+            for u in 1..U {
+                s = _mm256_add_ps(s, acc[r][u]);
+            }
+            let mut t = hsum(s);
+            for j in i..k {
+                t += scalar::<DT>(w, j) * *x.add(r * k + j);
+            }
+            out[r] = t;
+        }
+    }
+}

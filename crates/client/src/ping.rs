@@ -1,0 +1,66 @@
+//! perftest-style round trips: one request in flight, a payload echoed back, RTTs in an HDR
+//! histogram (microsecond percentiles with three significant digits).
+
+use std::time::Instant;
+
+use djinn_proto::Opcode;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::{Client, ClientError, Result};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RttUs {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// The JSON object `djinn-dataplane ping --json` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct PingReport {
+    pub transport: String,
+    pub size: u64,
+    pub count: u64,
+    pub rtt_us: RttUs,
+    /// size × count / elapsed seconds / 1e9, one direction.
+    pub gbps: f64,
+}
+
+/// Runs `warmup` untimed then `count` timed round trips of a `size`-byte payload.
+pub fn run(client: &mut Client, size: usize, count: u64, warmup: u64) -> Result<PingReport> {
+    let payload: Vec<u8> = (0..size).map(|i| (i * 31 + 7) as u8).collect();
+    for _ in 0..warmup {
+        client.ping(&payload)?;
+    }
+    // 1 ns .. 1000 s, 3 significant digits.
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 1_000_000_000_000, 3).expect("static histogram bounds");
+    let start = Instant::now();
+    for _ in 0..count {
+        let t = Instant::now();
+        let id = client.submit(Opcode::Ping, &[], &[&payload])?;
+        let r = client.wait(id)?;
+        let ns = t.elapsed().as_nanos() as u64;
+        if r.data.len() != size {
+            return Err(ClientError::Protocol { opcode: "Ping", why: format!("echoed {} of {size} bytes", r.data.len()) });
+        }
+        hist.saturating_record(ns.max(1));
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let us = |ns: u64| ns as f64 / 1e3;
+    Ok(PingReport {
+        transport: client.transport().to_owned(),
+        size: size as u64,
+        count,
+        rtt_us: RttUs {
+            p50: us(hist.value_at_quantile(0.5)),
+            p99: us(hist.value_at_quantile(0.99)),
+            p999: us(hist.value_at_quantile(0.999)),
+            min: us(if count > 0 { hist.min() } else { 0 }),
+            max: us(hist.max()),
+        },
+        gbps: if elapsed_s > 0.0 { size as f64 * count as f64 / elapsed_s / 1e9 } else { 0.0 },
+    })
+}

@@ -1,0 +1,476 @@
+//! The Llama-family forward pass over any [`Backend`]: a batch of ragged sequences in (each with
+//! its new tokens, its start position and its KV block table), logits out.
+//!
+//! A step is three phases — [`Model::begin`] (index upload + embedding), [`Model::layer`] once per
+//! layer, [`Model::finish`] (final norm + LM head) — so a caller can stop between layers and
+//! resume later: all state between phases lives in the step's scratch range and the KV cache.
+//!
+//! Scratch: every buffer a step uses is carved from one caller-provided range whose size
+//! [`ScratchPlan::bytes`] computes from the bounds fixed at start-up ([`StepLimits`]); a step
+//! larger than the bounds is an error, never a reallocation. Host-side index staging is sized
+//! once too, so the per-step path allocates nothing.
+//!
+//! Numerics: activations and the residual stream are f32; weights stay in their storage dtype.
+//! The order of operations is transformers': `h = x + attn(norm(x))`, `h = h + mlp(norm(h))`.
+
+use djinn_backend::{AttnBatch, Backend, DType, GemmArgs, KvCacheRef, KvLayout, SampleParams, View};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::weights::WeightLayout;
+
+/// Bounds on one step, fixed at start-up; they size the scratch range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepLimits {
+    /// New tokens across all sequences of one step.
+    pub max_tokens: usize,
+    /// Sequences in one step.
+    pub max_seqs: usize,
+    /// Block-table entries per sequence (context limit / block_tokens, rounded up).
+    pub max_blocks_per_seq: usize,
+    /// Rows of logits one step may return (`max_seqs`, or `max_tokens` to allow all positions).
+    pub max_logit_rows: usize,
+}
+
+/// Which positions' logits a step produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// The last new token of each sequence (generation).
+    Last,
+    /// Every new token (scoring, reference tests).
+    All,
+}
+
+/// One sequence's part of a step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqStep<'a> {
+    /// New token ids; at least one.
+    pub tokens: &'a [u32],
+    /// Tokens already in the cache for this sequence (position of `tokens[0]`).
+    pub start_pos: usize,
+    /// KV block ids in position order; must cover `start_pos + tokens.len()` positions.
+    pub block_table: &'a [u32],
+}
+
+/// Byte offsets of the step's buffers inside the scratch range (relative to its base).
+#[derive(Clone, Debug)]
+pub struct ScratchPlan {
+    limits: StepLimits,
+    // i32 index arrays, contiguous so one host write uploads them all: ids, positions, slots,
+    // q_start [seqs+1], ctx_lens [seqs], block_tables [seqs × max_blocks].
+    idx: usize,
+    idx_elems: usize,
+    resid: usize,
+    xn: usize,
+    tmp: usize,
+    qkv: usize,
+    attn: usize,
+    gate_up: usize,
+    act: usize,
+    last: usize,
+    logits: usize,
+    sampled: usize,
+    bytes: usize,
+}
+
+const SCRATCH_ALIGN_BYTES: usize = 256;
+
+impl ScratchPlan {
+    pub fn new(cfg: &ModelConfig, limits: StepLimits) -> ScratchPlan {
+        let t = limits.max_tokens;
+        let s = limits.max_seqs;
+        let (h, qd, kvd, inter, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let mut cursor = 0usize;
+        let mut take = |bytes: usize| {
+            let off = cursor;
+            cursor = (cursor + bytes).next_multiple_of(SCRATCH_ALIGN_BYTES);
+            off
+        };
+        let idx_elems = 3 * t + (s + 1) + s + s * limits.max_blocks_per_seq;
+        let idx = take(idx_elems * 4);
+        let resid = take(t * h * 4);
+        let xn = take(t * h * 4);
+        let tmp = take(t * h * 4);
+        let qkv = take(t * (qd + 2 * kvd) * 4);
+        let attn = take(t * qd * 4);
+        let gate_up = take(t * 2 * inter * 4);
+        let act = take(t * inter * 4);
+        let last = take(s * h * 4);
+        let logits = take(limits.max_logit_rows * v * 4);
+        let sampled = take(limits.max_logit_rows.max(s) * 4);
+        ScratchPlan { limits, idx, idx_elems, resid, xn, tmp, qkv, attn, gate_up, act, last, logits, sampled, bytes: cursor }
+    }
+
+    /// Bytes of scratch one step needs.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn limits(&self) -> StepLimits {
+        self.limits
+    }
+}
+
+/// The memory a step runs in. The weights range is shared by every session; the KV cache is
+/// the paged pool; scratch is this step's private range of `plan.bytes()`.
+pub struct StepMemory<'a, B: Backend> {
+    pub stream: &'a B::Stream,
+    pub weights: &'a B::Region,
+    pub weights_base: usize,
+    pub kv: KvCacheRef<'a, B>,
+    pub scratch: &'a B::Region,
+    pub scratch_base: usize,
+}
+
+/// Host-side state of a step in flight, between its phases.
+#[derive(Debug)]
+pub struct StepState {
+    tokens: usize,
+    seqs: usize,
+    mode: LogitsMode,
+    max_q_len: usize,
+    max_ctx_len: usize,
+    /// Row index (in the step's token rows) of each sequence's last token.
+    last_rows: Vec<usize>,
+    next_layer: usize,
+}
+
+impl StepState {
+    /// Rows of logits [`Model::finish`] produces.
+    pub fn logit_rows(&self) -> usize {
+        match self.mode {
+            LogitsMode::Last => self.seqs,
+            LogitsMode::All => self.tokens,
+        }
+    }
+    pub fn next_layer(&self) -> usize {
+        self.next_layer
+    }
+}
+
+/// A loaded model: its configuration, where its weights live, and its step bounds.
+#[derive(Debug)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub weights: WeightLayout,
+    pub scratch: ScratchPlan,
+    block_tokens: usize,
+    /// Host staging for the index arrays (capacity fixed at construction).
+    staging: std::sync::Mutex<Vec<i32>>,
+}
+
+impl Model {
+    pub fn new(cfg: ModelConfig, weights: WeightLayout, limits: StepLimits, block_tokens: usize) -> Model {
+        let scratch = ScratchPlan::new(&cfg, limits);
+        let staging = std::sync::Mutex::new(Vec::with_capacity(scratch.idx_elems));
+        Model { cfg, weights, scratch, block_tokens, staging }
+    }
+
+    /// The KV layout this model needs, with `block_tokens` per block and cache dtype `dtype`.
+    pub fn kv_layout(cfg: &ModelConfig, block_tokens: usize, dtype: DType) -> KvLayout {
+        KvLayout { layers: cfg.layers, kv_heads: cfg.kv_heads, head_dim: cfg.head_dim, block_tokens, dtype }
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    fn f32_view<'a, B: Backend>(&self, m: &StepMemory<'a, B>, off: usize, len: usize) -> View<'a, B> {
+        View::new(m.scratch, m.scratch_base + off, DType::F32, len)
+    }
+
+    fn w<'a, B: Backend>(&self, m: &StepMemory<'a, B>, off: usize, len: usize) -> View<'a, B> {
+        View::new(m.weights, m.weights_base + off, self.weights.dtype, len)
+    }
+
+    fn idx_view<'a, B: Backend>(&self, m: &StepMemory<'a, B>, first: usize, len: usize) -> View<'a, B> {
+        View::new(m.scratch, m.scratch_base + self.scratch.idx + first * 4, DType::I32, len)
+    }
+
+    /// Validates the batch, uploads its index arrays and embeds its tokens.
+    pub fn begin<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        seqs: &[SeqStep<'_>],
+        mode: LogitsMode,
+    ) -> Result<StepState> {
+        let lim = self.scratch.limits;
+        let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if seqs.is_empty() || seqs.len() > lim.max_seqs {
+            return Err(ModelError::Batch(format!("{} sequences (1..={} allowed)", seqs.len(), lim.max_seqs)));
+        }
+        if tokens > lim.max_tokens {
+            return Err(ModelError::Batch(format!("{tokens} tokens exceed the step limit of {}", lim.max_tokens)));
+        }
+        let rows = if mode == LogitsMode::All { tokens } else { seqs.len() };
+        if rows > lim.max_logit_rows {
+            return Err(ModelError::Batch(format!("{rows} logit rows exceed the limit of {}", lim.max_logit_rows)));
+        }
+        if m.kv.layout != Model::kv_layout(&self.cfg, self.block_tokens, m.kv.layout.dtype) {
+            return Err(ModelError::Batch(format!("KV layout {:?} does not fit this model", m.kv.layout)));
+        }
+        let bt = self.block_tokens;
+        let (t, s, mb) = (lim.max_tokens, lim.max_seqs, lim.max_blocks_per_seq);
+        let mut last_rows = Vec::with_capacity(seqs.len());
+        let (mut max_q_len, mut max_ctx_len) = (0, 0);
+        let mut st = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        st.clear();
+        st.resize(self.scratch.idx_elems, 0);
+        // Sections of the index block: ids [t], positions [t], slots [t], q_start [s+1],
+        // ctx_lens [s], block_tables [s, mb].
+        let (pos0, slot0, qs0, ctx0, bt0) = (t, 2 * t, 3 * t, 3 * t + s + 1, 3 * t + 2 * s + 1);
+        let mut row = 0usize;
+        for (i, sq) in seqs.iter().enumerate() {
+            if sq.tokens.is_empty() {
+                return Err(ModelError::Batch(format!("sequence {i} has no new tokens")));
+            }
+            self.cfg.check_tokens(sq.tokens, sq.start_pos)?;
+            let ctx = sq.start_pos + sq.tokens.len();
+            let blocks = ctx.div_ceil(bt);
+            if sq.block_table.len() < blocks || blocks > mb {
+                return Err(ModelError::Batch(format!(
+                    "sequence {i}: {ctx} positions need {blocks} blocks; table has {} (limit {mb})",
+                    sq.block_table.len()
+                )));
+            }
+            if let Some(&b) = sq.block_table[..blocks].iter().find(|&&b| b as usize >= m.kv.num_blocks) {
+                return Err(ModelError::Batch(format!("sequence {i}: block {b} outside the cache")));
+            }
+            st[qs0 + i] = row as i32;
+            for (j, &tok) in sq.tokens.iter().enumerate() {
+                let p = sq.start_pos + j;
+                st[row] = tok as i32;
+                st[pos0 + row] = p as i32;
+                st[slot0 + row] = (sq.block_table[p / bt] as usize * bt + p % bt) as i32;
+                row += 1;
+            }
+            st[ctx0 + i] = ctx as i32;
+            for (k, &b) in sq.block_table[..blocks].iter().enumerate() {
+                st[bt0 + i * mb + k] = b as i32;
+            }
+            last_rows.push(row - 1);
+            max_q_len = max_q_len.max(sq.tokens.len());
+            max_ctx_len = max_ctx_len.max(ctx);
+        }
+        st[qs0 + seqs.len()] = row as i32;
+        let raw: &[u8] = i32_bytes(&st);
+        be.write(m.scratch, m.scratch_base + self.scratch.idx, raw)?;
+        drop(st);
+
+        let h = self.cfg.hidden_size;
+        let table = self.w(m, self.weights.embed, self.cfg.vocab_size * h);
+        be.embedding(m.stream, table, self.idx_view(m, 0, tokens), self.f32_view(m, self.scratch.resid, tokens * h), h)?;
+        Ok(StepState { tokens, seqs: seqs.len(), mode, max_q_len, max_ctx_len, last_rows, next_layer: 0 })
+    }
+
+    /// `c[rows, n] = a[rows, k] · w[n, k]ᵀ (+ bias)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        a: View<'_, B>,
+        w_off: usize,
+        bias: Option<usize>,
+        c: View<'_, B>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        be.gemm(m.stream, a, self.w(m, w_off, n * k), c, &GemmArgs::linear(rows, n, k))?;
+        if let Some(b) = bias {
+            be.binary(m.stream, djinn_backend::BinaryOp::Add, c, self.w(m, b, n), c)?;
+        }
+        Ok(())
+    }
+
+    /// Runs layer `st.next_layer()` and advances it.
+    pub fn layer<B: Backend>(&self, be: &B, m: &StepMemory<'_, B>, st: &mut StepState) -> Result<()> {
+        let l = st.next_layer;
+        if l >= self.cfg.layers {
+            return Err(ModelError::Batch(format!("layer {l} past the last ({})", self.cfg.layers)));
+        }
+        let c = &self.cfg;
+        let lw = &self.weights.layers[l];
+        let es = self.weights.dtype.size_bytes();
+        let t = st.tokens;
+        let (h, qd, kvd, inter, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
+        let sp = &self.scratch;
+        let resid = self.f32_view(m, sp.resid, t * h);
+        let xn = self.f32_view(m, sp.xn, t * h);
+        let tmp = self.f32_view(m, sp.tmp, t * h);
+
+        // Pre-attention norm; from layer 1 on it also adds the previous MLP output to the residual.
+        let ln_in = self.w(m, lw.ln_in, h);
+        if l == 0 {
+            be.rms_norm(m.stream, resid, None, ln_in, xn, h, c.rms_norm_eps)?;
+        } else {
+            be.rms_norm(m.stream, tmp, Some(resid), ln_in, xn, h, c.rms_norm_eps)?;
+        }
+
+        // q, k, v. One row: one GEMV over the fused matrix. Several: one GEMM per row block so
+        // each output is a contiguous [t, dim] matrix.
+        let (q, k, v);
+        if t == 1 {
+            let qkv = self.f32_view(m, sp.qkv, qd + 2 * kvd);
+            self.linear(be, m, xn, lw.qkv, lw.qkv_bias, qkv, 1, qd + 2 * kvd, h)?;
+            (q, k, v) = (qkv.slice(0, qd), qkv.slice(qd, kvd), qkv.slice(qd + kvd, kvd));
+        } else {
+            q = self.f32_view(m, sp.qkv, t * qd);
+            k = self.f32_view(m, sp.qkv + t * qd * 4, t * kvd);
+            v = self.f32_view(m, sp.qkv + t * (qd + kvd) * 4, t * kvd);
+            let bias = |i: usize| lw.qkv_bias.map(|b| b + i * es);
+            self.linear(be, m, xn, lw.qkv, bias(0), q, t, qd, h)?;
+            self.linear(be, m, xn, lw.qkv + qd * h * es, bias(qd), k, t, kvd, h)?;
+            self.linear(be, m, xn, lw.qkv + (qd + kvd) * h * es, bias(qd + kvd), v, t, kvd, h)?;
+        }
+        let positions = self.idx_view(m, sp.limits.max_tokens, t);
+        let slots = self.idx_view(m, 2 * sp.limits.max_tokens, t);
+        let inv_freq = View::new(m.weights, m.weights_base + self.weights.inv_freq, DType::F32, hd / 2);
+        be.rope(m.stream, q, positions, inv_freq, c.heads, hd)?;
+        be.rope(m.stream, k, positions, inv_freq, c.kv_heads, hd)?;
+        be.kv_append(m.stream, k, v, &m.kv, l, slots)?;
+
+        let lim = sp.limits;
+        let qs0 = 3 * lim.max_tokens;
+        let batch = AttnBatch {
+            seqs: st.seqs,
+            q_start: self.idx_view(m, qs0, st.seqs + 1),
+            ctx_lens: self.idx_view(m, qs0 + lim.max_seqs + 1, st.seqs),
+            block_tables: self.idx_view(m, qs0 + 2 * lim.max_seqs + 1, st.seqs * lim.max_blocks_per_seq),
+            max_blocks_per_seq: lim.max_blocks_per_seq,
+            max_q_len: st.max_q_len,
+            max_ctx_len: st.max_ctx_len,
+        };
+        let attn = self.f32_view(m, sp.attn, t * qd);
+        be.attention(m.stream, q, &m.kv, l, &batch, attn, c.heads, 1.0 / (hd as f32).sqrt())?;
+        self.linear(be, m, attn, lw.o, lw.o_bias, tmp, t, h, qd)?;
+
+        // Post-attention norm (adds the attention output to the residual), then the MLP.
+        be.rms_norm(m.stream, tmp, Some(resid), self.w(m, lw.ln_post, h), xn, h, c.rms_norm_eps)?;
+        let (gate, up);
+        if t == 1 {
+            let gu = self.f32_view(m, sp.gate_up, 2 * inter);
+            self.linear(be, m, xn, lw.gate_up, lw.gate_up_bias, gu, 1, 2 * inter, h)?;
+            (gate, up) = (gu.slice(0, inter), gu.slice(inter, inter));
+        } else {
+            gate = self.f32_view(m, sp.gate_up, t * inter);
+            up = self.f32_view(m, sp.gate_up + t * inter * 4, t * inter);
+            let bias = |i: usize| lw.gate_up_bias.map(|b| b + i * es);
+            self.linear(be, m, xn, lw.gate_up, bias(0), gate, t, inter, h)?;
+            self.linear(be, m, xn, lw.gate_up + inter * h * es, bias(inter), up, t, inter, h)?;
+        }
+        let act = self.f32_view(m, sp.act, t * inter);
+        be.silu_mul(m.stream, gate, up, act)?;
+        self.linear(be, m, act, lw.down, lw.down_bias, tmp, t, h, inter)?;
+        st.next_layer += 1;
+        Ok(())
+    }
+
+    /// Final norm and LM head: logits `[st.logit_rows(), vocab]` f32 in scratch.
+    pub fn finish<B: Backend>(&self, be: &B, m: &StepMemory<'_, B>, st: &StepState) -> Result<()> {
+        if st.next_layer != self.cfg.layers {
+            return Err(ModelError::Batch(format!("finish after {} of {} layers", st.next_layer, self.cfg.layers)));
+        }
+        let (h, v, t) = (self.cfg.hidden_size, self.cfg.vocab_size, st.tokens);
+        let sp = &self.scratch;
+        let resid = self.f32_view(m, sp.resid, t * h);
+        let xn = self.f32_view(m, sp.xn, t * h);
+        let tmp = self.f32_view(m, sp.tmp, t * h);
+        be.rms_norm(m.stream, tmp, Some(resid), self.w(m, self.weights.norm, h), xn, h, self.cfg.rms_norm_eps)?;
+        let rows = st.logit_rows();
+        let input = if st.mode == LogitsMode::All || rows == t {
+            xn
+        } else {
+            // Gather each sequence's last row: only those reach the (large) LM head.
+            let last = self.f32_view(m, sp.last, rows * h);
+            for (i, &r) in st.last_rows.iter().enumerate() {
+                be.copy(m.stream, m.scratch, xn.offset + r * h * 4, m.scratch, last.offset + i * h * 4, h * 4)?;
+            }
+            last
+        };
+        let logits = self.f32_view(m, sp.logits, rows * v);
+        be.gemm(m.stream, input, self.w(m, self.weights.lm_head, v * h), logits, &GemmArgs::linear(rows, v, h))?;
+        Ok(())
+    }
+
+    /// begin + every layer + finish.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        seqs: &[SeqStep<'_>],
+        mode: LogitsMode,
+    ) -> Result<StepState> {
+        let mut st = self.begin(be, m, seqs, mode)?;
+        while st.next_layer < self.cfg.layers {
+            self.layer(be, m, &mut st)?;
+        }
+        self.finish(be, m, &st)?;
+        Ok(st)
+    }
+
+    /// Copies the step's logits to the host: `out` becomes `[rows × vocab]`.
+    pub fn read_logits<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        st: &StepState,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = st.logit_rows() * self.cfg.vocab_size;
+        be.sync_stream(m.stream)?;
+        out.resize(n, 0.0);
+        let dst = f32_bytes_mut(out);
+        be.read(m.scratch, m.scratch_base + self.scratch.logits, dst)?;
+        Ok(())
+    }
+
+    /// Picks one token per logits row on the device (argmax when every row is greedy, else the
+    /// backend's sampler) and returns the ids.
+    pub fn sample<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        st: &StepState,
+        params: &[SampleParams],
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let rows = st.logit_rows();
+        if params.len() != rows {
+            return Err(ModelError::Batch(format!("{} sampling parameter sets for {rows} rows", params.len())));
+        }
+        let v = self.cfg.vocab_size;
+        let logits = self.f32_view(m, self.scratch.logits, rows * v);
+        let ids = View::new(m.scratch, m.scratch_base + self.scratch.sampled, DType::I32, rows);
+        if params.iter().all(|p| p.temperature <= 0.0) {
+            be.argmax(m.stream, logits, ids, v)?;
+        } else {
+            be.sample(m.stream, logits, ids, v, params)?;
+        }
+        be.sync_stream(m.stream)?;
+        out.clear();
+        out.resize(rows, 0);
+        be.read(m.scratch, ids.offset, u32_bytes_mut(out))?;
+        Ok(())
+    }
+}
+
+fn i32_bytes(xs: &[i32]) -> &[u8] {
+    // SAFETY: i32 has no padding and every bit pattern of u8 is valid; the slice covers exactly
+    // the same bytes, alignment of u8 is 1, and the lifetime is tied to `xs`.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
+}
+
+fn f32_bytes_mut(xs: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above; every byte pattern written through the u8 view is a valid f32, and the
+    // exclusive borrow of `xs` is carried over to the returned slice.
+    unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
+}
+
+fn u32_bytes_mut(xs: &mut [u32]) -> &mut [u8] {
+    // SAFETY: as for `f32_bytes_mut`: every byte pattern is a valid u32 (the sampler writes i32
+    // ids in 0..vocab, whose bits are the same as the u32's).
+    unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
+}

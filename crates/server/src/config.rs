@@ -1,0 +1,187 @@
+//! Server configuration: one struct read from an optional TOML file whose keys are exactly the
+//! long names of the `serve` flags (with `-` written `_`); command-line flags override the file.
+//!
+//! Invariant: every bound the server enforces (connections, in-flight requests, handles, bytes)
+//! is a named field here, fixed at start-up; nothing grows past it at run time.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the server listens when neither the file nor the flags name a listener.
+pub const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:7070";
+
+/// Everything `djinn-dataplane serve` needs to start. Field names are the TOML keys.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Transport URLs to listen on (`tcp://HOST:PORT`, `shm://NAME`); several at once.
+    pub listen: Vec<String>,
+    /// `cpu`, or comma-separated CUDA ordinals (`0`, `0,1`). Empty = CPU unless a GPU backend is built in.
+    pub gpus: String,
+    /// RDMA device. Refused until the RDMA transport exists.
+    pub nic: Option<String>,
+    /// Name of this server in logs, metrics and the capabilities reply.
+    pub node_id: String,
+    /// `HOST:PORT` serving `/healthz` and `/metrics`; none = no HTTP endpoint.
+    pub metrics_listen: Option<String>,
+    /// File of `TENANT TOKEN` lines; none = every connection is its own tenant.
+    pub auth_token_file: Option<PathBuf>,
+    /// Connections served at once; further connections are refused with `Busy`.
+    pub max_connections: usize,
+    /// Requests one connection may have in flight at once; more are refused with `Busy`.
+    pub max_inflight_per_conn: usize,
+    /// Tensor handles one tenant may hold at once.
+    pub handles_max_per_tenant: usize,
+    /// Tensor bytes one tenant may hold at once.
+    pub tensor_bytes_max_per_tenant: u64,
+    /// Tensor bytes all tenants together may hold at once.
+    pub tensor_bytes_max: u64,
+    /// Nodes in one Exec graph.
+    pub exec_nodes_max: usize,
+    /// Largest frame accepted (header + metadata + data). The default admits a 64 MiB payload.
+    pub frame_bytes_max: u64,
+    /// `spin-then-park` (default) or `busy-poll`.
+    pub wait: String,
+    /// TCP: plain sockets even where io_uring works.
+    pub force_socket: bool,
+    /// SHM: data-area bytes per direction of each client's region.
+    pub shm_data_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests before the process exits anyway.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let limits = djinn_proto::Limits::default();
+        ServerConfig {
+            listen: Vec::new(),
+            gpus: String::new(),
+            nic: None,
+            node_id: "djinn-0".into(),
+            metrics_listen: None,
+            auth_token_file: None,
+            max_connections: 256,
+            max_inflight_per_conn: 64,
+            handles_max_per_tenant: 4096,
+            tensor_bytes_max_per_tenant: 2 << 30,
+            tensor_bytes_max: 8 << 30,
+            exec_nodes_max: 256,
+            frame_bytes_max: limits.frame_bytes_max,
+            wait: "spin-then-park".into(),
+            force_socket: false,
+            shm_data_bytes: djinn_transport::TransportOptions::default().shm_data_bytes,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    /// Reads a TOML file; keys missing from it keep their defaults, unknown keys are an error.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
+    }
+
+    /// The listeners to bind: the configured ones, or [`DEFAULT_LISTEN`].
+    pub fn listen_urls(&self) -> Vec<String> {
+        if self.listen.is_empty() {
+            vec![DEFAULT_LISTEN.to_owned()]
+        } else {
+            self.listen.clone()
+        }
+    }
+
+    /// Checks what can be checked before binding anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(nic) = &self.nic {
+            return Err(ConfigError::Invalid(format!(
+                "--nic {nic}: the RDMA transport is not built yet (it belongs to a later issue); \
+                 serve over tcp:// or shm:// and leave --nic out"
+            )));
+        }
+        let positive = [
+            ("max_connections", self.max_connections as u64),
+            ("max_inflight_per_conn", self.max_inflight_per_conn as u64),
+            ("handles_max_per_tenant", self.handles_max_per_tenant as u64),
+            ("exec_nodes_max", self.exec_nodes_max as u64),
+            ("tensor_bytes_max_per_tenant", self.tensor_bytes_max_per_tenant),
+            ("tensor_bytes_max", self.tensor_bytes_max),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.frame_bytes_max < (djinn_proto::HEADER_LEN as u64) + 1024 {
+            return Err(ConfigError::Invalid(format!("frame_bytes_max {} is too small", self.frame_bytes_max)));
+        }
+        self.wait_mode()?;
+        Ok(())
+    }
+
+    pub fn wait_mode(&self) -> Result<djinn_transport::WaitMode, ConfigError> {
+        match self.wait.as_str() {
+            "spin-then-park" | "" => Ok(djinn_transport::WaitMode::SpinThenPark),
+            "busy-poll" => Ok(djinn_transport::WaitMode::BusyPoll),
+            other => Err(ConfigError::Invalid(format!("wait {other:?}: expected spin-then-park or busy-poll"))),
+        }
+    }
+
+    /// Transport settings derived from this configuration.
+    pub fn transport_options(&self) -> Result<djinn_transport::TransportOptions, ConfigError> {
+        let mut o = djinn_transport::TransportOptions { wait: self.wait_mode()?, ..Default::default() };
+        o.force_socket = self.force_socket;
+        o.shm_data_bytes = self.shm_data_bytes;
+        o.limits.frame_bytes_max = self.frame_bytes_max;
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_keys_override_defaults() {
+        let c = ServerConfig::from_toml(
+            "listen = [\"tcp://127.0.0.1:9\", \"shm://x\"]\nnode_id = \"n1\"\nmax_connections = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.node_id, "n1");
+        assert_eq!(c.max_connections, 3);
+        assert_eq!(c.max_inflight_per_conn, ServerConfig::default().max_inflight_per_conn);
+    }
+
+    #[test]
+    fn unknown_keys_and_nic_are_refused() {
+        assert!(ServerConfig::from_toml("lisen = []").is_err());
+        let c = ServerConfig { nic: Some("mlx5_0".into()), ..Default::default() };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("RDMA"), "{e}");
+    }
+
+    #[test]
+    fn default_listen_is_loopback_tcp() {
+        assert_eq!(ServerConfig::default().listen_urls(), vec![DEFAULT_LISTEN.to_owned()]);
+    }
+}

@@ -1,0 +1,500 @@
+//! One connection: its reader thread parses requests and answers them in order.
+//!
+//! Invariants:
+//! - Every frame whose header survived validation gets exactly one reply (success or a typed
+//!   error), and its bulk data is always consumed (received or skipped), so framing survives
+//!   every request-level error. Only transport failures and headers that fail validation (framing
+//!   lost) end the connection — after a best-effort error frame for the latter.
+//! - Nothing before a successful Hello is served except the Hello itself.
+//! - Staging memory is bounded: bulk data of a put moves in [`PUT_CHUNK_BYTES`] pieces; a get or
+//!   ping holds one frame's data at most, and the buffer shrinks back after a large request.
+//! - A slow reader only blocks its own reply sends (the transport never buffers without bound),
+//!   which stops this connection's reader from taking more requests: backpressure, not growth.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use djinn_backend::Backend;
+use djinn_proto::meta::{Meta, MetaError};
+use djinn_proto::msg::{
+    DeviceInfo, ErrorReply, ExecReply, ExecReq, HelloReply, HelloReq, StatsReply, TensorFreeReq, TensorGetReq,
+    TensorPutReply, TensorPutReq,
+};
+use djinn_proto::{FrameHeader, Opcode, Status, FLAG_REPLY, VERSION};
+use djinn_transport::{ByteCounters, Connection, FrameRx, OutFrame, RxHead, TransportError};
+
+use crate::auth::TenantId;
+use crate::server::{ReplyTx, Shared};
+use crate::tensors::{Tensor, TensorError};
+
+/// Bulk data of a put moves through staging in pieces of this size.
+const PUT_CHUNK_BYTES: usize = 1 << 20;
+/// Staging kept between requests; a larger buffer is released after the request that grew it.
+const STAGING_KEEP_BYTES: usize = 1 << 20;
+/// Oldest protocol version this server still speaks.
+const VERSION_MIN: u16 = 1;
+
+/// The connection cannot continue (transport failed or framing lost).
+struct Fatal;
+
+/// A request-level failure: answered with this status and message, the connection continues.
+struct Reject {
+    status: Status,
+    message: String,
+}
+
+impl Reject {
+    fn new(status: Status, message: impl Into<String>) -> Self {
+        Reject { status, message: message.into() }
+    }
+}
+
+impl From<MetaError> for Reject {
+    fn from(e: MetaError) -> Self {
+        Reject::new(e.status(), e.to_string())
+    }
+}
+
+impl From<TensorError> for Reject {
+    fn from(e: TensorError) -> Self {
+        Reject::new(e.status(), e.to_string())
+    }
+}
+
+/// What a handler produced: either a reply already sent, or a rejection still to send.
+enum Outcome {
+    Sent,
+    Rejected(Reject),
+}
+
+/// Metric label of a status (closed set, from the wire enum's names).
+fn kind(status: Status) -> &'static str {
+    status.name()
+}
+
+struct Conn<B: Backend> {
+    sh: Arc<Shared<B>>,
+    id: u64,
+    tx: ReplyTx,
+    rx: Box<dyn FrameRx>,
+    counters: Arc<ByteCounters>,
+    peer: String,
+    tenant: Option<TenantId>,
+    staging: Vec<u8>,
+    /// Requests of this connection in progress (bounded by `max_inflight_per_conn`). The reader
+    /// serves in order, so today this is 0 or 1; streamed session replies will hold it longer.
+    inflight: Arc<AtomicUsize>,
+    seen_sent: u64,
+    seen_received: u64,
+}
+
+/// Serves one connection until it closes; runs on the connection's own thread.
+pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Connection) {
+    let Connection { tx, rx, counters, transport, peer } = conn;
+    tracing::debug!(conn = id, %peer, transport, "connection open");
+    let mut c = Conn {
+        sh: sh.clone(),
+        id,
+        tx: Arc::new(Mutex::new(tx)),
+        rx,
+        counters,
+        peer,
+        tenant: None,
+        staging: Vec::new(),
+        inflight: Arc::new(AtomicUsize::new(0)),
+        seen_sent: 0,
+        seen_received: 0,
+    };
+    c.run();
+    c.flush_counters();
+    if let Some(t) = c.tenant.take() {
+        if t.is_anonymous() {
+            // An anonymous tenant is this connection: what it created dies with it.
+            sh.store.drop_tenant(&t);
+        }
+    }
+    sh.connections_active.fetch_sub(1, Ordering::AcqRel);
+    sh.metrics.connections_active.dec();
+    tracing::debug!(conn = id, peer = %c.peer, "connection closed");
+}
+
+impl<B: Backend> Conn<B> {
+    fn run(&mut self) {
+        loop {
+            let head = match self.rx.recv_head() {
+                Ok(h) => h,
+                Err(TransportError::Closed) => return,
+                Err(TransportError::BadHeader(e)) => {
+                    // Framing is lost: say why (request id unknown → 0), then close this
+                    // connection alone.
+                    let status = Status::from(e);
+                    self.sh.metrics.errors_total.with_label_values(&[kind(status)]).inc();
+                    tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "bad header; closing");
+                    let _ = self.send_error(0, 0, status, &e.to_string());
+                    return;
+                }
+                Err(e) => {
+                    self.sh.metrics.errors_total.with_label_values(&["transport"]).inc();
+                    tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "transport error; closing");
+                    return;
+                }
+            };
+            let t0 = Instant::now();
+            self.sh.requests_active.fetch_add(1, Ordering::AcqRel);
+            let r = self.handle(head, t0);
+            self.sh.requests_active.fetch_sub(1, Ordering::AcqRel);
+            if self.staging.capacity() > STAGING_KEEP_BYTES {
+                self.staging = Vec::new();
+            }
+            self.flush_counters();
+            if r.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn flush_counters(&mut self) {
+        let (s, r) = (self.counters.sent(), self.counters.received());
+        self.sh.metrics.bytes_sent_total.inc_by(s.saturating_sub(self.seen_sent));
+        self.sh.metrics.bytes_received_total.inc_by(r.saturating_sub(self.seen_received));
+        self.seen_sent = s;
+        self.seen_received = r;
+    }
+
+    fn handle(&mut self, head: RxHead, t0: Instant) -> Result<(), Fatal> {
+        let h = head.header;
+        let rid = h.request_id.get();
+        let op_raw = h.opcode.get();
+        let data_len = h.data_len.get();
+        let opcode = match Opcode::try_from(op_raw) {
+            Ok(op) => op,
+            Err(e) => {
+                self.sh.metrics.requests_total.with_label_values(&["unknown"]).inc();
+                self.rx_skip(data_len)?;
+                return self.finish(op_raw, rid, "unknown", t0, Outcome::Rejected(Reject::new(Status::UnknownOpcode, e.to_string())));
+            }
+        };
+        let label = opcode.name();
+        self.sh.metrics.requests_total.with_label_values(&[label]).inc();
+
+        let precheck = if h.flags.get() & FLAG_REPLY != 0 {
+            Some(Reject::new(Status::BadFrame, "a client may not send reply frames"))
+        } else if self.sh.shutting_down.load(Ordering::Acquire) {
+            Some(Reject::new(Status::ShuttingDown, "server is shutting down"))
+        } else if self.tenant.is_none() && opcode != Opcode::Hello {
+            Some(Reject::new(Status::Unauthorized, "the first request on a connection must be Hello"))
+        } else if self.inflight.load(Ordering::Acquire) >= self.sh.cfg.max_inflight_per_conn {
+            Some(Reject::new(Status::Busy, "too many requests in flight on this connection"))
+        } else {
+            None
+        };
+        if let Some(rej) = precheck {
+            self.rx_skip(data_len)?;
+            return self.finish(op_raw, rid, label, t0, Outcome::Rejected(rej));
+        }
+
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let outcome = self.dispatch(opcode, &head, t0);
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        let outcome = outcome?;
+        let close_after = opcode == Opcode::Hello && self.tenant.is_none();
+        self.finish(op_raw, rid, label, t0, outcome)?;
+        if close_after {
+            // Failed handshake: one try per connection, so tokens cannot be guessed at line rate.
+            return Err(Fatal);
+        }
+        Ok(())
+    }
+
+    /// Sends a rejection if there is one and records the request's duration.
+    fn finish(&mut self, op_raw: u16, rid: u64, label: &str, t0: Instant, outcome: Outcome) -> Result<(), Fatal> {
+        if let Outcome::Rejected(rej) = outcome {
+            self.sh.metrics.errors_total.with_label_values(&[kind(rej.status)]).inc();
+            tracing::debug!(conn = self.id, opcode = label, status = rej.status.name(), msg = %rej.message, "request rejected");
+            self.send_error(op_raw, rid, rej.status, &rej.message)?;
+        }
+        self.sh.metrics.request_duration_s.with_label_values(&[label]).observe(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn dispatch(&mut self, opcode: Opcode, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
+        let h = &head.header;
+        let data_len = h.data_len.get();
+        // Opcodes that carry no bulk data: any data is a protocol error, consumed to keep framing.
+        let takes_data = matches!(opcode, Opcode::Ping | Opcode::TensorPut);
+        if !takes_data && data_len > 0 {
+            self.rx_skip(data_len)?;
+            return Ok(Outcome::Rejected(Reject::new(
+                Status::BadFrame,
+                format!("{} carries no bulk data, got {data_len} bytes", opcode.name()),
+            )));
+        }
+        match opcode {
+            Opcode::Hello => self.hello(head, t0),
+            Opcode::Ping => self.ping(head, t0),
+            Opcode::Stats => self.stats(head, t0),
+            Opcode::TensorPut => self.tensor_put(head),
+            Opcode::TensorGet => self.tensor_get(head),
+            Opcode::TensorFree => self.tensor_free(head, t0),
+            Opcode::Exec => self.exec(head),
+            other => {
+                self.rx_skip(data_len)?;
+                Ok(Outcome::Rejected(Reject::new(
+                    Status::Unsupported,
+                    format!("{} is not served yet (sessions come with a later release)", other.name()),
+                )))
+            }
+        }
+    }
+
+    // ---- handlers -----------------------------------------------------------------------------
+
+    fn hello(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
+        if self.tenant.is_some() {
+            return Ok(Outcome::Rejected(Reject::new(Status::BadArgument, "this connection already said Hello")));
+        }
+        let req = match HelloReq::from_meta(&head.meta) {
+            Ok(r) => r,
+            Err(e) => return Ok(Outcome::Rejected(e.into())),
+        };
+        let Some(version) = req.negotiate(VERSION_MIN, VERSION) else {
+            return Ok(Outcome::Rejected(Reject::new(
+                Status::BadVersion,
+                format!(
+                    "client speaks versions {}..={}, this server {VERSION_MIN}..={VERSION}",
+                    req.version_min, req.version_max
+                ),
+            )));
+        };
+        let (tenant, tenant_id) = if self.sh.auth.required() {
+            match self.sh.auth.authenticate(&req.token) {
+                Some(name) => (TenantId::Named(name.to_owned()), fnv1a(name.as_bytes())),
+                None => {
+                    tracing::warn!(conn = self.id, peer = %self.peer, "handshake with a bad token");
+                    return Ok(Outcome::Rejected(Reject::new(Status::Unauthorized, "token not accepted")));
+                }
+            }
+        } else {
+            (TenantId::Connection(self.id), self.id)
+        };
+        tracing::debug!(conn = self.id, %tenant, client = %req.client_name, version, "handshake");
+        self.tenant = Some(tenant);
+        let info = self.sh.backend.info();
+        let reply = HelloReply {
+            version,
+            tenant_id,
+            frame_bytes_max: self.sh.limits.frame_bytes_max,
+            meta_bytes_max: self.sh.limits.meta_bytes_max,
+            backend: info.kind.to_owned(),
+            devices: vec![DeviceInfo { name: info.name, memory_bytes: info.memory_total_bytes }],
+            models: Vec::new(),
+            transports: self.sh.transports.clone(),
+        };
+        let meta = reply.to_meta();
+        self.send_ok(head, &meta, &[], Some(t0))?;
+        Ok(Outcome::Sent)
+    }
+
+    fn ping(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
+        let n = head.header.data_len.get();
+        if n == 0 {
+            self.send_ok(head, &[], &[], Some(t0))?;
+            return Ok(Outcome::Sent);
+        }
+        // data_len was validated against the frame limit, which fits in memory by configuration.
+        let n = usize::try_from(n).map_err(|_| Fatal)?;
+        let mut buf = std::mem::take(&mut self.staging);
+        buf.clear();
+        buf.resize(n, 0);
+        let r = self.rx.recv_data(&mut buf).map_err(|e| self.transport_failed(e));
+        let out = r.and_then(|()| self.send_ok(head, &[], &[&buf], None));
+        self.staging = buf;
+        out?;
+        Ok(Outcome::Sent)
+    }
+
+    fn stats(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
+        let m = &self.sh.metrics;
+        let tenant_handles = match &self.tenant {
+            Some(t) => self.sh.store.with_table(t, |tab| tab.len() as u64),
+            None => 0,
+        };
+        let reply = StatsReply {
+            counters: vec![
+                ("connections_active".into(), m.connections_active.get().max(0) as u64),
+                ("bytes_received_total".into(), m.bytes_received_total.get()),
+                ("bytes_sent_total".into(), m.bytes_sent_total.get()),
+                ("tensors_live".into(), m.tensors_live.get().max(0) as u64),
+                ("tensor_bytes_live".into(), m.tensor_bytes_live.get().max(0) as u64),
+                ("tenant_handles".into(), tenant_handles),
+                ("connection_bytes_received".into(), self.counters.received()),
+                ("connection_bytes_sent".into(), self.counters.sent()),
+            ],
+        };
+        let meta = reply.to_meta();
+        self.send_ok(head, &meta, &[], Some(t0))?;
+        Ok(Outcome::Sent)
+    }
+
+    fn tensor_put(&mut self, head: &RxHead) -> Result<Outcome, Fatal> {
+        let data_len = head.header.data_len.get();
+        let req = match TensorPutReq::from_meta(&head.meta) {
+            Ok(r) => r,
+            Err(e) => {
+                self.rx_skip(data_len)?;
+                return Ok(Outcome::Rejected(e.into()));
+            }
+        };
+        if req.desc.byte_len() != data_len {
+            self.rx_skip(data_len)?;
+            return Ok(Outcome::Rejected(Reject::new(
+                Status::ShapeMismatch,
+                format!("tensor {:?} is {} bytes, the frame carries {data_len}", req.desc, req.desc.byte_len()),
+            )));
+        }
+        let tenant = self.tenant.clone().ok_or(Fatal)?;
+        let sh = self.sh.clone();
+        let store = &sh.store;
+        // Quota and memory first, so a refused put never lands a byte.
+        let prepared = store.reserve(&tenant, 1, data_len).and_then(|res| Ok((res, store.alloc(&req.desc)?)));
+        let (res, region) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.rx_skip(data_len)?;
+                return Ok(Outcome::Rejected(e.into()));
+            }
+        };
+        // Receive in bounded chunks straight through staging into the tensor's region.
+        let chunk = PUT_CHUNK_BYTES.min(usize::try_from(data_len).unwrap_or(PUT_CHUNK_BYTES));
+        let mut buf = std::mem::take(&mut self.staging);
+        buf.clear();
+        buf.resize(chunk, 0);
+        let mut off = 0u64;
+        let mut write_err = None;
+        while off < data_len {
+            let n = chunk.min((data_len - off) as usize);
+            if let Err(e) = self.rx.recv_data(&mut buf[..n]) {
+                self.staging = buf;
+                return Err(self.transport_failed(e));
+            }
+            if write_err.is_none() {
+                if let Err(e) = self.sh.backend.write(&region, off as usize, &buf[..n]) {
+                    // Keep consuming the frame so framing survives; report after.
+                    write_err = Some(e);
+                }
+            }
+            off += n as u64;
+        }
+        self.staging = buf;
+        if let Some(e) = write_err {
+            return Ok(Outcome::Rejected(TensorError::from(e).into()));
+        }
+        let handle = store.insert(res, vec![Tensor { desc: req.desc, region }])[0];
+        let meta = TensorPutReply { handle }.to_meta();
+        self.send_ok(head, &meta, &[], None)?;
+        Ok(Outcome::Sent)
+    }
+
+    fn tensor_get(&mut self, head: &RxHead) -> Result<Outcome, Fatal> {
+        let req = match TensorGetReq::from_meta(&head.meta) {
+            Ok(r) => r,
+            Err(e) => return Ok(Outcome::Rejected(e.into())),
+        };
+        let tenant = self.tenant.clone().ok_or(Fatal)?;
+        let mut buf = std::mem::take(&mut self.staging);
+        // Copy out under the tenant's lock, send after releasing it, so a slow reader never
+        // holds up the tenant's other connections.
+        let got = self.sh.store.with_table(&tenant, |tab| -> Result<_, Reject> {
+            let t = tab.get(req.handle)?;
+            let n = usize::try_from(t.desc.byte_len()).map_err(|_| Reject::new(Status::Internal, "tensor too large"))?;
+            buf.clear();
+            buf.resize(n, 0);
+            self.sh.backend.read(&t.region, 0, &mut buf).map_err(|e| Reject::from(TensorError::from(e)))?;
+            Ok(t.desc)
+        });
+        let desc = match got {
+            Ok(d) => d,
+            Err(rej) => {
+                self.staging = buf;
+                return Ok(Outcome::Rejected(rej));
+            }
+        };
+        let meta = desc.to_meta();
+        let r = self.send_ok(head, &meta, &[&buf], None);
+        self.staging = buf;
+        r?;
+        Ok(Outcome::Sent)
+    }
+
+    fn tensor_free(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
+        let req = match TensorFreeReq::from_meta(&head.meta) {
+            Ok(r) => r,
+            Err(e) => return Ok(Outcome::Rejected(e.into())),
+        };
+        let tenant = self.tenant.clone().ok_or(Fatal)?;
+        if let Err(e) = self.sh.store.free(&tenant, &req.handles) {
+            return Ok(Outcome::Rejected(e.into()));
+        }
+        self.send_ok(head, &[], &[], Some(t0))?;
+        Ok(Outcome::Sent)
+    }
+
+    fn exec(&mut self, head: &RxHead) -> Result<Outcome, Fatal> {
+        let req = match ExecReq::from_meta(&head.meta) {
+            Ok(r) => r,
+            Err(e) => return Ok(Outcome::Rejected(e.into())),
+        };
+        let tenant = self.tenant.clone().ok_or(Fatal)?;
+        match crate::exec::exec(&self.sh.store, &tenant, &req, self.sh.cfg.exec_nodes_max) {
+            Ok(outputs) => {
+                let meta = ExecReply { outputs }.to_meta();
+                self.send_ok(head, &meta, &[], None)?;
+                Ok(Outcome::Sent)
+            }
+            Err(e) => Ok(Outcome::Rejected(Reject::new(e.status, e.message))),
+        }
+    }
+
+    // ---- I/O helpers --------------------------------------------------------------------------
+
+    fn transport_failed(&self, e: TransportError) -> Fatal {
+        self.sh.metrics.errors_total.with_label_values(&["transport"]).inc();
+        tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "transport error; closing");
+        Fatal
+    }
+
+    fn rx_skip(&mut self, n: u64) -> Result<(), Fatal> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.rx.skip_data(n).map_err(|e| self.transport_failed(e))
+    }
+
+    /// Sends a success reply. With `server_time_from`, the time from request received to reply
+    /// handed to the transport is recorded as the server's own time.
+    fn send_ok(&self, head: &RxHead, meta: &[u8], data: &[&[u8]], server_time_from: Option<Instant>) -> Result<(), Fatal> {
+        let h = &head.header;
+        let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
+        let header = FrameHeader::new(h.opcode.get(), FLAG_REPLY, h.request_id.get(), meta.len() as u32, data_len);
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t0) = server_time_from {
+            self.sh.metrics.server_time_s.observe(t0.elapsed().as_secs_f64());
+        }
+        tx.send(&OutFrame { header, meta, data }).map_err(|e| self.transport_failed(e))
+    }
+
+    fn send_error(&self, opcode: u16, rid: u64, status: Status, message: &str) -> Result<(), Fatal> {
+        let reply = ErrorReply::new(message);
+        let meta = reply.encode_bytes();
+        let mut header = FrameHeader::new(opcode, FLAG_REPLY, rid, meta.len() as u32, 0);
+        header.status = status.as_u16().into();
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.send(&OutFrame { header, meta, data: &[] }).map_err(|e| self.transport_failed(e))
+    }
+}
+
+/// Stable 64-bit id of a tenant name for the capabilities reply (FNV-1a).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}

@@ -1,0 +1,228 @@
+//! Framing over a byte stream, shared by the io_uring and plain-socket engines.
+//!
+//! Sending gathers header + metadata + the caller's data slices into one iovec array handed to a
+//! single vectored send (partial sends advance the array; data is never copied). Receiving reads
+//! into a private staging buffer of [`STAGE_BYTES`] until a whole header is there, validates a
+//! private copy of it, copies the metadata out, and then moves bulk data: whatever of it already
+//! arrived in the staging buffer is copied once (at most `STAGE_BYTES` per frame), the rest is
+//! received straight into the caller's destination.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use djinn_proto::{FrameHeader, Limits, HEADER_LEN};
+use zerocopy::IntoBytes;
+
+use crate::{ByteCounters, FrameRx, FrameTx, OutFrame, RxHead, TransportError};
+
+/// Bytes of the receive staging buffer. Small frames (header + meta + small data) arrive in one
+/// receive; larger data bypasses it.
+pub(crate) const STAGE_BYTES: usize = 16 * 1024;
+/// Most data slices in one frame (IOV_MAX = 1024 on Linux, minus header and metadata).
+pub(crate) const DATA_SLICES_MAX: usize = 1022;
+
+/// One engine (io_uring or plain socket) moving bytes on one half of a connection. Both calls wait
+/// according to the connection's `WaitMode`.
+pub(crate) trait StreamIo: Send {
+    /// Sends a prefix of the bytes described by `iov`; returns how many (> 0).
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for reads for the whole call.
+    unsafe fn send_iov(&mut self, iov: &[libc::iovec], total_bytes: usize) -> io::Result<usize>;
+    /// Receives at most `buf.len()` bytes; 0 means the peer closed its sending side.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+pub(crate) fn io_err(what: &'static str, e: io::Error) -> TransportError {
+    match e.raw_os_error() {
+        Some(libc::EPIPE) | Some(libc::ECONNRESET) | Some(libc::ENOTCONN) | Some(libc::ESHUTDOWN) => {
+            TransportError::Closed
+        }
+        _ => TransportError::Io { what, source: e },
+    }
+}
+
+pub(crate) struct StreamTx<I> {
+    io: I,
+    counters: Arc<ByteCounters>,
+    /// Reused across sends so a send allocates nothing. Holds raw pointers only during `send`.
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: `iov` only holds pointers while `send` runs (it is cleared before returning); between
+// calls it is an empty Vec, so moving the struct to another thread moves no borrowed memory.
+unsafe impl<I: Send> Send for StreamTx<I> {}
+
+impl<I: StreamIo> StreamTx<I> {
+    pub(crate) fn new(io: I, counters: Arc<ByteCounters>) -> Self {
+        StreamTx { io, counters, iov: Vec::with_capacity(DATA_SLICES_MAX + 2) }
+    }
+
+    fn send_inner(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+        let data_len: u64 = frame.data.iter().map(|d| d.len() as u64).sum();
+        if data_len != frame.header.data_len.get() || frame.meta.len() as u64 != frame.header.meta_len.get() as u64 {
+            return Err(TransportError::DataMisuse("header lengths differ from the meta/data slices"));
+        }
+        if frame.data.len() > DATA_SLICES_MAX {
+            return Err(TransportError::DataMisuse("more than 1022 data slices in one frame"));
+        }
+        let header = frame.header;
+        let parts =
+            std::iter::once(header.as_bytes()).chain(std::iter::once(frame.meta)).chain(frame.data.iter().copied());
+        for p in parts.filter(|p| !p.is_empty()) {
+            self.iov.push(libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
+        }
+        let mut total = HEADER_LEN + frame.meta.len() + data_len as usize;
+        let mut first = 0;
+        while total > 0 {
+            // SAFETY: the iovecs point into `header` (a local), `frame.meta` and `frame.data`, all
+            // borrowed for this whole call.
+            let sent = unsafe { self.io.send_iov(&self.iov[first..], total) }.map_err(|e| io_err("tcp send", e))?;
+            self.counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
+            total -= sent;
+            // Advance past fully sent slices, then into a partly sent one.
+            let mut left = sent;
+            while left > 0 {
+                let v = &mut self.iov[first];
+                if left >= v.iov_len {
+                    left -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: `left < iov_len`, so the advanced pointer stays inside the slice.
+                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
+                    v.iov_len -= left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<I: StreamIo> FrameTx for StreamTx<I> {
+    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+        let r = self.send_inner(frame);
+        self.iov.clear();
+        r
+    }
+}
+
+pub(crate) struct StreamRx<I> {
+    io: I,
+    counters: Arc<ByteCounters>,
+    limits: Limits,
+    stage: Box<[u8]>,
+    /// Unconsumed bytes are `stage[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bulk data of the current frame not yet consumed.
+    data_left: u64,
+}
+
+impl<I: StreamIo> StreamRx<I> {
+    pub(crate) fn new(io: I, counters: Arc<ByteCounters>, limits: Limits) -> Self {
+        StreamRx {
+            io,
+            counters,
+            limits,
+            stage: vec![0u8; STAGE_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            data_left: 0,
+        }
+    }
+
+    fn count(&self, r: std::io::Result<usize>) -> Result<usize, TransportError> {
+        match r.map_err(|e| io_err("tcp recv", e))? {
+            0 => Err(TransportError::Closed),
+            n => {
+                self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+    }
+
+    /// Receives whatever is available (at least one byte) into the free tail of the staging buffer.
+    fn recv_into_stage(&mut self) -> Result<usize, TransportError> {
+        let end = self.end;
+        let r = self.io.recv(&mut self.stage[end..]);
+        let n = self.count(r)?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Makes at least `want` (≤ STAGE_BYTES) unconsumed bytes available in the staging buffer.
+    fn fill_stage(&mut self, want: usize) -> Result<(), TransportError> {
+        if self.end - self.start >= want {
+            return Ok(());
+        }
+        if self.stage.len() - self.start < want {
+            self.stage.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end - self.start < want {
+            self.recv_into_stage()?;
+        }
+        Ok(())
+    }
+
+    /// Copies staged bytes into `dst`, then receives the rest straight into it.
+    fn read_exact(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
+        let staged = (self.end - self.start).min(dst.len());
+        dst[..staged].copy_from_slice(&self.stage[self.start..self.start + staged]);
+        self.start += staged;
+        let mut got = staged;
+        while got < dst.len() {
+            let r = self.io.recv(&mut dst[got..]);
+            got += self.count(r)?;
+        }
+        Ok(())
+    }
+}
+
+impl<I: StreamIo> FrameRx for StreamRx<I> {
+    fn recv_head(&mut self) -> Result<RxHead, TransportError> {
+        if self.data_left != 0 {
+            return Err(TransportError::DataMisuse("previous frame's data not consumed"));
+        }
+        self.fill_stage(HEADER_LEN)?;
+        // The staging buffer is private memory: validating it in place is check-then-use safe.
+        let header = FrameHeader::read_validated(&self.stage[self.start..self.end], &self.limits)?;
+        self.start += HEADER_LEN;
+        // Bounded by limits.meta_bytes_max, checked by read_validated.
+        let mut meta = vec![0u8; header.meta_len.get() as usize];
+        self.read_exact(&mut meta)?;
+        self.data_left = header.data_len.get();
+        Ok(RxHead { header, meta })
+    }
+
+    fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
+        if dst.len() as u64 > self.data_left {
+            return Err(TransportError::DataMisuse("recv_data past the frame's data"));
+        }
+        self.read_exact(dst)?;
+        self.data_left -= dst.len() as u64;
+        Ok(())
+    }
+
+    fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {
+        if len > self.data_left {
+            return Err(TransportError::DataMisuse("skip_data past the frame's data"));
+        }
+        let mut left = len;
+        while left > 0 {
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+                self.recv_into_stage()?;
+            }
+            let take = ((self.end - self.start) as u64).min(left) as usize;
+            self.start += take;
+            left -= take as u64;
+            self.data_left -= take as u64;
+        }
+        Ok(())
+    }
+}

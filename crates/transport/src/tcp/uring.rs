@@ -1,0 +1,214 @@
+//! io_uring engine: each half owns its own small ring over the shared socket, with at most one
+//! operation in flight. Sends are one `SENDMSG` (or `SENDMSG_ZC` at or above the zero-copy
+//! threshold) over the frame's iovecs; receives are one `RECV` into the caller's buffer.
+//!
+//! Waiting: BusyPoll submits and then polls the completion queue without entering the kernel;
+//! SpinThenPark polls for `spin_us` and then waits in `io_uring_enter`.
+//!
+//! Invariant: memory handed to the kernel (buffers, iovecs, the msghdr) stays alive and untouched
+//! until the operation's last completion (for zero-copy: the notification) has been reaped. Every
+//! call waits for that before returning; `Drop` cancels and reaps an operation an error left behind.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, types, IoUring};
+
+use super::frame::StreamIo;
+use crate::WaitMode;
+
+/// Submission queue entries per ring: one operation plus a cancel.
+const RING_ENTRIES: u32 = 4;
+const UD_OP: u64 = 1;
+const UD_CANCEL: u64 = 2;
+
+/// What the kernel supports, probed once per process.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UringSupport {
+    pub send_zc: bool,
+}
+
+/// Creates a throwaway ring and probes the opcodes we use. `Err` means io_uring is unusable here
+/// (ENOSYS: not built in; EPERM: `kernel.io_uring_disabled` or seccomp; ENOMEM: memlock).
+pub(crate) fn probe() -> io::Result<UringSupport> {
+    static PROBE: std::sync::OnceLock<Result<UringSupport, i32>> = std::sync::OnceLock::new();
+    let r = PROBE.get_or_init(|| {
+        let ring = IoUring::new(RING_ENTRIES).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let mut p = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut p).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        if !(p.is_supported(opcode::SendMsg::CODE) && p.is_supported(opcode::Recv::CODE)) {
+            return Err(libc::ENOSYS);
+        }
+        Ok(UringSupport { send_zc: p.is_supported(opcode::SendMsgZc::CODE) })
+    });
+    r.map_err(io::Error::from_raw_os_error)
+}
+
+pub(crate) struct UringIo {
+    ring: IoUring,
+    fd: Arc<OwnedFd>,
+    wait: WaitMode,
+    spin: Duration,
+    /// Sends of at least this many bytes use SENDMSG_ZC (usize::MAX: never).
+    zc_bytes_min: usize,
+    /// The msghdr of the send in flight; boxed so its address is stable while the kernel reads it.
+    msg: Box<libc::msghdr>,
+    /// An operation whose completions have not all been reaped.
+    inflight: bool,
+}
+
+// SAFETY: `msg` holds pointers only while a send runs (the call returns after the kernel is done
+// with them); the ring and fd are owned. Moving the engine between threads is therefore sound.
+unsafe impl Send for UringIo {}
+
+impl UringIo {
+    pub(crate) fn new(fd: Arc<OwnedFd>, wait: WaitMode, spin_us: u64, zc_bytes_min: usize) -> io::Result<Self> {
+        let support = probe()?;
+        let ring = match std::env::var("DJ_EXP").as_deref() {
+            Ok("coop") => IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().build(RING_ENTRIES)?,
+            Ok("defer") => IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(RING_ENTRIES)?,
+            _ => IoUring::new(RING_ENTRIES)?,
+        };
+        Ok(UringIo {
+            ring,
+            fd,
+            wait,
+            spin: Duration::from_micros(spin_us),
+            zc_bytes_min: if support.send_zc { zc_bytes_min } else { usize::MAX },
+            // SAFETY: an all-zero msghdr (null pointers, zero lengths) is a valid value.
+            msg: Box::new(unsafe { std::mem::zeroed() }),
+            inflight: false,
+        })
+    }
+
+    /// Submits `entry` and waits for its completion(s); returns the operation's result.
+    ///
+    /// # Safety
+    /// Everything `entry` points to must stay valid until this returns.
+    unsafe fn run(&mut self, entry: io_uring::squeue::Entry) -> io::Result<i32> {
+        // SAFETY: the caller keeps the entry's memory alive until we return, and we only return
+        // after the final completion (or leave `inflight` set, and Drop reaps it).
+        unsafe { self.ring.submission().push(&entry.user_data(UD_OP)) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        self.inflight = true;
+        self.ring.submit()?;
+        let mut result = None;
+        loop {
+            let cqe = self.next_cqe()?;
+            if cqe.user_data() != UD_OP {
+                continue;
+            }
+            if cqueue::notif(cqe.flags()) {
+                // Zero-copy notification: the kernel no longer reads our buffers.
+                break;
+            }
+            result = Some(cqe.result());
+            if !cqueue::more(cqe.flags()) {
+                break;
+            }
+        }
+        self.inflight = false;
+        match result {
+            Some(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+            Some(r) => Ok(r),
+            None => Err(io::Error::other("io_uring: notification without a result")),
+        }
+    }
+
+    fn pop_cqe(&mut self) -> Option<cqueue::Entry> {
+        self.ring.completion().next()
+    }
+
+    fn next_cqe(&mut self) -> io::Result<cqueue::Entry> {
+        if let Some(c) = self.pop_cqe() {
+            return Ok(c);
+        }
+        let deadline = match self.wait {
+            WaitMode::BusyPoll => None,
+            WaitMode::SpinThenPark => Some(Instant::now() + self.spin),
+        };
+        loop {
+            if let Some(c) = self.pop_cqe() {
+                return Ok(c);
+            }
+            match deadline {
+                Some(d) if Instant::now() >= d => break,
+                // Entering the kernel runs the ring's pending task work (the retried receive that
+                // posts our completion) at once, instead of waiting for the kernel to interrupt
+                // this spinning thread to run it.
+                _ => {
+                    self.ring.submit()?;
+                }
+            }
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(c) = self.pop_cqe() {
+                return Ok(c);
+            }
+        }
+    }
+}
+
+impl StreamIo for UringIo {
+    unsafe fn send_iov(&mut self, iov: &[libc::iovec], total_bytes: usize) -> io::Result<usize> {
+        self.msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        self.msg.msg_iovlen = iov.len() as _;
+        let fd = types::Fd(self.fd.as_raw_fd());
+        let msg: *const libc::msghdr = &*self.msg;
+        let entry = if total_bytes >= self.zc_bytes_min {
+            opcode::SendMsgZc::new(fd, msg).flags(libc::MSG_NOSIGNAL as u32).build()
+        } else {
+            opcode::SendMsg::new(fd, msg).flags(libc::MSG_NOSIGNAL as u32).build()
+        };
+        // SAFETY: `self.msg` is boxed and not touched until `run` returns; the iovecs and the memory
+        // they describe are readable for this call (caller's contract).
+        let r = unsafe { self.run(entry) };
+        self.msg.msg_iov = std::ptr::null_mut();
+        self.msg.msg_iovlen = 0;
+        r.map(|n| n as usize)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Recv::new(types::Fd(self.fd.as_raw_fd()), buf.as_mut_ptr(), len).build();
+        // SAFETY: `buf` is exclusively borrowed for this call, and `run` returns only after the
+        // kernel completed the receive.
+        unsafe { self.run(entry) }.map(|n| n as usize)
+    }
+}
+
+impl Drop for UringIo {
+    fn drop(&mut self) {
+        if !self.inflight {
+            return;
+        }
+        // An error left an operation behind: cancel it and reap its completions before the ring
+        // (and the buffers the caller is about to free) go away. Bounded: a handful of waits.
+        let cancel = opcode::AsyncCancel::new(UD_OP).build().user_data(UD_CANCEL);
+        // SAFETY: AsyncCancel carries no pointers.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            return;
+        }
+        for _ in 0..8 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let mut op_done = false;
+            for c in self.ring.completion() {
+                if c.user_data() == UD_OP && !cqueue::more(c.flags()) {
+                    op_done = true;
+                }
+            }
+            if op_done {
+                break;
+            }
+        }
+    }
+}

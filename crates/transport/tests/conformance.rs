@@ -1,0 +1,475 @@
+//! Conformance suite: one set of test bodies run against every transport over real endpoints
+//! (real sockets, real shared memory). A transport joins by adding one constructor function that
+//! returns its [`Fixture`] (or why it cannot run here) and naming it in the `conformance!` line at
+//! the bottom. Fixtures that cannot run on this machine are reported as ignored, with the reason
+//! printed, never silently passed.
+
+use std::io::Write;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use djinn_proto::{FrameHeader, HEADER_LEN, VERSION};
+use djinn_transport::{Connection, ListenerStop, OutFrame, TransportError, TransportOptions, WaitMode};
+use libtest_mimic::{Arguments, Failed, Trial};
+use zerocopy::IntoBytes;
+
+/// How to exercise one transport.
+#[derive(Clone)]
+pub struct Fixture {
+    /// A fresh URL to bind (unique per call, e.g. port 0 or a unique shm name).
+    pub listen_url: fn() -> String,
+    pub opts: TransportOptions,
+    /// `Connection::transport` both ends must report.
+    pub transport: &'static str,
+    /// Opens a raw byte stream to a bound listener URL, for tests that write bytes no well-behaved
+    /// sender would. `None`: this transport has no raw byte path (those tests are ignored).
+    pub raw_connect: Option<RawConnect>,
+}
+
+type Setup = Result<Fixture, String>;
+/// Opens a raw byte stream to a listener URL.
+pub type RawConnect = fn(&str) -> Box<dyn Write + Send>;
+
+// ------------------------------------------------------------------------------------------------
+// Constructors, one per transport.
+
+fn tcp_url() -> String {
+    "tcp://127.0.0.1:0".into()
+}
+
+fn tcp_raw(url: &str) -> Box<dyn Write + Send> {
+    let s = std::net::TcpStream::connect(url.strip_prefix("tcp://").unwrap()).unwrap();
+    s.set_nodelay(true).unwrap();
+    Box::new(s)
+}
+
+fn tcp_uring() -> Setup {
+    djinn_transport::tcp::uring_available().map_err(|e| format!("io_uring unavailable here: {e}"))?;
+    Ok(Fixture { listen_url: tcp_url, opts: TransportOptions::default(), transport: "tcp", raw_connect: Some(tcp_raw) })
+}
+
+/// io_uring with every send zero-copy, so SENDMSG_ZC and its notifications are exercised at all sizes.
+fn tcp_uring_zc() -> Setup {
+    let mut f = tcp_uring()?;
+    f.opts.zerocopy_send_bytes_min = 1;
+    Ok(f)
+}
+
+fn tcp_uring_busy() -> Setup {
+    let mut f = tcp_uring()?;
+    f.opts.wait = WaitMode::BusyPoll;
+    Ok(f)
+}
+
+fn tcp_socket() -> Setup {
+    let opts = TransportOptions { force_socket: true, ..TransportOptions::default() };
+    Ok(Fixture { listen_url: tcp_url, opts, transport: "tcp-socket", raw_connect: Some(tcp_raw) })
+}
+
+fn tcp_socket_busy() -> Setup {
+    let mut f = tcp_socket()?;
+    f.opts.wait = WaitMode::BusyPoll;
+    Ok(f)
+}
+
+/// Shared memory (memfd region + doorbells) with default options; a fresh socket name per listener.
+fn shm() -> Setup {
+    let listen_url = || {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!("shm://conformance-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    };
+    Ok(Fixture { listen_url, opts: TransportOptions::default(), transport: "shm", raw_connect: None })
+}
+
+// ------------------------------------------------------------------------------------------------
+// Helpers.
+
+/// Deterministic bytes so a misplaced byte shows up.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn send(c: &mut Connection, opcode: u16, flags: u16, id: u64, meta: &[u8], data: &[u8]) -> Result<(), TransportError> {
+    let header = FrameHeader::new(opcode, flags, id, meta.len() as u32, data.len() as u64);
+    c.tx.send(&OutFrame { header, meta, data: &[data] })
+}
+
+/// Receives one whole frame: header, meta, data.
+fn recv(c: &mut Connection) -> Result<(FrameHeader, Vec<u8>, Vec<u8>), TransportError> {
+    let head = c.rx.recv_head()?;
+    let mut data = vec![0u8; head.header.data_len.get() as usize];
+    c.rx.recv_data(&mut data)?;
+    Ok((head.header, head.meta, data))
+}
+
+/// A server that echoes every frame back as a reply (same opcode, id, meta and data), one thread
+/// per connection. Records each connection's final byte counters and what ended it.
+struct Echo {
+    url: String,
+    stop: ListenerStop,
+    accept_thread: Option<thread::JoinHandle<()>>,
+    conn_threads: Arc<std::sync::Mutex<Vec<thread::JoinHandle<ConnEnd>>>>,
+}
+
+#[derive(Debug)]
+struct ConnEnd {
+    transport: &'static str,
+    error: TransportError,
+    sent: u64,
+    received: u64,
+}
+
+impl Echo {
+    fn start(f: &Fixture) -> Echo {
+        let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
+        let url = listener.url();
+        let stop = listener.stopper();
+        let conn_threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = conn_threads.clone();
+        let accept_thread = thread::spawn(move || loop {
+            match listener.accept() {
+                Ok(c) => threads.lock().unwrap().push(thread::spawn(move || echo_conn(c))),
+                Err(TransportError::Closed) => return,
+                Err(e) => panic!("accept: {e}"),
+            }
+        });
+        Echo { url, stop, accept_thread: Some(accept_thread), conn_threads }
+    }
+
+    fn connect(&self, f: &Fixture) -> Connection {
+        let c = djinn_transport::connect(&self.url, &f.opts).expect("connect");
+        assert_eq!(c.transport, f.transport);
+        c
+    }
+
+    /// Stops accepting and returns how each connection ended (all clients must be dropped first).
+    fn finish(mut self) -> Vec<ConnEnd> {
+        (self.stop)();
+        self.accept_thread.take().unwrap().join().unwrap();
+        let threads = std::mem::take(&mut *self.conn_threads.lock().unwrap());
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        (self.stop)();
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo_conn(mut c: Connection) -> ConnEnd {
+    let error = loop {
+        match recv(&mut c) {
+            Ok((h, meta, data)) => {
+                let reply = FrameHeader::reply_to(&h, meta.len() as u32, data.len() as u64);
+                if let Err(e) = c.tx.send(&OutFrame { header: reply, meta: &meta, data: &[&data] }) {
+                    break e;
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    ConnEnd { transport: c.transport, error, sent: c.counters.sent(), received: c.counters.received() }
+}
+
+fn round_trip(c: &mut Connection, id: u64, meta_len: usize, data_len: usize) {
+    let meta = pattern(meta_len, id ^ 0xAA);
+    let data = pattern(data_len, id);
+    send(c, 2, 0, id, &meta, &data).expect("send");
+    let (h, m, d) = recv(c).expect("recv");
+    assert!(h.is_reply());
+    assert_eq!(h.request_id.get(), id);
+    assert_eq!(m, meta, "meta of frame {id}");
+    assert!(d == data, "data of frame {id} ({data_len} bytes) differs");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Test bodies.
+
+fn round_trip_sizes(f: &Fixture) {
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    let big = if f.opts.wait == WaitMode::BusyPoll { 1 << 20 } else { 64 << 20 };
+    for (i, &len) in [0usize, 1, 8, 64, 4095, 16 * 1024 + 3, 256 * 1024, 1 << 20, big].iter().enumerate() {
+        round_trip(&mut c, i as u64, i * 7, len);
+    }
+    drop(c);
+    let ends = echo.finish();
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].transport, f.transport);
+    assert!(matches!(ends[0].error, TransportError::Closed), "{:?}", ends[0].error);
+}
+
+fn pipelined(f: &Fixture) {
+    const FRAMES: u64 = 256;
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    for id in 0..FRAMES {
+        send(&mut c, 2, 0, id, &pattern(id as usize % 17, id), &pattern(100 + id as usize, id)).unwrap();
+    }
+    for id in 0..FRAMES {
+        let (h, m, d) = recv(&mut c).unwrap();
+        assert_eq!(h.request_id.get(), id, "replies arrive in order");
+        assert_eq!(m, pattern(id as usize % 17, id));
+        assert_eq!(d, pattern(100 + id as usize, id));
+    }
+}
+
+fn halves_on_threads(f: &Fixture) {
+    const FRAMES: u64 = 2000;
+    let echo = Echo::start(f);
+    let Connection { mut tx, mut rx, .. } = echo.connect(f);
+    let sender = thread::spawn(move || {
+        for id in 0..FRAMES {
+            let data = pattern((id % 300) as usize, id);
+            let header = FrameHeader::new(2, 0, id, 0, data.len() as u64);
+            tx.send(&OutFrame { header, meta: &[], data: &[&data] }).unwrap();
+        }
+        tx
+    });
+    let receiver = thread::spawn(move || {
+        for id in 0..FRAMES {
+            let head = rx.recv_head().unwrap();
+            assert_eq!(head.header.request_id.get(), id);
+            let mut d = vec![0; head.header.data_len.get() as usize];
+            rx.recv_data(&mut d).unwrap();
+            assert_eq!(d, pattern((id % 300) as usize, id));
+        }
+    });
+    let _tx = sender.join().unwrap();
+    receiver.join().unwrap();
+}
+
+fn concurrent_32(f: &Fixture) {
+    const CLIENTS: usize = 32;
+    let echo = Echo::start(f);
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = echo.connect(f);
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                for j in 0..20 {
+                    round_trip(&mut c, (i * 1000 + j) as u64, 8, 64 + i * 100 + j);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let ends = echo.finish();
+    assert_eq!(ends.len(), CLIENTS);
+    assert!(ends.iter().all(|e| matches!(e.error, TransportError::Closed)), "{ends:?}");
+}
+
+fn peer_close(f: &Fixture) {
+    // Server drops its end: the client sees Closed.
+    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
+    let url = listener.url();
+    let server = thread::spawn(move || drop(listener.accept().unwrap()));
+    let mut c = djinn_transport::connect(&url, &f.opts).unwrap();
+    server.join().unwrap();
+    assert!(matches!(c.rx.recv_head(), Err(TransportError::Closed)));
+    // Client drops its end mid-conversation: the server sees Closed.
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    round_trip(&mut c, 1, 0, 10);
+    drop(c);
+    let ends = echo.finish();
+    assert!(matches!(ends[0].error, TransportError::Closed), "{:?}", ends[0].error);
+}
+
+fn bad_headers(f: &Fixture) {
+    let raw_connect = f.raw_connect.expect("checked by runner");
+    let limits = f.opts.limits;
+    let good = FrameHeader::new(2, 0, 1, 0, 0);
+    let mut bad_magic = good;
+    bad_magic.magic = 0xdead_beef.into();
+    let mut bad_version = good;
+    bad_version.version = (VERSION + 1).into();
+    let mut too_big = good;
+    too_big.data_len = limits.frame_bytes_max.into();
+    let mut meta_too_big = good;
+    meta_too_big.meta_len = (limits.meta_bytes_max + 1).into();
+    let mut zero_version = good;
+    zero_version.version = 0.into();
+    for (what, h) in [
+        ("magic", bad_magic),
+        ("version", bad_version),
+        ("zero version", zero_version),
+        ("size", too_big),
+        ("meta", meta_too_big),
+    ] {
+        let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
+        let url = listener.url();
+        let mut raw = raw_connect(&url);
+        let mut c = listener.accept().unwrap();
+        // One good frame first: framing holds until the bad header.
+        raw.write_all(good.as_bytes()).unwrap();
+        raw.write_all(h.as_bytes()).unwrap();
+        raw.write_all(&[0u8; 64]).unwrap();
+        raw.flush().unwrap();
+        assert_eq!(c.rx.recv_head().unwrap().header, good);
+        match c.rx.recv_head() {
+            Err(TransportError::BadHeader(_)) => {}
+            other => panic!("bad {what}: expected BadHeader, got {other:?}"),
+        }
+    }
+}
+
+fn half_sent_frame_does_not_block_others(f: &Fixture) {
+    let raw_connect = f.raw_connect.expect("checked by runner");
+    let echo = Echo::start(f);
+    let mut stalled = raw_connect(&echo.url);
+    let h = FrameHeader::new(2, 0, 9, 0, 1000);
+    stalled.write_all(&h.as_bytes()[..HEADER_LEN / 2]).unwrap();
+    stalled.flush().unwrap();
+    let mut stalled2 = raw_connect(&echo.url);
+    stalled2.write_all(h.as_bytes()).unwrap();
+    stalled2.write_all(&[1u8; 10]).unwrap();
+    stalled2.flush().unwrap();
+    let t0 = Instant::now();
+    let mut c = echo.connect(f);
+    for i in 0..50 {
+        round_trip(&mut c, i, 4, 1000);
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10), "other connections were delayed");
+    drop((c, stalled, stalled2));
+}
+
+fn counters(f: &Fixture) {
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    let mut expect = 0u64;
+    for (i, (m, d)) in [(0usize, 0usize), (5, 0), (0, 77), (100, 300_000)].into_iter().enumerate() {
+        round_trip(&mut c, i as u64, m, d);
+        expect += (HEADER_LEN + m + d) as u64;
+    }
+    assert_eq!(c.counters.sent(), expect);
+    assert_eq!(c.counters.received(), expect);
+    drop(c);
+    let ends = echo.finish();
+    assert_eq!((ends[0].sent, ends[0].received), (expect, expect));
+}
+
+fn data_misuse_and_skip(f: &Fixture) {
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    send(&mut c, 2, 0, 1, b"m", &pattern(50_000, 1)).unwrap();
+    send(&mut c, 2, 0, 2, b"", &pattern(10, 2)).unwrap();
+    let head = c.rx.recv_head().unwrap();
+    assert_eq!(head.header.data_len.get(), 50_000);
+    assert!(matches!(c.rx.recv_head(), Err(TransportError::DataMisuse(_))));
+    assert!(matches!(c.rx.recv_data(&mut vec![0; 50_001]), Err(TransportError::DataMisuse(_))));
+    let mut first = [0u8; 100];
+    c.rx.recv_data(&mut first).unwrap();
+    assert_eq!(&first[..], &pattern(50_000, 1)[..100]);
+    c.rx.skip_data(49_900).unwrap();
+    let (h, _, d) = recv(&mut c).unwrap();
+    assert_eq!((h.request_id.get(), d), (2, pattern(10, 2)));
+    // A header whose lengths disagree with the slices is refused before anything is sent.
+    let header = FrameHeader::new(2, 0, 3, 0, 5);
+    assert!(matches!(c.tx.send(&OutFrame { header, meta: &[], data: &[b"abc"] }), Err(TransportError::DataMisuse(_))));
+    round_trip(&mut c, 4, 1, 1);
+}
+
+fn vectored_data_slices(f: &Fixture) {
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    let parts: Vec<Vec<u8>> = (0..40).map(|i| pattern(i * 1000 + 1, i as u64)).collect();
+    let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let header = FrameHeader::new(2, 0, 7, 3, total as u64);
+    c.tx.send(&OutFrame { header, meta: b"abc", data: &slices }).unwrap();
+    let (_, m, d) = recv(&mut c).unwrap();
+    assert_eq!(m, b"abc");
+    assert_eq!(d, parts.concat());
+}
+
+fn listener_stop(f: &Fixture) {
+    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
+    let stop = listener.stopper();
+    let t = thread::spawn(move || listener.accept().map(|_| ()));
+    thread::sleep(Duration::from_millis(50));
+    stop();
+    assert!(matches!(t.join().unwrap(), Err(TransportError::Closed)));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Runner.
+
+type Body = fn(&Fixture);
+
+/// (name, body, needs a raw byte path)
+const TESTS: &[(&str, Body, bool)] = &[
+    ("round_trip_sizes", round_trip_sizes, false),
+    ("pipelined", pipelined, false),
+    ("halves_on_threads", halves_on_threads, false),
+    ("concurrent_32", concurrent_32, false),
+    ("peer_close", peer_close, false),
+    ("bad_headers", bad_headers, true),
+    ("half_sent_frame_does_not_block_others", half_sent_frame_does_not_block_others, true),
+    ("counters", counters, false),
+    ("data_misuse_and_skip", data_misuse_and_skip, false),
+    ("vectored_data_slices", vectored_data_slices, false),
+    ("listener_stop", listener_stop, false),
+];
+
+/// Busy-poll fixtures burn a core per waiting side; on a 2-core machine only the cheap tests run.
+const BUSY_TESTS: &[&str] = &["round_trip_sizes", "pipelined", "halves_on_threads", "counters"];
+
+fn trials(name: &'static str, setup: Setup) -> Vec<Trial> {
+    let busy = setup.as_ref().map(|f| f.opts.wait == WaitMode::BusyPoll).unwrap_or(false);
+    TESTS
+        .iter()
+        .filter(|(t, _, _)| !busy || BUSY_TESTS.contains(t))
+        .map(|&(test, body, needs_raw)| {
+            let skip = match &setup {
+                Err(why) => Some(why.clone()),
+                Ok(f) if needs_raw && f.raw_connect.is_none() => Some("no raw byte path for this transport".into()),
+                Ok(_) => None,
+            };
+            let full = format!("{name}::{test}");
+            if let Some(why) = &skip {
+                eprintln!("ignored {full}: {why}");
+            }
+            let fixture = setup.clone().ok();
+            Trial::test(full, move || {
+                body(fixture.as_ref().ok_or_else(|| Failed::from("fixture unavailable"))?);
+                Ok(())
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect()
+}
+
+macro_rules! conformance {
+    ($($ctor:ident),* $(,)?) => {
+        fn all_trials() -> Vec<Trial> {
+            let mut v = Vec::new();
+            $(v.extend(trials(stringify!($ctor), $ctor()));)*
+            v
+        }
+    };
+}
+
+conformance!(tcp_uring, tcp_uring_zc, tcp_uring_busy, tcp_socket, tcp_socket_busy, shm);
+
+fn main() {
+    let args = Arguments::from_args();
+    libtest_mimic::run(&args, all_trials()).exit();
+}

@@ -1,0 +1,238 @@
+//! Helpers for tests that run real `djinn-dataplane serve` processes: spawn with ephemeral ports
+//! and unique shm names, read the resolved URLs from stdout, kill on drop (even when a test
+//! panics), raw HTTP GET for /healthz and /metrics, and a probe for the shm transport.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_djinn-dataplane");
+
+/// How long a server gets to print its listeners.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A transport a test body runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Shm,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Tcp, Transport::Shm];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Shm => "shm",
+        }
+    }
+
+    /// A `--listen` URL that cannot collide with another test's.
+    pub fn listen_url(self) -> String {
+        match self {
+            Transport::Tcp => "tcp://127.0.0.1:0".into(),
+            Transport::Shm => format!("shm://{}", unique_name("srv")),
+        }
+    }
+
+    /// Why this transport cannot run here, if it cannot (checked at run time, not guessed).
+    pub fn unavailable(self) -> Option<String> {
+        match self {
+            Transport::Tcp => None,
+            Transport::Shm => {
+                let name = unique_name("probe");
+                match djinn_transport::listen(&format!("shm://{name}"), &Default::default()) {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("shm transport unavailable here: {e}")),
+                }
+            }
+        }
+    }
+}
+
+pub fn unique_name(what: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("djt-{what}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A running server process, killed when dropped.
+pub struct ServerProc {
+    child: Option<Child>,
+    pub urls: Vec<String>,
+    pub metrics: Option<String>,
+    stderr_path: PathBuf,
+}
+
+impl ServerProc {
+    /// Starts `serve` with `args` and waits until it prints its listeners (and metrics address
+    /// when `--metrics-listen` is among the args).
+    pub fn start(args: &[&str]) -> ServerProc {
+        Self::try_start(args).unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    pub fn try_start(args: &[&str]) -> Result<ServerProc, String> {
+        let stderr_path = std::env::temp_dir().join(format!("{}.stderr", unique_name("log")));
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("spawning {BIN}: {e}"))?;
+        let want_metrics = args.contains(&"--metrics-listen");
+        let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = ServerProc { child: Some(child), urls: Vec::new(), metrics: None, stderr_path };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while proc.urls.len() < listeners || (want_metrics && proc.metrics.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(u) = line.strip_prefix("listening ") {
+                        proc.urls.push(u.trim().to_owned());
+                    } else if let Some(m) = line.strip_prefix("metrics http://") {
+                        proc.metrics = Some(m.trim().to_owned());
+                    }
+                }
+                Err(_) => {
+                    let status = proc.child.as_mut().unwrap().try_wait().ok().flatten();
+                    return Err(format!("exit status {status:?}; stderr:\n{}", proc.stderr()));
+                }
+            }
+        }
+        Ok(proc)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.urls[0]
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server ignored SIGTERM for 20 s; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Starts a server listening on one URL of `t` with extra args.
+pub fn server(t: Transport, extra: &[&str]) -> ServerProc {
+    let url = t.listen_url();
+    let mut args = vec!["--listen", url.as_str()];
+    args.extend_from_slice(extra);
+    ServerProc::start(&args)
+}
+
+/// Plain HTTP/1.0 GET; returns (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+/// The value of one un-labelled-beyond-node metric sample line starting with `name`.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+/// Runs libtest-mimic trials: `(name, transport, body)`; trials whose transport is unavailable
+/// are reported as ignored with the reason printed.
+pub fn run_trials(trials: Vec<(&'static str, Option<Transport>, fn(Transport))>) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let mut out = Vec::new();
+    let shm_missing = Transport::Shm.unavailable();
+    if let Some(why) = &shm_missing {
+        eprintln!("NOTE: shm trials ignored: {why}");
+    }
+    for (name, t, body) in trials {
+        let transports: Vec<Transport> = match t {
+            Some(t) => vec![t],
+            None => Transport::ALL.to_vec(),
+        };
+        for t in transports {
+            let full = if trials_per_transport(t) { format!("{name}_{}", t.name()) } else { name.to_owned() };
+            let ignored = t == Transport::Shm && shm_missing.is_some();
+            out.push(
+                libtest_mimic::Trial::test(full, move || {
+                    body(t);
+                    Ok(())
+                })
+                .with_ignored_flag(ignored),
+            );
+        }
+    }
+    libtest_mimic::run(&args, out).exit()
+}
+
+fn trials_per_transport(_t: Transport) -> bool {
+    true
+}

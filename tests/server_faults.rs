@@ -1,0 +1,465 @@
+//! Bad input and process-level behaviour against real server processes: raw malformed frames
+//! over real TCP sockets and real shared memory, truncated and half-sent frames, a reader that
+//! never reads, SIGTERM drain, /healthz and /metrics, `ping --json`, `--nic`, config files.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{http_get, metric, run_trials, server, unique_name, ServerProc, Transport, BIN};
+use djinn_client::{Client, ClientOptions};
+use djinn_proto::{FrameHeader, HelloReq, Meta, Opcode, Status, TensorGetReq, FLAG_REPLY, HEADER_LEN, MAGIC};
+use zerocopy::{FromBytes, IntoBytes};
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A peer that writes frames byte by byte as it likes, with no client library in between.
+trait RawPeer {
+    fn send(&mut self, h: &FrameHeader, meta: &[u8]);
+    /// The next reply's header, or `None` when the server closed the connection.
+    fn recv(&mut self) -> Option<FrameHeader>;
+}
+
+struct RawTcp {
+    s: TcpStream,
+}
+
+impl RawTcp {
+    fn connect(url: &str) -> RawTcp {
+        let s = TcpStream::connect(url.strip_prefix("tcp://").unwrap()).unwrap();
+        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        RawTcp { s }
+    }
+}
+
+impl RawPeer for RawTcp {
+    fn send(&mut self, h: &FrameHeader, meta: &[u8]) {
+        let mut b = h.as_bytes().to_vec();
+        b.extend_from_slice(meta);
+        self.s.write_all(&b).unwrap();
+    }
+    fn recv(&mut self) -> Option<FrameHeader> {
+        let mut hb = [0u8; HEADER_LEN];
+        match self.s.read_exact(&mut hb) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("waiting for a reply: {e}"),
+        }
+        let h = FrameHeader::read_from_bytes(&hb).unwrap();
+        let mut rest = vec![0u8; h.meta_len.get() as usize + h.data_len.get() as usize];
+        self.s.read_exact(&mut rest).unwrap();
+        Some(h)
+    }
+}
+
+/// Raw shared memory: frames written straight into the request slots of the region.
+struct RawShm {
+    c: djinn_transport::shm::raw::RawClient,
+    sent: u64,
+    read: u64,
+}
+
+impl RawShm {
+    fn connect(url: &str) -> RawShm {
+        let c = djinn_transport::shm::raw::RawClient::connect(url.strip_prefix("shm://").unwrap()).unwrap();
+        RawShm { c, sent: 0, read: 0 }
+    }
+    fn slot_bytes(&self) -> usize {
+        djinn_transport::shm::region::SLOT_BYTES
+    }
+}
+
+impl RawPeer for RawShm {
+    fn send(&mut self, h: &FrameHeader, meta: &[u8]) {
+        let req = self.c.requests();
+        let slot_count = self.c.layout().slot_count as u64;
+        let slot = req.slots + (self.sent % slot_count) as usize * self.slot_bytes();
+        assert!(HEADER_LEN + meta.len() <= self.slot_bytes(), "raw shm frames carry inline metadata only");
+        self.c.write(slot, h.as_bytes());
+        self.c.write(slot + HEADER_LEN, meta);
+        self.sent += 1;
+        self.c.store_u64(req.tail_slots, self.sent);
+        self.c.ring_server_rx();
+    }
+    fn recv(&mut self) -> Option<FrameHeader> {
+        let rep = self.c.replies();
+        let slot_count = self.c.layout().slot_count as u64;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            if self.c.load_u64(rep.tail_slots) > self.read {
+                let slot = rep.slots + (self.read % slot_count) as usize * self.slot_bytes();
+                let h = FrameHeader::read_from_bytes(&self.c.read(slot, HEADER_LEN)).unwrap();
+                self.read += 1;
+                // Hand the slot back (bulk data of replies is not consumed: the tests below only
+                // read header-only or inline replies, or stop reading after this one).
+                self.c.store_u64(rep.head_slots, self.read);
+                self.c.ring_server_tx();
+                return Some(h);
+            }
+            if self.c.read(rep.tx_closed, 4) != [0, 0, 0, 0] {
+                return None;
+            }
+            assert!(Instant::now() < deadline, "no reply over shm within {REPLY_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+fn raw(t: Transport, url: &str) -> Box<dyn RawPeer> {
+    match t {
+        Transport::Tcp => Box::new(RawTcp::connect(url)),
+        Transport::Shm => Box::new(RawShm::connect(url)),
+    }
+}
+
+fn header(op: u16, rid: u64, meta_len: usize, data_len: u64) -> FrameHeader {
+    FrameHeader::new(op, 0, rid, meta_len as u32, data_len)
+}
+
+fn hello(p: &mut dyn RawPeer) {
+    let m = HelloReq { version_min: 1, version_max: 1, token: vec![], client_name: "raw".into() }.to_meta();
+    p.send(&header(Opcode::Hello.as_u16(), 1, m.len(), 0), &m);
+    let r = p.recv().expect("hello reply");
+    assert_eq!(r.status.get(), 0, "hello refused");
+}
+
+fn expect_status(p: &mut dyn RawPeer, rid: u64, want: Status, what: &str) {
+    let r = p.recv().unwrap_or_else(|| panic!("{what}: connection closed instead of a {want:?} reply"));
+    assert!(r.flags.get() & FLAG_REPLY != 0, "{what}: not a reply");
+    assert_eq!(Status::try_from(r.status.get()), Ok(want), "{what}");
+    assert_eq!(r.request_id.get(), rid, "{what}: request id");
+}
+
+fn still_serves(url: &str) {
+    let mut c = Client::connect_with(url, &ClientOptions::default()).expect("server still accepts");
+    assert_eq!(c.ping(b"alive").unwrap(), b"alive");
+}
+
+/// Headers that lose framing: a typed error frame, then this connection alone closes.
+fn framing_errors_close_only_that_connection(t: Transport) {
+    let srv = server(t, &[]);
+    let mut bystander = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    let cases: Vec<(&str, FrameHeader, Status)> = vec![
+        ("bad magic", {
+            let mut h = header(Opcode::Ping.as_u16(), 5, 0, 0);
+            h.magic = (MAGIC ^ 0xffff).into();
+            h
+        }, Status::BadMagic),
+        ("bad version", {
+            let mut h = header(Opcode::Ping.as_u16(), 5, 0, 0);
+            h.version = 77.into();
+            h
+        }, Status::BadVersion),
+        ("oversized data", header(Opcode::Ping.as_u16(), 5, 0, 1 << 40), Status::FrameTooLarge),
+        ("oversized meta", header(Opcode::Ping.as_u16(), 5, 1 << 30, 0), Status::FrameTooLarge),
+    ];
+    for (what, h, want) in cases {
+        let mut p = raw(t, srv.url());
+        hello(p.as_mut());
+        p.send(&h, &[]);
+        expect_status(p.as_mut(), 0, want, what);
+        assert!(p.recv().is_none(), "{what}: connection should close after framing is lost");
+        assert_eq!(bystander.ping(what.as_bytes()).unwrap(), what.as_bytes(), "{what}: bystander");
+    }
+    still_serves(srv.url());
+}
+
+/// Request-level errors: a typed reply with the request's id, and the connection goes on.
+fn request_errors_keep_the_connection(t: Transport) {
+    let srv = server(t, &[]);
+    let mut p = raw(t, srv.url());
+    // Before the handshake.
+    p.send(&header(Opcode::Ping.as_u16(), 2, 0, 0), &[]);
+    expect_status(p.as_mut(), 2, Status::Unauthorized, "ping before hello");
+    hello(p.as_mut());
+    p.send(&header(Opcode::Hello.as_u16(), 3, 0, 0), &[]);
+    expect_status(p.as_mut(), 3, Status::BadArgument, "second hello");
+    p.send(&header(999, 4, 3, 0), &[1, 2, 3]);
+    expect_status(p.as_mut(), 4, Status::UnknownOpcode, "unknown opcode");
+    p.send(&header(Opcode::TensorGet.as_u16(), 5, 3, 0), &[1, 2, 3]);
+    expect_status(p.as_mut(), 5, Status::BadFrame, "truncated metadata");
+    let mut m = TensorGetReq { handle: 1 }.to_meta();
+    m.push(0);
+    p.send(&header(Opcode::TensorGet.as_u16(), 6, m.len(), 0), &m);
+    expect_status(p.as_mut(), 6, Status::BadFrame, "trailing metadata");
+    let m = TensorGetReq { handle: 0x5eed }.to_meta();
+    p.send(&header(Opcode::TensorGet.as_u16(), 7, m.len(), 0), &m);
+    expect_status(p.as_mut(), 7, Status::BadHandle, "unknown handle");
+    let m = u32::MAX.to_le_bytes();
+    p.send(&header(Opcode::TensorFree.as_u16(), 8, m.len(), 0), &m);
+    let r = p.recv().unwrap();
+    let st = Status::try_from(r.status.get()).unwrap();
+    assert!(matches!(st, Status::BadArgument | Status::BadFrame), "huge free count: {st:?}");
+    let mut h = header(Opcode::Ping.as_u16(), 9, 0, 0);
+    h.flags = FLAG_REPLY.into();
+    p.send(&h, &[]);
+    expect_status(p.as_mut(), 9, Status::BadFrame, "client sent a reply frame");
+    p.send(&header(Opcode::SessionOpen.as_u16(), 10, 0, 0), &[]);
+    expect_status(p.as_mut(), 10, Status::Unsupported, "sessions not served yet");
+    let m = [0u8; 12];
+    p.send(&header(Opcode::Exec.as_u16(), 11, m.len(), 0), &m);
+    let r = p.recv().unwrap();
+    assert_ne!(r.status.get(), 0, "garbage exec accepted");
+    p.send(&header(Opcode::Ping.as_u16(), 12, 0, 0), &[]);
+    expect_status(p.as_mut(), 12, Status::Ok, "ping after all that");
+}
+
+/// TCP byte-level abuse: truncated headers and frames, then the server still serves.
+fn truncated_frames_do_not_hurt_the_server(t: Transport) {
+    let srv = server(t, &[]);
+    let url = srv.url().strip_prefix("tcp://").unwrap().to_owned();
+    {
+        let mut s = TcpStream::connect(&url).unwrap();
+        s.write_all(&[0x44, 0x4a, 0x4e, 0x31, 1, 0, 2]).unwrap();
+    }
+    {
+        let mut s = TcpStream::connect(&url).unwrap();
+        let m = HelloReq { version_min: 1, version_max: 1, token: vec![], client_name: "t".into() }.to_meta();
+        let mut b = header(Opcode::Hello.as_u16(), 1, m.len(), 0).as_bytes().to_vec();
+        b.extend_from_slice(&m[..m.len() / 2]);
+        s.write_all(&b).unwrap();
+    }
+    {
+        let mut p = RawTcp::connect(srv.url());
+        hello(&mut p);
+        let mut b = header(Opcode::Ping.as_u16(), 2, 0, 100).as_bytes().to_vec();
+        b.extend_from_slice(&[7; 5]);
+        p.s.write_all(&b).unwrap();
+    }
+    {
+        let mut s = TcpStream::connect(&url).unwrap();
+        s.write_all(&[0xff; 4096]).unwrap();
+        let mut hb = [0u8; HEADER_LEN];
+        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        s.read_exact(&mut hb).unwrap();
+        let h = FrameHeader::read_from_bytes(&hb).unwrap();
+        assert_eq!(Status::try_from(h.status.get()), Ok(Status::BadMagic), "garbage bytes");
+    }
+    still_serves(srv.url());
+}
+
+/// A client that stops mid-frame holds up nobody else.
+fn half_sent_frame_does_not_delay_others(t: Transport) {
+    let srv = server(t, &[]);
+    let mut a = RawTcp::connect(srv.url());
+    hello(&mut a);
+    let mut b = header(Opcode::Ping.as_u16(), 2, 0, 1000).as_bytes().to_vec();
+    b.extend_from_slice(&[9; 10]);
+    a.s.write_all(&b).unwrap();
+    let mut other = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    let start = Instant::now();
+    for i in 0..200u32 {
+        assert_eq!(other.ping(&i.to_le_bytes()).unwrap(), i.to_le_bytes());
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "200 pings took {took:?} while another client was mid-frame");
+    a.s.write_all(&[9; 990]).unwrap();
+    expect_status(&mut a, 2, Status::Ok, "the half-sent ping completes");
+}
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+/// A client that sends and never reads: the server stops reading it instead of buffering.
+fn slow_reader_cannot_grow_the_server(t: Transport) {
+    let srv = server(t, &[]);
+    let rss0 = vm_rss_kib(srv.pid());
+    let mut p = RawTcp::connect(srv.url());
+    hello(&mut p);
+    p.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let payload = vec![1u8; 1 << 20];
+    let mut sent_mib = 0u64;
+    let limit_mib = 1024u64;
+    while sent_mib < limit_mib {
+        let mut b = header(Opcode::Ping.as_u16(), 100 + sent_mib, 0, payload.len() as u64).as_bytes().to_vec();
+        b.extend_from_slice(&payload);
+        if p.s.write_all(&b).is_err() {
+            break;
+        }
+        sent_mib += 1;
+    }
+    assert!(sent_mib < limit_mib, "server kept reading {limit_mib} MiB from a client that never reads");
+    let grown_mib = vm_rss_kib(srv.pid()).saturating_sub(rss0) / 1024;
+    assert!(grown_mib < 128, "server grew {grown_mib} MiB for a client that never reads");
+    drop(p);
+    still_serves(srv.url());
+}
+
+fn sigterm_drains_and_exits_zero(t: Transport) {
+    let srv = server(t, &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = srv.metrics.clone().unwrap();
+    let mut idle = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    assert_eq!(idle.ping(b"x").unwrap(), b"x");
+    let url = srv.url().to_owned();
+    let busy = std::thread::spawn(move || {
+        let mut c = Client::connect_with(&url, &ClientOptions::default()).unwrap();
+        let mut ok = 0u64;
+        loop {
+            match c.ping(&[3; 4096]) {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    let st = e.status();
+                    assert!(st.is_none() || st == Some(Status::ShuttingDown), "during drain: {e}");
+                    return ok;
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http_get(&metrics, "/healthz").0, 200);
+    let status = srv.terminate();
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    assert!(busy.join().unwrap() > 0);
+    assert!(idle.ping(b"y").is_err(), "a request after the server exited must fail");
+}
+
+fn healthz_and_metrics(t: Transport) {
+    let srv = server(t, &["--metrics-listen", "127.0.0.1:0", "--node-id", "node-under-test"]);
+    let m = srv.metrics.clone().unwrap();
+    let (code, body) = http_get(&m, "/healthz");
+    assert_eq!((code, body.trim()), (200, "ok"));
+    assert_eq!(http_get(&m, "/nope").0, 404);
+    let mut c = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    for _ in 0..2000 {
+        c.ping(&[]).unwrap();
+    }
+    let h = c.put_f32(&[4], &[1.0; 4]).unwrap();
+    c.get(h).unwrap();
+    assert!(c.get(h + 12345).is_err());
+    let (code, body) = http_get(&m, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "djinn_connections_active",
+        "djinn_connections_total",
+        "djinn_requests_total",
+        "djinn_bytes_received_total",
+        "djinn_bytes_sent_total",
+        "djinn_errors_total",
+        "djinn_request_duration_seconds_bucket",
+        "djinn_server_time_seconds_bucket",
+        "djinn_tensors_live",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+    assert!(body.contains("node=\"node-under-test\""));
+    assert_eq!(metric(&body, "djinn_connections_active{"), Some(1.0));
+    assert!(metric(&body, "djinn_requests_total{opcode=\"Ping\"").unwrap() >= 2000.0);
+    assert_eq!(metric(&body, "djinn_errors_total{kind=\"BadHandle\""), Some(1.0));
+    assert!(metric(&body, "djinn_bytes_received_total{").unwrap() > 2000.0 * HEADER_LEN as f64);
+    assert_eq!(metric(&body, "djinn_tensors_live{"), Some(1.0));
+    // The server's own time for empty requests, from the histogram buckets (upper bound of the
+    // bucket holding the median).
+    let count = metric(&body, "djinn_server_time_seconds_count{").unwrap();
+    assert!(count >= 2000.0);
+    let p50 = body
+        .lines()
+        .filter(|l| l.starts_with("djinn_server_time_seconds_bucket{"))
+        .find_map(|l| {
+            let le: f64 = l.split("le=\"").nth(1)?.split('"').next()?.parse().ok()?;
+            let v: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            (v >= count / 2.0).then_some(le)
+        })
+        .unwrap();
+    eprintln!("[{}] server time (received → reply queued), empty ping: p50 ≤ {:.1} µs", t.name(), p50 * 1e6);
+}
+
+fn ping_json_has_the_keys(t: Transport) {
+    let srv = server(t, &[]);
+    let out = Command::new(BIN)
+        .args(["ping", "--server", srv.url(), "--size", "4096", "--count", "200", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ping failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(v["transport"].as_str().unwrap().starts_with(t.name()));
+    assert_eq!(v["size"], 4096);
+    assert_eq!(v["count"], 200);
+    for k in ["p50", "p99", "p999", "min", "max"] {
+        assert!(v["rtt_us"][k].as_f64().unwrap() > 0.0, "rtt_us.{k}");
+    }
+    let r = &v["rtt_us"];
+    assert!(r["min"].as_f64() <= r["p50"].as_f64() && r["p50"].as_f64() <= r["max"].as_f64());
+    assert!(v["gbps"].as_f64().unwrap() > 0.0);
+}
+
+fn nic_is_refused(_t: Transport) {
+    let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--nic", "mlx5_0"]).output().unwrap();
+    assert!(!out.status.success(), "--nic must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RDMA") && err.contains("--nic"), "message: {err}");
+}
+
+fn bad_listen_url_fails_start(_t: Transport) {
+    let out = Command::new(BIN).args(["serve", "--listen", "udp://127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("udp"));
+}
+
+fn config_files_start_and_flags_override(t: Transport) {
+    // The shipped examples parse and start (listeners and metrics overridden to free ones).
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+    let mut seen = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        seen += 1;
+        let url = t.listen_url();
+        let srv = ServerProc::start(&[
+            "--config",
+            p.to_str().unwrap(),
+            "--listen",
+            &url,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]);
+        still_serves(srv.url());
+    }
+    assert!(seen > 0, "no example configs in {dir}");
+    // A file's keys apply; a flag beats the file.
+    let f = std::env::temp_dir().join(format!("{}.toml", unique_name("cfg")));
+    std::fs::write(&f, "max_connections = 1\nnode_id = \"from-file\"\nlisten = [\"tcp://127.0.0.1:1\"]\n").unwrap();
+    let url = t.listen_url();
+    let srv = ServerProc::start(&["--config", f.to_str().unwrap(), "--listen", &url]);
+    let _one = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    assert!(Client::connect_with(srv.url(), &ClientOptions::default()).is_err(), "max_connections from the file");
+    std::fs::write(&f, "no_such_key = 1\n").unwrap();
+    let out = Command::new(BIN).args(["serve", "--config", f.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success(), "unknown config keys must be refused");
+    let _ = std::fs::remove_file(&f);
+}
+
+fn tcp_and_shm_together(_t: Transport) {
+    let shm = Transport::Shm.listen_url();
+    let srv = ServerProc::start(&["--listen", "tcp://127.0.0.1:0", "--listen", &shm]);
+    assert_eq!(srv.urls.len(), 2);
+    for u in &srv.urls {
+        let c = Client::connect_with(u, &ClientOptions::default()).unwrap();
+        assert_eq!(c.capabilities().transports, vec!["tcp".to_owned(), "shm".to_owned()]);
+    }
+}
+
+fn main() {
+    run_trials(vec![
+        ("framing_errors_close_only_that_connection", None, framing_errors_close_only_that_connection),
+        ("request_errors_keep_the_connection", None, request_errors_keep_the_connection),
+        ("truncated_frames_do_not_hurt_the_server", Some(Transport::Tcp), truncated_frames_do_not_hurt_the_server),
+        ("half_sent_frame_does_not_delay_others", Some(Transport::Tcp), half_sent_frame_does_not_delay_others),
+        ("slow_reader_cannot_grow_the_server", Some(Transport::Tcp), slow_reader_cannot_grow_the_server),
+        ("sigterm_drains_and_exits_zero", None, sigterm_drains_and_exits_zero),
+        ("healthz_and_metrics", None, healthz_and_metrics),
+        ("ping_json_has_the_keys", None, ping_json_has_the_keys),
+        ("nic_is_refused", Some(Transport::Tcp), nic_is_refused),
+        ("bad_listen_url_fails_start", Some(Transport::Tcp), bad_listen_url_fails_start),
+        ("config_files_start_and_flags_override", Some(Transport::Tcp), config_files_start_and_flags_override),
+        ("tcp_and_shm_together", Some(Transport::Shm), tcp_and_shm_together),
+    ])
+}
