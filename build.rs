@@ -54,10 +54,8 @@ fn main() {
         compiler_name = compiler.describe();
         // Modules compile independently: one thread each (NVRTC programs are thread-safe).
         let results: Vec<Result<Compiled, String>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = modules
-                .iter()
-                .map(|m| scope.spawn(|| compiler.compile(m, &src_dir, &out_dir)))
-                .collect();
+            let handles: Vec<_> =
+                modules.iter().map(|m| scope.spawn(|| compiler.compile(m, &src_dir, &out_dir))).collect();
             handles.into_iter().map(|h| h.join().expect("kernel compile thread panicked")).collect()
         });
         for (i, r) in results.into_iter().enumerate() {
@@ -90,7 +88,8 @@ fn main() {
                 writeln!(rs, "            ptx: Some(include_str!({:?})),", c.ptx.display().to_string()).unwrap();
                 writeln!(rs, "            cubins: &[").unwrap();
                 for (arch, path) in &c.cubins {
-                    writeln!(rs, "                ({arch}, include_bytes!({:?})),", path.display().to_string()).unwrap();
+                    writeln!(rs, "                ({arch}, include_bytes!({:?})),", path.display().to_string())
+                        .unwrap();
                 }
                 writeln!(rs, "            ],").unwrap();
             }
@@ -142,7 +141,9 @@ impl Compiler {
     fn describe(&self) -> String {
         match self {
             Compiler::Nvcc(p) => format!("nvcc ({})", p.display()),
-            Compiler::Nvrtc { lib, api, .. } => format!("nvrtc {}.{} ({})", api.version.0, api.version.1, lib.display()),
+            Compiler::Nvrtc { lib, api, .. } => {
+                format!("nvrtc {}.{} ({})", api.version.0, api.version.1, lib.display())
+            }
         }
     }
 
@@ -177,7 +178,8 @@ impl Compiler {
             }
             Compiler::Nvrtc { api, include, .. } => {
                 let inc = format!("--include-path={}", include.display());
-                let mut text = api.compile(&m.name, &m.source, &[&format!("--gpu-architecture=compute_{PTX_ARCH}"), &inc])?;
+                let mut text =
+                    api.compile(&m.name, &m.source, &[&format!("--gpu-architecture=compute_{PTX_ARCH}"), &inc])?;
                 // cuModuleLoadData wants a NUL-terminated PTX image; include_str! keeps the text.
                 while text.last() == Some(&0) {
                     text.pop();
@@ -196,7 +198,7 @@ impl Compiler {
 }
 
 fn cuda_home() -> Option<PathBuf> {
-    ["CUDA_HOME", "CUDA_PATH"].iter().find_map(|v| std::env::var_os(v)).map(PathBuf::from)
+    ["CUDA_HOME", "CUDA_PATH"].iter().find_map(std::env::var_os).map(PathBuf::from)
 }
 
 fn find_compiler() -> Result<Compiler, String> {
@@ -338,11 +340,7 @@ impl Nvrtc {
     fn compile(&self, name: &str, source: &str, options: &[&str]) -> Result<Vec<u8>, String> {
         let src = CString::new(source).map_err(|e| e.to_string())?;
         let cname = CString::new(format!("{name}.cu")).unwrap();
-        let mut opts: Vec<CString> = ["-std=c++17"]
-            .iter()
-            .chain(options)
-            .map(|o| CString::new(*o).unwrap())
-            .collect();
+        let mut opts: Vec<CString> = ["-std=c++17"].iter().chain(options).map(|o| CString::new(*o).unwrap()).collect();
         opts.push(CString::new("-DDJINN_NVRTC=1").unwrap());
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         let want_cubin = options.iter().any(|o| o.starts_with("--gpu-architecture=sm_"));
@@ -363,7 +361,8 @@ impl Nvrtc {
             let result = if rc != 0 {
                 Err(format!("{name}.cu ({options:?}):\n{log}"))
             } else {
-                let (size_fn, get_fn) = if want_cubin { (self.cubin_size, self.cubin) } else { (self.ptx_size, self.ptx) };
+                let (size_fn, get_fn) =
+                    if want_cubin { (self.cubin_size, self.cubin) } else { (self.ptx_size, self.ptx) };
                 let mut n = 0usize;
                 size_fn(prog, &mut n);
                 let mut buf = vec![0u8; n];

@@ -123,13 +123,13 @@ fn raw_pair() -> (TcpStream, thread::JoinHandle<()>) {
         s.set_nonblocking(true).unwrap();
         let mut len = [0u8; 8];
         let mut buf = vec![0u8; SIZE_MAX];
-        // Each size run starts with its 8-byte length; the echo then reflects bare payloads.
-        while busy_read(&mut s, &mut len) {
-            let n = u64::from_le_bytes(len) as usize;
-            while busy_read(&mut s, &mut buf[..n]) {
-                busy_write(&mut s, &buf[..n]);
-            }
+        // The run starts with the payload size (8 bytes); the echo then reflects bare payloads.
+        if !busy_read(&mut s, &mut len) {
             return;
+        }
+        let n = u64::from_le_bytes(len) as usize;
+        while busy_read(&mut s, &mut buf[..n]) {
+            busy_write(&mut s, &buf[..n]);
         }
     });
     let c = TcpStream::connect(addr).unwrap();

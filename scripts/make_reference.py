@@ -13,6 +13,7 @@ recorded greedy step and re-draws the prompt when a margin is too thin to be a f
 import json
 import os
 import sys
+import zlib
 
 import torch
 import transformers
@@ -71,7 +72,7 @@ def main():
             params["rope_theta"] = kw.pop("rope_theta", 10000.0)
             kw["rope_parameters"] = params
         cfg = cfg_cls(**kw)
-        gen = torch.Generator().manual_seed(hash(name) % (1 << 31))
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         model = model_cls(cfg).eval().to(torch.float32)
         reinit(model, gen)
         if cfg.tie_word_embeddings:

@@ -106,7 +106,7 @@ fn close(got: &[f32], want: &[f32], tol: f32, what: &str) -> R {
     let bound = tol * max;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();
-        if !(d <= bound) {
+        if d.is_nan() || d > bound {
             return Err(format!("{what}: [{i}] got {g}, want {w} (|Δ| {d} > {tol}·max|ref| = {bound})").into());
         }
     }
@@ -323,7 +323,8 @@ fn ref_gemm(i: &GemmIn) -> Vec<f32> {
                 let mut s = 0f64;
                 for kk in 0..g.k {
                     let av = a[bi * g.stride_a + r * g.k + kk] as f64;
-                    let bv = if g.trans_b { b[bi * g.stride_b + j * g.k + kk] } else { b[bi * g.stride_b + kk * g.n + j] };
+                    let bv =
+                        if g.trans_b { b[bi * g.stride_b + j * g.k + kk] } else { b[bi * g.stride_b + kk * g.n + j] };
                     s += av * bv as f64;
                 }
                 let at = bi * g.stride_c + r * g.n + j;
@@ -340,7 +341,9 @@ fn gemm_test<B: Backend>(be: &B, want: Want) -> R {
     let mut cases = Vec::new();
     for dt in FLOATS {
         // Decode (GEMV) shapes, prefill shapes, odd sizes, both layouts.
-        for (m, n, k) in [(1, 37, 64), (1, 96, 203), (3, 65, 130), (8, 33, 17), (9, 70, 41), (40, 129, 96), (64, 64, 300)] {
+        for (m, n, k) in
+            [(1, 37, 64), (1, 96, 203), (3, 65, 130), (8, 33, 17), (9, 70, 41), (40, 129, 96), (64, 64, 300)]
+        {
             cases.push((m, n, k, true, 1, [dt, dt, dt]));
         }
         cases.push((5, 31, 47, false, 1, [dt, dt, dt]));
@@ -381,7 +384,12 @@ fn gemm_test<B: Backend>(be: &B, want: Want) -> R {
             keep(&mut got);
             keep(&mut wanted);
         }
-        close(&got, &wanted, tol(&dts), &format!("gemm case {ci} m={m} n={n} k={k} trans_b={trans_b} batch={batch} {dts:?}"))?;
+        close(
+            &got,
+            &wanted,
+            tol(&dts),
+            &format!("gemm case {ci} m={m} n={n} k={k} trans_b={trans_b} batch={batch} {dts:?}"),
+        )?;
     }
     Ok(())
 }
@@ -557,7 +565,9 @@ fn cast_test<B: Backend>(be: &B, want: Want) -> R {
 fn softmax_test<B: Backend>(be: &B, want: Want) -> R {
     let mut rng = Rng::new(7);
     for dt in FLOATS {
-        for (rows, cols, in_place) in [(1, 1, false), (3, 17, false), (7, 1000, true), (2, 32_003, false), (64, 129, false)] {
+        for (rows, cols, in_place) in
+            [(1, 1, false), (3, 17, false), (7, 1000, true), (2, 32_003, false), (64, 129, false)]
+        {
             let dts = vec![dt, if in_place { dt } else { rng.pick(&FLOATS) }];
             let xs = vec![rng.vec(rows * cols, 8.0)];
             ew_case(be, want, &EwIn { dts, xs, in_place, kind: Ew::Softmax(cols) }, "softmax")?;
@@ -635,10 +645,13 @@ fn run_norm<B: Backend>(be: &B, i: &NormIn) -> R<(Vec<f32>, Vec<f32>)> {
     be.rms_norm(be.default_stream(), ar.view(x), res.map(|r| ar.view(r)), ar.view(w), ar.view(out), i.hidden, 1e-5)
         .map_err(fail)?;
     ar.sync()?;
-    Ok((ar.get(out)?, match res {
-        Some(r) => ar.get(r)?,
-        None => Vec::new(),
-    }))
+    Ok((
+        ar.get(out)?,
+        match res {
+            Some(r) => ar.get(r)?,
+            None => Vec::new(),
+        },
+    ))
 }
 
 fn ref_norm(i: &NormIn) -> (Vec<f32>, Vec<f32>) {
@@ -727,7 +740,8 @@ fn ref_rope(i: &RopeIn) -> Vec<f32> {
 fn rope_test<B: Backend>(be: &B, want: Want) -> R {
     let mut rng = Rng::new(10);
     for dt in FLOATS {
-        for (tokens, heads, head_dim, theta) in [(1, 1, 2, 10_000.0f64), (5, 3, 64, 10_000.0), (37, 8, 128, 500_000.0)] {
+        for (tokens, heads, head_dim, theta) in [(1, 1, 2, 10_000.0f64), (5, 3, 64, 10_000.0), (37, 8, 128, 500_000.0)]
+        {
             let inv_freq: Vec<f32> =
                 (0..head_dim / 2).map(|d| (1.0 / theta.powf(2.0 * d as f64 / head_dim as f64)) as f32).collect();
             let pos = (0..tokens).map(|_| rng.below(4096) as i32).collect();
@@ -905,7 +919,15 @@ fn ref_attn(i: &AttnIn) -> Vec<f32> {
 }
 
 /// A random ragged batch: decode rows, chunked prefill and whole prompts, over shuffled blocks.
-fn attn_case(rng: &mut Rng, dt: DType, kvh: usize, group: usize, hd: usize, bt: usize, seqs: &[(usize, usize)]) -> AttnIn {
+fn attn_case(
+    rng: &mut Rng,
+    dt: DType,
+    kvh: usize,
+    group: usize,
+    hd: usize,
+    bt: usize,
+    seqs: &[(usize, usize)],
+) -> AttnIn {
     let l = layout(kvh, hd, bt, dt);
     let max_blocks = seqs.iter().map(|(ctx, _)| ctx.div_ceil(bt)).max().unwrap_or(0) + 1;
     let blocks = seqs.len() * max_blocks + 2;
@@ -966,7 +988,10 @@ fn attention_test<B: Backend>(be: &B, want: Want) -> R {
                 pick.push((bt * 3 + 1, 1));
                 let i = attn_case(&mut rng, dt, kvh, group, hd, bt, &pick);
                 let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
-                let what = format!("attention {dt} q={} out={} group={group} kvh={kvh} hd={hd} bt={bt} seqs={pick:?}", i.q_dt, i.out_dt);
+                let what = format!(
+                    "attention {dt} q={} out={} group={group} kvh={kvh} hd={hd} bt={bt} seqs={pick:?}",
+                    i.q_dt, i.out_dt
+                );
                 close(&got, &wanted, tol(&[dt, i.q_dt, i.out_dt]), &what)?;
             }
         }
@@ -1092,7 +1117,7 @@ fn ref_argmax(row: &[f32]) -> i32 {
 
 /// The sampling contract of `SampleParams`, written out directly.
 fn ref_sample_row(row: &[f32], p: &SampleParams) -> i32 {
-    if !(p.temperature > 0.0) || p.top_k == 1 {
+    if p.temperature.is_nan() || p.temperature <= 0.0 || p.top_k == 1 {
         return ref_argmax(row);
     }
     let mut cand: Vec<usize> = (0..row.len()).collect();
@@ -1131,7 +1156,10 @@ fn ref_sample_row(row: &[f32], p: &SampleParams) -> i32 {
 fn ref_sample(i: &SampleIn) -> (Vec<i32>, Vec<i32>) {
     let l = quant(&i.logits, i.dt);
     let rows: Vec<&[f32]> = l.chunks(i.vocab).collect();
-    (rows.iter().map(|r| ref_argmax(r)).collect(), rows.iter().zip(&i.params).map(|(r, p)| ref_sample_row(r, p)).collect())
+    (
+        rows.iter().map(|r| ref_argmax(r)).collect(),
+        rows.iter().zip(&i.params).map(|(r, p)| ref_sample_row(r, p)).collect(),
+    )
 }
 
 fn sample_test<B: Backend>(be: &B, want: Want) -> R {

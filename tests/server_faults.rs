@@ -145,16 +145,24 @@ fn framing_errors_close_only_that_connection(t: Transport) {
     let srv = server(t, &[]);
     let mut bystander = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
     let cases: Vec<(&str, FrameHeader, Status)> = vec![
-        ("bad magic", {
-            let mut h = header(Opcode::Ping.as_u16(), 5, 0, 0);
-            h.magic = (MAGIC ^ 0xffff).into();
-            h
-        }, Status::BadMagic),
-        ("bad version", {
-            let mut h = header(Opcode::Ping.as_u16(), 5, 0, 0);
-            h.version = 77.into();
-            h
-        }, Status::BadVersion),
+        (
+            "bad magic",
+            {
+                let mut h = header(Opcode::Ping.as_u16(), 5, 0, 0);
+                h.magic = (MAGIC ^ 0xffff).into();
+                h
+            },
+            Status::BadMagic,
+        ),
+        (
+            "bad version",
+            {
+                let mut h = header(Opcode::Ping.as_u16(), 5, 0, 0);
+                h.version = 77.into();
+                h
+            },
+            Status::BadVersion,
+        ),
         ("oversized data", header(Opcode::Ping.as_u16(), 5, 0, 1 << 40), Status::FrameTooLarge),
         ("oversized meta", header(Opcode::Ping.as_u16(), 5, 1 << 30, 0), Status::FrameTooLarge),
     ];
@@ -396,6 +404,25 @@ fn nic_is_refused(_t: Transport) {
     assert!(err.contains("RDMA") && err.contains("--nic"), "message: {err}");
 }
 
+fn gpus_flag_is_checked(_t: Transport) {
+    let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "0,1"]).output().unwrap();
+    assert!(!out.status.success(), "two GPUs are not served yet");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one device per server"));
+    let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "x"]).output().unwrap();
+    assert!(!out.status.success(), "--gpus x must be refused");
+    match ServerProc::try_start(&["--listen", "tcp://127.0.0.1:0", "--gpus", "0"]) {
+        // A machine with a GPU and a CUDA build: the server runs on it.
+        Ok(srv) => {
+            let c = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+            assert_eq!(c.capabilities().backend, "cuda");
+        }
+        Err(why) => {
+            eprintln!("NOTE: --gpus 0 has no GPU here; checking the refusal instead");
+            assert!(why.contains("GPU") || why.contains("CUDA"), "refusal should name the GPU: {why}");
+        }
+    }
+}
+
 fn bad_listen_url_fails_start(_t: Transport) {
     let out = Command::new(BIN).args(["serve", "--listen", "udp://127.0.0.1:0"]).output().unwrap();
     assert!(!out.status.success());
@@ -413,14 +440,8 @@ fn config_files_start_and_flags_override(t: Transport) {
         }
         seen += 1;
         let url = t.listen_url();
-        let srv = ServerProc::start(&[
-            "--config",
-            p.to_str().unwrap(),
-            "--listen",
-            &url,
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ]);
+        let srv =
+            ServerProc::start(&["--config", p.to_str().unwrap(), "--listen", &url, "--metrics-listen", "127.0.0.1:0"]);
         still_serves(srv.url());
     }
     assert!(seen > 0, "no example configs in {dir}");
@@ -459,6 +480,7 @@ fn main() {
         ("ping_json_has_the_keys", None, ping_json_has_the_keys),
         ("nic_is_refused", Some(Transport::Tcp), nic_is_refused),
         ("bad_listen_url_fails_start", Some(Transport::Tcp), bad_listen_url_fails_start),
+        ("gpus_flag_is_checked", Some(Transport::Tcp), gpus_flag_is_checked),
         ("config_files_start_and_flags_override", Some(Transport::Tcp), config_files_start_and_flags_override),
         ("tcp_and_shm_together", Some(Transport::Shm), tcp_and_shm_together),
     ])

@@ -1,8 +1,32 @@
-//! `djinn-dataplane convert` (being written).
+//! `djinn-dataplane convert-gguf IN.gguf OUT_DIR`: writes a Hugging Face layout directory
+//! (model.safetensors, config.json, generation_config.json, tokenizer.json,
+//! tokenizer_config.json) from a GGUF file, dequantizing its tensors.
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::path::PathBuf;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("convert: not built yet")
+use super::generate::parse_dtype;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The GGUF file.
+    pub input: PathBuf,
+    /// Output directory (created).
+    pub out_dir: PathBuf,
+    /// Dtype of the written tensors: f32 (exact dequantization, default), f16 or bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let dtype = parse_dtype(&args.dtype)?.unwrap_or(djinn_backend::DType::F32);
+    let conv = djinn_model::gguf::convert_file(&args.input, dtype)?;
+    conv.write_dir(&args.out_dir)?;
+    eprintln!(
+        "wrote {} ({} tensors, {}, tokenizer: {})",
+        args.out_dir.display(),
+        conv.tensors.len(),
+        dtype,
+        if conv.tokenizer.is_some() { "yes" } else { "no (token ids only)" }
+    );
+    Ok(())
 }

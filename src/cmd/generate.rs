@@ -1,8 +1,259 @@
-//! `djinn-dataplane generate` (being written).
+//! `djinn-dataplane generate`: load a model in process (`--model-dir`: a Hugging Face directory or
+//! a `.gguf` file) and generate from a text prompt (optionally through the chat template) or raw
+//! token ids. Text streams to stdout as it is decoded; `--json` prints one object instead:
+//! {"tokens", "text", "ttft_ms", "tpot_ms", "prompt_tokens", "finish_reason"}.
+//!
+//! Timing: `ttft_ms` runs from submitting the prompt (after the model is loaded) to the first
+//! sampled token on the host; `tpot_ms` = (time of last token − time of first) / (tokens − 1).
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("generate: not built yet")
+use anyhow::{bail, Context};
+use djinn_backend::{Backend, DType, SampleParams};
+use djinn_model::{open_model, Detokenizer, Engine, EngineOptions, ModelFiles, StopStrings};
+
+/// Where and how the model is loaded (shared by `generate` and `logits`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Hugging Face layout directory (config.json + safetensors), or a .gguf file.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// `cpu`, or a CUDA device ordinal (`0`).
+    #[arg(long, default_value = "cpu")]
+    pub gpus: String,
+    /// Weight storage dtype after loading: f32, f16 or bf16 (default: as stored).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// CPU worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text prompt (needs the model's tokenizer.json).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// Raw prompt token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Wrap the text prompt in the model's chat template (one user message).
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = no top-k cut.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (repeatable; not included in the text).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past the EOS token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_dtype(s: &Option<String>) -> anyhow::Result<Option<DType>> {
+    Ok(match s.as_deref() {
+        None => None,
+        Some("f32" | "float32") => Some(DType::F32),
+        Some("f16" | "float16") => Some(DType::F16),
+        Some("bf16" | "bfloat16") => Some(DType::BF16),
+        Some(other) => bail!("--dtype {other:?}: expected f32, f16 or bf16"),
+    })
+}
+
+/// Opens the model files named by `--model-dir`.
+pub fn open(m: &ModelArgs) -> anyhow::Result<ModelFiles> {
+    let dir = m.model_dir.as_ref().context("--model-dir is required for in-process generation")?;
+    Ok(open_model(dir, parse_dtype(&m.dtype)?)?)
+}
+
+/// Runs `f` with the backend `--gpus` names.
+pub fn with_backend<R>(m: &ModelArgs, f: impl BackendFn<R>) -> anyhow::Result<R> {
+    if m.gpus == "cpu" {
+        let threads = m.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let be = djinn_backend::cpu::CpuBackend::with_threads(threads)?;
+        return f.call(Arc::new(be), DType::F32);
+    }
+    let ordinal: usize = m.gpus.parse().with_context(|| format!("--gpus {:?}: expected cpu or a device ordinal", m.gpus))?;
+    #[cfg(feature = "cuda")]
+    {
+        let be = djinn_dataplane::cuda_backend(ordinal)?;
+        f.call(Arc::new(be), DType::F16)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        bail!("--gpus {ordinal}: this binary was built without the `cuda` feature")
+    }
+}
+
+/// A computation generic over the backend (closures cannot be generic).
+pub trait BackendFn<R> {
+    fn call<B: Backend>(self, be: Arc<B>, kv_dtype: DType) -> anyhow::Result<R>;
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let files = open(&args.model)?;
+    let ModelFiles { cfg, checkpoint, tokenizer } = files;
+    let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer.as_ref().with_context(|| {
+                format!("{}: no tokenizer.json, so --prompt needs --prompt-ids instead", checkpoint.dir().display())
+            })?;
+            if args.chat {
+                tok.encode(&tok.apply_chat(text)?, false)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    cfg.check_tokens(&prompt, 0)?;
+    let ctx = (prompt.len() + args.max_new_tokens).min(cfg.max_position_embeddings);
+    let mut eos: Vec<u32> = cfg.eos_token_ids.clone();
+    if let Some(e) = tokenizer.as_ref().and_then(|t| t.eos_id()) {
+        if !eos.contains(&e) {
+            eos.push(e);
+        }
+    }
+    let dtype = parse_dtype(&args.model.dtype)?;
+    struct Gen<'a> {
+        args: &'a Args,
+        files: (djinn_model::ModelConfig, djinn_model::Checkpoint),
+        tokenizer: Option<djinn_model::TextTokenizer>,
+        prompt: Vec<u32>,
+        ctx: usize,
+        eos: Vec<u32>,
+        dtype: Option<DType>,
+    }
+    impl BackendFn<()> for Gen<'_> {
+        fn call<B: Backend>(self, be: Arc<B>, kv_dtype: DType) -> anyhow::Result<()> {
+            let (cfg, ck) = self.files;
+            let opts = EngineOptions {
+                dtype: self.dtype,
+                kv_dtype,
+                max_context_tokens: Some(self.ctx),
+                max_sessions: 1,
+                max_step_tokens: self.prompt.len().clamp(1, 512),
+                ..EngineOptions::default()
+            };
+            let mut eng = Engine::from_checkpoint(be, &ck, cfg, &opts)?;
+            drop(ck);
+            generate(&mut eng, self.args, self.tokenizer.as_ref(), &self.prompt, &self.eos)
+        }
+    }
+    let g = Gen { args: &args, files: (cfg, checkpoint), tokenizer, prompt, ctx, eos, dtype };
+    with_backend(&args.model, g)
+}
+
+fn generate<B: Backend>(
+    eng: &mut Engine<B>,
+    args: &Args,
+    tok: Option<&djinn_model::TextTokenizer>,
+    prompt: &[u32],
+    eos: &[u32],
+) -> anyhow::Result<()> {
+    let sid = eng.open_session()?;
+    let max_new = args.max_new_tokens.min(eng.max_context_tokens().saturating_sub(prompt.len()));
+    let mut params = [SampleParams {
+        temperature: args.temperature.max(0.0),
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        step: 0,
+    }];
+    let mut detok = Detokenizer::new();
+    let mut stops = StopStrings::new(args.stop.clone());
+    let mut tokens: Vec<u32> = Vec::with_capacity(max_new);
+    let mut out = std::io::stdout().lock();
+    let mut finish = "length";
+    let mut ids = Vec::with_capacity(1);
+    let t0 = Instant::now();
+    let (mut t_first, mut t_last) = (t0, t0);
+    if max_new > 0 {
+        // Prefill in chunks of the step limit; the last chunk samples the first token.
+        let chunk = eng.max_step_tokens();
+        let mut logits = Vec::new();
+        let n_chunks = prompt.len().div_ceil(chunk);
+        for part in prompt.chunks(chunk).take(n_chunks - 1) {
+            eng.step_logits(&[(sid, part)], djinn_model::LogitsMode::Last, &mut logits)?;
+        }
+        let last = &prompt[(n_chunks - 1) * chunk..];
+        eng.step_sample(&[(sid, last)], &params, &mut ids)?;
+    }
+    while tokens.len() < max_new {
+        let next = ids[0];
+        let now = Instant::now();
+        if !args.ignore_eos && eos.contains(&next) {
+            finish = "eos";
+            break;
+        }
+        if tokens.is_empty() {
+            t_first = now;
+        }
+        t_last = now;
+        tokens.push(next);
+        if let Some(tok) = tok {
+            let delta = detok.push(tok, next)?;
+            let (emit, hit) = stops.push(&delta);
+            if !args.json && !emit.is_empty() {
+                out.write_all(emit.as_bytes())?;
+                out.flush()?;
+            }
+            if hit {
+                finish = "stop";
+                break;
+            }
+        } else if !args.json {
+            write!(out, "{next} ")?;
+            out.flush()?;
+        }
+        if tokens.len() == max_new {
+            break;
+        }
+        params[0].step += 1;
+        eng.step_sample(&[(sid, &[next])], &params, &mut ids)?;
+    }
+    eng.close_session(sid)?;
+    let n = tokens.len();
+    let ttft_ms = (t_first - t0).as_secs_f64() * 1e3;
+    let tpot_ms = if n > 1 { (t_last - t_first).as_secs_f64() * 1e3 / (n - 1) as f64 } else { 0.0 };
+    if args.json {
+        let v = serde_json::json!({
+            "tokens": tokens,
+            "text": stops.text(),
+            "ttft_ms": ttft_ms,
+            "tpot_ms": tpot_ms,
+            "prompt_tokens": prompt.len(),
+            "finish_reason": finish,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "[{n} tokens, finish: {finish}, ttft {ttft_ms:.1} ms, tpot {tpot_ms:.2} ms ({:.1} tokens/s)]",
+            if tpot_ms > 0.0 { 1e3 / tpot_ms } else { 0.0 }
+        );
+    }
+    Ok(())
 }

@@ -1,8 +1,65 @@
-//! `djinn-dataplane logits` (being written).
+//! `djinn-dataplane logits`: the model's logits at every prompt position, computed in process.
+//! `--json` prints {"logits": [[one float per vocabulary entry] for each prompt position]}.
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::io::Write;
+use std::sync::Arc;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("logits: not built yet")
+use anyhow::bail;
+use djinn_backend::{Backend, DType};
+use djinn_model::{Engine, EngineOptions, ModelFiles};
+
+use super::generate::{open, parse_dtype, with_backend, BackendFn, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub prompt_ids: Vec<u32>,
+    /// Print JSON (the only output format; accepted for symmetry with `generate`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.prompt_ids.is_empty() {
+        bail!("--prompt-ids is empty");
+    }
+    let ModelFiles { cfg, checkpoint, .. } = open(&args.model)?;
+    cfg.check_tokens(&args.prompt_ids, 0)?;
+    struct Run<'a> {
+        ids: &'a [u32],
+        cfg: djinn_model::ModelConfig,
+        ck: djinn_model::Checkpoint,
+        dtype: Option<DType>,
+    }
+    impl BackendFn<Vec<f32>> for Run<'_> {
+        fn call<B: Backend>(self, be: Arc<B>, kv_dtype: DType) -> anyhow::Result<Vec<f32>> {
+            let opts = EngineOptions {
+                dtype: self.dtype,
+                kv_dtype,
+                max_context_tokens: Some(self.ids.len()),
+                max_sessions: 1,
+                max_step_tokens: self.ids.len().clamp(1, 256),
+                all_logits: true,
+                ..EngineOptions::default()
+            };
+            let mut eng = Engine::from_checkpoint(be, &self.ck, self.cfg, &opts)?;
+            let sid = eng.open_session()?;
+            let mut logits = Vec::new();
+            eng.prefill(sid, self.ids, true, &mut logits)?;
+            eng.close_session(sid)?;
+            Ok(logits)
+        }
+    }
+    let vocab = cfg.vocab_size;
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let logits = with_backend(&args.model, Run { ids: &args.prompt_ids, cfg, ck: checkpoint, dtype })?;
+    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }

@@ -111,15 +111,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = args.to_config()?;
     cfg.validate()?;
     match parse_gpus(&cfg.gpus)? {
-        Device::Cpu => {
-            let backend = djinn_backend::cpu::CpuBackend::new().context("starting the CPU backend")?;
-            serve(cfg, backend)
-        }
-        Device::Cuda(ords) => anyhow::bail!(
-            "--gpus {}: the CUDA backend is not wired into `serve` in this build yet; use --gpus cpu",
-            ords.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(",")
-        ),
+        Device::Cpu if cfg.gpus.trim().is_empty() => serve_default(cfg),
+        Device::Cpu => serve(cfg, cpu_backend()?),
+        Device::Cuda(ords) => serve_cuda(cfg, &ords),
     }
+}
+
+fn cpu_backend() -> anyhow::Result<djinn_backend::cpu::CpuBackend> {
+    djinn_backend::cpu::CpuBackend::new().context("starting the CPU backend")
+}
+
+/// No `--gpus`: GPU 0 when this build has CUDA and the machine a GPU, else the CPU.
+#[cfg(feature = "cuda")]
+fn serve_default(cfg: ServerConfig) -> anyhow::Result<()> {
+    match djinn_dataplane::cuda_backend(0) {
+        Ok(b) => serve(cfg, b),
+        Err(e) => {
+            tracing::info!(reason = %e, "no usable GPU: serving on the CPU backend");
+            serve(cfg, cpu_backend()?)
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn serve_default(cfg: ServerConfig) -> anyhow::Result<()> {
+    serve(cfg, cpu_backend()?)
+}
+
+fn one_device(ords: &[usize]) -> anyhow::Result<usize> {
+    match ords {
+        [one] => Ok(*one),
+        _ => anyhow::bail!("--gpus {ords:?}: one device per server for now (multi-GPU serving is a later issue)"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn serve_cuda(cfg: ServerConfig, ords: &[usize]) -> anyhow::Result<()> {
+    let ord = one_device(ords)?;
+    let backend = djinn_dataplane::cuda_backend(ord).with_context(|| format!("opening GPU {ord}"))?;
+    serve(cfg, backend)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn serve_cuda(_cfg: ServerConfig, ords: &[usize]) -> anyhow::Result<()> {
+    let ord = one_device(ords)?;
+    anyhow::bail!("--gpus {ord}: this build has no CUDA backend (built without the `cuda` feature); use --gpus cpu")
 }
 
 fn serve<B: djinn_backend::Backend>(cfg: ServerConfig, backend: B) -> anyhow::Result<()> {

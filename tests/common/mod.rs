@@ -165,10 +165,25 @@ impl Drop for ServerProc {
     }
 }
 
-/// Starts a server listening on one URL of `t` with extra args.
+/// `--gpus` for servers the tests start: `DJINN_TEST_GPUS` (e.g. `0` on a GPU machine), else cpu.
+pub fn test_gpus() -> String {
+    std::env::var("DJINN_TEST_GPUS").ok().filter(|g| !g.is_empty()).unwrap_or_else(|| "cpu".into())
+}
+
+/// The backend kind the capabilities reply names for [`test_gpus`].
+pub fn test_backend_kind() -> &'static str {
+    if test_gpus() == "cpu" {
+        "cpu"
+    } else {
+        "cuda"
+    }
+}
+
+/// Starts a server listening on one URL of `t` with extra args, on the [`test_gpus`] backend.
 pub fn server(t: Transport, extra: &[&str]) -> ServerProc {
     let url = t.listen_url();
-    let mut args = vec!["--listen", url.as_str()];
+    let gpus = test_gpus();
+    let mut args = vec!["--listen", url.as_str(), "--gpus", gpus.as_str()];
     args.extend_from_slice(extra);
     ServerProc::start(&args)
 }

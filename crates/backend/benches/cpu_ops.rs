@@ -88,7 +88,13 @@ struct Gemv {
 
 impl Gemv {
     fn new(be: &CpuBackend, n: usize, k: usize) -> Gemv {
-        Gemv { x: region_with(be, DType::F32, k, 2.0), w: region_with(be, DType::BF16, n * k, 0.1), y: be.reserve(n * 4).unwrap(), n, k }
+        Gemv {
+            x: region_with(be, DType::F32, k, 2.0),
+            w: region_with(be, DType::BF16, n * k, 0.1),
+            y: be.reserve(n * 4).unwrap(),
+            n,
+            k,
+        }
     }
     fn run(&self, be: &CpuBackend) {
         let (n, k) = (self.n, self.k);
@@ -204,8 +210,16 @@ fn bench_ops(c: &mut Criterion) {
         b.iter(|| {
             let xv = view(&x, DType::F32, rows * hidden);
             let rv = view(&res, DType::F32, rows * hidden);
-            be.rms_norm(s, xv, Some(rv), view(&w, DType::BF16, hidden), view(&out, DType::F32, rows * hidden), hidden, 1e-5)
-                .unwrap()
+            be.rms_norm(
+                s,
+                xv,
+                Some(rv),
+                view(&w, DType::BF16, hidden),
+                view(&out, DType::F32, rows * hidden),
+                hidden,
+                1e-5,
+            )
+            .unwrap()
         })
     });
     grp.throughput(Throughput::Bytes((rows * hidden * 4 * 3) as u64));
@@ -238,8 +252,15 @@ fn bench_ops(c: &mut Criterion) {
     grp.throughput(Throughput::Bytes((tokens * heads * hd * 8) as u64));
     grp.bench_function("rope_16x32x128", |b| {
         b.iter(|| {
-            be.rope(s, view(&q, DType::F32, tokens * heads * hd), view(&pos, DType::I32, tokens), view(&invr, DType::F32, hd / 2), heads, hd)
-                .unwrap()
+            be.rope(
+                s,
+                view(&q, DType::F32, tokens * heads * hd),
+                view(&pos, DType::I32, tokens),
+                view(&invr, DType::F32, hd / 2),
+                heads,
+                hd,
+            )
+            .unwrap()
         })
     });
     grp.finish();
@@ -286,7 +307,10 @@ fn bench_attention(c: &mut Criterion) {
 
 fn config() -> Criterion {
     // Short runs: the machine is shared; ratios above come from an interleaved same-run loop.
-    Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1))
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
 }
 
 criterion_group! { name = benches; config = config(); targets = bench_gemv, bench_gemm, bench_ops, bench_attention }

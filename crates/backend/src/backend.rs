@@ -4,6 +4,10 @@
 //! one per device at start-up and carves it). Operands are [`View`]s: a region, a byte offset, a
 //! dtype and an element count. Every op checks that its operands lie inside their regions and
 //! that its outputs do not overlap its inputs (unless the op says it works in place).
+//! The elementwise and row-wise ops (`binary`, `unary`, `silu_mul`, `softmax`, `rms_norm`'s `x`)
+//! work in place when `out` is exactly an input (same region, offset, dtype and length); any
+//! partial overlap is [`crate::BackendError::Overlap`]. Operand offsets are multiples of the
+//! element size. Float operands of one op may have different storage dtypes.
 //!
 //! Ordering: work is issued on a [`Backend::Stream`] and runs in issue order on that stream;
 //! [`Backend::Event`]s mark completion. The CPU backend executes eagerly on the calling thread, so
@@ -240,13 +244,17 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- linear algebra and elementwise ------------------------------------------------------
     fn gemm(&self, s: &Self::Stream, a: View<Self>, b: View<Self>, c: View<Self>, args: &GemmArgs) -> Result<()>;
+    /// `out[i] = a[i] op b[i % b.len]`: `b` may be shorter than `a` if its length divides `a`'s,
+    /// and then repeats (a bias or scale row broadcast over `[rows, b.len]`). In place allowed.
     fn binary(&self, s: &Self::Stream, op: BinaryOp, a: View<Self>, b: View<Self>, out: View<Self>) -> Result<()>;
+    /// Elementwise; in place allowed.
     fn unary(&self, s: &Self::Stream, op: UnaryOp, x: View<Self>, out: View<Self>) -> Result<()>;
-    /// Converts between float dtypes (and i32 ↔ f32).
+    /// Converts between float dtypes and i32 (float → i32 truncates toward zero, saturating;
+    /// float narrowing rounds to nearest even).
     fn cast(&self, s: &Self::Stream, x: View<Self>, out: View<Self>) -> Result<()>;
-    /// `out = silu(gate) * up`, elementwise.
+    /// `out = silu(gate) * up`, elementwise; in place allowed.
     fn silu_mul(&self, s: &Self::Stream, gate: View<Self>, up: View<Self>, out: View<Self>) -> Result<()>;
-    /// Row-wise softmax over `[rows, cols]`.
+    /// Row-wise softmax over `[rows, cols]`; in place allowed.
     fn softmax(&self, s: &Self::Stream, x: View<Self>, out: View<Self>, cols: usize) -> Result<()>;
 
     // ---- transformer ops ----------------------------------------------------------------------
@@ -261,7 +269,9 @@ pub trait Backend: Send + Sync + 'static {
         hidden: usize,
     ) -> Result<()>;
     /// RMSNorm over rows of `hidden`. With `residual`: first `residual += x` (in place), then
-    /// `out = rmsnorm(residual) * weight` — the fused pre-norm of a transformer block.
+    /// `out = rmsnorm(residual) * weight` — the fused pre-norm of a transformer block (the
+    /// normalised value is the residual as stored, i.e. rounded to its dtype). `out` may be
+    /// exactly `x` (in place); `residual` must not overlap anything else.
     #[allow(clippy::too_many_arguments)]
     fn rms_norm(
         &self,
@@ -310,9 +320,12 @@ pub trait Backend: Send + Sync + 'static {
         heads: usize,
         scale: f32,
     ) -> Result<()>;
-    /// Copies whole blocks inside the cache: `pairs` i32 `[n, 2]` of (src, dst).
+    /// Copies whole blocks inside the cache: `pairs` i32 `[n, 2]` of (src, dst). Copies may run
+    /// concurrently: destinations must be distinct and never a source (pairs with src == dst
+    /// are no-ops).
     fn copy_blocks(&self, s: &Self::Stream, cache: &KvCacheRef<Self>, pairs: View<Self>) -> Result<()>;
-    /// Packs the listed blocks (i32 ids) back to back into `staging` (u8).
+    /// Packs the listed blocks (i32 ids) back to back into `staging` (u8, at least
+    /// `ids.len * block_bytes` bytes, disjoint from the cache).
     fn gather_blocks(
         &self,
         s: &Self::Stream,
@@ -320,7 +333,7 @@ pub trait Backend: Send + Sync + 'static {
         ids: View<Self>,
         staging: View<Self>,
     ) -> Result<()>;
-    /// Unpacks `staging` into the listed blocks: the inverse of `gather_blocks`.
+    /// Unpacks `staging` into the listed blocks: the inverse of `gather_blocks` (ids distinct).
     fn scatter_blocks(
         &self,
         s: &Self::Stream,

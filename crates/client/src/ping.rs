@@ -44,7 +44,10 @@ pub fn run(client: &mut Client, size: usize, count: u64, warmup: u64) -> Result<
         let r = client.wait(id)?;
         let ns = t.elapsed().as_nanos() as u64;
         if r.data.len() != size {
-            return Err(ClientError::Protocol { opcode: "Ping", why: format!("echoed {} of {size} bytes", r.data.len()) });
+            return Err(ClientError::Protocol {
+                opcode: "Ping",
+                why: format!("echoed {} of {size} bytes", r.data.len()),
+            });
         }
         hist.saturating_record(ns.max(1));
     }

@@ -43,6 +43,8 @@ pub enum ModelError {
     Gguf { path: PathBuf, why: String },
     #[error("backend: {0}")]
     Backend(#[from] BackendError),
+    #[error("vmu: {0}")]
+    Vmu(#[from] djinn_vmu::VmuError),
     #[error("memory: {0}")]
     Memory(String),
 }

@@ -48,8 +48,9 @@ pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
     /// Tokens already in the cache for this sequence (position of `tokens[0]`).
     pub start_pos: usize,
-    /// KV block ids in position order; must cover `start_pos + tokens.len()` positions.
-    pub block_table: &'a [u32],
+    /// KV block ids in position order (the VMU's i32 table); must cover
+    /// `start_pos + tokens.len()` positions.
+    pub block_table: &'a [i32],
 }
 
 /// Byte offsets of the step's buffers inside the scratch range (relative to its base).
@@ -234,7 +235,7 @@ impl Model {
                     sq.block_table.len()
                 )));
             }
-            if let Some(&b) = sq.block_table[..blocks].iter().find(|&&b| b as usize >= m.kv.num_blocks) {
+            if let Some(&b) = sq.block_table[..blocks].iter().find(|&&b| b < 0 || b as usize >= m.kv.num_blocks) {
                 return Err(ModelError::Batch(format!("sequence {i}: block {b} outside the cache")));
             }
             st[qs0 + i] = row as i32;
@@ -247,7 +248,7 @@ impl Model {
             }
             st[ctx0 + i] = ctx as i32;
             for (k, &b) in sq.block_table[..blocks].iter().enumerate() {
-                st[bt0 + i * mb + k] = b as i32;
+                st[bt0 + i * mb + k] = b;
             }
             last_rows.push(row - 1);
             max_q_len = max_q_len.max(sq.tokens.len());

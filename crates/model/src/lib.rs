@@ -7,12 +7,21 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod forward;
+pub mod gguf;
+pub mod source;
+#[doc(hidden)]
+pub mod testing;
+pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::Checkpoint;
+pub use engine::{Engine, EngineOptions};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
 pub use weights::WeightLayout;
+pub use source::{open_model, ModelFiles};
+pub use tokenizer::{Detokenizer, StopStrings, TextTokenizer};

@@ -172,7 +172,13 @@ impl<B: Backend> Conn<B> {
             Err(e) => {
                 self.sh.metrics.requests_total.with_label_values(&["unknown"]).inc();
                 self.rx_skip(data_len)?;
-                return self.finish(op_raw, rid, "unknown", t0, Outcome::Rejected(Reject::new(Status::UnknownOpcode, e.to_string())));
+                return self.finish(
+                    op_raw,
+                    rid,
+                    "unknown",
+                    t0,
+                    Outcome::Rejected(Reject::new(Status::UnknownOpcode, e.to_string())),
+                );
             }
         };
         let label = opcode.name();
@@ -407,7 +413,8 @@ impl<B: Backend> Conn<B> {
         // holds up the tenant's other connections.
         let got = self.sh.store.with_table(&tenant, |tab| -> Result<_, Reject> {
             let t = tab.get(req.handle)?;
-            let n = usize::try_from(t.desc.byte_len()).map_err(|_| Reject::new(Status::Internal, "tensor too large"))?;
+            let n =
+                usize::try_from(t.desc.byte_len()).map_err(|_| Reject::new(Status::Internal, "tensor too large"))?;
             buf.clear();
             buf.resize(n, 0);
             self.sh.backend.read(&t.region, 0, &mut buf).map_err(|e| Reject::from(TensorError::from(e)))?;
@@ -473,7 +480,13 @@ impl<B: Backend> Conn<B> {
 
     /// Sends a success reply. With `server_time_from`, the time from request received to reply
     /// handed to the transport is recorded as the server's own time.
-    fn send_ok(&self, head: &RxHead, meta: &[u8], data: &[&[u8]], server_time_from: Option<Instant>) -> Result<(), Fatal> {
+    fn send_ok(
+        &self,
+        head: &RxHead,
+        meta: &[u8],
+        data: &[&[u8]],
+        server_time_from: Option<Instant>,
+    ) -> Result<(), Fatal> {
         let h = &head.header;
         let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
         let header = FrameHeader::new(h.opcode.get(), FLAG_REPLY, h.request_id.get(), meta.len() as u32, data_len);

@@ -137,12 +137,17 @@ fn infer(node: &ExecNode, ins: &[TensorDesc]) -> Result<TensorDesc, (Status, Str
                     d => return Err((Status::BadArgument, format!("bad dimension {d} in new shape"))),
                 }
             }
-            let known: u64 = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-                shape_err("new shape overflows".to_string())
-            })?;
+            let known: u64 = shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| shape_err("new shape overflows".to_string()))?;
             if let Some(i) = infer_at {
                 if known == 0 || a.elements() % known != 0 {
-                    return Err(shape_err(format!("cannot infer -1 reshaping {:?} to {:?}", a.shape(), node.attrs_i64)));
+                    return Err(shape_err(format!(
+                        "cannot infer -1 reshaping {:?} to {:?}",
+                        a.shape(),
+                        node.attrs_i64
+                    )));
                 }
                 shape[i] = a.elements() / known;
             }
@@ -190,7 +195,12 @@ fn view<B: Backend>(t: &Tensor<B>) -> View<'_, B> {
 }
 
 /// Issues one node's work.
-fn run_node<B: Backend>(b: &B, node: &ExecNode, ins: &[&Tensor<B>], out: &Tensor<B>) -> djinn_backend::error::Result<()> {
+fn run_node<B: Backend>(
+    b: &B,
+    node: &ExecNode,
+    ins: &[&Tensor<B>],
+    out: &Tensor<B>,
+) -> djinn_backend::error::Result<()> {
     let s = b.default_stream();
     let o = view(out);
     match node.op {
@@ -232,9 +242,7 @@ fn run_node<B: Backend>(b: &B, node: &ExecNode, ins: &[&Tensor<B>], out: &Tensor
             };
             b.gemm(s, view(ins[0]), view(ins[1]), o, &args)
         }
-        ExecOp::Reshape | ExecOp::Copy => {
-            b.copy(s, &ins[0].region, 0, &out.region, 0, as_usize(out.desc.byte_len()))
-        }
+        ExecOp::Reshape | ExecOp::Copy => b.copy(s, &ins[0].region, 0, &out.region, 0, as_usize(out.desc.byte_len())),
         ExecOp::Cast if ins[0].desc.dtype() == out.desc.dtype() => {
             b.copy(s, &ins[0].region, 0, &out.region, 0, as_usize(out.desc.byte_len()))
         }
@@ -257,7 +265,10 @@ pub fn exec<B: Backend>(
     nodes_max: usize,
 ) -> Result<Vec<(u64, TensorDesc)>, ExecError> {
     if req.nodes.is_empty() || req.outputs.is_empty() {
-        return Err(ExecError { status: Status::BadArgument, message: "exec needs at least one node and output".into() });
+        return Err(ExecError {
+            status: Status::BadArgument,
+            message: "exec needs at least one node and output".into(),
+        });
     }
     if req.nodes.len() > nodes_max {
         return Err(ExecError {
@@ -272,7 +283,10 @@ pub fn exec<B: Backend>(
             message: format!("output names node {o} of {}", req.nodes.len()),
         })?;
         if std::mem::replace(slot, true) {
-            return Err(ExecError { status: Status::BadArgument, message: format!("node {o} is listed twice as output") });
+            return Err(ExecError {
+                status: Status::BadArgument,
+                message: format!("node {o} is listed twice as output"),
+            });
         }
     }
 
@@ -311,8 +325,7 @@ pub fn exec<B: Backend>(
                     ExecInput::Node(j) => &done[j as usize],
                 });
             }
-            run_node(backend, node, &ins, &rest[0])
-                .map_err(|e| ExecError::at(i, node.op, backend_status(&e), e))?;
+            run_node(backend, node, &ins, &rest[0]).map_err(|e| ExecError::at(i, node.op, backend_status(&e), e))?;
         }
         backend
             .sync_stream(backend.default_stream())

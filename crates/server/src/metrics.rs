@@ -15,8 +15,8 @@ use prometheus::{
 /// Buckets for per-request times, in seconds: 1 µs … 10 s, dense at the low end where the
 /// server's own overhead lives.
 const LATENCY_BUCKETS_S: &[f64] = &[
-    1e-6, 2e-6, 3e-6, 4e-6, 5e-6, 7.5e-6, 10e-6, 15e-6, 20e-6, 30e-6, 50e-6, 75e-6, 100e-6, 200e-6, 500e-6, 1e-3,
-    2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 10.0,
+    1e-6, 2e-6, 3e-6, 4e-6, 5e-6, 7.5e-6, 10e-6, 15e-6, 20e-6, 30e-6, 50e-6, 75e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3,
+    5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 10.0,
 ];
 
 /// The server's metrics. Cheap to clone (every field is an `Arc` inside).
@@ -41,8 +41,9 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(node_id: &str) -> Self {
-        let registry = Registry::new_custom(Some("djinn".into()), Some([("node".to_owned(), node_id.to_owned())].into()))
-            .expect("static registry options");
+        let registry =
+            Registry::new_custom(Some("djinn".into()), Some([("node".to_owned(), node_id.to_owned())].into()))
+                .expect("static registry options");
         let m = Metrics {
             connections_active: IntGauge::new("connections_active", "Connections currently open").unwrap(),
             connections_total: IntCounterVec::new(
@@ -55,13 +56,17 @@ impl Metrics {
                 "Connections refused because max_connections were open",
             )
             .unwrap(),
-            requests_total: IntCounterVec::new(Opts::new("requests_total", "Requests received, by opcode"), &["opcode"])
-                .unwrap(),
+            requests_total: IntCounterVec::new(
+                Opts::new("requests_total", "Requests received, by opcode"),
+                &["opcode"],
+            )
+            .unwrap(),
             bytes_received_total: IntCounter::new("bytes_received_total", "Bytes received from clients").unwrap(),
             bytes_sent_total: IntCounter::new("bytes_sent_total", "Bytes sent to clients").unwrap(),
-            errors_total: IntCounterVec::new(Opts::new("errors_total", "Error replies and dropped frames, by kind"), &[
-                "kind",
-            ])
+            errors_total: IntCounterVec::new(
+                Opts::new("errors_total", "Error replies and dropped frames, by kind"),
+                &["kind"],
+            )
             .unwrap(),
             request_duration_s: HistogramVec::new(
                 HistogramOpts::new(

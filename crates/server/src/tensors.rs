@@ -184,12 +184,7 @@ impl<B: Backend> Store<B> {
     }
 
     /// Takes quota for `handles` new tensors of `bytes` in total, or says which limit is hit.
-    pub fn reserve<'a>(
-        &'a self,
-        id: &TenantId,
-        handles: usize,
-        bytes: u64,
-    ) -> Result<Reservation<'a, B>, TensorError> {
+    pub fn reserve<'a>(&'a self, id: &TenantId, handles: usize, bytes: u64) -> Result<Reservation<'a, B>, TensorError> {
         let tenant = self.tenant(id);
         {
             let mut q = lock(&tenant.quota);
@@ -222,9 +217,8 @@ impl<B: Backend> Store<B> {
     /// A region for one tensor of `desc` (at least one byte: zero-sized reservations are not
     /// portable across backends).
     pub fn alloc(&self, desc: &TensorDesc) -> Result<B::Region, TensorError> {
-        let bytes = usize::try_from(desc.byte_len()).map_err(|_| djinn_backend::BackendError::OutOfMemory {
-            bytes: usize::MAX,
-        })?;
+        let bytes = usize::try_from(desc.byte_len())
+            .map_err(|_| djinn_backend::BackendError::OutOfMemory { bytes: usize::MAX })?;
         Ok(self.backend.reserve(bytes.max(1))?)
     }
 

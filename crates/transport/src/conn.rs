@@ -112,7 +112,8 @@ pub struct TransportOptions {
     pub limits: djinn_proto::Limits,
     /// TCP: use plain sockets even where io_uring works.
     pub force_socket: bool,
-    /// TCP: sends at or above this many bytes use zero-copy send (measured; see tcp module).
+    /// TCP (io_uring): sends of at least this many bytes use zero-copy send (`usize::MAX`: never;
+    /// the default, from measurement, see `Default`).
     pub zerocopy_send_bytes_min: usize,
     /// SHM: bytes of the data area of each direction's ring in a client's region.
     pub shm_data_bytes: usize,
@@ -128,7 +129,13 @@ impl Default for TransportOptions {
             wait: WaitMode::SpinThenPark,
             limits: djinn_proto::Limits::default(),
             force_socket: false,
-            zerocopy_send_bytes_min: 64 * 1024,
+            // Zero-copy send is off by default: measured on this 2-core VM over loopback
+            // (benches/transport_tcp.rs, io_uring busy-poll, same run), SENDMSG_ZC reached only
+            // 0.34× (16 KiB), 0.91× (64 KiB), 0.56× (256 KiB), 0.86× (1 MiB), 0.62× (4 MiB), 0.76×
+            // (16 MiB) and 0.95× (64 MiB) of plain SENDMSG bandwidth: loopback delivery copies the
+            // pages anyway and the completion notification is extra work. On a real NIC, lower it
+            // to the crossover the bench's zero-copy table shows there.
+            zerocopy_send_bytes_min: usize::MAX,
             shm_data_bytes: 16 * 1024 * 1024,
             shm_slots: 256,
             spin_us: 50,

@@ -29,7 +29,8 @@ pub struct VmuConfig {
     pub scratch_bytes: usize,
     /// Device staging for gathered swaps; a swap larger than this runs in chunks.
     pub swap_staging_bytes: usize,
-    /// Pinned host swap pool (`--host-swap-mb`). `None`: min(4096 MiB, half the available RAM).
+    /// Pinned host swap pool (`--host-swap-mb`). `None`: min(4096 MiB, half the available RAM);
+    /// on the CPU backend also at most the KV region.
     pub host_swap_bytes: Option<usize>,
     pub gpu_memory_fraction: f64,
     pub gpu_reserve_bytes: usize,
@@ -160,8 +161,16 @@ impl RegionPlan {
                 )));
             }
         }
-        let host_bytes =
-            cfg.host_swap_bytes.unwrap_or_else(|| (4096 * MIB).min(mem_available_bytes().unwrap_or(8192 * MIB) / 2));
+        let host_bytes = cfg.host_swap_bytes.unwrap_or_else(|| {
+            let default = (4096 * MIB).min(mem_available_bytes().unwrap_or(8192 * MIB) / 2);
+            // On the CPU backend "device" memory is host memory already and the pool is mlocked:
+            // cap it at the KV region so several test servers fit on one machine.
+            if is_host_memory {
+                default.min(kv_blocks * block_bytes)
+            } else {
+                default
+            }
+        });
         Ok(RegionPlan {
             total_bytes,
             weights_offset,
@@ -183,5 +192,81 @@ impl RegionPlan {
                 256 * 1024
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use djinn_backend::DType;
+
+    use super::*;
+
+    fn dev(kind: &'static str, free_bytes: u64) -> DeviceInfo {
+        DeviceInfo {
+            kind,
+            name: "test".into(),
+            ordinal: 0,
+            memory_total_bytes: free_bytes,
+            memory_free_bytes: free_bytes,
+        }
+    }
+
+    fn layout() -> KvLayout {
+        // 32 layers × K/V × 8 heads × 16 tokens × 128 dims × f16 = 2 MiB blocks.
+        KvLayout { layers: 32, kv_heads: 8, head_dim: 128, block_tokens: 16, dtype: DType::F16 }
+    }
+
+    fn assert_disjoint_and_inside(p: &RegionPlan) {
+        let parts = [
+            (p.weights_offset, p.weights_bytes),
+            (p.kv_offset, p.kv_blocks * p.block_bytes),
+            (p.scratch_offset, p.scratch_bytes),
+            (p.staging_offset, p.staging_bytes),
+            (p.index_offset, p.index_bytes),
+        ];
+        for (i, a) in parts.iter().enumerate() {
+            assert_eq!(a.0 % REGION_ALIGN, 0, "part {i} misaligned");
+            assert!(a.0 + a.1 <= p.total_bytes, "part {i} outside the region");
+            for b in &parts[i + 1..] {
+                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "parts overlap: {a:?} {b:?}");
+            }
+        }
+        assert!(p.index_bytes >= (p.kv_blocks + 2) * 4);
+    }
+
+    #[test]
+    fn cpu_default_is_weights_plus_512_mib_kv() {
+        let mut c = VmuConfig::new(layout());
+        c.weights_bytes = 100 * MIB + 1;
+        let p = RegionPlan::new(&c, &dev("cpu", 64 << 30)).unwrap();
+        assert_eq!(p.kv_blocks, 256);
+        assert!(p.weights_bytes > 100 * MIB);
+        assert!(p.host_swap_blocks <= 256);
+        assert_eq!(p.direct_swap_min_run_bytes, 0);
+        assert_disjoint_and_inside(&p);
+    }
+
+    #[test]
+    fn gpu_default_fills_a_fraction_of_free_memory() {
+        let mut c = VmuConfig::new(layout());
+        c.weights_bytes = 16 << 30;
+        let free = 80u64 << 30;
+        let p = RegionPlan::new(&c, &dev("cuda", free)).unwrap();
+        let budget = (free as f64 * 0.9) as usize - 1024 * MIB;
+        assert!(p.total_bytes <= budget);
+        assert!(p.total_bytes + p.block_bytes + REGION_ALIGN * 2 > budget, "KV should take the rest");
+        assert_disjoint_and_inside(&p);
+        c.kv_capacity_bytes = Some(1 << 30);
+        let p = RegionPlan::new(&c, &dev("cuda", free)).unwrap();
+        assert_eq!(p.kv_blocks, 512);
+        assert_disjoint_and_inside(&p);
+    }
+
+    #[test]
+    fn explicit_budget_too_small_is_a_config_error() {
+        let mut c = VmuConfig::new(layout());
+        c.vmu_bytes = Some(64 * MIB);
+        c.weights_bytes = 64 * MIB;
+        assert!(matches!(RegionPlan::new(&c, &dev("cpu", 1 << 30)), Err(VmuError::Config(_))));
     }
 }

@@ -11,9 +11,10 @@
 //!
 //! Ordering: the VMU issues its own work on the backend's default stream (CoW block copies) and
 //! on a private swap stream. Every swap first makes the swap stream wait for the default stream
-//! (blocks freed by a close may still be read by a forward pass in flight), and after issuing it
-//! makes the default stream wait for the swap (a swapped-out block may be reused by the next
-//! append; a swapped-in session is read by the next step). Host swap slots are touched only by
+//! (blocks freed by a close may still be read by a forward pass in flight). A swap-in makes the
+//! default stream wait for it (the session's next step reads those blocks). A swap-out overlaps
+//! compute: only the next `append` that takes blocks makes the default stream wait for it (the
+//! blocks it freed may be written next). Host swap slots are touched only by
 //! the swap stream, so stream order alone protects their reuse. Forward passes must therefore be
 //! issued on `backend.default_stream()` (or on a stream that waits on it).
 
@@ -172,9 +173,13 @@ pub struct Vmu<B: Backend> {
     index_busy: Option<B::Event>,
     /// Last CoW copy that read the pair in the index area.
     cow_busy: Option<B::Event>,
+    /// Completion of the latest swap-out: blocks it freed may be handed to compute only after
+    /// it, so `append` makes the default stream wait on it (once) before using new blocks.
+    compute_fence: Option<B::Event>,
     timings: VecDeque<Timing<B::Event>>,
     /// Reused buffers: block ids of one swap, and their i32 bytes for the index area.
     ids: Vec<u32>,
+    dev_ids: Vec<i32>,
     index_bytes: Vec<u8>,
     metrics: VmuMetrics,
 }
@@ -229,8 +234,10 @@ impl<B: Backend> Vmu<B> {
             host_free: (0..plan.host_swap_blocks as u32).rev().collect(),
             index_busy: None,
             cow_busy: None,
+            compute_fence: None,
             timings: VecDeque::with_capacity(TIMINGS_MAX),
             ids: Vec::with_capacity(plan.kv_blocks.max(width)),
+            dev_ids: Vec::with_capacity(plan.kv_blocks.max(width)),
             index_bytes: Vec::with_capacity(plan.kv_blocks * 4),
             layout: cfg.kv_layout,
             admission_min_free_blocks: cfg.admission_min_free_blocks,
@@ -464,7 +471,7 @@ impl<B: Backend> Vmu<B> {
         let bt = self.layout.block_tokens;
         let t = self.sessions[idx].tokens;
         let max_tokens = self.plan.max_blocks_per_session * bt;
-        if t + n > max_tokens {
+        if n > max_tokens - t {
             return Err(VmuError::ContextFull { session: id, tokens: t, append: n, max_tokens });
         }
         self.make_resident(idx)?;
@@ -477,6 +484,7 @@ impl<B: Backend> Vmu<B> {
         let new_blocks = need_total - have;
         let cow = t % bt != 0 && self.refcount[self.tables[row + have - 1] as usize] > 1;
         self.make_room(new_blocks + cow as usize, idx)?;
+        self.fence_compute()?;
         if cow {
             let old = self.tables[row + have - 1];
             let new = self.take_block() as i32;
@@ -493,6 +501,18 @@ impl<B: Backend> Vmu<B> {
         slots.extend((t..t + n).map(|p| self.tables[row + p / bt] * bt as i32 + (p % bt) as i32));
         self.publish();
         Ok(t..t + n)
+    }
+
+    /// Orders later work on the default stream after the latest swap-out: the blocks it freed
+    /// (or a shared block it still reads, now private to another session) may be written next.
+    /// Swaps are ordered on one stream, so the latest fence covers every earlier one.
+    fn fence_compute(&mut self) -> Result<(), VmuError> {
+        if let Some(f) = self.compute_fence.take() {
+            if !self.backend.event_done(&f)? {
+                self.backend.wait(self.backend.default_stream(), &f)?;
+            }
+        }
+        Ok(())
     }
 
     /// Copies block `src` to `dst` on the default stream (copy-on-write).
@@ -661,13 +681,15 @@ impl<B: Backend> Vmu<B> {
         let mut host_ids = std::mem::take(&mut self.ids);
         host_ids.clear();
         host_ids.extend((0..n).map(|_| self.host_free.pop().expect("checked by caller")));
-        let dev: Vec<i32> = self.tables[row..row + n].to_vec();
+        let mut dev = std::mem::take(&mut self.dev_ids);
+        dev.clear();
+        dev.extend_from_slice(&self.tables[row..row + n]);
         let issued = self.issue_swap(true, &dev, &host_ids);
         let issued = issued.and_then(|()| {
-            let done = self.backend.record(&self.swap_stream)?;
-            // Later compute may reuse these blocks: order it after the copies read them.
-            self.backend.wait(self.backend.default_stream(), &done)?;
-            Ok(done)
+            // Compute is not held up now (the copies overlap it); only an append that takes
+            // blocks waits for this fence (see `fence_compute`).
+            self.compute_fence = Some(self.backend.record(&self.swap_stream)?);
+            Ok(self.backend.record(&self.swap_stream)?)
         });
         let done = match issued {
             Ok(d) => d,
@@ -677,6 +699,7 @@ impl<B: Backend> Vmu<B> {
                     self.host_free.push(h);
                 }
                 self.ids = host_ids;
+                self.dev_ids = dev;
                 return Err(e);
             }
         };
@@ -685,6 +708,7 @@ impl<B: Backend> Vmu<B> {
             self.tables[row + i] = host_ids[i] as i32;
         }
         self.ids = host_ids;
+        self.dev_ids = dev;
         self.sessions[idx].swapped = true;
         self.sessions_swapped += 1;
         self.metrics.swap_out_total.inc();
@@ -704,7 +728,11 @@ impl<B: Backend> Vmu<B> {
         let mut host_ids = std::mem::take(&mut self.ids);
         host_ids.clear();
         host_ids.extend(self.tables[row..row + n].iter().map(|&h| h as u32));
-        let dev: Vec<i32> = (0..n).map(|_| self.take_block() as i32).collect();
+        let mut dev = std::mem::take(&mut self.dev_ids);
+        dev.clear();
+        for _ in 0..n {
+            dev.push(self.take_block() as i32);
+        }
         let issued = self.issue_swap(false, &dev, &host_ids).and_then(|()| {
             let done = self.backend.record(&self.swap_stream)?;
             // The session's next step reads these blocks.
@@ -718,6 +746,7 @@ impl<B: Backend> Vmu<B> {
                     self.release_block(b as usize);
                 }
                 self.ids = host_ids;
+                self.dev_ids = dev;
                 return Err(e);
             }
         };
@@ -729,6 +758,7 @@ impl<B: Backend> Vmu<B> {
             self.host_free.push(h);
         }
         self.ids = host_ids;
+        self.dev_ids = dev;
         self.sessions[idx].swapped = false;
         self.sessions_swapped -= 1;
         self.metrics.swap_in_total.inc();

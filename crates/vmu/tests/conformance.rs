@@ -32,3 +32,9 @@ cpu_tests!(
 fn every_body_is_instantiated() {
     assert_eq!(common::bodies::bodies::<CpuBackend>().len(), 6);
 }
+
+#[test]
+fn vmu_is_send() {
+    fn send<T: Send>() {}
+    send::<djinn_vmu::Vmu<CpuBackend>>();
+}

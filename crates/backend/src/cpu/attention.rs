@@ -144,7 +144,10 @@ pub(crate) fn attention(
         }
         let blocks = (n_ctx as usize).div_ceil(bt);
         if blocks > b.max_blocks {
-            return Err(raw::shape(op, format!("sequence {s}: context {n_ctx} needs {blocks} blocks > {}", b.max_blocks)));
+            return Err(raw::shape(
+                op,
+                format!("sequence {s}: context {n_ctx} needs {blocks} blocks > {}", b.max_blocks),
+            ));
         }
         let t = &tables[s * b.max_blocks..s * b.max_blocks + blocks];
         if let Some((i, id)) = t.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= num_blocks) {

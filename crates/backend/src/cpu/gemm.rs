@@ -139,14 +139,6 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
 type DotFn = unsafe fn(w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32; GEMV_M_MAX]);
 
 fn dot_fn(dtype: DType) -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx2Fma {
-        return match dtype {
-            DType::BF16 => avx2::dot::<{ avx2::BF16 }>,
-            DType::F16 => avx2::dot::<{ avx2::F16 }>,
-            _ => avx2::dot::<{ avx2::F32 }>,
-        };
-    }
     match dtype {
         DType::BF16 => portable::dot::<bf16>,
         DType::F16 => portable::dot::<f16>,
@@ -157,8 +149,8 @@ fn dot_fn(dtype: DType) -> DotFn {
 #[allow(clippy::too_many_arguments)]
 fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
     #[cfg(target_arch = "x86_64")]
-    if w.dtype == DType::BF16 && simd_level() == SimdLevel::Avx2Fma {
-        return gemv_bf16_avx2(be, a, w, c, m, n, k, alpha, beta);
+    if simd_level() == SimdLevel::Avx2Fma {
+        return gemv_avx2(be, a, w, c, m, n, k, alpha, beta);
     }
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
@@ -197,20 +189,31 @@ fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize
     }
 }
 
-/// The bf16 GEMV on AVX2: the activations are permuted once per call to match the lane order of
-/// `unpacklo/hi_epi16`, so each 32-byte weight load widens with two shuffles and no shift, and
-/// several weight rows share each activation load (load ports, not FMAs, are the limit).
+/// The GEMV on AVX2. Several weight rows share each activation load (load ports, not FMAs, are
+/// the limit). For bf16 the activations are permuted once per call to match the lane order of
+/// `unpacklo/hi_epi16`, so each 32-byte weight load widens with two shuffles and no shift.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn gemv_bf16_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+fn gemv_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
     let k16 = k - k % 16;
-    let row_bytes = k * 2;
+    let esize = w.dtype.size_bytes();
+    let row_bytes = k * esize;
+    let rows_fn = match w.dtype {
+        DType::BF16 => avx2::rows::<{ avx2::BF16 }>,
+        DType::F16 => avx2::rows::<{ avx2::F16 }>,
+        _ => avx2::rows::<{ avx2::F32 }>,
+    };
     with_scratch(m * k + m * k16, |buf| {
         let (x, xp) = buf.split_at_mut(m * k);
         // SAFETY: `a` holds at least `m*k` elements (checked by the caller); read-only here.
         unsafe { load(a, 0, x) };
         for r in 0..m {
-            avx2::permute_for_bf16(&x[r * k..r * k + k16], &mut xp[r * k16..(r + 1) * k16]);
+            let (src, dst) = (&x[r * k..r * k + k16], &mut xp[r * k16..(r + 1) * k16]);
+            if w.dtype == DType::BF16 {
+                avx2::permute_for_bf16(src, dst);
+            } else {
+                dst.copy_from_slice(src);
+            }
         }
         let (x, xp) = (&*x, &*xp);
         be.for_chunks(n, n.div_ceil(be.threads()).max(GEMV_CHUNK_MIN), |j0, nj| {
@@ -233,9 +236,9 @@ fn gemv_bf16_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize
                         let rows = if nt - j >= group { group } else { 1 };
                         let mut out = [[0f32; 4]; 4];
                         // SAFETY: rows `jt+j..jt+j+rows` < n lie inside the weights; `xp` holds
-                        // `m * k16` permuted values; AVX2/FMA/F16C were detected.
+                        // `m * k16` (permuted for bf16) values; AVX2/FMA/F16C were detected.
                         unsafe {
-                            avx2::bf16_rows(
+                            rows_fn(
                                 w.ptr.add((jt + j) * row_bytes),
                                 row_bytes,
                                 rows,
@@ -246,16 +249,15 @@ fn gemv_bf16_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize
                             )
                         };
                         for rr in 0..rows {
-                            // SAFETY: row `jt + j + rr` < n.
-                            let wr = unsafe { (w.ptr as *const half::bf16).add((jt + j + rr) * k) };
+                            let mut tail = [0f32; 16];
+                            if k > k16 {
+                                // SAFETY: elements `k16..k` of row `jt + j + rr` < n.
+                                unsafe { load(w, (jt + j + rr) * k + k16, &mut tail[..k - k16]) };
+                            }
                             for mm in 0..ma {
-                                let xr = &x[(r0 + mm) * k..(r0 + mm + 1) * k];
-                                let mut t = out[rr][mm];
-                                for kk in k16..k {
-                                    // SAFETY: `kk < k`, inside the row.
-                                    t += unsafe { wr.add(kk).read_unaligned() }.to_f32() * xr[kk];
-                                }
-                                acc[r0 + mm][j + rr] = t;
+                                let xr = &x[(r0 + mm) * k + k16..(r0 + mm + 1) * k];
+                                let t: f32 = tail.iter().zip(xr).map(|(a, b)| a * b).sum();
+                                acc[r0 + mm][j + rr] = out[rr][mm] + t;
                             }
                         }
                         j += rows;
@@ -454,30 +456,9 @@ mod portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::GEMV_M_MAX;
-
     pub const BF16: u8 = 0;
     pub const F16: u8 = 1;
     pub const F32: u8 = 2;
-
-    /// Dispatches on `m` to a kernel with the accumulators unrolled for it.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C (checked by `simd_level`); `w` must point at `k`
-    /// readable elements of the storage type `DT`; `x` must hold `m * k` values, `m <= 8`.
-    pub unsafe fn dot<const DT: u8>(w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32; GEMV_M_MAX]) {
-        debug_assert!(x.len() >= m * k);
-        match m {
-            1 => dot_m::<DT, 1, 4>(w, x.as_ptr(), k, out),
-            2 => dot_m::<DT, 2, 4>(w, x.as_ptr(), k, out),
-            3 => dot_m::<DT, 3, 2>(w, x.as_ptr(), k, out),
-            4 => dot_m::<DT, 4, 2>(w, x.as_ptr(), k, out),
-            5 => dot_m::<DT, 5, 1>(w, x.as_ptr(), k, out),
-            6 => dot_m::<DT, 6, 1>(w, x.as_ptr(), k, out),
-            7 => dot_m::<DT, 7, 1>(w, x.as_ptr(), k, out),
-            _ => dot_m::<DT, 8, 1>(w, x.as_ptr(), k, out),
-        }
-    }
 
     /// Eight weights at element `i`, widened to f32.
     #[inline]
@@ -505,14 +486,15 @@ mod avx2 {
         }
     }
 
-    /// `out[r][a] = Σ_{i < k16} w[r][i] · x[a][i]` for `rows` (1, 2 or 4) bf16 weight rows
-    /// `row_bytes` apart and `acts` (1..=4) permuted activation rows `k16` apart.
+    /// `out[r][a] = Σ_{i < k16} w[r][i] · x[a][i]` for `rows` (1, 2 or 4) weight rows of storage
+    /// type `DT`, `row_bytes` apart, and `acts` (1..=4) activation rows `k16` apart (permuted
+    /// with [`permute_for_bf16`] when `DT` is bf16).
     ///
     /// # Safety
-    /// AVX2/FMA/F16C must be available; the weight rows must hold `k16` readable bf16 values and
+    /// AVX2/FMA/F16C must be available; the weight rows must hold `k16` readable values and
     /// `xp` `acts * k16` f32 values; `k16` must be a multiple of 16.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn bf16_rows(
+    pub unsafe fn rows<const DT: u8>(
         w: *const u8,
         row_bytes: usize,
         rows: usize,
@@ -522,18 +504,18 @@ mod avx2 {
         out: &mut [[f32; 4]; 4],
     ) {
         match (rows, acts) {
-            (4, 1) => bf16_rows_rm::<4, 1>(w, row_bytes, xp, k16, out),
-            (2, 2) => bf16_rows_rm::<2, 2>(w, row_bytes, xp, k16, out),
-            (2, 1) => bf16_rows_rm::<2, 1>(w, row_bytes, xp, k16, out),
-            (_, 1) => bf16_rows_rm::<1, 1>(w, row_bytes, xp, k16, out),
-            (_, 2) => bf16_rows_rm::<1, 2>(w, row_bytes, xp, k16, out),
-            (_, 3) => bf16_rows_rm::<1, 3>(w, row_bytes, xp, k16, out),
-            _ => bf16_rows_rm::<1, 4>(w, row_bytes, xp, k16, out),
+            (4, 1) => rows_rm::<DT, 4, 1>(w, row_bytes, xp, k16, out),
+            (2, 2) => rows_rm::<DT, 2, 2>(w, row_bytes, xp, k16, out),
+            (2, 1) => rows_rm::<DT, 2, 1>(w, row_bytes, xp, k16, out),
+            (_, 1) => rows_rm::<DT, 1, 1>(w, row_bytes, xp, k16, out),
+            (_, 2) => rows_rm::<DT, 1, 2>(w, row_bytes, xp, k16, out),
+            (_, 3) => rows_rm::<DT, 1, 3>(w, row_bytes, xp, k16, out),
+            _ => rows_rm::<DT, 1, 4>(w, row_bytes, xp, k16, out),
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn bf16_rows_rm<const R: usize, const M: usize>(
+    unsafe fn rows_rm<const DT: u8, const R: usize, const M: usize>(
         w: *const u8,
         row_bytes: usize,
         xp: *const f32,
@@ -551,10 +533,19 @@ mod avx2 {
                 xh[a] = _mm256_loadu_ps(xp.add(a * k16 + i + 8));
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let wv = _mm256_loadu_si256(w.add(r * row_bytes + i * 2) as *const __m256i);
-                // (0, w) word pairs are w << 16 as 32-bit lanes: exactly bf16 → f32.
-                let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv));
-                let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv));
+                let wr = w.add(r * row_bytes);
+                let (lo, hi) = match DT {
+                    BF16 => {
+                        let wv = _mm256_loadu_si256(wr.add(i * 2) as *const __m256i);
+                        // (0, w) word pairs are w << 16 as 32-bit lanes: exactly bf16 → f32.
+                        (
+                            _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, wv)),
+                            _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, wv)),
+                        )
+                    }
+                    F16 => (load8::<F16>(wr, i), load8::<F16>(wr, i + 8)),
+                    _ => (load8::<F32>(wr, i), load8::<F32>(wr, i + 8)),
+                };
                 for a in 0..M {
                     acc_r[a][0] = _mm256_fmadd_ps(lo, xl[a], acc_r[a][0]);
                     acc_r[a][1] = _mm256_fmadd_ps(hi, xh[a], acc_r[a][1]);
@@ -570,68 +561,11 @@ mod avx2 {
     }
 
     #[inline]
-    fn scalar<const DT: u8>(w: *const u8, i: usize) -> f32 {
-        // SAFETY: callers pass `i < k`, inside the row.
-        unsafe {
-            match DT {
-                BF16 => half::bf16::from_bits((w as *const u16).add(i).read_unaligned()).to_f32(),
-                F16 => half::f16::from_bits((w as *const u16).add(i).read_unaligned()).to_f32(),
-                _ => (w as *const f32).add(i).read_unaligned(),
-            }
-        }
-    }
-
-    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
         _mm_cvtss_f32(s)
-    }
-
-    /// `M` activation rows, `U` vectors of 8 weights per step (`M * U` independent FMA chains
-    /// hide the FMA latency; `M * U + U` stays within the 16 ymm registers).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_m<const DT: u8, const M: usize, const U: usize>(
-        w: *const u8,
-        x: *const f32,
-        k: usize,
-        out: &mut [f32; GEMV_M_MAX],
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); U]; M];
-        let step = 8 * U;
-        let mut i = 0;
-        while i + step <= k {
-            let mut wv = [_mm256_setzero_ps(); U];
-            for (u, v) in wv.iter_mut().enumerate() {
-                *v = load8::<DT>(w, i + 8 * u);
-            }
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                for u in 0..U {
-                    let xv = _mm256_loadu_ps(x.add(r * k + i + 8 * u));
-                    acc_r[u] = _mm256_fmadd_ps(wv[u], xv, acc_r[u]);
-                }
-            }
-            i += step;
-        }
-        while i + 8 <= k {
-            let wv = load8::<DT>(w, i);
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                acc_r[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(r * k + i)), acc_r[0]);
-            }
-            i += 8;
-        }
-        for r in 0..M {
-            let mut s = acc[r][0];
-            for u in 1..U {
-                s = _mm256_add_ps(s, acc[r][u]);
-            }
-            let mut t = hsum(s);
-            for j in i..k {
-                t += scalar::<DT>(w, j) * *x.add(r * k + j);
-            }
-            out[r] = t;
-        }
     }
 }

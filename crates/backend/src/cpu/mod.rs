@@ -95,14 +95,6 @@ impl CpuBackend {
         };
         if n == 1 || self.threads == 1 {
             (0..n).for_each(run);
-        } else if std::env::var_os("DJINN_INPLACE").is_some() {
-            let run = &run;
-            self.pool.in_place_scope(|s| {
-                for i in 1..n {
-                    s.spawn(move |_| run(i));
-                }
-                run(0);
-            });
         } else {
             self.pool.install(|| (0..n).into_par_iter().for_each(run));
         }
@@ -118,7 +110,10 @@ fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|v| v.trim().to_owned())
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_owned())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }
@@ -315,7 +310,12 @@ impl Backend for CpuBackend {
         let (x, out) = (operand(name, "x", &x)?, operand(name, "out", &out)?);
         for (r, n) in [(&x, "x"), (&out, "out")] {
             if !(r.dtype.is_float() || r.dtype == DType::I32) {
-                return Err(BackendError::DType { op: name, operand: n, got: r.dtype, expected: "f32, f16, bf16 or i32" });
+                return Err(BackendError::DType {
+                    op: name,
+                    operand: n,
+                    got: r.dtype,
+                    expected: "f32, f16, bf16 or i32",
+                });
             }
         }
         raw::len_eq(name, "out", &out, x.len)?;
@@ -350,7 +350,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embedding(&self, _s: &CpuStream, table: View<Self>, ids: View<Self>, out: View<Self>, hidden: usize) -> Result<()> {
+    fn embedding(
+        &self,
+        _s: &CpuStream,
+        table: View<Self>,
+        ids: View<Self>,
+        out: View<Self>,
+        hidden: usize,
+    ) -> Result<()> {
         let op = "embedding";
         let (t, ids, out) = (float(op, "table", &table)?, typed(op, "ids", &ids, DType::I32)?, float(op, "out", &out)?);
         if hidden == 0 || t.len % hidden != 0 {
@@ -361,7 +368,8 @@ impl Backend for CpuBackend {
         raw::disjoint(op, "ids", &out, &ids)?;
         let vocab = t.len / hidden;
         // SAFETY: `ids` is a checked i32 operand, not written by this op (disjoint from `out`).
-        if let Some((i, id)) = unsafe { raw::ints(&ids) }.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab)
+        if let Some((i, id)) =
+            unsafe { raw::ints(&ids) }.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab)
         {
             return Err(raw::shape(op, format!("ids[{i}] = {id} is outside the vocabulary of {vocab}")));
         }
@@ -543,5 +551,56 @@ impl Backend for CpuBackend {
         raw::disjoint(op, "logits", &out, &l)?;
         sample::sample(self, &l, &out, vocab, params);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{sample_uniform, HostBuf};
+
+    #[test]
+    fn regions_are_page_aligned_zeroed_and_exact() {
+        let be = CpuBackend::with_threads(2).unwrap();
+        let r = be.reserve(10_000).unwrap();
+        assert_eq!(r.len_bytes(), 10_000);
+        assert_eq!(r.as_ptr() as usize % mem::page_size(), 0);
+        let mut back = vec![1u8; 10_000];
+        be.read(&r, 0, &mut back).unwrap();
+        assert!(back.iter().all(|b| *b == 0));
+        let empty = be.reserve(0).unwrap();
+        assert!(be.write(&empty, 0, &[]).is_ok());
+        assert!(matches!(be.write(&empty, 0, &[1]), Err(BackendError::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn host_buffers_round_trip() {
+        let be = CpuBackend::new().unwrap();
+        let mut h = be.alloc_host(5000).unwrap();
+        assert_eq!(h.as_slice().len(), 5000);
+        h.as_mut_slice()[4999] = 7;
+        assert_eq!(h.as_slice()[4999], 7);
+    }
+
+    #[test]
+    fn misaligned_operands_are_rejected() {
+        let be = CpuBackend::new().unwrap();
+        let r = be.reserve(4096).unwrap();
+        let s = be.default_stream();
+        let e = be.unary(s, UnaryOp::Neg, View::new(&r, 2, DType::F32, 4), View::new(&r, 1024, DType::F32, 4));
+        assert!(matches!(e, Err(BackendError::Shape { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn uniform_draws_are_reproducible_and_in_range() {
+        let mut sum = 0.0f64;
+        for step in 0..10_000u64 {
+            let u = sample_uniform(42, step);
+            assert!((0.0..1.0).contains(&u));
+            assert_eq!(u, sample_uniform(42, step));
+            sum += u as f64;
+        }
+        assert!((sum / 10_000.0 - 0.5).abs() < 0.02, "mean {}", sum / 10_000.0);
+        assert_ne!(sample_uniform(1, 0), sample_uniform(2, 0));
     }
 }

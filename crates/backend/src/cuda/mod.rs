@@ -10,7 +10,10 @@
 //!
 //! Invariants: every driver call happens with this backend's (primary) context current on the
 //! calling thread (`bind`); every operand is bounds-checked against its region on the host
-//! before a launch, so kernels never see an out-of-region pointer.
+//! before a launch, so kernels never see an out-of-region pointer. Index *values* (token ids,
+//! KV slots, block ids) live in device memory: checking them is the caller's job (the trait's
+//! contract for device backends); kernels still skip bad ones and set a bit in their stream's
+//! error word, which the next `sync_stream` / `sync_event` on that stream reports as an error.
 
 mod kernels;
 mod ops;
@@ -100,12 +103,56 @@ impl Drop for PinnedHost {
     }
 }
 
-/// The pinned error word shared with kernels.
-struct ErrWord(PinnedHost);
+/// A stream's device-side input-check word (kernels/common.cuh ERR_*), in mapped pinned host
+/// memory: kernels on the stream OR bits in; synchronising the stream (or an event recorded on
+/// it) reports and clears them.
+pub(crate) struct ErrWord {
+    host: PinnedHost,
+    /// The device address of `host`.
+    dev: u64,
+}
 
 // SAFETY: after initialisation the word is only accessed through an AtomicU32 (host) and
 // device atomics (kernels); no `&mut` to it is ever formed again.
 unsafe impl Sync for ErrWord {}
+
+impl ErrWord {
+    fn new(ctx: &Arc<CudaContext>) -> Result<ErrWord> {
+        ctx.bind_to_thread().map_err(driver_err("bind context"))?;
+        // SAFETY: a 4-byte mapped (DEVICEMAP) pinned allocation, owned by the PinnedHost below.
+        let ptr = unsafe { drv::malloc_host(4, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .map_err(driver_err("cuMemHostAlloc (error word)"))? as *mut u8;
+        let mut host = PinnedHost { ptr, len: 4, ctx: ctx.clone() };
+        host.as_mut_slice().fill(0);
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: `ptr` is a live mapped pinned allocation of this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, ptr.cast(), 0) }
+            .result()
+            .map_err(driver_err("cuMemHostGetDevicePointer"))?;
+        Ok(ErrWord { host, dev })
+    }
+
+    /// Reports (and clears) what kernels flagged. Call after a synchronisation: only then have
+    /// the kernels in question finished.
+    fn take(&self) -> Result<()> {
+        // SAFETY: the allocation holds 4 bytes, page-aligned, alive as long as self. Kernels
+        // write it with device atomics through the mapping; the synchronisation that precedes
+        // this call orders those writes before this read.
+        let word = unsafe { &*(self.host.ptr as *const std::sync::atomic::AtomicU32) };
+        let bits = word.swap(0, std::sync::atomic::Ordering::AcqRel);
+        if bits == 0 {
+            return Ok(());
+        }
+        let (op, why) = if bits & 1 != 0 {
+            ("embedding", "a token id lies outside the vocabulary")
+        } else if bits & 2 != 0 {
+            ("kv_append", "a slot lies outside the KV cache")
+        } else {
+            ("attention/blocks", "a block id lies outside the KV cache")
+        };
+        Err(BackendError::Shape { op, why: format!("{why} (detected on the device)") })
+    }
+}
 
 /// A cuBLAS handle bound to one stream.
 struct Blas(blas_sys::cublasHandle_t);
@@ -127,6 +174,7 @@ pub struct Stream {
     // Field order is drop order: the cuBLAS handle goes before the stream it is bound to.
     blas: Mutex<Blas>,
     workspace: Region,
+    err: Arc<ErrWord>,
     stream: Arc<CudaStream>,
 }
 
@@ -136,16 +184,10 @@ impl Stream {
     }
 }
 
-/// A recorded point on a stream.
-pub struct Event(CudaEvent);
+/// A recorded point on a stream (and that stream's error word, reported on synchronisation).
+pub struct Event(CudaEvent, Arc<ErrWord>);
 
 pub struct CudaBackend {
-    // Field order is drop order: the error word (pinned) goes before the context reference.
-    /// Device-side input-check bits (kernels/common.cuh ERR_*), in mapped pinned host memory:
-    /// kernels OR bits in, the next synchronisation reports and clears them.
-    err_host: ErrWord,
-    /// The device address of `err_host`.
-    err_dev: u64,
     ctx: Arc<CudaContext>,
     default: Stream,
     kernels: kernels::Kernels,
@@ -181,19 +223,8 @@ impl CudaBackend {
         let name = ctx.name().map_err(driver_err("device name"))?;
         let kernels = kernels::Kernels::load(&ctx, kernels, arch)?;
         let default = Self::make_stream(&ctx)?;
-        // SAFETY: a 4-byte mapped (DEVICEMAP) pinned allocation owned by `err_host`.
-        let err_ptr = unsafe { drv::malloc_host(4, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
-            .map_err(driver_err("cuMemHostAlloc (error word)"))? as *mut u8;
-        let mut err_host = PinnedHost { ptr: err_ptr, len: 4, ctx: ctx.clone() };
-        err_host.as_mut_slice().fill(0);
-        let err_host = ErrWord(err_host);
-        let mut err_dev: sys::CUdeviceptr = 0;
-        // SAFETY: `err_ptr` is a live mapped pinned allocation of this context.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut err_dev, err_ptr.cast(), 0) }
-            .result()
-            .map_err(driver_err("cuMemHostGetDevicePointer"))?;
         tracing::info!(ordinal, %name, arch, sm_count, "cuda backend ready");
-        Ok(CudaBackend { err_host, err_dev, ctx, default, kernels, name, arch, sm_count })
+        Ok(CudaBackend { ctx, default, kernels, name, arch, sm_count })
     }
 
     /// Compute capability as `major * 10 + minor`.
@@ -204,28 +235,6 @@ impl CudaBackend {
     /// Which image each kernel module was loaded from.
     pub fn kernel_origins(&self) -> Vec<(&'static str, KernelOrigin)> {
         self.kernels.origins()
-    }
-
-    /// Reports (and clears) input errors kernels detected since the last synchronisation. Call
-    /// after a synchronisation: only then have the kernels in question finished.
-    fn take_device_error(&self) -> Result<()> {
-        // SAFETY: `err_host` holds 4 bytes, 4-aligned (page-aligned allocation), that live as long
-        // as self; kernels write it with device atomics over the mapping, so the host side uses
-        // an atomic too (the writes it must observe completed before the synchronisation that
-        // precedes this call, which orders them).
-        let word = unsafe { &*(self.err_host.0.ptr as *const std::sync::atomic::AtomicU32) };
-        let bits = word.swap(0, std::sync::atomic::Ordering::AcqRel);
-        if bits == 0 {
-            return Ok(());
-        }
-        let (op, why) = if bits & 1 != 0 {
-            ("embedding", "a token id lies outside the vocabulary")
-        } else if bits & 2 != 0 {
-            ("kv_append", "a slot lies outside the KV cache")
-        } else {
-            ("attention/blocks", "a block id lies outside the KV cache")
-        };
-        Err(BackendError::Shape { op, why: format!("{why} (detected on the device)") })
     }
 
     fn bind(&self) -> Result<()> {
@@ -251,7 +260,8 @@ impl CudaBackend {
         unsafe { cudarc::cublas::result::set_stream(blas.0, stream.cu_stream() as _) }
             .map_err(|e| BackendError::Driver { op: "cublasSetStream", msg: e.to_string() })?;
         let workspace = Self::alloc(ctx, ATTN_WORKSPACE_BYTES)?;
-        Ok(Stream { blas: Mutex::new(blas), workspace, stream })
+        let err = Arc::new(ErrWord::new(ctx)?);
+        Ok(Stream { blas: Mutex::new(blas), workspace, err, stream })
     }
 
     fn check_range(op: &'static str, region: &Region, offset: usize, bytes: usize) -> Result<()> {
@@ -269,7 +279,8 @@ impl Backend for CudaBackend {
     type Host = PinnedHost;
 
     fn info(&self) -> DeviceInfo {
-        let (free, total) = self.bind().and_then(|_| drv::mem_get_info().map_err(driver_err("mem info"))).unwrap_or((0, 0));
+        let (free, total) =
+            self.bind().and_then(|_| drv::mem_get_info().map_err(driver_err("mem info"))).unwrap_or((0, 0));
         DeviceInfo {
             kind: "cuda",
             name: self.name.clone(),
@@ -305,7 +316,8 @@ impl Backend for CudaBackend {
 
     fn record(&self, stream: &Stream) -> Result<Event> {
         self.bind()?;
-        stream.stream.record_event(None).map(Event).map_err(driver_err("cuEventRecord"))
+        let event = stream.stream.record_event(None).map_err(driver_err("cuEventRecord"))?;
+        Ok(Event(event, stream.err.clone()))
     }
 
     fn wait(&self, stream: &Stream, event: &Event) -> Result<()> {
@@ -320,13 +332,13 @@ impl Backend for CudaBackend {
 
     fn sync_event(&self, event: &Event) -> Result<()> {
         event.0.synchronize().map_err(driver_err("cuEventSynchronize"))?;
-        self.take_device_error()
+        event.1.take()
     }
 
     fn sync_stream(&self, stream: &Stream) -> Result<()> {
         self.bind()?;
         stream.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
-        self.take_device_error()
+        stream.err.take()
     }
 
     fn write(&self, region: &Region, offset: usize, src: &[u8]) -> Result<()> {
@@ -339,7 +351,8 @@ impl Backend for CudaBackend {
         // synchronise below returns, after which the device no longer reads it.
         unsafe { drv::memcpy_htod_async(region.ptr + offset as u64, src, self.default.raw()) }
             .map_err(driver_err("cuMemcpyHtoDAsync"))?;
-        self.sync_stream(&self.default)
+        // A plain copy: kernel input errors stay pending for the next sync_stream/sync_event.
+        self.default.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))
     }
 
     fn read(&self, region: &Region, offset: usize, dst: &mut [u8]) -> Result<()> {
@@ -352,7 +365,7 @@ impl Backend for CudaBackend {
         // synchronise below returns, after which the device no longer writes it.
         unsafe { drv::memcpy_dtoh_async(dst, region.ptr + offset as u64, self.default.raw()) }
             .map_err(driver_err("cuMemcpyDtoHAsync"))?;
-        self.sync_stream(&self.default)
+        self.default.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))
     }
 
     fn copy(
@@ -366,6 +379,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         Self::check_range("copy src", src, src_offset, bytes)?;
         Self::check_range("copy dst", dst, dst_offset, bytes)?;
+        if src.ptr == dst.ptr && src_offset < dst_offset + bytes && dst_offset < src_offset + bytes {
+            return Err(BackendError::Overlap { op: "copy", operand: "src" });
+        }
         if bytes == 0 {
             return Ok(());
         }
@@ -385,13 +401,14 @@ impl Backend for CudaBackend {
         bytes: usize,
     ) -> Result<()> {
         Self::check_range("copy_h2d_async", region, offset, bytes)?;
-        let src = host.as_slice().get(host_offset..host_offset.saturating_add(bytes)).ok_or(BackendError::OutOfBounds {
-            op: "copy_h2d_async",
-            operand: "host",
-            offset: host_offset,
-            bytes,
-            region_bytes: host.len,
-        })?;
+        let src =
+            host.as_slice().get(host_offset..host_offset.saturating_add(bytes)).ok_or(BackendError::OutOfBounds {
+                op: "copy_h2d_async",
+                operand: "host",
+                offset: host_offset,
+                bytes,
+                region_bytes: host.len,
+            })?;
         if bytes == 0 {
             return Ok(());
         }
@@ -414,7 +431,13 @@ impl Backend for CudaBackend {
         Self::check_range("copy_d2h_async", region, offset, bytes)?;
         let len = host.len;
         let dst = host.as_mut_slice().get_mut(host_offset..host_offset.saturating_add(bytes)).ok_or(
-            BackendError::OutOfBounds { op: "copy_d2h_async", operand: "host", offset: host_offset, bytes, region_bytes: len },
+            BackendError::OutOfBounds {
+                op: "copy_d2h_async",
+                operand: "host",
+                offset: host_offset,
+                bytes,
+                region_bytes: len,
+            },
         )?;
         if bytes == 0 {
             return Ok(());
@@ -521,7 +544,14 @@ impl Backend for CudaBackend {
         self.argmax_impl(s, logits, out, vocab)
     }
 
-    fn sample(&self, s: &Stream, logits: View<Self>, out: View<Self>, vocab: usize, params: &[SampleParams]) -> Result<()> {
+    fn sample(
+        &self,
+        s: &Stream,
+        logits: View<Self>,
+        out: View<Self>,
+        vocab: usize,
+        params: &[SampleParams],
+    ) -> Result<()> {
         self.sample_impl(s, logits, out, vocab, params)
     }
 }

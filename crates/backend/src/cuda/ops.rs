@@ -20,11 +20,14 @@ const THREADS: u32 = 256;
 /// Rows per `sample_<dt>` launch at most: the per-row parameters travel in the kernel parameter
 /// buffer (64 × 32 bytes, inside the 4 KiB limit). Must equal SAMPLE_ROWS_MAX in kernels/sampling.cu.
 const SAMPLE_ROWS_MAX: usize = 64;
-/// Decode partitions never exceed this many tokens (bounds the block-table slice in shared
-/// memory to 4096 ints with 16-token blocks... and below with larger ones).
+/// Decode partitions are at most this long unless the workspace forces fewer, longer ones.
 const DECODE_PART_TOKENS_MAX: usize = 4096;
+/// Block-table entries of one partition staged in shared memory (16 KiB of ints).
+const DECODE_TABLE_SLICE_MAX: usize = 4096;
 /// Decode partitions are at least this long, so the reduction pass stays cheap.
 const DECODE_PART_TOKENS_MIN: usize = 128;
+/// Partition counts tried by the decode planner.
+const DECODE_PARTS_SEARCH_MAX: usize = 64;
 /// Grid y (and z) limit of a launch.
 const GRID_Y_MAX: usize = 65535;
 
@@ -108,10 +111,10 @@ fn i32_arg(op: &'static str, what: &str, v: usize) -> Result<i32> {
 
 /// Bytes of the cache, checked against its region; returns the cache's device address.
 fn cache_ptr(op: &'static str, cache: &KvCacheRef<CudaBackend>) -> Result<u64> {
-    let bytes = cache.num_blocks.checked_mul(cache.layout.block_bytes()).ok_or(BackendError::Shape {
-        op,
-        why: "cache size overflows".into(),
-    })?;
+    let bytes = cache
+        .num_blocks
+        .checked_mul(cache.layout.block_bytes())
+        .ok_or(BackendError::Shape { op, why: "cache size overflows".into() })?;
     range_ptr(op, "cache", cache.region, cache.offset, bytes)
 }
 
@@ -388,7 +391,7 @@ impl CudaBackend {
         }
         shape(OP, ids.len <= i32::MAX as usize, || format!("{} ids", ids.len))?;
         let (h, vocab) = (hidden as i64, (table.len / hidden) as i64);
-        let err = self.err_dev;
+        let err = s.err.dev;
         self.bind()?;
         let mut p = kargs![&pt, &ct, &pi, &po, &co, &h, &vocab, &err];
         // SAFETY: matches `embedding(const void*, int, const int*, void*, int, i64, i64,
@@ -408,7 +411,8 @@ impl CudaBackend {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "rms_norm";
-        let (cx, cw, co) = (code(OP, "x", &x, false)?, code(OP, "weight", &weight, false)?, code(OP, "out", &out, false)?);
+        let (cx, cw, co) =
+            (code(OP, "x", &x, false)?, code(OP, "weight", &weight, false)?, code(OP, "out", &out, false)?);
         shape(OP, hidden > 0 && x.len % hidden == 0 && out.len == x.len && weight.len == hidden, || {
             format!("x {}, out {}, weight {} with hidden {hidden}", x.len, out.len, weight.len)
         })?;
@@ -508,7 +512,7 @@ impl CudaBackend {
         let bt = i32_arg(OP, "block_tokens", l.block_tokens)?;
         let block_elems = (l.block_bytes() / l.dtype.size_bytes()) as i64;
         let nb = cache.num_blocks as i64;
-        let err = self.err_dev;
+        let err = s.err.dev;
         self.bind()?;
         let mut p = kargs![&pk, &pv, &ck, &pc, &ps, &layer_i, &kvh, &hd, &bt, &block_elems, &nb, &err];
         // SAFETY: matches `kv_append_<dt>(const void*, const void*, int, T*, const int*, int,
@@ -537,7 +541,8 @@ impl CudaBackend {
             got => return Err(BackendError::DType { op: OP, operand: "cache", got, expected: "f32|f16|bf16" }),
         };
         let (cq, co) = (code(OP, "q", &q, false)?, code(OP, "out", &out, false)?);
-        for (name, v) in [("q_start", &batch.q_start), ("ctx_lens", &batch.ctx_lens), ("block_tables", &batch.block_tables)]
+        for (name, v) in
+            [("q_start", &batch.q_start), ("ctx_lens", &batch.ctx_lens), ("block_tables", &batch.block_tables)]
         {
             want(OP, name, v, DType::I32)?;
         }
@@ -588,7 +593,7 @@ impl CudaBackend {
         let maxb_i = i32_arg(OP, "max_blocks_per_seq", batch.max_blocks_per_seq)?;
         let block_elems = (l.block_bytes() / l.dtype.size_bytes()) as i64;
         let nb = cache.num_blocks as i64;
-        let err = self.err_dev;
+        let err = s.err.dev;
         self.bind()?;
         if decode_ok {
             let lpt = lanes.next_power_of_two() as i32;
@@ -604,8 +609,28 @@ impl CudaBackend {
                 let ws_ml = ws + (seqs * heads * plan.parts * hd * 4) as u64;
                 let part_i = plan.part_tokens as i32;
                 let mut p = kargs![
-                    &pq, &cq, &pc, &nb, &pqs, &pcl, &pbt, &maxb_i, &po, &co, &ws, &ws_ml, &heads_i, &kvh_i, &hd_i,
-                    &bt_i, &block_elems, &layer_i, &part_i, &lpt, &scale_log2, &err
+                    &pq,
+                    &cq,
+                    &pc,
+                    &nb,
+                    &pqs,
+                    &pcl,
+                    &pbt,
+                    &maxb_i,
+                    &po,
+                    &co,
+                    &ws,
+                    &ws_ml,
+                    &heads_i,
+                    &kvh_i,
+                    &hd_i,
+                    &bt_i,
+                    &block_elems,
+                    &layer_i,
+                    &part_i,
+                    &lpt,
+                    &scale_log2,
+                    &err
                 ];
                 let grid = (kvh as u32, seqs as u32, plan.parts as u32);
                 // SAFETY: matches `paged_decode_<dt>_g<GP>` (see kernels/attention.cu); q/out
@@ -628,17 +653,34 @@ impl CudaBackend {
         let tiles = batch.max_q_len.div_ceil(16).max(1);
         shape(OP, heads <= GRID_Y_MAX && tiles <= i32::MAX as usize, || format!("{heads} heads, {tiles} tiles"))?;
         let mut p = kargs![
-            &pq, &cq, &pc, &nb, &pqs, &pcl, &pbt, &maxb_i, &po, &co, &heads_i, &kvh_i, &hd_i, &bt_i, &block_elems,
-            &layer_i, &kt, &scale_log2, &err
+            &pq,
+            &cq,
+            &pc,
+            &nb,
+            &pqs,
+            &pcl,
+            &pbt,
+            &maxb_i,
+            &po,
+            &co,
+            &heads_i,
+            &kvh_i,
+            &hd_i,
+            &bt_i,
+            &block_elems,
+            &layer_i,
+            &kt,
+            &scale_log2,
+            &err
         ];
         // SAFETY: matches `prefill_<dt>` (see kernels/attention.cu); all operands checked above.
         unsafe { self.launch(s, PREFILL[di], (tiles as u32, heads as u32, seqs as u32), 128, smem as u32, &mut p) }
     }
 
-    /// Split-K plan for paged decode: one full wave of thread blocks (as many partitions as the
-    /// SMs can hold resident at once, given the kernel's occupancy), each partition a whole
+    /// Split-K plan for paged decode: the partition count that fills the GPU's resident thread
+    /// blocks (from the kernel's occupancy) in the fullest whole waves, each partition a whole
     /// number of cache blocks and at least DECODE_PART_TOKENS_MIN long, the partials fitting
-    /// the stream's workspace. One wave, because equal-sized blocks in 1.1 waves would cost two.
+    /// the stream's workspace. Whole waves, because equal-sized blocks in 1.1 waves cost two.
     /// `None` when no plan fits (the caller falls back to the general kernel).
     #[allow(clippy::too_many_arguments)]
     fn decode_plan(
@@ -656,13 +698,26 @@ impl CudaBackend {
         // Occupancy at a typical block-table slice (256 ints); the exact slice is smaller or
         // equal for the partition sizes chosen here.
         // SAFETY: `f` is a live function of this context; 128 threads is the launch block.
-        let per_sm = unsafe { cudarc::driver::result::occupancy::max_active_block_per_multiprocessor(f.0, 128, smem_fixed + 1024) }
-            .map_err(super::driver_err("occupancy"))?
-            .max(1) as usize;
-        let base_blocks = seqs * kv_heads;
+        let per_sm = unsafe {
+            cudarc::driver::result::occupancy::max_active_block_per_multiprocessor(f.0, 128, smem_fixed + 1024)
+        }
+        .map_err(super::driver_err("occupancy"))?
+        .max(1) as usize;
+        let base_blocks = (seqs * kv_heads).max(1);
         let resident = self.sm_count as usize * per_sm;
-        let mut parts = (resident / base_blocks.max(1)).max(1);
-        parts = parts.min(max_ctx.div_ceil(DECODE_PART_TOKENS_MIN)).max(1);
+        // Equal-sized blocks finish in whole waves: pick the partition count whose last wave is
+        // fullest (ties: fewer partitions), e.g. 64 base blocks on 132 SMs × 3 -> 6 partitions.
+        let p_max = max_ctx.div_ceil(DECODE_PART_TOKENS_MIN).clamp(1, DECODE_PARTS_SEARCH_MAX);
+        let fill = |p: usize| {
+            let blocks = base_blocks * p;
+            blocks as f64 / (blocks.div_ceil(resident) * resident) as f64
+        };
+        let mut parts = 1;
+        for p in 2..=p_max {
+            if fill(p) > fill(parts) + 1e-9 {
+                parts = p;
+            }
+        }
         parts = parts.max(max_ctx.div_ceil(DECODE_PART_TOKENS_MAX));
         let per_part_bytes = seqs * heads * (head_dim + 2) * 4;
         let fit = super::ATTN_WORKSPACE_BYTES / per_part_bytes.max(1);
@@ -673,7 +728,7 @@ impl CudaBackend {
             return Ok(None);
         }
         let part_tokens = max_ctx.div_ceil(parts).next_multiple_of(block_tokens);
-        if part_tokens / block_tokens > DECODE_PART_TOKENS_MAX {
+        if part_tokens / block_tokens > DECODE_TABLE_SLICE_MAX {
             return Ok(None);
         }
         let parts = max_ctx.div_ceil(part_tokens);
@@ -701,7 +756,7 @@ impl CudaBackend {
         let words = block_bytes / word;
         let gx = words.div_ceil(THREADS as usize * 4).clamp(1, 1024) as u32;
         let bb = block_bytes as i64;
-        let err = self.err_dev;
+        let err = s.err.dev;
         self.bind()?;
         let mut first = 0usize;
         while first < moves {
@@ -786,7 +841,14 @@ impl CudaBackend {
         unsafe { self.launch(s, ARGMAX[di], (rows as u32, 1, 1), 1024, 0, &mut p) }
     }
 
-    pub(super) fn sample_impl(&self, s: &Stream, logits: V, out: V, vocab: usize, params: &[SampleParams]) -> Result<()> {
+    pub(super) fn sample_impl(
+        &self,
+        s: &Stream,
+        logits: V,
+        out: V,
+        vocab: usize,
+        params: &[SampleParams],
+    ) -> Result<()> {
         const OP: &str = "sample";
         let di = dt_index(OP, "logits", &logits)?;
         want(OP, "out", &out, DType::I32)?;
@@ -802,7 +864,10 @@ impl CudaBackend {
         let vpow2 = vocab.next_power_of_two();
         let rows_per_launch = (super::ATTN_WORKSPACE_BYTES / (vpow2 * 8)).min(SAMPLE_ROWS_MAX);
         if rows_per_launch == 0 {
-            return Err(BackendError::Unsupported { op: OP, why: format!("vocab {vocab} exceeds the sampling workspace") });
+            return Err(BackendError::Unsupported {
+                op: OP,
+                why: format!("vocab {vocab} exceeds the sampling workspace"),
+            });
         }
         let vpow2_i = vpow2 as i32;
         let ws = s.workspace.ptr;

@@ -23,8 +23,13 @@
 //! Inside the region (see [`region`]): per direction, a ring of `opts.shm_slots` frame slots
 //! (header + up to `SLOT_META_INLINE_MAX` bytes of metadata) and a byte ring of `opts.shm_data_bytes`
 //! for bulk data. The sender writes tensor bytes straight into the receiver's ring (a one-sided
-//! write, as RDMA will do) and rings a doorbell only if the receiver is parked (see [`ring`]).
-//! Region sizes are the server's options; the client's options set only its own waiting and limits.
+//! write, as RDMA will do) and rings a doorbell only if the receiver is parked (see `ring.rs` for
+//! the ordering). Region sizes are the server's options; the client's options set only its own
+//! waiting and limits.
+//!
+//! Errors: a header that fails validation is `BadHeader`; an index in the region that a peer set
+//! out of range is `Other("shm peer … broke the ring protocol: …")`. Either poisons that half: the
+//! connection is unusable (framing is lost) and every later call returns the error again.
 
 pub mod raw;
 pub mod region;

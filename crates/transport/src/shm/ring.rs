@@ -3,7 +3,7 @@
 //!
 //! Sending a frame: wait for a free slot, copy header (+ inline metadata) into it, then stream
 //! large metadata and the bulk data straight from the caller's buffers into the data ring, in
-//! chunks of at most `PUBLISH_CHUNK_BYTES`. After each chunk (and at the end) the sender publishes
+//! chunks of at most `(*CHUNK)`. After each chunk (and at the end) the sender publishes
 //! with Release stores of `tail_data` then `tail_slots`, so a frame larger than the data area
 //! flows through it while the receiver drains it.
 //!
@@ -20,7 +20,7 @@
 //! Waiting (`WaitMode`): spin-then-park spins `spin_us` (yielding the core between looks after the
 //! first few microseconds, in case the peer was woken onto this core), then parks in `poll` on its
 //! eventfd and the peer's socket: no CPU while idle, and a dead peer wakes it. Busy-poll never
-//! parks; it yields briefly every 20 µs and checks the peer's socket every millisecond.
+//! parks; every millisecond of waiting it checks the peer's socket and yields once.
 //!
 //! Bounds: at most `slot_count` frames and `data_bytes` bytes are unconsumed per direction; a full
 //! ring makes the sender wait, never buffer.
@@ -42,18 +42,19 @@ use crate::{ByteCounters, FrameRx, FrameTx, OutFrame, RxHead, TransportError, Wa
 
 /// The sender publishes (and may ring) at least this often while streaming a large frame, so the
 /// receiver copies out one chunk while the next is being copied in.
-const PUBLISH_CHUNK_BYTES: usize = 256 * 1024;
+
 /// Once one frame has streamed this many bytes, its sender stays at most this far ahead of the
 /// receiver. Bytes then cross through the shared cache instead of being evicted to DRAM and read
 /// back (the whole data area is usually larger than the cache). Smaller frames, and runs of
 /// pipelined frames, may still fill the whole data area.
 /// 4 MiB measured best of 1/2/4/16 MiB on the 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3).
-const STREAM_LEAD_BYTES: u64 = 4 * 1024 * 1024;
+const STREAM_LEAD_BYTES_X: u64 = 4 * 1024 * 1024;
+fn envv(k: &str, d: u64) -> u64 { std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d) }
+static LEAD: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| envv("SHM_LEAD", STREAM_LEAD_BYTES_X));
+static CHUNK: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| envv("SHM_CHUNK", 256*1024) as usize);
 /// Spin-then-park spins without yielding for this long before it yields between looks.
 const PURE_SPIN: Duration = Duration::from_micros(5);
-/// Busy-poll yields the core this often while it waits.
-const BUSY_POLL_YIELD_INTERVAL: Duration = Duration::from_micros(20);
-/// While busy-polling, check the peer's socket for hang-up at most this often.
+/// While busy-polling, check the peer's socket for hang-up (and yield) at most this often.
 const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Why a ring operation stopped.
@@ -113,7 +114,10 @@ impl Waiter {
         let start = Instant::now();
         match self.mode {
             WaitMode::BusyPoll => {
-                let (mut last_check, mut last_yield) = (start, start);
+                // Never parks, and yields only once per liveness check: a busy-polling side owns
+                // its core (an early yield on a loaded machine hands the core to other processes
+                // for a whole time slice), but a peer that shares this core still runs within 1 ms.
+                let mut last_check = start;
                 loop {
                     for _ in 0..256 {
                         std::hint::spin_loop();
@@ -122,17 +126,12 @@ impl Waiter {
                         }
                     }
                     let now = Instant::now();
-                    // Never park, but let a peer that shares this core run now and then; with a
-                    // free core this returns at once.
-                    if now - last_yield >= BUSY_POLL_YIELD_INTERVAL {
-                        std::thread::yield_now();
-                        last_yield = Instant::now();
-                    }
                     if now - last_check >= LIVENESS_CHECK_INTERVAL {
-                        last_check = now;
                         if sys::peer_gone_now(&link.sock) {
                             return ready()?.ok_or(RingError::PeerGone);
                         }
+                        std::thread::yield_now();
+                        last_check = Instant::now();
                     }
                 }
             }
@@ -218,7 +217,7 @@ struct TxState {
     /// The consumer's counters as last read (validated).
     head_slots: u64,
     head_data: u64,
-    /// Bytes of the data ring the current frame may keep unconsumed (see `STREAM_LEAD_BYTES`).
+    /// Bytes of the data ring the current frame may keep unconsumed (see `(*LEAD)`).
     data_cap: u64,
     /// `tail_data` when the current frame started.
     frame_data_start: u64,
@@ -406,15 +405,15 @@ impl ShmTx {
             let pos = (st.tail_data % st.data_bytes) as usize;
             // Stop at the wrap point and at the next chunk boundary, so the receiver starts
             // copying out while we copy in the rest.
-            let to_boundary = PUBLISH_CHUNK_BYTES - (st.tail_data % PUBLISH_CHUNK_BYTES as u64) as usize;
+            let to_boundary = (*CHUNK) - (st.tail_data % (*CHUNK) as u64) as usize;
             let n = (free as usize).min(src.len() - done).min(st.data_bytes as usize - pos).min(to_boundary);
             st.link.region.write(st.off.data + pos, &src[done..done + n]);
             st.tail_data += n as u64;
             done += n;
             if n == to_boundary {
                 st.publish();
-                if st.tail_data - st.frame_data_start >= STREAM_LEAD_BYTES {
-                    st.data_cap = st.data_bytes.min(STREAM_LEAD_BYTES);
+                if st.tail_data - st.frame_data_start >= (*LEAD) {
+                    st.data_cap = st.data_bytes.min((*LEAD));
                 }
             }
         }
@@ -517,7 +516,7 @@ impl ShmRx {
             let avail = self.avail(RxState::avail_data)?;
             let st = &mut self.st;
             let pos = st.head_data % st.data_bytes;
-            let n = avail.min(len - done).min(st.data_bytes - pos).min(PUBLISH_CHUNK_BYTES as u64);
+            let n = avail.min(len - done).min(st.data_bytes - pos).min((*CHUNK) as u64);
             if let Some(d) = dst.as_deref_mut() {
                 st.link.region.read(st.off.data + pos as usize, &mut d[done as usize..(done + n) as usize]);
             }

@@ -2,8 +2,9 @@
 //! operation in flight. Sends are one `SENDMSG` (or `SENDMSG_ZC` at or above the zero-copy
 //! threshold) over the frame's iovecs; receives are one `RECV` into the caller's buffer.
 //!
-//! Waiting: BusyPoll submits and then polls the completion queue without entering the kernel;
-//! SpinThenPark polls for `spin_us` and then waits in `io_uring_enter`.
+//! Waiting: BusyPoll submits and then polls the completion queue, entering the kernel only when
+//! the ring's TASKRUN flag says a completion is waiting to be posted (see `new_ring`);
+//! SpinThenPark does the same for `spin_us` and then waits in `io_uring_enter`.
 //!
 //! Invariant: memory handed to the kernel (buffers, iovecs, the msghdr) stays alive and untouched
 //! until the operation's last completion (for zero-copy: the notification) has been reaped. Every
@@ -23,6 +24,21 @@ use crate::WaitMode;
 const RING_ENTRIES: u32 = 4;
 const UD_OP: u64 = 1;
 const UD_CANCEL: u64 = 2;
+
+/// A ring that tells us about pending completion work through a flag instead of an interrupt.
+///
+/// Why: by default the kernel finishes a socket operation that had to wait (task work) by sending
+/// the waiting thread an IPI, which on this VM costs a VM exit; busy-poll 64 B round trips measured
+/// 34 µs that way against 17 µs with COOP_TASKRUN + TASKRUN_FLAG (raw socket pair: 12 µs, same
+/// run). DEFER_TASKRUN would be cheaper still but ties the ring to one thread, and our halves are
+/// `Send`. Kernels before 5.19 lack the flags: fall back to a default ring.
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::new(RING_ENTRIES))
+}
 
 /// What the kernel supports, probed once per process.
 #[derive(Clone, Copy, Debug)]
@@ -66,11 +82,7 @@ unsafe impl Send for UringIo {}
 impl UringIo {
     pub(crate) fn new(fd: Arc<OwnedFd>, wait: WaitMode, spin_us: u64, zc_bytes_min: usize) -> io::Result<Self> {
         let support = probe()?;
-        let ring = match std::env::var("DJ_EXP").as_deref() {
-            Ok("coop") => IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().build(RING_ENTRIES)?,
-            Ok("defer") => IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(RING_ENTRIES)?,
-            _ => IoUring::new(RING_ENTRIES)?,
-        };
+        let ring = new_ring()?;
         Ok(UringIo {
             ring,
             fd,
@@ -133,14 +145,19 @@ impl UringIo {
             if let Some(c) = self.pop_cqe() {
                 return Ok(c);
             }
-            match deadline {
-                Some(d) if Instant::now() >= d => break,
-                // Entering the kernel runs the ring's pending task work (the retried receive that
-                // posts our completion) at once, instead of waiting for the kernel to interrupt
-                // this spinning thread to run it.
-                _ => {
-                    self.ring.submit()?;
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    break;
                 }
+            }
+            // With COOP_TASKRUN the kernel does not interrupt us to finish the operation (the
+            // receive retried once data arrived); it raises the TASKRUN flag instead, and entering
+            // the kernel runs that work and posts the completion. No flag: keep spinning in user
+            // space without a syscall.
+            if self.ring.submission().taskrun() {
+                self.ring.submit()?;
+            } else {
+                std::hint::spin_loop();
             }
         }
         loop {

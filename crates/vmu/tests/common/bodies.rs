@@ -261,10 +261,13 @@ fn expected_pressure(e: &VmuError) -> bool {
     )
 }
 
-fn run_ops<B: Backend>(be: Arc<B>, ops: &[Op], seed: u64, swaps: &mut f64) -> Result<(), TestCaseError> {
+fn run_ops<B: Backend>(be: Arc<B>, ops: &[Op], seed: u64, gather: bool, swaps: &mut f64) -> Result<(), TestCaseError> {
     let fail = |e: String| TestCaseError::fail(e);
     let reg = Registry::new();
-    let mut vmu = Vmu::new(be, config(24, 48), &reg).map_err(|e| fail(err(e)))?;
+    let mut cfg = config(24, 48);
+    // Both swap paths: straight copies per run, or gather/scatter through staging.
+    cfg.direct_swap_min_run_bytes = Some(if gather { usize::MAX } else { 0 });
+    let mut vmu = Vmu::new(be, cfg, &reg).map_err(|e| fail(err(e)))?;
     let mut rng = Rng(seed);
     let mut live: Vec<Shadow> = Vec::new();
     for op in ops {
@@ -337,12 +340,12 @@ fn run_ops<B: Backend>(be: Arc<B>, ops: &[Op], seed: u64, swaps: &mut f64) -> Re
 pub fn random_interleavings<B: Backend>(be: Arc<B>) -> Result<(), String> {
     let cases = std::env::var("DJINN_VMU_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48);
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
-    let strategy = (proptest::collection::vec(op_strategy(), 1..120), any::<u64>());
+    let strategy = (proptest::collection::vec(op_strategy(), 1..120), any::<u64>(), any::<bool>());
     let swaps = std::cell::Cell::new(0.0);
     runner
-        .run(&strategy, |(ops, seed)| {
+        .run(&strategy, |(ops, seed, gather)| {
             let mut n = swaps.get();
-            let r = run_ops(be.clone(), &ops, seed, &mut n);
+            let r = run_ops(be.clone(), &ops, seed, gather, &mut n);
             swaps.set(n);
             r
         })

@@ -1,0 +1,202 @@
+//! GPU op benchmarks (harness = false): each figure is printed next to a baseline measured in the
+//! same run on the same device — a device-to-device copy, counted as bytes read plus written.
+//!
+//! * paged decode attention, Llama-3-8B shapes (32 query heads, 8 KV heads, head_dim 128, bf16,
+//!   16-token blocks scattered at random): KV bytes read / time, as a fraction of copy bandwidth
+//!   (target ≥ 0.70 at context ≥ 4096, batch ≥ 8);
+//! * cuBLAS GEMM (bf16 in, f32 compute): TFLOP/s, and the decode-shaped GEMM as weight bandwidth;
+//! * RMSNorm (fused residual) and RoPE: bytes moved / time against the copy.
+//!
+//! Timing: host clock around `iters` launches, with a stream synchronise before the clock stops
+//! (and one warm-up pass first). Without a GPU the bench prints why and exits successfully.
+
+use std::time::Instant;
+
+use djinn_backend::{AttnBatch, Backend, DType, GemmArgs, KvCacheRef, KvLayout, RegionInfo, View};
+
+type Be = djinn_backend::cuda::CudaBackend;
+type Region = <Be as Backend>::Region;
+
+/// Seconds per call of `f`, averaged over `iters` calls after one warm-up call.
+fn time(be: &Be, iters: usize, mut f: impl FnMut()) -> f64 {
+    let s = be.default_stream();
+    f();
+    be.sync_stream(s).expect("sync");
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    be.sync_stream(s).expect("sync");
+    t0.elapsed().as_secs_f64() / iters as f64
+}
+
+/// Deterministic filler bytes (small bf16/f32 magnitudes whatever the dtype reads them as).
+fn fill(be: &Be, r: &Region, offset: usize, bytes: usize, seed: u64) {
+    const CHUNK: usize = 16 << 20;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; CHUNK.min(bytes)];
+    let mut done = 0;
+    while done < bytes {
+        let n = CHUNK.min(bytes - done);
+        for pair in buf[..n].chunks_exact_mut(2) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // bf16 in [-1, 1): sign/exponent 0x3c..0x3f, random mantissa.
+            pair[0] = x as u8;
+            pair[1] = 0x3c | ((x >> 8) as u8 & 0x03) | ((x >> 16) as u8 & 0x80);
+        }
+        be.write(r, offset + done, &buf[..n]).expect("write");
+        done += n;
+    }
+}
+
+fn write_i32(be: &Be, r: &Region, offset: usize, v: &[i32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    be.write(r, offset, &bytes).expect("write i32");
+}
+
+fn copy_bandwidth(be: &Be) -> f64 {
+    let bytes = 1usize << 30;
+    let src = be.reserve(bytes).expect("reserve");
+    let dst = be.reserve(bytes).expect("reserve");
+    let s = be.default_stream();
+    let t = time(be, 10, || be.copy(s, &src, 0, &dst, 0, bytes).expect("copy"));
+    2.0 * bytes as f64 / t
+}
+
+fn decode_attention(be: &Be, copy_bw: f64) {
+    let (heads, kv_heads, head_dim, bt) = (32usize, 8usize, 128usize, 16usize);
+    let layout = KvLayout { layers: 1, kv_heads, head_dim, block_tokens: bt, dtype: DType::BF16 };
+    println!(
+        "paged decode attention, bf16, {heads} q heads / {kv_heads} kv heads, head_dim {head_dim}, {bt}-token blocks"
+    );
+    println!("{:>6} {:>7} {:>10} {:>10} {:>12}", "batch", "context", "time_us", "GB/s", "vs_copy");
+    for (batch, ctx) in [(8usize, 4096usize), (8, 8192), (16, 4096), (32, 4096), (8, 16384), (64, 2048)] {
+        let blocks_per_seq = ctx.div_ceil(bt);
+        let num_blocks = batch * blocks_per_seq;
+        let cache_bytes = num_blocks * layout.block_bytes();
+        let q_elems = batch * heads * head_dim;
+        // Layout of one region: cache | q | out | q_start | ctx_lens | block tables.
+        let q_off = cache_bytes;
+        let out_off = q_off + q_elems * 2;
+        let qs_off = (out_off + q_elems * 2).next_multiple_of(256);
+        let cl_off = qs_off + (batch + 1) * 4;
+        let bt_off = (cl_off + batch * 4).next_multiple_of(256);
+        let total = bt_off + num_blocks * 4;
+        let r = be.reserve(total).expect("reserve");
+        fill(be, &r, 0, out_off, 7);
+        // Blocks scattered over the cache (a permutation), as a long-running server's would be.
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for j in (1..ids.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ids.swap(j, (x % (j as u64 + 1)) as usize);
+        }
+        write_i32(be, &r, qs_off, &(0..=batch as i32).collect::<Vec<_>>());
+        write_i32(be, &r, cl_off, &vec![ctx as i32; batch]);
+        write_i32(be, &r, bt_off, &ids);
+        let cache = KvCacheRef { region: &r, offset: 0, num_blocks, layout };
+        let attn = AttnBatch {
+            seqs: batch,
+            q_start: View::new(&r, qs_off, DType::I32, batch + 1),
+            ctx_lens: View::new(&r, cl_off, DType::I32, batch),
+            block_tables: View::new(&r, bt_off, DType::I32, num_blocks),
+            max_blocks_per_seq: blocks_per_seq,
+            max_q_len: 1,
+            max_ctx_len: ctx,
+        };
+        let q = View::new(&r, q_off, DType::BF16, q_elems);
+        let out = View::new(&r, out_off, DType::BF16, q_elems);
+        let s = be.default_stream();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let t = time(be, 50, || be.attention(s, q, &cache, 0, &attn, out, heads, scale).expect("attention"));
+        let kv_bytes = (batch * ctx * kv_heads * head_dim * 2 * 2) as f64;
+        let bw = kv_bytes / t;
+        println!("{batch:>6} {ctx:>7} {:>10.1} {:>10.1} {:>11.1}%", t * 1e6, bw / 1e9, 100.0 * bw / copy_bw);
+        assert!(r.len_bytes() >= total);
+    }
+}
+
+fn gemm(be: &Be) {
+    println!("cuBLAS GEMM (bf16 in, f32 compute, bf16 out), C[m,n] = A[m,k] · B[n,k]ᵀ");
+    println!("{:>6} {:>6} {:>6} {:>10} {:>10} {:>12}", "m", "n", "k", "time_us", "TFLOP/s", "weight GB/s");
+    for (m, n, k) in [(8192usize, 8192usize, 8192usize), (4096, 14336, 4096), (8, 14336, 4096), (1, 4096, 4096)] {
+        let (a_b, b_b, c_b) = (m * k * 2, n * k * 2, m * n * 2);
+        let r = be.reserve(a_b + b_b + c_b).expect("reserve");
+        fill(be, &r, 0, a_b + b_b, 3);
+        let a = View::new(&r, 0, DType::BF16, m * k);
+        let b = View::new(&r, a_b, DType::BF16, n * k);
+        let c = View::new(&r, a_b + b_b, DType::BF16, m * n);
+        let s = be.default_stream();
+        let args = GemmArgs::linear(m, n, k);
+        let t = time(be, 20, || be.gemm(s, a, b, c, &args).expect("gemm"));
+        println!(
+            "{m:>6} {n:>6} {k:>6} {:>10.1} {:>10.1} {:>12.1}",
+            t * 1e6,
+            2.0 * (m * n * k) as f64 / t / 1e12,
+            b_b as f64 / t / 1e9
+        );
+    }
+}
+
+fn norm_rope(be: &Be, copy_bw: f64) {
+    let (rows, hidden) = (4096usize, 4096usize);
+    let n = rows * hidden;
+    let r = be.reserve(n * 2 * 3 + hidden * 2 + rows * 4 + 64 * 4).expect("reserve");
+    fill(be, &r, 0, n * 2 * 3 + hidden * 2, 5);
+    let x = View::new(&r, 0, DType::BF16, n);
+    let res = View::new(&r, n * 2, DType::BF16, n);
+    let out = View::new(&r, n * 4, DType::BF16, n);
+    let w = View::new(&r, n * 6, DType::BF16, hidden);
+    let s = be.default_stream();
+    let t = time(be, 50, || be.rms_norm(s, x, Some(res), w, out, hidden, 1e-5).expect("rms_norm"));
+    // x read, residual read + written, out written.
+    let bytes = (4 * n * 2) as f64;
+    println!(
+        "rms_norm+residual bf16 [{rows}, {hidden}]: {:.1} us, {:.1} GB/s, {:.1}% of copy",
+        t * 1e6,
+        bytes / t / 1e9,
+        100.0 * bytes / t / copy_bw
+    );
+
+    let (tokens, heads, head_dim) = (rows, 32usize, 128usize);
+    let pos_off = n * 6 + hidden * 2;
+    let freq_off = pos_off + tokens * 4;
+    write_i32(be, &r, pos_off, &(0..tokens as i32).collect::<Vec<_>>());
+    let inv_freq: Vec<u8> = (0..head_dim / 2)
+        .flat_map(|i| (1.0f32 / 500_000f32.powf(2.0 * i as f32 / head_dim as f32)).to_le_bytes())
+        .collect();
+    be.write(&r, freq_off, &inv_freq).expect("write inv_freq");
+    let q = View::new(&r, 0, DType::BF16, tokens * heads * head_dim);
+    let pos = View::new(&r, pos_off, DType::I32, tokens);
+    let freq = View::new(&r, freq_off, DType::F32, head_dim / 2);
+    let t = time(be, 50, || be.rope(s, q, pos, freq, heads, head_dim).expect("rope"));
+    let bytes = (2 * tokens * heads * head_dim * 2) as f64;
+    println!(
+        "rope bf16 [{tokens}, {heads}, {head_dim}]: {:.1} us, {:.1} GB/s, {:.1}% of copy",
+        t * 1e6,
+        bytes / t / 1e9,
+        100.0 * bytes / t / copy_bw
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing here takes arguments.
+    let be = match djinn_dataplane::kernels::cuda_backend(0) {
+        Ok(be) => be,
+        Err(e) => {
+            println!("gpu_ops: skipped, no GPU: {e}");
+            return;
+        }
+    };
+    let info = be.info();
+    println!("gpu_ops on {} (sm_{}), kernels: {:?}", info.name, be.arch(), be.kernel_origins());
+    let copy_bw = copy_bandwidth(&be);
+    println!("baseline device-to-device copy (read + write): {:.1} GB/s", copy_bw / 1e9);
+    decode_attention(&be, copy_bw);
+    gemm(&be);
+    norm_rope(&be, copy_bw);
+}
