@@ -8,7 +8,8 @@
 //! A second table compares io_uring sends with and without SENDMSG_ZC (the zero-copy threshold).
 //!
 //! `cargo bench --bench transport_tcp`; `DJINN_BENCH_QUICK=1` shortens every run,
-//! `DJINN_BENCH_SIZES=8,64` picks payload sizes, `DJINN_BENCH_NO_ZC=1` skips the zero-copy table.
+//! `DJINN_BENCH_SIZES=8,64` picks payload sizes, `DJINN_BENCH_NO_ZC=1` skips the zero-copy table,
+//! `DJINN_BENCH_SPIN_US=N` sets the spin time of SpinThenPark.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -195,8 +196,13 @@ fn bench_transport(opts: &TransportOptions, size: usize) -> (Stats, &'static str
     (s, transport)
 }
 
+/// `DJINN_BENCH_SPIN_US` overrides the spin time of SpinThenPark (default: the transport's).
 fn opts(wait: WaitMode, force_socket: bool) -> TransportOptions {
-    TransportOptions { wait, force_socket, ..TransportOptions::default() }
+    let mut o = TransportOptions { wait, force_socket, ..TransportOptions::default() };
+    if let Some(us) = std::env::var("DJINN_BENCH_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+        o.spin_us = us;
+    }
+    o
 }
 
 fn main() {

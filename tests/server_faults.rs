@@ -445,6 +445,15 @@ fn config_files_start_and_flags_override(t: Transport) {
         still_serves(srv.url());
     }
     assert!(seen > 0, "no example configs in {dir}");
+    // Every key of the documented example is a `serve` flag.
+    let help = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let example = std::fs::read_to_string(format!("{dir}/server-cpu.toml")).unwrap();
+    for line in example.lines().map(str::trim).filter(|l| !l.starts_with('#') && l.contains('=')) {
+        let key = line.split('=').next().unwrap().trim();
+        let flag = format!("--{}", key.replace('_', "-"));
+        assert!(help.contains(&flag), "config key {key} has no flag {flag}");
+    }
     // A file's keys apply; a flag beats the file.
     let f = std::env::temp_dir().join(format!("{}.toml", unique_name("cfg")));
     std::fs::write(&f, "max_connections = 1\nnode_id = \"from-file\"\nlisten = [\"tcp://127.0.0.1:1\"]\n").unwrap();

@@ -72,6 +72,14 @@ fn pipelined_requests_complete_by_id(t: Transport) {
     }
     assert_eq!(c.pending(), 0);
     assert!(matches!(c.wait(ids[0].0), Err(ClientError::UnknownRequest(_))));
+    // wait_into reuses one buffer, also when other replies arrive first.
+    let mut buf = Vec::new();
+    let a = c.submit(Opcode::Ping, &[], &[&[1u8; 3000]]).unwrap();
+    let b = c.submit(Opcode::Ping, &[], &[&[2u8; 10]]).unwrap();
+    c.wait_into(b, &mut buf).unwrap();
+    assert_eq!(buf, [2u8; 10]);
+    c.wait_into(a, &mut buf).unwrap();
+    assert_eq!(buf, [1u8; 3000]);
 }
 
 fn put_get_free_every_dtype(t: Transport) {

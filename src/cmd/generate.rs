@@ -91,7 +91,8 @@ pub fn with_backend<R>(m: &ModelArgs, f: impl BackendFn<R>) -> anyhow::Result<R>
         let be = djinn_backend::cpu::CpuBackend::with_threads(threads)?;
         return f.call(Arc::new(be), DType::F32);
     }
-    let ordinal: usize = m.gpus.parse().with_context(|| format!("--gpus {:?}: expected cpu or a device ordinal", m.gpus))?;
+    let ordinal: usize =
+        m.gpus.parse().with_context(|| format!("--gpus {:?}: expected cpu or a device ordinal", m.gpus))?;
     #[cfg(feature = "cuda")]
     {
         let be = djinn_dataplane::cuda_backend(ordinal)?;

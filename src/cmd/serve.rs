@@ -60,6 +60,9 @@ pub struct Args {
     /// SHM: data-area bytes per direction of each client's region.
     #[arg(long)]
     pub shm_data_bytes: Option<usize>,
+    /// Staging bytes connections may keep between large requests, over all connections.
+    #[arg(long)]
+    pub staging_bytes_retained_max: Option<u64>,
     /// Milliseconds SIGTERM waits for in-flight requests.
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
@@ -80,7 +83,7 @@ impl Args {
         }
         over!(gpus, node_id, max_connections, max_inflight_per_conn, handles_max_per_tenant);
         over!(tensor_bytes_max_per_tenant, tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
-        over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file);
+        over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file, staging_bytes_retained_max);
         if self.force_socket {
             c.force_socket = true;
         }

@@ -219,9 +219,13 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     }
 }
 
-/// Runs libtest-mimic trials: `(name, transport, body)`; trials whose transport is unavailable
-/// are reported as ignored with the reason printed.
-pub fn run_trials(trials: Vec<(&'static str, Option<Transport>, fn(Transport))>) -> ! {
+/// One test body: its name, the transport it is pinned to (`None` = run once per transport), and
+/// the body.
+pub type TrialSpec = (&'static str, Option<Transport>, fn(Transport));
+
+/// Runs libtest-mimic trials; trials whose transport is unavailable are reported as ignored with
+/// the reason printed.
+pub fn run_trials(trials: Vec<TrialSpec>) -> ! {
     let args = libtest_mimic::Arguments::from_args();
     let mut out = Vec::new();
     let shm_missing = Transport::Shm.unavailable();
@@ -234,7 +238,7 @@ pub fn run_trials(trials: Vec<(&'static str, Option<Transport>, fn(Transport))>)
             None => Transport::ALL.to_vec(),
         };
         for t in transports {
-            let full = if trials_per_transport(t) { format!("{name}_{}", t.name()) } else { name.to_owned() };
+            let full = format!("{name}_{}", t.name());
             let ignored = t == Transport::Shm && shm_missing.is_some();
             out.push(
                 libtest_mimic::Trial::test(full, move || {
@@ -246,8 +250,4 @@ pub fn run_trials(trials: Vec<(&'static str, Option<Transport>, fn(Transport))>)
         }
     }
     libtest_mimic::run(&args, out).exit()
-}
-
-fn trials_per_transport(_t: Transport) -> bool {
-    true
 }

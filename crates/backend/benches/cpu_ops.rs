@@ -204,7 +204,8 @@ fn bench_ops(c: &mut Criterion) {
     let x = region_with(&be, DType::F32, rows * hidden, 2.0);
     let res = region_with(&be, DType::F32, rows * hidden, 2.0);
     let w = region_with(&be, DType::BF16, hidden, 1.0);
-    let out = be.reserve(rows * hidden * 4).unwrap();
+    let vocab = 128_256;
+    let out = be.reserve((rows * hidden).max(vocab) * 4).unwrap();
     grp.throughput(Throughput::Bytes((rows * hidden * 4 * 4) as u64));
     grp.bench_function("rms_norm_fused_16x4096", |b| {
         b.iter(|| {
@@ -229,7 +230,6 @@ fn bench_ops(c: &mut Criterion) {
             be.silu_mul(s, view(&x, DType::F32, n), view(&res, DType::F32, n), view(&out, DType::F32, n)).unwrap()
         })
     });
-    let vocab = 128_256;
     let logits = region_with(&be, DType::F32, vocab, 20.0);
     let ids = be.reserve(4).unwrap();
     grp.throughput(Throughput::Bytes((vocab * 4) as u64));

@@ -182,6 +182,11 @@ impl Client {
     // ---- pipelining -----------------------------------------------------------------------------
 
     /// Sends a request and returns its id without waiting for the reply.
+    ///
+    /// Flow control is end to end: the server answers in order and stops reading a connection
+    /// whose replies are not being read. A single thread that submits more than the transport
+    /// buffers can hold in unread replies (a few MiB on TCP, the ring on shm) before waiting
+    /// blocks in `submit`; keep the window of outstanding bulk replies below that.
     pub fn submit(&mut self, opcode: Opcode, meta: &[u8], data: &[&[u8]]) -> Result<u64> {
         self.submit_raw(opcode.as_u16(), meta, data)
     }
@@ -209,7 +214,7 @@ impl Client {
             return Err(ClientError::UnknownRequest(id));
         }
         loop {
-            let (rid, r) = self.recv_reply()?;
+            let (rid, r) = self.recv_reply(None)?;
             if rid == id {
                 self.pending.remove(&id);
                 return r;
@@ -240,23 +245,66 @@ impl Client {
             let r = self.ready.remove(&id).expect("key just seen");
             return Ok((id, r));
         }
-        let (rid, r) = self.recv_reply()?;
+        let (rid, r) = self.recv_reply(None)?;
         self.pending.remove(&rid);
         Ok((rid, r))
     }
 
+    /// Waits for the reply to `id` and moves its bulk data into `data` (resized to fit; its
+    /// allocation is reused across calls, so repeated large replies cost no allocation). The
+    /// returned reply's own `data` is empty.
+    pub fn wait_into(&mut self, id: u64, data: &mut Vec<u8>) -> Result<Reply> {
+        if self.ready.contains_key(&id) || !self.pending.contains(&id) {
+            let mut r = self.wait(id)?;
+            *data = std::mem::take(&mut r.data);
+            return Ok(r);
+        }
+        loop {
+            let (rid, r) = self.recv_reply(Some((id, &mut *data)))?;
+            if rid == id || rid == 0 {
+                self.pending.remove(&id);
+                return r;
+            }
+            if !self.pending.contains(&rid) || self.ready.contains_key(&rid) {
+                return Err(ClientError::Protocol {
+                    opcode: "reply",
+                    why: format!("reply to request {rid}, which is not pending"),
+                });
+            }
+            if self.ready.len() >= self.replies_buffered_max {
+                return Err(ClientError::TooManyBuffered(self.ready.len()));
+            }
+            self.ready.insert(rid, r);
+        }
+    }
+
     /// Receives one reply frame. The outer error is a transport failure; the inner one the
-    /// server's verdict on that request.
-    fn recv_reply(&mut self) -> Result<(u64, Result<Reply>)> {
+    /// server's verdict on that request. With `into = (id, buf)`, the data of `id`'s reply goes
+    /// into `buf` instead of a fresh vector.
+    fn recv_reply(&mut self, into: Option<(u64, &mut Vec<u8>)>) -> Result<(u64, Result<Reply>)> {
         let head = self.rx.recv_head()?;
         let h = head.header;
         let n = usize::try_from(h.data_len.get())
             .map_err(|_| ClientError::Protocol { opcode: "reply", why: "data larger than memory".into() })?;
-        let mut data = vec![0u8; n];
-        if n > 0 {
-            self.rx.recv_data(&mut data)?;
-        }
         let rid = h.request_id.get();
+        let mut data = Vec::new();
+        match into {
+            Some((id, buf)) if id == rid => {
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                buf.truncate(n);
+                if n > 0 {
+                    self.rx.recv_data(buf)?;
+                }
+            }
+            _ => {
+                data = vec![0u8; n];
+                if n > 0 {
+                    self.rx.recv_data(&mut data)?;
+                }
+            }
+        }
         let op = opcode_name(h.opcode.get());
         if !h.is_reply() {
             return Err(ClientError::Protocol { opcode: op, why: "server sent a request frame".into() });

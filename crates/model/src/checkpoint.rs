@@ -219,10 +219,8 @@ mod tests {
     use super::*;
 
     pub(crate) fn write_st(path: &Path, tensors: &[(&str, StDtype, Vec<usize>)]) {
-        let datas: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|(_, d, s)| vec![0u8; s.iter().product::<usize>() * d.bitsize() / 8])
-            .collect();
+        let datas: Vec<Vec<u8>> =
+            tensors.iter().map(|(_, d, s)| vec![0u8; s.iter().product::<usize>() * d.bitsize() / 8]).collect();
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
             .iter()
             .zip(&datas)
@@ -286,8 +284,7 @@ mod tests {
             .unwrap();
         let e = Checkpoint::open(&d).err().unwrap().to_string();
         assert!(e.contains("shard-1.safetensors"), "{e}");
-        std::fs::write(d.join("model.safetensors.index.json"), br#"{"weight_map":{"a":"../x.safetensors"}}"#)
-            .unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), br#"{"weight_map":{"a":"../x.safetensors"}}"#).unwrap();
         assert!(matches!(Checkpoint::open(&d), Err(ModelError::Config { .. })));
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -100,7 +100,9 @@ fn opt_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
 fn opt_bool(v: &Value, key: &str, path: &Path) -> Result<Option<bool>> {
     match get(v, key) {
         None => Ok(None),
-        Some(x) => x.as_bool().map(Some).ok_or_else(|| ModelError::config(path, key, format!("expected a bool, got {x}"))),
+        Some(x) => {
+            x.as_bool().map(Some).ok_or_else(|| ModelError::config(path, key, format!("expected a bool, got {x}")))
+        }
     }
 }
 
@@ -224,7 +226,8 @@ impl ModelConfig {
                 "linear" => RopeScaling::Linear { factor: factor(p)? },
                 "llama3" => {
                     let need = |k: &str| -> Result<f64> {
-                        opt_f64(p, k, path)?.ok_or_else(|| ModelError::config(path, &format!("{rope_key}.{k}"), "missing"))
+                        opt_f64(p, k, path)?
+                            .ok_or_else(|| ModelError::config(path, &format!("{rope_key}.{k}"), "missing"))
                     };
                     let (lo, hi) = (need("low_freq_factor")?, need("high_freq_factor")?);
                     if hi <= lo {

@@ -87,7 +87,11 @@ impl<B: Backend> Engine<B> {
             max_tokens: opts.max_step_tokens,
             max_seqs: opts.max_sessions,
             max_blocks_per_seq: max_blocks,
-            max_logit_rows: if opts.all_logits { opts.max_step_tokens.max(opts.max_sessions) } else { opts.max_sessions },
+            max_logit_rows: if opts.all_logits {
+                opts.max_step_tokens.max(opts.max_sessions)
+            } else {
+                opts.max_sessions
+            },
         };
         let model_probe = Model::new(cfg.clone(), layout.clone(), limits, opts.block_tokens);
         let kv_tokens = opts.kv_tokens.unwrap_or(opts.max_sessions * max_blocks * opts.block_tokens);
@@ -187,7 +191,8 @@ impl<B: Backend> Engine<B> {
         let result = (|| {
             let weights_base = self.lease.offset();
             let parts = self.vmu.step_parts();
-            let scratch_base = parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
+            let scratch_base =
+                parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
             let mut steps = Vec::with_capacity(seqs.len());
             for (i, &(id, toks)) in seqs.iter().enumerate() {
                 steps.push(SeqStep { tokens: toks, start_pos: self.starts[i], block_table: parts.tables.get(id)? });
@@ -225,6 +230,12 @@ impl<B: Backend> Engine<B> {
     /// Feeds `tokens` to a session in chunks of at most the step limit; returns the logits of
     /// every position when `all`, else of the last one.
     pub fn prefill(&mut self, id: SessionId, tokens: &[u32], all: bool, out: &mut Vec<f32>) -> Result<()> {
+        // Check the whole prompt first: a refused prompt must leave the session unchanged.
+        let start = self.vmu.session_tokens(id)?;
+        if start + tokens.len() > self.max_context_tokens {
+            return Err(ModelError::TooLong { tokens: start + tokens.len(), max: self.max_context_tokens });
+        }
+        self.model.cfg.check_tokens(tokens, start)?;
         let chunk = self.max_step_tokens();
         out.clear();
         let mut buf = Vec::new();

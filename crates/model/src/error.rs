@@ -13,7 +13,9 @@ pub enum ModelError {
     Json { path: PathBuf, msg: String },
     #[error("{path}: invalid config value `{key}`: {why}")]
     Config { path: PathBuf, key: String, why: String },
-    #[error("{path}: unsupported architecture {arch:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")]
+    #[error(
+        "{path}: unsupported architecture {arch:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+    )]
     Architecture { path: PathBuf, arch: String },
     #[error("{path}: bad safetensors header: {why}")]
     Header { path: PathBuf, why: String },

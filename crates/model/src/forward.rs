@@ -80,7 +80,8 @@ impl ScratchPlan {
     pub fn new(cfg: &ModelConfig, limits: StepLimits) -> ScratchPlan {
         let t = limits.max_tokens;
         let s = limits.max_seqs;
-        let (h, qd, kvd, inter, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let (h, qd, kvd, inter, v) =
+            (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
         let mut cursor = 0usize;
         let mut take = |bytes: usize| {
             let off = cursor;
@@ -99,7 +100,22 @@ impl ScratchPlan {
         let last = take(s * h * 4);
         let logits = take(limits.max_logit_rows * v * 4);
         let sampled = take(limits.max_logit_rows.max(s) * 4);
-        ScratchPlan { limits, idx, idx_elems, resid, xn, tmp, qkv, attn, gate_up, act, last, logits, sampled, bytes: cursor }
+        ScratchPlan {
+            limits,
+            idx,
+            idx_elems,
+            resid,
+            xn,
+            tmp,
+            qkv,
+            attn,
+            gate_up,
+            act,
+            last,
+            logits,
+            sampled,
+            bytes: cursor,
+        }
     }
 
     /// Bytes of scratch one step needs.
@@ -261,7 +277,13 @@ impl Model {
 
         let h = self.cfg.hidden_size;
         let table = self.w(m, self.weights.embed, self.cfg.vocab_size * h);
-        be.embedding(m.stream, table, self.idx_view(m, 0, tokens), self.f32_view(m, self.scratch.resid, tokens * h), h)?;
+        be.embedding(
+            m.stream,
+            table,
+            self.idx_view(m, 0, tokens),
+            self.f32_view(m, self.scratch.resid, tokens * h),
+            h,
+        )?;
         Ok(StepState { tokens, seqs: seqs.len(), mode, max_q_len, max_ctx_len, last_rows, next_layer: 0 })
     }
 

@@ -229,13 +229,16 @@ impl GgufFile {
                 dims.push(d as usize);
             }
             let tid = r.u32()?;
-            let ty = GgmlType::from_id(tid).ok_or_else(|| r.err(format!("tensor {name}: unsupported type id {tid}")))?;
+            let ty =
+                GgmlType::from_id(tid).ok_or_else(|| r.err(format!("tensor {name}: unsupported type id {tid}")))?;
             let off = r.u64()? as usize;
             infos.push((name, dims, ty, off));
         }
         let align = match meta.get("general.alignment") {
-            Some(v) => v.as_u64().filter(|a| a.is_power_of_two() && *a <= 1 << 16).ok_or_else(|| r.err("bad alignment"))?
-                as usize,
+            Some(v) => {
+                v.as_u64().filter(|a| a.is_power_of_two() && *a <= 1 << 16).ok_or_else(|| r.err("bad alignment"))?
+                    as usize
+            }
             None => 32,
         };
         let data0 = r.pos.next_multiple_of(align);
@@ -243,10 +246,9 @@ impl GgufFile {
         for (name, dims, ty, off) in infos {
             let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             let (be, bb) = ty.block();
-            let bytes = numel
-                .filter(|n| n % be == 0 && dims[0] % be == 0)
-                .map(|n| n / be * bb)
-                .ok_or_else(|| ModelError::Gguf { path: path.into(), why: format!("tensor {name}: bad shape {dims:?}") })?;
+            let bytes = numel.filter(|n| n % be == 0 && dims[0] % be == 0).map(|n| n / be * bb).ok_or_else(|| {
+                ModelError::Gguf { path: path.into(), why: format!("tensor {name}: bad shape {dims:?}") }
+            })?;
             let start = data0.checked_add(off);
             let end = start.and_then(|s| s.checked_add(bytes)).filter(|&e| e <= buf.len());
             let (Some(start), Some(end)) = (start, end) else {
@@ -369,7 +371,8 @@ pub fn convert(g: &GgufFile, buf: &[u8], dtype: DType) -> Result<Converted> {
     if !dtype.is_float() {
         return Err(g.err(format!("output dtype {dtype} is not a float type")));
     }
-    let arch = g.get("general.architecture").and_then(GgufValue::as_str).ok_or_else(|| g.err("no general.architecture"))?;
+    let arch =
+        g.get("general.architecture").and_then(GgufValue::as_str).ok_or_else(|| g.err("no general.architecture"))?;
     let (hf_arch, model_type, permute_qk) = match arch {
         "llama" => ("LlamaForCausalLM", "llama", true),
         "qwen2" => ("Qwen2ForCausalLM", "qwen2", false),
@@ -381,11 +384,13 @@ pub fn convert(g: &GgufFile, buf: &[u8], dtype: DType) -> Result<Converted> {
     };
     let hidden = num("embedding_length")? as usize;
     let heads = num("attention.head_count")? as usize;
-    let kv_heads = g.get(&key("attention.head_count_kv")).and_then(GgufValue::as_u64).map(|v| v as usize).unwrap_or(heads);
+    let kv_heads =
+        g.get(&key("attention.head_count_kv")).and_then(GgufValue::as_u64).map(|v| v as usize).unwrap_or(heads);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(g.err(format!("head counts {heads}/{kv_heads} invalid")));
     }
-    let head_dim = g.get(&key("attention.key_length")).and_then(GgufValue::as_u64).map(|v| v as usize).unwrap_or(hidden / heads);
+    let head_dim =
+        g.get(&key("attention.key_length")).and_then(GgufValue::as_u64).map(|v| v as usize).unwrap_or(hidden / heads);
     if g.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
         return Err(g.err("per-frequency RoPE factors (rope_freqs.weight) are not supported"));
     }
@@ -422,7 +427,8 @@ pub fn convert(g: &GgufFile, buf: &[u8], dtype: DType) -> Result<Converted> {
     let mut out = Vec::with_capacity(g.tensors.len());
     let mut f = Vec::new();
     for t in &g.tensors {
-        let name = hf_name(&t.name).ok_or_else(|| g.err(format!("tensor {} has no Hugging Face counterpart", t.name)))?;
+        let name =
+            hf_name(&t.name).ok_or_else(|| g.err(format!("tensor {} has no Hugging Face counterpart", t.name)))?;
         if tied && name == "lm_head.weight" {
             continue;
         }
@@ -470,7 +476,8 @@ pub fn convert(g: &GgufFile, buf: &[u8], dtype: DType) -> Result<Converted> {
 /// tokenizer.json for a byte-level BPE vocabulary (the "gpt2" GGUF tokenizer model).
 fn bpe_tokenizer(g: &GgufFile, toks: &[GgufValue]) -> Result<Value> {
     let types = g.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array);
-    let merges = g.get("tokenizer.ggml.merges").and_then(GgufValue::as_array).ok_or_else(|| g.err("BPE without merges"))?;
+    let merges =
+        g.get("tokenizer.ggml.merges").and_then(GgufValue::as_array).ok_or_else(|| g.err("BPE without merges"))?;
     let mut vocab = serde_json::Map::with_capacity(toks.len());
     let mut added = Vec::new();
     for (i, t) in toks.iter().enumerate() {
@@ -483,11 +490,11 @@ fn bpe_tokenizer(g: &GgufFile, toks: &[GgufValue]) -> Result<Value> {
                               "normalized": ty == 4, "special": ty == 3}));
         }
     }
-    let merges: Vec<Value> =
-        merges.iter().map(|m| m.as_str().map(|s| json!(s)).ok_or_else(|| g.err("merge is not a string"))).collect::<Result<_>>()?;
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| m.as_str().map(|s| json!(s)).ok_or_else(|| g.err("merge is not a string")))
+        .collect::<Result<_>>()?;
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let pre = g.get("tokenizer.ggml.pre").and_then(GgufValue::as_str).unwrap_or("default");
     let pre_tokenizer = match pre {
         // llama.cpp splits digits one by one for these (then the GPT-2 pattern).
@@ -534,7 +541,8 @@ impl Converted {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let write_json = |name: &str, v: &Value| -> Result<()> {
             let p = dir.join(name);
-            let s = serde_json::to_vec_pretty(v).map_err(|e| ModelError::Json { path: p.clone(), msg: e.to_string() })?;
+            let s =
+                serde_json::to_vec_pretty(v).map_err(|e| ModelError::Json { path: p.clone(), msg: e.to_string() })?;
             std::fs::write(&p, s).map_err(|e| ModelError::io(&p, e))
         };
         write_json("config.json", &self.config)?;

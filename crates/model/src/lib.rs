@@ -18,10 +18,10 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::Checkpoint;
-pub use engine::{Engine, EngineOptions};
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use engine::{Engine, EngineOptions};
 pub use error::{ModelError, Result};
 pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
-pub use weights::WeightLayout;
 pub use source::{open_model, ModelFiles};
 pub use tokenizer::{Detokenizer, StopStrings, TextTokenizer};
+pub use weights::WeightLayout;

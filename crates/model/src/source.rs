@@ -30,7 +30,8 @@ pub fn open_model(path: &Path, gguf_dtype: Option<DType>) -> Result<ModelFiles> 
         }
         let tokenizer = match &conv.tokenizer {
             Some(t) => {
-                let bytes = serde_json::to_vec(t).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })?;
+                let bytes =
+                    serde_json::to_vec(t).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })?;
                 Some(TextTokenizer::from_parts(path, &bytes, Some(&conv.tokenizer_config), None)?)
             }
             None => None,

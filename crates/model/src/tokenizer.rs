@@ -107,7 +107,10 @@ impl TextTokenizer {
 
     /// Renders the chat template for one user message with the generation prompt appended.
     pub fn apply_chat(&self, user: &str) -> Result<String> {
-        let src = self.chat_template.as_deref().ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
+        let src = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
         render_chat(src, &[("user", user)], self.bos_token.as_deref(), self.eos_token.as_deref())
     }
 }
@@ -124,7 +127,10 @@ pub fn render_chat(src: &str, messages: &[(&str, &str)], bos: Option<&str>, eos:
     let msgs: Vec<J> = messages
         .iter()
         .map(|(r, c)| {
-            J::from(std::collections::BTreeMap::from([("role".to_string(), J::from(*r)), ("content".to_string(), J::from(*c))]))
+            J::from(std::collections::BTreeMap::from([
+                ("role".to_string(), J::from(*r)),
+                ("content".to_string(), J::from(*c)),
+            ]))
         })
         .collect();
     let ctx = minijinja::context! {

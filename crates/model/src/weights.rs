@@ -60,7 +60,8 @@ impl WeightLayout {
     /// Offsets for `cfg` stored as `dtype`, plus the list of what goes where.
     fn plan(cfg: &ModelConfig, dtype: DType) -> (WeightLayout, Vec<Part>) {
         let es = dtype.size_bytes();
-        let (h, qd, kvd, inter, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let (h, qd, kvd, inter, v) =
+            (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
         let mut cursor = 0usize;
         let mut parts = Vec::new();
         let mut put = |sources: Vec<(String, Vec<usize>)>, elems: usize| -> usize {
@@ -95,7 +96,10 @@ impl WeightLayout {
             let o_bias = cfg.o_bias.then(|| put(vec![(name(l, "self_attn.o_proj.bias"), vec![h])], h));
             let ln_post = put(vec![(name(l, "post_attention_layernorm.weight"), vec![h])], h);
             let gate_up = put(
-                vec![(name(l, "mlp.gate_proj.weight"), vec![inter, h]), (name(l, "mlp.up_proj.weight"), vec![inter, h])],
+                vec![
+                    (name(l, "mlp.gate_proj.weight"), vec![inter, h]),
+                    (name(l, "mlp.up_proj.weight"), vec![inter, h]),
+                ],
                 2 * inter * h,
             );
             let gate_up_bias = cfg.mlp_bias.then(|| {
@@ -106,10 +110,22 @@ impl WeightLayout {
             });
             let down = put(vec![(name(l, "mlp.down_proj.weight"), vec![h, inter])], h * inter);
             let down_bias = cfg.mlp_bias.then(|| put(vec![(name(l, "mlp.down_proj.bias"), vec![h])], h));
-            layers.push(LayerWeights { ln_in, qkv, qkv_bias, o, o_bias, ln_post, gate_up, gate_up_bias, down, down_bias });
+            layers.push(LayerWeights {
+                ln_in,
+                qkv,
+                qkv_bias,
+                o,
+                o_bias,
+                ln_post,
+                gate_up,
+                gate_up_bias,
+                down,
+                down_bias,
+            });
         }
         let norm = put(vec![("model.norm.weight".into(), vec![h])], h);
-        let lm_head = if cfg.tie_word_embeddings { embed } else { put(vec![("lm_head.weight".into(), vec![v, h])], v * h) };
+        let lm_head =
+            if cfg.tie_word_embeddings { embed } else { put(vec![("lm_head.weight".into(), vec![v, h])], v * h) };
         // The f32 inv_freq table is not a checkpoint tensor: reserve it by hand.
         let inv_freq = cursor;
         cursor = (cursor + cfg.head_dim / 2 * 4).next_multiple_of(WEIGHT_ALIGN_BYTES);
@@ -124,9 +140,10 @@ impl WeightLayout {
             }
             return Ok(d);
         }
-        let e = ck
-            .get("model.embed_tokens.weight")
-            .ok_or_else(|| ModelError::MissingTensor { dir: ck.dir().into(), tensor: "model.embed_tokens.weight".into() })?;
+        let e = ck.get("model.embed_tokens.weight").ok_or_else(|| ModelError::MissingTensor {
+            dir: ck.dir().into(),
+            tensor: "model.embed_tokens.weight".into(),
+        })?;
         Ok(e.dtype)
     }
 

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub force_socket: bool,
     /// SHM: data-area bytes per direction of each client's region.
     pub shm_data_bytes: usize,
+    /// Staging bytes (for large pings, puts and gets) that connections may keep between requests,
+    /// over all connections; beyond it a connection frees its large buffer after each request.
+    pub staging_bytes_retained_max: u64,
     /// How long SIGTERM waits for in-flight requests before the process exits anyway.
     pub drain_timeout_ms: u64,
 }
@@ -71,6 +74,7 @@ impl Default for ServerConfig {
             wait: "spin-then-park".into(),
             force_socket: false,
             shm_data_bytes: djinn_transport::TransportOptions::default().shm_data_bytes,
+            staging_bytes_retained_max: 512 << 20,
             drain_timeout_ms: 5_000,
         }
     }
@@ -178,6 +182,16 @@ mod tests {
         let c = ServerConfig { nic: Some("mlx5_0".into()), ..Default::default() };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("RDMA"), "{e}");
+    }
+
+    #[test]
+    fn shipped_examples_parse() {
+        for text in
+            [include_str!("../../../configs/server-cpu.toml"), include_str!("../../../configs/server-tenants.toml")]
+        {
+            let c = ServerConfig::from_toml(text).unwrap();
+            c.validate().unwrap();
+        }
     }
 
     #[test]

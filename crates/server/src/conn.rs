@@ -7,7 +7,8 @@
 //!   lost) end the connection — after a best-effort error frame for the latter.
 //! - Nothing before a successful Hello is served except the Hello itself.
 //! - Staging memory is bounded: bulk data of a put moves in [`PUT_CHUNK_BYTES`] pieces; a get or
-//!   ping holds one frame's data at most, and the buffer shrinks back after a large request.
+//!   ping holds one frame's data at most; large buffers outlive their request only within the
+//!   server-wide `staging_bytes_retained_max` budget.
 //! - A slow reader only blocks its own reply sends (the transport never buffers without bound),
 //!   which stops this connection's reader from taking more requests: backpressure, not growth.
 
@@ -30,7 +31,8 @@ use crate::tensors::{Tensor, TensorError};
 
 /// Bulk data of a put moves through staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
-/// Staging kept between requests; a larger buffer is released after the request that grew it.
+/// Staging every connection may keep between requests; more is kept only within the server-wide
+/// `staging_bytes_retained_max` budget.
 const STAGING_KEEP_BYTES: usize = 1 << 20;
 /// Oldest protocol version this server still speaks.
 const VERSION_MIN: u16 = 1;
@@ -81,7 +83,11 @@ struct Conn<B: Backend> {
     counters: Arc<ByteCounters>,
     peer: String,
     tenant: Option<TenantId>,
+    /// Bulk-data staging. Its length is a high-water mark (bytes stay initialised, so reuse
+    /// needs no zeroing); requests use a prefix.
     staging: Vec<u8>,
+    /// Bytes of `staging` beyond `STAGING_KEEP_BYTES` counted in `Shared::staging_retained`.
+    staging_retained: u64,
     /// Requests of this connection in progress (bounded by `max_inflight_per_conn`). The reader
     /// serves in order, so today this is 0 or 1; streamed session replies will hold it longer.
     inflight: Arc<AtomicUsize>,
@@ -102,12 +108,15 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         peer,
         tenant: None,
         staging: Vec::new(),
+        staging_retained: 0,
         inflight: Arc::new(AtomicUsize::new(0)),
         seen_sent: 0,
         seen_received: 0,
     };
     c.run();
     c.flush_counters();
+    c.staging = Vec::new();
+    c.release_staging();
     if let Some(t) = c.tenant.take() {
         if t.is_anonymous() {
             // An anonymous tenant is this connection: what it created dies with it.
@@ -144,14 +153,44 @@ impl<B: Backend> Conn<B> {
             self.sh.requests_active.fetch_add(1, Ordering::AcqRel);
             let r = self.handle(head, t0);
             self.sh.requests_active.fetch_sub(1, Ordering::AcqRel);
-            if self.staging.capacity() > STAGING_KEEP_BYTES {
-                self.staging = Vec::new();
-            }
+            self.settle_staging();
             self.flush_counters();
             if r.is_err() {
                 return;
             }
         }
+    }
+
+    /// Keeps a staging buffer grown past [`STAGING_KEEP_BYTES`] only while the server-wide
+    /// budget for such buffers (`staging_bytes_retained_max`) allows: repeated large requests then
+    /// reuse warm memory, and idle connections cannot pin more than the budget in total.
+    fn settle_staging(&mut self) {
+        let extra = self.staging.len().saturating_sub(STAGING_KEEP_BYTES) as u64;
+        if extra == self.staging_retained {
+            return;
+        }
+        let max = self.sh.cfg.staging_bytes_retained_max;
+        let (old, grown) = (self.staging_retained, extra > self.staging_retained);
+        let fits = !grown
+            || self
+                .sh
+                .staging_retained
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_add(extra - old).filter(|&n| n <= max))
+                .is_ok();
+        if fits {
+            if !grown {
+                self.sh.staging_retained.fetch_sub(old - extra, Ordering::AcqRel);
+            }
+            self.staging_retained = extra;
+        } else {
+            self.staging = Vec::new();
+            self.release_staging();
+        }
+    }
+
+    fn release_staging(&mut self) {
+        self.sh.staging_retained.fetch_sub(self.staging_retained, Ordering::AcqRel);
+        self.staging_retained = 0;
     }
 
     fn flush_counters(&mut self) {
@@ -311,10 +350,9 @@ impl<B: Backend> Conn<B> {
         // data_len was validated against the frame limit, which fits in memory by configuration.
         let n = usize::try_from(n).map_err(|_| Fatal)?;
         let mut buf = std::mem::take(&mut self.staging);
-        buf.clear();
-        buf.resize(n, 0);
-        let r = self.rx.recv_data(&mut buf).map_err(|e| self.transport_failed(e));
-        let out = r.and_then(|()| self.send_ok(head, &[], &[&buf], None));
+        grow(&mut buf, n);
+        let r = self.rx.recv_data(&mut buf[..n]).map_err(|e| self.transport_failed(e));
+        let out = r.and_then(|()| self.send_ok(head, &[], &[&buf[..n]], None));
         self.staging = buf;
         out?;
         Ok(Outcome::Sent)
@@ -374,8 +412,7 @@ impl<B: Backend> Conn<B> {
         // Receive in bounded chunks straight through staging into the tensor's region.
         let chunk = PUT_CHUNK_BYTES.min(usize::try_from(data_len).unwrap_or(PUT_CHUNK_BYTES));
         let mut buf = std::mem::take(&mut self.staging);
-        buf.clear();
-        buf.resize(chunk, 0);
+        grow(&mut buf, chunk);
         let mut off = 0u64;
         let mut write_err = None;
         while off < data_len {
@@ -428,7 +465,8 @@ impl<B: Backend> Conn<B> {
             }
         };
         let meta = desc.to_meta();
-        let r = self.send_ok(head, &meta, &[&buf], None);
+        let n = desc.byte_len() as usize;
+        let r = self.send_ok(head, &meta, &[&buf[..n]], None);
         self.staging = buf;
         r?;
         Ok(Outcome::Sent)
@@ -504,6 +542,15 @@ impl<B: Backend> Conn<B> {
         header.status = status.as_u16().into();
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         tx.send(&OutFrame { header, meta, data: &[] }).map_err(|e| self.transport_failed(e))
+    }
+}
+
+/// Makes `buf` at least `n` bytes long; bytes already there are kept (no re-zeroing).
+fn grow(buf: &mut Vec<u8>, n: usize) {
+    if buf.len() < n {
+        // Exact, so the retained-bytes accounting (by length) matches the allocation.
+        buf.reserve_exact(n - buf.len());
+        buf.resize(n, 0);
     }
 }
 

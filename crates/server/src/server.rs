@@ -59,6 +59,8 @@ pub struct Shared<B: Backend> {
     /// Requests being served right now, over all connections (drain waits for 0).
     pub requests_active: AtomicUsize,
     pub next_conn_id: AtomicU64,
+    /// Staging bytes connections keep between requests beyond their small default.
+    pub staging_retained: AtomicU64,
 }
 
 struct AcceptThread {
@@ -90,8 +92,12 @@ impl<B: Backend> Server<B> {
         let metrics = Metrics::new(&cfg.node_id);
         let backend = Arc::new(backend);
         let urls = cfg.listen_urls();
-        let mut transports: Vec<String> = urls.iter().map(|u| scheme(u)).collect();
-        transports.dedup();
+        let mut transports: Vec<String> = Vec::new();
+        for s in urls.iter().map(|u| scheme(u)) {
+            if !transports.contains(&s) {
+                transports.push(s);
+            }
+        }
         let store = Store::new(
             backend.clone(),
             cfg.handles_max_per_tenant,
@@ -111,6 +117,7 @@ impl<B: Backend> Server<B> {
             connections_active: AtomicUsize::new(0),
             requests_active: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
+            staging_retained: AtomicU64::new(0),
             cfg,
         });
 

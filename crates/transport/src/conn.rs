@@ -71,6 +71,13 @@ pub trait FrameTx: Send {
     /// Sends one whole frame. Blocks (according to the connection's `WaitMode`) while the peer's
     /// receive space is full; never buffers without bound.
     fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError>;
+
+    /// A handle that closes the connection from any thread: a blocked or later `recv_head`,
+    /// `recv_data` or `send` on either half returns `Closed` (or an I/O error), and the peer sees
+    /// the connection end. For draining a server on shutdown. `None`: the transport has none.
+    fn closer(&self) -> Option<ConnectionClose> {
+        None
+    }
 }
 
 /// The receiving half of a connection.
@@ -145,3 +152,6 @@ impl Default for TransportOptions {
 
 /// Stops a listener from another thread: a blocked `accept` returns `TransportError::Closed`.
 pub type ListenerStop = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// Closes a connection from another thread (see [`FrameTx::closer`]).
+pub type ConnectionClose = std::sync::Arc<dyn Fn() + Send + Sync>;

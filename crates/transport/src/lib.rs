@@ -14,7 +14,7 @@ pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead, TransportError,
-    TransportOptions, WaitMode,
+    ByteCounters, Connection, ConnectionClose, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
+    TransportError, TransportOptions, WaitMode,
 };
 pub use recommended::{connect, listen};

@@ -25,6 +25,8 @@ pub struct Fixture {
     /// Opens a raw byte stream to a bound listener URL, for tests that write bytes no well-behaved
     /// sender would. `None`: this transport has no raw byte path (those tests are ignored).
     pub raw_connect: Option<RawConnect>,
+    /// `FrameTx::closer` returns a handle (tests that need one are ignored otherwise).
+    pub has_closer: bool,
 }
 
 type Setup = Result<Fixture, String>;
@@ -46,7 +48,13 @@ fn tcp_raw(url: &str) -> Box<dyn Write + Send> {
 
 fn tcp_uring() -> Setup {
     djinn_transport::tcp::uring_available().map_err(|e| format!("io_uring unavailable here: {e}"))?;
-    Ok(Fixture { listen_url: tcp_url, opts: TransportOptions::default(), transport: "tcp", raw_connect: Some(tcp_raw) })
+    Ok(Fixture {
+        listen_url: tcp_url,
+        opts: TransportOptions::default(),
+        transport: "tcp",
+        raw_connect: Some(tcp_raw),
+        has_closer: true,
+    })
 }
 
 /// io_uring with every send zero-copy, so SENDMSG_ZC and its notifications are exercised at all sizes.
@@ -64,7 +72,7 @@ fn tcp_uring_busy() -> Setup {
 
 fn tcp_socket() -> Setup {
     let opts = TransportOptions { force_socket: true, ..TransportOptions::default() };
-    Ok(Fixture { listen_url: tcp_url, opts, transport: "tcp-socket", raw_connect: Some(tcp_raw) })
+    Ok(Fixture { listen_url: tcp_url, opts, transport: "tcp-socket", raw_connect: Some(tcp_raw), has_closer: true })
 }
 
 fn tcp_socket_busy() -> Setup {
@@ -79,7 +87,7 @@ fn shm() -> Setup {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         format!("shm://conformance-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     };
-    Ok(Fixture { listen_url, opts: TransportOptions::default(), transport: "shm", raw_connect: None })
+    Ok(Fixture { listen_url, opts: TransportOptions::default(), transport: "shm", raw_connect: None, has_closer: true })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -400,6 +408,31 @@ fn vectored_data_slices(f: &Fixture) {
     assert_eq!(d, parts.concat());
 }
 
+fn closer_unblocks_both_sides(f: &Fixture) {
+    let echo = Echo::start(f);
+    let Connection { mut tx, mut rx, .. } = echo.connect(f);
+    let close = tx.closer().expect("fixture says this transport has a closer");
+    let header = FrameHeader::new(2, 0, 1, 0, 3);
+    tx.send(&OutFrame { header, meta: &[], data: &[b"abc"] }).unwrap();
+    let reader = thread::spawn(move || {
+        let mut d = [0u8; 3];
+        let head = rx.recv_head().unwrap();
+        rx.recv_data(&mut d[..head.header.data_len.get() as usize]).unwrap();
+        // Nothing more comes: this receive blocks until the closer runs.
+        rx.recv_head()
+    });
+    thread::sleep(Duration::from_millis(50));
+    close();
+    match reader.join().unwrap() {
+        Err(TransportError::Closed) | Err(TransportError::Io { .. }) => {}
+        other => panic!("blocked receive after close: {other:?}"),
+    }
+    assert!(tx.send(&OutFrame { header, meta: &[], data: &[b"abc"] }).is_err(), "send after close");
+    drop(tx);
+    let ends = echo.finish();
+    assert!(matches!(ends[0].error, TransportError::Closed), "server saw {:?}", ends[0].error);
+}
+
 fn listener_stop(f: &Fixture) {
     let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
     let stop = listener.stopper();
@@ -414,19 +447,28 @@ fn listener_stop(f: &Fixture) {
 
 type Body = fn(&Fixture);
 
-/// (name, body, needs a raw byte path)
-const TESTS: &[(&str, Body, bool)] = &[
-    ("round_trip_sizes", round_trip_sizes, false),
-    ("pipelined", pipelined, false),
-    ("halves_on_threads", halves_on_threads, false),
-    ("concurrent_32", concurrent_32, false),
-    ("peer_close", peer_close, false),
-    ("bad_headers", bad_headers, true),
-    ("half_sent_frame_does_not_block_others", half_sent_frame_does_not_block_others, true),
-    ("counters", counters, false),
-    ("data_misuse_and_skip", data_misuse_and_skip, false),
-    ("vectored_data_slices", vectored_data_slices, false),
-    ("listener_stop", listener_stop, false),
+/// What a test needs beyond the common seam.
+#[derive(Clone, Copy, PartialEq)]
+enum Needs {
+    Nothing,
+    RawBytes,
+    Closer,
+}
+use Needs::*;
+
+const TESTS: &[(&str, Body, Needs)] = &[
+    ("round_trip_sizes", round_trip_sizes, Nothing),
+    ("pipelined", pipelined, Nothing),
+    ("halves_on_threads", halves_on_threads, Nothing),
+    ("concurrent_32", concurrent_32, Nothing),
+    ("peer_close", peer_close, Nothing),
+    ("bad_headers", bad_headers, RawBytes),
+    ("half_sent_frame_does_not_block_others", half_sent_frame_does_not_block_others, RawBytes),
+    ("counters", counters, Nothing),
+    ("data_misuse_and_skip", data_misuse_and_skip, Nothing),
+    ("vectored_data_slices", vectored_data_slices, Nothing),
+    ("closer_unblocks_both_sides", closer_unblocks_both_sides, Closer),
+    ("listener_stop", listener_stop, Nothing),
 ];
 
 /// Busy-poll fixtures burn a core per waiting side; on a 2-core machine only the cheap tests run.
@@ -437,10 +479,13 @@ fn trials(name: &'static str, setup: Setup) -> Vec<Trial> {
     TESTS
         .iter()
         .filter(|(t, _, _)| !busy || BUSY_TESTS.contains(t))
-        .map(|&(test, body, needs_raw)| {
+        .map(|&(test, body, needs)| {
             let skip = match &setup {
                 Err(why) => Some(why.clone()),
-                Ok(f) if needs_raw && f.raw_connect.is_none() => Some("no raw byte path for this transport".into()),
+                Ok(f) if needs == RawBytes && f.raw_connect.is_none() => {
+                    Some("no raw byte path for this transport".into())
+                }
+                Ok(f) if needs == Closer && !f.has_closer => Some("no connection closer for this transport".into()),
                 Ok(_) => None,
             };
             let full = format!("{name}::{test}");

@@ -11,12 +11,14 @@
 //!
 //! Ordering: the VMU issues its own work on the backend's default stream (CoW block copies) and
 //! on a private swap stream. Every swap first makes the swap stream wait for the default stream
-//! (blocks freed by a close may still be read by a forward pass in flight). A swap-in makes the
-//! default stream wait for it (the session's next step reads those blocks). A swap-out overlaps
-//! compute: only the next `append` that takes blocks makes the default stream wait for it (the
-//! blocks it freed may be written next). Host swap slots are touched only by
-//! the swap stream, so stream order alone protects their reuse. Forward passes must therefore be
-//! issued on `backend.default_stream()` (or on a stream that waits on it).
+//! (blocks freed by a close may still be read by a forward pass in flight). Neither direction
+//! holds up compute when issued: a swapped-in session's next `ensure_resident`/`append`/`fork`
+//! makes the default stream wait for its copies (so [`Vmu::prefetch`] overlaps them with the
+//! current step), and the next `append` after a swap-out waits for it (the blocks it freed may
+//! be written next). Block tables read without `ensure_resident` may name blocks still being
+//! filled. Host swap slots are touched only by the swap stream, so stream order alone protects
+//! their reuse. Forward passes must therefore be issued on `backend.default_stream()` (or on a
+//! stream that waits on it).
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -176,6 +178,9 @@ pub struct Vmu<B: Backend> {
     /// Completion of the latest swap-out: blocks it freed may be handed to compute only after
     /// it, so `append` makes the default stream wait on it (once) before using new blocks.
     compute_fence: Option<B::Event>,
+    /// Per session slot: completion of a swap-in the default stream has not waited for yet
+    /// (a prefetch); the session's next use makes compute wait for it.
+    ready: Vec<Option<B::Event>>,
     timings: VecDeque<Timing<B::Event>>,
     /// Reused buffers: block ids of one swap, and their i32 bytes for the index area.
     ids: Vec<u32>,
@@ -235,6 +240,7 @@ impl<B: Backend> Vmu<B> {
             index_busy: None,
             cow_busy: None,
             compute_fence: None,
+            ready: (0..cfg.max_sessions).map(|_| None).collect(),
             timings: VecDeque::with_capacity(TIMINGS_MAX),
             ids: Vec::with_capacity(plan.kv_blocks.max(width)),
             dev_ids: Vec::with_capacity(plan.kv_blocks.max(width)),
@@ -423,6 +429,11 @@ impl<B: Backend> Vmu<B> {
         let idx = self.lookup(id)?;
         let m = self.sessions[idx];
         let row = self.row(idx);
+        if self.ready[idx].take().is_some() {
+            // A prefetch may still be writing the blocks freed below: the next append that
+            // takes blocks waits for everything issued on the swap stream so far.
+            self.compute_fence = Some(self.backend.record(&self.swap_stream)?);
+        }
         if m.swapped {
             // Host slots are only touched by the swap stream: reuse is ordered after any
             // swap-out still writing them.
@@ -600,14 +611,38 @@ impl<B: Backend> Vmu<B> {
         self.sessions.iter().filter(|m| m.open && m.pinned_epoch == self.epoch).count()
     }
 
+    /// Swaps the session in if needed and orders later compute after its copies.
     fn make_resident(&mut self, idx: usize) -> Result<(), VmuError> {
         self.tick += 1;
         self.sessions[idx].last_used = self.tick;
-        if !self.sessions[idx].swapped {
-            return Ok(());
+        if self.sessions[idx].swapped {
+            self.make_room(self.sessions[idx].blocks, idx)?;
+            self.swap_in_one(idx)?;
         }
-        self.make_room(self.sessions[idx].blocks, idx)?;
-        self.swap_in_one(idx)
+        if let Some(e) = self.ready[idx].take() {
+            if !self.backend.event_done(&e)? {
+                self.backend.wait(self.backend.default_stream(), &e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts swapping the given sessions in without pinning them or holding up compute: the
+    /// copies overlap the current step, and the session's next `ensure_resident` (or `append`)
+    /// orders compute after them. Stops at the first session that does not fit
+    /// (`KvExhausted`); nothing is lost.
+    pub fn prefetch(&mut self, ids: &[SessionId]) -> Result<(), VmuError> {
+        self.poll_timings();
+        for &id in ids {
+            let idx = self.lookup(id)?;
+            if self.sessions[idx].swapped {
+                self.tick += 1;
+                self.sessions[idx].last_used = self.tick;
+                self.make_room(self.sessions[idx].blocks, idx)?;
+                self.swap_in_one(idx)?;
+            }
+        }
+        Ok(())
     }
 
     /// Frees device blocks until `need` are free, swapping out least-recently-used sessions
@@ -709,6 +744,8 @@ impl<B: Backend> Vmu<B> {
         }
         self.ids = host_ids;
         self.dev_ids = dev;
+        // A prefetch never awaited is superseded: the copies are ordered on the swap stream.
+        self.ready[idx] = None;
         self.sessions[idx].swapped = true;
         self.sessions_swapped += 1;
         self.metrics.swap_out_total.inc();
@@ -734,10 +771,9 @@ impl<B: Backend> Vmu<B> {
             dev.push(self.take_block() as i32);
         }
         let issued = self.issue_swap(false, &dev, &host_ids).and_then(|()| {
-            let done = self.backend.record(&self.swap_stream)?;
-            // The session's next step reads these blocks.
-            self.backend.wait(self.backend.default_stream(), &done)?;
-            Ok(done)
+            // The session's next use makes compute wait for this (`make_resident`).
+            self.ready[idx] = Some(self.backend.record(&self.swap_stream)?);
+            Ok(self.backend.record(&self.swap_stream)?)
         });
         let done = match issued {
             Ok(d) => d,
@@ -935,6 +971,7 @@ impl<B: Backend> Vmu<B> {
         let bb = self.plan.block_bytes;
         out.clear();
         out.resize(table.len() * bb, 0);
+        self.backend.sync_stream(&self.swap_stream)?;
         self.backend.sync_stream(self.backend.default_stream())?;
         for (i, &b) in table.iter().enumerate() {
             self.backend.read(&self.region, self.block_offset(b), &mut out[i * bb..(i + 1) * bb])?;

@@ -8,6 +8,7 @@
 // Numeric kernels index several parallel arrays with one counter; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
 
+use super::elementwise::{exp, multiversion};
 use super::raw::{self, ints, load, store, with_scratch, Raw};
 use super::CpuBackend;
 use crate::error::Result;
@@ -83,13 +84,14 @@ pub(crate) fn kv_append(
     Ok(())
 }
 
-/// 8-lane dot product (vectorises without reassociation flags).
-#[inline]
+/// Dot product over 16 lanes (two independent vector chains, so the add latency is hidden;
+/// vectorises without reassociation flags).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n = a.len() - a.len() % 8;
-    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
-        for l in 0..8 {
+    let mut acc = [0f32; 16];
+    let n = a.len() - a.len() % 16;
+    for (x, y) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)) {
+        for l in 0..16 {
             acc[l] += x[l] * y[l];
         }
     }
@@ -165,93 +167,120 @@ pub(crate) fn attention(
     let slab = bt * hd;
     // State per (row, head of group): running max, running sum, accumulator; plus q, K, V, scores.
     let scratch = ROW_TILE * group * (hd + 2) + ROW_TILE * group * hd + 2 * slab + bt;
-    be.for_chunks(items, 1, |item, _| {
-        let (s, rest) = (item / (kvh * tiles), item % (kvh * tiles));
-        let (h, tile) = (rest / tiles, rest % tiles);
-        let (q0, q_len) = (qs[s] as usize, (qs[s + 1] - qs[s]) as usize);
-        let j0 = tile * ROW_TILE;
-        if j0 >= q_len {
-            return;
-        }
-        let nr = ROW_TILE.min(q_len - j0);
-        let n_ctx = ctx[s] as usize;
-        let first_pos = n_ctx - q_len + j0;
-        let last_pos = first_pos + nr - 1;
-        let table = &tables[s * b.max_blocks..];
-        with_scratch(scratch, |buf| {
-            let n = nr * group;
-            let (m, buf) = buf.split_at_mut(n);
-            let (lsum, buf) = buf.split_at_mut(n);
-            let (acc, buf) = buf.split_at_mut(n * hd);
-            let (qv, buf) = buf.split_at_mut(n * hd);
-            let (kb, buf) = buf.split_at_mut(slab);
-            let (vb, sc) = buf.split_at_mut(slab);
-            m.fill(f32::NEG_INFINITY);
-            lsum.fill(0.0);
-            acc.fill(0.0);
-            for j in 0..nr {
-                for g in 0..group {
-                    let qh = h * group + g;
-                    let dst = &mut qv[(j * group + g) * hd..][..hd];
-                    // SAFETY: row `q0 + j0 + j` < rows, head `qh` < heads: inside `q`, read-only.
-                    unsafe { load(q, ((q0 + j0 + j) * heads + qh) * hd, dst) };
-                    dst.iter_mut().for_each(|v| *v *= scale);
-                }
-            }
-            for blk in 0..=last_pos / bt {
-                let id = table[blk] as usize;
-                let valid = bt.min(last_pos + 1 - blk * bt);
-                // SAFETY: `id` < num_blocks (checked); the slabs are inside the cache, which this
-                // op only reads.
-                unsafe {
-                    load(&cache, l.elem_offset(id, layer, 0, h, 0), &mut kb[..valid * hd]);
-                    load(&cache, l.elem_offset(id, layer, 1, h, 0), &mut vb[..valid * hd]);
-                }
-                for j in 0..nr {
-                    let pos = first_pos + j;
-                    if pos < blk * bt {
-                        continue;
-                    }
-                    let upto = valid.min(pos + 1 - blk * bt);
-                    for g in 0..group {
-                        let i = j * group + g;
-                        let qi = &qv[i * hd..(i + 1) * hd];
-                        let sc = &mut sc[..upto];
-                        for (t, sv) in sc.iter_mut().enumerate() {
-                            *sv = dot(qi, &kb[t * hd..(t + 1) * hd]);
-                        }
-                        let bmax = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let new_m = m[i].max(bmax);
-                        let corr = (m[i] - new_m).exp();
-                        let ai = &mut acc[i * hd..(i + 1) * hd];
-                        if corr != 1.0 {
-                            ai.iter_mut().for_each(|v| *v *= corr);
-                        }
-                        let mut add = 0.0f32;
-                        for (t, sv) in sc.iter().enumerate() {
-                            let p = (sv - new_m).exp();
-                            add += p;
-                            ai.iter_mut().zip(&vb[t * hd..(t + 1) * hd]).for_each(|(a, v)| *a += p * v);
-                        }
-                        lsum[i] = lsum[i] * corr + add;
-                        m[i] = new_m;
-                    }
-                }
-            }
-            for j in 0..nr {
-                for g in 0..group {
-                    let i = j * group + g;
-                    let inv = 1.0 / lsum[i];
-                    let ai = &mut acc[i * hd..(i + 1) * hd];
-                    ai.iter_mut().for_each(|v| *v *= inv);
-                    // SAFETY: (row, head) is owned by this item alone; `out` is disjoint from
-                    // every input (checked).
-                    unsafe { store(out, ((q0 + j0 + j) * heads + h * group + g) * hd, ai) };
-                }
-            }
-        })
-    });
+    let job =
+        Job { q, cache: &cache, l, out, qs, ctx, tables, max_blocks: b.max_blocks, layer, heads, group, tiles, scale };
+    be.for_chunks(items, 1, |item, _| with_scratch(scratch, |buf| attend(&job, item, buf)));
     Ok(())
+}
+
+/// Everything one attention work item needs (shared, read-only).
+struct Job<'a> {
+    q: &'a Raw,
+    cache: &'a Raw,
+    l: &'a KvLayout,
+    out: &'a Raw,
+    qs: &'a [i32],
+    ctx: &'a [i32],
+    tables: &'a [i32],
+    max_blocks: usize,
+    layer: usize,
+    heads: usize,
+    group: usize,
+    tiles: usize,
+    scale: f32,
+}
+
+multiversion! {
+/// One (sequence, KV head, tile of query rows) item: online softmax over the sequence's blocks.
+fn attend(job: &Job<'_>, item: usize, buf: &mut [f32]) {
+    let (l, group, heads, scale) = (job.l, job.group, job.heads, job.scale);
+    let (q, cache, out) = (job.q, job.cache, job.out);
+    let (kvh, hd, bt, tiles) = (l.kv_heads, l.head_dim, l.block_tokens, job.tiles);
+    let layer = job.layer;
+    let slab = bt * hd;
+    let (s, rest) = (item / (kvh * tiles), item % (kvh * tiles));
+    let (h, tile) = (rest / tiles, rest % tiles);
+    let (q0, q_len) = (job.qs[s] as usize, (job.qs[s + 1] - job.qs[s]) as usize);
+    let j0 = tile * ROW_TILE;
+    if j0 >= q_len {
+        return;
+    }
+    let nr = ROW_TILE.min(q_len - j0);
+    let n_ctx = job.ctx[s] as usize;
+    let first_pos = n_ctx - q_len + j0;
+    let last_pos = first_pos + nr - 1;
+    let table = &job.tables[s * job.max_blocks..];
+    let n = nr * group;
+    let (m, buf) = buf.split_at_mut(n);
+    let (lsum, buf) = buf.split_at_mut(n);
+    let (acc, buf) = buf.split_at_mut(n * hd);
+    let (qv, buf) = buf.split_at_mut(n * hd);
+    let (kb, buf) = buf.split_at_mut(slab);
+    let (vb, sc) = buf.split_at_mut(slab);
+    m.fill(f32::NEG_INFINITY);
+    lsum.fill(0.0);
+    acc.fill(0.0);
+    for j in 0..nr {
+        for g in 0..group {
+            let qh = h * group + g;
+            let dst = &mut qv[(j * group + g) * hd..][..hd];
+            // SAFETY: row `q0 + j0 + j` < rows, head `qh` < heads: inside `q`, read-only.
+            unsafe { load(q, ((q0 + j0 + j) * heads + qh) * hd, dst) };
+            dst.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    for blk in 0..=last_pos / bt {
+        let id = table[blk] as usize;
+        let valid = bt.min(last_pos + 1 - blk * bt);
+        // SAFETY: `id` < num_blocks (checked); the slabs are inside the cache, which this
+        // op only reads.
+        unsafe {
+            load(cache, l.elem_offset(id, layer, 0, h, 0), &mut kb[..valid * hd]);
+            load(cache, l.elem_offset(id, layer, 1, h, 0), &mut vb[..valid * hd]);
+        }
+        for j in 0..nr {
+            let pos = first_pos + j;
+            if pos < blk * bt {
+                continue;
+            }
+            let upto = valid.min(pos + 1 - blk * bt);
+            for g in 0..group {
+                let i = j * group + g;
+                let qi = &qv[i * hd..(i + 1) * hd];
+                let sc = &mut sc[..upto];
+                for (t, sv) in sc.iter_mut().enumerate() {
+                    *sv = dot(qi, &kb[t * hd..(t + 1) * hd]);
+                }
+                let bmax = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_m = m[i].max(bmax);
+                let corr = exp(m[i] - new_m);
+                let ai = &mut acc[i * hd..(i + 1) * hd];
+                if corr != 1.0 {
+                    ai.iter_mut().for_each(|v| *v *= corr);
+                }
+                let mut add = 0.0f32;
+                for (t, sv) in sc.iter().enumerate() {
+                    let p = exp(sv - new_m);
+                    add += p;
+                    ai.iter_mut().zip(&vb[t * hd..(t + 1) * hd]).for_each(|(a, v)| *a += p * v);
+                }
+                lsum[i] = lsum[i] * corr + add;
+                m[i] = new_m;
+            }
+        }
+    }
+    for j in 0..nr {
+        for g in 0..group {
+            let i = j * group + g;
+            let inv = 1.0 / lsum[i];
+            let ai = &mut acc[i * hd..(i + 1) * hd];
+            ai.iter_mut().for_each(|v| *v *= inv);
+            // SAFETY: (row, head) is owned by this item alone; `out` is disjoint from
+            // every input (checked).
+            unsafe { store(out, ((q0 + j0 + j) * heads + h * group + g) * hd, ai) };
+        }
+    }
+}
 }
 
 /// Block ids from an i32 operand, each checked against `num_blocks`.

@@ -34,8 +34,9 @@ pub const GEMV_M_MAX: usize = 8;
 const GEMV_J_TILE: usize = 64;
 /// Minimum weight rows per GEMV parallel chunk.
 const GEMV_CHUNK_MIN: usize = 16;
-/// Columns of `op(b)` per panel on the converting GEMM path.
+/// Columns of `op(b)` per panel on the converting GEMM path: at least, and at most.
 const PANEL_N: usize = 128;
+const PANEL_N_MAX: usize = 512;
 
 /// The vector instruction set the kernels run with, detected once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +136,12 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
     store(c, first, acc);
 }
 
+/// Weight rows per parallel GEMV chunk: a few chunks per worker (so a preempted worker's share
+/// is picked up by the others), a multiple of 4 (the kernel's row group).
+fn gemv_chunk(be: &CpuBackend, n: usize) -> usize {
+    be.chunk_for(n, GEMV_CHUNK_MIN).next_multiple_of(4)
+}
+
 /// One weight row's dot products with `m` activation rows: `out[r] = w · x[r*k..(r+1)*k]`.
 type DotFn = unsafe fn(w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32; GEMV_M_MAX]);
 
@@ -155,7 +162,7 @@ fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
     let run = |x: &[f32]| {
-        be.for_chunks(n, n.div_ceil(be.threads()).max(GEMV_CHUNK_MIN), |j0, nj| {
+        be.for_chunks(n, gemv_chunk(be, n), |j0, nj| {
             let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
             let mut jt = j0;
             while jt < j0 + nj {
@@ -198,10 +205,10 @@ fn gemv_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: 
     let k16 = k - k % 16;
     let esize = w.dtype.size_bytes();
     let row_bytes = k * esize;
-    let rows_fn = match w.dtype {
-        DType::BF16 => avx2::rows::<{ avx2::BF16 }>,
-        DType::F16 => avx2::rows::<{ avx2::F16 }>,
-        _ => avx2::rows::<{ avx2::F32 }>,
+    let run_fn = match w.dtype {
+        DType::BF16 => avx2::run::<{ avx2::BF16 }>,
+        DType::F16 => avx2::run::<{ avx2::F16 }>,
+        _ => avx2::run::<{ avx2::F32 }>,
     };
     with_scratch(m * k + m * k16, |buf| {
         let (x, xp) = buf.split_at_mut(m * k);
@@ -216,53 +223,42 @@ fn gemv_avx2(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: 
             }
         }
         let (x, xp) = (&*x, &*xp);
-        be.for_chunks(n, n.div_ceil(be.threads()).max(GEMV_CHUNK_MIN), |j0, nj| {
+        be.for_chunks(n, gemv_chunk(be, n), |j0, nj| {
             let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
             let mut jt = j0;
             while jt < j0 + nj {
                 let nt = GEMV_J_TILE.min(j0 + nj - jt);
-                // Activation rows in groups of up to four; weight rows in groups sized so the
-                // accumulators stay in registers.
+                // Activation rows in groups of up to four, all `nt` weight rows per kernel call.
                 let mut r0 = 0;
                 while r0 < m {
                     let ma = (m - r0).min(4);
-                    let group = match ma {
-                        1 => 4,
-                        2 => 2,
-                        _ => 1,
+                    // SAFETY: rows `jt..jt+nt` < n lie inside the weights; `xp` holds `m * k16`
+                    // (permuted for bf16) values; `acc[r0..r0+ma]` has room for `nt` results
+                    // each, `GEMV_J_TILE` apart; AVX2/FMA/F16C were detected.
+                    unsafe {
+                        run_fn(
+                            w.ptr.add(jt * row_bytes),
+                            row_bytes,
+                            nt,
+                            xp.as_ptr().add(r0 * k16),
+                            k16,
+                            ma,
+                            acc[r0].as_mut_ptr(),
+                            GEMV_J_TILE,
+                        )
                     };
-                    let mut j = 0;
-                    while j < nt {
-                        let rows = if nt - j >= group { group } else { 1 };
-                        let mut out = [[0f32; 4]; 4];
-                        // SAFETY: rows `jt+j..jt+j+rows` < n lie inside the weights; `xp` holds
-                        // `m * k16` (permuted for bf16) values; AVX2/FMA/F16C were detected.
-                        unsafe {
-                            rows_fn(
-                                w.ptr.add((jt + j) * row_bytes),
-                                row_bytes,
-                                rows,
-                                xp.as_ptr().add(r0 * k16),
-                                k16,
-                                ma,
-                                &mut out,
-                            )
-                        };
-                        for rr in 0..rows {
-                            let mut tail = [0f32; 16];
-                            if k > k16 {
-                                // SAFETY: elements `k16..k` of row `jt + j + rr` < n.
-                                unsafe { load(w, (jt + j + rr) * k + k16, &mut tail[..k - k16]) };
-                            }
-                            for mm in 0..ma {
-                                let xr = &x[(r0 + mm) * k + k16..(r0 + mm + 1) * k];
-                                let t: f32 = tail.iter().zip(xr).map(|(a, b)| a * b).sum();
-                                acc[r0 + mm][j + rr] = out[rr][mm] + t;
-                            }
-                        }
-                        j += rows;
-                    }
                     r0 += ma;
+                }
+                if k > k16 {
+                    for j in 0..nt {
+                        let mut tail = [0f32; 16];
+                        // SAFETY: elements `k16..k` of row `jt + j` < n.
+                        unsafe { load(w, (jt + j) * k + k16, &mut tail[..k - k16]) };
+                        for r in 0..m {
+                            let xr = &x[r * k + k16..(r + 1) * k];
+                            acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                    }
                 }
                 for (r, acc_r) in acc.iter_mut().enumerate().take(m) {
                     // SAFETY: `c[r*n + jt..+nt]` belongs to this worker's column chunk.
@@ -334,7 +330,8 @@ fn general(
         return;
     }
     let run = |x: &[f32]| {
-        let chunk = be.chunk_for(n, PANEL_N).min(PANEL_N.max(n.div_ceil(be.threads())));
+        // Panels of at most PANEL_N_MAX columns keep the per-thread scratch bounded (k · 512 f32).
+        let chunk = be.chunk_for(n, PANEL_N).min(PANEL_N_MAX);
         be.for_chunks(n, chunk, |j0, nb| {
             with_scratch(nb * k + m * nb, |buf| {
                 let (bp, cp) = buf.split_at_mut(nb * k);
@@ -486,41 +483,73 @@ mod avx2 {
         }
     }
 
-    /// `out[r][a] = Σ_{i < k16} w[r][i] · x[a][i]` for `rows` (1, 2 or 4) weight rows of storage
-    /// type `DT`, `row_bytes` apart, and `acts` (1..=4) activation rows `k16` apart (permuted
-    /// with [`permute_for_bf16`] when `DT` is bf16).
+    /// `out[a * out_stride + j] = Σ_{i < k16} w[j][i] · x[a][i]` for `nrows` weight rows of
+    /// storage type `DT`, `row_bytes` apart, and `acts` (1..=4) activation rows `k16` apart
+    /// (permuted with [`permute_for_bf16`] when `DT` is bf16).
     ///
     /// # Safety
-    /// AVX2/FMA/F16C must be available; the weight rows must hold `k16` readable values and
-    /// `xp` `acts * k16` f32 values; `k16` must be a multiple of 16.
+    /// AVX2/FMA/F16C must be available; the weight rows must hold `k16` readable values, `xp`
+    /// `acts * k16` f32 values and `out` room for `acts` rows of `nrows` at `out_stride`; `k16`
+    /// must be a multiple of 16.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows<const DT: u8>(
+    pub unsafe fn run<const DT: u8>(
         w: *const u8,
         row_bytes: usize,
-        rows: usize,
+        nrows: usize,
         xp: *const f32,
         k16: usize,
         acts: usize,
-        out: &mut [[f32; 4]; 4],
+        out: *mut f32,
+        out_stride: usize,
     ) {
-        match (rows, acts) {
-            (4, 1) => rows_rm::<DT, 4, 1>(w, row_bytes, xp, k16, out),
-            (2, 2) => rows_rm::<DT, 2, 2>(w, row_bytes, xp, k16, out),
-            (2, 1) => rows_rm::<DT, 2, 1>(w, row_bytes, xp, k16, out),
-            (_, 1) => rows_rm::<DT, 1, 1>(w, row_bytes, xp, k16, out),
-            (_, 2) => rows_rm::<DT, 1, 2>(w, row_bytes, xp, k16, out),
-            (_, 3) => rows_rm::<DT, 1, 3>(w, row_bytes, xp, k16, out),
-            _ => rows_rm::<DT, 1, 4>(w, row_bytes, xp, k16, out),
+        // Weight rows per step so the accumulators (2 per row and activation) fit the registers.
+        match acts {
+            1 => run_rm::<DT, 4, 1>(w, row_bytes, nrows, xp, k16, out, out_stride),
+            2 => run_rm::<DT, 2, 2>(w, row_bytes, nrows, xp, k16, out, out_stride),
+            3 => run_rm::<DT, 1, 3>(w, row_bytes, nrows, xp, k16, out, out_stride),
+            _ => run_rm::<DT, 1, 4>(w, row_bytes, nrows, xp, k16, out, out_stride),
         }
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_rm<const DT: u8, const R: usize, const M: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        nrows: usize,
+        xp: *const f32,
+        k16: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let mut j = 0;
+        while j + R <= nrows {
+            let mut o = [[0f32; M]; R];
+            rows_rm::<DT, R, M>(w.add(j * row_bytes), row_bytes, xp, k16, &mut o);
+            for (r, or) in o.iter().enumerate() {
+                for (a, v) in or.iter().enumerate() {
+                    *out.add(a * out_stride + j + r) = *v;
+                }
+            }
+            j += R;
+        }
+        while j < nrows {
+            let mut o = [[0f32; M]; 1];
+            rows_rm::<DT, 1, M>(w.add(j * row_bytes), row_bytes, xp, k16, &mut o);
+            for (a, v) in o[0].iter().enumerate() {
+                *out.add(a * out_stride + j) = *v;
+            }
+            j += 1;
+        }
+    }
+
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_rm<const DT: u8, const R: usize, const M: usize>(
         w: *const u8,
         row_bytes: usize,
         xp: *const f32,
         k16: usize,
-        out: &mut [[f32; 4]; 4],
+        out: &mut [[f32; M]; R],
     ) {
         let zero = _mm256_setzero_si256();
         let mut acc = [[[_mm256_setzero_ps(); 2]; M]; R];

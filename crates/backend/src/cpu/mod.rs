@@ -14,6 +14,12 @@
 //! regions, dtypes, shapes, index ranges (token ids, slots, block ids), and that outputs do not
 //! overlap inputs except where the op is documented to work in place. Compute is f32 whatever the
 //! storage dtype (f32/f16/bf16); results round to nearest-even on store.
+//!
+//! Vector code: x86-64 AVX2+FMA+F16C is detected at run time (never `target-cpu=native`); the
+//! GEMV has hand-written kernels, the other hot loops are compiled twice (`multiversion!`).
+//! `DJINN_CPU_SIMD=portable` forces the baseline code (the test suite runs both).
+//! Scratch: per-thread f32 buffers that only grow (`raw::with_scratch`), so after warm-up an op
+//! allocates nothing except `copy_blocks`/`scatter_blocks`' duplicate checks.
 
 mod attention;
 mod elementwise;

@@ -19,6 +19,8 @@
 //! a busy-polling one checks the socket every millisecond. A half that is dropped sets its closed
 //! flag in the region and rings the peer, so closing one half is seen even while the process lives.
 //! Both surface as `TransportError::Closed` once everything already published has been consumed.
+//! `FrameTx::closer` shuts the socket down: our own parked halves wake and return `Closed`, and
+//! the peer sees the hang-up.
 //!
 //! Inside the region (see [`region`]): per direction, a ring of `opts.shm_slots` frame slots
 //! (header + up to `SLOT_META_INLINE_MAX` bytes of metadata) and a byte ring of `opts.shm_data_bytes`
@@ -159,8 +161,13 @@ impl ShmListener {
         let pid = sys::peer_pid(&stream).unwrap_or(0);
         let counters = Arc::new(ByteCounters::default());
         let peer = format!("shm://{} pid {pid}", self.name);
-        let link =
-            Arc::new(Link { region, sock: OwnedFd::from(stream), peer: peer.clone(), counters: counters.clone() });
+        let link = Arc::new(Link {
+            region,
+            sock: OwnedFd::from(stream),
+            peer: peer.clone(),
+            counters: counters.clone(),
+            closed: Default::default(),
+        });
         let bells = Bells {
             tx_park: to_client_space,
             tx_ring: to_client_data,
@@ -280,8 +287,13 @@ pub fn connect(name: &str, opts: &TransportOptions) -> Result<Connection, Transp
     let layout = *parts.region.layout();
     let counters = Arc::new(ByteCounters::default());
     let peer = format!("shm://{name}");
-    let link =
-        Arc::new(Link { region: parts.region, sock: parts.sock, peer: peer.clone(), counters: counters.clone() });
+    let link = Arc::new(Link {
+        region: parts.region,
+        sock: parts.sock,
+        peer: peer.clone(),
+        counters: counters.clone(),
+        closed: Default::default(),
+    });
     let bells = Bells {
         tx_park: parts.to_server_space,
         tx_ring: parts.to_server_data,

@@ -3,7 +3,7 @@
 //!
 //! Sending a frame: wait for a free slot, copy header (+ inline metadata) into it, then stream
 //! large metadata and the bulk data straight from the caller's buffers into the data ring, in
-//! chunks of at most `(*CHUNK)`. After each chunk (and at the end) the sender publishes
+//! chunks of at most `PUBLISH_CHUNK_BYTES`. After each chunk (and at the end) the sender publishes
 //! with Release stores of `tail_data` then `tail_slots`, so a frame larger than the data area
 //! flows through it while the receiver drains it.
 //!
@@ -29,8 +29,8 @@
 //! size before use (`used <= size`), and positions come from private counters modulo the size,
 //! so a hostile peer cannot steer a copy out of bounds; it can only produce a typed error.
 
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,20 +38,13 @@ use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 
 use super::region::{DirOffsets, Region, SLOT_BYTES, SLOT_META_INLINE_MAX};
 use super::sys::{self, EventFd};
-use crate::{ByteCounters, FrameRx, FrameTx, OutFrame, RxHead, TransportError, WaitMode};
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError, WaitMode};
 
 /// The sender publishes (and may ring) at least this often while streaming a large frame, so the
-/// receiver copies out one chunk while the next is being copied in.
-
-/// Once one frame has streamed this many bytes, its sender stays at most this far ahead of the
-/// receiver. Bytes then cross through the shared cache instead of being evicted to DRAM and read
-/// back (the whole data area is usually larger than the cache). Smaller frames, and runs of
-/// pipelined frames, may still fill the whole data area.
-/// 4 MiB measured best of 1/2/4/16 MiB on the 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3).
-const STREAM_LEAD_BYTES_X: u64 = 4 * 1024 * 1024;
-fn envv(k: &str, d: u64) -> u64 { std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d) }
-static LEAD: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| envv("SHM_LEAD", STREAM_LEAD_BYTES_X));
-static CHUNK: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| envv("SHM_CHUNK", 256*1024) as usize);
+/// receiver copies out one chunk while the next is being copied in. A streaming frame may fill the
+/// whole data area: capping the sender's lead (1–4 MiB, to keep the bytes in cache) measured no
+/// better, and worse for busy-poll on a loaded machine, where the lead absorbs the peer's preemption.
+const PUBLISH_CHUNK_BYTES: usize = 256 * 1024;
 /// Spin-then-park spins without yielding for this long before it yields between looks.
 const PURE_SPIN: Duration = Duration::from_micros(5);
 /// While busy-polling, check the peer's socket for hang-up (and yield) at most this often.
@@ -62,6 +55,8 @@ const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 pub(crate) enum RingError {
     /// The peer closed its half or its process is gone.
     PeerGone,
+    /// This side closed the connection (`FrameTx::closer`).
+    LocalClosed,
     /// The peer broke the ring protocol (index out of range …).
     Corrupt(&'static str),
     /// A header failed validation: framing is lost.
@@ -73,7 +68,7 @@ pub(crate) enum RingError {
 impl RingError {
     fn into_transport(self, peer: &str) -> TransportError {
         match self {
-            RingError::PeerGone => TransportError::Closed,
+            RingError::PeerGone | RingError::LocalClosed => TransportError::Closed,
             RingError::Corrupt(what) => {
                 TransportError::Other(format!("shm peer {peer} broke the ring protocol: {what}"))
             }
@@ -90,6 +85,31 @@ pub(crate) struct Link {
     pub(crate) sock: OwnedFd,
     pub(crate) peer: String,
     pub(crate) counters: Arc<ByteCounters>,
+    /// Set by the closer; both halves check it on entry and while they wait.
+    pub(crate) closed: AtomicBool,
+}
+
+impl Link {
+    /// Closes the connection from any thread: marks it closed and shuts the socket down, which
+    /// wakes our own parked halves (their poll sees the hang-up) and tells the peer it ended.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        // SAFETY: shutdown on a socket this link owns; no pointers. The descriptor stays open
+        // (closed on drop), so it cannot be reused under a concurrent poll.
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn check_open(&self) -> Result<(), RingError> {
+        if self.is_closed() {
+            Err(RingError::LocalClosed)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// How a half waits: spin, then park on its doorbell (or spin forever in busy-poll mode).
@@ -108,6 +128,7 @@ impl Waiter {
         flag: &AtomicU32,
         mut ready: impl FnMut() -> Result<Option<T>, RingError>,
     ) -> Result<T, RingError> {
+        link.check_open()?;
         if let Some(v) = ready()? {
             return Ok(v);
         }
@@ -125,6 +146,7 @@ impl Waiter {
                             return Ok(v);
                         }
                     }
+                    link.check_open()?;
                     let now = Instant::now();
                     if now - last_check >= LIVENESS_CHECK_INTERVAL {
                         if sys::peer_gone_now(&link.sock) {
@@ -143,6 +165,7 @@ impl Waiter {
                             return Ok(v);
                         }
                     }
+                    link.check_open()?;
                     // Past a short pure spin, give the core away between looks: when the peer
                     // was woken onto this very core (the scheduler likes to), spinning would only
                     // delay it until our spin budget runs out.
@@ -164,6 +187,7 @@ impl Waiter {
                     self.park.drain();
                     flag.store(0, Ordering::Relaxed);
                     let gone = gone.map_err(|e| RingError::Io("shm doorbell poll", e.kind()))?;
+                    link.check_open()?;
                     if let Some(v) = ready()? {
                         return Ok(v);
                     }
@@ -217,10 +241,6 @@ struct TxState {
     /// The consumer's counters as last read (validated).
     head_slots: u64,
     head_data: u64,
-    /// Bytes of the data ring the current frame may keep unconsumed (see `(*LEAD)`).
-    data_cap: u64,
-    /// `tail_data` when the current frame started.
-    frame_data_start: u64,
 }
 
 /// The receiving half.
@@ -280,8 +300,6 @@ pub(crate) fn halves(
             published_data: 0,
             head_slots: 0,
             head_data: 0,
-            data_cap: layout.data_bytes as u64,
-            frame_data_start: 0,
         },
         limits: opts.limits,
         poisoned: None,
@@ -312,7 +330,7 @@ impl TxState {
     }
 
     fn free_data(&self) -> u64 {
-        self.data_cap.saturating_sub(self.tail_data.wrapping_sub(self.head_data))
+        self.data_bytes - self.tail_data.wrapping_sub(self.head_data)
     }
 
     /// Makes everything written so far visible to the receiver and rings it if it is parked.
@@ -384,8 +402,6 @@ impl ShmTx {
             st.link.region.write(slot + HEADER_LEN, frame.meta);
         }
         st.tail_slots += 1;
-        st.data_cap = st.data_bytes;
-        st.frame_data_start = st.tail_data;
         if !inline {
             self.stream(frame.meta)?;
         }
@@ -405,16 +421,13 @@ impl ShmTx {
             let pos = (st.tail_data % st.data_bytes) as usize;
             // Stop at the wrap point and at the next chunk boundary, so the receiver starts
             // copying out while we copy in the rest.
-            let to_boundary = (*CHUNK) - (st.tail_data % (*CHUNK) as u64) as usize;
+            let to_boundary = PUBLISH_CHUNK_BYTES - (st.tail_data % PUBLISH_CHUNK_BYTES as u64) as usize;
             let n = (free as usize).min(src.len() - done).min(st.data_bytes as usize - pos).min(to_boundary);
             st.link.region.write(st.off.data + pos, &src[done..done + n]);
             st.tail_data += n as u64;
             done += n;
             if n == to_boundary {
                 st.publish();
-                if st.tail_data - st.frame_data_start >= (*LEAD) {
-                    st.data_cap = st.data_bytes.min((*LEAD));
-                }
             }
         }
         Ok(())
@@ -425,6 +438,9 @@ impl FrameTx for ShmTx {
     fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
         if let Some(p) = &self.poisoned {
             return Err(p.clone().into_transport(&self.st.link.peer));
+        }
+        if self.st.link.is_closed() {
+            return Err(TransportError::Closed);
         }
         let data_len: u64 = frame.data.iter().map(|d| d.len() as u64).sum();
         if frame.header.meta_len.get() as usize != frame.meta.len() || frame.header.data_len.get() != data_len {
@@ -443,6 +459,16 @@ impl FrameTx for ShmTx {
                 Err(e.into_transport(&self.st.link.peer))
             }
         }
+    }
+
+    fn closer(&self) -> Option<ConnectionClose> {
+        // Weak: a closer kept after both halves are gone must not keep the region mapped.
+        let link = Arc::downgrade(&self.st.link);
+        Some(Arc::new(move || {
+            if let Some(link) = link.upgrade() {
+                link.close();
+            }
+        }))
     }
 }
 
@@ -516,7 +542,7 @@ impl ShmRx {
             let avail = self.avail(RxState::avail_data)?;
             let st = &mut self.st;
             let pos = st.head_data % st.data_bytes;
-            let n = avail.min(len - done).min(st.data_bytes - pos).min((*CHUNK) as u64);
+            let n = avail.min(len - done).min(st.data_bytes - pos).min(PUBLISH_CHUNK_BYTES as u64);
             if let Some(d) = dst.as_deref_mut() {
                 st.link.region.read(st.off.data + pos as usize, &mut d[done as usize..(done + n) as usize]);
             }
@@ -554,6 +580,7 @@ impl ShmRx {
     fn check_poison(&self) -> Result<(), TransportError> {
         match &self.poisoned {
             Some(p) => Err(p.clone().into_transport(&self.st.link.peer)),
+            None if self.st.link.is_closed() => Err(TransportError::Closed),
             None => Ok(()),
         }
     }

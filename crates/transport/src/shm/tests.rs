@@ -517,3 +517,31 @@ fn stress_tiny_rings_halves_on_threads() {
         assert!(matches!(echo.join().unwrap(), TransportError::Closed));
     }
 }
+
+/// The closer wakes a sender blocked on a full ring and a blocked receiver, in both wait modes;
+/// the peer then sees `Closed`.
+#[test]
+fn closer_wakes_blocked_halves() {
+    for wait in [WaitMode::SpinThenPark, WaitMode::BusyPoll] {
+        let opts = TransportOptions { shm_slots: 2, shm_data_bytes: 4096, wait, ..Default::default() };
+        let (c, mut server) = pair(&opts);
+        let Connection { mut tx, mut rx, .. } = c;
+        let close = tx.closer().expect("shm has a closer");
+        // Nobody reads on the server: the third frame blocks on the full slot ring.
+        let sender = thread::spawn(move || {
+            (0..3).try_for_each(|id| {
+                tx.send(&OutFrame { header: FrameHeader::new(2, 0, id, 0, 0), meta: &[], data: &[] })
+            })
+        });
+        let receiver = thread::spawn(move || rx.recv_head().map(|_| ()));
+        thread::sleep(Duration::from_millis(50));
+        close();
+        assert!(matches!(sender.join().unwrap(), Err(TransportError::Closed)), "{wait:?} sender");
+        assert!(matches!(receiver.join().unwrap(), Err(TransportError::Closed)), "{wait:?} receiver");
+        // The server drains the two frames that made it, then sees the end.
+        for id in 0..2 {
+            assert_eq!(server.rx.recv_head().unwrap().header.request_id.get(), id);
+        }
+        assert!(matches!(server.rx.recv_head(), Err(TransportError::Closed)));
+    }
+}

@@ -8,13 +8,14 @@
 //! received straight into the caller's destination.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use djinn_proto::{FrameHeader, Limits, HEADER_LEN};
 use zerocopy::IntoBytes;
 
-use crate::{ByteCounters, FrameRx, FrameTx, OutFrame, RxHead, TransportError};
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError};
 
 /// Bytes of the receive staging buffer. Small frames (header + meta + small data) arrive in one
 /// receive; larger data bypasses it.
@@ -32,6 +33,8 @@ pub(crate) trait StreamIo: Send {
     unsafe fn send_iov(&mut self, iov: &[libc::iovec], total_bytes: usize) -> io::Result<usize>;
     /// Receives at most `buf.len()` bytes; 0 means the peer closed its sending side.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// The socket both halves share.
+    fn socket(&self) -> &Arc<OwnedFd>;
 }
 
 pub(crate) fn io_err(what: &'static str, e: io::Error) -> TransportError {
@@ -105,6 +108,15 @@ impl<I: StreamIo> FrameTx for StreamTx<I> {
         let r = self.send_inner(frame);
         self.iov.clear();
         r
+    }
+
+    fn closer(&self) -> Option<ConnectionClose> {
+        let fd = self.io.socket().clone();
+        Some(Arc::new(move || {
+            // SAFETY: `fd` keeps the socket open while this closure lives; shutdown(2) only changes
+            // the connection's state, waking blocked receives (EOF) and failing later sends.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }))
     }
 }
 

@@ -37,7 +37,15 @@ fn make_connection(stream: TcpStream, opts: &TransportOptions) -> Result<Connect
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let fd: Arc<OwnedFd> = Arc::new(stream.into());
     let counters = Arc::new(ByteCounters::default());
-    let uring_ok = !opts.force_socket && uring::probe().is_ok();
+    let uring_ok = !opts.force_socket
+        && match uring::probe() {
+            Ok(_) => true,
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| tracing::warn!(error = %e, "io_uring unavailable; tcp uses plain sockets"));
+                false
+            }
+        };
     if uring_ok {
         let mk = || uring::UringIo::new(fd.clone(), opts.wait, opts.spin_us, opts.zerocopy_send_bytes_min);
         match (mk(), mk()) {

@@ -78,4 +78,8 @@ impl StreamIo for SocketIo {
         // SAFETY: `buf` is a live exclusive borrow of `len` writable bytes for the whole call.
         self.wait_loop(0, |flags| unsafe { libc::recv(fd, ptr as *mut libc::c_void, len, flags) })
     }
+
+    fn socket(&self) -> &Arc<OwnedFd> {
+        &self.fd
+    }
 }

@@ -199,6 +199,10 @@ impl StreamIo for UringIo {
         // kernel completed the receive.
         unsafe { self.run(entry) }.map(|n| n as usize)
     }
+
+    fn socket(&self) -> &Arc<OwnedFd> {
+        &self.fd
+    }
 }
 
 impl Drop for UringIo {

@@ -233,6 +233,7 @@ enum Op {
     Fork(usize),
     SwapOut(usize),
     EnsureResident(usize, usize),
+    Prefetch(usize),
     Verify(usize),
     EndStep,
 }
@@ -245,6 +246,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Fork),
         2 => any::<usize>().prop_map(Op::SwapOut),
         2 => (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Op::EnsureResident(a, b)),
+        1 => any::<usize>().prop_map(Op::Prefetch),
         1 => any::<usize>().prop_map(Op::Verify),
         2 => Just(Op::EndStep),
     ]
@@ -296,6 +298,10 @@ fn run_ops<B: Backend>(be: Arc<B>, ops: &[Op], seed: u64, gather: bool, swaps: &
                         assert_eq!(vmu.residency(id).unwrap(), Residency::Resident);
                     }
                 })
+            }
+            Op::Prefetch(i) if !live.is_empty() => {
+                let id = live[i % live.len()].id;
+                vmu.prefetch(&[id]).map(|()| assert_eq!(vmu.residency(id).unwrap(), Residency::Resident))
             }
             Op::Verify(i) if !live.is_empty() => {
                 let i = i % live.len();
