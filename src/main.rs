@@ -23,6 +23,8 @@ enum Command {
     Logits(cmd::logits::Args),
     /// Convert a GGUF file into a Hugging Face layout directory.
     ConvertGguf(cmd::convert::Args),
+    /// Start a server on loopback (CPU backend, tcp + shm) and run a client against it.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Logits(a) => cmd::logits::run(a),
         Command::ConvertGguf(a) => cmd::convert::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

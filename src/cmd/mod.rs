@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod convert;
+pub mod demo;
 pub mod generate;
 pub mod logits;
 pub mod ping;

@@ -329,7 +329,8 @@ impl ModelConfig {
                     let inv = *f as f64;
                     let wavelen = 2.0 * std::f64::consts::PI / inv;
                     let scaled = if wavelen > low_wavelen { inv / factor } else { inv };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // wavelen is finite (inv > 0), so the negated comparisons of transformers are plain ones.
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
