@@ -55,12 +55,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let metrics = format!("127.0.0.1:{}", free_port()?);
 
     println!("starting: djinn-dataplane serve --gpus cpu --listen {tcp} --listen {shm} --metrics-listen {metrics}");
-    let child = Command::new(&exe)
-        .args(["serve", "--gpus", "cpu", "--listen", &tcp, "--listen", &shm, "--metrics-listen", &metrics])
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the server")?;
-    let mut server = ServerProcess(Some(child));
+    let mut server = ServerProcess(Some(
+        Command::new(&exe)
+            .args(["serve", "--gpus", "cpu", "--listen", &tcp, "--listen", &shm, "--metrics-listen", &metrics])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the server")?,
+    ));
     let deadline = Instant::now() + Duration::from_secs(args.start_timeout_s);
     while !healthz(&metrics) {
         if Instant::now() > deadline {
@@ -89,13 +90,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("  bytes on this connection: sent {}, received {}\n", client.bytes_sent(), client.bytes_received());
     }
 
-    let mut child = server.0.take().expect("server child present");
+    let child = server.0.as_mut().expect("server child present");
     // SAFETY: kill(2) on our own child's pid; the pid is live because we have not waited on it.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     if rc != 0 {
         bail!("SIGTERM to the server failed: {}", std::io::Error::last_os_error());
     }
     let status = child.wait()?;
+    server.0 = None;
     println!("server drained on SIGTERM: {status}");
     if !status.success() {
         bail!("server exited with {status}");

@@ -1,0 +1,72 @@
+//! The `generate`, `logits` and `convert-gguf` subcommands as a user runs them: the real binary on
+//! a committed reference checkpoint, checked against the transformers numbers recorded next to it.
+
+use std::process::Command;
+
+use djinn_model::testing::{argmax, read_reference, reference_root};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+}
+
+fn json_of(out: std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn generate_json_greedy_matches_transformers() {
+    let dir = reference_root().join("llama-gqa");
+    let r = read_reference(&dir).unwrap();
+    let case = &r.cases[0];
+    let ids: Vec<String> = case.prompt.iter().map(u32::to_string).collect();
+    let out = bin()
+        .args(["generate", "--gpus", "cpu", "--threads", "1", "--json", "--ignore-eos", "--model-dir"])
+        .arg(&dir)
+        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &case.greedy.len().to_string()])
+        .output()
+        .unwrap();
+    let v = json_of(out);
+    let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(tokens, case.greedy);
+    assert!(v["ttft_ms"].as_f64().unwrap() > 0.0 && v["tpot_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["text"], "");
+}
+
+#[test]
+fn logits_json_matches_transformers() {
+    let dir = reference_root().join("qwen2-bias");
+    let r = read_reference(&dir).unwrap();
+    let case = &r.cases[0];
+    let ids: Vec<String> = case.prompt.iter().map(u32::to_string).collect();
+    let out = bin()
+        .args(["logits", "--gpus", "cpu", "--threads", "1", "--json", "--model-dir"])
+        .arg(&dir)
+        .args(["--prompt-ids", &ids.join(",")])
+        .output()
+        .unwrap();
+    let v = json_of(out);
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    assert_eq!(rows.len(), case.prompt.len());
+    for (got, want) in rows.iter().zip(&case.logits) {
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-3 * scale, "{err} vs {scale}");
+        assert_eq!(argmax(got), argmax(want));
+    }
+}
+
+#[test]
+fn bad_requests_fail_with_a_message() {
+    let dir = reference_root().join("llama-gqa");
+    let out = bin().args(["generate", "--model-dir"]).arg(&dir).args(["--prompt-ids", "1,500"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token id 500"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Text needs a tokenizer; this directory has none.
+    let out = bin().args(["generate", "--model-dir"]).arg(&dir).args(["--prompt", "hi"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer"));
+    let out = bin().args(["convert-gguf"]).arg(dir.join("config.json")).arg("/nonexistent/x").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
+}
