@@ -5,7 +5,10 @@ float32 and bfloat16). Prints decode tokens/s of each and ratios to djinn-datapl
 
 Setup (once):
   scripts/fetch_smollm2.sh models/smollm2-bf16 bf16      # HF layout dir with bf16 weights
-  pip install torch transformers llama-cpp-python gguf   # llama-cpp-python builds llama.cpp
+  pip install torch transformers llama-cpp-python gguf sentencepiece   # builds llama.cpp (slow)
+  # The bf16 GGUF comes from llama.cpp's own converter, shipped in the llama-cpp-python sdist:
+  pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d models/cache
+  tar xzf models/cache/llama_cpp_python-*.tar.gz -C models/cache
 Usage:
   scripts/bench_cpu_vs_llamacpp.py [--model-dir models/smollm2-bf16] [--tokens 128] [--threads 2]
       [--bin target/release/djinn-dataplane] [--llama-src DIR_WITH_convert_hf_to_gguf.py]
@@ -46,8 +49,9 @@ def llama_cpp(args, ids):
                                                                  "vendor", "llama.cpp"))), None)
         if not src:
             raise SystemExit("need --llama-src (the llama.cpp tree with convert_hf_to_gguf.py)")
+        env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
         subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), args.model_dir, "--outtype",
-                        "bf16", "--outfile", gguf], check=True, capture_output=True)
+                        "bf16", "--outfile", gguf], check=True, capture_output=True, env=env)
     llm = Llama(model_path=gguf, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
     best = None
     for _ in range(args.repeats):

@@ -1,6 +1,7 @@
 //! Bad input and process-level behaviour against real server processes: raw malformed frames
 //! over real TCP sockets and real shared memory, truncated and half-sent frames, a reader that
-//! never reads, SIGTERM drain, /healthz and /metrics, `ping --json`, `--nic`, config files.
+//! never reads, clients that never say Hello (handshake timeout), a free racing a get's send,
+//! SIGTERM drain, /healthz and /metrics, `ping --json`, `--nic`, config files.
 
 mod common;
 
@@ -270,6 +271,139 @@ fn half_sent_frame_does_not_delay_others(t: Transport) {
     expect_status(&mut a, 2, Status::Ok, "the half-sent ping completes");
 }
 
+/// Reads until the server closes the connection (EOF or reset); false if it stays open past
+/// `REPLY_TIMEOUT`.
+fn tcp_closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Clients that connect and never complete a Hello — silent, stopped mid-header, or sending
+/// requests before it — are closed once `--handshake-timeout-ms` passes; everyone else is served
+/// meanwhile, and a connection that said Hello is not timed out.
+fn silent_clients_are_closed_after_the_handshake_timeout(t: Transport) {
+    const TIMEOUT_MS: u64 = 600;
+    let srv = server(t, &["--handshake-timeout-ms", &TIMEOUT_MS.to_string()]);
+    let mut greeted = raw(t, srv.url());
+    hello(greeted.as_mut());
+    let start = Instant::now();
+    let mut silent = raw(t, srv.url());
+    let mut unauthorized = raw(t, srv.url());
+    unauthorized.send(&header(Opcode::Ping.as_u16(), 2, 0, 0), &[]);
+    expect_status(unauthorized.as_mut(), 2, Status::Unauthorized, "ping before hello");
+    let mut half = (t == Transport::Tcp).then(|| {
+        let mut s = TcpStream::connect(srv.url().strip_prefix("tcp://").unwrap()).unwrap();
+        s.write_all(&header(Opcode::Hello.as_u16(), 1, 40, 0).as_bytes()[..10]).unwrap();
+        s
+    });
+    let mut other = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    let mut pings = 0u32;
+    while start.elapsed() < Duration::from_millis(TIMEOUT_MS + 300) {
+        assert_eq!(other.ping(&pings.to_le_bytes()).unwrap(), pings.to_le_bytes());
+        pings += 1;
+    }
+    assert!(silent.recv().is_none(), "a silent client outlived the handshake timeout");
+    let closed_after = start.elapsed();
+    assert!(closed_after >= Duration::from_millis(TIMEOUT_MS), "closed after {closed_after:?}, before the timeout");
+    assert!(unauthorized.recv().is_none(), "requests before Hello must not extend the handshake deadline");
+    if let Some(s) = half.as_mut() {
+        assert!(tcp_closed_by_server(s), "a client stopped mid-header outlived the handshake timeout");
+    }
+    greeted.send(&header(Opcode::Ping.as_u16(), 3, 0, 0), &[]);
+    expect_status(greeted.as_mut(), 3, Status::Ok, "a greeted connection is not timed out");
+    assert_eq!(other.ping(b"after").unwrap(), b"after");
+    eprintln!(
+        "[{}] silent clients closed after {closed_after:?} (timeout {TIMEOUT_MS} ms), {pings} pings served meanwhile",
+        t.name()
+    );
+}
+
+/// With every slot held by clients that never say Hello, a new client is refused only until the
+/// handshake timeout frees the slots.
+fn silent_clients_cannot_lock_out_others(t: Transport) {
+    const SLOTS: usize = 3;
+    const TIMEOUT_MS: u64 = 800;
+    let srv = server(t, &["--max-connections", &SLOTS.to_string(), "--handshake-timeout-ms", &TIMEOUT_MS.to_string()]);
+    let start = Instant::now();
+    let mut silent: Vec<Box<dyn RawPeer>> = (0..SLOTS).map(|_| raw(t, srv.url())).collect();
+    // Accepted in order, so while the deadline has not passed this one finds every slot taken.
+    if Client::connect_with(srv.url(), &ClientOptions::default()).is_ok() {
+        let at = start.elapsed();
+        assert!(
+            at >= Duration::from_millis(TIMEOUT_MS),
+            "admitted after {at:?} while {SLOTS} silent clients held every slot"
+        );
+    }
+    let mut c = loop {
+        match Client::connect_with(srv.url(), &ClientOptions::default()) {
+            Ok(c) => break c,
+            Err(e) => {
+                let waited = start.elapsed();
+                assert!(
+                    waited < Duration::from_millis(TIMEOUT_MS) + REPLY_TIMEOUT,
+                    "still locked out after {waited:?}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(c.ping(b"in").unwrap(), b"in");
+    for p in &mut silent {
+        assert!(p.recv().is_none(), "a silent client outlived the handshake timeout");
+    }
+}
+
+/// A get sends straight from the tensor's memory without holding the tenant's lock: another
+/// connection of the tenant frees the handle while the reply is stuck behind a reader that does
+/// not read, and the reply still carries the tensor's bytes intact.
+fn free_during_a_blocked_get_keeps_the_bytes(t: Transport) {
+    let tokens = std::env::temp_dir().join(unique_name("auth"));
+    std::fs::write(&tokens, "alice tok-alice\n").unwrap();
+    let srv = server(t, &["--auth-token-file", tokens.to_str().unwrap()]);
+    let opts = ClientOptions { token: Some(b"tok-alice".to_vec()), ..Default::default() };
+    let mut owner = Client::connect_with(srv.url(), &opts).unwrap();
+    // Far more than loopback socket buffers hold, so the server's send blocks on our reader.
+    let bytes: Vec<u8> = (0..48u64 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let h = owner
+        .put(djinn_proto::TensorDesc::new(djinn_proto::DType::U8, &[bytes.len() as u64]).unwrap(), &bytes)
+        .unwrap();
+
+    let mut reader = RawTcp::connect(srv.url());
+    let m =
+        HelloReq { version_min: 1, version_max: 1, token: b"tok-alice".to_vec(), client_name: "raw".into() }.to_meta();
+    reader.send(&header(Opcode::Hello.as_u16(), 1, m.len(), 0), &m);
+    assert_eq!(reader.recv().expect("hello reply").status.get(), 0);
+    let m = TensorGetReq { handle: h }.to_meta();
+    reader.send(&header(Opcode::TensorGet.as_u16(), 2, m.len(), 0), &m);
+    // The reply's header has arrived: the server is sending and holds the tensor.
+    let mut hb = [0u8; HEADER_LEN];
+    reader.s.read_exact(&mut hb).unwrap();
+    let rh = FrameHeader::read_from_bytes(&hb).unwrap();
+    assert_eq!(rh.status.get(), 0, "get refused");
+    assert_eq!(rh.data_len.get(), bytes.len() as u64);
+
+    let started = Instant::now();
+    owner.free(&[h]).unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "free waited {took:?} for another connection's send");
+    assert_eq!(owner.get(h).map_err(|e| e.status()).unwrap_err(), Some(Status::BadHandle));
+
+    let mut rest = vec![0u8; rh.meta_len.get() as usize + bytes.len()];
+    reader.s.read_exact(&mut rest).unwrap();
+    assert!(rest[rh.meta_len.get() as usize..] == bytes[..], "bytes changed under a free racing the send");
+    let live = owner.stats().unwrap().into_iter().find(|(k, _)| k == "tensors_live").unwrap().1;
+    assert_eq!(live, 0);
+    let _ = std::fs::remove_file(&tokens);
+}
+
 fn vm_rss_kib(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
@@ -484,6 +618,13 @@ fn main() {
         ("truncated_frames_do_not_hurt_the_server", Some(Transport::Tcp), truncated_frames_do_not_hurt_the_server),
         ("half_sent_frame_does_not_delay_others", Some(Transport::Tcp), half_sent_frame_does_not_delay_others),
         ("slow_reader_cannot_grow_the_server", Some(Transport::Tcp), slow_reader_cannot_grow_the_server),
+        (
+            "silent_clients_are_closed_after_the_handshake_timeout",
+            None,
+            silent_clients_are_closed_after_the_handshake_timeout,
+        ),
+        ("silent_clients_cannot_lock_out_others", None, silent_clients_cannot_lock_out_others),
+        ("free_during_a_blocked_get_keeps_the_bytes", Some(Transport::Tcp), free_during_a_blocked_get_keeps_the_bytes),
         ("sigterm_drains_and_exits_zero", None, sigterm_drains_and_exits_zero),
         ("healthz_and_metrics", None, healthz_and_metrics),
         ("ping_json_has_the_keys", None, ping_json_has_the_keys),

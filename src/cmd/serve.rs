@@ -66,6 +66,9 @@ pub struct Args {
     /// Milliseconds SIGTERM waits for in-flight requests.
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Milliseconds a new connection has to complete its Hello before it is closed.
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
 }
 
 impl Args {
@@ -84,6 +87,7 @@ impl Args {
         over!(gpus, node_id, max_connections, max_inflight_per_conn, handles_max_per_tenant);
         over!(tensor_bytes_max_per_tenant, tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
         over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file, staging_bytes_retained_max);
+        over!(handshake_timeout_ms);
         if self.force_socket {
             c.force_socket = true;
         }

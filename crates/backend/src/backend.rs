@@ -201,6 +201,31 @@ pub trait Backend: Send + Sync + 'static {
     fn write(&self, region: &Self::Region, offset: usize, src: &[u8]) -> Result<()>;
     /// Synchronous device → host copy of `region[offset..offset + dst.len()]` into `dst`.
     fn read(&self, region: &Self::Region, offset: usize, dst: &mut [u8]) -> Result<()>;
+    /// `region[offset..offset + len]` as host memory the caller fills directly — e.g. receives
+    /// tensor bytes from the network straight into it, with no staging copy. `None` where the
+    /// backend's memory is not host-addressable (a GPU without GPUDirect: the caller stages in
+    /// pinned host memory and [`Backend::write`]s, the physical minimum there) and where the
+    /// range is out of bounds. Sound because the region is borrowed exclusively: no op can reach
+    /// it while the slice lives.
+    fn host_bytes_mut<'r>(&self, region: &'r mut Self::Region, offset: usize, len: usize) -> Option<&'r mut [u8]> {
+        let _ = (region, offset, len);
+        None
+    }
+
+    /// `region[offset..offset + len]` as host memory to read directly — e.g. a vectored send of
+    /// tensor bytes to the network, with no copy out first. `None` where the memory is not
+    /// host-addressable (the caller [`Backend::read`]s into staging instead) or the range is out
+    /// of bounds.
+    ///
+    /// # Safety
+    /// While the returned slice lives, nothing may write any byte of that range: no op may take it
+    /// as an output and no [`Backend::write`], [`Backend::copy`] or async copy may target it (ops
+    /// write through `&Region`, which the borrow checker cannot see). Concurrent readers are fine.
+    unsafe fn host_bytes<'r>(&self, region: &'r Self::Region, offset: usize, len: usize) -> Option<&'r [u8]> {
+        let _ = (region, offset, len);
+        None
+    }
+
     /// Device → device copy, ordered on `stream`.
     fn copy(
         &self,

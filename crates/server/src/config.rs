@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub staging_bytes_retained_max: u64,
     /// How long SIGTERM waits for in-flight requests before the process exits anyway.
     pub drain_timeout_ms: u64,
+    /// How long a new connection may take to complete its Hello; a connection still without a
+    /// successful Hello then is closed, so silent clients cannot hold connection slots.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             shm_data_bytes: djinn_transport::TransportOptions::default().shm_data_bytes,
             staging_bytes_retained_max: 512 << 20,
             drain_timeout_ms: 5_000,
+            handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -129,6 +133,7 @@ impl ServerConfig {
             ("exec_nodes_max", self.exec_nodes_max as u64),
             ("tensor_bytes_max_per_tenant", self.tensor_bytes_max_per_tenant),
             ("tensor_bytes_max", self.tensor_bytes_max),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -5,10 +5,16 @@
 //!   error), and its bulk data is always consumed (received or skipped), so framing survives
 //!   every request-level error. Only transport failures and headers that fail validation (framing
 //!   lost) end the connection — after a best-effort error frame for the latter.
-//! - Nothing before a successful Hello is served except the Hello itself.
-//! - Staging memory is bounded: bulk data of a put moves in [`PUT_CHUNK_BYTES`] pieces; a get or
-//!   ping holds one frame's data at most; large buffers outlive their request only within the
-//!   server-wide `staging_bytes_retained_max` budget.
+//! - Nothing before a successful Hello is served except the Hello itself, and the Hello must come
+//!   within `handshake_timeout_ms` of accept (the watchdog closes the connection otherwise).
+//! - Tensor bytes are not copied on the server where the backend's memory is host-addressable
+//!   (CPU): a put receives straight into the new tensor's region, a get sends straight from it.
+//!   Otherwise (a GPU without GPUDirect) they pass through host staging, the physical minimum
+//!   there: a put in [`PUT_CHUNK_BYTES`] pieces through a pinned buffer (one per connection,
+//!   allocated on its first such put), a get through the connection's staging buffer.
+//! - Staging memory is bounded: a ping or staged get holds one frame's data at most; large
+//!   buffers outlive their request only within the server-wide `staging_bytes_retained_max`
+//!   budget.
 //! - A slow reader only blocks its own reply sends (the transport never buffers without bound),
 //!   which stops this connection's reader from taking more requests: backpressure, not growth.
 
@@ -16,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use djinn_backend::Backend;
+use djinn_backend::{Backend, BackendError, HostBuf};
 use djinn_proto::meta::{Meta, MetaError};
 use djinn_proto::msg::{
     DeviceInfo, ErrorReply, ExecReply, ExecReq, HelloReply, HelloReq, StatsReply, TensorFreeReq, TensorGetReq,
@@ -28,8 +34,9 @@ use djinn_transport::{ByteCounters, Connection, FrameRx, OutFrame, RxHead, Trans
 use crate::auth::TenantId;
 use crate::server::{ReplyTx, Shared};
 use crate::tensors::{Tensor, TensorError};
+use crate::watchdog::DeadlineKey;
 
-/// Bulk data of a put moves through staging in pieces of this size.
+/// Bulk data of a staged put moves through pinned staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
 /// Staging every connection may keep between requests; more is kept only within the server-wide
 /// `staging_bytes_retained_max` budget.
@@ -88,6 +95,10 @@ struct Conn<B: Backend> {
     staging: Vec<u8>,
     /// Bytes of `staging` beyond `STAGING_KEEP_BYTES` counted in `Shared::staging_retained`.
     staging_retained: u64,
+    /// Pinned staging of [`PUT_CHUNK_BYTES`] for puts to memory that is not host-addressable.
+    pinned: Option<B::Host>,
+    /// The handshake deadline, armed until a successful Hello.
+    handshake: Option<DeadlineKey>,
     /// Requests of this connection in progress (bounded by `max_inflight_per_conn`). The reader
     /// serves in order, so today this is 0 or 1; streamed session replies will hold it longer.
     inflight: Arc<AtomicUsize>,
@@ -96,7 +107,12 @@ struct Conn<B: Backend> {
 }
 
 /// Serves one connection until it closes; runs on the connection's own thread.
-pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Connection) {
+pub(crate) fn serve_connection<B: Backend>(
+    sh: Arc<Shared<B>>,
+    id: u64,
+    conn: Connection,
+    handshake: Option<DeadlineKey>,
+) {
     let Connection { tx, rx, counters, transport, peer } = conn;
     tracing::debug!(conn = id, %peer, transport, "connection open");
     let mut c = Conn {
@@ -109,11 +125,14 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         tenant: None,
         staging: Vec::new(),
         staging_retained: 0,
+        pinned: None,
+        handshake,
         inflight: Arc::new(AtomicUsize::new(0)),
         seen_sent: 0,
         seen_received: 0,
     };
     c.run();
+    c.disarm_handshake();
     c.flush_counters();
     c.staging = Vec::new();
     c.release_staging();
@@ -191,6 +210,12 @@ impl<B: Backend> Conn<B> {
     fn release_staging(&mut self) {
         self.sh.staging_retained.fetch_sub(self.staging_retained, Ordering::AcqRel);
         self.staging_retained = 0;
+    }
+
+    fn disarm_handshake(&mut self) {
+        if let Some(key) = self.handshake.take() {
+            self.sh.watchdog.disarm(key);
+        }
     }
 
     fn flush_counters(&mut self) {
@@ -325,6 +350,7 @@ impl<B: Backend> Conn<B> {
         };
         tracing::debug!(conn = self.id, %tenant, client = %req.client_name, version, "handshake");
         self.tenant = Some(tenant);
+        self.disarm_handshake();
         let info = self.sh.backend.info();
         let reply = HelloReply {
             version,
@@ -409,27 +435,17 @@ impl<B: Backend> Conn<B> {
                 return Ok(Outcome::Rejected(e.into()));
             }
         };
-        // Receive in bounded chunks straight through staging into the tensor's region.
-        let chunk = PUT_CHUNK_BYTES.min(usize::try_from(data_len).unwrap_or(PUT_CHUNK_BYTES));
-        let mut buf = std::mem::take(&mut self.staging);
-        grow(&mut buf, chunk);
-        let mut off = 0u64;
-        let mut write_err = None;
-        while off < data_len {
-            let n = chunk.min((data_len - off) as usize);
-            if let Err(e) = self.rx.recv_data(&mut buf[..n]) {
-                self.staging = buf;
-                return Err(self.transport_failed(e));
+        // data_len was validated against the frame limit, which fits in memory by configuration.
+        let n = usize::try_from(data_len).map_err(|_| Fatal)?;
+        let mut region = region;
+        let write_err = match sh.backend.host_bytes_mut(&mut region, 0, n) {
+            // Host-addressable memory: the transport receives straight into the tensor.
+            Some(dst) => {
+                self.rx.recv_data(dst).map_err(|e| self.transport_failed(e))?;
+                None
             }
-            if write_err.is_none() {
-                if let Err(e) = self.sh.backend.write(&region, off as usize, &buf[..n]) {
-                    // Keep consuming the frame so framing survives; report after.
-                    write_err = Some(e);
-                }
-            }
-            off += n as u64;
-        }
-        self.staging = buf;
+            None => self.recv_staged(&region, n)?,
+        };
         if let Some(e) = write_err {
             return Ok(Outcome::Rejected(TensorError::from(e).into()));
         }
@@ -445,31 +461,34 @@ impl<B: Backend> Conn<B> {
             Err(e) => return Ok(Outcome::Rejected(e.into())),
         };
         let tenant = self.tenant.clone().ok_or(Fatal)?;
-        let mut buf = std::mem::take(&mut self.staging);
-        // Copy out under the tenant's lock, send after releasing it, so a slow reader never
-        // holds up the tenant's other connections.
-        let got = self.sh.store.with_table(&tenant, |tab| -> Result<_, Reject> {
-            let t = tab.get(req.handle)?;
-            let n =
-                usize::try_from(t.desc.byte_len()).map_err(|_| Reject::new(Status::Internal, "tensor too large"))?;
-            buf.clear();
-            buf.resize(n, 0);
-            self.sh.backend.read(&t.region, 0, &mut buf).map_err(|e| Reject::from(TensorError::from(e)))?;
-            Ok(t.desc)
-        });
-        let desc = match got {
-            Ok(d) => d,
-            Err(rej) => {
-                self.staging = buf;
-                return Ok(Outcome::Rejected(rej));
-            }
+        // Only a reference is taken under the tenant's lock: the bytes move after it is released,
+        // so a slow reader never holds up the tenant's other connections, and a concurrent free
+        // drops the handle but not the memory being sent.
+        let t = match self.sh.store.with_table(&tenant, |tab| tab.get_shared(req.handle)) {
+            Ok(t) => t,
+            Err(e) => return Ok(Outcome::Rejected(e.into())),
         };
-        let meta = desc.to_meta();
-        let n = desc.byte_len() as usize;
-        let r = self.send_ok(head, &meta, &[&buf[..n]], None);
+        let meta = t.desc.to_meta();
+        let Ok(n) = usize::try_from(t.desc.byte_len()) else {
+            return Ok(Outcome::Rejected(Reject::new(Status::Internal, "tensor too large for this host")));
+        };
+        let sh = self.sh.clone();
+        // SAFETY: `t` is published, and published tensors are never written (the invariant of
+        // `crate::tensors`: only unpublished regions are written), so no write can race the send;
+        // the `Arc` keeps the region alive while the slice is borrowed.
+        if let Some(bytes) = unsafe { sh.backend.host_bytes(&t.region, 0, n) } {
+            // Host-addressable memory: a vectored send straight from the tensor.
+            self.send_ok(head, &meta, &[bytes], None)?;
+            return Ok(Outcome::Sent);
+        }
+        let mut buf = std::mem::take(&mut self.staging);
+        grow(&mut buf, n);
+        let r = match sh.backend.read(&t.region, 0, &mut buf[..n]) {
+            Ok(()) => self.send_ok(head, &meta, &[&buf[..n]], None).map(|()| Outcome::Sent),
+            Err(e) => Ok(Outcome::Rejected(TensorError::from(e).into())),
+        };
         self.staging = buf;
-        r?;
-        Ok(Outcome::Sent)
+        r
     }
 
     fn tensor_free(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
@@ -502,6 +521,47 @@ impl<B: Backend> Conn<B> {
     }
 
     // ---- I/O helpers --------------------------------------------------------------------------
+
+    /// Receives `n` bytes of a put's data into `region` through pinned staging, piece by piece
+    /// (memory that is not host-addressable). Returns the backend's write failure, if any, after
+    /// consuming all the data so framing survives.
+    fn recv_staged(&mut self, region: &B::Region, n: usize) -> Result<Option<BackendError>, Fatal> {
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.pinned.is_none() {
+            match self.sh.backend.alloc_host(PUT_CHUNK_BYTES) {
+                Ok(h) => self.pinned = Some(h),
+                // Pageable staging still works, at the cost of the driver's own bounce copy.
+                Err(e) => tracing::debug!(conn = self.id, error = %e, "no pinned staging; using pageable memory"),
+            }
+        }
+        let chunk = PUT_CHUNK_BYTES.min(n);
+        let mut pinned = self.pinned.take();
+        let mut pageable = std::mem::take(&mut self.staging);
+        let buf: &mut [u8] = match &mut pinned {
+            Some(h) => &mut h.as_mut_slice()[..chunk],
+            None => {
+                grow(&mut pageable, chunk);
+                &mut pageable[..chunk]
+            }
+        };
+        let (mut off, mut write_err, mut r) = (0usize, None, Ok(()));
+        while off < n {
+            let len = chunk.min(n - off);
+            if let Err(e) = self.rx.recv_data(&mut buf[..len]) {
+                r = Err(self.transport_failed(e));
+                break;
+            }
+            if write_err.is_none() {
+                write_err = self.sh.backend.write(region, off, &buf[..len]).err();
+            }
+            off += len;
+        }
+        self.pinned = pinned;
+        self.staging = pageable;
+        r.map(|()| write_err)
+    }
 
     fn transport_failed(&self, e: TransportError) -> Fatal {
         self.sh.metrics.errors_total.with_label_values(&["transport"]).inc();

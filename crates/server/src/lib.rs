@@ -5,7 +5,8 @@
 //!
 //! Module map: [`config`] (flags/TOML), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
-//! tables and quotas), [`exec`] (op graphs through the backend), [`metrics`] (Prometheus, HTTP).
+//! tables and quotas), [`exec`] (op graphs through the backend), [`metrics`] (Prometheus, HTTP),
+//! [`watchdog`] (handshake deadlines).
 
 pub mod auth;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod exec;
 pub mod metrics;
 pub mod server;
 pub mod tensors;
+pub mod watchdog;
 
 pub use config::{ServerConfig, DEFAULT_LISTEN};
 pub use server::{Server, ServerError};

@@ -1,7 +1,9 @@
 //! The server: listeners, accept threads, shared state, start-up and drain.
 //!
 //! Threads: one accept thread per listener; one reader thread per connection (at most
-//! `max_connections`); one HTTP thread for `/healthz` and `/metrics`. A connection's replies go
+//! `max_connections`); one HTTP thread for `/healthz` and `/metrics`; one watchdog thread that
+//! closes connections which have not completed their Hello within `handshake_timeout_ms`
+//! ([`crate::watchdog`]), so silent clients cannot hold connection slots. A connection's replies go
 //! through its `FrameTx` behind a mutex ([`ReplyTx`]) so a later engine thread (sessions) can
 //! stream frames on the same connection while the reader parses the next request.
 //!
@@ -23,6 +25,7 @@ use crate::auth::{Auth, AuthFileError};
 use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::{HttpEndpoint, HttpError, Metrics};
 use crate::tensors::Store;
+use crate::watchdog::{Watchdog, WatchdogThread};
 
 /// The sending half of a connection, shared by whoever replies on it.
 pub type ReplyTx = Arc<Mutex<Box<dyn FrameTx>>>;
@@ -61,6 +64,8 @@ pub struct Shared<B: Backend> {
     pub next_conn_id: AtomicU64,
     /// Staging bytes connections keep between requests beyond their small default.
     pub staging_retained: AtomicU64,
+    /// Handshake deadlines of connections still without a successful Hello.
+    pub watchdog: Watchdog,
 }
 
 struct AcceptThread {
@@ -74,6 +79,7 @@ pub struct Server<B: Backend> {
     shared: Arc<Shared<B>>,
     accepts: Vec<AcceptThread>,
     http: Option<HttpEndpoint>,
+    watchdog: WatchdogThread,
 }
 
 fn scheme(url: &str) -> String {
@@ -105,6 +111,9 @@ impl<B: Backend> Server<B> {
             cfg.tensor_bytes_max,
             metrics.clone(),
         );
+        let (watchdog, watchdog_thread) =
+            Watchdog::start(Duration::from_millis(cfg.handshake_timeout_ms), cfg.max_connections, metrics.clone())
+                .map_err(ServerError::Thread)?;
         let shared = Arc::new(Shared {
             limits: opts.limits,
             backend,
@@ -118,6 +127,7 @@ impl<B: Backend> Server<B> {
             requests_active: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             staging_retained: AtomicU64::new(0),
+            watchdog,
             cfg,
         });
 
@@ -137,7 +147,7 @@ impl<B: Backend> Server<B> {
             }
             None => None,
         };
-        let mut server = Server { shared: shared.clone(), accepts: Vec::new(), http };
+        let mut server = Server { shared: shared.clone(), accepts: Vec::new(), http, watchdog: watchdog_thread };
         for mut l in listeners {
             let url = l.url();
             let stop = l.stopper();
@@ -206,6 +216,7 @@ impl<B: Backend> Server<B> {
         if let Some(h) = &mut self.http {
             h.stop();
         }
+        self.watchdog.stop();
         tracing::info!(connections = sh.connections_active.load(Ordering::Relaxed), "drained");
     }
 }
@@ -247,14 +258,33 @@ fn accept_loop<B: Backend>(sh: &Arc<Shared<B>>, l: &mut dyn Listener) {
             continue;
         }
         let id = sh.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        // The handshake deadline runs from accept. The list holds one entry per open connection,
+        // so it is full only if the slot accounting above is broken: refuse rather than serve a
+        // connection nobody could time out.
+        let deadline = match conn.tx.closer().map(|close| sh.watchdog.arm(id, close)) {
+            Some(Ok(key)) => Some(key),
+            Some(Err(full)) => {
+                sh.connections_active.fetch_sub(1, Ordering::AcqRel);
+                tracing::error!(peer = %conn.peer, error = %full, "connection refused");
+                refuse(&mut conn, Status::Busy, "server cannot track another handshake");
+                continue;
+            }
+            None => {
+                tracing::warn!(peer = %conn.peer, "transport cannot be closed from outside: no handshake deadline");
+                None
+            }
+        };
         sh.metrics.connections_active.inc();
         sh.metrics.connections_total.with_label_values(&[conn.transport]).inc();
         let sh2 = sh.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("djinn-conn-{id}"))
-            .spawn(move || crate::conn::serve_connection(sh2, id, conn));
+            .spawn(move || crate::conn::serve_connection(sh2, id, conn, deadline));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a connection thread");
+            if let Some(key) = deadline {
+                sh.watchdog.disarm(key);
+            }
             sh.connections_active.fetch_sub(1, Ordering::AcqRel);
             sh.metrics.connections_active.dec();
         }

@@ -4,6 +4,13 @@
 //! tenant that presents it, so another tenant's handle is indistinguishable from one that never
 //! existed (`BadHandle`). Every tensor owns one backend region sized to its bytes.
 //!
+//! Published tensors are immutable: a tensor's bytes are written only before it gets a handle
+//! (TensorPut receives into it, Exec computes into fresh outputs); afterwards its region is only
+//! ever read (op inputs, TensorGet). Tables hold them by [`Arc`], so a TensorGet can send straight
+//! from the tensor's memory after releasing the tenant's lock while a concurrent free drops only
+//! the handle: the memory goes when the send ends. At most one tensor per connection outlives its
+//! handle that way (a connection sends one reply at a time).
+//!
 //! Bounds (fixed at start-up): handles per tenant, tensor bytes per tenant, tensor bytes over all
 //! tenants. Quota is taken *before* a region is reserved or bulk data is received, and given back
 //! when the tensor is freed (or the anonymous tenant's connection closes).
@@ -35,6 +42,14 @@ pub struct Tensor<B: Backend> {
     pub desc: TensorDesc,
     pub region: B::Region,
 }
+
+// SAFETY: `Sync` lets published tensors (behind `Arc` in the tables) be read from several threads
+// at once: by Exec (as op inputs, under the tenant's lock) and by TensorGet (a send straight from
+// the region, outside it). Regions are `!Sync` only because ops write through `&Region`; nothing
+// writes a published tensor (this module's invariant: Exec writes only its fresh outputs, TensorPut
+// only the region it has not published yet), so shared access is read-only. The region itself is
+// `Send`, so whichever thread drops the last `Arc` may free it.
+unsafe impl<B: Backend> Sync for Tensor<B> {}
 
 /// Why a handle-table operation failed; maps onto a wire status.
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +92,17 @@ pub fn backend_status(e: &djinn_backend::BackendError) -> Status {
 
 /// A tenant's handle table.
 pub struct TenantTensors<B: Backend> {
-    map: HashMap<u64, Tensor<B>>,
+    map: HashMap<u64, Arc<Tensor<B>>>,
     bytes: u64,
 }
 
 impl<B: Backend> TenantTensors<B> {
     pub fn get(&self, handle: u64) -> Result<&Tensor<B>, TensorError> {
-        self.map.get(&handle).ok_or(TensorError::BadHandle(handle))
+        self.map.get(&handle).map(|t| &**t).ok_or(TensorError::BadHandle(handle))
+    }
+    /// The tensor itself, kept alive past the table's lock (and past a free of its handle).
+    pub fn get_shared(&self, handle: u64) -> Result<Arc<Tensor<B>>, TensorError> {
+        self.map.get(&handle).cloned().ok_or(TensorError::BadHandle(handle))
     }
     pub fn len(&self) -> usize {
         self.map.len()
@@ -243,7 +262,7 @@ impl<B: Backend> Store<B> {
             table.bytes += t.desc.byte_len();
             self.metrics.tensors_live.inc();
             self.metrics.tensor_bytes_live.add(t.desc.byte_len() as i64);
-            table.map.insert(h, t);
+            table.map.insert(h, Arc::new(t));
             handles.push(h);
         }
         // The quota now belongs to the published tensors.

@@ -99,6 +99,33 @@ impl CpuRegion {
         self.map.ptr.as_ptr()
     }
 
+    /// `self[offset..offset + len]`, or `None` out of bounds.
+    pub fn bytes_mut(&mut self, offset: usize, len: usize) -> Option<&mut [u8]> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `offset..end` lies inside the mapping, whose bytes are initialised (zeroed
+        // pages or earlier writes) and live as long as `self`. `&mut self` excludes every other
+        // access: ops reach the region only through `&CpuRegion`, which cannot coexist with it.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.base().add(offset), len) })
+    }
+
+    /// `self[offset..offset + len]`, or `None` out of bounds.
+    ///
+    /// # Safety
+    /// While the returned slice lives, no op, `write` or `copy` may write any byte of that range
+    /// (they write through `&CpuRegion`, which this shared borrow does not exclude).
+    pub unsafe fn bytes(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: in bounds of a live mapping of initialised bytes (as in `bytes_mut`); the
+        // caller guarantees no write to the range while the slice lives.
+        Some(unsafe { std::slice::from_raw_parts(self.base().add(offset), len) })
+    }
+
     /// Base address. Writing through it requires the bounds/overlap checks in `raw.rs`.
     pub(crate) fn base(&self) -> *mut u8 {
         self.map.ptr.as_ptr()

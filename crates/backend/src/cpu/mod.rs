@@ -206,6 +206,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn host_bytes_mut<'r>(&self, region: &'r mut CpuRegion, offset: usize, len: usize) -> Option<&'r mut [u8]> {
+        region.bytes_mut(offset, len)
+    }
+
+    unsafe fn host_bytes<'r>(&self, region: &'r CpuRegion, offset: usize, len: usize) -> Option<&'r [u8]> {
+        // SAFETY: the caller takes over this method's contract, which is `bytes`'s.
+        unsafe { region.bytes(offset, len) }
+    }
+
     fn read(&self, region: &CpuRegion, offset: usize, dst: &mut [u8]) -> Result<()> {
         let src = range("read", "src", region, offset, dst.len())?;
         // SAFETY: as in `write`, with the roles swapped.
@@ -586,6 +595,26 @@ mod tests {
         assert_eq!(h.as_slice().len(), 5000);
         h.as_mut_slice()[4999] = 7;
         assert_eq!(h.as_slice()[4999], 7);
+    }
+
+    #[test]
+    fn host_bytes_are_the_region_and_bounds_checked() {
+        let be = CpuBackend::new().unwrap();
+        let mut r = be.reserve(8192).unwrap();
+        be.host_bytes_mut(&mut r, 4096, 4).unwrap().copy_from_slice(&[1, 2, 3, 4]);
+        let mut back = [0u8; 4];
+        be.read(&r, 4096, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4]);
+        be.write(&r, 10, &[9]).unwrap();
+        // SAFETY: nothing writes `r` while the slice lives.
+        assert_eq!(unsafe { be.host_bytes(&r, 8, 4) }.unwrap(), [0, 0, 9, 0]);
+        assert!(be.host_bytes_mut(&mut r, 8190, 3).is_none());
+        assert!(be.host_bytes_mut(&mut r, usize::MAX, 2).is_none());
+        // SAFETY: as above.
+        assert!(unsafe { be.host_bytes(&r, 8192, 1) }.is_none());
+        assert_eq!(be.host_bytes_mut(&mut r, 8192, 0).map(|s| s.len()), Some(0));
+        let mut empty = be.reserve(0).unwrap();
+        assert_eq!(be.host_bytes_mut(&mut empty, 0, 0).map(|s| s.len()), Some(0));
     }
 
     #[test]
