@@ -3,7 +3,10 @@
 //!
 //! Invariants: a [`CpuRegion`] is page-aligned and exactly as long as requested (the mapping is
 //! rounded up to whole pages); its bytes start zeroed (fresh anonymous pages, committed lazily on
-//! first touch, so reserving a large region costs address space, not memory).
+//! first touch, so reserving a large region costs address space, not memory). Mappings of 2 MiB
+//! and more ask for transparent huge pages (`MADV_HUGEPAGE`): first touch then commits 2 MiB at a
+//! time, which is what makes receiving a 64 MiB tensor straight into a fresh region as fast as
+//! into warm memory (measured: put+get ≈ a ping of the same size, versus 1.3–1.5× without).
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -22,6 +25,10 @@ pub(crate) fn page_size() -> usize {
         4096
     }
 }
+
+/// Mappings at least this long are advised to use transparent huge pages (x86-64 and arm64 PMD
+/// size with 4 KiB pages).
+const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 /// One anonymous mapping, unmapped on drop.
 struct Mapping {
@@ -57,6 +64,13 @@ impl Mapping {
             return Err(BackendError::OutOfMemory { bytes });
         }
         let ptr = NonNull::new(p as *mut u8).ok_or(BackendError::OutOfMemory { bytes })?;
+        if map_len >= HUGE_PAGE_BYTES {
+            // Large regions (tensors, the VMU's pools) take transparent huge pages where the
+            // kernel offers them on request: 512× fewer first-touch faults when a 64 MiB tensor is
+            // received or computed into. Still committed lazily. Advice only: failure is harmless.
+            // SAFETY: advises on a mapping this function just created; no memory is accessed.
+            unsafe { libc::madvise(p, map_len, libc::MADV_HUGEPAGE) };
+        }
         Ok(Mapping { ptr, map_len })
     }
 }
