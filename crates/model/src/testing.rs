@@ -28,8 +28,17 @@ pub struct Reference {
 /// The committed reference models, by directory name.
 pub const REFERENCE_MODELS: &[&str] = &["llama-gqa", "mistral", "qwen2-bias", "llama3-tied", "llama-headdim"];
 
-/// `tests/data/models/` of the workspace.
+/// `tests/data/models/` of the workspace: `DJINN_TEST_DATA` if set, else the working directory's
+/// copy (a test binary carried to the GPU machine runs from a checkout elsewhere), else the
+/// workspace this crate was built in.
 pub fn reference_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DJINN_TEST_DATA") {
+        return PathBuf::from(dir).join("models");
+    }
+    let here = Path::new("tests/data/models");
+    if here.is_dir() {
+        return here.to_path_buf();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/models")
 }
 
