@@ -213,29 +213,7 @@ impl Client {
         if !self.pending.contains(&id) {
             return Err(ClientError::UnknownRequest(id));
         }
-        loop {
-            let (rid, r) = self.recv_reply(None)?;
-            if rid == id {
-                self.pending.remove(&id);
-                return r;
-            }
-            if rid == 0 {
-                // An unsolicited error (connection refused, framing lost): it concerns every
-                // request on the connection, so it answers the one being waited for.
-                self.pending.remove(&id);
-                return r;
-            }
-            if !self.pending.contains(&rid) || self.ready.contains_key(&rid) {
-                return Err(ClientError::Protocol {
-                    opcode: "reply",
-                    why: format!("reply to request {rid}, which is not pending"),
-                });
-            }
-            if self.ready.len() >= self.replies_buffered_max {
-                return Err(ClientError::TooManyBuffered(self.ready.len()));
-            }
-            self.ready.insert(rid, r);
-        }
+        self.await_reply(id, None)
     }
 
     /// Waits for whichever pending reply comes next (or one already buffered).
@@ -259,8 +237,16 @@ impl Client {
             *data = std::mem::take(&mut r.data);
             return Ok(r);
         }
+        self.await_reply(id, Some(data))
+    }
+
+    /// Receives replies until the one to `id` (pending, not yet buffered) arrives, buffering
+    /// the others within `replies_buffered_max`. With `into`, `id`'s bulk data lands there.
+    fn await_reply(&mut self, id: u64, mut into: Option<&mut Vec<u8>>) -> Result<Reply> {
         loop {
-            let (rid, r) = self.recv_reply(Some((id, &mut *data)))?;
+            let (rid, r) = self.recv_reply(into.as_mut().map(|buf| (id, &mut **buf)))?;
+            // Request id 0 is an unsolicited error (connection refused, framing lost): it
+            // concerns every request on the connection, so it answers the one being waited for.
             if rid == id || rid == 0 {
                 self.pending.remove(&id);
                 return r;
