@@ -22,7 +22,7 @@ use gemm::Parallelism;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::raw::{load, store, with_scratch, Raw};
+use super::raw::{load, store, with_f32, with_scratch, Raw};
 use super::CpuBackend;
 use crate::backend::GemmArgs;
 use crate::error::{BackendError, Result};
@@ -184,16 +184,9 @@ fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize
             }
         });
     };
-    if a.dtype == DType::F32 {
-        // SAFETY: `a` is a checked f32 operand, disjoint from `c`, read-only here.
-        run(unsafe { &a.slice::<f32>()[..m * k] })
-    } else {
-        with_scratch(m * k, |x| {
-            // SAFETY: `a` holds at least `m*k` elements (checked by the caller).
-            unsafe { load(a, 0, x) };
-            run(x)
-        })
-    }
+    // SAFETY: `a` is a checked operand of at least `m*k` elements (checked by the caller),
+    // disjoint from `c` and read-only here.
+    unsafe { with_f32(a, m * k, run) }
 }
 
 /// The GEMV on AVX2. Several weight rows share each activation load (load ports, not FMAs, are
@@ -381,16 +374,9 @@ fn general(
             })
         });
     };
-    if a.dtype == DType::F32 {
-        // SAFETY: checked f32 operand, disjoint from `c`, read-only here.
-        run(unsafe { &a.slice::<f32>()[..m * k] })
-    } else {
-        with_scratch(m * k, |x| {
-            // SAFETY: `a` holds at least `m*k` elements.
-            unsafe { load(a, 0, x) };
-            run(x)
-        })
-    }
+    // SAFETY: `a` is a checked operand of at least `m*k` elements (checked by the caller),
+    // disjoint from `c` and read-only here.
+    unsafe { with_f32(a, m * k, run) }
 }
 
 mod portable {

@@ -168,6 +168,22 @@ pub(crate) unsafe fn load(src: &Raw, first: usize, dst: &mut [f32]) {
     }
 }
 
+/// Runs `f` over the first `len` elements of `src` as f32: borrowed in place when `src` is f32,
+/// else widened into per-thread scratch (see [`with_scratch`]).
+///
+/// # Safety
+/// `src` must hold at least `len` elements and no other thread may write them meanwhile.
+pub(crate) unsafe fn with_f32<R>(src: &Raw, len: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    if src.dtype == DType::F32 {
+        f(&src.slice::<f32>()[..len])
+    } else {
+        with_scratch(len, |x| {
+            load(src, 0, x);
+            f(x)
+        })
+    }
+}
+
 /// Stores `src` into elements `first..first + src.len()` of `dst`, rounding to its dtype
 /// (ints: truncation toward zero, saturating).
 ///
