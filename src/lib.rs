@@ -1,5 +1,6 @@
 //! djinn-dataplane: the binary's library half (CLI plumbing and the kernels compiled by build.rs).
 
+pub mod blind;
 pub mod kernels;
 
 #[cfg(feature = "cuda")]

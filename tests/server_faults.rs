@@ -209,7 +209,7 @@ fn request_errors_keep_the_connection(t: Transport) {
     p.send(&h, &[]);
     expect_status(p.as_mut(), 9, Status::BadFrame, "client sent a reply frame");
     p.send(&header(Opcode::SessionOpen.as_u16(), 10, 0, 0), &[]);
-    expect_status(p.as_mut(), 10, Status::Unsupported, "sessions not served yet");
+    expect_status(p.as_mut(), 10, Status::BadFrame, "session open without its metadata");
     let m = [0u8; 12];
     p.send(&header(Opcode::Exec.as_u16(), 11, m.len(), 0), &m);
     let r = p.recv().unwrap();

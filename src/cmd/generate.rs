@@ -1,10 +1,13 @@
 //! `djinn-dataplane generate`: load a model in process (`--model-dir`: a Hugging Face directory or
-//! a `.gguf` file) and generate from a text prompt (optionally through the chat template) or raw
-//! token ids. Text streams to stdout as it is decoded; `--json` prints one object instead:
-//! {"tokens", "text", "ttft_ms", "tpot_ms", "prompt_tokens", "finish_reason"}.
+//! a `.gguf` file), or open a session on a server's model (`--server URL --model NAME`), and
+//! generate from a text prompt (optionally through the chat template) or raw token ids. Text
+//! streams to stdout as it is decoded; `--json` prints one object instead:
+//! {"tokens", "text", "ttft_ms", "tpot_ms", "prompt_tokens", "finish_reason"}, plus
+//! "bytes_sent" and "bytes_received" (the whole connection, handshake included) when remote.
 //!
-//! Timing: `ttft_ms` runs from submitting the prompt (after the model is loaded) to the first
-//! sampled token on the host; `tpot_ms` = (time of last token − time of first) / (tokens − 1).
+//! Timing: `ttft_ms` runs from submitting the prompt (after the model is loaded, or after the
+//! session is open) to the first sampled token on this host; `tpot_ms` = (time of last token −
+//! time of first) / (tokens − 1).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,8 +22,17 @@ use djinn_model::{open_model, Detokenizer, Engine, EngineOptions, ModelFiles, St
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
     /// Hugging Face layout directory (config.json + safetensors), or a .gguf file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "server")]
     pub model_dir: Option<PathBuf>,
+    /// Run on a server instead: tcp://HOST:PORT or shm://NAME (needs --model).
+    #[arg(long, value_name = "URL", requires = "model_name")]
+    pub server: Option<String>,
+    /// The server's model name (its `serve --model NAME=DIR`).
+    #[arg(long = "model", id = "model_name", value_name = "NAME", requires = "server")]
+    pub model_name: Option<String>,
+    /// With --server: file holding the tenant token (else DJINN_TOKEN).
+    #[arg(long, requires = "server")]
+    pub token_file: Option<PathBuf>,
     /// `cpu`, or a CUDA device ordinal (`0`).
     #[arg(long, default_value = "cpu")]
     pub gpus: String,
@@ -80,7 +92,7 @@ pub fn parse_dtype(s: &Option<String>) -> anyhow::Result<Option<DType>> {
 
 /// Opens the model files named by `--model-dir`.
 pub fn open(m: &ModelArgs) -> anyhow::Result<ModelFiles> {
-    let dir = m.model_dir.as_ref().context("--model-dir is required for in-process generation")?;
+    let dir = m.model_dir.as_ref().context("give --model-dir DIR (in process) or --server URL --model NAME")?;
     Ok(open_model(dir, parse_dtype(&m.dtype)?)?)
 }
 
@@ -110,6 +122,9 @@ pub trait BackendFn<R> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.model.server.is_some() {
+        return super::remote::generate(&args);
+    }
     let files = open(&args.model)?;
     let ModelFiles { cfg, checkpoint, tokenizer } = files;
     let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {

@@ -1,4 +1,5 @@
-//! `djinn-dataplane logits`: the model's logits at every prompt position, computed in process.
+//! `djinn-dataplane logits`: the model's logits at every prompt position, computed in process
+//! (`--model-dir`) or by a server (`--server URL --model NAME`, see `remote.rs`).
 //! `--json` prints {"logits": [[one float per vocabulary entry] for each prompt position]}.
 
 use std::io::Write;
@@ -25,6 +26,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.prompt_ids.is_empty() {
         bail!("--prompt-ids is empty");
+    }
+    if args.model.server.is_some() {
+        return super::remote::logits(&args);
     }
     let ModelFiles { cfg, checkpoint, .. } = open(&args.model)?;
     cfg.check_tokens(&args.prompt_ids, 0)?;

@@ -5,7 +5,9 @@ pub mod demo;
 pub mod generate;
 pub mod logits;
 pub mod ping;
+pub mod remote;
 pub mod serve;
+pub mod tiny_model;
 
 /// Logs go to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {

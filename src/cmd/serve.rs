@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use djinn_server::{Server, ServerConfig};
+use djinn_server::{ModelSpec, Server, ServerConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -69,6 +69,42 @@ pub struct Args {
     /// Milliseconds a new connection has to complete its Hello before it is closed.
     #[arg(long)]
     pub handshake_timeout_ms: Option<u64>,
+    /// Models and sessions (boxed: these flags would make every CLI command's arguments large).
+    #[command(flatten)]
+    pub sessions: Box<SessionArgs>,
+}
+
+/// `serve` flags of the models and their sessions.
+#[derive(clap::Args, Debug)]
+pub struct SessionArgs {
+    /// A model to serve sessions on: NAME=DIR (a Hugging Face directory or a .gguf file);
+    /// repeatable. Every model is loaded before the server listens.
+    #[arg(long = "model", value_name = "NAME=DIR")]
+    pub models: Vec<String>,
+    /// KV cache capacity per model, MiB (fractions allowed); idle sessions swap to host memory.
+    #[arg(long)]
+    pub kv_capacity_mb: Option<f64>,
+    /// Pinned host memory per model for swapped-out sessions, MiB.
+    #[arg(long)]
+    pub host_swap_mb: Option<f64>,
+    /// Sessions open at once (over all models and tenants).
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    /// Seconds a session outlives its last connection.
+    #[arg(long)]
+    pub session_lease_s: Option<u64>,
+    /// Weight dtype of the models: f32, f16 or bf16 (default: as stored).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// CPU backend worker threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Longest session in tokens (default: each model's maximum).
+    #[arg(long)]
+    pub max_context_tokens: Option<usize>,
+    /// New tokens per engine step over all sessions (the prefill chunk).
+    #[arg(long)]
+    pub max_step_tokens: Option<usize>,
 }
 
 impl Args {
@@ -88,6 +124,15 @@ impl Args {
         over!(tensor_bytes_max_per_tenant, tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
         over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file, staging_bytes_retained_max);
         over!(handshake_timeout_ms);
+        let s = &*self.sessions;
+        macro_rules! over_s {
+            ($($f:ident),*) => { $( if let Some(v) = &s.$f { c.$f = v.clone().into(); } )* };
+        }
+        over_s!(max_sessions, session_lease_s, max_step_tokens);
+        over_s!(kv_capacity_mb, host_swap_mb, dtype, threads, max_context_tokens);
+        if !s.models.is_empty() {
+            c.models = s.models.iter().map(|m| ModelSpec::parse_flag(m)).collect::<Result<_, _>>()?;
+        }
         if self.force_socket {
             c.force_socket = true;
         }
@@ -119,13 +164,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.validate()?;
     match parse_gpus(&cfg.gpus)? {
         Device::Cpu if cfg.gpus.trim().is_empty() => serve_default(cfg),
-        Device::Cpu => serve(cfg, cpu_backend()?),
+        Device::Cpu => {
+            let be = cpu_backend(cfg.threads)?;
+            serve(cfg, be)
+        }
         Device::Cuda(ords) => serve_cuda(cfg, &ords),
     }
 }
 
-fn cpu_backend() -> anyhow::Result<djinn_backend::cpu::CpuBackend> {
-    djinn_backend::cpu::CpuBackend::new().context("starting the CPU backend")
+fn cpu_backend(threads: Option<usize>) -> anyhow::Result<djinn_backend::cpu::CpuBackend> {
+    match threads {
+        Some(n) => djinn_backend::cpu::CpuBackend::with_threads(n),
+        None => djinn_backend::cpu::CpuBackend::new(),
+    }
+    .context("starting the CPU backend")
 }
 
 /// No `--gpus`: GPU 0 when this build has CUDA and the machine a GPU, else the CPU.
@@ -135,14 +187,16 @@ fn serve_default(cfg: ServerConfig) -> anyhow::Result<()> {
         Ok(b) => serve(cfg, b),
         Err(e) => {
             tracing::info!(reason = %e, "no usable GPU: serving on the CPU backend");
-            serve(cfg, cpu_backend()?)
+            let be = cpu_backend(cfg.threads)?;
+            serve(cfg, be)
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn serve_default(cfg: ServerConfig) -> anyhow::Result<()> {
-    serve(cfg, cpu_backend()?)
+    let be = cpu_backend(cfg.threads)?;
+    serve(cfg, be)
 }
 
 fn one_device(ords: &[usize]) -> anyhow::Result<usize> {

@@ -6,6 +6,9 @@
 //! replies to other ids that arrive first (at most `replies_buffered_max` of them, after which
 //! waiting is an error rather than growth). Blocking calls are submit + wait.
 //!
+//! Sessions ([`session`]): a decode's reply is a stream of `SessionToken` frames with its request
+//! id before its final frame; [`Client::decode`] hands them to a callback, and plain waits skip them.
+//!
 //! Errors carry the server's status code and message ([`ClientError::Server`]).
 
 use std::collections::{HashMap, HashSet};
@@ -20,6 +23,12 @@ use djinn_proto::{FrameHeader, Meta, MetaError, Opcode, Status, TensorDesc, VERS
 use djinn_transport::{ByteCounters, FrameRx, FrameTx, OutFrame, TransportError, TransportOptions};
 
 pub mod ping;
+pub mod session;
+
+pub use session::{
+    DecodeOptions, DecodeSummary, Feed, FinishReason, Input, LogitsRequest, OpenOptions, PrefillReply, Qos, SessionId,
+    SessionInfo, TokenEvent,
+};
 
 /// Environment variable holding a token when no token file is given.
 pub const TOKEN_ENV: &str = "DJINN_TOKEN";
@@ -223,9 +232,14 @@ impl Client {
             let r = self.ready.remove(&id).expect("key just seen");
             return Ok((id, r));
         }
-        let (rid, r) = self.recv_reply(None)?;
-        self.pending.remove(&rid);
-        Ok((rid, r))
+        loop {
+            let (rid, r) = self.recv_reply(None)?;
+            if is_stream_frame(&r) {
+                continue;
+            }
+            self.pending.remove(&rid);
+            return Ok((rid, r));
+        }
     }
 
     /// Waits for the reply to `id` and moves its bulk data into `data` (resized to fit; its
@@ -247,21 +261,36 @@ impl Client {
             let (rid, r) = self.recv_reply(into.as_mut().map(|buf| (id, &mut **buf)))?;
             // Request id 0 is an unsolicited error (connection refused, framing lost): it
             // concerns every request on the connection, so it answers the one being waited for.
+            if is_stream_frame(&r) {
+                // A decode's token frames are consumed by `Client::decode`; a plain wait on a
+                // decode's id skips them and returns its final frame.
+                continue;
+            }
             if rid == id || rid == 0 {
                 self.pending.remove(&id);
                 return r;
             }
-            if !self.pending.contains(&rid) || self.ready.contains_key(&rid) {
-                return Err(ClientError::Protocol {
-                    opcode: "reply",
-                    why: format!("reply to request {rid}, which is not pending"),
-                });
-            }
-            if self.ready.len() >= self.replies_buffered_max {
-                return Err(ClientError::TooManyBuffered(self.ready.len()));
-            }
-            self.ready.insert(rid, r);
+            self.buffer_reply(rid, r)?;
         }
+    }
+
+    /// Keeps the reply to another pending request until it is claimed, within
+    /// `replies_buffered_max`.
+    fn buffer_reply(&mut self, rid: u64, r: Result<Reply>) -> Result<()> {
+        if is_stream_frame(&r) {
+            return Ok(());
+        }
+        if !self.pending.contains(&rid) || self.ready.contains_key(&rid) {
+            return Err(ClientError::Protocol {
+                opcode: "reply",
+                why: format!("reply to request {rid}, which is not pending"),
+            });
+        }
+        if self.ready.len() >= self.replies_buffered_max {
+            return Err(ClientError::TooManyBuffered(self.ready.len()));
+        }
+        self.ready.insert(rid, r);
+        Ok(())
     }
 
     /// Receives one reply frame. The outer error is a transport failure; the inner one the
@@ -375,6 +404,11 @@ impl Client {
         let r = self.call(Opcode::Stats, &[], &[])?;
         Ok(decode::<StatsReply>(Opcode::Stats, &r.meta)?.counters)
     }
+}
+
+/// A `SessionToken` frame: one of many replies to a decode, not its final reply.
+fn is_stream_frame(r: &Result<Reply>) -> bool {
+    matches!(r, Ok(reply) if reply.header.opcode.get() == Opcode::SessionToken.as_u16())
 }
 
 fn decode<T: Meta>(op: Opcode, meta: &[u8]) -> Result<T> {

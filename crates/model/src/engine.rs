@@ -5,12 +5,19 @@
 //! takes any mix of sessions with any number of new tokens each (prefill and decode together).
 //! Per step the VMU pins the sessions, appends their positions (taking blocks), the model runs
 //! over the VMU's block tables, and the scratch arena is reset at the end.
+//!
+//! KV memory may be oversubscribed (`kv_capacity_bytes` smaller than every session at full
+//! length): a step first makes its sessions resident and frees the device blocks it will take by
+//! swapping out least-recently-stepped other sessions to the host pool, all before any session
+//! grows, so a step that cannot fit fails with nothing changed (`ModelError::Vmu(KvExhausted)`)
+//! and the caller may retry with fewer sessions. [`Engine::batch_fits`] predicts it.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use djinn_backend::{Backend, DType, SampleParams};
-use djinn_vmu::{SessionId, Vmu, VmuConfig, WeightsLease, MIB};
+use djinn_vmu::prometheus::Registry;
+use djinn_vmu::{Residency, SessionId, Vmu, VmuConfig, VmuError, WeightsLease, MIB};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -36,6 +43,16 @@ pub struct EngineOptions {
     pub all_logits: bool,
     /// KV capacity in tokens across all sessions; `None` = `max_sessions × max_context_tokens`.
     pub kv_tokens: Option<usize>,
+    /// KV capacity in bytes (`--kv-capacity-mb`); overrides `kv_tokens` (rounded down to blocks).
+    pub kv_capacity_bytes: Option<usize>,
+    /// Pinned host pool for swapped-out sessions (`--host-swap-mb`); `None` = one block (enough
+    /// when KV is never oversubscribed).
+    pub host_swap_bytes: Option<usize>,
+    /// Logits rows of one all-positions step (`all_logits`); `None` = `max_step_tokens`. Smaller
+    /// keeps the logits buffer small for large vocabularies: `prefill(.., all)` chunks by it.
+    pub all_logits_rows: Option<usize>,
+    /// Where the VMU registers its metrics (a server's /metrics); `None` = a private registry.
+    pub registry: Option<Registry>,
 }
 
 impl Default for EngineOptions {
@@ -49,6 +66,10 @@ impl Default for EngineOptions {
             max_step_tokens: 512,
             all_logits: false,
             kv_tokens: None,
+            kv_capacity_bytes: None,
+            host_swap_bytes: None,
+            all_logits_rows: None,
+            registry: None,
         }
     }
 }
@@ -62,6 +83,11 @@ pub struct Engine<B: Backend> {
     /// Reused per step (capacity fixed at start-up).
     slots: Vec<i32>,
     starts: Vec<usize>,
+    ids: Vec<SessionId>,
+    /// Open sessions and the step counter of their last use (swap-out victims: least recent
+    /// first); at most `max_sessions`.
+    open: Vec<(SessionId, u64)>,
+    steps: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -88,7 +114,10 @@ impl<B: Backend> Engine<B> {
             max_seqs: opts.max_sessions,
             max_blocks_per_seq: max_blocks,
             max_logit_rows: if opts.all_logits {
-                opts.max_step_tokens.max(opts.max_sessions)
+                opts.all_logits_rows
+                    .unwrap_or(opts.max_step_tokens)
+                    .clamp(1, opts.max_step_tokens)
+                    .max(opts.max_sessions)
             } else {
                 opts.max_sessions
             },
@@ -98,16 +127,25 @@ impl<B: Backend> Engine<B> {
         let mut vcfg = VmuConfig::new(kv_layout);
         // Weights plus one granule of slack for the allocator's rounding.
         vcfg.weights_bytes = layout.total_bytes + 4096;
-        vcfg.kv_capacity_bytes = Some(kv_tokens.div_ceil(opts.block_tokens) * kv_layout.block_bytes());
+        vcfg.kv_capacity_bytes = Some(match opts.kv_capacity_bytes {
+            Some(b) => b / kv_layout.block_bytes() * kv_layout.block_bytes(),
+            None => kv_tokens.div_ceil(opts.block_tokens) * kv_layout.block_bytes(),
+        });
+        if vcfg.kv_capacity_bytes == Some(0) {
+            return Err(ModelError::Memory(format!(
+                "KV capacity below one block of {} bytes",
+                kv_layout.block_bytes()
+            )));
+        }
         vcfg.scratch_bytes = model_probe.scratch.bytes() + 4096;
         vcfg.max_sessions = opts.max_sessions;
         vcfg.max_context_tokens = max_blocks * opts.block_tokens;
         vcfg.max_persistent_allocations = 16;
         // In-process use never oversubscribes KV (it is sized for every session at full length),
-        // so the swap pool only needs to exist.
-        vcfg.host_swap_bytes = Some(kv_layout.block_bytes());
+        // so by default the swap pool only needs to exist.
+        vcfg.host_swap_bytes = Some(opts.host_swap_bytes.unwrap_or(0).max(kv_layout.block_bytes()));
         vcfg.swap_staging_bytes = kv_layout.block_bytes().max(MIB);
-        let registry = djinn_vmu::prometheus::Registry::new();
+        let registry = opts.registry.clone().unwrap_or_default();
         let vmu = Vmu::new(backend.clone(), vcfg, &registry)?;
         let name = ck.dir().display().to_string();
         let lease = vmu.alloc_weights(&name, layout.total_bytes)?;
@@ -125,6 +163,9 @@ impl<B: Backend> Engine<B> {
             max_context_tokens: max_ctx,
             slots: Vec::with_capacity(opts.max_step_tokens),
             starts: Vec::with_capacity(opts.max_sessions),
+            ids: Vec::with_capacity(opts.max_sessions),
+            open: Vec::with_capacity(opts.max_sessions),
+            steps: 0,
         })
     }
 
@@ -147,12 +188,73 @@ impl<B: Backend> Engine<B> {
         self.model.scratch.limits().max_tokens
     }
 
+    /// Rows of logits one all-positions step returns at most (the `prefill(.., all)` chunk).
+    pub fn all_logits_rows(&self) -> usize {
+        self.model.scratch.limits().max_logit_rows.min(self.max_step_tokens())
+    }
+
     pub fn open_session(&mut self) -> Result<SessionId> {
-        Ok(self.vmu.open_session()?)
+        let id = self.vmu.open_session()?;
+        self.open.push((id, self.steps));
+        Ok(id)
     }
 
     pub fn close_session(&mut self, id: SessionId) -> Result<()> {
-        Ok(self.vmu.close_session(id)?)
+        self.vmu.close_session(id)?;
+        self.open.retain(|&(s, _)| s != id);
+        Ok(())
+    }
+
+    /// Whether a step over `seqs` (session, new tokens) fits in KV memory now: every session's
+    /// blocks at once on the device, and room in the host pool for the sessions it displaces.
+    /// Conservative: `false` may still run; `true` always does.
+    pub fn batch_fits(&self, seqs: &[(SessionId, usize)]) -> bool {
+        let st = self.vmu.stats();
+        let bt = self.model.block_tokens();
+        let (mut total, mut take) = (0usize, 0usize);
+        for &(id, n) in seqs {
+            let (Ok(t), Ok(r)) = (self.vmu.session_tokens(id), self.vmu.residency(id)) else {
+                return false;
+            };
+            let (have, fin) = (t.div_ceil(bt), (t + n).div_ceil(bt));
+            total += fin;
+            take += if r == Residency::Swapped { fin } else { fin - have };
+        }
+        total <= st.kv_blocks_total && take.saturating_sub(st.kv_blocks_free) <= st.host_blocks_free
+    }
+
+    /// Frees `need` device blocks by swapping out the least recently stepped sessions outside
+    /// `batch` (resident, holding blocks). Fails, having swapped out some, if the host pool
+    /// cannot take enough.
+    fn free_blocks_for(&mut self, need: usize, batch: &[SessionId]) -> Result<()> {
+        let bt = self.model.block_tokens();
+        loop {
+            let st = self.vmu.stats();
+            if st.kv_blocks_free >= need {
+                return Ok(());
+            }
+            let victim = self
+                .open
+                .iter()
+                .filter(|(s, _)| !batch.contains(s))
+                .filter(|(s, _)| self.vmu.residency(*s).is_ok_and(|r| r == Residency::Resident))
+                .filter(|(s, _)| {
+                    let b = self.vmu.session_tokens(*s).unwrap_or(0).div_ceil(bt);
+                    b > 0 && b <= st.host_blocks_free
+                })
+                .min_by_key(|(_, used)| *used)
+                .map(|(s, _)| *s);
+            let Some(v) = victim else {
+                return Err(ModelError::Vmu(VmuError::KvExhausted {
+                    session: batch[0],
+                    needed_blocks: need,
+                    free_device_blocks: st.kv_blocks_free,
+                    free_host_blocks: st.host_blocks_free,
+                    pinned_sessions: batch.len(),
+                }));
+            };
+            self.vmu.swap_out(&[v])?;
+        }
     }
 
     pub fn session_tokens(&self, id: SessionId) -> Result<usize> {
@@ -182,11 +284,34 @@ impl<B: Backend> Engine<B> {
         if total > self.max_step_tokens() {
             return Err(ModelError::Batch(format!("{total} tokens exceed the step limit {}", self.max_step_tokens())));
         }
-        let ids: Vec<SessionId> = seqs.iter().map(|s| s.0).collect();
-        self.vmu.ensure_resident(&ids)?;
+        self.ids.clear();
+        self.ids.extend(seqs.iter().map(|s| s.0));
+        let ids = std::mem::take(&mut self.ids);
+        // Residency and room first: nothing grows until every block this step takes is free,
+        // so a step that does not fit changes no session.
+        let bt = self.model.block_tokens();
+        let prepared = self.vmu.ensure_resident(&ids).map_err(ModelError::from).and_then(|()| {
+            let need: usize =
+                seqs.iter().zip(&self.starts).map(|(&(_, t), &s)| (s + t.len()).div_ceil(bt) - s.div_ceil(bt)).sum();
+            self.free_blocks_for(need, &ids)
+        });
+        self.steps += 1;
+        for (s, used) in self.open.iter_mut() {
+            if ids.contains(s) {
+                *used = self.steps;
+            }
+        }
+        self.ids = ids;
+        if let Err(e) = prepared {
+            self.vmu.end_step();
+            return Err(e);
+        }
         for &(id, toks) in seqs {
             self.slots.clear();
-            self.vmu.append(id, toks.len(), &mut self.slots)?;
+            if let Err(e) = self.vmu.append(id, toks.len(), &mut self.slots) {
+                self.vmu.end_step();
+                return Err(e.into());
+            }
         }
         let result = (|| {
             let weights_base = self.lease.offset();
@@ -227,6 +352,21 @@ impl<B: Backend> Engine<B> {
         self.step_with(seqs, LogitsMode::Last, |model, be, mem, st| model.sample(be, mem, st, params, out))
     }
 
+    /// [`Engine::step_sample`] that also copies each sequence's last-position logits to
+    /// `logits` (`[seqs × vocab]`) before sampling.
+    pub fn step_sample_logits(
+        &mut self,
+        seqs: &[(SessionId, &[u32])],
+        params: &[SampleParams],
+        out: &mut Vec<u32>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.step_with(seqs, LogitsMode::Last, |model, be, mem, st| {
+            model.read_logits(be, mem, st, logits)?;
+            model.sample(be, mem, st, params, out)
+        })
+    }
+
     /// Feeds `tokens` to a session in chunks of at most the step limit; returns the logits of
     /// every position when `all`, else of the last one.
     pub fn prefill(&mut self, id: SessionId, tokens: &[u32], all: bool, out: &mut Vec<f32>) -> Result<()> {
@@ -236,7 +376,7 @@ impl<B: Backend> Engine<B> {
             return Err(ModelError::TooLong { tokens: start + tokens.len(), max: self.max_context_tokens });
         }
         self.model.cfg.check_tokens(tokens, start)?;
-        let chunk = self.max_step_tokens();
+        let chunk = if all { self.all_logits_rows() } else { self.max_step_tokens() };
         out.clear();
         let mut buf = Vec::new();
         let mode = if all { LogitsMode::All } else { LogitsMode::Last };
@@ -250,5 +390,69 @@ impl<B: Backend> Engine<B> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use djinn_backend::cpu::CpuBackend;
+
+    const GREEDY: SampleParams = SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, step: 0 };
+
+    fn engine(kv_capacity_bytes: Option<usize>) -> Engine<CpuBackend> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/models/llama-gqa");
+        let be = Arc::new(CpuBackend::with_threads(1).unwrap());
+        let opts = EngineOptions {
+            max_sessions: 4,
+            max_step_tokens: 64,
+            kv_capacity_bytes,
+            host_swap_bytes: Some(1 << 20),
+            ..EngineOptions::default()
+        };
+        Engine::load_dir(be, &dir, &opts).unwrap()
+    }
+
+    /// Three sessions stepped together and in turns: identical tokens with KV for one session
+    /// (swapping) and without pressure; a batch that cannot fit fails leaving every session intact.
+    #[test]
+    fn oversubscribed_kv_swaps_and_keeps_tokens() {
+        let run = |eng: &mut Engine<CpuBackend>| -> Vec<Vec<u32>> {
+            let ids: Vec<SessionId> = (0..3).map(|_| eng.open_session().unwrap()).collect();
+            let mut last: Vec<u32> = vec![10, 20, 30];
+            let mut out = vec![Vec::new(); 3];
+            let mut sampled = Vec::new();
+            for step in 0..40 {
+                // Alone in turns (each fits), so the others are swapped out and back.
+                let i = step % 3;
+                if !eng.batch_fits(&[(ids[i], 1)]) {
+                    panic!("one session must always fit");
+                }
+                eng.step_sample(&[(ids[i], &[last[i]])], &[GREEDY], &mut sampled).unwrap();
+                last[i] = sampled[0];
+                out[i].push(sampled[0]);
+            }
+            out
+        };
+        let mut free = engine(None);
+        let want = run(&mut free);
+        // KV of two 16-token blocks; each session (≤ 14 tokens) holds one: three cannot be resident.
+        let block = free.vmu().layout().block_bytes();
+        let mut tight = engine(Some(2 * block));
+        let got = run(&mut tight);
+        assert_eq!(got, want);
+        assert!(tight.vmu().metrics().swap_out_total.get() > 0);
+        let st = tight.vmu().stats();
+        assert!(st.kv_used_bytes_peak <= 2 * block);
+        // All three in one step need three blocks: refused up front, and by the step itself.
+        let ids: Vec<SessionId> = tight.open.iter().map(|&(s, _)| s).collect();
+        let before: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
+        assert!(!tight.batch_fits(&[(ids[0], 1), (ids[1], 1), (ids[2], 1)]));
+        let toks = [1u32];
+        let all: Vec<(SessionId, &[u32])> = ids.iter().map(|&s| (s, &toks[..])).collect();
+        let mut sampled = Vec::new();
+        assert!(tight.step_sample(&all, &[GREEDY; 3], &mut sampled).is_err());
+        let after: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
+        assert_eq!(before, after, "a refused step changed a session");
     }
 }

@@ -113,10 +113,31 @@ impl TextTokenizer {
             .ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
         render_chat(src, &[("user", user)], self.bos_token.as_deref(), self.eos_token.as_deref())
     }
+
+    /// Renders the chat template over a whole conversation (role, content), with or without the
+    /// generation prompt (the assistant header) at the end.
+    pub fn apply_chat_messages(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
+        let src = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
+        render_chat_with(src, messages, self.bos_token.as_deref(), self.eos_token.as_deref(), add_generation_prompt)
+    }
 }
 
 /// Renders a Hugging Face chat template (Jinja) over `messages` (role, content).
 pub fn render_chat(src: &str, messages: &[(&str, &str)], bos: Option<&str>, eos: Option<&str>) -> Result<String> {
+    render_chat_with(src, messages, bos, eos, true)
+}
+
+/// [`render_chat`] with the generation prompt optional.
+pub fn render_chat_with(
+    src: &str,
+    messages: &[(&str, &str)],
+    bos: Option<&str>,
+    eos: Option<&str>,
+    add_generation_prompt: bool,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -135,7 +156,7 @@ pub fn render_chat(src: &str, messages: &[(&str, &str)], bos: Option<&str>, eos:
         .collect();
     let ctx = minijinja::context! {
         messages => msgs,
-        add_generation_prompt => true,
+        add_generation_prompt => add_generation_prompt,
         bos_token => bos.unwrap_or(""),
         eos_token => eos.unwrap_or(""),
     };

@@ -6,7 +6,7 @@
 //! A frame is `FrameHeader` (32 bytes, little-endian) + `meta_len` bytes of opcode-specific
 //! metadata + `data_len` bytes of bulk data (tensor bytes). Metadata is small and always copied
 //! into private memory before it is parsed; bulk data is received straight into its destination.
-//! [`msg`] documents what the metadata of each opcode holds.
+//! [`msg`] documents what the metadata of each opcode holds; [`session`] the session opcodes'.
 //!
 //! Invariant: no decoder panics on any input, and none allocates more than the metadata length it
 //! was given (the header's limits bound that length before the bytes are read).
@@ -15,6 +15,7 @@ pub mod codes;
 pub mod header;
 pub mod meta;
 pub mod msg;
+pub mod session;
 pub mod tensor;
 
 pub use codes::{Opcode, Status, UnknownCode};
@@ -23,6 +24,11 @@ pub use meta::{Meta, MetaError, MetaReader, MetaWriter};
 pub use msg::{
     DeviceInfo, ErrorReply, ExecInput, ExecNode, ExecOp, ExecReply, ExecReq, Handle, HelloReply, HelloReq, StatsReply,
     TensorFreeReq, TensorGetReq, TensorPutReply, TensorPutReq,
+};
+pub use session::{
+    DecodeFeed, FinishWire, LogitsReply, LogitsReq, LogitsWire, PrefillInput, PrefillReply, QosWire, SessionAppendReq,
+    SessionDecodeReply, SessionDecodeReq, SessionInfoReply, SessionOpenReq, SessionPrefillReq, SessionReq,
+    SessionToken,
 };
 pub use tensor::{DType, TensorDesc, TensorDescError, TensorDescWire, RANK_MAX};
 
@@ -42,7 +48,7 @@ pub fn decode_all_meta(meta: &[u8]) -> usize {
         TensorDesc::from_meta(meta).is_ok(),
     ];
     let _ = ErrorReply::decode_bytes(meta);
-    results.iter().filter(|&&ok| ok).count()
+    results.iter().filter(|&&ok| ok).count() + session::decode_all_session_meta(meta)
 }
 
 /// What the `frame_decoder` fuzz target (and its corpus replay test) runs on one input: the input as

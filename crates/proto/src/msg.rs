@@ -287,7 +287,9 @@ crate::codes::wire_enum! {
     /// Operations an Exec node runs. Numbers are wire format: append only. Attribute meaning per op
     /// is documented on the variant; a backend answers `Status::Unsupported` for ops it lacks.
     ExecOp: "exec op" {
-        /// `[.., m, k] × [.., k, n]` (batch dims broadcast).
+        /// `[.., m, k] × [.., k, n]` (batch dims equal, or `b` one shared matrix). Optional i64
+        /// attr 0 = 1: `b` is `[.., n, k]` (multiply by its transpose). `b` may be another float
+        /// dtype than `a`; the output has `a`'s.
         MatMul = 1,
         Add = 2,
         Mul = 3,
@@ -295,18 +297,21 @@ crate::codes::wire_enum! {
         Div = 5,
         /// Over the last dimension.
         Softmax = 6,
-        /// Over the last dimension; inputs `[x, weight]`, f32 attr 0 = eps.
+        /// Over the last dimension; inputs `[x, weight]` (weight may be another float dtype),
+        /// f32 attr 0 = eps.
         RmsNorm = 7,
         Silu = 8,
         /// `silu(a) * b`.
         SiluMul = 9,
         Exp = 10,
         Neg = 11,
+        /// Not served yet (`Unsupported`).
         Gelu = 12,
         Sqrt = 13,
         /// `x * f32 attr 0`.
         Scale = 14,
-        /// Swaps the last two dimensions.
+        /// Swaps the last two dimensions (no attrs; `SwapDims` names any two); the result is
+        /// contiguous.
         Transpose = 15,
         /// i64 attrs = the new shape.
         Reshape = 16,
@@ -314,12 +319,37 @@ crate::codes::wire_enum! {
         Sum = 17,
         /// i64 attr 0 = target dtype code.
         Cast = 18,
-        /// Rotary embedding; inputs `[x, positions]`, f32 attr 0 = theta.
+        /// Rotate-half rotary embedding of `x` = `[tokens, head_dim]` or `[.., heads, head_dim]`
+        /// at i32 `positions` (one per token: the shape of `x` without its last one or two
+        /// dims). Inputs `[x, positions]` with f32 attr 0 = theta (default frequencies), or
+        /// `[x, positions, inv_freq]` with f32 `inv_freq` `[head_dim / 2]` (any scaling folded in).
         Rope = 19,
-        /// Rows of a table; inputs `[table, ids]`.
+        /// Rows of a `[rows, width]` table; inputs `[table, i32 ids]`; out `[.. ids, width]`.
         Embedding = 20,
         /// Copy of the input (keeps a node's output under a new handle).
         Copy = 21,
+        /// `x[.., k] · w[start..start + n, k]ᵀ (+ bias[start..start + n])`: a projection by a
+        /// window of rows of a `[rows, k]` weight, which may be another float dtype than `x`.
+        /// Inputs `[x, w]` or `[x, w, bias]`; i64 attrs none (every row) or `[start, n]`.
+        Linear = 22,
+        /// i64 attrs `[dim, start, len]` (`dim` < 0 counts from the end): `x[.., start..start + len, ..]`.
+        Slice = 23,
+        /// 2 to 8 inputs of one dtype, equal shapes but for dimension i64 attr 0 (`dim`, < 0
+        /// counts from the end), joined along it in input order.
+        Concat = 24,
+        /// Swaps two dimensions, i64 attrs `[dim0, dim1]` (< 0 counts from the end); the
+        /// result is contiguous.
+        SwapDims = 25,
+        /// `x[.., q, k]` with `-inf` where key `j > offset + i` for query row `i` (causal
+        /// attention scores); optional i64 attr 0 = `offset` ≥ 0 (default `k - q`: the queries
+        /// are the last `q` of `k` positions).
+        CausalMask = 26,
+        /// Index of the first maximum over the last dimension: i32 `x.shape[..rank - 1]`.
+        Argmax = 27,
+        /// Index-select: inputs `[table, i32 ids]`, optional i64 attr 0 = `dim` (default 0, < 0
+        /// counts from the end); out = `table.shape[..dim] ++ ids.shape ++ table.shape[dim + 1..]`.
+        /// Ids outside `0..table.shape[dim]` are `BadArgument`.
+        Gather = 28,
     }
 }
 
@@ -545,6 +575,34 @@ mod tests {
                 (2, TensorDesc::new(DType::I64, &[]).unwrap()),
             ],
         });
+    }
+
+    #[test]
+    fn every_exec_op_round_trips_with_attrs() {
+        // Wire numbers are append-only: the ops a Llama step needs keep theirs.
+        let pinned = [
+            (ExecOp::Linear, 22),
+            (ExecOp::Slice, 23),
+            (ExecOp::Concat, 24),
+            (ExecOp::SwapDims, 25),
+            (ExecOp::CausalMask, 26),
+            (ExecOp::Argmax, 27),
+            (ExecOp::Gather, 28),
+        ];
+        for (op, n) in pinned {
+            assert_eq!(op.as_u16(), n, "{}", op.name());
+        }
+        let nodes = ExecOp::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &op)| {
+                let mut n = ExecNode::new(op, &[ExecInput::Handle(i as u64 + 1); EXEC_INPUTS_MAX]);
+                n.attrs_i64 = vec![-1, i as i64, i64::MAX];
+                n.attrs_f32 = vec![0.5; EXEC_ATTRS_MAX];
+                n
+            })
+            .collect();
+        round_trip(&ExecReq { nodes, outputs: vec![0, ExecOp::ALL.len() as u16 - 1] });
     }
 
     #[test]

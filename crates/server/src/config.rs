@@ -11,6 +11,27 @@ use serde::Deserialize;
 /// Where the server listens when neither the file nor the flags name a listener.
 pub const DEFAULT_LISTEN: &str = "tcp://127.0.0.1:7070";
 
+/// A model the server loads at start-up and serves sessions on under `name`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    /// Hugging Face layout directory, or a `.gguf` file.
+    pub dir: PathBuf,
+}
+
+impl ModelSpec {
+    /// Parses the `--model NAME=DIR` flag.
+    pub fn parse_flag(s: &str) -> Result<ModelSpec, ConfigError> {
+        match s.split_once('=') {
+            Some((name, dir)) if !name.trim().is_empty() && !dir.trim().is_empty() => {
+                Ok(ModelSpec { name: name.trim().to_owned(), dir: PathBuf::from(dir.trim()) })
+            }
+            _ => Err(ConfigError::Invalid(format!("--model {s:?}: expected NAME=DIR"))),
+        }
+    }
+}
+
 /// Everything `djinn-dataplane serve` needs to start. Field names are the TOML keys.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -55,6 +76,26 @@ pub struct ServerConfig {
     /// How long a new connection may take to complete its Hello; a connection still without a
     /// successful Hello then is closed, so silent clients cannot hold connection slots.
     pub handshake_timeout_ms: u64,
+    /// Models served (TOML: `[[models]]` tables with `name` and `dir`); all loaded at start-up.
+    pub models: Vec<ModelSpec>,
+    /// KV cache capacity per model, MiB (fractions allowed); none = every session at full length.
+    pub kv_capacity_mb: Option<f64>,
+    /// Pinned host memory per model for swapped-out sessions, MiB; none = room for every session.
+    pub host_swap_mb: Option<f64>,
+    /// Sessions open at once over all models and tenants; more are refused with `LimitExceeded`.
+    pub max_sessions: usize,
+    /// Seconds a session outlives the last connection attached to it (then it is closed).
+    pub session_lease_s: u64,
+    /// Weight dtype of the models: f32, f16 or bf16; none = as stored.
+    pub dtype: Option<String>,
+    /// CPU backend worker threads; none = every core.
+    pub threads: Option<usize>,
+    /// Longest session, tokens; none = each model's `max_position_embeddings`.
+    pub max_context_tokens: Option<usize>,
+    /// New tokens in one engine step over all sessions (bounds a prefill chunk).
+    pub max_step_tokens: usize,
+    /// Session requests waiting for the engine loop; more are refused with `Busy`.
+    pub session_queue_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +121,16 @@ impl Default for ServerConfig {
             staging_bytes_retained_max: 512 << 20,
             drain_timeout_ms: 5_000,
             handshake_timeout_ms: 5_000,
+            models: Vec::new(),
+            kv_capacity_mb: None,
+            host_swap_mb: None,
+            max_sessions: 64,
+            session_lease_s: 300,
+            dtype: None,
+            threads: None,
+            max_context_tokens: None,
+            max_step_tokens: 256,
+            session_queue_max: 1024,
         }
     }
 }
@@ -134,6 +185,9 @@ impl ServerConfig {
             ("tensor_bytes_max_per_tenant", self.tensor_bytes_max_per_tenant),
             ("tensor_bytes_max", self.tensor_bytes_max),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("max_sessions", self.max_sessions as u64),
+            ("max_step_tokens", self.max_step_tokens as u64),
+            ("session_queue_max", self.session_queue_max as u64),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -144,7 +198,42 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(format!("frame_bytes_max {} is too small", self.frame_bytes_max)));
         }
         self.wait_mode()?;
+        for (name, v) in [("kv_capacity_mb", self.kv_capacity_mb), ("host_swap_mb", self.host_swap_mb)] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(ConfigError::Invalid(format!("{name} {v}: expected a positive number of MiB")));
+                }
+            }
+        }
+        if let Some(d) = &self.dtype {
+            self.model_dtype().map_err(|_| ConfigError::Invalid(format!("dtype {d:?}: expected f32, f16 or bf16")))?;
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.is_empty() || m.name.len() > djinn_proto::msg::NAME_BYTES_MAX {
+                return Err(ConfigError::Invalid(format!("model name {:?}: 1 to 256 bytes", m.name)));
+            }
+            if self.models[..i].iter().any(|o| o.name == m.name) {
+                return Err(ConfigError::Invalid(format!("model name {:?} given twice", m.name)));
+            }
+        }
         Ok(())
+    }
+
+    /// The models' weight dtype (`dtype`), `None` = as stored.
+    pub fn model_dtype(&self) -> Result<Option<djinn_backend::DType>, ConfigError> {
+        use djinn_backend::DType;
+        Ok(match self.dtype.as_deref() {
+            None => None,
+            Some("f32" | "float32") => Some(DType::F32),
+            Some("f16" | "float16") => Some(DType::F16),
+            Some("bf16" | "bfloat16") => Some(DType::BF16),
+            Some(other) => return Err(ConfigError::Invalid(format!("dtype {other:?}: expected f32, f16 or bf16"))),
+        })
+    }
+
+    /// MiB (fractions allowed) to bytes.
+    pub fn mib_bytes(mb: f64) -> usize {
+        (mb * (1u64 << 20) as f64) as usize
     }
 
     pub fn wait_mode(&self) -> Result<djinn_transport::WaitMode, ConfigError> {
@@ -197,6 +286,25 @@ mod tests {
             let c = ServerConfig::from_toml(text).unwrap();
             c.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn session_keys_and_model_flags() {
+        let c = ServerConfig::from_toml(
+            "kv_capacity_mb = 0.5\nmax_sessions = 8\nsession_lease_s = 2\ndtype = \"bf16\"\n\
+             [[models]]\nname = \"tiny\"\ndir = \"/m/tiny\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.models, vec![ModelSpec { name: "tiny".into(), dir: "/m/tiny".into() }]);
+        assert_eq!((c.kv_capacity_mb, c.max_sessions, c.session_lease_s), (Some(0.5), 8, 2));
+        assert_eq!(ServerConfig::mib_bytes(0.5), 512 << 10);
+        assert_eq!(ModelSpec::parse_flag("a=/x=y").unwrap().dir, PathBuf::from("/x=y"));
+        assert!(ModelSpec::parse_flag("noequals").is_err());
+        let dup = ServerConfig { models: vec![c.models[0].clone(), c.models[0].clone()], ..c.clone() };
+        assert!(dup.validate().is_err());
+        assert!(ServerConfig { kv_capacity_mb: Some(-1.0), ..c.clone() }.validate().is_err());
+        assert!(ServerConfig { dtype: Some("f8".into()), ..c }.validate().is_err());
     }
 
     #[test]

@@ -15,6 +15,9 @@
 //! - Staging memory is bounded: a ping or staged get holds one frame's data at most; large
 //!   buffers outlive their request only within the server-wide `staging_bytes_retained_max`
 //!   budget.
+//! - Session requests are parsed here and answered by the engine loop ([`crate::session`]) on
+//!   this connection's shared `ReplyTx` (a decode: its token frames, then one final frame); the
+//!   reader goes on to the next request at once.
 //! - A slow reader only blocks its own reply sends (the transport never buffers without bound),
 //!   which stops this connection's reader from taking more requests: backpressure, not growth.
 
@@ -33,6 +36,7 @@ use djinn_transport::{ByteCounters, Connection, FrameRx, OutFrame, RxHead, Trans
 
 use crate::auth::TenantId;
 use crate::server::{ReplyTx, Shared};
+use crate::session::{ConnLink, Request};
 use crate::tensors::{Tensor, TensorError};
 use crate::watchdog::DeadlineKey;
 
@@ -100,8 +104,10 @@ struct Conn<B: Backend> {
     /// The handshake deadline, armed until a successful Hello.
     handshake: Option<DeadlineKey>,
     /// Requests of this connection in progress (bounded by `max_inflight_per_conn`). The reader
-    /// serves in order, so today this is 0 or 1; streamed session replies will hold it longer.
+    /// serves in order; session requests hold it until the engine loop answers them.
     inflight: Arc<AtomicUsize>,
+    /// This connection as the engine loop sees it (replies, liveness).
+    link: Arc<ConnLink>,
     seen_sent: u64,
     seen_received: u64,
 }
@@ -115,10 +121,13 @@ pub(crate) fn serve_connection<B: Backend>(
 ) {
     let Connection { tx, rx, counters, transport, peer } = conn;
     tracing::debug!(conn = id, %peer, transport, "connection open");
+    let tx: ReplyTx = Arc::new(Mutex::new(tx));
+    let inflight = Arc::new(AtomicUsize::new(0));
     let mut c = Conn {
         sh: sh.clone(),
         id,
-        tx: Arc::new(Mutex::new(tx)),
+        link: ConnLink::new(id, tx.clone(), inflight.clone()),
+        tx,
         rx,
         counters,
         peer,
@@ -127,11 +136,13 @@ pub(crate) fn serve_connection<B: Backend>(
         staging_retained: 0,
         pinned: None,
         handshake,
-        inflight: Arc::new(AtomicUsize::new(0)),
+        inflight,
         seen_sent: 0,
         seen_received: 0,
     };
     c.run();
+    // Running decodes stop at their next step; the sessions' leases start.
+    sh.sessions.connection_closed(&c.link);
     c.disarm_handshake();
     c.flush_counters();
     c.staging = Vec::new();
@@ -308,12 +319,49 @@ impl<B: Backend> Conn<B> {
             Opcode::TensorGet => self.tensor_get(head),
             Opcode::TensorFree => self.tensor_free(head, t0),
             Opcode::Exec => self.exec(head),
+            Opcode::SessionOpen
+            | Opcode::SessionAttach
+            | Opcode::SessionPrefill
+            | Opcode::SessionAppend
+            | Opcode::SessionDecode
+            | Opcode::SessionCancel
+            | Opcode::SessionClose
+            | Opcode::Logits => Ok(self.session(opcode, head)),
             other => {
                 self.rx_skip(data_len)?;
                 Ok(Outcome::Rejected(Reject::new(
                     Status::Unsupported,
-                    format!("{} is not served yet (sessions come with a later release)", other.name()),
+                    format!("{} is a server-to-client frame", other.name()),
                 )))
+            }
+        }
+    }
+
+    /// Parses a session request and hands it to the engine loop, which answers it.
+    fn session(&mut self, opcode: Opcode, head: &RxHead) -> Outcome {
+        use djinn_proto::session::*;
+        let m = &head.meta[..];
+        let parsed = match opcode {
+            Opcode::SessionOpen => SessionOpenReq::from_meta(m).map(Request::Open),
+            Opcode::SessionAttach => SessionReq::from_meta(m).map(|r| Request::Attach(r.session)),
+            Opcode::SessionPrefill => SessionPrefillReq::from_meta(m).map(Request::Prefill),
+            Opcode::SessionAppend => SessionAppendReq::from_meta(m).map(Request::Append),
+            Opcode::SessionDecode => SessionDecodeReq::from_meta(m).map(Request::Decode),
+            Opcode::SessionCancel => SessionReq::from_meta(m).map(|r| Request::Cancel(r.session)),
+            Opcode::SessionClose => SessionReq::from_meta(m).map(|r| Request::Close(r.session)),
+            _ => LogitsReq::from_meta(m).map(Request::Logits),
+        };
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => return Outcome::Rejected(e.into()),
+        };
+        let Some(tenant) = self.tenant.clone() else {
+            return Outcome::Rejected(Reject::new(Status::Unauthorized, "no Hello on this connection"));
+        };
+        match self.sh.sessions.submit(&self.link, head.header.request_id.get(), opcode, tenant, req) {
+            Ok(()) => Outcome::Sent,
+            Err(status) => {
+                Outcome::Rejected(Reject::new(status, "the session queue is full or the server is draining"))
             }
         }
     }
@@ -359,7 +407,7 @@ impl<B: Backend> Conn<B> {
             meta_bytes_max: self.sh.limits.meta_bytes_max,
             backend: info.kind.to_owned(),
             devices: vec![DeviceInfo { name: info.name, memory_bytes: info.memory_total_bytes }],
-            models: Vec::new(),
+            models: self.sh.sessions.model_names(),
             transports: self.sh.transports.clone(),
         };
         let meta = reply.to_meta();

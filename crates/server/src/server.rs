@@ -24,6 +24,7 @@ use djinn_transport::{Connection, FrameTx, Listener, ListenerStop, OutFrame, Tra
 use crate::auth::{Auth, AuthFileError};
 use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::{HttpEndpoint, HttpError, Metrics};
+use crate::session::{SessionService, SessionStartError};
 use crate::tensors::Store;
 use crate::watchdog::{Watchdog, WatchdogThread};
 
@@ -44,6 +45,8 @@ pub enum ServerError {
     Thread(std::io::Error),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Sessions(#[from] SessionStartError),
 }
 
 /// State every thread of the server shares.
@@ -66,6 +69,8 @@ pub struct Shared<B: Backend> {
     pub staging_retained: AtomicU64,
     /// Handshake deadlines of connections still without a successful Hello.
     pub watchdog: Watchdog,
+    /// The models and their sessions (the engine loop).
+    pub sessions: Arc<SessionService>,
 }
 
 struct AcceptThread {
@@ -97,6 +102,9 @@ impl<B: Backend> Server<B> {
         let opts: TransportOptions = cfg.transport_options()?;
         let metrics = Metrics::new(&cfg.node_id);
         let backend = Arc::new(backend);
+        // Every model is loaded before anything listens: a server that answers is ready to serve
+        // sessions, and /healthz turns healthy only after this.
+        let sessions = SessionService::start(backend.clone(), &cfg, &metrics)?;
         let urls = cfg.listen_urls();
         let mut transports: Vec<String> = Vec::new();
         for s in urls.iter().map(|u| scheme(u)) {
@@ -128,6 +136,7 @@ impl<B: Backend> Server<B> {
             next_conn_id: AtomicU64::new(1),
             staging_retained: AtomicU64::new(0),
             watchdog,
+            sessions,
             cfg,
         });
 
@@ -158,7 +167,7 @@ impl<B: Backend> Server<B> {
                 .map_err(ServerError::Thread)?;
             server.accepts.push(AcceptThread { url, stop, thread: Some(thread) });
         }
-        // No models to load yet: healthy once every listener has its accept thread.
+        // Models are loaded: healthy once every listener has its accept thread.
         shared.healthy.store(true, Ordering::Release);
         let info = shared.backend.info();
         tracing::info!(node = %shared.cfg.node_id, backend = info.kind, device = %info.name, "server ready");
@@ -206,7 +215,10 @@ impl<B: Backend> Server<B> {
             }
         }
         let deadline = Instant::now() + Duration::from_millis(sh.cfg.drain_timeout_ms);
-        while sh.requests_active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        // Running decodes end with `ShuttingDown`; the engine loop stops.
+        sh.sessions.shutdown();
+        while (sh.requests_active.load(Ordering::Acquire) > 0 || sh.sessions.active() > 0) && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
         let left = sh.requests_active.load(Ordering::Acquire);

@@ -1,0 +1,352 @@
+//! The session API: open a session on a model the server holds, feed it ids, text or chat
+//! turns, decode with a per-token callback (or collect), cancel, close, attach from another
+//! connection, and stateless all-position logits.
+//!
+//! Only token ids and their text deltas cross the wire per decode step. A decode is one request
+//! whose reply is a stream: `SessionToken` frames with the decode's request id, then one final
+//! `SessionDecode` frame. Replies to other requests that arrive meanwhile are buffered like any
+//! pipelined reply (within `replies_buffered_max`).
+
+use djinn_proto::session::{
+    DecodeFeed, FinishWire, LogitsReply, LogitsReq, LogitsWire, PrefillInput, PrefillReply as PrefillWire, QosWire,
+    SessionAppendReq, SessionDecodeReply, SessionDecodeReq, SessionInfoReply, SessionOpenReq, SessionPrefillReq,
+    SessionReq, SessionToken,
+};
+use djinn_proto::{Meta, Opcode};
+
+use crate::{decode, Client, ClientError, Result};
+
+pub type SessionId = u64;
+
+/// Scheduling class hint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Qos {
+    #[default]
+    Interactive,
+    Batch,
+    Background,
+}
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub model: String,
+    pub qos: Qos,
+    /// Longest the session may grow, in tokens; 0 = the model's maximum.
+    pub max_tokens: u32,
+}
+
+impl OpenOptions {
+    pub fn new(model: impl Into<String>) -> Self {
+        OpenOptions { model: model.into(), qos: Qos::Interactive, max_tokens: 0 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    pub session: SessionId,
+    pub context_tokens: u32,
+    pub max_tokens: u32,
+    pub vocab: u32,
+    pub eos_ids: Vec<u32>,
+    pub has_tokenizer: bool,
+    pub has_chat_template: bool,
+}
+
+/// What a prefill feeds: token ids, or raw text tokenized on the server (no chat template).
+pub enum Input<'a> {
+    Ids(&'a [u32]),
+    Text(&'a str),
+}
+
+/// Input a [`Client::generate`] feeds before its first token: ids, raw text, or a chat turn
+/// (`role` "user" or "system", the template applied on the server).
+#[derive(Clone, Copy, Debug)]
+pub enum Feed<'a> {
+    Ids(&'a [u32]),
+    Text(&'a str),
+    Turn { role: &'a str, text: &'a str },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillReply {
+    /// Tokens this request added.
+    pub prompt_tokens: u32,
+    /// Tokens the session holds now.
+    pub context_tokens: u32,
+}
+
+/// Logits each token event carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogitsRequest {
+    #[default]
+    None,
+    TopK(u16),
+    Full,
+}
+
+#[derive(Clone, Debug)]
+pub struct DecodeOptions {
+    pub max_new_tokens: u32,
+    /// ≤ 0 = greedy.
+    pub temperature: f32,
+    /// 0 = no top-k cut.
+    pub top_k: u32,
+    /// 1 = no nucleus cut.
+    pub top_p: f32,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub logits: LogitsRequest,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            ignore_eos: false,
+            logits: LogitsRequest::None,
+        }
+    }
+}
+
+/// One generated token, as the callback sees it.
+pub struct TokenEvent<'a> {
+    pub token: u32,
+    /// 0-based index within this decode.
+    pub index: u32,
+    /// The text this token completes (may be empty: an incomplete character, or a stop cut).
+    pub text: &'a str,
+    pub top_k: &'a [(u32, f32)],
+    pub logits: Option<&'a [f32]>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    Length,
+    Stop,
+    Cancelled,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeSummary {
+    pub tokens: u32,
+    pub finish: FinishReason,
+    pub context_tokens: u32,
+    /// Tokens the request's own input added ([`Client::generate`]; 0 for [`Client::decode`]).
+    pub prompt_tokens: u32,
+}
+
+fn info(r: SessionInfoReply) -> SessionInfo {
+    SessionInfo {
+        session: r.session,
+        context_tokens: r.context_tokens,
+        max_tokens: r.max_tokens,
+        vocab: r.vocab,
+        eos_ids: r.eos_ids,
+        has_tokenizer: r.has_tokenizer,
+        has_chat_template: r.has_chat_template,
+    }
+}
+
+fn prefill_reply(op: Opcode, meta: &[u8]) -> Result<PrefillReply> {
+    let r: PrefillWire = decode(op, meta)?;
+    Ok(PrefillReply { prompt_tokens: r.prompt_tokens, context_tokens: r.context_tokens })
+}
+
+impl Client {
+    /// Opens a session on `opts.model`.
+    pub fn open_session(&mut self, opts: &OpenOptions) -> Result<SessionInfo> {
+        let qos = match opts.qos {
+            Qos::Interactive => QosWire::Interactive,
+            Qos::Batch => QosWire::Batch,
+            Qos::Background => QosWire::Background,
+        };
+        let req = SessionOpenReq { model: opts.model.clone(), qos, max_tokens: opts.max_tokens };
+        let r = self.call(Opcode::SessionOpen, &req.to_meta(), &[])?;
+        Ok(info(decode(Opcode::SessionOpen, &r.meta)?))
+    }
+
+    /// Attaches this connection to a session of the same tenant (e.g. after a reconnect).
+    pub fn attach_session(&mut self, session: SessionId) -> Result<SessionInfo> {
+        let r = self.call(Opcode::SessionAttach, &SessionReq { session }.to_meta(), &[])?;
+        Ok(info(decode(Opcode::SessionAttach, &r.meta)?))
+    }
+
+    /// Feeds ids or raw text into the session's KV cache.
+    pub fn prefill(&mut self, session: SessionId, input: Input<'_>) -> Result<PrefillReply> {
+        let input = match input {
+            Input::Ids(ids) => PrefillInput::Ids(ids.to_vec()),
+            Input::Text(t) => PrefillInput::Text(t.to_owned()),
+        };
+        let r = self.call(Opcode::SessionPrefill, &SessionPrefillReq { session, input }.to_meta(), &[])?;
+        prefill_reply(Opcode::SessionPrefill, &r.meta)
+    }
+
+    /// Adds one chat turn (`role` "user" or "system"); the server applies the chat template over
+    /// the conversation it keeps and feeds only the new tokens.
+    pub fn append_turn(&mut self, session: SessionId, role: &str, text: &str) -> Result<PrefillReply> {
+        let req = SessionAppendReq { session, role: role.to_owned(), text: text.to_owned() };
+        let r = self.call(Opcode::SessionAppend, &req.to_meta(), &[])?;
+        prefill_reply(Opcode::SessionAppend, &r.meta)
+    }
+
+    /// Streams tokens to `on_token`; returning `false` from it cancels (SessionCancel is sent and
+    /// the stream is drained to its final frame, finish = Cancelled).
+    pub fn decode(
+        &mut self,
+        session: SessionId,
+        opts: &DecodeOptions,
+        on_token: impl FnMut(&TokenEvent<'_>) -> bool,
+    ) -> Result<DecodeSummary> {
+        self.decode_fed(session, DecodeFeed::None, opts, on_token)
+    }
+
+    /// Feeds `feed` and decodes in ONE request: the forward pass over the input also samples the
+    /// first token (a separate prefill costs a pass of its own before the decode's first step).
+    /// Tokens stream to `on_token` as in [`Client::decode`].
+    pub fn generate(
+        &mut self,
+        session: SessionId,
+        feed: Feed<'_>,
+        opts: &DecodeOptions,
+        on_token: impl FnMut(&TokenEvent<'_>) -> bool,
+    ) -> Result<DecodeSummary> {
+        let feed = match feed {
+            Feed::Ids(ids) => DecodeFeed::Ids(ids.to_vec()),
+            Feed::Text(t) => DecodeFeed::Text(t.to_owned()),
+            Feed::Turn { role, text } => DecodeFeed::Turn { role: role.to_owned(), text: text.to_owned() },
+        };
+        self.decode_fed(session, feed, opts, on_token)
+    }
+
+    fn decode_fed(
+        &mut self,
+        session: SessionId,
+        feed: DecodeFeed,
+        opts: &DecodeOptions,
+        mut on_token: impl FnMut(&TokenEvent<'_>) -> bool,
+    ) -> Result<DecodeSummary> {
+        let logits = match opts.logits {
+            LogitsRequest::None => LogitsWire::None,
+            LogitsRequest::TopK(k) => LogitsWire::TopK(k),
+            LogitsRequest::Full => LogitsWire::Full,
+        };
+        let req = SessionDecodeReq {
+            session,
+            feed,
+            max_new_tokens: opts.max_new_tokens,
+            temperature: opts.temperature,
+            top_k: opts.top_k,
+            top_p: opts.top_p,
+            seed: opts.seed,
+            ignore_eos: opts.ignore_eos,
+            logits,
+            stop: opts.stop.clone(),
+        };
+        let id = self.submit(Opcode::SessionDecode, &req.to_meta(), &[])?;
+        let mut cancel: Option<u64> = None;
+        let mut top_k = Vec::new();
+        let mut full = Vec::new();
+        let token_op = Opcode::SessionToken.as_u16();
+        let result = loop {
+            let (rid, r) = self.recv_reply(None)?;
+            if rid != id && rid != 0 {
+                self.buffer_reply(rid, r)?;
+                continue;
+            }
+            let reply = match r {
+                Ok(reply) => reply,
+                Err(e) => break Err(e),
+            };
+            if reply.header.opcode.get() == token_op {
+                if cancel.is_some() {
+                    // Cancelled by the callback: drain to the final frame.
+                    continue;
+                }
+                let t = SessionToken::parse(&reply.meta, &mut top_k)
+                    .map_err(|e| ClientError::Protocol { opcode: "SessionToken", why: e.to_string() })?;
+                let logits = if reply.data.is_empty() {
+                    None
+                } else {
+                    full.clear();
+                    full.extend(reply.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                    Some(&full[..])
+                };
+                let ev = TokenEvent { token: t.token, index: t.index, text: t.text, top_k: &top_k, logits };
+                if !on_token(&ev) {
+                    cancel = Some(self.submit(Opcode::SessionCancel, &SessionReq { session }.to_meta(), &[])?);
+                }
+                continue;
+            }
+            let r: SessionDecodeReply = decode(Opcode::SessionDecode, &reply.meta)?;
+            let finish = match r.finish {
+                FinishWire::Eos => FinishReason::Eos,
+                FinishWire::Length => FinishReason::Length,
+                FinishWire::Stop => FinishReason::Stop,
+                FinishWire::Cancelled => FinishReason::Cancelled,
+            };
+            break Ok(DecodeSummary {
+                tokens: r.tokens,
+                finish,
+                context_tokens: r.context_tokens,
+                prompt_tokens: r.prompt_tokens,
+            });
+        };
+        self.pending.remove(&id);
+        if let Some(c) = cancel {
+            // The cancel's own (empty) reply; a decode that had already ended makes it a no-op.
+            self.wait(c)?;
+        }
+        result
+    }
+
+    /// Blocking form of [`Client::decode`]: all generated ids and the text.
+    pub fn decode_collect(
+        &mut self,
+        session: SessionId,
+        opts: &DecodeOptions,
+    ) -> Result<(Vec<u32>, String, DecodeSummary)> {
+        let mut ids = Vec::with_capacity(opts.max_new_tokens.min(4096) as usize);
+        let mut text = String::new();
+        let s = self.decode(session, opts, |ev| {
+            ids.push(ev.token);
+            text.push_str(ev.text);
+            true
+        })?;
+        Ok((ids, text, s))
+    }
+
+    /// Ends the session's running decode (if any) at its next step, finish = Cancelled.
+    pub fn cancel(&mut self, session: SessionId) -> Result<()> {
+        self.call(Opcode::SessionCancel, &SessionReq { session }.to_meta(), &[])?;
+        Ok(())
+    }
+
+    /// Closes the session and frees its KV cache.
+    pub fn close_session(&mut self, session: SessionId) -> Result<()> {
+        self.call(Opcode::SessionClose, &SessionReq { session }.to_meta(), &[])?;
+        Ok(())
+    }
+
+    /// Every position's logits of `ids` (row-major `rows × vocab`), on a temporary session.
+    pub fn logits(&mut self, model: &str, ids: &[u32]) -> Result<(u32, u32, Vec<f32>)> {
+        let req = LogitsReq { model: model.to_owned(), ids: ids.to_vec() };
+        let r = self.call(Opcode::Logits, &req.to_meta(), &[])?;
+        let h: LogitsReply = decode(Opcode::Logits, &r.meta)?;
+        let n = h.rows as usize * h.vocab as usize;
+        if r.data.len() != n * 4 {
+            return Err(ClientError::Protocol {
+                opcode: "Logits",
+                why: format!("{} × {} logits announced, {} bytes arrived", h.rows, h.vocab, r.data.len()),
+            });
+        }
+        let v = r.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok((h.rows, h.vocab, v))
+    }
+}

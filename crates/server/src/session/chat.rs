@@ -1,0 +1,82 @@
+//! The conversation a session keeps (role, text per turn, the generated assistant replies
+//! included) and the incremental chat template: a new turn feeds only the tokens after what the
+//! session already holds.
+//!
+//! Invariant: the conversation's text is bounded by [`CONVERSATION_BYTES_MAX`]; a turn that would
+//! pass it is refused and leaves the conversation unchanged.
+
+use djinn_model::TextTokenizer;
+
+/// Text a session's conversation may hold over all its turns.
+pub const CONVERSATION_BYTES_MAX: usize = 4 << 20;
+
+#[derive(Debug, Default)]
+pub struct Conversation {
+    turns: Vec<(String, String)>,
+    bytes: usize,
+}
+
+impl Conversation {
+    pub fn is_empty(&self) -> bool {
+        self.turns.is_empty()
+    }
+
+    fn fits(&self, more: usize) -> Result<(), String> {
+        if self.bytes + more > CONVERSATION_BYTES_MAX {
+            return Err(format!("the conversation would pass {CONVERSATION_BYTES_MAX} bytes of text"));
+        }
+        Ok(())
+    }
+
+    /// Adds generated assistant text: to the last turn if it is the assistant's (a decode that
+    /// continues a reply), else as a new turn. Text past the bound is dropped from the record
+    /// (the tokens stay in the KV cache either way).
+    pub fn push_assistant(&mut self, text: &str) {
+        if self.fits(text.len()).is_err() {
+            return;
+        }
+        self.bytes += text.len();
+        match self.turns.last_mut() {
+            Some((role, t)) if role == "assistant" => t.push_str(text),
+            _ => self.turns.push(("assistant".into(), text.to_owned())),
+        }
+    }
+
+    /// The tokens a new `role` turn feeds, given the ids the session holds (`held`), and the turn
+    /// recorded. The whole conversation is rendered with the generation prompt and tokenized; if
+    /// the held ids are a prefix of that, the rest is fed — exactly what one prefill of the whole
+    /// rendered conversation would hold. Otherwise (a reply that does not re-tokenize the same,
+    /// e.g. cut by a stop string) the text the template adds after the previous render is
+    /// tokenized on its own.
+    pub fn new_turn(&mut self, tok: &TextTokenizer, held: &[u32], role: &str, text: &str) -> Result<Vec<u32>, String> {
+        self.fits(text.len())?;
+        let prev: Vec<(&str, &str)> = self.turns.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
+        let mut all = prev.clone();
+        all.push((role, text));
+        let full = tok.apply_chat_messages(&all, true).map_err(|e| e.to_string())?;
+        let ids = tok.encode(&full, false).map_err(|e| e.to_string())?;
+        let new = if ids.starts_with(held) {
+            ids[held.len()..].to_vec()
+        } else {
+            let before = if prev.is_empty() {
+                String::new()
+            } else {
+                tok.apply_chat_messages(&prev, false).map_err(|e| e.to_string())?
+            };
+            match full.strip_prefix(before.as_str()) {
+                Some(rest) => tok.encode(rest, false).map_err(|e| e.to_string())?,
+                None => return Err("the chat template does not render the conversation incrementally".into()),
+            }
+        };
+        self.turns.push((role.to_owned(), text.to_owned()));
+        self.bytes += text.len();
+        Ok(new)
+    }
+
+    /// Undoes the last [`Conversation::new_turn`] (its tokens were refused).
+    pub fn pop_turn(&mut self) {
+        if let Some((_, t)) = self.turns.pop() {
+            self.bytes -= t.len();
+        }
+    }
+}

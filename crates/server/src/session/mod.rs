@@ -1,0 +1,312 @@
+//! Sessions served on the server's models: the models loaded at start-up, the bounded queue of
+//! session requests from connection threads, and the one engine loop thread per device that
+//! owns every session and every model's [`djinn_model::Engine`] ([`engine_loop`]).
+//!
+//! Flow: a connection thread parses a session request, wraps it in a [`Job`] with its
+//! connection's [`ConnLink`] and pushes it on the queue (`Busy` when `session_queue_max` jobs
+//! wait); the engine loop takes the jobs, runs every ready session's work in one batched step
+//! per model, and sends replies and token frames itself through the connection's `ReplyTx`.
+//!
+//! Invariants:
+//! - Only the engine loop touches sessions and engines; connection threads never block on it.
+//! - A session belongs to the tenant that opened it; another tenant's id is `UnknownSession`.
+//! - Every job is answered exactly once (a decode: its token frames, then one final frame), or
+//!   dropped unanswered only when its connection is gone. Its [`ActiveGuard`] is held until then,
+//!   so drain waits for it and the connection's in-flight count covers it.
+//! - When a connection closes its sessions' decodes stop at the next step; the sessions live
+//!   `session_lease_s` more (anonymous tenants: none, nobody could attach) and are then closed.
+
+mod chat;
+mod engine_loop;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use djinn_backend::{Backend, DType};
+use djinn_model::{open_model, Engine, EngineOptions, Model};
+use djinn_proto::session::{
+    LogitsReq, SessionAppendReq, SessionDecodeReq, SessionOpenReq, SessionPrefillReq, SESSION_EOS_IDS_MAX,
+};
+use djinn_proto::Opcode;
+
+use crate::auth::TenantId;
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::server::ReplyTx;
+
+pub use chat::CONVERSATION_BYTES_MAX;
+
+/// Tokens per KV block of every model.
+const BLOCK_TOKENS: usize = 16;
+/// Logits rows of one chunk of a `Logits` request (bounds its logits buffer).
+const LOGITS_CHUNK_ROWS: usize = 64;
+/// Host swap pool when none is configured: as large as the KV capacity, at most this.
+const HOST_SWAP_DEFAULT_MAX_BYTES: usize = 4 << 30;
+/// KV capacity when none is configured: every session at full length, at most this.
+const KV_DEFAULT_MAX_BYTES: usize = 512 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionStartError {
+    #[error("loading model {name:?} from {dir}: {source}")]
+    Model { name: String, dir: String, source: Box<djinn_model::ModelError> },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("starting the engine loop thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The sending side of one connection as sessions see it: its replies, and whether it is open.
+pub struct ConnLink {
+    pub id: u64,
+    pub tx: ReplyTx,
+    alive: AtomicBool,
+    /// Requests of this connection in progress (the connection's `max_inflight_per_conn`).
+    pub inflight: Arc<AtomicUsize>,
+}
+
+impl ConnLink {
+    pub fn new(id: u64, tx: ReplyTx, inflight: Arc<AtomicUsize>) -> Arc<ConnLink> {
+        Arc::new(ConnLink { id, tx, alive: AtomicBool::new(true), inflight })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        // Acquire pairs with the Release in `mark_closed`.
+        self.alive.load(Ordering::Acquire)
+    }
+
+    pub fn mark_closed(&self) {
+        self.alive.store(false, Ordering::Release);
+    }
+}
+
+/// Holds a request "in progress" (connection in-flight count and the service's active count)
+/// until the job is answered or dropped.
+pub struct ActiveGuard {
+    counters: [Arc<AtomicUsize>; 2],
+}
+
+impl ActiveGuard {
+    fn new(counters: [Arc<AtomicUsize>; 2]) -> Self {
+        for c in &counters {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        ActiveGuard { counters }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        for c in &self.counters {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A parsed session request.
+pub enum Request {
+    Open(SessionOpenReq),
+    Attach(u64),
+    Prefill(SessionPrefillReq),
+    Append(SessionAppendReq),
+    Decode(SessionDecodeReq),
+    Cancel(u64),
+    Close(u64),
+    Logits(LogitsReq),
+}
+
+/// One session request on its way to the engine loop.
+pub struct Job {
+    pub conn: Arc<ConnLink>,
+    pub rid: u64,
+    pub opcode: Opcode,
+    pub tenant: TenantId,
+    pub req: Request,
+    pub received: Instant,
+    guard: ActiveGuard,
+}
+
+/// What a model tells a client at open.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub vocab: u32,
+    pub max_context_tokens: u32,
+    pub eos_ids: Vec<u32>,
+    pub has_tokenizer: bool,
+    pub has_chat_template: bool,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// A connection closed since the loop last looked (its sessions' leases start).
+    conns_closed: bool,
+    draining: bool,
+}
+
+/// The connection threads' handle on sessions.
+pub struct SessionService {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    queue_max: usize,
+    /// Jobs taken and not yet answered or dropped, plus those queued.
+    active: Arc<AtomicUsize>,
+    models: Vec<ModelInfo>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SessionService {
+    /// Loads every configured model onto `backend` and starts the engine loop.
+    pub fn start<B: Backend>(
+        backend: Arc<B>,
+        cfg: &ServerConfig,
+        metrics: &Metrics,
+    ) -> Result<Arc<SessionService>, SessionStartError> {
+        let dtype = cfg.model_dtype().map_err(|e| SessionStartError::Config(e.to_string()))?;
+        let kv_dtype = if backend.info().kind == "cpu" { DType::F32 } else { DType::F16 };
+        let mut models = Vec::with_capacity(cfg.models.len());
+        let mut infos = Vec::with_capacity(cfg.models.len());
+        for spec in &cfg.models {
+            let t0 = Instant::now();
+            let err = |source| SessionStartError::Model {
+                name: spec.name.clone(),
+                dir: spec.dir.display().to_string(),
+                source: Box::new(source),
+            };
+            let files = open_model(&spec.dir, dtype).map_err(err)?;
+            let mcfg = files.cfg.clone();
+            let max_ctx =
+                cfg.max_context_tokens.unwrap_or(mcfg.max_position_embeddings).min(mcfg.max_position_embeddings).max(1);
+            let block_bytes = Model::kv_layout(&mcfg, BLOCK_TOKENS, kv_dtype).block_bytes();
+            // One more VMU session than max_sessions: the temporary session of a Logits request.
+            let vmu_sessions = cfg.max_sessions + 1;
+            let kv_bytes = match cfg.kv_capacity_mb {
+                Some(mb) => ServerConfig::mib_bytes(mb),
+                None => (vmu_sessions * max_ctx.div_ceil(BLOCK_TOKENS) * block_bytes).min(KV_DEFAULT_MAX_BYTES),
+            };
+            if kv_bytes < block_bytes {
+                return Err(SessionStartError::Config(format!(
+                    "kv_capacity_mb: {kv_bytes} bytes hold no KV block of model {:?} ({block_bytes} bytes)",
+                    spec.name
+                )));
+            }
+            let host_bytes = match cfg.host_swap_mb {
+                Some(mb) => ServerConfig::mib_bytes(mb),
+                None => kv_bytes.min(HOST_SWAP_DEFAULT_MAX_BYTES),
+            };
+            let opts = EngineOptions {
+                dtype,
+                kv_dtype,
+                block_tokens: BLOCK_TOKENS,
+                max_context_tokens: Some(max_ctx),
+                max_sessions: vmu_sessions,
+                max_step_tokens: cfg.max_step_tokens,
+                all_logits: true,
+                all_logits_rows: Some(LOGITS_CHUNK_ROWS.min(cfg.max_step_tokens)),
+                kv_tokens: None,
+                kv_capacity_bytes: Some(kv_bytes),
+                host_swap_bytes: Some(host_bytes),
+                registry: Some(metrics.model_registry(&cfg.node_id, &spec.name)),
+            };
+            let engine =
+                Engine::from_checkpoint(backend.clone(), &files.checkpoint, mcfg.clone(), &opts).map_err(err)?;
+            let tok = files.tokenizer;
+            let mut eos = mcfg.eos_token_ids.clone();
+            if let Some(e) = tok.as_ref().and_then(|t| t.eos_id()) {
+                if !eos.contains(&e) {
+                    eos.push(e);
+                }
+            }
+            eos.truncate(SESSION_EOS_IDS_MAX);
+            let info = ModelInfo {
+                name: spec.name.clone(),
+                vocab: mcfg.vocab_size as u32,
+                max_context_tokens: engine.max_context_tokens() as u32,
+                eos_ids: eos.clone(),
+                has_tokenizer: tok.is_some(),
+                has_chat_template: tok.as_ref().is_some_and(|t| t.has_chat_template()),
+            };
+            tracing::info!(
+                model = %spec.name, dir = %spec.dir.display(), ms = t0.elapsed().as_millis() as u64,
+                kv_bytes, host_bytes, "model loaded"
+            );
+            models.push(engine_loop::LoadedModel { info: info.clone(), engine, tok, eos });
+            infos.push(info);
+        }
+        let svc = Arc::new(SessionService {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::with_capacity(cfg.session_queue_max),
+                conns_closed: false,
+                draining: false,
+            }),
+            wake: Condvar::new(),
+            queue_max: cfg.session_queue_max,
+            active: Arc::new(AtomicUsize::new(0)),
+            models: infos,
+            thread: Mutex::new(None),
+        });
+        let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, metrics.clone());
+        let t = std::thread::Builder::new()
+            .name("djinn-engine".into())
+            .spawn(move || lp.run())
+            .map_err(SessionStartError::Thread)?;
+        *svc.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        Ok(svc)
+    }
+
+    /// Names of the models served, for the capabilities reply.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.iter().map(|m| m.name.clone()).collect()
+    }
+
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.models
+    }
+
+    /// Queues a request for the engine loop. On refusal the status to answer with is returned.
+    pub fn submit(
+        &self,
+        conn: &Arc<ConnLink>,
+        rid: u64,
+        opcode: Opcode,
+        tenant: TenantId,
+        req: Request,
+    ) -> Result<(), djinn_proto::Status> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.draining {
+            return Err(djinn_proto::Status::ShuttingDown);
+        }
+        if q.jobs.len() >= self.queue_max {
+            return Err(djinn_proto::Status::Busy);
+        }
+        let guard = ActiveGuard::new([self.active.clone(), conn.inflight.clone()]);
+        q.jobs.push_back(Job { conn: conn.clone(), rid, opcode, tenant, req, received: Instant::now(), guard });
+        drop(q);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// A connection ended: its running decodes stop and its sessions' leases start.
+    pub fn connection_closed(&self, conn: &ConnLink) {
+        conn.mark_closed();
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).conns_closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Session requests not yet finished (queued or in the engine loop).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Drain: refuses new requests, ends running work with `ShuttingDown`, and stops the loop.
+    pub fn shutdown(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).draining = true;
+        self.wake.notify_one();
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
