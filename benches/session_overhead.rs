@@ -2,15 +2,16 @@
 //! model measured in the same run.
 //!
 //! Part 1 (always): a committed tiny test model, so compute does not hide the data plane. Each
-//! run decodes a few sequences of greedy tokens after a short prompt. Per-step time: in process,
-//! the decode steps after the prefill step; remote, from submitting the decode (after the prefill
-//! reply) to the arrival of the last token, over the same number of steps — so the remote figure
-//! carries every per-decode cost (request, round trip, final frame) and the client's own wake-ups.
-//! (Token arrival gaps alone would understate it: the server runs ahead while the client is
-//! parked.) Over tcp loopback and shm (a real `serve --model` process, default spin-then-park on
-//! both sides) and in process (`djinn_model::Engine` on the same CPU backend). Reported: median
-//! of 5 runs, the remote − in-process overhead in µs per step, and the bytes per decode step each
-//! way (everything the decode calls moved, over the tokens generated).
+//! run generates a few sequences of greedy tokens after a short prompt. Per-step time, the same
+//! for both sides: from submitting the prompt to the last token, over the tokens generated — in
+//! process, the engine's prompt step and decode steps; remote, one `generate` request (the prompt
+//! travels with the decode), so the remote figure carries every per-request cost (request, round
+//! trip, final frame) and the client's own wake-ups. (Token arrival gaps alone would understate
+//! it: the server runs ahead while the client is parked.) Over tcp loopback and shm (a real
+//! `serve --model` process, default spin-then-park on both sides) and in process
+//! (`djinn_model::Engine` on the same CPU backend). Reported: median of 5 runs, the remote −
+//! in-process overhead in µs per step, and the bytes per decode step each way (everything the
+//! generate call moved, prompt included, over the tokens generated).
 //!
 //! Part 2 (when `models/smollm2-135m-instruct` exists, else skipped with a message): SmolLM2 over
 //! tcp vs in process: decode tokens/s ratio and time to first token for a 16-token prompt.
@@ -29,7 +30,7 @@ use std::time::Instant;
 use common::{ServerProc, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
-use djinn_client::{Client, DecodeOptions, Input, OpenOptions, TokenEvent};
+use djinn_client::{Client, DecodeOptions, Feed, OpenOptions, TokenEvent};
 use djinn_model::{Engine, EngineOptions};
 
 /// Runs per configuration; the median is reported.
@@ -64,23 +65,24 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// What one run measured.
 #[derive(Clone, Copy, Debug, Default)]
 struct RunStats {
-    /// Decode time per step after the first token: in process, the N − 1 decode steps after
-    /// the prefill step; remote, from submitting the decode (after the prefill reply) to the
-    /// arrival of its last token, over the same N − 1 steps (so fixed per-decode costs, one
-    /// round trip included, are charged to the steps).
+    /// Prompt submitted → last token, over the N tokens generated (so fixed per-request costs,
+    /// one round trip included, are charged to the steps).
     step_us: f64,
+    /// First token → last, over the N − 1 decode steps between them (part 2's tokens/s).
+    decode_us: f64,
     /// Prompt submitted → first token here.
     ttft_us: f64,
-    /// Bytes received during the decode calls per generated token (token frames + final frame).
+    /// Bytes received during the generate calls per generated token (token frames + final frame).
     bytes_down_per_step: f64,
-    /// Bytes sent during the decode calls per generated token (the decode request, amortised).
+    /// Bytes sent during the generate calls per generated token (the request with its prompt,
+    /// amortised).
     bytes_up_per_step: f64,
 }
 
 /// In process: one engine, `n_seqs` sequences of `new_tokens` greedy tokens after `prompt`.
 fn in_process(eng: &mut Engine<CpuBackend>, prompt: &[u32], new_tokens: usize, n_seqs: usize) -> RunStats {
     let greedy = [SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, step: 0 }];
-    let (mut step_us, mut ttft_us) = (Vec::new(), Vec::new());
+    let (mut step_us, mut decode_us, mut ttft_us) = (Vec::new(), Vec::new(), Vec::new());
     let mut ids = Vec::new();
     for _ in 0..n_seqs {
         let sid = eng.open_session().unwrap();
@@ -95,27 +97,26 @@ fn in_process(eng: &mut Engine<CpuBackend>, prompt: &[u32], new_tokens: usize, n
         let t_last = Instant::now();
         eng.close_session(sid).unwrap();
         ttft_us.push((t_first - t0).as_secs_f64() * 1e6);
-        step_us.push((t_last - t_first).as_secs_f64() * 1e6 / (new_tokens - 1) as f64);
+        step_us.push((t_last - t0).as_secs_f64() * 1e6 / new_tokens as f64);
+        decode_us.push((t_last - t_first).as_secs_f64() * 1e6 / (new_tokens - 1) as f64);
     }
-    RunStats { step_us: mean(&step_us), ttft_us: mean(&ttft_us), ..RunStats::default() }
+    RunStats { step_us: mean(&step_us), decode_us: mean(&decode_us), ttft_us: mean(&ttft_us), ..RunStats::default() }
 }
 
 /// Remote: the same sequences as sessions on the server's `model`.
 fn remote(client: &mut Client, model: &str, prompt: &[u32], new_tokens: usize, n_seqs: usize) -> RunStats {
     let counters = client.counters();
     let opts = DecodeOptions { max_new_tokens: new_tokens as u32, ignore_eos: true, ..DecodeOptions::default() };
-    let (mut step_us, mut ttft_us, mut up, mut down) = (Vec::new(), Vec::new(), 0u64, 0u64);
+    let (mut step_us, mut decode_us, mut ttft_us, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new(), 0u64, 0u64);
     for _ in 0..n_seqs {
         let info = client
             .open_session(&OpenOptions { max_tokens: (prompt.len() + new_tokens) as u32, ..OpenOptions::new(model) })
             .unwrap();
         let mut stamps = Vec::with_capacity(new_tokens);
-        let t0 = Instant::now();
-        client.prefill(info.session, Input::Ids(prompt)).unwrap();
         let (s0, r0) = (counters.sent(), counters.received());
-        let t_decode = Instant::now();
+        let t0 = Instant::now();
         client
-            .decode(info.session, &opts, |_ev: &TokenEvent<'_>| {
+            .generate(info.session, Feed::Ids(prompt), &opts, |_ev: &TokenEvent<'_>| {
                 stamps.push(Instant::now());
                 true
             })
@@ -125,11 +126,13 @@ fn remote(client: &mut Client, model: &str, prompt: &[u32], new_tokens: usize, n
         client.close_session(info.session).unwrap();
         assert_eq!(stamps.len(), new_tokens, "the server stopped early");
         ttft_us.push((stamps[0] - t0).as_secs_f64() * 1e6);
-        step_us.push((stamps[new_tokens - 1] - t_decode).as_secs_f64() * 1e6 / (new_tokens - 1) as f64);
+        step_us.push((stamps[new_tokens - 1] - t0).as_secs_f64() * 1e6 / new_tokens as f64);
+        decode_us.push((stamps[new_tokens - 1] - stamps[0]).as_secs_f64() * 1e6 / (new_tokens - 1) as f64);
     }
     let tokens = (n_seqs * new_tokens) as f64;
     RunStats {
         step_us: mean(&step_us),
+        decode_us: mean(&decode_us),
         ttft_us: mean(&ttft_us),
         bytes_down_per_step: down as f64 / tokens,
         bytes_up_per_step: up as f64 / tokens,
@@ -229,7 +232,7 @@ fn smollm2() {
     let mut client = Client::connect(srv.url()).unwrap();
     remote(&mut client, "smol", &prompt, 4, 1); // warm-up
     let tcp: Vec<RunStats> = (0..RUNS).map(|_| remote(&mut client, "smol", &prompt, new_tokens, 1)).collect();
-    let tps = |rs: &[RunStats]| median(rs.iter().map(|r| 1e6 / r.step_us).collect());
+    let tps = |rs: &[RunStats]| median(rs.iter().map(|r| 1e6 / r.decode_us).collect());
     let ttft = |rs: &[RunStats]| median(rs.iter().map(|r| r.ttft_us / 1e3).collect());
     let (l_tps, r_tps) = (tps(&local), tps(&tcp));
     let (l_ttft, r_ttft) = (ttft(&local), ttft(&tcp));

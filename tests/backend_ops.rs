@@ -15,6 +15,8 @@
 //! Inputs are random (fixed seeds per case, printed on failure) with odd sizes, GQA ratios 1/4/8,
 //! contexts that cross block boundaries, and every storage dtype.
 
+mod gpu;
+
 use std::sync::Arc;
 
 use djinn_backend::backend::sample_uniform;
@@ -24,7 +26,7 @@ use djinn_backend::{
     SampleParams, UnaryOp, View,
 };
 use half::{bf16, f16};
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::{Arguments, Failed, Trial};
 
 type R<T = ()> = Result<T, Failed>;
 
@@ -1240,49 +1242,39 @@ fn bodies<B: Backend>() -> Vec<(&'static str, Body<B>)> {
     ]
 }
 
-/// Trials for `backend`, each compared against `reference` (None: the scalar reference).
-fn trials<B: Backend>(prefix: &str, backend: Result<Arc<B>, String>, cpu: Option<Arc<CpuBackend>>) -> Vec<Trial> {
-    bodies::<B>()
-        .into_iter()
-        .map(|(name, body)| {
-            let name = format!("{prefix}::{name}");
-            match &backend {
-                Ok(be) => {
-                    let (be, cpu) = (be.clone(), cpu.clone());
-                    Trial::test(name, move || {
-                        let want = match &cpu {
-                            Some(c) => Want::Cpu(c),
-                            None => Want::Reference,
-                        };
-                        body(&be, want)
-                    })
+/// The op suite; `cpu` = the backend every result is compared with (None: the scalar reference).
+struct Ops {
+    cpu: Option<Arc<CpuBackend>>,
+}
+
+impl gpu::Suite for Ops {
+    fn trials<B: Backend>(&self, kind: &str, backend: Result<Arc<B>, String>) -> Vec<Trial> {
+        bodies::<B>()
+            .into_iter()
+            .map(|(name, body)| {
+                let name = format!("{kind}::{name}");
+                match &backend {
+                    Ok(be) => {
+                        let (be, cpu) = (be.clone(), self.cpu.clone());
+                        Trial::test(name, move || {
+                            let want = match &cpu {
+                                Some(c) => Want::Cpu(c),
+                                None => Want::Reference,
+                            };
+                            body(&be, want)
+                        })
+                    }
+                    Err(why) => gpu::ignored(name, why),
                 }
-                Err(why) => {
-                    let why = why.clone();
-                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
-                }
-            }
-        })
-        .collect()
+            })
+            .collect()
+    }
 }
 
 fn main() {
     let args = Arguments::from_args();
     let cpu = Arc::new(CpuBackend::new().expect("cpu backend"));
-    let mut all = trials::<CpuBackend>("cpu", Ok(cpu.clone()), None);
-    #[cfg(feature = "cuda")]
-    {
-        let cuda = djinn_dataplane::kernels::cuda_backend(0).map(Arc::new).map_err(|e| format!("no CUDA device: {e}"));
-        if let Err(why) = &cuda {
-            eprintln!("backend_ops: cuda trials ignored: {why}");
-        }
-        all.extend(trials("cuda", cuda, Some(cpu.clone())));
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let why = "built without the `cuda` feature".to_owned();
-        eprintln!("backend_ops: cuda trials ignored: {why}");
-        all.extend(trials::<CpuBackend>("cuda", Err(why), None));
-    }
+    let mut all = gpu::Suite::trials(&Ops { cpu: None }, "cpu", Ok(cpu.clone()));
+    all.extend(gpu::cuda_trials("backend_ops", &Ops { cpu: Some(cpu) }));
     libtest_mimic::run(&args, all).exit();
 }

@@ -8,6 +8,8 @@
 //!   paths may be used), the same argmax at every position and the same greedy tokens. Without a
 //!   GPU or driver the trials are reported as ignored at run time, with the reason on stderr.
 
+mod gpu;
+
 use std::sync::Arc;
 
 use djinn_backend::cpu::CpuBackend;
@@ -17,46 +19,41 @@ use djinn_model::EngineOptions;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 const CPU_REL_TOL: f32 = 1e-3;
-#[cfg(feature = "cuda")]
 const CUDA_REL_TOL: f32 = 1e-2;
 
-fn trials<B: Backend>(kind: &str, backend: Result<Arc<B>, String>, tol: f32) -> Vec<Trial> {
-    REFERENCE_MODELS
-        .iter()
-        .map(|&name| {
-            let be = backend.clone();
-            let ignored = be.is_err();
-            Trial::test(format!("{kind}::{name}"), move || {
-                let be = be.map_err(Failed::from)?;
-                let opts = EngineOptions { max_step_tokens: 64, ..EngineOptions::default() };
-                let rep = check_model(be, name, &opts).map_err(|e| Failed::from(format!("{name}: {e}")))?;
-                if rep.max_rel_err > tol || rep.argmax_mismatches > 0 || rep.greedy_mismatches > 0 {
-                    return Err(format!("{name}: {rep:?} (tolerance {tol})").into());
-                }
-                Ok(())
+/// Every reference model, checked within `tol` of the largest logit.
+struct Reference {
+    tol: f32,
+}
+
+impl gpu::Suite for Reference {
+    fn trials<B: Backend>(&self, kind: &str, backend: Result<Arc<B>, String>) -> Vec<Trial> {
+        let tol = self.tol;
+        REFERENCE_MODELS
+            .iter()
+            .map(|&name| {
+                let name_kind = format!("{kind}::{name}");
+                let be = match &backend {
+                    Ok(be) => be.clone(),
+                    Err(why) => return gpu::ignored(name_kind, why),
+                };
+                Trial::test(name_kind, move || {
+                    let opts = EngineOptions { max_step_tokens: 64, ..EngineOptions::default() };
+                    let rep = check_model(be, name, &opts).map_err(|e| Failed::from(format!("{name}: {e}")))?;
+                    if rep.max_rel_err > tol || rep.argmax_mismatches > 0 || rep.greedy_mismatches > 0 {
+                        return Err(format!("{name}: {rep:?} (tolerance {tol})").into());
+                    }
+                    Ok(())
+                })
             })
-            .with_ignored_flag(ignored)
-        })
-        .collect()
+            .collect()
+    }
 }
 
 fn main() {
     let args = Arguments::from_args();
     let cpu = CpuBackend::with_threads(2).map(Arc::new).map_err(|e| e.to_string());
-    let mut all = trials::<CpuBackend>("cpu", cpu, CPU_REL_TOL);
-    #[cfg(feature = "cuda")]
-    {
-        let cuda = djinn_dataplane::kernels::cuda_backend(0).map(Arc::new).map_err(|e| format!("no CUDA device: {e}"));
-        if let Err(why) = &cuda {
-            eprintln!("model_reference: cuda trials ignored: {why}");
-        }
-        all.extend(trials("cuda", cuda, CUDA_REL_TOL));
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let why = "built without the `cuda` feature".to_owned();
-        eprintln!("model_reference: cuda trials ignored: {why}");
-        all.extend(trials::<CpuBackend>("cuda", Err(why), 0.0));
-    }
+    let mut all = gpu::Suite::trials(&Reference { tol: CPU_REL_TOL }, "cpu", cpu);
+    all.extend(gpu::cuda_trials("model_reference", &Reference { tol: CUDA_REL_TOL }));
     libtest_mimic::run(&args, all).exit();
 }

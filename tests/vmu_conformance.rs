@@ -10,49 +10,39 @@
 
 #[path = "../crates/vmu/tests/common/bodies.rs"]
 mod bodies;
+mod gpu;
 
 use std::sync::Arc;
 
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::Backend;
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::{Arguments, Failed, Trial};
 
-fn trials<B: Backend>(prefix: &str, backend: Result<Arc<B>, String>) -> Vec<Trial> {
-    bodies::bodies::<B>()
-        .into_iter()
-        .map(|(name, body)| {
-            let name = format!("{prefix}::{name}");
-            match &backend {
-                Ok(be) => {
-                    let be = be.clone();
-                    Trial::test(name, move || body(be).map_err(Failed::from))
+/// The VMU suite (generic bodies).
+struct Vmu;
+
+impl gpu::Suite for Vmu {
+    fn trials<B: Backend>(&self, kind: &str, backend: Result<Arc<B>, String>) -> Vec<Trial> {
+        bodies::bodies::<B>()
+            .into_iter()
+            .map(|(name, body)| {
+                let name = format!("{kind}::{name}");
+                match &backend {
+                    Ok(be) => {
+                        let be = be.clone();
+                        Trial::test(name, move || body(be).map_err(Failed::from))
+                    }
+                    Err(why) => gpu::ignored(name, why),
                 }
-                Err(why) => {
-                    let why = why.clone();
-                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
-                }
-            }
-        })
-        .collect()
+            })
+            .collect()
+    }
 }
 
 fn main() {
     let args = Arguments::from_args();
     let cpu = Arc::new(CpuBackend::new().expect("cpu backend"));
-    let mut all = trials::<CpuBackend>("cpu", Ok(cpu));
-    #[cfg(feature = "cuda")]
-    {
-        let cuda = djinn_dataplane::kernels::cuda_backend(0).map(Arc::new).map_err(|e| format!("no CUDA device: {e}"));
-        if let Err(why) = &cuda {
-            eprintln!("vmu_conformance: cuda trials ignored: {why}");
-        }
-        all.extend(trials("cuda", cuda));
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let why = "built without the `cuda` feature".to_owned();
-        eprintln!("vmu_conformance: cuda trials ignored: {why}");
-        all.extend(trials::<CpuBackend>("cuda", Err(why)));
-    }
+    let mut all = gpu::Suite::trials(&Vmu, "cpu", Ok(cpu));
+    all.extend(gpu::cuda_trials("vmu_conformance", &Vmu));
     libtest_mimic::run(&args, all).exit();
 }

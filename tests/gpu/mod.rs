@@ -1,0 +1,32 @@
+//! The CUDA half of a test binary's trials (shared by backend_ops, vmu_conformance and
+//! model_reference): open GPU 0 once and run the suite there, or — without the `cuda` feature, a
+//! GPU or a driver — report every one of its trials as ignored with the reason, on stderr and in
+//! the trial, never as passed.
+
+use std::sync::Arc;
+
+use djinn_backend::Backend;
+use libtest_mimic::{Completion, Trial};
+
+/// A suite whose trials can be made for any backend; `Err` = ignore them, with the reason.
+pub trait Suite {
+    fn trials<B: Backend>(&self, kind: &str, backend: Result<Arc<B>, String>) -> Vec<Trial>;
+}
+
+/// `suite`'s trials under the `cuda::` prefix, on GPU 0 when it opens.
+pub fn cuda_trials(binary: &str, suite: &impl Suite) -> Vec<Trial> {
+    #[cfg(feature = "cuda")]
+    let cuda = djinn_dataplane::kernels::cuda_backend(0).map(Arc::new).map_err(|e| format!("no CUDA device: {e}"));
+    #[cfg(not(feature = "cuda"))]
+    let cuda: Result<Arc<djinn_backend::cpu::CpuBackend>, String> = Err("built without the `cuda` feature".to_owned());
+    if let Err(why) = &cuda {
+        eprintln!("{binary}: cuda trials ignored: {why}");
+    }
+    suite.trials("cuda", cuda)
+}
+
+/// A trial reported as ignored with `why` (libtest-mimic prints the reason).
+pub fn ignored(name: String, why: &str) -> Trial {
+    let why = why.to_owned();
+    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
+}
