@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use djinn_client::{Client, DecodeOptions, Input, OpenOptions, TokenEvent};
+use djinn_client::{Client, DecodeOptions, Feed, OpenOptions, TokenEvent};
 use djinn_model::TextTokenizer;
 
 use super::remote::finish_name;
@@ -225,15 +225,14 @@ struct SessionRun {
     ttft_ms: f64,
     /// Time between consecutive tokens as they arrived here.
     inter_token_ms: Vec<f64>,
-    /// Decode submitted → last token here, over the tokens (every per-decode cost included; a
-    /// fast server runs ahead of a parked client, so arrival gaps alone can understate it).
+    /// First token → last here, over the decode steps between them.
     decode_ms_per_step: f64,
-    /// Bytes of the decode (request, token frames, final frame) per generated token, each way.
+    /// Bytes of the turn (one request carrying its input, token frames, final frame) per
+    /// generated token, each way.
     decode_sent_bytes_per_step: f64,
     decode_received_bytes_per_step: f64,
-    /// Bytes the turn's input (text or ids) took to the server and its reply back.
-    input_sent_bytes: u64,
-    input_received_bytes: u64,
+    /// Bytes of the turn's one request: its input (text or ids) and the decode parameters.
+    request_bytes: u64,
     finish: &'static str,
 }
 
@@ -247,22 +246,26 @@ fn chat(client: &mut Client, max_new_tokens: u32) -> anyhow::Result<Vec<SessionR
     let mut runs = Vec::with_capacity(TURNS.len());
     let mut out = std::io::stdout().lock();
     for (k, text) in TURNS.iter().enumerate() {
-        let (s0, r0) = (counters.sent(), counters.received());
-        let t0 = Instant::now();
-        if chat {
+        let feed = if chat {
             writeln!(out, "  user: {text}")?;
-            client.append_turn(info.session, "user", text)?;
+            Feed::Turn { role: "user", text }
         } else {
             writeln!(out, "  turn {}: ids {:?}", k + 1, RAW_TURNS[k])?;
-            client.prefill(info.session, Input::Ids(RAW_TURNS[k]))?;
-        }
-        let (s1, r1) = (counters.sent(), counters.received());
-        let t_decode = Instant::now();
+            Feed::Ids(RAW_TURNS[k])
+        };
         write!(out, "  assistant: ")?;
         out.flush()?;
         let mut tokens = Vec::with_capacity(max_new_tokens as usize);
         let mut stamps = Vec::with_capacity(max_new_tokens as usize);
-        let summary = client.decode(info.session, &opts, |ev: &TokenEvent<'_>| {
+        let (s0, r0) = (counters.sent(), counters.received());
+        let mut request_bytes = 0;
+        let t0 = Instant::now();
+        // One request per turn: the turn's input travels with the decode, and the forward pass
+        // over it also samples the first token.
+        let summary = client.generate(info.session, feed, &opts, |ev: &TokenEvent<'_>| {
+            if stamps.is_empty() {
+                request_bytes = counters.sent() - s0;
+            }
             stamps.push(Instant::now());
             tokens.push(ev.token);
             // A closed stdout only loses the echo; the measurement goes on.
@@ -279,11 +282,13 @@ fn chat(client: &mut Client, max_new_tokens: u32) -> anyhow::Result<Vec<SessionR
         runs.push(SessionRun {
             ttft_ms: stamps.first().map_or(0.0, |t| (*t - t0).as_secs_f64() * 1e3),
             inter_token_ms: stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect(),
-            decode_ms_per_step: stamps.last().map_or(0.0, |t| (*t - t_decode).as_secs_f64() * 1e3 / n),
-            decode_sent_bytes_per_step: (counters.sent() - s1) as f64 / n,
-            decode_received_bytes_per_step: (counters.received() - r1) as f64 / n,
-            input_sent_bytes: s1 - s0,
-            input_received_bytes: r1 - r0,
+            decode_ms_per_step: match (stamps.first(), stamps.last()) {
+                (Some(a), Some(b)) if stamps.len() > 1 => (*b - *a).as_secs_f64() * 1e3 / (stamps.len() - 1) as f64,
+                _ => 0.0,
+            },
+            decode_sent_bytes_per_step: (counters.sent() - s0) as f64 / n,
+            decode_received_bytes_per_step: (counters.received() - r0) as f64 / n,
+            request_bytes,
             finish: finish_name(summary.finish),
             tokens,
         });
@@ -323,7 +328,7 @@ fn mean(xs: &[f64]) -> f64 {
 fn summarize(runs: &[SessionRun]) {
     for (k, r) in runs.iter().enumerate() {
         println!(
-            "  turn {}: {} tokens ({}); ttft {}; per token p50 {}, p99 {}; decode {} per step; input {} B up, {} B down",
+            "  turn {}: {} tokens ({}); ttft {}; per token p50 {}, p99 {}; decode {} per step; one request of {} B up",
             k + 1,
             r.tokens.len(),
             r.finish,
@@ -331,15 +336,14 @@ fn summarize(runs: &[SessionRun]) {
             ms(percentile(&r.inter_token_ms, 50.0)),
             ms(percentile(&r.inter_token_ms, 99.0)),
             ms(r.decode_ms_per_step),
-            r.input_sent_bytes,
-            r.input_received_bytes
+            r.request_bytes
         );
     }
     let steps: f64 = runs.iter().map(|r| r.tokens.len() as f64).sum::<f64>().max(1.0);
     let sent: f64 = runs.iter().map(|r| r.decode_sent_bytes_per_step * r.tokens.len() as f64).sum();
     let recv: f64 = runs.iter().map(|r| r.decode_received_bytes_per_step * r.tokens.len() as f64).sum();
     println!(
-        "  bytes per decode step: {:.1} B client->server (one decode request per turn), {:.1} B server->client (token id + text delta)",
+        "  bytes per decode step: {:.1} B client->server (one request per turn, its input included), {:.1} B server->client (token id + text delta)",
         sent / steps,
         recv / steps
     );
