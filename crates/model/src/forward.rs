@@ -351,8 +351,14 @@ impl Model {
         let positions = self.idx_view(m, sp.limits.max_tokens, t);
         let slots = self.idx_view(m, 2 * sp.limits.max_tokens, t);
         let inv_freq = View::new(m.weights, m.weights_base + self.weights.inv_freq, DType::F32, hd / 2);
-        be.rope(m.stream, q, positions, inv_freq, c.heads, hd)?;
-        be.rope(m.stream, k, positions, inv_freq, c.kv_heads, hd)?;
+        if t == 1 {
+            // q and k are adjacent in the fused output: one rotation over all their heads.
+            let qk = self.f32_view(m, sp.qkv, qd + kvd);
+            be.rope(m.stream, qk, positions, inv_freq, c.heads + c.kv_heads, hd)?;
+        } else {
+            be.rope(m.stream, q, positions, inv_freq, c.heads, hd)?;
+            be.rope(m.stream, k, positions, inv_freq, c.kv_heads, hd)?;
+        }
         be.kv_append(m.stream, k, v, &m.kv, l, slots)?;
 
         let lim = sp.limits;

@@ -386,7 +386,7 @@ pub fn convert(g: &GgufFile, buf: &[u8], dtype: DType) -> Result<Converted> {
     let heads = num("attention.head_count")? as usize;
     let kv_heads =
         g.get(&key("attention.head_count_kv")).and_then(GgufValue::as_u64).map(|v| v as usize).unwrap_or(heads);
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(g.err(format!("head counts {heads}/{kv_heads} invalid")));
     }
     let head_dim =
@@ -437,7 +437,7 @@ pub fn convert(g: &GgufFile, buf: &[u8], dtype: DType) -> Result<Converted> {
         let shape: Vec<usize> = t.dims.iter().rev().copied().collect();
         if permute_qk && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) && shape.len() == 2 {
             let h = if name.ends_with("q_proj.weight") { heads } else { kv_heads };
-            if shape[0] % (2 * h) != 0 {
+            if !shape[0].is_multiple_of(2 * h) {
                 return Err(g.err(format!("tensor {}: {} rows do not split into {h} heads", t.name, shape[0])));
             }
             f = unpermute_rows(&f, shape[0], shape[1], h);

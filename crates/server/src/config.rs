@@ -78,7 +78,8 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// Models served (TOML: `[[models]]` tables with `name` and `dir`); all loaded at start-up.
     pub models: Vec<ModelSpec>,
-    /// KV cache capacity per model, MiB (fractions allowed); none = every session at full length.
+    /// KV cache capacity per model, MiB (fractions allowed); none = every session at full length,
+    /// at most 512 MiB.
     pub kv_capacity_mb: Option<f64>,
     /// Pinned host memory per model for swapped-out sessions, MiB; none = room for every session.
     pub host_swap_mb: Option<f64>,

@@ -304,7 +304,7 @@ fn infer(node: &ExecNode, ins: &[TensorDesc]) -> NodeResult<Planned> {
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| shape_err("new shape overflows".to_string()))?;
             if let Some(i) = infer_at {
-                if known == 0 || a.elements() % known != 0 {
+                if known == 0 || !a.elements().is_multiple_of(known) {
                     return Err(shape_err(format!(
                         "cannot infer -1 reshaping {:?} to {:?}",
                         a.shape(),

@@ -493,7 +493,7 @@ impl<B: Backend> Vmu<B> {
         let have = self.sessions[idx].blocks;
         let need_total = (t + n).div_ceil(bt);
         let new_blocks = need_total - have;
-        let cow = t % bt != 0 && self.refcount[self.tables[row + have - 1] as usize] > 1;
+        let cow = !t.is_multiple_of(bt) && self.refcount[self.tables[row + have - 1] as usize] > 1;
         self.make_room(new_blocks + cow as usize, idx)?;
         self.fence_compute()?;
         if cow {

@@ -47,7 +47,7 @@ pub(crate) fn kv_append(
         return Err(raw::shape(op, format!("layer {layer} of {}", l.layers)));
     }
     let row = l.kv_heads * l.head_dim;
-    if k.len % row != 0 {
+    if !k.len.is_multiple_of(row) {
         return Err(raw::shape(op, format!("k of {} elements is not [tokens, {}, {}]", k.len, l.kv_heads, l.head_dim)));
     }
     let tokens = k.len / row;
@@ -120,11 +120,11 @@ pub(crate) fn attention(
     if layer >= l.layers {
         return Err(raw::shape(op, format!("layer {layer} of {}", l.layers)));
     }
-    if heads == 0 || heads % kvh != 0 {
+    if heads == 0 || !heads.is_multiple_of(kvh) {
         return Err(raw::shape(op, format!("{heads} query heads are not a multiple of {kvh} KV heads")));
     }
     let row = heads * hd;
-    if q.len % row != 0 {
+    if !q.len.is_multiple_of(row) {
         return Err(raw::shape(op, format!("q of {} elements is not [rows, {heads}, {hd}]", q.len)));
     }
     let rows = q.len / row;
@@ -295,7 +295,7 @@ fn block_ids<'a>(op: &'static str, ids: &Raw, num_blocks: usize) -> Result<&'a [
 
 pub(crate) fn copy_blocks(be: &CpuBackend, c: &Raw, block_bytes: usize, num_blocks: usize, pairs: &Raw) -> Result<()> {
     let op = "copy_blocks";
-    if pairs.len % 2 != 0 {
+    if !pairs.len.is_multiple_of(2) {
         return Err(raw::shape(op, format!("pairs has {} elements, not [n, 2]", pairs.len)));
     }
     let p = block_ids(op, pairs, num_blocks)?;

@@ -122,7 +122,7 @@ macro_rules! multiversion {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if $crate::cpu::simd_level() == $crate::cpu::SimdLevel::Avx2Fma {
+                if $crate::cpu::simd_level().has_avx2() {
                     // SAFETY: AVX2 and FMA were detected at run time.
                     return unsafe { avx2($($arg),*) };
                 }

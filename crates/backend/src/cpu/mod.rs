@@ -4,8 +4,10 @@
 //! Memory: a region is an anonymous page-aligned host mapping ([`CpuRegion`]); host buffers are
 //! the same, page-locked best-effort ([`CpuHostBuf`]).
 //!
-//! Execution is eager: every op runs to completion before it returns, on the calling thread plus a
-//! fixed rayon pool sized at construction (default: the available cores). Streams therefore only
+//! Execution is eager: every op runs to completion before it returns, on the calling thread plus
+//! the backend's own workers (module `pool`: `threads - 1` of them, spinning briefly between ops so a
+//! decode step's stream of small ops pays no thread wake-ups). The f32 GEMM of the `gemm` crate
+//! (prefill) runs on a rayon pool of the same size. Streams therefore only
 //! name an ordering that already holds, events are complete when recorded, `wait`/`sync_*` return
 //! at once, and the "async" copies are synchronous copies (their `# Safety` contract still holds
 //! trivially).
@@ -15,9 +17,10 @@
 //! overlap inputs except where the op is documented to work in place. Compute is f32 whatever the
 //! storage dtype (f32/f16/bf16); results round to nearest-even on store.
 //!
-//! Vector code: x86-64 AVX2+FMA+F16C is detected at run time (never `target-cpu=native`); the
-//! GEMV has hand-written kernels, the other hot loops are compiled twice (`multiversion!`).
-//! `DJINN_CPU_SIMD=portable` forces the baseline code (the test suite runs both).
+//! Vector code: x86-64 AVX-512F and AVX2+FMA+F16C are detected at run time (never
+//! `target-cpu=native`); the GEMV has hand-written kernels for both, the other hot loops are
+//! compiled twice (`multiversion!`, AVX2). `DJINN_CPU_SIMD=avx2|portable` caps the level; the
+//! GEMV's unit test runs every level the machine has against an f64 product.
 //! Scratch: per-thread f32 buffers that only grow (`raw::with_scratch`), so after warm-up an op
 //! allocates nothing except `copy_blocks`/`scatter_blocks`' duplicate checks.
 
@@ -25,12 +28,11 @@ mod attention;
 mod elementwise;
 mod gemm;
 mod mem;
+mod pool;
 mod raw;
 mod sample;
 
-use rayon::prelude::*;
-
-pub use self::gemm::{simd_level, SimdLevel};
+pub use self::gemm::{simd_level, simd_levels_available, SimdLevel};
 pub use self::mem::{CpuHostBuf, CpuRegion};
 use self::raw::{float, operand, range, typed, Raw};
 use crate::backend::{
@@ -48,7 +50,9 @@ pub struct CpuStream(());
 pub struct CpuEvent(());
 
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    workers: pool::Pool,
+    /// For the `gemm` crate's parallel f32 GEMM only (its threads sleep otherwise).
+    rayon: rayon::ThreadPool,
     threads: usize,
     stream: CpuStream,
 }
@@ -69,12 +73,13 @@ impl CpuBackend {
     /// A backend with a pool of exactly `threads` workers (at least 1).
     pub fn with_threads(threads: usize) -> Result<CpuBackend> {
         let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
+        let workers = pool::Pool::new(threads).map_err(|e| BackendError::NoDevice(format!("cpu workers: {e}")))?;
+        let rayon = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
-            .thread_name(|i| format!("djinn-cpu-{i}"))
+            .thread_name(|i| format!("djinn-gemm-{i}"))
             .build()
-            .map_err(|e| BackendError::NoDevice(format!("cpu thread pool: {e}")))?;
-        Ok(CpuBackend { pool, threads, stream: CpuStream(()) })
+            .map_err(|e| BackendError::NoDevice(format!("cpu GEMM thread pool: {e}")))?;
+        Ok(CpuBackend { workers, rayon, threads, stream: CpuStream(()) })
     }
 
     /// Worker threads in the pool.
@@ -82,28 +87,31 @@ impl CpuBackend {
         self.threads
     }
 
-    /// Runs `f` on the backend's pool (for benchmarks and callers that want the same threads).
+    /// Runs `f` on a rayon pool of [`threads`](Self::threads) workers (the one the `gemm`
+    /// crate's parallel GEMM uses).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+        self.rayon.install(f)
+    }
+
+    /// Runs `f(i)` for every `i in 0..n` on the backend's workers and the calling thread, the way
+    /// every op of this backend spreads its chunks (for benchmarks that want the same threads).
+    pub fn parallel_for(&self, n: usize, f: impl Fn(usize) + Sync) {
+        self.workers.run(n, &f);
     }
 
     /// Calls `f(start, len)` for consecutive chunks of `0..total`: on the calling thread when there
-    /// is one chunk, else spread over the pool.
+    /// is one chunk, else spread over the workers.
     pub(crate) fn for_chunks(&self, total: usize, chunk: usize, f: impl Fn(usize, usize) + Sync) {
         if total == 0 {
             return;
         }
-        let chunk = chunk.max(1);
+        // Never more chunks than one job holds.
+        let chunk = chunk.max(1).max(total.div_ceil(pool::CHUNKS_MAX));
         let n = total.div_ceil(chunk);
-        let run = |i: usize| {
+        self.workers.run(n, &|i: usize| {
             let start = i * chunk;
             f(start, chunk.min(total - start))
-        };
-        if n == 1 || self.threads == 1 {
-            (0..n).for_each(run);
-        } else {
-            self.pool.install(|| (0..n).into_par_iter().for_each(run));
-        }
+        });
     }
 
     /// A chunk size that gives each worker a few chunks of at least `min` items.
@@ -145,7 +153,7 @@ fn cache_raw(op: &'static str, cache: &KvCacheRef<'_, CpuBackend>) -> Result<Raw
     if l.block_tokens == 0 || l.head_dim == 0 || l.kv_heads == 0 || l.layers == 0 {
         return Err(raw::shape(op, format!("degenerate KV layout {l:?}")));
     }
-    if cache.offset % l.dtype.size_bytes() != 0 {
+    if !cache.offset.is_multiple_of(l.dtype.size_bytes()) {
         return Err(raw::shape(op, format!("cache offset {} is not aligned to {}", cache.offset, l.dtype)));
     }
     let bytes = l.block_bytes().checked_mul(cache.num_blocks).ok_or(BackendError::OutOfBounds {
@@ -439,7 +447,7 @@ impl Backend for CpuBackend {
         let x = float(op, "x", &x)?;
         let pos = typed(op, "positions", &positions, DType::I32)?;
         let f = typed(op, "inv_freq", &inv_freq, DType::F32)?;
-        if head_dim == 0 || head_dim % 2 != 0 || heads == 0 || x.len % (heads * head_dim) != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || heads == 0 || x.len % (heads * head_dim) != 0 {
             return Err(raw::shape(op, format!("x of {} elements is not [tokens, {heads}, {head_dim}] (even)", x.len)));
         }
         raw::len_eq(op, "positions", &pos, x.len / (heads * head_dim))?;

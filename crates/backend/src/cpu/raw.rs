@@ -97,7 +97,7 @@ pub(crate) fn operand(op: &'static str, name: &'static str, v: &View<'_, CpuBack
         bytes: usize::MAX,
         region_bytes: v.region.len_bytes(),
     })?;
-    if v.offset % size != 0 {
+    if !v.offset.is_multiple_of(size) {
         return Err(BackendError::Shape {
             op,
             why: format!("operand {name} offset {} is not aligned to its {} elements", v.offset, v.dtype),

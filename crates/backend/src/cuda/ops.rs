@@ -271,7 +271,7 @@ impl CudaBackend {
         const OP: &str = "binary";
         let (ca, cb, co) = (code(OP, "a", &a, false)?, code(OP, "b", &b, false)?, code(OP, "out", &out, false)?);
         shape(OP, out.len == a.len, || format!("out has {} elements, a has {}", out.len, a.len))?;
-        shape(OP, b.len == a.len || (b.len > 0 && a.len % b.len == 0), || {
+        shape(OP, b.len == a.len || (b.len > 0 && a.len.is_multiple_of(b.len)), || {
             format!("b ({}) neither matches nor divides a ({})", b.len, a.len)
         })?;
         let (pa, pb, po) = (dptr(OP, "a", &a)?, dptr(OP, "b", &b)?, dptr(OP, "out", &out)?);
@@ -360,7 +360,7 @@ impl CudaBackend {
     pub(super) fn softmax_impl(&self, s: &Stream, x: V, out: V, cols: usize) -> Result<()> {
         const OP: &str = "softmax";
         let (cx, co) = (code(OP, "x", &x, false)?, code(OP, "out", &out, false)?);
-        shape(OP, cols > 0 && x.len % cols == 0 && out.len == x.len, || {
+        shape(OP, cols > 0 && x.len.is_multiple_of(cols) && out.len == x.len, || {
             format!("x {} / out {} elements with {cols} columns", x.len, out.len)
         })?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
@@ -381,7 +381,9 @@ impl CudaBackend {
         const OP: &str = "embedding";
         let (ct, co) = (code(OP, "table", &table, false)?, code(OP, "out", &out, false)?);
         want(OP, "ids", &ids, DType::I32)?;
-        shape(OP, hidden > 0 && table.len % hidden == 0, || format!("table {} not a multiple of {hidden}", table.len))?;
+        shape(OP, hidden > 0 && table.len.is_multiple_of(hidden), || {
+            format!("table {} not a multiple of {hidden}", table.len)
+        })?;
         shape(OP, out.len == ids.len * hidden, || format!("out {} != ids {} × {hidden}", out.len, ids.len))?;
         let (pt, pi, po) = (dptr(OP, "table", &table)?, dptr(OP, "ids", &ids)?, dptr(OP, "out", &out)?);
         disjoint(OP, "table", &out, &table)?;
@@ -413,7 +415,7 @@ impl CudaBackend {
         const OP: &str = "rms_norm";
         let (cx, cw, co) =
             (code(OP, "x", &x, false)?, code(OP, "weight", &weight, false)?, code(OP, "out", &out, false)?);
-        shape(OP, hidden > 0 && x.len % hidden == 0 && out.len == x.len && weight.len == hidden, || {
+        shape(OP, hidden > 0 && x.len.is_multiple_of(hidden) && out.len == x.len && weight.len == hidden, || {
             format!("x {}, out {}, weight {} with hidden {hidden}", x.len, out.len, weight.len)
         })?;
         let (px, pw, po) = (dptr(OP, "x", &x)?, dptr(OP, "weight", &weight)?, dptr(OP, "out", &out)?);
@@ -456,7 +458,7 @@ impl CudaBackend {
         let cx = code(OP, "x", &x, false)?;
         want(OP, "positions", &positions, DType::I32)?;
         want(OP, "inv_freq", &inv_freq, DType::F32)?;
-        shape(OP, head_dim > 0 && head_dim % 2 == 0, || format!("head_dim {head_dim} must be even"))?;
+        shape(OP, head_dim > 0 && head_dim.is_multiple_of(2), || format!("head_dim {head_dim} must be even"))?;
         shape(OP, x.len == positions.len * heads * head_dim, || {
             format!("x {} != positions {} × {heads} × {head_dim}", x.len, positions.len)
         })?;
@@ -548,9 +550,11 @@ impl CudaBackend {
         }
         let (hd, kvh, bt) = (l.head_dim, l.kv_heads, l.block_tokens);
         shape(OP, layer < l.layers, || format!("layer {layer} of {}", l.layers))?;
-        shape(OP, kvh > 0 && heads % kvh == 0 && heads >= kvh, || format!("{heads} heads over {kvh} KV heads"))?;
+        shape(OP, kvh > 0 && heads.is_multiple_of(kvh) && heads >= kvh, || {
+            format!("{heads} heads over {kvh} KV heads")
+        })?;
         shape(OP, hd > 0 && hd <= 256, || format!("head_dim {hd} (1..=256 supported)"))?;
-        shape(OP, q.len % (heads * hd) == 0 && out.len == q.len, || {
+        shape(OP, q.len.is_multiple_of(heads * hd) && out.len == q.len, || {
             format!("q {} / out {} not rows × {heads} × {hd}", q.len, out.len)
         })?;
         let rows = q.len / (heads * hd);
@@ -583,7 +587,7 @@ impl CudaBackend {
             && hd % vec == 0
             && lanes <= 32
             && (pc % 16 == 0)
-            && (l.block_bytes() % 16 == 0);
+            && l.block_bytes().is_multiple_of(16);
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let heads_i = i32_arg(OP, "heads", heads)?;
         let kvh_i = i32_arg(OP, "kv_heads", kvh)?;
@@ -751,7 +755,7 @@ impl CudaBackend {
         block_bytes: usize,
         moves: usize,
     ) -> Result<()> {
-        let v16 = src_base % 16 == 0 && dst_base % 16 == 0 && block_bytes % 16 == 0;
+        let v16 = src_base.is_multiple_of(16) && dst_base.is_multiple_of(16) && block_bytes.is_multiple_of(16);
         let (name, word) = if v16 { ("block_move_v16", 16) } else { ("block_move_u8", 1) };
         let words = block_bytes / word;
         let gx = words.div_ceil(THREADS as usize * 4).clamp(1, 1024) as u32;
@@ -784,7 +788,7 @@ impl CudaBackend {
     pub(super) fn copy_blocks_impl(&self, s: &Stream, cache: &KvCacheRef<Self>, pairs: V) -> Result<()> {
         const OP: &str = "copy_blocks";
         want(OP, "pairs", &pairs, DType::I32)?;
-        shape(OP, pairs.len % 2 == 0, || format!("pairs has {} elements (odd)", pairs.len))?;
+        shape(OP, pairs.len.is_multiple_of(2), || format!("pairs has {} elements (odd)", pairs.len))?;
         let pc = cache_ptr(OP, cache)?;
         let pp = dptr(OP, "pairs", &pairs)?;
         let n = pairs.len / 2;
@@ -825,7 +829,7 @@ impl CudaBackend {
         const OP: &str = "argmax";
         let di = dt_index(OP, "logits", &logits)?;
         want(OP, "out", &out, DType::I32)?;
-        shape(OP, vocab > 0 && logits.len % vocab == 0 && out.len == logits.len / vocab, || {
+        shape(OP, vocab > 0 && logits.len.is_multiple_of(vocab) && out.len == logits.len / vocab, || {
             format!("logits {} / out {} with vocab {vocab}", logits.len, out.len)
         })?;
         let (pl, po) = (dptr(OP, "logits", &logits)?, dptr(OP, "out", &out)?);
@@ -852,7 +856,7 @@ impl CudaBackend {
         const OP: &str = "sample";
         let di = dt_index(OP, "logits", &logits)?;
         want(OP, "out", &out, DType::I32)?;
-        shape(OP, vocab > 0 && logits.len % vocab == 0 && out.len == logits.len / vocab, || {
+        shape(OP, vocab > 0 && logits.len.is_multiple_of(vocab) && out.len == logits.len / vocab, || {
             format!("logits {} / out {} with vocab {vocab}", logits.len, out.len)
         })?;
         shape(OP, params.len() == out.len, || format!("{} parameter rows for {} rows", params.len(), out.len))?;

@@ -87,7 +87,7 @@ impl Layout {
         if slot_count == 0 || slot_count > SLOTS_MAX {
             return Err("slot count out of range (1..=65536)");
         }
-        if !(DATA_BYTES_MIN..=DATA_BYTES_MAX).contains(&data_bytes) || data_bytes % PAGE_BYTES != 0 {
+        if !(DATA_BYTES_MIN..=DATA_BYTES_MAX).contains(&data_bytes) || !data_bytes.is_multiple_of(PAGE_BYTES) {
             return Err("data area size out of range (4 KiB..=1 GiB, page multiple)");
         }
         // Bounded above, so none of these can overflow.
@@ -167,7 +167,7 @@ impl Region {
 
     /// The 64-bit atomic at `off`.
     pub fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= self.layout.region_bytes);
+        assert!(off.is_multiple_of(8) && off + 8 <= self.layout.region_bytes);
         // SAFETY: in bounds and 8-aligned (the mapping is page-aligned); the mapping lives as long as
         // `self`. AtomicU64 has u64's layout, and both processes access this word only atomically,
         // which is sound for lock-free atomics in shared memory.
@@ -176,7 +176,7 @@ impl Region {
 
     /// The 32-bit atomic at `off`.
     pub fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(off % 4 == 0 && off + 4 <= self.layout.region_bytes);
+        assert!(off.is_multiple_of(4) && off + 4 <= self.layout.region_bytes);
         // SAFETY: as for `u64_at`, with 4-byte alignment.
         unsafe { &*self.map.as_mut_ptr().add(off).cast::<AtomicU32>() }
     }
