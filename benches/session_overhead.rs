@@ -143,9 +143,17 @@ fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
+/// CPU threads of both sides (`DJINN_BENCH_THREADS`; default: every core).
+fn threads() -> usize {
+    std::env::var("DJINN_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn start_server(t: Transport, model: &str, dir: &Path) -> ServerProc {
     let spec = format!("{model}={}", dir.display());
-    common::server(t, &["--model", &spec])
+    common::server(t, &["--model", &spec, "--threads", &threads().to_string()])
 }
 
 fn tiny() {
@@ -156,7 +164,7 @@ fn tiny() {
     println!(
         "part 1: {TINY_MODEL} (committed test model), {n_seqs} sequences x {new_tokens} greedy tokens per run, median of {RUNS} runs"
     );
-    let be = Arc::new(CpuBackend::new().unwrap());
+    let be = Arc::new(CpuBackend::with_threads(threads()).unwrap());
     let mut eng = Engine::load_dir(
         be,
         &dir,
@@ -217,7 +225,7 @@ fn smollm2() {
     println!("\npart 2: SmolLM2-135M-Instruct, {SMOL_PROMPT_TOKENS}-token prompt + {new_tokens} greedy tokens, median of {RUNS} runs");
     let prompt: Vec<u32> = (0..SMOL_PROMPT_TOKENS as u32).map(|i| 1000 + 37 * i).collect();
     let local = {
-        let be = Arc::new(CpuBackend::new().unwrap());
+        let be = Arc::new(CpuBackend::with_threads(threads()).unwrap());
         let opts = EngineOptions {
             max_sessions: 1,
             max_context_tokens: Some(1024),

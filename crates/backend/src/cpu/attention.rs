@@ -16,6 +16,8 @@ use crate::KvLayout;
 
 /// Query rows per attention work item (prefill); decode items have one row.
 const ROW_TILE: usize = 16;
+/// K and V bytes of attention work below which it stays on the calling thread (see `attention`).
+const ATTEND_BYTES_MIN: usize = 64 * 1024;
 
 /// The batch's index arrays, checked as i32 operands.
 pub(crate) struct BatchIdx {
@@ -169,7 +171,15 @@ pub(crate) fn attention(
     let scratch = ROW_TILE * group * (hd + 2) + ROW_TILE * group * hd + 2 * slab + bt;
     let job =
         Job { q, cache: &cache, l, out, qs, ctx, tables, max_blocks: b.max_blocks, layer, heads, group, tiles, scale };
-    be.for_chunks(items, 1, |item, _| with_scratch(scratch, |buf| attend(&job, item, buf)));
+    // Items of a short context (a tiny model's) go to a worker only in chunks of ATTEND_BYTES_MIN
+    // of K and V: a cross-core hand-off costs more than attending over a few KiB.
+    let ctx_max = ctx[..b.seqs].iter().map(|&c| c as usize).max().unwrap_or(0);
+    let item_bytes = (2 * ctx_max * hd * l.dtype.size_bytes()).max(1);
+    be.for_chunks(items, ATTEND_BYTES_MIN.div_ceil(item_bytes), |i0, ni| {
+        for item in i0..i0 + ni {
+            with_scratch(scratch, |buf| attend(&job, item, buf));
+        }
+    });
     Ok(())
 }
 

@@ -39,6 +39,9 @@ pub const GEMV_M_MAX: usize = 8;
 const GEMV_J_TILE: usize = 256;
 /// Minimum weight rows per GEMV parallel chunk.
 const GEMV_CHUNK_MIN: usize = 16;
+/// Minimum weight bytes per GEMV parallel chunk: handing a worker less costs more than it saves
+/// (the small projections of a tiny model run on the calling thread alone).
+const GEMV_CHUNK_BYTES_MIN: usize = 64 * 1024;
 // How the GEMV kernels stream the weights: a kernel step multiplies R rows at once (sharing each
 // activation load, which is what bounds it in cache). Neighbouring rows read in lockstep are, for
 // short rows (k = 576 is 1152 bytes), many short interleaved streams that the hardware
@@ -180,8 +183,9 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
 
 /// Weight rows per parallel GEMV chunk: a few chunks per worker (so a preempted worker's share
 /// is picked up by the others), a multiple of 4 (the kernel's row group).
-fn gemv_chunk(be: &CpuBackend, n: usize) -> usize {
-    be.chunk_for(n, GEMV_CHUNK_MIN).next_multiple_of(4)
+fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize) -> usize {
+    let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1)));
+    be.chunk_for(n, min).next_multiple_of(4)
 }
 
 /// One weight row's dot products with `m` activation rows: `out[r] = w · x[r*k..(r+1)*k]`.
@@ -222,7 +226,7 @@ fn gemv_at(
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
     let run = |x: &[f32]| {
-        be.for_chunks(n, gemv_chunk(be, n), |j0, nj| {
+        be.for_chunks(n, gemv_chunk(be, n, row_bytes), |j0, nj| {
             let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
             let mut jt = j0;
             while jt < j0 + nj {
@@ -297,7 +301,7 @@ fn gemv_simd(
                 }
             }
             let xp: &[f32] = if direct { x } else { xbuf };
-            be.for_chunks(n, gemv_chunk(be, n), |j0, nj| {
+            be.for_chunks(n, gemv_chunk(be, n, row_bytes), |j0, nj| {
                 let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
                 let mut jt = j0;
                 while jt < j0 + nj {
