@@ -383,38 +383,43 @@ fn general(
 ) {
     let (b_cs, b_rs) = if trans_b { (k as isize, 1) } else { (1, n as isize) };
     let all_f32 = a.dtype == DType::F32 && b.dtype == DType::F32 && c.dtype == DType::F32;
+    // Panels of at most PANEL_N_MAX columns keep the per-thread scratch bounded (k · 512 f32).
+    let chunk = be.chunk_for(n, PANEL_N).min(PANEL_N_MAX);
     if all_f32 {
-        // SAFETY: every operand is checked for the extents this call touches (`need`), `c` is
-        // disjoint from `a` and `b`; gemm's dst = alpha_g*dst + beta_g*lhs*rhs, read_dst only
-        // when beta != 0.
-        be.install(|| unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.ptr as *mut f32,
-                1,
-                n as isize,
-                beta != 0.0,
-                a.ptr as *const f32,
-                1,
-                k as isize,
-                b.ptr as *const f32,
-                b_cs,
-                b_rs,
-                beta,
-                alpha,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(be.threads()),
-            )
+        // Column panels straight from `b` into `c` on the backend's own workers (one set of
+        // threads for every op: a second pool would contend with the first's spinning workers).
+        be.for_chunks(n, chunk, |j0, nb| {
+            let b_panel = if trans_b { j0 * k } else { j0 };
+            // SAFETY: every operand is checked for the extents this call touches (`need`); `c` is
+            // disjoint from `a` and `b`, and columns `j0..j0+nb` of `c` belong to this chunk
+            // alone. gemm's dst = alpha_g*dst + beta_g*lhs*rhs, read_dst only when beta != 0.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    (c.ptr as *mut f32).add(j0),
+                    1,
+                    n as isize,
+                    beta != 0.0,
+                    a.ptr as *const f32,
+                    1,
+                    k as isize,
+                    (b.ptr as *const f32).add(b_panel),
+                    b_cs,
+                    b_rs,
+                    beta,
+                    alpha,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
         });
         return;
     }
     let run = |x: &[f32]| {
-        // Panels of at most PANEL_N_MAX columns keep the per-thread scratch bounded (k · 512 f32).
-        let chunk = be.chunk_for(n, PANEL_N).min(PANEL_N_MAX);
         be.for_chunks(n, chunk, |j0, nb| {
             with_scratch(nb * k + m * nb, |buf| {
                 let (bp, cp) = buf.split_at_mut(nb * k);

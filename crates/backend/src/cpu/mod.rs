@@ -6,9 +6,9 @@
 //!
 //! Execution is eager: every op runs to completion before it returns, on the calling thread plus
 //! the backend's own workers (module `pool`: `threads - 1` of them, spinning briefly between ops so a
-//! decode step's stream of small ops pays no thread wake-ups). The f32 GEMM of the `gemm` crate
-//! (prefill) runs on a rayon pool of the same size. Streams therefore only
-//! name an ordering that already holds, events are complete when recorded, `wait`/`sync_*` return
+//! decode step's stream of small ops pays no thread wake-ups); the `gemm` crate's GEMM (prefill)
+//! runs single-threaded on column panels spread over the same workers, so no second pool competes
+//! with them for the cores. Streams therefore only name an ordering that already holds, events are complete when recorded, `wait`/`sync_*` return
 //! at once, and the "async" copies are synchronous copies (their `# Safety` contract still holds
 //! trivially).
 //!
@@ -51,8 +51,6 @@ pub struct CpuEvent(());
 
 pub struct CpuBackend {
     workers: pool::Pool,
-    /// For the `gemm` crate's parallel f32 GEMM only (its threads sleep otherwise).
-    rayon: rayon::ThreadPool,
     threads: usize,
     stream: CpuStream,
 }
@@ -74,23 +72,12 @@ impl CpuBackend {
     pub fn with_threads(threads: usize) -> Result<CpuBackend> {
         let threads = threads.max(1);
         let workers = pool::Pool::new(threads).map_err(|e| BackendError::NoDevice(format!("cpu workers: {e}")))?;
-        let rayon = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("djinn-gemm-{i}"))
-            .build()
-            .map_err(|e| BackendError::NoDevice(format!("cpu GEMM thread pool: {e}")))?;
-        Ok(CpuBackend { workers, rayon, threads, stream: CpuStream(()) })
+        Ok(CpuBackend { workers, threads, stream: CpuStream(()) })
     }
 
     /// Worker threads in the pool.
     pub fn threads(&self) -> usize {
         self.threads
-    }
-
-    /// Runs `f` on a rayon pool of [`threads`](Self::threads) workers (the one the `gemm`
-    /// crate's parallel GEMM uses).
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.rayon.install(f)
     }
 
     /// Runs `f(i)` for every `i in 0..n` on the backend's workers and the calling thread, the way
