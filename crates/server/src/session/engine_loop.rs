@@ -543,6 +543,10 @@ impl<B: Backend> EngineLoop<B> {
         let s = self.sessions.get_mut(&r.session).expect("looked up above");
         let prompt_tokens = (s.tokens.len() - base) as u32;
         if s.tokens.len() == s.kv {
+            if is_turn {
+                // A turn that added no token leaves no trace either.
+                s.conv.pop_turn();
+            }
             let msg = "nothing to decode from: prefill or append input first";
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
