@@ -242,6 +242,20 @@ pub trait Meta: Sized {
     }
 }
 
+/// Test helper for every message: `v` survives encode + decode, every strict prefix of its
+/// encoding fails with a typed error, and one extra byte is trailing garbage.
+#[cfg(test)]
+pub(crate) fn assert_round_trip<T: Meta + PartialEq + core::fmt::Debug>(v: &T) {
+    let b = v.to_meta();
+    assert_eq!(&T::from_meta(&b).unwrap(), v);
+    for cut in 0..b.len() {
+        assert!(T::from_meta(&b[..cut]).is_err(), "prefix {cut} of {} decoded", b.len());
+    }
+    let mut longer = b.clone();
+    longer.push(0);
+    assert_eq!(T::from_meta(&longer).unwrap_err(), MetaError::TrailingBytes(1));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

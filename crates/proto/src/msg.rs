@@ -526,17 +526,7 @@ mod tests {
     use super::*;
     use crate::tensor::DType;
 
-    fn round_trip<T: Meta + PartialEq + core::fmt::Debug>(v: &T) {
-        let b = v.to_meta();
-        assert_eq!(&T::from_meta(&b).unwrap(), v);
-        // Every strict prefix fails with a typed error; one extra byte is trailing garbage.
-        for cut in 0..b.len() {
-            assert!(T::from_meta(&b[..cut]).is_err(), "prefix {cut} of {} decoded", b.len());
-        }
-        let mut longer = b.clone();
-        longer.push(0);
-        assert_eq!(T::from_meta(&longer).unwrap_err(), MetaError::TrailingBytes(1));
-    }
+    use crate::meta::assert_round_trip as round_trip;
 
     fn sample_exec() -> ExecReq {
         let mut norm = ExecNode::new(ExecOp::RmsNorm, &[ExecInput::Node(0), ExecInput::Handle(9)]);

@@ -537,16 +537,7 @@ pub fn decode_all_session_meta(meta: &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    fn round_trip<T: Meta + PartialEq + core::fmt::Debug>(v: &T) {
-        let b = v.to_meta();
-        assert_eq!(&T::from_meta(&b).unwrap(), v);
-        for cut in 0..b.len() {
-            assert!(T::from_meta(&b[..cut]).is_err(), "prefix {cut} of {} decoded", b.len());
-        }
-        let mut longer = b.clone();
-        longer.push(0);
-        assert_eq!(T::from_meta(&longer).unwrap_err(), MetaError::TrailingBytes(1));
-    }
+    use crate::meta::assert_round_trip as round_trip;
 
     fn decode_req() -> SessionDecodeReq {
         SessionDecodeReq {
