@@ -530,6 +530,45 @@ mod portable {
     }
 }
 
+/// The stream layout both SIMD GEMV kernels share (see the note on streams above): `nrows` rows
+/// as R streams — rows j, j + q, j + 2q, ... of one step share each activation load, and each
+/// stream walks its q consecutive rows straight through memory — then the rows left over one at
+/// a time. `rows(w, stride, out)` is the kernel over R rows `stride` bytes apart from `w`, `row`
+/// the same over one; outputs land at `out[a * out_stride + row index]` for activation `a < M`.
+///
+/// # Safety
+/// `w` holds `nrows` rows of `row_bytes` each, `out` has room for M rows of `out_stride ≥ nrows`
+/// floats, and the kernels' own contracts hold for the rows handed to them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn stream_rows<const R: usize, const M: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    out: *mut f32,
+    out_stride: usize,
+    rows: impl Fn(*const u8, usize, &mut [[f32; M]; R]),
+    row: impl Fn(*const u8, usize, &mut [[f32; M]; 1]),
+) {
+    let q = nrows / R;
+    for j in 0..q {
+        let mut o = [[0f32; M]; R];
+        rows(w.add(j * row_bytes), q * row_bytes, &mut o);
+        for (r, or) in o.iter().enumerate() {
+            for (a, v) in or.iter().enumerate() {
+                *out.add(a * out_stride + j + r * q) = *v;
+            }
+        }
+    }
+    for j in q * R..nrows {
+        let mut o = [[0f32; M]; 1];
+        row(w.add(j * row_bytes), row_bytes, &mut o);
+        for (a, v) in o[0].iter().enumerate() {
+            *out.add(a * out_stride + j) = *v;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -604,25 +643,17 @@ mod avx2 {
         out: *mut f32,
         out_stride: usize,
     ) {
-        // R streams: rows j, j + q, j + 2q, ... share each activation load, and each stream
-        // walks its q consecutive rows straight through memory (see the note on streams above).
-        let q = nrows / R;
-        for j in 0..q {
-            let mut o = [[0f32; M]; R];
-            rows_rm::<DT, R, M>(w.add(j * row_bytes), q * row_bytes, xp, k16, &mut o);
-            for (r, or) in o.iter().enumerate() {
-                for (a, v) in or.iter().enumerate() {
-                    *out.add(a * out_stride + j + r * q) = *v;
-                }
-            }
-        }
-        for j in q * R..nrows {
-            let mut o = [[0f32; M]; 1];
-            rows_rm::<DT, 1, M>(w.add(j * row_bytes), row_bytes, xp, k16, &mut o);
-            for (a, v) in o[0].iter().enumerate() {
-                *out.add(a * out_stride + j) = *v;
-            }
-        }
+        // SAFETY: the caller's contract (rows inside `w`, activations `xp`, outputs inside `out`)
+        // is the driver's and the kernel's; AVX2 + FMA + F16C are enabled here.
+        super::stream_rows::<R, M>(
+            w,
+            row_bytes,
+            nrows,
+            out,
+            out_stride,
+            |w, stride, o| unsafe { rows_rm::<DT, R, M>(w, stride, xp, k16, o) },
+            |w, stride, o| unsafe { rows_rm::<DT, 1, M>(w, stride, xp, k16, o) },
+        )
     }
 
     #[inline]
@@ -754,25 +785,17 @@ mod avx512 {
         out: *mut f32,
         out_stride: usize,
     ) {
-        // R streams: rows j, j + q, j + 2q, ... share each activation load, and each stream
-        // walks its q consecutive rows straight through memory (see the note on streams above).
-        let q = nrows / R;
-        for j in 0..q {
-            let mut o = [[0f32; M]; R];
-            rows_rm::<DT, R, M>(w.add(j * row_bytes), q * row_bytes, xp, kb, &mut o);
-            for (r, or) in o.iter().enumerate() {
-                for (a, v) in or.iter().enumerate() {
-                    *out.add(a * out_stride + j + r * q) = *v;
-                }
-            }
-        }
-        for j in q * R..nrows {
-            let mut o = [[0f32; M]; 1];
-            rows_rm::<DT, 1, M>(w.add(j * row_bytes), row_bytes, xp, kb, &mut o);
-            for (a, v) in o[0].iter().enumerate() {
-                *out.add(a * out_stride + j) = *v;
-            }
-        }
+        // SAFETY: the caller's contract (rows inside `w`, activations `xp`, outputs inside `out`)
+        // is the driver's and the kernel's; AVX-512F, AVX2, FMA and F16C are enabled here.
+        super::stream_rows::<R, M>(
+            w,
+            row_bytes,
+            nrows,
+            out,
+            out_stride,
+            |w, stride, o| unsafe { rows_rm::<DT, R, M>(w, stride, xp, kb, o) },
+            |w, stride, o| unsafe { rows_rm::<DT, 1, M>(w, stride, xp, kb, o) },
+        )
     }
 
     #[inline]
