@@ -251,25 +251,64 @@ fn generate<B: Backend>(
         eng.step_sample(&[(sid, &[next])], &params, &mut ids)?;
     }
     eng.close_session(sid)?;
-    let n = tokens.len();
-    let ttft_ms = (t_first - t0).as_secs_f64() * 1e3;
-    let tpot_ms = if n > 1 { (t_last - t_first).as_secs_f64() * 1e3 / (n - 1) as f64 } else { 0.0 };
-    if args.json {
-        let v = serde_json::json!({
-            "tokens": tokens,
-            "text": stops.text(),
-            "ttft_ms": ttft_ms,
-            "tpot_ms": tpot_ms,
-            "prompt_tokens": prompt.len(),
-            "finish_reason": finish,
-        });
-        writeln!(out, "{v}")?;
-    } else {
-        writeln!(out)?;
-        eprintln!(
-            "[{n} tokens, finish: {finish}, ttft {ttft_ms:.1} ms, tpot {tpot_ms:.2} ms ({:.1} tokens/s)]",
-            if tpot_ms > 0.0 { 1e3 / tpot_ms } else { 0.0 }
-        );
+    let summary = Summary {
+        tokens: &tokens,
+        text: stops.text(),
+        times: (t0, t_first, t_last),
+        prompt_tokens: prompt.len(),
+        finish,
+        wire: None,
+    };
+    summary.print(args.json, &mut out)
+}
+
+/// What `generate` prints at the end, the same in process and over `--server`.
+pub struct Summary<'a> {
+    pub tokens: &'a [u32],
+    pub text: &'a str,
+    /// Prompt submitted, first token, last token.
+    pub times: (Instant, Instant, Instant),
+    pub prompt_tokens: usize,
+    pub finish: &'static str,
+    /// Over `--server`: bytes sent and received by this client, and the transport.
+    pub wire: Option<(u64, u64, &'static str)>,
+}
+
+impl Summary<'_> {
+    /// `--json`: one object ("tokens", "text", "ttft_ms", "tpot_ms", "prompt_tokens",
+    /// "finish_reason", and remotely "bytes_sent", "bytes_received"); else a newline after the
+    /// streamed text and a one-line report on stderr.
+    pub fn print(&self, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+        let (t0, t_first, t_last) = self.times;
+        let n = self.tokens.len();
+        let ttft_ms = (t_first - t0).as_secs_f64() * 1e3;
+        let tpot_ms = if n > 1 { (t_last - t_first).as_secs_f64() * 1e3 / (n - 1) as f64 } else { 0.0 };
+        let finish = self.finish;
+        if json {
+            let mut v = serde_json::json!({
+                "tokens": self.tokens,
+                "text": self.text,
+                "ttft_ms": ttft_ms,
+                "tpot_ms": tpot_ms,
+                "prompt_tokens": self.prompt_tokens,
+                "finish_reason": finish,
+            });
+            if let Some((sent, received, _)) = self.wire {
+                v["bytes_sent"] = sent.into();
+                v["bytes_received"] = received.into();
+            }
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out)?;
+            let wire = match self.wire {
+                Some((sent, received, transport)) => format!("; {sent} B sent, {received} B received over {transport}"),
+                None => String::new(),
+            };
+            eprintln!(
+                "[{n} tokens, finish: {finish}, ttft {ttft_ms:.1} ms, tpot {tpot_ms:.2} ms ({:.1} tokens/s){wire}]",
+                if tpot_ms > 0.0 { 1e3 / tpot_ms } else { 0.0 }
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -60,6 +60,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let vocab = cfg.vocab_size;
     let dtype = parse_dtype(&args.model.dtype)?;
     let logits = with_backend(&args.model, Run { ids: &args.prompt_ids, cfg, ck: checkpoint, dtype })?;
+    print_logits(&logits, vocab)
+}
+
+/// `{"logits": [[one float per vocabulary entry] for each position]}` on stdout, the same in
+/// process and over `--server`.
+pub fn print_logits(logits: &[f32], vocab: usize) -> anyhow::Result<()> {
     let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;

@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, FinishReason, Input, OpenOptions, Qos, TokenEvent};
 
-use super::generate::{Args as GenerateArgs, ModelArgs};
-use super::logits::Args as LogitsArgs;
+use super::generate::{Args as GenerateArgs, ModelArgs, Summary};
+use super::logits::{print_logits, Args as LogitsArgs};
 
 /// Connects as `--server`/`--token-file` say; returns the client and the `--model` name.
 pub fn connect(m: &ModelArgs) -> anyhow::Result<(Client, String)> {
@@ -106,32 +106,15 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         return Err(e).context("writing to stdout");
     }
     client.close_session(sid)?;
-    let n = tokens.len();
-    let ttft_ms = (t_first - t0).as_secs_f64() * 1e3;
-    let tpot_ms = if n > 1 { (t_last - t_first).as_secs_f64() * 1e3 / (n - 1) as f64 } else { 0.0 };
-    if args.json {
-        let v = serde_json::json!({
-            "tokens": tokens,
-            "text": text,
-            "ttft_ms": ttft_ms,
-            "tpot_ms": tpot_ms,
-            "prompt_tokens": prompt_tokens,
-            "finish_reason": finish,
-            "bytes_sent": client.bytes_sent(),
-            "bytes_received": client.bytes_received(),
-        });
-        writeln!(out, "{v}")?;
-    } else {
-        writeln!(out)?;
-        eprintln!(
-            "[{n} tokens, finish: {finish}, ttft {ttft_ms:.1} ms, tpot {tpot_ms:.2} ms ({:.1} tokens/s); {} B sent, {} B received over {}]",
-            if tpot_ms > 0.0 { 1e3 / tpot_ms } else { 0.0 },
-            client.bytes_sent(),
-            client.bytes_received(),
-            client.transport(),
-        );
-    }
-    Ok(())
+    let summary = Summary {
+        tokens: &tokens,
+        text: &text,
+        times: (t0, t_first, t_last),
+        prompt_tokens: prompt_tokens as usize,
+        finish,
+        wire: Some((client.bytes_sent(), client.bytes_received(), client.transport())),
+    };
+    summary.print(args.json, &mut out)
 }
 
 /// Logits of every prompt position, computed by the server: the same JSON as in process.
@@ -143,10 +126,5 @@ pub fn logits(args: &LogitsArgs) -> anyhow::Result<()> {
     if rows != args.prompt_ids.len() || logits.len() != rows * vocab || vocab == 0 {
         bail!("server returned {} logits as {rows} x {vocab} for {} positions", logits.len(), args.prompt_ids.len());
     }
-    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
-    writeln!(out)?;
-    out.flush()?;
-    Ok(())
+    print_logits(&logits, vocab)
 }
