@@ -413,8 +413,13 @@ impl<B: Backend> EngineLoop<B> {
         Ok(())
     }
 
-    fn busy(s: &Session) -> Option<Refusal> {
-        s.has_work().then(|| Refusal::new(Status::Busy, "the session is still serving an earlier request"))
+    /// [`Self::lookup`] of a session that must be idle to take new work (else `Busy`).
+    fn lookup_idle(&mut self, tenant: &TenantId, id: u64, conn: &Arc<ConnLink>) -> Result<&mut Session, Refusal> {
+        let s = self.lookup(tenant, id, conn)?;
+        if s.has_work() {
+            return Err(Refusal::new(Status::Busy, "the session is still serving an earlier request"));
+        }
+        Ok(s)
     }
 
     fn prefill(
@@ -424,11 +429,7 @@ impl<B: Backend> EngineLoop<B> {
         id: u64,
         input: PrefillInput,
     ) -> Result<(), (Answer, Refusal)> {
-        let s = match self.lookup(tenant, id, &ans.conn) {
-            Ok(s) => s,
-            Err(r) => return Err((ans, r)),
-        };
-        if let Some(r) = Self::busy(s) {
+        if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
             return Err((ans, r));
         }
         let ids = match input {
@@ -477,11 +478,7 @@ impl<B: Backend> EngineLoop<B> {
         role: &str,
         text: &str,
     ) -> Result<(), (Answer, Refusal)> {
-        let s = match self.lookup(tenant, id, &ans.conn) {
-            Ok(s) => s,
-            Err(r) => return Err((ans, r)),
-        };
-        if let Some(r) = Self::busy(s) {
+        if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
             return Err((ans, r));
         }
         let new = match self.tokenize_turn(id, role, text) {
@@ -498,13 +495,10 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     fn decode(&mut self, ans: Answer, tenant: &TenantId, r: SessionDecodeReq) -> Result<(), (Answer, Refusal)> {
-        let s = match self.lookup(tenant, r.session, &ans.conn) {
+        let s = match self.lookup_idle(tenant, r.session, &ans.conn) {
             Ok(s) => s,
             Err(e) => return Err((ans, e)),
         };
-        if let Some(e) = Self::busy(s) {
-            return Err((ans, e));
-        }
         if !(0.0..=1.0).contains(&r.top_p) || r.temperature < 0.0 {
             let msg = format!("temperature {} (≥ 0) / top_p {} (0..=1)", r.temperature, r.top_p);
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
