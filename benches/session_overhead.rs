@@ -156,8 +156,7 @@ fn threads() -> usize {
 }
 
 fn start_server(t: Transport, model: &str, dir: &Path) -> ServerProc {
-    let spec = format!("{model}={}", dir.display());
-    common::server(t, &["--model", &spec, "--threads", &threads().to_string()])
+    common::model_server(t, model, dir, &["--threads", &threads().to_string()])
 }
 
 fn tiny() {

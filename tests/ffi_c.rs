@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{server, Transport};
+use common::Transport;
 use djinn::*;
 use djinn_backend::SampleParams;
 use djinn_model::{Engine, EngineOptions};
@@ -27,8 +27,7 @@ fn model_dir() -> PathBuf {
 }
 
 fn model_server(t: Transport) -> common::ServerProc {
-    let spec = format!("{MODEL}={}", model_dir().display());
-    server(t, &["--model", &spec])
+    common::model_server(t, MODEL, &model_dir(), &[])
 }
 
 /// The directory holding `libdjinn.so`: next to this test executable (`target/<profile>/deps`,

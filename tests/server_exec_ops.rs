@@ -6,21 +6,10 @@
 
 mod common;
 
-use common::{assert_close, run_trials, server, Transport};
-use djinn_client::{Client, ClientError, ClientOptions};
+use common::{assert_close, connect, run_trials, server, status_of, Transport};
+use djinn_client::Client;
 use djinn_proto::{DType, ExecInput, ExecNode, ExecOp, ExecReq, Status, TensorDesc};
 use half::bf16;
-
-fn connect(url: &str) -> Client {
-    Client::connect_with(url, &ClientOptions::default()).unwrap_or_else(|e| panic!("connect {url}: {e}"))
-}
-
-fn status_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Status {
-    match r {
-        Err(e) => e.status().unwrap_or_else(|| panic!("expected a server status, got {e}")),
-        Ok(v) => panic!("expected an error, got {v:?}"),
-    }
-}
 
 fn node(op: ExecOp, inputs: &[u64], i64s: &[i64], f32s: &[f32]) -> ExecNode {
     let ins: Vec<ExecInput> = inputs.iter().map(|&h| ExecInput::Handle(h)).collect();

@@ -4,20 +4,9 @@
 
 mod common;
 
-use common::{assert_close, run_trials, server, unique_name, Transport};
+use common::{assert_close, connect, run_trials, server, status_of, unique_name, Transport};
 use djinn_client::{Client, ClientError, ClientOptions};
 use djinn_proto::{DType, ExecInput, ExecNode, ExecOp, ExecReq, Opcode, Status, TensorDesc};
-
-fn connect(url: &str) -> Client {
-    Client::connect_with(url, &ClientOptions::default()).unwrap_or_else(|e| panic!("connect {url}: {e}"))
-}
-
-fn status_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Status {
-    match r {
-        Err(e) => e.status().unwrap_or_else(|| panic!("expected a server status, got {e}")),
-        Ok(v) => panic!("expected an error, got {v:?}"),
-    }
-}
 
 fn node(op: ExecOp, inputs: &[ExecInput]) -> ExecNode {
     ExecNode::new(op, inputs)

@@ -23,8 +23,7 @@ fn model_dir() -> PathBuf {
 }
 
 fn model_server(t: Transport) -> common::ServerProc {
-    let spec = format!("{MODEL}={}", model_dir().display());
-    server(t, &["--model", &spec])
+    common::model_server(t, MODEL, &model_dir(), &[])
 }
 
 fn bin() -> Command {
@@ -138,8 +137,7 @@ fn token_file_authenticates(t: Transport) {
     std::fs::write(&auth, "alice s3cret-token-alice\n").unwrap();
     std::fs::write(&good, "s3cret-token-alice\n").unwrap();
     std::fs::write(&bad, "not-a-token\n").unwrap();
-    let spec = format!("{MODEL}={}", model_dir().display());
-    let srv = server(t, &["--model", &spec, "--auth-token-file", auth.to_str().unwrap()]);
+    let srv = common::model_server(t, MODEL, &model_dir(), &["--auth-token-file", auth.to_str().unwrap()]);
     let run = |token: &Path| {
         bin()
             .args(generate_args())

@@ -179,6 +179,28 @@ pub fn test_backend_kind() -> &'static str {
     }
 }
 
+/// A server serving the model directory `dir` under `name` (plus `extra` args), as [`server`].
+pub fn model_server(t: Transport, name: &str, dir: &std::path::Path, extra: &[&str]) -> ServerProc {
+    let spec = format!("{name}={}", dir.display());
+    let mut args = vec!["--model", spec.as_str()];
+    args.extend_from_slice(extra);
+    server(t, &args)
+}
+
+/// A client with default options; panics naming the URL.
+pub fn connect(url: &str) -> djinn_client::Client {
+    djinn_client::Client::connect_with(url, &djinn_client::ClientOptions::default())
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// The server's status for a request that must be refused.
+pub fn status_of<T: std::fmt::Debug>(r: djinn_client::Result<T>) -> djinn_proto::Status {
+    match r {
+        Err(e) => e.status().unwrap_or_else(|| panic!("expected a server status, got {e}")),
+        Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
+
 /// Starts a server listening on one URL of `t` with extra args, on the [`test_gpus`] backend.
 pub fn server(t: Transport, extra: &[&str]) -> ServerProc {
     let url = t.listen_url();
