@@ -70,3 +70,17 @@ fn bad_requests_fail_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
 }
+
+#[test]
+fn in_process_flags_are_refused_with_server() {
+    for flag in [&["--dtype", "bf16"][..], &["--threads", "2"], &["--gpus", "cpu"]] {
+        let out = bin()
+            .args(["generate", "--prompt-ids", "1", "--server", "tcp://127.0.0.1:1", "--model", "m"])
+            .args(flag)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag:?} with --server was accepted");
+        assert!(err.contains(flag[0]) && err.contains("--server"), "{flag:?}: {err}");
+    }
+}

@@ -33,14 +33,14 @@ pub struct ModelArgs {
     /// With --server: file holding the tenant token (else DJINN_TOKEN).
     #[arg(long, requires = "server")]
     pub token_file: Option<PathBuf>,
-    /// `cpu`, or a CUDA device ordinal (`0`).
-    #[arg(long, default_value = "cpu")]
+    /// `cpu`, or a CUDA device ordinal (`0`). In process only (a server picks its own device).
+    #[arg(long, default_value = "cpu", conflicts_with = "server")]
     pub gpus: String,
-    /// Weight storage dtype after loading: f32, f16 or bf16 (default: as stored).
-    #[arg(long)]
+    /// Weight storage dtype after loading: f32, f16 or bf16 (default: as stored). In process only.
+    #[arg(long, conflicts_with = "server")]
     pub dtype: Option<String>,
-    /// CPU worker threads (default: all cores).
-    #[arg(long)]
+    /// CPU worker threads (default: all cores). In process only.
+    #[arg(long, conflicts_with = "server")]
     pub threads: Option<usize>,
 }
 
@@ -57,16 +57,19 @@ pub struct Args {
     /// Wrap the text prompt in the model's chat template (one user message).
     #[arg(long)]
     pub chat: bool,
+    /// Most tokens to generate (fewer when EOS, a stop string or the context's end comes first).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature; 0 = greedy (always the most likely token).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
-    /// 0 = no top-k cut.
+    /// Sample among the k most likely tokens only; 0 = no top-k cut.
     #[arg(long, default_value_t = 0)]
     pub top_k: u32,
+    /// Nucleus sampling: sample among the most likely tokens whose probabilities add up to p; 1 = no cut.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Sampling seed: the same seed, prompt and settings give the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop when the generated text contains this string (repeatable; not included in the text).

@@ -1,142 +1,27 @@
-//! `djinn-dataplane serve`: flags and an optional TOML file (same keys, `-` written `_`) become a
-//! [`ServerConfig`]; flags override the file. Picks the backend from `--gpus`, starts the server,
+//! `djinn-dataplane serve`: defaults, an optional TOML file, `DJINN_*` variables and flags become
+//! a [`ServerConfig`] (the settings are declared once, in `djinn_server::config`). Picks the backend from `--gpus`, starts the server,
 //! and drains on SIGTERM/SIGINT (exit 0).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use djinn_server::{ModelSpec, Server, ServerConfig};
+use djinn_server::{Server, ServerConfig, ServerConfigLayer};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// TOML file whose keys match these flags (see configs/).
-    #[arg(long)]
+    /// TOML file whose keys are these flags' names with `-` written `_` (see configs/); flags and
+    /// DJINN_* variables override it; relative paths in it resolve against its folder.
+    #[arg(long, env = "DJINN_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME. Default tcp://127.0.0.1:7070.
-    #[arg(long)]
-    pub listen: Vec<String>,
-    /// `cpu`, or CUDA device ordinals (`0` or `0,1`). Default: cpu unless a GPU backend is built in.
-    #[arg(long)]
-    pub gpus: Option<String>,
-    /// RDMA device (not available yet: refused at start-up).
-    #[arg(long)]
-    pub nic: Option<String>,
-    /// Name of this server in logs and metrics.
-    #[arg(long)]
-    pub node_id: Option<String>,
-    /// HOST:PORT serving /healthz and /metrics.
-    #[arg(long)]
-    pub metrics_listen: Option<String>,
-    /// File of `TENANT TOKEN` lines; without it every connection is its own tenant.
-    #[arg(long)]
-    pub auth_token_file: Option<PathBuf>,
-    /// Connections served at once.
-    #[arg(long)]
-    pub max_connections: Option<usize>,
-    /// Requests in flight per connection.
-    #[arg(long)]
-    pub max_inflight_per_conn: Option<usize>,
-    /// Tensor handles per tenant.
-    #[arg(long)]
-    pub handles_max_per_tenant: Option<usize>,
-    /// Tensor bytes per tenant.
-    #[arg(long)]
-    pub tensor_bytes_max_per_tenant: Option<u64>,
-    /// Tensor bytes over all tenants.
-    #[arg(long)]
-    pub tensor_bytes_max: Option<u64>,
-    /// Nodes in one Exec graph.
-    #[arg(long)]
-    pub exec_nodes_max: Option<usize>,
-    /// Largest frame accepted, bytes (default admits 64 MiB payloads).
-    #[arg(long)]
-    pub frame_bytes_max: Option<u64>,
-    /// spin-then-park (default) or busy-poll.
-    #[arg(long)]
-    pub wait: Option<String>,
-    /// TCP: plain sockets even where io_uring works.
-    #[arg(long)]
-    pub force_socket: bool,
-    /// SHM: data-area bytes per direction of each client's region.
-    #[arg(long)]
-    pub shm_data_bytes: Option<usize>,
-    /// Staging bytes connections may keep between large requests, over all connections.
-    #[arg(long)]
-    pub staging_bytes_retained_max: Option<u64>,
-    /// Milliseconds SIGTERM waits for in-flight requests.
-    #[arg(long)]
-    pub drain_timeout_ms: Option<u64>,
-    /// Milliseconds a new connection has to complete its Hello before it is closed.
-    #[arg(long)]
-    pub handshake_timeout_ms: Option<u64>,
-    /// Models and sessions (boxed: these flags would make every CLI command's arguments large).
+    /// Every setting of the server (boxed: the layer is large for every CLI command's arguments).
     #[command(flatten)]
-    pub sessions: Box<SessionArgs>,
-}
-
-/// `serve` flags of the models and their sessions.
-#[derive(clap::Args, Debug)]
-pub struct SessionArgs {
-    /// A model to serve sessions on: NAME=DIR (a Hugging Face directory or a .gguf file);
-    /// repeatable. Every model is loaded before the server listens.
-    #[arg(long = "model", value_name = "NAME=DIR")]
-    pub models: Vec<String>,
-    /// KV cache capacity per model, MiB (fractions allowed); idle sessions swap to host memory.
-    #[arg(long)]
-    pub kv_capacity_mb: Option<f64>,
-    /// Pinned host memory per model for swapped-out sessions, MiB.
-    #[arg(long)]
-    pub host_swap_mb: Option<f64>,
-    /// Sessions open at once (over all models and tenants).
-    #[arg(long)]
-    pub max_sessions: Option<usize>,
-    /// Seconds a session outlives its last connection.
-    #[arg(long)]
-    pub session_lease_s: Option<u64>,
-    /// Weight dtype of the models: f32, f16 or bf16 (default: as stored).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// CPU backend worker threads (default: every core).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Longest session in tokens (default: each model's maximum).
-    #[arg(long)]
-    pub max_context_tokens: Option<usize>,
-    /// New tokens per engine step over all sessions (the prefill chunk).
-    #[arg(long)]
-    pub max_step_tokens: Option<usize>,
+    pub settings: Box<ServerConfigLayer>,
 }
 
 impl Args {
-    /// The file's configuration (or defaults) with every given flag applied on top.
+    /// Defaults < the file < DJINN_* variables < flags.
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
-        let mut c = match &self.config {
-            Some(p) => ServerConfig::from_file(p)?,
-            None => ServerConfig::default(),
-        };
-        if !self.listen.is_empty() {
-            c.listen = self.listen.clone();
-        }
-        macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
-        }
-        over!(gpus, node_id, max_connections, max_inflight_per_conn, handles_max_per_tenant);
-        over!(tensor_bytes_max_per_tenant, tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
-        over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file, staging_bytes_retained_max);
-        over!(handshake_timeout_ms);
-        let s = &*self.sessions;
-        macro_rules! over_s {
-            ($($f:ident),*) => { $( if let Some(v) = &s.$f { c.$f = v.clone().into(); } )* };
-        }
-        over_s!(max_sessions, session_lease_s, max_step_tokens);
-        over_s!(kv_capacity_mb, host_swap_mb, dtype, threads, max_context_tokens);
-        if !s.models.is_empty() {
-            c.models = s.models.iter().map(|m| ModelSpec::parse_flag(m)).collect::<Result<_, _>>()?;
-        }
-        if self.force_socket {
-            c.force_socket = true;
-        }
-        Ok(c)
+        Ok(ServerConfig::load(self.config.as_deref(), (*self.settings).clone())?)
     }
 }
 

@@ -1,5 +1,7 @@
-//! Server configuration: one struct read from an optional TOML file whose keys are exactly the
-//! long names of the `serve` flags (with `-` written `_`); command-line flags override the file.
+//! Server configuration: the one list of the server's settings (the [`crate::settings!`] call
+//! below; the mechanism is in `settings.rs`). Each setting is a field of [`ServerConfig`], a TOML
+//! key of the same name, a `serve` flag (`_` written `-`) and a `DJINN_NAME` environment
+//! variable. Layers: defaults < config file < environment < flags.
 //!
 //! Invariant: every bound the server enforces (connections, in-flight requests, handles, bytes)
 //! is a named field here, fixed at start-up; nothing grows past it at run time.
@@ -32,107 +34,84 @@ impl ModelSpec {
     }
 }
 
-/// Everything `djinn-dataplane serve` needs to start. Field names are the TOML keys.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Transport URLs to listen on (`tcp://HOST:PORT`, `shm://NAME`); several at once.
-    pub listen: Vec<String>,
-    /// `cpu`, or comma-separated CUDA ordinals (`0`, `0,1`). Empty = CPU unless a GPU backend is built in.
-    pub gpus: String,
+crate::settings! {
+    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME.
+    listen: Vec<String> = vec![DEFAULT_LISTEN.to_owned()], value = "URL";
+    /// `cpu`, or CUDA device ordinals (`0`, `0,1`). Empty: GPU 0 when this build has CUDA and the
+    /// machine a GPU, else the CPU.
+    gpus: String = String::new(), value = "cpu|0";
     /// RDMA device. Refused until the RDMA transport exists.
-    pub nic: Option<String>,
+    nic: Option<String> = None, value = "DEVICE";
     /// Name of this server in logs, metrics and the capabilities reply.
-    pub node_id: String,
-    /// `HOST:PORT` serving `/healthz` and `/metrics`; none = no HTTP endpoint.
-    pub metrics_listen: Option<String>,
-    /// File of `TENANT TOKEN` lines; none = every connection is its own tenant.
-    pub auth_token_file: Option<PathBuf>,
+    node_id: String = "djinn-0".into(), value = "NAME";
+    /// HOST:PORT serving /healthz and /metrics; without it there is no HTTP endpoint.
+    metrics_listen: Option<String> = None, value = "HOST:PORT";
+    /// File of `TENANT TOKEN` lines; without it every connection is its own tenant.
+    auth_token_file: Option<PathBuf> = None;
     /// Connections served at once; further connections are refused with `Busy`.
-    pub max_connections: usize,
+    max_connections: usize = 256;
     /// Requests one connection may have in flight at once; more are refused with `Busy`.
-    pub max_inflight_per_conn: usize,
+    max_inflight_per_conn: usize = 64;
     /// Tensor handles one tenant may hold at once.
-    pub handles_max_per_tenant: usize,
+    handles_max_per_tenant: usize = 4096;
     /// Tensor bytes one tenant may hold at once.
-    pub tensor_bytes_max_per_tenant: u64,
+    tensor_bytes_max_per_tenant: u64 = 2 << 30;
     /// Tensor bytes all tenants together may hold at once.
-    pub tensor_bytes_max: u64,
+    tensor_bytes_max: u64 = 8 << 30;
     /// Nodes in one Exec graph.
-    pub exec_nodes_max: usize,
-    /// Largest frame accepted (header + metadata + data). The default admits a 64 MiB payload.
-    pub frame_bytes_max: u64,
-    /// `spin-then-park` (default) or `busy-poll`.
-    pub wait: String,
+    exec_nodes_max: usize = 256;
+    /// Largest frame accepted, bytes (header + metadata + data); the default admits a 64 MiB payload.
+    frame_bytes_max: u64 = djinn_proto::Limits::default().frame_bytes_max;
+    /// How idle connections wait: `spin-then-park` (no CPU when idle) or `busy-poll` (lowest latency).
+    wait: String = "spin-then-park".into(), value = "MODE";
     /// TCP: plain sockets even where io_uring works.
-    pub force_socket: bool,
+    force_socket: bool = false;
     /// SHM: data-area bytes per direction of each client's region.
-    pub shm_data_bytes: usize,
+    shm_data_bytes: usize = djinn_transport::TransportOptions::default().shm_data_bytes;
     /// Staging bytes (for large pings, puts and gets) that connections may keep between requests,
     /// over all connections; beyond it a connection frees its large buffer after each request.
-    pub staging_bytes_retained_max: u64,
-    /// How long SIGTERM waits for in-flight requests before the process exits anyway.
-    pub drain_timeout_ms: u64,
-    /// How long a new connection may take to complete its Hello; a connection still without a
-    /// successful Hello then is closed, so silent clients cannot hold connection slots.
-    pub handshake_timeout_ms: u64,
-    /// Models served (TOML: `[[models]]` tables with `name` and `dir`); all loaded at start-up.
-    pub models: Vec<ModelSpec>,
-    /// KV cache capacity per model, MiB (fractions allowed); none = every session at full length,
-    /// at most 512 MiB.
-    pub kv_capacity_mb: Option<f64>,
-    /// Pinned host memory per model for swapped-out sessions, MiB; none = room for every session.
-    pub host_swap_mb: Option<f64>,
+    staging_bytes_retained_max: u64 = 512 << 20;
+    /// Milliseconds SIGTERM waits for in-flight requests before the process exits anyway.
+    drain_timeout_ms: u64 = 5_000;
+    /// Milliseconds a new connection has to complete its Hello; then it is closed, so silent
+    /// clients cannot hold connection slots.
+    handshake_timeout_ms: u64 = 5_000;
+    /// A model to serve sessions on: NAME=DIR (a Hugging Face directory or a .gguf file);
+    /// repeatable; every model is loaded before the server listens. In a file: `[[models]]`
+    /// tables with `name` and `dir`.
+    models: Vec<ModelSpec> = Vec::new(), flag = "model";
+    /// KV cache capacity per model, MiB (fractions allowed); idle sessions swap to host memory.
+    /// Default: every session at full length, at most 512 MiB.
+    kv_capacity_mb: Option<f64> = None, value = "MIB";
+    /// Pinned host memory per model for swapped-out sessions, MiB. Default: room for every session.
+    host_swap_mb: Option<f64> = None, value = "MIB";
     /// Sessions open at once over all models and tenants; more are refused with `LimitExceeded`.
-    pub max_sessions: usize,
+    max_sessions: usize = 64;
     /// Seconds a session outlives the last connection attached to it (then it is closed).
-    pub session_lease_s: u64,
-    /// Weight dtype of the models: f32, f16 or bf16; none = as stored.
-    pub dtype: Option<String>,
-    /// CPU backend worker threads; none = every core.
-    pub threads: Option<usize>,
-    /// Longest session, tokens; none = each model's `max_position_embeddings`.
-    pub max_context_tokens: Option<usize>,
+    session_lease_s: u64 = 300;
+    /// Weight dtype of the models: f32, f16 or bf16. Default: as stored.
+    dtype: Option<String> = None, value = "DTYPE";
+    /// CPU backend worker threads. Default: every core.
+    threads: Option<usize> = None;
+    /// Longest session, tokens. Default: each model's `max_position_embeddings`.
+    max_context_tokens: Option<usize> = None;
     /// New tokens in one engine step over all sessions (bounds a prefill chunk).
-    pub max_step_tokens: usize,
+    max_step_tokens: usize = 256;
     /// Session requests waiting for the engine loop; more are refused with `Busy`.
-    pub session_queue_max: usize,
+    session_queue_max: usize = 1024;
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        let limits = djinn_proto::Limits::default();
-        ServerConfig {
-            listen: Vec::new(),
-            gpus: String::new(),
-            nic: None,
-            node_id: "djinn-0".into(),
-            metrics_listen: None,
-            auth_token_file: None,
-            max_connections: 256,
-            max_inflight_per_conn: 64,
-            handles_max_per_tenant: 4096,
-            tensor_bytes_max_per_tenant: 2 << 30,
-            tensor_bytes_max: 8 << 30,
-            exec_nodes_max: 256,
-            frame_bytes_max: limits.frame_bytes_max,
-            wait: "spin-then-park".into(),
-            force_socket: false,
-            shm_data_bytes: djinn_transport::TransportOptions::default().shm_data_bytes,
-            staging_bytes_retained_max: 512 << 20,
-            drain_timeout_ms: 5_000,
-            handshake_timeout_ms: 5_000,
-            models: Vec::new(),
-            kv_capacity_mb: None,
-            host_swap_mb: None,
-            max_sessions: 64,
-            session_lease_s: 300,
-            dtype: None,
-            threads: None,
-            max_context_tokens: None,
-            max_step_tokens: 256,
-            session_queue_max: 1024,
-        }
+/// `--model NAME=DIR`, and `[[models]]` tables in a file.
+impl crate::settings::Scalar for ModelSpec {
+    const VALUE_NAME: &'static str = "NAME=DIR";
+    fn parser() -> clap::builder::ValueParser {
+        clap::builder::ValueParser::new(|s: &str| ModelSpec::parse_flag(s))
+    }
+    fn show(&self) -> String {
+        format!("{}={}", self.name, self.dir.display())
+    }
+    fn resolve(&mut self, base: &Path) {
+        crate::settings::Scalar::resolve(&mut self.dir, base);
     }
 }
 
@@ -147,17 +126,39 @@ pub enum ConfigError {
 }
 
 impl ServerConfig {
-    /// Reads a TOML file; keys missing from it keep their defaults, unknown keys are an error.
+    /// Defaults, then the file `path` (if any), then `over` (the environment and the flags).
+    pub fn load(path: Option<&Path>, over: ServerConfigLayer) -> Result<Self, ConfigError> {
+        let mut c = match path {
+            Some(p) => Self::from_file(p)?,
+            None => ServerConfig::default(),
+        };
+        over.apply(&mut c);
+        Ok(c)
+    }
+
+    /// Reads a TOML file; keys missing from it keep their defaults, unknown keys are an error,
+    /// relative paths in it resolve against its folder.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let mut layer = Self::layer_from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
             other => other,
-        })
+        })?;
+        layer.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        let mut c = ServerConfig::default();
+        layer.apply(&mut c);
+        Ok(c)
     }
 
+    /// A TOML text over the defaults (paths as written).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let mut c = ServerConfig::default();
+        Self::layer_from_toml(text)?.apply(&mut c);
+        Ok(c)
+    }
+
+    fn layer_from_toml(text: &str) -> Result<ServerConfigLayer, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
     }
 
@@ -306,6 +307,55 @@ mod tests {
         assert!(dup.validate().is_err());
         assert!(ServerConfig { kv_capacity_mb: Some(-1.0), ..c.clone() }.validate().is_err());
         assert!(ServerConfig { dtype: Some("f8".into()), ..c }.validate().is_err());
+    }
+
+    /// The flags and DJINN_* variables of the settings, parsed as `serve` parses them.
+    fn cli_layer(args: &[&str]) -> ServerConfigLayer {
+        use clap::{Args, FromArgMatches};
+        let cmd = ServerConfigLayer::augment_args(clap::Command::new("serve"));
+        let m = cmd.try_get_matches_from(std::iter::once("serve").chain(args.iter().copied())).unwrap();
+        ServerConfigLayer::from_arg_matches(&m).unwrap()
+    }
+
+    #[test]
+    fn layers_defaults_file_env_flags() {
+        let dir = std::env::temp_dir().join(format!("djinn-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.toml");
+        std::fs::write(
+            &file,
+            "max_sessions = 3\nsession_lease_s = 7\nmax_step_tokens = 9\nauth_token_file = \"tokens\"\n\
+             [[models]]\nname = \"m\"\ndir = \"weights/m\"\n",
+        )
+        .unwrap();
+        // Only this test reads these two variables.
+        std::env::set_var("DJINN_SESSION_LEASE_S", "11");
+        std::env::set_var("DJINN_MAX_STEP_TOKENS", "12");
+        let c = ServerConfig::load(Some(&file), cli_layer(&["--max-step-tokens", "13", "--session-queue-max", "5"]))
+            .unwrap();
+        std::env::remove_var("DJINN_SESSION_LEASE_S");
+        std::env::remove_var("DJINN_MAX_STEP_TOKENS");
+        assert_eq!(c.max_sessions, 3, "file over default");
+        assert_eq!(c.session_lease_s, 11, "environment over file");
+        assert_eq!(c.max_step_tokens, 13, "flag over environment");
+        assert_eq!(c.session_queue_max, 5, "every setting is a flag");
+        assert_eq!(c.max_connections, ServerConfig::default().max_connections);
+        // Paths in the file resolve against its folder; on the command line, as given.
+        assert_eq!(c.auth_token_file.as_deref(), Some(dir.join("tokens").as_path()));
+        assert_eq!(c.models[0].dir, dir.join("weights/m"));
+        let c = ServerConfig::load(Some(&file), cli_layer(&["--model", "x=rel/x", "--force-socket"])).unwrap();
+        assert_eq!(c.models, vec![ModelSpec { name: "x".into(), dir: "rel/x".into() }]);
+        assert!(c.force_socket);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn help_shows_defaults_and_variables() {
+        use clap::Args;
+        let help = ServerConfigLayer::augment_args(clap::Command::new("serve")).render_long_help().to_string();
+        for want in ["--session-queue-max <N>", "[default: 1024]", "DJINN_SESSION_QUEUE_MAX", "--model <NAME=DIR>"] {
+            assert!(help.contains(want), "{want} missing from:\n{help}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ([`session`]: one engine loop thread per device batches every session's step and streams
 //! token frames through the connection's shared [`server::ReplyTx`]), metrics.
 //!
-//! Module map: [`config`] (flags/TOML), [`auth`] (tenants, tokens), [`server`] (start-up,
+//! Module map: [`config`] (the settings: flags, TOML, environment; mechanism in [`settings`]), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
 //! the engine loop), [`metrics`] (Prometheus, HTTP),
@@ -16,8 +16,9 @@ pub mod exec;
 pub mod metrics;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod tensors;
 pub mod watchdog;
 
-pub use config::{ModelSpec, ServerConfig, DEFAULT_LISTEN};
+pub use config::{ModelSpec, ServerConfig, ServerConfigLayer, DEFAULT_LISTEN};
 pub use server::{Server, ServerError};
