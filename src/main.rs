@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cmd::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

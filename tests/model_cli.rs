@@ -84,3 +84,15 @@ fn in_process_flags_are_refused_with_server() {
         assert!(err.contains(flag[0]) && err.contains("--server"), "{flag:?}: {err}");
     }
 }
+
+#[test]
+fn errors_say_the_cause_once_and_what_to_do() {
+    let out = bin().args(["generate", "--prompt-ids", "1", "--server", "tcp://127.0.0.1:1", "--model", "m"]).output();
+    let err = String::from_utf8_lossy(&out.unwrap().stderr).into_owned();
+    assert_eq!(err.matches("refused").count(), 1, "{err}");
+    assert!(err.contains("serve --listen tcp://127.0.0.1:1"), "{err}");
+    let out = bin().args(["generate", "--prompt-ids", "1", "--model-dir", "/nonexistent/m"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.matches("/nonexistent/m").count(), 1, "{err}");
+    assert!(err.contains(".gguf"), "{err}");
+}

@@ -9,6 +9,34 @@ pub mod remote;
 pub mod serve;
 pub mod tiny_model;
 
+/// An error and its causes on one line, each said once: a cause whose text an outer message
+/// already holds is left out (thiserror messages carry their source's text and also return it as
+/// `source()`, so printing the chain would repeat it).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_text_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = anyhow::Error::new(io).context("tcp connect: Connection refused").context("connecting to tcp://h:1");
+        assert_eq!(super::error_text(&e), "connecting to tcp://h:1: tcp connect: Connection refused");
+    }
+}
+
 /// Logs go to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

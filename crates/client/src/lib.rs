@@ -35,12 +35,12 @@ pub const TOKEN_ENV: &str = "DJINN_TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connecting to {url}: {source}")]
+    #[error("connecting to {url}: {source}{}", connect_hint(url, source))]
     Connect { url: String, source: TransportError },
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
-    /// The server answered with a failure status.
-    #[error("server refused {opcode}: {status:?}: {message}")]
+    /// The server answered with a failure status (its message says why; the status names the kind).
+    #[error("{message} (server status {status:?} to {opcode})")]
     Server { opcode: &'static str, status: Status, message: String },
     #[error("bad reply to {opcode}: {why}")]
     Protocol { opcode: &'static str, why: String },
@@ -50,6 +50,17 @@ pub enum ClientError {
     TooManyBuffered(usize),
     #[error("request {0} was never submitted on this connection or was already claimed")]
     UnknownRequest(u64),
+}
+
+/// What to do when nothing answers at `url`.
+fn connect_hint(url: &str, e: &TransportError) -> String {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    match e {
+        TransportError::Io { source, .. } if matches!(source.kind(), ConnectionRefused | NotFound) => {
+            format!("; start a server there (`djinn-dataplane serve --listen {url}`) or fix the URL")
+        }
+        _ => String::new(),
+    }
 }
 
 impl ClientError {

@@ -29,7 +29,9 @@ impl ModelSpec {
             Some((name, dir)) if !name.trim().is_empty() && !dir.trim().is_empty() => {
                 Ok(ModelSpec { name: name.trim().to_owned(), dir: PathBuf::from(dir.trim()) })
             }
-            _ => Err(ConfigError::Invalid(format!("--model {s:?}: expected NAME=DIR"))),
+            _ => Err(ConfigError::Invalid(format!(
+                "write NAME=DIR, e.g. smollm2=models/smollm2-135m-instruct (DIR: a model directory or a .gguf file)"
+            ))),
         }
     }
 }
@@ -105,7 +107,13 @@ crate::settings! {
 impl crate::settings::Scalar for ModelSpec {
     const VALUE_NAME: &'static str = "NAME=DIR";
     fn parser() -> clap::builder::ValueParser {
-        clap::builder::ValueParser::new(|s: &str| ModelSpec::parse_flag(s))
+        // The flag's name is already in clap's message: only the reason.
+        clap::builder::ValueParser::new(|s: &str| {
+            ModelSpec::parse_flag(s).map_err(|e| match e {
+                ConfigError::Invalid(why) => why,
+                other => other.to_string(),
+            })
+        })
     }
     fn show(&self) -> String {
         format!("{}={}", self.name, self.dir.display())

@@ -320,10 +320,12 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     fn model_index(&self, name: &str) -> Result<usize, Refusal> {
-        self.models
-            .iter()
-            .position(|m| m.info.name == name)
-            .ok_or_else(|| Refusal::new(Status::UnknownModel, format!("no model {name:?} on this server")))
+        self.models.iter().position(|m| m.info.name == name).ok_or_else(|| {
+            Refusal::new(
+                Status::UnknownModel,
+                format!("no model {name:?} on this server (`djinn-dataplane models --server URL` lists them)"),
+            )
+        })
     }
 
     fn open(&mut self, ans: Answer, tenant: TenantId, model: &str, max_tokens: u32) -> Result<(), (Answer, Refusal)> {
@@ -518,8 +520,8 @@ impl<B: Backend> EngineLoop<B> {
             false => Err(Refusal::new(
                 Status::BadArgument,
                 format!(
-                    "no token to generate after {} input tokens (max_new_tokens {}, session {base} of {max_tokens}): \
-                     feed with SessionPrefill instead",
+                    "no room to generate after {} input tokens (max_new_tokens {}, session at {base} of {max_tokens} \
+                     tokens): send the input without asking for tokens, or open the session with more tokens",
                     new.len(),
                     r.max_new_tokens
                 ),

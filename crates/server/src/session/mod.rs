@@ -50,7 +50,7 @@ const KV_DEFAULT_MAX_BYTES: usize = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionStartError {
-    #[error("loading model {name:?} from {dir}: {source}")]
+    #[error("loading model {name:?}: {source}")]
     Model { name: String, dir: String, source: Box<djinn_model::ModelError> },
     #[error("invalid configuration: {0}")]
     Config(String),

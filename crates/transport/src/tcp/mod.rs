@@ -79,10 +79,7 @@ pub fn connect(addr: &str, opts: &TransportOptions) -> Result<Connection, Transp
         .to_socket_addrs()
         .map_err(|e| TransportError::BadUrl { url: format!("tcp://{addr}"), why: e.to_string() })?
         .collect();
-    let stream = TcpStream::connect(&addrs[..]).map_err(|e| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => TransportError::Io { what: "tcp connect (refused)", source: e },
-        _ => TransportError::Io { what: "tcp connect", source: e },
-    })?;
+    let stream = TcpStream::connect(&addrs[..]).map_err(io("tcp connect"))?;
     make_connection(stream, opts)
 }
 
