@@ -21,7 +21,18 @@ fn generate_json_greedy_matches_transformers() {
     let case = &r.cases[0];
     let ids: Vec<String> = case.prompt.iter().map(u32::to_string).collect();
     let out = bin()
-        .args(["generate", "--gpus", "cpu", "--threads", "1", "--json", "--ignore-eos", "--model-dir"])
+        .args([
+            "generate",
+            "--gpus",
+            "cpu",
+            "--threads",
+            "1",
+            "--dtype",
+            "stored",
+            "--json",
+            "--ignore-eos",
+            "--model-dir",
+        ])
         .arg(&dir)
         .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &case.greedy.len().to_string()])
         .output()
@@ -95,4 +106,27 @@ fn errors_say_the_cause_once_and_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(err.matches("/nonexistent/m").count(), 1, "{err}");
     assert!(err.contains(".gguf"), "{err}");
+}
+
+/// `generate` computes an f32 checkpoint in bf16 unless told otherwise; `logits` keeps f32.
+#[test]
+fn generate_defaults_to_bf16_and_logits_to_stored() {
+    let dir = reference_root().join("llama-gqa");
+    let run = |extra: &[&str]| {
+        let out = bin()
+            .args(["generate", "--gpus", "cpu", "--threads", "1", "--json", "--ignore-eos", "--max-new-tokens", "24"])
+            .args(["--prompt-ids", "1,17,42,99,5,63", "--model-dir"])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        json_of(out)["tokens"].clone()
+    };
+    assert_eq!(run(&[]), run(&["--dtype", "bf16"]), "default = bf16 for an f32 checkpoint");
+    let logits = |extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(["logits", "--gpus", "cpu", "--json", "--prompt-ids", "1,2,3", "--model-dir"]).arg(&dir).args(extra);
+        json_of(cmd.output().unwrap())["logits"].clone()
+    };
+    assert_eq!(logits(&[]), logits(&["--dtype", "f32"]), "logits keep the stored f32");
 }

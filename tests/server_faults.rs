@@ -541,7 +541,7 @@ fn nic_is_refused(_t: Transport) {
 fn gpus_flag_is_checked(_t: Transport) {
     let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "0,1"]).output().unwrap();
     assert!(!out.status.success(), "two GPUs are not served yet");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("one device per server"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one device per"));
     let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "x"]).output().unwrap();
     assert!(!out.status.success(), "--gpus x must be refused");
     match ServerProc::try_start(&["--listen", "tcp://127.0.0.1:0", "--gpus", "0"]) {

@@ -48,7 +48,8 @@ fn generate_matches_in_process(t: Transport) {
     let srv = model_server(t);
     let local = bin()
         .args(generate_args())
-        .args(["--gpus", "cpu", "--threads", "1", "--model-dir"])
+        // The server computes in the stored dtype; in process `generate` would pick bf16.
+        .args(["--gpus", "cpu", "--threads", "1", "--dtype", "stored", "--model-dir"])
         .arg(model_dir())
         .output()
         .unwrap();
@@ -117,7 +118,9 @@ fn text_and_chat_match_in_process(t: Transport) {
         if chat {
             base.push("--chat");
         }
-        let local = bin().args(&base).args(["--gpus", "cpu", "--threads", "1", "--model-dir"]).arg(&dir).output();
+        let mut local = bin();
+        local.args(&base).args(["--gpus", "cpu", "--threads", "1", "--dtype", "stored", "--model-dir"]).arg(&dir);
+        let local = local.output();
         let local = json_of("generate --model-dir (text)", local.unwrap());
         let remote = bin().args(&base).args(["--server", srv.url(), "--model", "tiny"]).output().unwrap();
         let remote = json_of("generate --server (text)", remote);

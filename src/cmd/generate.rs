@@ -18,6 +18,8 @@ use anyhow::{bail, Context};
 use djinn_backend::{Backend, DType, SampleParams};
 use djinn_model::{open_model, Detokenizer, Engine, EngineOptions, ModelFiles, StopStrings};
 
+use super::device;
+
 /// Where and how the model is loaded (shared by `generate` and `logits`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -33,11 +35,15 @@ pub struct ModelArgs {
     /// With --server: file holding the tenant token (else DJINN_TOKEN).
     #[arg(long, requires = "server")]
     pub token_file: Option<PathBuf>,
-    /// `cpu`, or a CUDA device ordinal (`0`). In process only (a server picks its own device).
-    #[arg(long, default_value = "cpu", conflicts_with = "server")]
-    pub gpus: String,
-    /// Weight storage dtype after loading: f32, f16 or bf16 (default: as stored). In process only.
-    #[arg(long, conflicts_with = "server")]
+    /// `cpu`, or a CUDA device ordinal (`0`). Default, as for `serve`: GPU 0 when this build has
+    /// CUDA and a GPU answers, else the CPU. In process only (a server picks its own device).
+    #[arg(long, value_name = "cpu|0", conflicts_with = "server")]
+    pub gpus: Option<String>,
+    /// Weight dtype after loading: f32, f16, bf16, or `stored` (as in the checkpoint). Default:
+    /// `generate` computes in bf16 when the checkpoint is f32 safetensors (about 1.6x the f32
+    /// decode speed on CPU, measured) and as stored otherwise; `logits` keeps the stored dtype.
+    /// In process only.
+    #[arg(long, value_name = "DTYPE", conflicts_with = "server")]
     pub dtype: Option<String>,
     /// CPU worker threads (default: all cores). In process only.
     #[arg(long, conflicts_with = "server")]
@@ -69,9 +75,10 @@ pub struct Args {
     /// Nucleus sampling: sample among the most likely tokens whose probabilities add up to p; 1 = no cut.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
-    /// Sampling seed: the same seed, prompt and settings give the same text.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Sampling seed: the same seed, prompt and settings give the same text. Default: a random
+    /// seed per run (greedy decoding, the default, uses none).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Stop when the generated text contains this string (repeatable; not included in the text).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -83,14 +90,37 @@ pub struct Args {
     pub json: bool,
 }
 
+/// `--dtype`; `None` = as stored (also for an explicit `stored`).
 pub fn parse_dtype(s: &Option<String>) -> anyhow::Result<Option<DType>> {
     Ok(match s.as_deref() {
-        None => None,
+        None | Some("stored") => None,
         Some("f32" | "float32") => Some(DType::F32),
         Some("f16" | "float16") => Some(DType::F16),
         Some("bf16" | "bfloat16") => Some(DType::BF16),
-        Some(other) => bail!("--dtype {other:?}: expected f32, f16 or bf16"),
+        Some(other) => bail!("--dtype {other:?}: write f32, f16, bf16 or stored"),
     })
+}
+
+/// `generate`'s compute dtype: the flag's, else bf16 for an f32 safetensors checkpoint (decode
+/// streams every weight once per token, so half the bytes is nearly twice the speed), else as
+/// stored. A GGUF file keeps its own path (its weights are converted when it is opened).
+pub fn generate_dtype(
+    flag: &Option<String>,
+    path: &std::path::Path,
+    ck: &djinn_model::Checkpoint,
+) -> anyhow::Result<Option<DType>> {
+    if flag.is_some() {
+        return parse_dtype(flag);
+    }
+    let all_f32 = ck.names().filter_map(|n| ck.get(n)).all(|t| t.dtype == DType::F32);
+    Ok((path.is_dir() && all_f32).then_some(DType::BF16))
+}
+
+/// The sampling seed: `--seed`, else a random one.
+pub fn seed_or_random(seed: Option<u64>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process: random enough for sampling.
+    seed.unwrap_or_else(|| std::collections::hash_map::RandomState::new().build_hasher().finish())
 }
 
 /// Opens the model files named by `--model-dir`.
@@ -99,24 +129,39 @@ pub fn open(m: &ModelArgs) -> anyhow::Result<ModelFiles> {
     Ok(open_model(dir, parse_dtype(&m.dtype)?)?)
 }
 
-/// Runs `f` with the backend `--gpus` names.
+/// Runs `f` with the backend `--gpus` names (chosen as `serve` chooses, see [`super::device`]).
 pub fn with_backend<R>(m: &ModelArgs, f: impl BackendFn<R>) -> anyhow::Result<R> {
-    if m.gpus == "cpu" {
-        let threads = m.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        let be = djinn_backend::cpu::CpuBackend::with_threads(threads)?;
-        return f.call(Arc::new(be), DType::F32);
-    }
-    let ordinal: usize =
-        m.gpus.parse().with_context(|| format!("--gpus {:?}: expected cpu or a device ordinal", m.gpus))?;
+    let ordinal = match device::parse(m.gpus.as_deref())? {
+        device::Device::Cpu => return with_cpu(m, f),
+        device::Device::Cuda(ords) => Some(device::one_device(&ords)?),
+        device::Device::Auto => None,
+    };
     #[cfg(feature = "cuda")]
     {
-        let be = djinn_dataplane::cuda_backend(ordinal)?;
-        f.call(Arc::new(be), DType::F16)
+        match djinn_dataplane::cuda_backend(ordinal.unwrap_or(0)) {
+            Ok(be) => f.call(Arc::new(be), DType::F16),
+            Err(e) if ordinal.is_none() => {
+                device::log_cpu_fallback(&e);
+                with_cpu(m, f)
+            }
+            Err(e) => Err(e).with_context(|| format!("opening GPU {}", ordinal.unwrap_or(0))),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        bail!("--gpus {ordinal}: this binary was built without the `cuda` feature")
+        match ordinal {
+            None => with_cpu(m, f),
+            Some(o) => {
+                bail!("--gpus {o}: this build has no CUDA backend (built without the `cuda` feature); use --gpus cpu")
+            }
+        }
     }
+}
+
+fn with_cpu<R>(m: &ModelArgs, f: impl BackendFn<R>) -> anyhow::Result<R> {
+    let threads = m.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let be = djinn_backend::cpu::CpuBackend::with_threads(threads)?;
+    f.call(Arc::new(be), DType::F32)
 }
 
 /// A computation generic over the backend (closures cannot be generic).
@@ -155,7 +200,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eos.push(e);
         }
     }
-    let dtype = parse_dtype(&args.model.dtype)?;
+    let dtype = generate_dtype(&args.model.dtype, checkpoint.dir(), &checkpoint)?;
     struct Gen<'a> {
         args: &'a Args,
         files: (djinn_model::ModelConfig, djinn_model::Checkpoint),
@@ -198,7 +243,7 @@ fn generate<B: Backend>(
         temperature: args.temperature.max(0.0),
         top_k: args.top_k,
         top_p: args.top_p,
-        seed: args.seed,
+        seed: seed_or_random(args.seed),
         step: 0,
     }];
     let mut detok = Detokenizer::new();

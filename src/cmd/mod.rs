@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod demo;
+pub mod device;
 pub mod generate;
 pub mod logits;
 pub mod ping;

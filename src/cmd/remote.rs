@@ -59,7 +59,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         temperature: args.temperature.max(0.0),
         top_k: args.top_k,
         top_p: args.top_p,
-        seed: args.seed,
+        seed: super::generate::seed_or_random(args.seed),
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
         ..DecodeOptions::default()

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use djinn_server::{Server, ServerConfig, ServerConfigLayer};
 
+use super::device::{self, Device};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// TOML file whose keys are these flags' names with `-` written `_` (see configs/); flags and
@@ -25,30 +27,11 @@ impl Args {
     }
 }
 
-/// Which backend `--gpus` asks for.
-enum Device {
-    Cpu,
-    Cuda(Vec<usize>),
-}
-
-fn parse_gpus(s: &str) -> anyhow::Result<Device> {
-    match s.trim() {
-        "" | "cpu" => Ok(Device::Cpu),
-        list => {
-            let ords = list
-                .split(',')
-                .map(|p| p.trim().parse::<usize>().with_context(|| format!("--gpus {list:?}: expected cpu or 0,1,...")))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok(Device::Cuda(ords))
-        }
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = args.to_config()?;
     cfg.validate()?;
-    match parse_gpus(&cfg.gpus)? {
-        Device::Cpu if cfg.gpus.trim().is_empty() => serve_default(cfg),
+    match device::parse(Some(&cfg.gpus))? {
+        Device::Auto => serve_default(cfg),
         Device::Cpu => {
             let be = cpu_backend(cfg.threads)?;
             serve(cfg, be)
@@ -71,7 +54,7 @@ fn serve_default(cfg: ServerConfig) -> anyhow::Result<()> {
     match djinn_dataplane::cuda_backend(0) {
         Ok(b) => serve(cfg, b),
         Err(e) => {
-            tracing::info!(reason = %e, "no usable GPU: serving on the CPU backend");
+            device::log_cpu_fallback(&e);
             let be = cpu_backend(cfg.threads)?;
             serve(cfg, be)
         }
@@ -84,23 +67,16 @@ fn serve_default(cfg: ServerConfig) -> anyhow::Result<()> {
     serve(cfg, be)
 }
 
-fn one_device(ords: &[usize]) -> anyhow::Result<usize> {
-    match ords {
-        [one] => Ok(*one),
-        _ => anyhow::bail!("--gpus {ords:?}: one device per server for now (multi-GPU serving is a later issue)"),
-    }
-}
-
 #[cfg(feature = "cuda")]
 fn serve_cuda(cfg: ServerConfig, ords: &[usize]) -> anyhow::Result<()> {
-    let ord = one_device(ords)?;
+    let ord = device::one_device(ords)?;
     let backend = djinn_dataplane::cuda_backend(ord).with_context(|| format!("opening GPU {ord}"))?;
     serve(cfg, backend)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn serve_cuda(_cfg: ServerConfig, ords: &[usize]) -> anyhow::Result<()> {
-    let ord = one_device(ords)?;
+    let ord = device::one_device(ords)?;
     anyhow::bail!("--gpus {ord}: this build has no CUDA backend (built without the `cuda` feature); use --gpus cpu")
 }
 
