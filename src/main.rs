@@ -7,6 +7,9 @@ mod cmd;
 #[derive(Parser)]
 #[command(name = "djinn-dataplane", version, about = "Remote GPU inference with server-resident state")]
 struct Cli {
+    /// Log lines on stderr: text, or json (one object per line). RUST_LOG filters them.
+    #[arg(long, global = true, value_enum, default_value_t, env = "DJINN_LOG_FORMAT")]
+    log_format: cmd::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,7 +32,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    cmd::init_tracing();
+    cmd::init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Ping(a) => cmd::ping::run(a),

@@ -158,6 +158,37 @@ fn token_file_authenticates(t: Transport) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--log-format json`: every stderr line is one JSON object, and each finished session request
+/// has one line with its tenant, model, opcode, tokens, duration and status. Text logs written to
+/// a file carry no terminal colours.
+fn logs_are_json_lines_with_one_line_per_request(t: Transport) {
+    let srv = common::model_server(t, MODEL, &model_dir(), &["--log-format", "json"]);
+    let out = bin().args(generate_args()).args(["--server", srv.url(), "--model", MODEL]).output().unwrap();
+    json_of("generate --server", out);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let decode = loop {
+        let log = srv.stderr();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+            .collect();
+        let found =
+            lines.into_iter().find(|v| v["target"] == "djinn::request" && v["fields"]["opcode"] == "SessionDecode");
+        match found {
+            Some(v) => break v,
+            None if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+            None => panic!("no request line for the decode in:\n{log}"),
+        }
+    };
+    let f = &decode["fields"];
+    assert_eq!((f["model"].as_str(), f["status"].as_str()), (Some(MODEL), Some("Ok")), "{decode}");
+    assert_eq!(f["tokens"].as_u64(), Some(NEW_TOKENS as u64), "{decode}");
+    assert!(f["tenant"].is_string() && f["duration_us"].is_u64(), "{decode}");
+    let text = common::model_server(t, MODEL, &model_dir(), &[]);
+    let log = text.stderr();
+    assert!(log.contains("server ready") && !log.contains('\x1b'), "ANSI escapes in a log file:\n{log}");
+}
+
 fn main() {
     common::run_trials(vec![
         ("generate_matches_in_process", None, generate_matches_in_process),
@@ -165,5 +196,10 @@ fn main() {
         ("text_and_chat_match_in_process", None, text_and_chat_match_in_process),
         ("unknown_model_fails_with_a_message", Some(Transport::Tcp), unknown_model_fails_with_a_message),
         ("token_file_authenticates", Some(Transport::Tcp), token_file_authenticates),
+        (
+            "logs_are_json_lines_with_one_line_per_request",
+            Some(Transport::Tcp),
+            logs_are_json_lines_with_one_line_per_request,
+        ),
     ]);
 }

@@ -38,8 +38,23 @@ mod tests {
     }
 }
 
+/// How log lines are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+pub enum LogFormat {
+    /// One plain line per event (colours only when stderr is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Logs go to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => sub.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => sub.json().with_current_span(false).init(),
+    }
 }

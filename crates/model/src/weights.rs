@@ -9,8 +9,6 @@
 //!   backend widens f16/bf16 inside its GEMV, so no f32 copies of low-precision weights exist.
 //! - The RoPE inverse-frequency table (f32) is stored with the weights: it is per model, not per step.
 
-use std::io::Write;
-
 use djinn_backend::{Backend, DType};
 
 use crate::checkpoint::{convert_floats, Checkpoint};
@@ -175,9 +173,8 @@ impl WeightLayout {
         base: usize,
     ) -> Result<WeightLayout> {
         let (layout, parts) = Self::plan(cfg, dtype);
-        let show_progress = layout.total_bytes > (256 << 20);
+        let mut progress = Progress::new(layout.total_bytes as u64);
         let mut done_bytes = 0usize;
-        let mut last_pct = 0usize;
         // Conversion staging, reused: 8 MiB of output per write keeps peak host memory flat.
         const CHUNK_ELEMS: usize = 4 << 20;
         let mut staging: Vec<u8> = Vec::new();
@@ -200,22 +197,61 @@ impl WeightLayout {
                     }
                 }
                 done_bytes += src.len() / e.dtype.size_bytes() * dtype.size_bytes();
-                if show_progress {
-                    let pct = done_bytes * 100 / layout.total_bytes.max(1);
-                    if pct >= last_pct + 5 {
-                        last_pct = pct;
-                        let mut err = std::io::stderr().lock();
-                        let _ = write!(err, "\rloading weights: {pct:3}% ({} MiB)", done_bytes >> 20);
-                        let _ = err.flush();
-                    }
-                }
+                progress.set(done_bytes as u64);
             }
         }
         let inv: Vec<u8> = cfg.inv_freq().iter().flat_map(|f| f.to_le_bytes()).collect();
         backend.write(region, base + layout.inv_freq, &inv)?;
-        if show_progress {
-            eprintln!("\rloading weights: 100% ({} MiB)", layout.total_bytes >> 20);
-        }
+        progress.finish();
         Ok(layout)
+    }
+}
+
+/// Weight-loading progress for loads over 256 MiB: a progress bar when stderr is a terminal
+/// (indicatif draws nothing otherwise), else a log line at each quarter, so files get no `\r`.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    logged_quarter: u64,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let big = total > (256 << 20);
+        let bar = (big && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            let style =
+                indicatif::ProgressStyle::with_template("loading weights {bar:30} {binary_bytes}/{binary_total_bytes}");
+            bar.set_style(style.unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            bar
+        });
+        // Small loads log nothing (quarter 4 = done).
+        Progress { bar, total, logged_quarter: if big { 0 } else { 4 } }
+    }
+
+    fn set(&mut self, done: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(done),
+            None => {
+                let quarter = done * 4 / self.total.max(1);
+                if quarter > self.logged_quarter && quarter < 4 {
+                    self.logged_quarter = quarter;
+                    tracing::info!(
+                        mib = done >> 20,
+                        total_mib = self.total >> 20,
+                        "loading weights: {}%",
+                        quarter * 25
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        match self.bar {
+            Some(bar) => bar.finish_and_clear(),
+            None if self.logged_quarter < 4 => tracing::info!(mib = self.total >> 20, "weights loaded"),
+            None => {}
+        }
     }
 }

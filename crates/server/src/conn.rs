@@ -290,6 +290,19 @@ impl<B: Backend> Conn<B> {
 
     /// Sends a rejection if there is one and records the request's duration.
     fn finish(&mut self, op_raw: u16, rid: u64, label: &str, t0: Instant, outcome: Outcome) -> Result<(), Fatal> {
+        // A queued session request logs its line when the engine loop answers it; the others here,
+        // at debug level (pings and tensor ops run at line rate).
+        let status = match &outcome {
+            Outcome::Rejected(rej) => rej.status.name(),
+            Outcome::Sent => "Ok",
+        };
+        let queued = status == "Ok" && (label.starts_with("Session") || label == "Logits");
+        if !queued && tracing::enabled!(target: "djinn::request", tracing::Level::DEBUG) {
+            let tenant = self.tenant.as_ref().map(|t| t.to_string());
+            let tenant = tenant.as_deref().unwrap_or("-");
+            let duration_us = t0.elapsed().as_micros() as u64;
+            tracing::debug!(target: "djinn::request", tenant, model = "-", opcode = label, tokens = 0, duration_us, status, "request");
+        }
         if let Outcome::Rejected(rej) = outcome {
             self.sh.metrics.errors_total.with_label_values(&[kind(rej.status)]).inc();
             tracing::debug!(conn = self.id, opcode = label, status = rej.status.name(), msg = %rej.message, "request rejected");

@@ -56,13 +56,22 @@ struct Answer {
     rid: u64,
     opcode: Opcode,
     received: Instant,
+    /// For the request's log line.
+    tenant: TenantId,
     _guard: ActiveGuard,
 }
 
 impl Answer {
     fn from_job(job: Job) -> (Answer, Request, TenantId) {
         let Job { conn, rid, opcode, tenant, req, received, guard } = job;
-        (Answer { conn, rid, opcode, received, _guard: guard }, req, tenant)
+        (Answer { conn, rid, opcode, received, tenant: tenant.clone(), _guard: guard }, req, tenant)
+    }
+
+    /// The one log line of a finished session request (target `djinn::request`).
+    fn log_done(&self, status: Status, model: &str, tokens: u32) {
+        let duration_us = self.received.elapsed().as_micros() as u64;
+        let (tenant, opcode, status) = (&self.tenant, self.opcode.name(), status.name());
+        tracing::info!(target: "djinn::request", %tenant, model, opcode, tokens, duration_us, status, "request");
     }
 
     fn send(&self, opcode: Opcode, status: Status, meta: &[u8], data: &[&[u8]]) -> usize {
@@ -85,11 +94,19 @@ impl Answer {
 
     fn ok(self, meta: &[u8], data: &[&[u8]]) {
         self.send(self.opcode, Status::Ok, meta, data);
+        self.log_done(Status::Ok, "-", 0);
+    }
+
+    /// A decode's final frame: `tokens` generated on `model`.
+    fn ok_decode(self, meta: &[u8], model: &str, tokens: u32) {
+        self.send(self.opcode, Status::Ok, meta, &[]);
+        self.log_done(Status::Ok, model, tokens);
     }
 
     fn err(self, status: Status, message: impl Into<String>) {
         let msg = ErrorReply::new(message);
         self.send(self.opcode, status, msg.encode_bytes(), &[]);
+        self.log_done(status, "-", 0);
     }
 }
 
@@ -688,7 +705,7 @@ impl<B: Backend> EngineLoop<B> {
                             context_tokens: s.tokens.len() as u32,
                             prompt_tokens: d.prompt_tokens,
                         };
-                        d.ans.ok(&r.to_meta(), &[]);
+                        d.ans.ok_decode(&r.to_meta(), &self.models[s.model].info.name, d.produced);
                     }
                 }
             }
