@@ -358,6 +358,47 @@ fn no_c_compiler() -> Option<String> {
     }
 }
 
+/// The README's C lines (between `c-build` markers) run as written with `sh`, in a folder where
+/// `ffi` is the repository's and `target/release` is where this build put `libdjinn.so` and
+/// `libdjinn.a`; `cargo build` is skipped (cargo built the library for this test) and the
+/// example's URL and model are this test's server's. Both binaries run without LD_LIBRARY_PATH.
+fn readme_c_lines_work(t: Transport) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let block = readme.split("<!-- c-build:begin -->").nth(1).and_then(|r| r.split("<!-- c-build:end -->").next());
+    let lines: Vec<&str> =
+        block.expect("README has the c-build markers").lines().filter(|l| !l.starts_with("```")).collect();
+    let lib = cdylib_dir().unwrap();
+    assert!(lib.join("libdjinn.a").is_file(), "no libdjinn.a next to libdjinn.so in {}", lib.display());
+    let dir = std::env::temp_dir().join(common::unique_name("readme-c"));
+    std::fs::create_dir_all(dir.join("target")).unwrap();
+    std::os::unix::fs::symlink(root.join("ffi"), dir.join("ffi")).unwrap();
+    std::os::unix::fs::symlink(&lib, dir.join("target/release")).unwrap();
+    let srv = model_server(t);
+    let mut ran = 0;
+    for line in lines.iter().map(|l| l.split(" # ").next().unwrap().trim()).filter(|l| !l.is_empty()) {
+        let line = if line.starts_with("./chat ") {
+            // The example's own server: its URL, its model (raw ids: the model has no tokenizer).
+            format!("./chat -n 4 {} {MODEL} ids:1,2,3 && ./chat-static -n 4 {} {MODEL} ids:1,2,3", srv.url(), srv.url())
+        } else if line.starts_with("cargo build") {
+            continue;
+        } else {
+            line.replace("cc ", &format!("{} ", c_compiler()))
+        };
+        let out =
+            Command::new("sh").args(["-c", &line]).current_dir(&dir).env_remove("LD_LIBRARY_PATH").output().unwrap();
+        assert!(
+            out.status.success(),
+            "README line failed: {line}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ran += 1;
+    }
+    assert_eq!(ran, 3, "expected two cc lines and a run line in the README block");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A trial body: its name, the body, and whether a missing C compiler ignores it.
 type Body = (&'static str, fn(Transport), bool);
 
@@ -369,7 +410,8 @@ fn main() {
         eprintln!("NOTE: trials ignored: {why}");
     }
     // (name, body, ignored for want of a C compiler)
-    let bodies: [Body; 3] = [
+    let bodies: [Body; 4] = [
+        ("readme_c_lines_work", readme_c_lines_work, cc_missing.is_some()),
         ("c_example_matches_in_process", c_example_matches_in_process, cc_missing.is_some()),
         ("header_matches_the_library", header_matches_the_library, cc_missing.is_some()),
         ("error_paths_are_codes_with_messages", error_paths_are_codes_with_messages, false),
@@ -377,8 +419,11 @@ fn main() {
     let mut trials = Vec::new();
     for (name, body, needs_missing_cc) in bodies {
         // The layout probe involves no server: once is enough.
-        let transports: &[Transport] =
-            if name == "header_matches_the_library" { &[Transport::Tcp] } else { &Transport::ALL };
+        let transports: &[Transport] = if matches!(name, "header_matches_the_library" | "readme_c_lines_work") {
+            &[Transport::Tcp]
+        } else {
+            &Transport::ALL
+        };
         for &t in transports {
             let ignored = needs_missing_cc || (t == Transport::Shm && shm_missing.is_some());
             trials.push(

@@ -1,7 +1,9 @@
 /*
  * chat.c: a multi-turn session through libdjinn, streaming tokens as they come.
  *
- *   cc -std=c99 -I ffi/include ffi/examples/chat.c -L target/debug -ldjinn -o chat
+ *   cargo build --release -p djinn-ffi
+ *   cc -std=c99 -I ffi/include ffi/examples/chat.c -L target/release -ldjinn -Wl,-rpath,"$PWD/target/release" -o chat
+ *   (or statically: cc ... ffi/examples/chat.c target/release/libdjinn.a -lgcc_s -lutil -lrt -lpthread -lm -ldl)
  *   ./chat [-n MAX_NEW_TOKENS] [-e] [-t TOKEN] URL MODEL [TURN ...]
  *
  * Each TURN is a user message sent through the model's chat template, or `ids:1,2,3` to feed raw
