@@ -1,4 +1,4 @@
-//! `djinn-dataplane`: serve, ping, generate, logits, convert-gguf, demo.
+//! `djinn-dataplane`: serve, ping, generate, logits, models, chat, convert-gguf, demo.
 
 use clap::{Parser, Subcommand};
 
@@ -22,8 +22,12 @@ enum Command {
     Ping(cmd::ping::Args),
     /// Generate tokens from a model (in process with --model-dir, or remote with --server).
     Generate(cmd::generate::Args),
-    /// Print a model's logits for a prompt.
+    /// Print a model's logits for a prompt (top-k per position; --json for every logit).
     Logits(cmd::logits::Args),
+    /// List the models a server serves.
+    Models(cmd::models::Args),
+    /// Chat with a server's model: each stdin line is a turn; the session keeps the history.
+    Chat(cmd::chat::Args),
     /// Convert a GGUF file into a Hugging Face layout directory.
     ConvertGguf(cmd::convert::Args),
     /// Start a server on loopback (CPU backend, tcp + shm) and run a client against it.
@@ -38,6 +42,8 @@ fn main() -> std::process::ExitCode {
         Command::Ping(a) => cmd::ping::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Logits(a) => cmd::logits::run(a),
+        Command::Models(a) => cmd::models::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
         Command::ConvertGguf(a) => cmd::convert::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };

@@ -158,6 +158,44 @@ fn token_file_authenticates(t: Transport) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `models` lists the server's models; `chat` keeps the conversation on the server (its first
+/// reply is `generate --chat`'s); `logits` prints the top-k per position unless `--json`.
+fn models_chat_and_logits_text(t: Transport) {
+    let dir = std::env::temp_dir().join(common::unique_name("tiny"));
+    tiny_model::write(&dir, 5).unwrap();
+    let spec = format!("tiny={}", dir.display());
+    let srv = server(t, &["--model", &spec]);
+    let out = bin().args(["models", "--server", srv.url()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tiny\n");
+    let first = bin()
+        .args(["generate", "--server", srv.url(), "--model", "tiny", "--chat", "--prompt", "Hello there"])
+        .args(["--max-new-tokens", "12", "--json"])
+        .output()
+        .unwrap();
+    let first = json_of("generate --chat", first)["text"].as_str().unwrap().to_owned();
+    let mut chat = std::process::Command::new(common::BIN)
+        .args(["chat", "--server", srv.url(), "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    chat.stdin.take().unwrap().write_all(b"Hello there\nAnd again?\n").unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with(&format!("{first}\n")), "chat's first reply {said:?} is not generate's {first:?}");
+    let logits = ["logits", "--server", srv.url(), "--model", "tiny", "--prompt-ids", "1,2,3", "--top-k", "3"];
+    let out = bin().args(logits).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.lines().count() == 3, "{text}");
+    assert!(text.lines().all(|l| l.starts_with("position ") && l.matches(':').count() == 4), "{text}");
+    drop(srv);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `--log-format json`: every stderr line is one JSON object, and each finished session request
 /// has one line with its tenant, model, opcode, tokens, duration and status. Text logs written to
 /// a file carry no terminal colours.
@@ -196,6 +234,7 @@ fn main() {
         ("text_and_chat_match_in_process", None, text_and_chat_match_in_process),
         ("unknown_model_fails_with_a_message", Some(Transport::Tcp), unknown_model_fails_with_a_message),
         ("token_file_authenticates", Some(Transport::Tcp), token_file_authenticates),
+        ("models_chat_and_logits_text", Some(Transport::Tcp), models_chat_and_logits_text),
         (
             "logs_are_json_lines_with_one_line_per_request",
             Some(Transport::Tcp),

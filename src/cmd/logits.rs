@@ -18,7 +18,10 @@ pub struct Args {
     /// Prompt token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub prompt_ids: Vec<u32>,
-    /// Print JSON (the only output format; accepted for symmetry with `generate`).
+    /// Text output: the k highest logits at each position.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub top_k: usize,
+    /// Print every logit instead: {"logits": [[one float per vocabulary entry] per position]}.
     #[arg(long)]
     pub json: bool,
 }
@@ -60,16 +63,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let vocab = cfg.vocab_size;
     let dtype = parse_dtype(&args.model.dtype)?;
     let logits = with_backend(&args.model, Run { ids: &args.prompt_ids, cfg, ck: checkpoint, dtype })?;
-    print_logits(&logits, vocab)
+    print_logits(&args, &logits, vocab)
 }
 
-/// `{"logits": [[one float per vocabulary entry] for each position]}` on stdout, the same in
-/// process and over `--server`.
-pub fn print_logits(logits: &[f32], vocab: usize) -> anyhow::Result<()> {
-    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+/// The same output in process and over `--server`: with `--json`,
+/// `{"logits": [[one float per vocabulary entry] for each position]}`; else one line per
+/// position with its input id and the `--top-k` highest logits as `id:logit`.
+pub fn print_logits(args: &Args, logits: &[f32], vocab: usize) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
-    writeln!(out)?;
+    if args.json {
+        let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+        serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
+        writeln!(out)?;
+    } else {
+        for (pos, (row, id)) in logits.chunks(vocab).zip(&args.prompt_ids).enumerate() {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            let k = args.top_k.min(row.len());
+            if k > 0 {
+                order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+            }
+            order.truncate(k);
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let top: Vec<String> = order.iter().map(|&t| format!("{t}:{:.4}", row[t])).collect();
+            writeln!(out, "position {pos} (input id {id}): top {k} {}", top.join(" "))?;
+        }
+    }
     out.flush()?;
     Ok(())
 }

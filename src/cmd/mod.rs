@@ -1,10 +1,12 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod convert;
 pub mod demo;
 pub mod device;
 pub mod generate;
 pub mod logits;
+pub mod models;
 pub mod ping;
 pub mod remote;
 pub mod serve;

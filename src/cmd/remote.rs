@@ -126,5 +126,5 @@ pub fn logits(args: &LogitsArgs) -> anyhow::Result<()> {
     if rows != args.prompt_ids.len() || logits.len() != rows * vocab || vocab == 0 {
         bail!("server returned {} logits as {rows} x {vocab} for {} positions", logits.len(), args.prompt_ids.len());
     }
-    print_logits(&logits, vocab)
+    print_logits(args, &logits, vocab)
 }

@@ -84,7 +84,7 @@ fn main() {
         let raw = raw_rtt(&raw_url, iters);
         let (srv, server_time_mean_us) = server_rtt(&srv_url, iters);
         println!(
-            "{name:>3} empty ping rtt p50: raw echo {:.2} us, server {:.2} us ({:.2}x raw; +{:.2} us); \
+            "{name:>3} empty ping rtt p50: raw echo {:.2} us, server {:.2} us ({:.2}x raw; {:+.2} us); \
              p99 raw {:.2} us, server {:.2} us; server_time mean {:.2} us (received -> reply queued)",
             us(&raw, 0.5),
             us(&srv, 0.5),

@@ -163,10 +163,10 @@ fn bench_kv_block<B: Backend>(be: Arc<B>) -> Lat {
 
 fn print_lat(name: &str, l: &Lat, base: &Lat, base_name: &str) {
     println!(
-        "  {name:<34} p50 {:>7.3} µs  p99 {:>7.3} µs   ({base_name}: p99 ratio {:.2}× faster)",
+        "  {name:<34} p50 {:>7.3} µs  p99 {:>7.3} µs   (p99 = {:.2}× {base_name}'s)",
         l.p50_ns as f64 / 1e3,
         l.p99_ns as f64 / 1e3,
-        base.p99_ns as f64 / l.p99_ns.max(1) as f64
+        l.p99_ns as f64 / base.p99_ns.max(1) as f64
     );
 }
 
