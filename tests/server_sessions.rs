@@ -483,7 +483,7 @@ fn memory_pressure(t: Transport) {
         assert_eq!(ids, reference_greedy(&prompt(10 + i, 8), NEW as usize), "session {i} under pressure");
     }
     let (_, body) = http_get(srv.metrics.as_deref().unwrap(), "/metrics");
-    let peak = metric(&body, "djinn_kv_used_bytes_peak").expect("peak metric");
+    let peak = metric(&body, "djinn_kv_peak_used_bytes").expect("peak metric");
     let cap = metric(&body, "djinn_kv_capacity_bytes").expect("capacity metric");
     let swaps = metric(&body, "djinn_swap_out_total").expect("swap metric");
     assert!(peak <= cap && cap == 65536.0, "peak {peak} capacity {cap}");

@@ -58,18 +58,23 @@ struct Answer {
     received: Instant,
     /// For the request's log line.
     tenant: TenantId,
+    /// Its end-to-end time (`djinn_session_request_duration_seconds`).
+    duration_s: prometheus::HistogramVec,
     _guard: ActiveGuard,
 }
 
 impl Answer {
-    fn from_job(job: Job) -> (Answer, Request, TenantId) {
+    fn from_job(job: Job, metrics: &Metrics) -> (Answer, Request, TenantId) {
         let Job { conn, rid, opcode, tenant, req, received, guard } = job;
-        (Answer { conn, rid, opcode, received, tenant: tenant.clone(), _guard: guard }, req, tenant)
+        let duration_s = metrics.session_request_duration_s.clone();
+        (Answer { conn, rid, opcode, received, tenant: tenant.clone(), duration_s, _guard: guard }, req, tenant)
     }
 
     /// The one log line of a finished session request (target `djinn::request`).
     fn log_done(&self, status: Status, model: &str, tokens: u32) {
-        let duration_us = self.received.elapsed().as_micros() as u64;
+        let elapsed = self.received.elapsed();
+        self.duration_s.with_label_values(&[self.opcode.name()]).observe(elapsed.as_secs_f64());
+        let duration_us = elapsed.as_micros() as u64;
         let (tenant, opcode, status) = (&self.tenant, self.opcode.name(), status.name());
         tracing::info!(target: "djinn::request", %tenant, model, opcode, tokens, duration_us, status, "request");
     }
@@ -266,6 +271,7 @@ impl<B: Backend> EngineLoop<B> {
             q = self.svc.wake.wait_timeout(q, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
         q.conns_closed = false;
+        self.metrics.session_queue_depth.set(q.jobs.len() as i64);
         std::mem::swap(&mut q.jobs, into);
         q.draining
     }
@@ -319,7 +325,7 @@ impl<B: Backend> EngineLoop<B> {
     // ---- jobs ---------------------------------------------------------------------------------
 
     fn handle(&mut self, job: Job) {
-        let (ans, req, tenant) = Answer::from_job(job);
+        let (ans, req, tenant) = Answer::from_job(job, &self.metrics);
         let r = match req {
             Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens),
             Request::Attach(id) => self.attach(ans, &tenant, id),
@@ -705,7 +711,9 @@ impl<B: Backend> EngineLoop<B> {
                             context_tokens: s.tokens.len() as u32,
                             prompt_tokens: d.prompt_tokens,
                         };
-                        d.ans.ok_decode(&r.to_meta(), &self.models[s.model].info.name, d.produced);
+                        let model = &self.models[s.model].info.name;
+                        self.metrics.prompt_tokens_total.with_label_values(&[model]).inc_by(u64::from(d.prompt_tokens));
+                        d.ans.ok_decode(&r.to_meta(), model, d.produced);
                     }
                 }
             }
@@ -754,7 +762,7 @@ impl<B: Backend> EngineLoop<B> {
         // Jobs queued after the last take are refused too.
         let jobs = std::mem::take(&mut self.svc.queue.lock().unwrap_or_else(|p| p.into_inner()).jobs);
         for job in jobs {
-            let (ans, _, _) = Answer::from_job(job);
+            let (ans, _, _) = Answer::from_job(job, &self.metrics);
             ans.err(Status::ShuttingDown, "server is shutting down");
         }
     }
@@ -942,7 +950,7 @@ impl<B: Backend> EngineLoop<B> {
             self.metrics.token_latency_s.observe(now.duration_since(d.last).as_secs_f64());
         }
         d.last = now;
-        self.metrics.tokens_generated_total.inc();
+        self.metrics.tokens_generated_total.with_label_values(&[&self.models[m].info.name]).inc();
         self.metrics.step_bytes.observe(bytes as f64);
         let finish = if hit {
             Some(FinishWire::Stop)
