@@ -326,39 +326,24 @@ fn silent_clients_are_closed_after_the_handshake_timeout(t: Transport) {
     );
 }
 
-/// With every slot held by clients that never say Hello, a new client is refused only until the
-/// handshake timeout frees the slots.
+/// With every slot held by clients that never say Hello, a new client is admitted at once: the
+/// silent client that has waited longest makes way (it is closed), well before the handshake
+/// timeout.
 fn silent_clients_cannot_lock_out_others(t: Transport) {
     const SLOTS: usize = 3;
-    const TIMEOUT_MS: u64 = 800;
+    const TIMEOUT_MS: u64 = 60_000;
     let srv = server(t, &["--max-connections", &SLOTS.to_string(), "--handshake-timeout-ms", &TIMEOUT_MS.to_string()]);
+    let mut silent: Vec<Box<dyn RawPeer>> = Vec::new();
+    for _ in 0..SLOTS {
+        silent.push(raw(t, srv.url()));
+        // Accepted in this order, so the first is the oldest.
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let start = Instant::now();
-    let mut silent: Vec<Box<dyn RawPeer>> = (0..SLOTS).map(|_| raw(t, srv.url())).collect();
-    // Accepted in order, so while the deadline has not passed this one finds every slot taken.
-    if Client::connect_with(srv.url(), &ClientOptions::default()).is_ok() {
-        let at = start.elapsed();
-        assert!(
-            at >= Duration::from_millis(TIMEOUT_MS),
-            "admitted after {at:?} while {SLOTS} silent clients held every slot"
-        );
-    }
-    let mut c = loop {
-        match Client::connect_with(srv.url(), &ClientOptions::default()) {
-            Ok(c) => break c,
-            Err(e) => {
-                let waited = start.elapsed();
-                assert!(
-                    waited < Duration::from_millis(TIMEOUT_MS) + REPLY_TIMEOUT,
-                    "still locked out after {waited:?}: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let mut c = Client::connect_with(srv.url(), &ClientOptions::default()).expect("admitted with every slot silent");
     assert_eq!(c.ping(b"in").unwrap(), b"in");
-    for p in &mut silent {
-        assert!(p.recv().is_none(), "a silent client outlived the handshake timeout");
-    }
+    assert!(silent[0].recv().is_none(), "the oldest silent client was not closed to make way");
+    assert!(start.elapsed() < REPLY_TIMEOUT, "took {:?}", start.elapsed());
 }
 
 /// A get sends straight from the tensor's memory without holding the tenant's lock: another
@@ -579,11 +564,13 @@ fn config_files_start_and_flags_override(t: Transport) {
         still_serves(srv.url());
     }
     assert!(seen > 0, "no example configs in {dir}");
-    // Every key of the documented example is a `serve` flag.
+    // Every top-level key of the documented example is a `serve` flag (tables such as
+    // `[tenant_defaults]` are config-file only).
     let help = Command::new(BIN).args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout).into_owned();
     let example = std::fs::read_to_string(format!("{dir}/server-cpu.toml")).unwrap();
-    for line in example.lines().map(str::trim).filter(|l| !l.starts_with('#') && l.contains('=')) {
+    let top_level = example.lines().map(str::trim).take_while(|l| !l.starts_with('['));
+    for line in top_level.filter(|l| !l.starts_with('#') && l.contains('=')) {
         let key = line.split('=').next().unwrap().trim();
         let flag = format!("--{}", key.replace('_', "-"));
         assert!(help.contains(&flag), "config key {key} has no flag {flag}");

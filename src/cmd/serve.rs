@@ -36,10 +36,10 @@ pub struct Args {
     /// Requests in flight per connection.
     #[arg(long)]
     pub max_inflight_per_conn: Option<usize>,
-    /// Tensor handles per tenant.
+    /// Tensor handles per tenant (`[tenant_defaults] handles_max`).
     #[arg(long)]
     pub handles_max_per_tenant: Option<usize>,
-    /// Tensor bytes per tenant.
+    /// Tensor bytes per tenant (`[tenant_defaults] tensor_bytes_max`).
     #[arg(long)]
     pub tensor_bytes_max_per_tenant: Option<u64>,
     /// Tensor bytes over all tenants.
@@ -60,9 +60,6 @@ pub struct Args {
     /// SHM: data-area bytes per direction of each client's region.
     #[arg(long)]
     pub shm_data_bytes: Option<usize>,
-    /// Staging bytes connections may keep between large requests, over all connections.
-    #[arg(long)]
-    pub staging_bytes_retained_max: Option<u64>,
     /// Milliseconds SIGTERM waits for in-flight requests.
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
@@ -72,6 +69,41 @@ pub struct Args {
     /// Models and sessions (boxed: these flags would make every CLI command's arguments large).
     #[command(flatten)]
     pub sessions: Box<SessionArgs>,
+    /// Staging, deadlines and the metrics endpoint's bounds (boxed, as above).
+    #[command(flatten)]
+    pub limits: Box<LimitArgs>,
+}
+
+/// `serve` flags bounding what one client can hold: staging, deadlines, busy-poll, HTTP.
+#[derive(clap::Args, Debug)]
+pub struct LimitArgs {
+    /// Bytes of the staging pool allocated at start-up (bulk data that cannot land in place).
+    #[arg(long)]
+    pub staging_pool_bytes: Option<u64>,
+    /// Staging bytes one connection may hold at once.
+    #[arg(long)]
+    pub staging_bytes_max_per_conn: Option<u64>,
+    /// Staging bytes one tenant's connections may hold at once.
+    #[arg(long)]
+    pub staging_bytes_max_per_tenant: Option<u64>,
+    /// Milliseconds a frame's bulk data may take to arrive after its header.
+    #[arg(long)]
+    pub frame_data_timeout_ms: Option<u64>,
+    /// Milliseconds a connection may stay without requests and without work in flight.
+    #[arg(long)]
+    pub conn_idle_timeout_ms: Option<u64>,
+    /// Connections still in their handshake at once; beyond it the oldest is closed.
+    #[arg(long)]
+    pub handshakes_pending_max: Option<usize>,
+    /// Busy-poll: microseconds a connection keeps spinning after its last request.
+    #[arg(long)]
+    pub busy_poll_linger_us: Option<u64>,
+    /// HTTP connections the metrics endpoint holds at once (the oldest is closed beyond it).
+    #[arg(long)]
+    pub http_conns_max: Option<usize>,
+    /// Milliseconds an HTTP client may take to send its request.
+    #[arg(long)]
+    pub http_request_timeout_ms: Option<u64>,
 }
 
 /// `serve` flags of the models and their sessions.
@@ -120,10 +152,22 @@ impl Args {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone().into(); } )* };
         }
-        over!(gpus, node_id, max_connections, max_inflight_per_conn, handles_max_per_tenant);
-        over!(tensor_bytes_max_per_tenant, tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
-        over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file, staging_bytes_retained_max);
-        over!(handshake_timeout_ms);
+        over!(gpus, node_id, max_connections, max_inflight_per_conn);
+        over!(tensor_bytes_max, exec_nodes_max, frame_bytes_max, wait);
+        over!(shm_data_bytes, drain_timeout_ms, nic, metrics_listen, auth_token_file, handshake_timeout_ms);
+        let l = &*self.limits;
+        macro_rules! over_l {
+            ($($f:ident),*) => { $( if let Some(v) = &l.$f { c.$f = v.clone().into(); } )* };
+        }
+        over_l!(staging_pool_bytes, staging_bytes_max_per_conn, staging_bytes_max_per_tenant, frame_data_timeout_ms);
+        over_l!(conn_idle_timeout_ms, handshakes_pending_max, busy_poll_linger_us, http_conns_max);
+        over_l!(http_request_timeout_ms);
+        if let Some(v) = self.handles_max_per_tenant {
+            c.tenant_defaults.handles_max = v;
+        }
+        if let Some(v) = self.tensor_bytes_max_per_tenant {
+            c.tenant_defaults.tensor_bytes_max = v;
+        }
         let s = &*self.sessions;
         macro_rules! over_s {
             ($($f:ident),*) => { $( if let Some(v) = &s.$f { c.$f = v.clone().into(); } )* };

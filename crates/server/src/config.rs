@@ -4,6 +4,7 @@
 //! Invariant: every bound the server enforces (connections, in-flight requests, handles, bytes)
 //! is a named field here, fixed at start-up; nothing grows past it at run time.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -32,6 +33,62 @@ impl ModelSpec {
     }
 }
 
+/// What one tenant may hold at once (TOML: `[tenant_defaults]`, and `[tenants.NAME]` whose keys
+/// override the defaults for tenant NAME). Tokens stay in `auth_token_file`; without it (anonymous
+/// mode) every connection is its own tenant and gets the defaults.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Sessions open at once; more opens are refused with `LimitExceeded`.
+    pub sessions_max: usize,
+    /// KV cache bytes the tenant's open sessions may grow to (each session counts its
+    /// `max_tokens` × the model's KV bytes per token from its open); beyond it an open is refused
+    /// with `LimitExceeded`.
+    pub kv_bytes_max: u64,
+    /// Tensor bytes held at once (TensorPut and Exec outputs).
+    pub tensor_bytes_max: u64,
+    /// Tensor handles held at once.
+    pub handles_max: usize,
+    /// Connections that completed their Hello, at once; a further Hello is refused with `Busy`.
+    pub connections_max: usize,
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        TenantQuota {
+            sessions_max: 64,
+            kv_bytes_max: 16 << 30,
+            tensor_bytes_max: 2 << 30,
+            handles_max: 4096,
+            connections_max: 64,
+        }
+    }
+}
+
+/// A `[tenants.NAME]` table: the keys it gives replace the defaults' for that tenant.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantOverride {
+    pub sessions_max: Option<usize>,
+    pub kv_bytes_max: Option<u64>,
+    pub tensor_bytes_max: Option<u64>,
+    pub handles_max: Option<usize>,
+    pub connections_max: Option<usize>,
+}
+
+impl TenantOverride {
+    /// `base` with this table's keys applied.
+    pub fn apply(&self, base: &TenantQuota) -> TenantQuota {
+        TenantQuota {
+            sessions_max: self.sessions_max.unwrap_or(base.sessions_max),
+            kv_bytes_max: self.kv_bytes_max.unwrap_or(base.kv_bytes_max),
+            tensor_bytes_max: self.tensor_bytes_max.unwrap_or(base.tensor_bytes_max),
+            handles_max: self.handles_max.unwrap_or(base.handles_max),
+            connections_max: self.connections_max.unwrap_or(base.connections_max),
+        }
+    }
+}
+
 /// Everything `djinn-dataplane serve` needs to start. Field names are the TOML keys.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -52,10 +109,6 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests one connection may have in flight at once; more are refused with `Busy`.
     pub max_inflight_per_conn: usize,
-    /// Tensor handles one tenant may hold at once.
-    pub handles_max_per_tenant: usize,
-    /// Tensor bytes one tenant may hold at once.
-    pub tensor_bytes_max_per_tenant: u64,
     /// Tensor bytes all tenants together may hold at once.
     pub tensor_bytes_max: u64,
     /// Nodes in one Exec graph.
@@ -68,9 +121,31 @@ pub struct ServerConfig {
     pub force_socket: bool,
     /// SHM: data-area bytes per direction of each client's region.
     pub shm_data_bytes: usize,
-    /// Staging bytes (for large pings, puts and gets) that connections may keep between requests,
-    /// over all connections; beyond it a connection frees its large buffer after each request.
-    pub staging_bytes_retained_max: u64,
+    /// Bytes of the staging pool, allocated at start-up, through which bulk data that cannot
+    /// land in its destination (a ping's echo, puts and gets of device memory) moves in pieces.
+    pub staging_pool_bytes: u64,
+    /// Staging bytes one connection may hold at once (a ping's echo is held whole).
+    pub staging_bytes_max_per_conn: u64,
+    /// Staging bytes one tenant's connections may hold at once.
+    pub staging_bytes_max_per_tenant: u64,
+    /// How long a frame's bulk data may take to arrive once its header has; then the connection
+    /// is closed (a header announcing data that never comes holds nothing for longer).
+    pub frame_data_timeout_ms: u64,
+    /// How long a connection that said Hello may stay without a request and without work in
+    /// flight (a decode streaming counts as work); then it is closed.
+    pub conn_idle_timeout_ms: u64,
+    /// Connections still without a successful Hello, at once; a new connection beyond it closes
+    /// the oldest of them, so a flood of silent connections cannot lock legitimate clients out.
+    pub handshakes_pending_max: usize,
+    /// With `wait = "busy-poll"`: how long a connection keeps busy-polling for its next request
+    /// after its last one ended and nothing is in flight; then it parks, so idle connections
+    /// burn no CPU.
+    pub busy_poll_linger_us: u64,
+    /// HTTP connections the `/healthz` + `/metrics` endpoint holds at once (one thread serves
+    /// them all); a new one beyond it closes the oldest, so idle clients cannot starve a probe.
+    pub http_conns_max: usize,
+    /// How long an HTTP connection may take to send its request.
+    pub http_request_timeout_ms: u64,
     /// How long SIGTERM waits for in-flight requests before the process exits anyway.
     pub drain_timeout_ms: u64,
     /// How long a new connection may take to complete its Hello; a connection still without a
@@ -97,6 +172,10 @@ pub struct ServerConfig {
     pub max_step_tokens: usize,
     /// Session requests waiting for the engine loop; more are refused with `Busy`.
     pub session_queue_max: usize,
+    /// Quotas of every tenant not named in `tenants` (and of each anonymous connection).
+    pub tenant_defaults: TenantQuota,
+    /// Per-tenant overrides of `tenant_defaults`, by tenant name (TOML: `[tenants.NAME]`).
+    pub tenants: BTreeMap<String, TenantOverride>,
 }
 
 impl Default for ServerConfig {
@@ -111,15 +190,21 @@ impl Default for ServerConfig {
             auth_token_file: None,
             max_connections: 256,
             max_inflight_per_conn: 64,
-            handles_max_per_tenant: 4096,
-            tensor_bytes_max_per_tenant: 2 << 30,
             tensor_bytes_max: 8 << 30,
             exec_nodes_max: 256,
             frame_bytes_max: limits.frame_bytes_max,
             wait: "spin-then-park".into(),
             force_socket: false,
             shm_data_bytes: djinn_transport::TransportOptions::default().shm_data_bytes,
-            staging_bytes_retained_max: 512 << 20,
+            staging_pool_bytes: 256 << 20,
+            staging_bytes_max_per_conn: limits.frame_bytes_max,
+            staging_bytes_max_per_tenant: 128 << 20,
+            frame_data_timeout_ms: 10_000,
+            conn_idle_timeout_ms: 600_000,
+            handshakes_pending_max: 64,
+            busy_poll_linger_us: 2_000,
+            http_conns_max: 64,
+            http_request_timeout_ms: 2_000,
             drain_timeout_ms: 5_000,
             handshake_timeout_ms: 5_000,
             models: Vec::new(),
@@ -132,6 +217,8 @@ impl Default for ServerConfig {
             max_context_tokens: None,
             max_step_tokens: 256,
             session_queue_max: 1024,
+            tenant_defaults: TenantQuota::default(),
+            tenants: BTreeMap::new(),
         }
     }
 }
@@ -181,9 +268,15 @@ impl ServerConfig {
         let positive = [
             ("max_connections", self.max_connections as u64),
             ("max_inflight_per_conn", self.max_inflight_per_conn as u64),
-            ("handles_max_per_tenant", self.handles_max_per_tenant as u64),
             ("exec_nodes_max", self.exec_nodes_max as u64),
-            ("tensor_bytes_max_per_tenant", self.tensor_bytes_max_per_tenant),
+            ("staging_pool_bytes", self.staging_pool_bytes),
+            ("staging_bytes_max_per_conn", self.staging_bytes_max_per_conn),
+            ("staging_bytes_max_per_tenant", self.staging_bytes_max_per_tenant),
+            ("frame_data_timeout_ms", self.frame_data_timeout_ms),
+            ("conn_idle_timeout_ms", self.conn_idle_timeout_ms),
+            ("handshakes_pending_max", self.handshakes_pending_max as u64),
+            ("http_conns_max", self.http_conns_max as u64),
+            ("http_request_timeout_ms", self.http_request_timeout_ms),
             ("tensor_bytes_max", self.tensor_bytes_max),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("max_sessions", self.max_sessions as u64),
@@ -197,6 +290,21 @@ impl ServerConfig {
         }
         if self.frame_bytes_max < (djinn_proto::HEADER_LEN as u64) + 1024 {
             return Err(ConfigError::Invalid(format!("frame_bytes_max {} is too small", self.frame_bytes_max)));
+        }
+        let quotas = std::iter::once(("tenant_defaults".to_owned(), self.tenant_defaults.clone()))
+            .chain(self.tenants.iter().map(|(n, o)| (format!("tenants.{n}"), o.apply(&self.tenant_defaults))));
+        for (table, q) in quotas {
+            for (key, v) in [
+                ("sessions_max", q.sessions_max as u64),
+                ("kv_bytes_max", q.kv_bytes_max),
+                ("tensor_bytes_max", q.tensor_bytes_max),
+                ("handles_max", q.handles_max as u64),
+                ("connections_max", q.connections_max as u64),
+            ] {
+                if v == 0 {
+                    return Err(ConfigError::Invalid(format!("[{table}] {key} must be at least 1")));
+                }
+            }
         }
         self.wait_mode()?;
         for (name, v) in [("kv_capacity_mb", self.kv_capacity_mb), ("host_swap_mb", self.host_swap_mb)] {
@@ -218,6 +326,15 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The quota of tenant `name` (`None`: an anonymous connection): its `[tenants.NAME]` table
+    /// over the defaults.
+    pub fn quota_of(&self, name: Option<&str>) -> TenantQuota {
+        match name.and_then(|n| self.tenants.get(n)) {
+            Some(o) => o.apply(&self.tenant_defaults),
+            None => self.tenant_defaults.clone(),
+        }
     }
 
     /// The models' weight dtype (`dtype`), `None` = as stored.
@@ -306,6 +423,24 @@ mod tests {
         assert!(dup.validate().is_err());
         assert!(ServerConfig { kv_capacity_mb: Some(-1.0), ..c.clone() }.validate().is_err());
         assert!(ServerConfig { dtype: Some("f8".into()), ..c }.validate().is_err());
+    }
+
+    #[test]
+    fn tenant_tables_override_the_defaults() {
+        let c = ServerConfig::from_toml(
+            "[tenant_defaults]\nsessions_max = 4\nconnections_max = 8\n\
+             [tenants.alice]\nsessions_max = 16\nkv_bytes_max = 1024\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let (a, b) = (c.quota_of(Some("alice")), c.quota_of(Some("bob")));
+        assert_eq!((a.sessions_max, a.kv_bytes_max, a.connections_max), (16, 1024, 8));
+        assert_eq!((b.sessions_max, b.connections_max), (4, 8));
+        assert_eq!(c.quota_of(None), c.tenant_defaults);
+        assert_eq!(b.handles_max, TenantQuota::default().handles_max);
+        assert!(ServerConfig::from_toml("[tenants.x]\nsesions_max = 1\n").is_err(), "unknown quota key");
+        let zero = ServerConfig::from_toml("[tenants.x]\nhandles_max = 0\n").unwrap();
+        assert!(zero.validate().unwrap_err().to_string().contains("tenants.x"));
     }
 
     #[test]

@@ -1,0 +1,341 @@
+//! No client can hurt another (issue 11, connection side), against real server processes: a
+//! header announcing data that never comes pins no memory and is timed out; idle connections are
+//! closed; a flood of silent connections does not fail logins; per-tenant quotas from the config
+//! file (connections, sessions, KV bytes); a get larger than the frame limit is refused with a
+//! typed error; Stats shows a tenant its own counters; refused clients read `Busy` and refusals
+//! are logged once per second; idle `/metrics` clients do not block `/healthz`; idle busy-poll
+//! connections burn no CPU.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{http_get, run_trials, server, status_of, unique_name, Transport};
+use djinn_client::{Client, ClientOptions, OpenOptions};
+use djinn_proto::{ExecInput, ExecNode, ExecOp, ExecReq, FrameHeader, HelloReq, Meta, Opcode, Status, HEADER_LEN};
+use zerocopy::{FromBytes, IntoBytes};
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// A tiny model with no tokenizer (sessions can be opened on it).
+const TINY_MODEL: &str = "tests/data/models/llama-gqa";
+
+fn temp_file(what: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(unique_name(what));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn with_token(tok: &str) -> ClientOptions {
+    ClientOptions { token: Some(tok.as_bytes().to_vec()), ..Default::default() }
+}
+
+fn raw_tcp(url: &str) -> TcpStream {
+    let s = TcpStream::connect(url.strip_prefix("tcp://").unwrap()).unwrap();
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// The next reply's header (its metadata and data consumed), or `None` once the server closed.
+fn raw_reply(s: &mut TcpStream) -> Option<FrameHeader> {
+    let mut hb = [0u8; HEADER_LEN];
+    match s.read_exact(&mut hb) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+            return None
+        }
+        Err(e) => panic!("waiting for a reply: {e}"),
+    }
+    let h = FrameHeader::read_from_bytes(&hb).unwrap();
+    let mut rest = vec![0u8; h.meta_len.get() as usize + h.data_len.get() as usize];
+    s.read_exact(&mut rest).unwrap();
+    Some(h)
+}
+
+fn raw_hello(s: &mut TcpStream, token: &[u8]) -> u16 {
+    let m = HelloReq { version_min: 1, version_max: 1, token: token.to_vec(), client_name: "raw".into() }.to_meta();
+    let mut b = FrameHeader::new(Opcode::Hello.as_u16(), 0, 1, m.len() as u32, 0).as_bytes().to_vec();
+    b.extend_from_slice(&m);
+    s.write_all(&b).unwrap();
+    raw_reply(s).expect("hello reply").status.get()
+}
+
+fn vm_rss_mib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 =
+        s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap();
+    kib / 1024
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_s(pid: i32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name and state.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn wait_until(what: &str, limit: Duration, f: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Item 4: 32-byte headers announcing 64 MiB each commit no memory for data that never comes,
+/// and the connections are closed once `--frame-data-timeout-ms` passes.
+fn announced_data_that_never_comes_pins_nothing(t: Transport) {
+    const CONNS: usize = 16;
+    const DATA_TIMEOUT_MS: u64 = 1500;
+    let srv = server(t, &["--frame-data-timeout-ms", &DATA_TIMEOUT_MS.to_string()]);
+    let rss0 = vm_rss_mib(srv.pid());
+    let mut conns: Vec<TcpStream> = (0..CONNS)
+        .map(|_| {
+            let mut s = raw_tcp(srv.url());
+            assert_eq!(raw_hello(&mut s, b""), 0);
+            s.write_all(FrameHeader::new(Opcode::Ping.as_u16(), 0, 2, 0, 64 << 20).as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let sent = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = vm_rss_mib(srv.pid()).saturating_sub(rss0);
+    eprintln!("[{}] {CONNS} headers announcing 64 MiB: server RSS +{grown} MiB", t.name());
+    assert!(grown < 48, "{CONNS} announced-but-absent 64 MiB payloads grew the server by {grown} MiB");
+    for s in &mut conns {
+        assert!(raw_reply(s).is_none(), "a connection whose data never came was not closed");
+    }
+    let closed_after = sent.elapsed();
+    assert!(closed_after >= Duration::from_millis(DATA_TIMEOUT_MS - 100), "closed too early: {closed_after:?}");
+    let mut c = common::connect(srv.url());
+    assert_eq!(c.ping(&vec![7u8; 3 << 20]).unwrap(), vec![7u8; 3 << 20], "large pings still work");
+}
+
+/// Item 4/5: a connection that said Hello and then does nothing is closed after
+/// `--conn-idle-timeout-ms`; one that keeps making requests is not.
+fn idle_connections_are_closed(t: Transport) {
+    const IDLE_MS: u64 = 500;
+    let srv = server(t, &["--conn-idle-timeout-ms", &IDLE_MS.to_string()]);
+    let mut idle = common::connect(srv.url());
+    let mut busy = common::connect(srv.url());
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(3 * IDLE_MS) {
+        assert_eq!(busy.ping(b"x").unwrap(), b"x", "an active connection was closed");
+        std::thread::sleep(Duration::from_millis(IDLE_MS / 5));
+    }
+    assert!(idle.ping(b"late").is_err(), "an idle connection outlived the idle timeout");
+}
+
+/// Item 5: ~400 silent connections per second against a token-protected server do not make
+/// legitimate logins fail (the oldest silent connection makes way for each new one).
+fn silent_flood_does_not_fail_logins(t: Transport) {
+    let tokens = temp_file("tokens", "alice tok-a\n");
+    let srv = server(t, &["--auth-token-file", tokens.to_str().unwrap(), "--max-connections", "64"]);
+    let url = srv.url().to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let u2 = url.clone();
+    let flood = std::thread::spawn(move || {
+        // Paced at 400 connections/s; each is held (silent) until 512 newer ones exist.
+        let mut held: std::collections::VecDeque<TcpStream> = std::collections::VecDeque::new();
+        let (t0, mut n) = (Instant::now(), 0u64);
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(s) = TcpStream::connect(u2.strip_prefix("tcp://").unwrap()) {
+                held.push_back(s);
+                n += 1;
+            }
+            if held.len() > 512 {
+                held.pop_front();
+            }
+            let next = t0 + Duration::from_micros(2500 * n);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let (mut ok, mut tries) = (0u32, 0u32);
+    while t0.elapsed() < Duration::from_secs(3) {
+        tries += 1;
+        if let Ok(mut c) = Client::connect_with(&url, &with_token("tok-a")) {
+            if c.ping(b"hi").is_ok() {
+                ok += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let silent = flood.join().unwrap();
+    let secs = t0.elapsed().as_secs_f64() + 0.3;
+    let rate = ok as f64 / tries as f64;
+    eprintln!(
+        "[{}] {:.0} silent connections/s: {ok}/{tries} logins succeeded ({:.1} %)",
+        t.name(),
+        silent as f64 / secs,
+        rate * 100.0
+    );
+    assert!(rate >= 0.95, "only {ok} of {tries} logins succeeded under a silent flood");
+    let _ = std::fs::remove_file(&tokens);
+}
+
+/// Item 6: `[tenants.NAME] connections_max` refuses a tenant's extra connection with `Busy` at
+/// its Hello, and another tenant is not affected.
+fn tenant_connections_max_is_per_tenant(t: Transport) {
+    let tokens = temp_file("tokens", "alice tok-a\nbob tok-b\n");
+    let cfg = temp_file("cfg", "[tenants.alice]\nconnections_max = 2\n");
+    let srv = server(t, &["--config", cfg.to_str().unwrap(), "--auth-token-file", tokens.to_str().unwrap()]);
+    let a1 = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
+    let _a2 = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
+    let third = Client::connect_with(srv.url(), &with_token("tok-a")).map(|_| ());
+    assert_eq!(status_of(third), Status::Busy, "alice's third connection");
+    let bobs: Vec<Client> = (0..3).map(|_| Client::connect_with(srv.url(), &with_token("tok-b")).unwrap()).collect();
+    drop(a1);
+    wait_until("alice's slot freed", REPLY_TIMEOUT, || Client::connect_with(srv.url(), &with_token("tok-a")).is_ok());
+    drop(bobs);
+    let _ = std::fs::remove_file(&tokens);
+    let _ = std::fs::remove_file(&cfg);
+}
+
+/// Item 6: sessions_max and kv_bytes_max are each tenant's own: alice at her session quota does
+/// not refuse bob, and bob's KV quota refuses only bob.
+fn session_quotas_are_per_tenant(t: Transport) {
+    let tokens = temp_file("tokens", "alice tok-a\nbob tok-b\n");
+    let cfg = temp_file("cfg", "[tenant_defaults]\nsessions_max = 2\n[tenants.bob]\nkv_bytes_max = 1\n");
+    let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL).display());
+    let srv = server(
+        t,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--auth-token-file",
+            tokens.to_str().unwrap(),
+            "--model",
+            &model,
+            "--max-sessions",
+            "8",
+        ],
+    );
+    let mut alice = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
+    let mut bob = Client::connect_with(srv.url(), &with_token("tok-b")).unwrap();
+    let mut small = OpenOptions::new("tiny");
+    small.max_tokens = 16;
+    alice.open_session(&small).unwrap();
+    alice.open_session(&small).unwrap();
+    assert_eq!(status_of(alice.open_session(&small)), Status::LimitExceeded, "alice's third session");
+    assert_eq!(status_of(bob.open_session(&small)), Status::LimitExceeded, "bob's KV quota of 1 byte");
+    let mut alice2 = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
+    assert_eq!(status_of(alice2.open_session(&small)), Status::LimitExceeded, "the quota spans connections");
+    let _ = std::fs::remove_file(&tokens);
+    let _ = std::fs::remove_file(&cfg);
+}
+
+/// Item 7: a tensor whose get reply would exceed the frame limit is refused with a typed error
+/// before anything is sent, and the connection goes on.
+fn oversize_get_is_refused_typed(t: Transport) {
+    const FRAME_MAX: u64 = 1 << 20;
+    let srv = server(t, &["--frame-bytes-max", &FRAME_MAX.to_string()]);
+    let mut c = common::connect(srv.url());
+    // [1, 1024, 1] × [1, 1024, 1]ᵀ → [1, 1024, 1024] f32: 4 MiB from 8 KiB of inputs.
+    let v = vec![1.0f32; 1024];
+    let a = c.put_f32(&[1, 1024, 1], &v).unwrap();
+    let b = c.put_f32(&[1, 1024, 1], &v).unwrap();
+    let mut n = ExecNode::new(ExecOp::MatMul, &[ExecInput::Handle(a), ExecInput::Handle(b)]);
+    n.attrs_i64.push(1);
+    let out = c.exec(&ExecReq::single(n)).unwrap();
+    assert_eq!(out[0].1.byte_len(), 4 << 20);
+    assert_eq!(status_of(c.get(out[0].0)), Status::FrameTooLarge);
+    assert_eq!(c.ping(b"still").unwrap(), b"still");
+    let (_, small) = c.get_f32(a).unwrap();
+    assert_eq!(small, v);
+}
+
+/// Item 9: Stats shows a tenant its own counters, not the server's.
+fn stats_show_only_the_tenants_own(t: Transport) {
+    let srv = server(t, &[]);
+    let mut a = common::connect(srv.url());
+    let mut b = common::connect(srv.url());
+    a.put_f32(&[4], &[1.0; 4]).unwrap();
+    a.put_f32(&[4], &[1.0; 4]).unwrap();
+    let get = |c: &mut Client, k: &str| c.stats().unwrap().into_iter().find(|(n, _)| n == k).unwrap().1;
+    assert_eq!(get(&mut a, "tensors_live"), 2);
+    assert_eq!(get(&mut a, "tensor_bytes_live"), 32);
+    assert_eq!(get(&mut b, "tensors_live"), 0, "another tenant's tensors leak into Stats");
+    assert_eq!(get(&mut b, "tensor_bytes_live"), 0);
+    assert_eq!(get(&mut b, "connections_active"), 1, "an anonymous tenant is its one connection");
+}
+
+/// Item 9: a client refused for want of slots reads `Busy` as the reply to its Hello (not a
+/// reset), every time; and the refusals are logged once per second, not once each.
+fn refused_clients_read_busy_and_are_logged_once(t: Transport) {
+    let srv = server(t, &["--max-connections", "1"]);
+    let _holder = common::connect(srv.url());
+    for i in 0..30 {
+        match Client::connect_with(srv.url(), &ClientOptions::default()) {
+            Ok(_) => panic!("refusal {i}: admitted past max_connections"),
+            Err(e) => assert_eq!(e.status(), Some(Status::Busy), "refusal {i}: {e}"),
+        }
+    }
+    let lines = srv.stderr().lines().filter(|l| l.contains("connection refused")).count();
+    assert!((1..=3).contains(&lines), "{lines} log lines for 30 refusals");
+}
+
+/// Item 9: 1000 idle clients on the metrics port do not make `/healthz` time out.
+fn idle_http_clients_do_not_block_healthz(t: Transport) {
+    let srv = server(t, &["--metrics-listen", "127.0.0.1:0"]);
+    let addr = srv.metrics.clone().unwrap();
+    let idle: Vec<TcpStream> = (0..1000).filter_map(|_| TcpStream::connect(&addr).ok()).collect();
+    assert!(idle.len() >= 900, "only {} idle clients connected", idle.len());
+    let t0 = Instant::now();
+    let (code, _) = http_get(&addr, "/healthz");
+    let took = t0.elapsed();
+    eprintln!("[{}] /healthz with {} idle HTTP clients: {took:?}", t.name(), idle.len());
+    assert_eq!(code, 200);
+    assert!(took < Duration::from_secs(2), "/healthz took {took:?}");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", srv.pid())).unwrap().count();
+    assert!(threads < 100, "the server runs {threads} threads for idle HTTP clients");
+}
+
+/// Item 5: with busy-poll, connections that said Hello and went idle burn no CPU (they spin only
+/// while they have work in flight or just had a request).
+fn idle_busy_poll_connections_burn_no_cpu(t: Transport) {
+    let srv = server(t, &["--wait", "busy-poll"]);
+    let mut idle: Vec<Client> = (0..16).map(|_| common::connect(srv.url())).collect();
+    for c in &mut idle {
+        assert_eq!(c.ping(b"x").unwrap(), b"x");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (c0, t0) = (cpu_s(srv.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = (cpu_s(srv.pid()) - c0) / t0.elapsed().as_secs_f64();
+    eprintln!("[{}] 16 idle busy-poll connections: server uses {:.2} cores", t.name(), used);
+    assert!(used < 0.2, "16 idle connections take {used:.2} cores");
+    // And they still answer at once.
+    for c in &mut idle {
+        assert_eq!(c.ping(b"y").unwrap(), b"y");
+    }
+}
+
+fn main() {
+    run_trials(vec![
+        (
+            "announced_data_that_never_comes_pins_nothing",
+            Some(Transport::Tcp),
+            announced_data_that_never_comes_pins_nothing,
+        ),
+        ("idle_connections_are_closed", None, idle_connections_are_closed),
+        ("silent_flood_does_not_fail_logins", Some(Transport::Tcp), silent_flood_does_not_fail_logins),
+        ("tenant_connections_max_is_per_tenant", None, tenant_connections_max_is_per_tenant),
+        ("session_quotas_are_per_tenant", None, session_quotas_are_per_tenant),
+        ("oversize_get_is_refused_typed", None, oversize_get_is_refused_typed),
+        ("stats_show_only_the_tenants_own", None, stats_show_only_the_tenants_own),
+        ("refused_clients_read_busy_and_are_logged_once", None, refused_clients_read_busy_and_are_logged_once),
+        ("idle_http_clients_do_not_block_healthz", Some(Transport::Tcp), idle_http_clients_do_not_block_healthz),
+        ("idle_busy_poll_connections_burn_no_cpu", None, idle_busy_poll_connections_burn_no_cpu),
+    ])
+}
