@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{http_get, run_trials, server, status_of, unique_name, Transport};
-use djinn_client::{Client, ClientOptions, OpenOptions};
+use djinn_client::{Client, ClientOptions, DecodeOptions, Input, OpenOptions};
 use djinn_proto::{ExecInput, ExecNode, ExecOp, ExecReq, FrameHeader, HelloReq, Meta, Opcode, Status, HEADER_LEN};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -321,6 +321,56 @@ fn idle_busy_poll_connections_burn_no_cpu(t: Transport) {
     }
 }
 
+/// Tokens/s of one greedy decode of `n` tokens on a fresh session of `model`.
+fn decode_tps(c: &mut Client, model: &str, n: u32) -> f64 {
+    let s = c.open_session(&OpenOptions::new(model)).unwrap().session;
+    c.prefill(s, Input::Ids(&[1, 5, 6, 7])).unwrap();
+    let opts = DecodeOptions { max_new_tokens: n, ignore_eos: true, ..Default::default() };
+    let t0 = Instant::now();
+    let (ids, _, _) = c.decode_collect(s, &opts).unwrap();
+    let tps = ids.len() as f64 / t0.elapsed().as_secs_f64();
+    c.close_session(s).unwrap();
+    tps
+}
+
+/// Item 5: under `configs/server-tenants.toml` (busy-poll), a decoding session beside 16 idle
+/// connections keeps its solo speed (solo and beside measured interleaved, same server). The
+/// model is `DJINN_LIMITS_MODEL` (a model directory, e.g. models/smollm2-135m-instruct) or the
+/// tiny test model; `DJINN_LIMITS_DECODE_TOKENS` tokens per decode (default 200).
+fn victim_decode_keeps_its_speed_beside_idle_connections(t: Transport) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("DJINN_LIMITS_MODEL").map(PathBuf::from).unwrap_or_else(|_| root.join(TINY_MODEL));
+    let n: u32 = std::env::var("DJINN_LIMITS_DECODE_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let cfg = root.join("configs/server-tenants.toml");
+    let model = format!("m={}", dir.display());
+    let srv = server(t, &["--config", cfg.to_str().unwrap(), "--metrics-listen", "127.0.0.1:0", "--model", &model]);
+    let mut victim = common::connect(srv.url());
+    decode_tps(&mut victim, "m", n.min(16)); // warm-up
+    let (mut solo, mut beside) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        solo.push(decode_tps(&mut victim, "m", n));
+        let mut idle: Vec<Client> = (0..16).map(|_| common::connect(srv.url())).collect();
+        for c in &mut idle {
+            c.ping(b"x").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        beside.push(decode_tps(&mut victim, "m", n));
+        drop(idle);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s, b) = (median(&mut solo), median(&mut beside));
+    eprintln!(
+        "[{}] decode {n} tokens ({}): solo {s:.1} tok/s, beside 16 idle busy-poll connections {b:.1} tok/s, ratio {:.3}",
+        t.name(),
+        dir.display(),
+        b / s
+    );
+    assert!(b / s >= 0.8, "16 idle connections cut the victim's decode to {:.2}× of solo", b / s);
+}
+
 fn main() {
     run_trials(vec![
         (
@@ -337,5 +387,10 @@ fn main() {
         ("refused_clients_read_busy_and_are_logged_once", None, refused_clients_read_busy_and_are_logged_once),
         ("idle_http_clients_do_not_block_healthz", Some(Transport::Tcp), idle_http_clients_do_not_block_healthz),
         ("idle_busy_poll_connections_burn_no_cpu", None, idle_busy_poll_connections_burn_no_cpu),
+        (
+            "victim_decode_keeps_its_speed_beside_idle_connections",
+            None,
+            victim_decode_keeps_its_speed_beside_idle_connections,
+        ),
     ])
 }
