@@ -38,7 +38,7 @@ use crate::session::{SessionService, SessionStartError};
 use crate::staging::StagingPool;
 use crate::tensors::Store;
 use crate::throttle::Throttle;
-use crate::watchdog::{Timeouts, Watchdog, WatchdogThread, Watched};
+use crate::watchdog::{Phase, Timeouts, Watchdog, WatchdogThread, Watched};
 
 /// Refused clients answered at once (each by a short-lived thread that reads the client's first
 /// frame and answers it `Busy`, within the handshake timeout); beyond it a refusal is a bare
@@ -280,7 +280,7 @@ fn refuse(conn: &mut Connection, status: Status, message: &str) {
 }
 
 /// Refuses a client with a typed `Busy`: a short-lived thread (at most [`REFUSALS_MAX`] at once)
-/// reads the client's first frame — within the handshake timeout — and answers it, so the client
+/// reads the client's first frame — within `frame_data_timeout_ms` — and answers it, so the client
 /// reads the refusal as the reply to its Hello instead of a reset. Past the bound, a bare frame
 /// and close.
 fn refuse_busy<B: Backend>(sh: &Arc<Shared<B>>, mut conn: Connection, message: String) {
@@ -292,8 +292,12 @@ fn refuse_busy<B: Backend>(sh: &Arc<Shared<B>>, mut conn: Connection, message: S
     let slot = match (taken, close) {
         (true, Some(close)) => {
             let id = sh.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            // Not in the handshake phase: a refused client is no slot holder to evict; its
+            // first frame must come within the frame-data deadline.
+            let clock = sh.watchdog.new_clock();
+            clock.enter(Phase::Serving);
             let w = Watched {
-                clock: sh.watchdog.new_clock(),
+                clock,
                 close,
                 inflight: Arc::new(AtomicUsize::new(0)),
                 spin: Arc::new(AtomicBool::new(false)),
