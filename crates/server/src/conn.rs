@@ -187,7 +187,8 @@ impl<B: Backend> Conn<B> {
             let head = match self.rx.recv_head() {
                 Ok(h) => {
                     if self.tenant.is_some() {
-                        self.clock.enter(Phase::Serving);
+                        let with_data = h.header.data_len.get() > 0;
+                        self.clock.enter(if with_data { Phase::Serving } else { Phase::Busy });
                         self.spin.store(true, Ordering::Relaxed);
                     }
                     h
@@ -403,7 +404,7 @@ impl<B: Backend> Conn<B> {
         };
         tracing::debug!(conn = self.id, %tenant, client = %req.client_name, version, "handshake");
         // Out of the handshake before the reply goes out, so no later accept evicts it as silent.
-        self.clock.enter(Phase::Serving);
+        self.clock.enter(Phase::Busy);
         self.staging = Some(self.sh.staging.lease(&tenant));
         self._quota = Some(ticket);
         self.tenant = Some(tenant);

@@ -34,8 +34,12 @@ pub enum Phase {
     Handshake = 0,
     /// Said Hello, waiting for its next request (`conn_idle_timeout_ms` unless work is in flight).
     Waiting = 1,
-    /// A request is being served; its bulk data must arrive within `frame_data_timeout_ms`.
+    /// A request with bulk data is being served; the data must arrive (and the request end)
+    /// within `frame_data_timeout_ms`.
     Serving = 2,
+    /// A request without bulk data is being served (no deadline here: compute takes what it
+    /// takes, and a stalled send is the sending side's deadline).
+    Busy = 3,
 }
 
 /// A connection's phase and when it entered it; written by its reader, read by the sweep.
@@ -61,7 +65,8 @@ impl ConnClock {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Handshake,
             1 => Phase::Waiting,
-            _ => Phase::Serving,
+            2 => Phase::Serving,
+            _ => Phase::Busy,
         }
     }
 }
@@ -207,7 +212,7 @@ impl Watchdog {
             Some((_, w)) if pending >= max => {
                 let close = w.close.clone();
                 // Phase change first, so the next eviction picks another connection.
-                w.clock.enter(Phase::Serving);
+                w.clock.enter(Phase::Busy);
                 drop(reg);
                 close();
                 true
@@ -224,6 +229,7 @@ fn due(w: &Watched, t: &Timeouts, now_ms: u64) -> Option<&'static str> {
     match w.clock.phase() {
         Phase::Handshake => (age > t.handshake).then_some("handshake_timeout"),
         Phase::Serving => (age > t.frame_data).then_some("frame_data_timeout"),
+        Phase::Busy => None,
         Phase::Waiting => {
             if w.inflight.load(Ordering::Acquire) > 0 {
                 // Work in flight: the connection is not idle; its idle time starts afresh later.
@@ -250,9 +256,8 @@ fn run(state: &State, metrics: &Metrics) {
         let now_ms = state.epoch.elapsed().as_millis() as u64;
         for (conn, w) in reg.entries.iter().flatten() {
             if let Some(why) = due(w, &state.timeouts, now_ms) {
-                // Closed once: a later sweep sees a fresh phase until the reader ends.
-                w.clock.enter(Phase::Serving);
-                w.clock.since_ms.store(u64::MAX / 2, Ordering::Relaxed);
+                // Closed once: no deadline applies until the reader ends (or enters a phase).
+                w.clock.enter(Phase::Busy);
                 closing.push((*conn, why, w.close.clone()));
             }
         }
