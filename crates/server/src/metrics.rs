@@ -70,7 +70,7 @@ impl Metrics {
             .unwrap(),
             connections_refused_total: IntCounter::new(
                 "connections_refused_total",
-                "Connections refused because max_connections were open",
+                "Connections refused: max_connections open, or the tenant at its connections_max",
             )
             .unwrap(),
             requests_total: IntCounterVec::new(
