@@ -6,7 +6,7 @@
 //! Module map: [`config`] (flags/TOML), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
-//! the engine loop), [`metrics`] (Prometheus, HTTP), [`watchdog`] (connection deadlines),
+//! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`watchdog`] (connection deadlines),
 //! [`staging`] (the bounded staging pool), [`quota`] (per-tenant quotas), [`throttle`]
 //! (rate-limited logging).
 
@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 mod conn;
 pub mod exec;
+pub mod http;
 pub mod metrics;
 pub mod quota;
 pub mod server;

@@ -32,7 +32,8 @@ use djinn_transport::{Connection, FrameTx, Listener, ListenerStop, OutFrame, Tra
 use crate::auth::{Auth, AuthFileError};
 use crate::config::{ConfigError, ServerConfig};
 use crate::conn::Watch;
-use crate::metrics::{HttpEndpoint, HttpError, HttpOptions, Metrics};
+use crate::http::{HttpEndpoint, HttpError, HttpOptions};
+use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::session::{SessionService, SessionStartError};
 use crate::staging::StagingPool;
