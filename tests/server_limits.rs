@@ -8,17 +8,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::raw::{header, hello, raw, RawPeer};
 use common::{http_get, run_trials, server, status_of, unique_name, Transport};
 use djinn_client::{Client, ClientOptions, DecodeOptions, Input, OpenOptions};
-use djinn_proto::{ExecInput, ExecNode, ExecOp, ExecReq, FrameHeader, HelloReq, Meta, Opcode, Status, HEADER_LEN};
-use zerocopy::{FromBytes, IntoBytes};
+use djinn_proto::{ExecInput, ExecNode, ExecOp, ExecReq, Opcode, Status};
 
-const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+use common::raw::REPLY_TIMEOUT;
 /// A tiny model with no tokenizer (sessions can be opened on it).
 const TINY_MODEL: &str = "tests/data/models/llama-gqa";
 
@@ -30,37 +29,6 @@ fn temp_file(what: &str, text: &str) -> PathBuf {
 
 fn with_token(tok: &str) -> ClientOptions {
     ClientOptions { token: Some(tok.as_bytes().to_vec()), ..Default::default() }
-}
-
-fn raw_tcp(url: &str) -> TcpStream {
-    let s = TcpStream::connect(url.strip_prefix("tcp://").unwrap()).unwrap();
-    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-/// The next reply's header (its metadata and data consumed), or `None` once the server closed.
-fn raw_reply(s: &mut TcpStream) -> Option<FrameHeader> {
-    let mut hb = [0u8; HEADER_LEN];
-    match s.read_exact(&mut hb) {
-        Ok(()) => {}
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
-            return None
-        }
-        Err(e) => panic!("waiting for a reply: {e}"),
-    }
-    let h = FrameHeader::read_from_bytes(&hb).unwrap();
-    let mut rest = vec![0u8; h.meta_len.get() as usize + h.data_len.get() as usize];
-    s.read_exact(&mut rest).unwrap();
-    Some(h)
-}
-
-fn raw_hello(s: &mut TcpStream, token: &[u8]) -> u16 {
-    let m = HelloReq { version_min: 1, version_max: 1, token: token.to_vec(), client_name: "raw".into() }.to_meta();
-    let mut b = FrameHeader::new(Opcode::Hello.as_u16(), 0, 1, m.len() as u32, 0).as_bytes().to_vec();
-    b.extend_from_slice(&m);
-    s.write_all(&b).unwrap();
-    raw_reply(s).expect("hello reply").status.get()
 }
 
 fn vm_rss_mib(pid: i32) -> u64 {
@@ -95,12 +63,12 @@ fn announced_data_that_never_comes_pins_nothing(t: Transport) {
     const DATA_TIMEOUT_MS: u64 = 4000;
     let srv = server(t, &["--frame-data-timeout-ms", &DATA_TIMEOUT_MS.to_string()]);
     let rss0 = vm_rss_mib(srv.pid());
-    let mut conns: Vec<TcpStream> = (0..CONNS)
+    let mut conns: Vec<Box<dyn RawPeer>> = (0..CONNS)
         .map(|_| {
-            let mut s = raw_tcp(srv.url());
-            assert_eq!(raw_hello(&mut s, b""), 0);
-            s.write_all(FrameHeader::new(Opcode::Ping.as_u16(), 0, 2, 0, 64 << 20).as_bytes()).unwrap();
-            s
+            let mut p = raw(t, srv.url());
+            hello(p.as_mut());
+            p.send(&header(Opcode::Ping.as_u16(), 2, 0, 64 << 20), &[]);
+            p
         })
         .collect();
     let sent = Instant::now();
@@ -109,8 +77,8 @@ fn announced_data_that_never_comes_pins_nothing(t: Transport) {
     let grown = vm_rss_mib(srv.pid()).saturating_sub(rss0);
     eprintln!("[{}] {CONNS} headers announcing 64 MiB: server RSS +{grown} MiB", t.name());
     assert!(grown < 48, "{CONNS} announced-but-absent 64 MiB payloads grew the server by {grown} MiB");
-    for s in &mut conns {
-        assert!(raw_reply(s).is_none(), "a connection whose data never came was not closed");
+    for p in &mut conns {
+        assert!(p.recv().is_none(), "a connection whose data never came was not closed");
     }
     let closed_after = sent.elapsed();
     assert!(closed_after >= Duration::from_millis(DATA_TIMEOUT_MS - 100), "closed too early: {closed_after:?}");
@@ -343,8 +311,9 @@ fn decode_tps(c: &mut Client, model: &str, n: u32) -> f64 {
 /// connections keeps its solo speed (solo and beside measured interleaved, same server; median
 /// of 3 each). The model is `DJINN_LIMITS_MODEL` (a model directory, e.g.
 /// models/smollm2-135m-instruct) or the tiny test model; `DJINN_LIMITS_DECODE_TOKENS` tokens per
-/// decode (default 2000). The bound checked is loose (0.5×; 16 spinning connections measured
-/// 0.05–0.08×) because the machines this runs on are shared; the figure is printed.
+/// decode (default 2000). The bound checked is loose (0.25×; 16 spinning connections measured
+/// 0.05–0.08×, a 20× loss) because the machines this runs on are shared and the tiny model's
+/// decodes are short; the figure is printed.
 fn victim_decode_keeps_its_speed_beside_idle_connections(t: Transport) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::var("DJINN_LIMITS_MODEL").map(PathBuf::from).unwrap_or_else(|_| root.join(TINY_MODEL));
@@ -376,16 +345,12 @@ fn victim_decode_keeps_its_speed_beside_idle_connections(t: Transport) {
         dir.display(),
         b / s
     );
-    assert!(b / s >= 0.5, "16 idle connections cut the victim's decode to {:.2}× of solo", b / s);
+    assert!(b / s >= 0.25, "16 idle connections cut the victim's decode to {:.2}× of solo", b / s);
 }
 
 fn main() {
     run_trials(vec![
-        (
-            "announced_data_that_never_comes_pins_nothing",
-            Some(Transport::Tcp),
-            announced_data_that_never_comes_pins_nothing,
-        ),
+        ("announced_data_that_never_comes_pins_nothing", None, announced_data_that_never_comes_pins_nothing),
         ("idle_connections_are_closed", None, idle_connections_are_closed),
         ("silent_flood_does_not_fail_logins", Some(Transport::Tcp), silent_flood_does_not_fail_logins),
         ("tenant_connections_max_is_per_tenant", None, tenant_connections_max_is_per_tenant),

@@ -166,7 +166,6 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
     }
     c.flush_counters();
     c.staging = None;
-    c._quota = None;
     if let Some(t) = c.tenant.take() {
         if t.is_anonymous() {
             // An anonymous tenant is this connection: what it created dies with it.
@@ -620,9 +619,10 @@ impl<B: Backend> Conn<B> {
 
     // ---- I/O helpers --------------------------------------------------------------------------
 
-    /// Receives `n` bytes of a put's data into `region` through pinned staging, piece by piece
-    /// (memory that is not host-addressable). Returns the backend's write failure, if any, after
-    /// consuming all the data so framing survives.
+    /// Receives `n` bytes of a put's data into `region` through pinned staging (or, without it, a
+    /// chunk of the staging pool), piece by piece (memory that is not host-addressable). Returns
+    /// the backend's write failure or the pool's refusal, if any, after consuming all the data so
+    /// framing survives.
     fn recv_staged(&mut self, region: &B::Region, n: usize) -> Result<Option<Reject>, Fatal> {
         if n == 0 {
             return Ok(None);

@@ -344,7 +344,7 @@ fn accept_loop<B: Backend>(sh: &Arc<Shared<B>>, l: &mut dyn Listener) {
             Err(e) => {
                 // A failed handshake of one client (or EMFILE) must not stop the listener; pause
                 // briefly so a persistent error does not spin.
-                tracing::warn!(%url, error = %e, "accept failed");
+                sh.refusals.warn(|suppressed| tracing::warn!(%url, error = %e, suppressed, "accept failed"));
                 sh.metrics.errors_total.with_label_values(&["accept"]).inc();
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
