@@ -174,7 +174,7 @@ fn tenant_connections_max_is_per_tenant(t: Transport) {
 /// Item 6: sessions_max and kv_bytes_max are each tenant's own: alice at her session quota does
 /// not refuse bob, and bob's KV quota refuses only bob.
 fn session_quotas_are_per_tenant(t: Transport) {
-    let tokens = temp_file("tokens", "alice tok-a\nbob tok-b\n");
+    let tokens = temp_file("tokens", "alice tok-a\nbob tok-b\ncarol tok-c\n");
     let cfg = temp_file("cfg", "[tenant_defaults]\nsessions_max = 2\n[tenants.bob]\nkv_bytes_max = 1\n");
     let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL).display());
     let srv = server(
@@ -200,6 +200,9 @@ fn session_quotas_are_per_tenant(t: Transport) {
     assert_eq!(status_of(bob.open_session(&small)), Status::LimitExceeded, "bob's KV quota of 1 byte");
     let mut alice2 = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
     assert_eq!(status_of(alice2.open_session(&small)), Status::LimitExceeded, "the quota spans connections");
+    let mut carol = Client::connect_with(srv.url(), &with_token("tok-c")).unwrap();
+    carol.open_session(&small).expect("carol opens while alice is at her quota");
+    carol.open_session(&small).expect("carol's second session");
     let _ = std::fs::remove_file(&tokens);
     let _ = std::fs::remove_file(&cfg);
 }
