@@ -274,17 +274,21 @@ fn tenants_are_isolated_with_tokens(t: Transport) {
 }
 
 fn anonymous_connections_are_tenants(t: Transport) {
-    let srv = server(t, &[]);
+    let srv = server(t, &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = srv.metrics.clone().unwrap();
     let mut a = connect(srv.url());
     let mut b = connect(srv.url());
     let h = a.put_f32(&[3], &[1.0, 2.0, 3.0]).unwrap();
     assert_eq!(status_of(b.get(h)), Status::BadHandle);
+    // Stats shows each tenant its own tensors; the server-wide count is on /metrics.
     let live = |c: &mut Client| c.stats().unwrap().iter().find(|(k, _)| k == "tensors_live").unwrap().1;
-    assert_eq!(live(&mut b), 1);
+    assert_eq!((live(&mut a), live(&mut b)), (1, 0));
+    let server_live = || common::metric(&common::http_get(&metrics, "/metrics").1, "djinn_tensors_live").unwrap();
+    assert_eq!(server_live(), 1.0);
     drop(a);
     // The server frees the closed connection's tensors when it sees the close.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while live(&mut b) != 0 {
+    while server_live() != 0.0 {
         assert!(std::time::Instant::now() < deadline, "handles of a closed anonymous connection were not freed");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

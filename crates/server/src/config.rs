@@ -6,6 +6,7 @@
 //! Invariant: every bound the server enforces (connections, in-flight requests, handles, bytes)
 //! is a named field here, fixed at start-up; nothing grows past it at run time.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -36,6 +37,62 @@ impl ModelSpec {
     }
 }
 
+/// What one tenant may hold at once (TOML: `[tenant_defaults]`, and `[tenants.NAME]` whose keys
+/// override the defaults for tenant NAME). Tokens stay in `auth_token_file`; without it (anonymous
+/// mode) every connection is its own tenant and gets the defaults.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Sessions open at once; more opens are refused with `LimitExceeded`.
+    pub sessions_max: usize,
+    /// KV cache bytes the tenant's open sessions may grow to (each session counts its
+    /// `max_tokens` × the model's KV bytes per token from its open); beyond it an open is refused
+    /// with `LimitExceeded`.
+    pub kv_bytes_max: u64,
+    /// Tensor bytes held at once (TensorPut and Exec outputs).
+    pub tensor_bytes_max: u64,
+    /// Tensor handles held at once.
+    pub handles_max: usize,
+    /// Connections that completed their Hello, at once; a further Hello is refused with `Busy`.
+    pub connections_max: usize,
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        TenantQuota {
+            sessions_max: 64,
+            kv_bytes_max: 16 << 30,
+            tensor_bytes_max: 2 << 30,
+            handles_max: 4096,
+            connections_max: 64,
+        }
+    }
+}
+
+/// A `[tenants.NAME]` table: the keys it gives replace the defaults' for that tenant.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantOverride {
+    pub sessions_max: Option<usize>,
+    pub kv_bytes_max: Option<u64>,
+    pub tensor_bytes_max: Option<u64>,
+    pub handles_max: Option<usize>,
+    pub connections_max: Option<usize>,
+}
+
+impl TenantOverride {
+    /// `base` with this table's keys applied.
+    pub fn apply(&self, base: &TenantQuota) -> TenantQuota {
+        TenantQuota {
+            sessions_max: self.sessions_max.unwrap_or(base.sessions_max),
+            kv_bytes_max: self.kv_bytes_max.unwrap_or(base.kv_bytes_max),
+            tensor_bytes_max: self.tensor_bytes_max.unwrap_or(base.tensor_bytes_max),
+            handles_max: self.handles_max.unwrap_or(base.handles_max),
+            connections_max: self.connections_max.unwrap_or(base.connections_max),
+        }
+    }
+}
+
 crate::settings! {
     /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME.
     listen: Vec<String> = vec![DEFAULT_LISTEN.to_owned()], value = "URL";
@@ -54,10 +111,10 @@ crate::settings! {
     max_connections: usize = 256;
     /// Requests one connection may have in flight at once; more are refused with `Busy`.
     max_inflight_per_conn: usize = 64;
-    /// Tensor handles one tenant may hold at once.
-    handles_max_per_tenant: usize = 4096;
-    /// Tensor bytes one tenant may hold at once.
-    tensor_bytes_max_per_tenant: u64 = 2 << 30;
+    /// Tensor handles one tenant may hold at once: sets `[tenant_defaults] handles_max`.
+    handles_max_per_tenant: Option<usize> = None, value = "N";
+    /// Tensor bytes one tenant may hold at once: sets `[tenant_defaults] tensor_bytes_max`.
+    tensor_bytes_max_per_tenant: Option<u64> = None, value = "BYTES";
     /// Tensor bytes all tenants together may hold at once.
     tensor_bytes_max: u64 = 8 << 30;
     /// Nodes in one Exec graph.
@@ -71,9 +128,30 @@ crate::settings! {
     force_socket: bool = true;
     /// SHM: data-area bytes per direction of each client's region.
     shm_data_bytes: usize = djinn_transport::TransportOptions::default().shm_data_bytes;
-    /// Staging bytes (for large pings, puts and gets) that connections may keep between requests,
-    /// over all connections; beyond it a connection frees its large buffer after each request.
-    staging_bytes_retained_max: u64 = 512 << 20;
+    /// Bytes of the staging pool, allocated at start-up, through which bulk data that cannot
+    /// land in its destination (a ping's echo, puts and gets of device memory) moves in pieces.
+    staging_pool_bytes: u64 = 256 << 20, value = "BYTES";
+    /// Staging bytes one connection may hold at once (a ping's echo is held whole).
+    staging_bytes_max_per_conn: u64 = djinn_proto::Limits::default().frame_bytes_max, value = "BYTES";
+    /// Staging bytes one tenant's connections may hold at once.
+    staging_bytes_max_per_tenant: u64 = 128 << 20, value = "BYTES";
+    /// Milliseconds a frame's bulk data may take to arrive once its header has; then the
+    /// connection is closed (a header announcing data that never comes holds nothing longer).
+    frame_data_timeout_ms: u64 = 10_000;
+    /// Milliseconds a connection that said Hello may stay without a request and without work in
+    /// flight (a streaming decode counts as work); then it is closed.
+    conn_idle_timeout_ms: u64 = 600_000;
+    /// Connections still without a successful Hello, at once; a new connection beyond it closes
+    /// the oldest of them, so a flood of silent connections cannot lock legitimate clients out.
+    handshakes_pending_max: usize = 64;
+    /// With `wait = "busy-poll"`: microseconds a connection keeps busy-polling for its next
+    /// request after its last one ended; then it parks, so idle connections burn no CPU.
+    busy_poll_linger_us: u64 = 2_000;
+    /// HTTP connections the `/healthz` + `/metrics` endpoint holds at once (one thread serves
+    /// them all); a new one beyond it closes the oldest, so idle clients cannot starve a probe.
+    http_conns_max: usize = 64;
+    /// Milliseconds an HTTP connection may take to send its request.
+    http_request_timeout_ms: u64 = 2_000;
     /// Milliseconds SIGTERM waits for in-flight requests before the process exits anyway.
     drain_timeout_ms: u64 = 5_000;
     /// Milliseconds a new connection has to complete its Hello; then it is closed, so silent
@@ -102,6 +180,22 @@ crate::settings! {
     max_step_tokens: usize = 256;
     /// Session requests waiting for the engine loop; more are refused with `Busy`.
     session_queue_max: usize = 1024;
+    /// Quotas of every tenant not named in `tenants` (and of each anonymous connection); config
+    /// file only: a `[tenant_defaults]` table.
+    tenant_defaults: TenantQuota = TenantQuota::default();
+    /// Per-tenant overrides of `tenant_defaults`, by tenant name; config file only:
+    /// `[tenants.NAME]` tables.
+    tenants: BTreeMap<String, TenantOverride> = BTreeMap::new();
+}
+
+/// A `[tenant_defaults]` table: file only, no flag.
+impl crate::settings::Setting for TenantQuota {
+    const FLAG: bool = false;
+}
+
+/// `[tenants.NAME]` tables: file only, no flag.
+impl crate::settings::Setting for BTreeMap<String, TenantOverride> {
+    const FLAG: bool = false;
 }
 
 /// `--model NAME=DIR`, and `[[models]]` tables in a file.
@@ -142,7 +236,19 @@ impl ServerConfig {
             None => ServerConfig::default(),
         };
         over.apply(&mut c);
+        c.fold_tenant_flags();
         Ok(c)
+    }
+
+    /// `handles_max_per_tenant` / `tensor_bytes_max_per_tenant` (flags, variables or keys) set
+    /// the `[tenant_defaults]` they name.
+    fn fold_tenant_flags(&mut self) {
+        if let Some(v) = self.handles_max_per_tenant {
+            self.tenant_defaults.handles_max = v;
+        }
+        if let Some(v) = self.tensor_bytes_max_per_tenant {
+            self.tenant_defaults.tensor_bytes_max = v;
+        }
     }
 
     /// Reads a TOML file; keys missing from it keep their defaults, unknown keys are an error,
@@ -157,6 +263,7 @@ impl ServerConfig {
         layer.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         let mut c = ServerConfig::default();
         layer.apply(&mut c);
+        c.fold_tenant_flags();
         Ok(c)
     }
 
@@ -164,6 +271,7 @@ impl ServerConfig {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let mut c = ServerConfig::default();
         Self::layer_from_toml(text)?.apply(&mut c);
+        c.fold_tenant_flags();
         Ok(c)
     }
 
@@ -191,9 +299,15 @@ impl ServerConfig {
         let positive = [
             ("max_connections", self.max_connections as u64),
             ("max_inflight_per_conn", self.max_inflight_per_conn as u64),
-            ("handles_max_per_tenant", self.handles_max_per_tenant as u64),
             ("exec_nodes_max", self.exec_nodes_max as u64),
-            ("tensor_bytes_max_per_tenant", self.tensor_bytes_max_per_tenant),
+            ("staging_pool_bytes", self.staging_pool_bytes),
+            ("staging_bytes_max_per_conn", self.staging_bytes_max_per_conn),
+            ("staging_bytes_max_per_tenant", self.staging_bytes_max_per_tenant),
+            ("frame_data_timeout_ms", self.frame_data_timeout_ms),
+            ("conn_idle_timeout_ms", self.conn_idle_timeout_ms),
+            ("handshakes_pending_max", self.handshakes_pending_max as u64),
+            ("http_conns_max", self.http_conns_max as u64),
+            ("http_request_timeout_ms", self.http_request_timeout_ms),
             ("tensor_bytes_max", self.tensor_bytes_max),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("max_sessions", self.max_sessions as u64),
@@ -207,6 +321,21 @@ impl ServerConfig {
         }
         if self.frame_bytes_max < (djinn_proto::HEADER_LEN as u64) + 1024 {
             return Err(ConfigError::Invalid(format!("frame_bytes_max {} is too small", self.frame_bytes_max)));
+        }
+        let quotas = std::iter::once(("tenant_defaults".to_owned(), self.tenant_defaults.clone()))
+            .chain(self.tenants.iter().map(|(n, o)| (format!("tenants.{n}"), o.apply(&self.tenant_defaults))));
+        for (table, q) in quotas {
+            for (key, v) in [
+                ("sessions_max", q.sessions_max as u64),
+                ("kv_bytes_max", q.kv_bytes_max),
+                ("tensor_bytes_max", q.tensor_bytes_max),
+                ("handles_max", q.handles_max as u64),
+                ("connections_max", q.connections_max as u64),
+            ] {
+                if v == 0 {
+                    return Err(ConfigError::Invalid(format!("[{table}] {key} must be at least 1")));
+                }
+            }
         }
         self.wait_mode()?;
         for (name, v) in [("kv_capacity_mb", self.kv_capacity_mb), ("host_swap_mb", self.host_swap_mb)] {
@@ -228,6 +357,15 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The quota of tenant `name` (`None`: an anonymous connection): its `[tenants.NAME]` table
+    /// over the defaults.
+    pub fn quota_of(&self, name: Option<&str>) -> TenantQuota {
+        match name.and_then(|n| self.tenants.get(n)) {
+            Some(o) => o.apply(&self.tenant_defaults),
+            None => self.tenant_defaults.clone(),
+        }
     }
 
     /// The models' weight dtype (`dtype`), `None` = as stored.
@@ -365,6 +503,33 @@ mod tests {
         for want in ["--session-queue-max <N>", "[default: 1024]", "DJINN_SESSION_QUEUE_MAX", "--model <NAME=DIR>"] {
             assert!(help.contains(want), "{want} missing from:\n{help}");
         }
+    }
+
+    #[test]
+    fn tenant_tables_override_the_defaults() {
+        let c = ServerConfig::from_toml(
+            "[tenant_defaults]\nsessions_max = 4\nconnections_max = 8\n\
+             [tenants.alice]\nsessions_max = 16\nkv_bytes_max = 1024\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let (a, b) = (c.quota_of(Some("alice")), c.quota_of(Some("bob")));
+        assert_eq!((a.sessions_max, a.kv_bytes_max, a.connections_max), (16, 1024, 8));
+        assert_eq!((b.sessions_max, b.connections_max), (4, 8));
+        assert_eq!(c.quota_of(None), c.tenant_defaults);
+        assert_eq!(b.handles_max, TenantQuota::default().handles_max);
+        assert!(ServerConfig::from_toml("[tenants.x]\nsesions_max = 1\n").is_err(), "unknown quota key");
+        let zero = ServerConfig::from_toml("[tenants.x]\nhandles_max = 0\n").unwrap();
+        assert!(zero.validate().unwrap_err().to_string().contains("tenants.x"));
+    }
+
+    #[test]
+    fn tenant_flags_set_the_defaults_and_tables_are_file_only() {
+        let c = ServerConfig::load(None, cli_layer(&["--handles-max-per-tenant", "5"])).unwrap();
+        assert_eq!(c.tenant_defaults.handles_max, 5);
+        use clap::Args;
+        let help = ServerConfigLayer::augment_args(clap::Command::new("serve")).render_long_help().to_string();
+        assert!(!help.contains("--tenant-defaults") && !help.contains("--tenants"), "{help}");
     }
 
     #[test]

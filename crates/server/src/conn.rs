@@ -6,22 +6,28 @@
 //!   every request-level error. Only transport failures and headers that fail validation (framing
 //!   lost) end the connection — after a best-effort error frame for the latter.
 //! - Nothing before a successful Hello is served except the Hello itself, and the Hello must come
-//!   within `handshake_timeout_ms` of accept (the watchdog closes the connection otherwise).
+//!   within `handshake_timeout_ms` of accept. The reader publishes its phase to the watchdog
+//!   ([`crate::watchdog`]): a request's bulk data must arrive within `frame_data_timeout_ms` of
+//!   its header, and a connection with no request and nothing in flight for
+//!   `conn_idle_timeout_ms` is closed. With busy-poll, the receiving half spins only while the
+//!   watchdog keeps the connection's spin gate open (work in flight, or a request just ended).
 //! - Tensor bytes are not copied on the server where the backend's memory is host-addressable
 //!   (CPU): a put receives straight into the new tensor's region, a get sends straight from it.
 //!   Otherwise (a GPU without GPUDirect) they pass through host staging, the physical minimum
 //!   there: a put in [`PUT_CHUNK_BYTES`] pieces through a pinned buffer (one per connection,
-//!   allocated on its first such put), a get through the connection's staging buffer.
-//! - Staging memory is bounded: a ping or staged get holds one frame's data at most; large
-//!   buffers outlive their request only within the server-wide `staging_bytes_retained_max`
-//!   budget.
+//!   allocated on its first such put), a get through chunks of the staging pool.
+//! - Staging memory comes from the server's pool ([`crate::staging`]), one chunk at a time as
+//!   data arrives, within the connection's and the tenant's budgets; everything is given back
+//!   when the request ends. A refused take is a typed error, the rest of the data is skipped.
+//! - A get whose reply would exceed the frame limit is refused (`FrameTooLarge`) before anything
+//!   is sent.
 //! - Session requests are parsed here and answered by the engine loop ([`crate::session`]) on
 //!   this connection's shared `ReplyTx` (a decode: its token frames, then one final frame); the
 //!   reader goes on to the next request at once.
 //! - A slow reader only blocks its own reply sends (the transport never buffers without bound),
 //!   which stops this connection's reader from taking more requests: backpressure, not growth.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -31,20 +37,19 @@ use djinn_proto::msg::{
     DeviceInfo, ErrorReply, ExecReply, ExecReq, HelloReply, HelloReq, StatsReply, TensorFreeReq, TensorGetReq,
     TensorPutReply, TensorPutReq,
 };
-use djinn_proto::{FrameHeader, Opcode, Status, FLAG_REPLY, VERSION};
+use djinn_proto::{FrameHeader, Opcode, Status, FLAG_REPLY, HEADER_LEN, VERSION};
 use djinn_transport::{ByteCounters, Connection, FrameRx, OutFrame, RxHead, TransportError};
 
 use crate::auth::TenantId;
+use crate::quota::Ticket;
 use crate::server::{ReplyTx, Shared};
 use crate::session::{ConnLink, Request};
+use crate::staging::{Lease, StagingError, CHUNK_BYTES};
 use crate::tensors::{Tensor, TensorError};
-use crate::watchdog::DeadlineKey;
+use crate::watchdog::{ConnClock, Phase, Slot};
 
 /// Bulk data of a staged put moves through pinned staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
-/// Staging every connection may keep between requests; more is kept only within the server-wide
-/// `staging_bytes_retained_max` budget.
-const STAGING_KEEP_BYTES: usize = 1 << 20;
 /// Oldest protocol version this server still speaks.
 const VERSION_MIN: u16 = 1;
 
@@ -65,6 +70,12 @@ impl Reject {
 
 impl From<MetaError> for Reject {
     fn from(e: MetaError) -> Self {
+        Reject::new(e.status(), e.to_string())
+    }
+}
+
+impl From<StagingError> for Reject {
+    fn from(e: StagingError) -> Self {
         Reject::new(e.status(), e.to_string())
     }
 }
@@ -94,15 +105,16 @@ struct Conn<B: Backend> {
     counters: Arc<ByteCounters>,
     peer: String,
     tenant: Option<TenantId>,
-    /// Bulk-data staging. Its length is a high-water mark (bytes stay initialised, so reuse
-    /// needs no zeroing); requests use a prefix.
-    staging: Vec<u8>,
-    /// Bytes of `staging` beyond `STAGING_KEEP_BYTES` counted in `Shared::staging_retained`.
-    staging_retained: u64,
+    /// The tenant's connection quota, held from a successful Hello to the end.
+    _quota: Option<Ticket>,
+    /// What this connection holds of the staging pool (from a successful Hello on).
+    staging: Option<Lease>,
     /// Pinned staging of [`PUT_CHUNK_BYTES`] for puts to memory that is not host-addressable.
     pinned: Option<B::Host>,
-    /// The handshake deadline, armed until a successful Hello.
-    handshake: Option<DeadlineKey>,
+    /// This connection's phase, read by the watchdog's deadlines.
+    clock: Arc<ConnClock>,
+    /// The busy-poll spin gate: opened here when a request arrives, closed by the watchdog.
+    spin: Arc<AtomicBool>,
     /// Requests of this connection in progress (bounded by `max_inflight_per_conn`). The reader
     /// serves in order; session requests hold it until the engine loop answers them.
     inflight: Arc<AtomicUsize>,
@@ -112,17 +124,22 @@ struct Conn<B: Backend> {
     seen_received: u64,
 }
 
+/// What the accept path set up for a connection's deadlines (see [`crate::watchdog`]).
+pub(crate) struct Watch {
+    pub clock: Arc<ConnClock>,
+    pub inflight: Arc<AtomicUsize>,
+    pub spin: Arc<AtomicBool>,
+    /// The registration, `None` where the transport cannot be closed from outside.
+    pub slot: Option<Slot>,
+}
+
 /// Serves one connection until it closes; runs on the connection's own thread.
-pub(crate) fn serve_connection<B: Backend>(
-    sh: Arc<Shared<B>>,
-    id: u64,
-    conn: Connection,
-    handshake: Option<DeadlineKey>,
-) {
-    let Connection { tx, rx, counters, transport, peer } = conn;
+pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Connection, watch: Watch) {
+    let Connection { tx, mut rx, counters, transport, peer } = conn;
     tracing::debug!(conn = id, %peer, transport, "connection open");
+    rx.set_spin_gate(watch.spin.clone());
     let tx: ReplyTx = Arc::new(Mutex::new(tx));
-    let inflight = Arc::new(AtomicUsize::new(0));
+    let Watch { clock, inflight, spin, slot } = watch;
     let mut c = Conn {
         sh: sh.clone(),
         id,
@@ -132,10 +149,11 @@ pub(crate) fn serve_connection<B: Backend>(
         counters,
         peer,
         tenant: None,
-        staging: Vec::new(),
-        staging_retained: 0,
+        _quota: None,
+        staging: None,
         pinned: None,
-        handshake,
+        clock,
+        spin,
         inflight,
         seen_sent: 0,
         seen_received: 0,
@@ -143,10 +161,11 @@ pub(crate) fn serve_connection<B: Backend>(
     c.run();
     // Running decodes stop at their next step; the sessions' leases start.
     sh.sessions.connection_closed(&c.link);
-    c.disarm_handshake();
+    if let Some(slot) = slot {
+        sh.watchdog.unregister(slot);
+    }
     c.flush_counters();
-    c.staging = Vec::new();
-    c.release_staging();
+    c.staging = None;
     if let Some(t) = c.tenant.take() {
         if t.is_anonymous() {
             // An anonymous tenant is this connection: what it created dies with it.
@@ -161,8 +180,18 @@ pub(crate) fn serve_connection<B: Backend>(
 impl<B: Backend> Conn<B> {
     fn run(&mut self) {
         loop {
+            if self.tenant.is_some() {
+                self.clock.enter(Phase::Waiting);
+            }
             let head = match self.rx.recv_head() {
-                Ok(h) => h,
+                Ok(h) => {
+                    if self.tenant.is_some() {
+                        let with_data = h.header.data_len.get() > 0;
+                        self.clock.enter(if with_data { Phase::Serving } else { Phase::Busy });
+                        self.spin.store(true, Ordering::Relaxed);
+                    }
+                    h
+                }
                 Err(TransportError::Closed) => return,
                 Err(TransportError::BadHeader(e)) => {
                     // Framing is lost: say why (request id unknown → 0), then close this
@@ -183,49 +212,13 @@ impl<B: Backend> Conn<B> {
             self.sh.requests_active.fetch_add(1, Ordering::AcqRel);
             let r = self.handle(head, t0);
             self.sh.requests_active.fetch_sub(1, Ordering::AcqRel);
-            self.settle_staging();
+            if let Some(l) = self.staging.as_mut() {
+                l.release();
+            }
             self.flush_counters();
             if r.is_err() {
                 return;
             }
-        }
-    }
-
-    /// Keeps a staging buffer grown past [`STAGING_KEEP_BYTES`] only while the server-wide
-    /// budget for such buffers (`staging_bytes_retained_max`) allows: repeated large requests then
-    /// reuse warm memory, and idle connections cannot pin more than the budget in total.
-    fn settle_staging(&mut self) {
-        let extra = self.staging.len().saturating_sub(STAGING_KEEP_BYTES) as u64;
-        if extra == self.staging_retained {
-            return;
-        }
-        let max = self.sh.cfg.staging_bytes_retained_max;
-        let (old, grown) = (self.staging_retained, extra > self.staging_retained);
-        let fits = !grown
-            || self
-                .sh
-                .staging_retained
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_add(extra - old).filter(|&n| n <= max))
-                .is_ok();
-        if fits {
-            if !grown {
-                self.sh.staging_retained.fetch_sub(old - extra, Ordering::AcqRel);
-            }
-            self.staging_retained = extra;
-        } else {
-            self.staging = Vec::new();
-            self.release_staging();
-        }
-    }
-
-    fn release_staging(&mut self) {
-        self.sh.staging_retained.fetch_sub(self.staging_retained, Ordering::AcqRel);
-        self.staging_retained = 0;
-    }
-
-    fn disarm_handshake(&mut self) {
-        if let Some(key) = self.handshake.take() {
-            self.sh.watchdog.disarm(key);
         }
     }
 
@@ -402,16 +395,31 @@ impl<B: Backend> Conn<B> {
             match self.sh.auth.authenticate(&req.token) {
                 Some(name) => (TenantId::Named(name.to_owned()), fnv1a(name.as_bytes())),
                 None => {
-                    tracing::warn!(conn = self.id, peer = %self.peer, "handshake with a bad token");
+                    self.sh.refusals.warn(|suppressed| {
+                        tracing::warn!(conn = self.id, peer = %self.peer, suppressed, "handshake with a bad token")
+                    });
                     return Ok(Outcome::Rejected(Reject::new(Status::Unauthorized, "token not accepted")));
                 }
             }
         } else {
             (TenantId::Connection(self.id), self.id)
         };
+        let ticket = match self.sh.quotas.connect(&tenant) {
+            Ok(t) => t,
+            Err(e) => {
+                self.sh.metrics.connections_refused_total.inc();
+                self.sh.refusals.warn(|suppressed| {
+                    tracing::warn!(conn = self.id, peer = %self.peer, error = %e, suppressed, "handshake refused")
+                });
+                return Ok(Outcome::Rejected(Reject::new(e.status(), e.to_string())));
+            }
+        };
         tracing::debug!(conn = self.id, %tenant, client = %req.client_name, version, "handshake");
+        // Out of the handshake before the reply goes out, so no later accept evicts it as silent.
+        self.clock.enter(Phase::Busy);
+        self.staging = Some(self.sh.staging.lease(&tenant));
+        self._quota = Some(ticket);
         self.tenant = Some(tenant);
-        self.disarm_handshake();
         let info = self.sh.backend.info();
         let reply = HelloReply {
             version,
@@ -434,31 +442,47 @@ impl<B: Backend> Conn<B> {
             self.send_ok(head, &[], &[], Some(t0))?;
             return Ok(Outcome::Sent);
         }
-        // data_len was validated against the frame limit, which fits in memory by configuration.
-        let n = usize::try_from(n).map_err(|_| Fatal)?;
-        let mut buf = std::mem::take(&mut self.staging);
-        grow(&mut buf, n);
-        let r = self.rx.recv_data(&mut buf[..n]).map_err(|e| self.transport_failed(e));
-        let out = r.and_then(|()| self.send_ok(head, &[], &[&buf[..n]], None));
-        self.staging = buf;
-        out?;
+        // The echo is held whole: taken from the pool chunk by chunk as the data arrives.
+        let mut lease = self.staging.take().ok_or(Fatal)?;
+        let r = self.ping_staged(head, &mut lease, n);
+        lease.release();
+        self.staging = Some(lease);
+        r
+    }
+
+    fn ping_staged(&mut self, head: &RxHead, lease: &mut Lease, n: u64) -> Result<Outcome, Fatal> {
+        let max = self.sh.cfg.staging_bytes_max_per_conn;
+        if n > max {
+            self.rx_skip(n)?;
+            return Ok(Outcome::Rejected(StagingError::ConnBudget { max }.into()));
+        }
+        let mut got = 0u64;
+        while got < n {
+            let len = (n - got).min(CHUNK_BYTES as u64) as usize;
+            let buf = match lease.take() {
+                Ok(b) => b,
+                Err(e) => {
+                    self.rx_skip(n - got)?;
+                    return Ok(Outcome::Rejected(e.into()));
+                }
+            };
+            self.rx.recv_data(&mut buf[..len]).map_err(|e| self.transport_failed(e))?;
+            got += len as u64;
+        }
+        self.send_ok(head, &[], &lease.slices(n as usize), None)?;
         Ok(Outcome::Sent)
     }
 
     fn stats(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
-        let m = &self.sh.metrics;
-        let tenant_handles = match &self.tenant {
-            Some(t) => self.sh.store.with_table(t, |tab| tab.len() as u64),
-            None => 0,
-        };
+        // Only this tenant's own counters: other tenants' activity is not its business.
+        let tenant = self.tenant.clone().ok_or(Fatal)?;
+        let (handles, bytes) = self.sh.store.with_table(&tenant, |tab| (tab.len() as u64, tab.bytes()));
         let reply = StatsReply {
             counters: vec![
-                ("connections_active".into(), m.connections_active.get().max(0) as u64),
-                ("bytes_received_total".into(), m.bytes_received_total.get()),
-                ("bytes_sent_total".into(), m.bytes_sent_total.get()),
-                ("tensors_live".into(), m.tensors_live.get().max(0) as u64),
-                ("tensor_bytes_live".into(), m.tensor_bytes_live.get().max(0) as u64),
-                ("tenant_handles".into(), tenant_handles),
+                ("connections_active".into(), self.sh.quotas.connections_of(&tenant) as u64),
+                ("tensors_live".into(), handles),
+                ("tensor_bytes_live".into(), bytes),
+                ("tenant_handles".into(), handles),
                 ("connection_bytes_received".into(), self.counters.received()),
                 ("connection_bytes_sent".into(), self.counters.sent()),
             ],
@@ -507,8 +531,8 @@ impl<B: Backend> Conn<B> {
             }
             None => self.recv_staged(&region, n)?,
         };
-        if let Some(e) = write_err {
-            return Ok(Outcome::Rejected(TensorError::from(e).into()));
+        if let Some(rej) = write_err {
+            return Ok(Outcome::Rejected(rej));
         }
         let handle = store.insert(res, vec![Tensor { desc: req.desc, region }])[0];
         let meta = TensorPutReply { handle }.to_meta();
@@ -530,6 +554,18 @@ impl<B: Backend> Conn<B> {
             Err(e) => return Ok(Outcome::Rejected(e.into())),
         };
         let meta = t.desc.to_meta();
+        let frame_bytes = (HEADER_LEN + meta.len()) as u64 + t.desc.byte_len();
+        let frame_max = self.sh.limits.frame_bytes_max;
+        if frame_bytes > frame_max {
+            return Ok(Outcome::Rejected(Reject::new(
+                Status::FrameTooLarge,
+                format!(
+                    "tensor is {} bytes: its reply frame ({frame_bytes} bytes) exceeds frame_bytes_max {frame_max}; \
+                     keep tensors fetched by TensorGet below it or raise it on server and client",
+                    t.desc.byte_len()
+                ),
+            )));
+        }
         let Ok(n) = usize::try_from(t.desc.byte_len()) else {
             return Ok(Outcome::Rejected(Reject::new(Status::Internal, "tensor too large for this host")));
         };
@@ -542,13 +578,26 @@ impl<B: Backend> Conn<B> {
             self.send_ok(head, &meta, &[bytes], None)?;
             return Ok(Outcome::Sent);
         }
-        let mut buf = std::mem::take(&mut self.staging);
-        grow(&mut buf, n);
-        let r = match sh.backend.read(&t.region, 0, &mut buf[..n]) {
-            Ok(()) => self.send_ok(head, &meta, &[&buf[..n]], None).map(|()| Outcome::Sent),
-            Err(e) => Ok(Outcome::Rejected(TensorError::from(e).into())),
-        };
-        self.staging = buf;
+        // Device memory: read into pool chunks, then one vectored send.
+        let mut lease = self.staging.take().ok_or(Fatal)?;
+        let mut r = Ok(Outcome::Sent);
+        let mut off = 0usize;
+        while off < n {
+            let len = (n - off).min(CHUNK_BYTES);
+            let read = lease.take().map_err(Reject::from).and_then(|buf| {
+                sh.backend.read(&t.region, off, &mut buf[..len]).map_err(|e| TensorError::from(e).into())
+            });
+            if let Err(rej) = read {
+                r = Ok(Outcome::Rejected(rej));
+                break;
+            }
+            off += len;
+        }
+        if off == n {
+            r = self.send_ok(head, &meta, &lease.slices(n), None).map(|()| Outcome::Sent);
+        }
+        lease.release();
+        self.staging = Some(lease);
         r
     }
 
@@ -583,10 +632,11 @@ impl<B: Backend> Conn<B> {
 
     // ---- I/O helpers --------------------------------------------------------------------------
 
-    /// Receives `n` bytes of a put's data into `region` through pinned staging, piece by piece
-    /// (memory that is not host-addressable). Returns the backend's write failure, if any, after
-    /// consuming all the data so framing survives.
-    fn recv_staged(&mut self, region: &B::Region, n: usize) -> Result<Option<BackendError>, Fatal> {
+    /// Receives `n` bytes of a put's data into `region` through pinned staging (or, without it, a
+    /// chunk of the staging pool), piece by piece (memory that is not host-addressable). Returns
+    /// the backend's write failure or the pool's refusal, if any, after consuming all the data so
+    /// framing survives.
+    fn recv_staged(&mut self, region: &B::Region, n: usize) -> Result<Option<Reject>, Fatal> {
         if n == 0 {
             return Ok(None);
         }
@@ -597,15 +647,20 @@ impl<B: Backend> Conn<B> {
                 Err(e) => tracing::debug!(conn = self.id, error = %e, "no pinned staging; using pageable memory"),
             }
         }
-        let chunk = PUT_CHUNK_BYTES.min(n);
+        let chunk = PUT_CHUNK_BYTES.min(CHUNK_BYTES).min(n);
         let mut pinned = self.pinned.take();
-        let mut pageable = std::mem::take(&mut self.staging);
+        let mut pageable = self.staging.take().ok_or(Fatal)?;
         let buf: &mut [u8] = match &mut pinned {
             Some(h) => &mut h.as_mut_slice()[..chunk],
-            None => {
-                grow(&mut pageable, chunk);
-                &mut pageable[..chunk]
-            }
+            None => match pageable.take() {
+                Ok(b) => &mut b[..chunk],
+                Err(e) => {
+                    self.staging = Some(pageable);
+                    self.pinned = pinned;
+                    self.rx_skip(n as u64)?;
+                    return Ok(Some(e.into()));
+                }
+            },
         };
         let (mut off, mut write_err, mut r) = (0usize, None, Ok(()));
         while off < n {
@@ -620,8 +675,9 @@ impl<B: Backend> Conn<B> {
             off += len;
         }
         self.pinned = pinned;
-        self.staging = pageable;
-        r.map(|()| write_err)
+        pageable.release();
+        self.staging = Some(pageable);
+        r.map(|()| write_err.map(|e: BackendError| TensorError::from(e).into()))
     }
 
     fn transport_failed(&self, e: TransportError) -> Fatal {
@@ -663,15 +719,6 @@ impl<B: Backend> Conn<B> {
         header.status = status.as_u16().into();
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         tx.send(&OutFrame { header, meta, data: &[] }).map_err(|e| self.transport_failed(e))
-    }
-}
-
-/// Makes `buf` at least `n` bytes long; bytes already there are kept (no re-zeroing).
-fn grow(buf: &mut Vec<u8>, n: usize) {
-    if buf.len() < n {
-        // Exact, so the retained-bytes accounting (by length) matches the allocation.
-        buf.reserve_exact(n - buf.len());
-        buf.resize(n, 0);
     }
 }
 

@@ -6,18 +6,23 @@
 //! Module map: [`config`] (the settings: flags, TOML, environment; mechanism in [`settings`]), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
-//! the engine loop), [`metrics`] (Prometheus, HTTP),
-//! [`watchdog`] (handshake deadlines).
+//! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`watchdog`] (connection deadlines),
+//! [`staging`] (the bounded staging pool), [`quota`] (per-tenant quotas), [`throttle`]
+//! (rate-limited logging).
 
 pub mod auth;
 pub mod config;
 mod conn;
 pub mod exec;
+pub mod http;
 pub mod metrics;
+pub mod quota;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod staging;
 pub mod tensors;
+pub mod throttle;
 pub mod watchdog;
 
 pub use config::{ModelSpec, ServerConfig, ServerConfigLayer, DEFAULT_LISTEN};

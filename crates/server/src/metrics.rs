@@ -1,12 +1,10 @@
-//! Prometheus metrics and the `/healthz` + `/metrics` HTTP endpoint (`tiny_http`).
+//! Prometheus metrics (served over HTTP by [`crate::http`]).
 //!
 //! Every metric is registered once at start-up in the server's own [`Registry`] (not the global
 //! one, so several servers in one process — tests, benches — do not collide). Label sets are
 //! closed: opcodes and error kinds come from fixed name tables, never from peer input.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -90,7 +88,7 @@ impl Metrics {
             .unwrap(),
             connections_refused_total: IntCounter::new(
                 "connections_refused_total",
-                "Connections refused because max_connections were open",
+                "Connections refused: max_connections open, or the tenant at its connections_max",
             )
             .unwrap(),
             requests_total: IntCounterVec::new(
@@ -237,63 +235,5 @@ impl Metrics {
         families.extend(aliases);
         let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("metrics endpoint on {addr}: {msg}")]
-pub struct HttpError {
-    pub addr: String,
-    pub msg: String,
-}
-
-/// The running HTTP endpoint. Dropping it does not stop it; call [`HttpEndpoint::stop`].
-pub struct HttpEndpoint {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
-    pub addr: String,
-}
-
-impl HttpEndpoint {
-    /// Serves `/healthz` (200 while `healthy` is set, else 503) and `/metrics` on `addr`.
-    pub fn start(addr: &str, metrics: Metrics, healthy: Arc<AtomicBool>) -> Result<Self, HttpError> {
-        let server =
-            tiny_http::Server::http(addr).map_err(|e| HttpError { addr: addr.to_owned(), msg: e.to_string() })?;
-        let bound = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| addr.to_owned());
-        let server = Arc::new(server);
-        let s = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("djinn-http".into())
-            .spawn(move || {
-                // One request at a time: scrapes are rare and the answer is small.
-                for req in s.incoming_requests() {
-                    let path = req.url().split('?').next().unwrap_or("").to_owned();
-                    let resp = match path.as_str() {
-                        "/healthz" if healthy.load(Ordering::Acquire) => tiny_http::Response::from_string("ok\n"),
-                        "/healthz" => tiny_http::Response::from_string("starting or draining\n").with_status_code(503),
-                        "/metrics" => {
-                            let header = tiny_http::Header::from_bytes(
-                                &b"Content-Type"[..],
-                                &b"text/plain; version=0.0.4; charset=utf-8"[..],
-                            )
-                            .expect("static header");
-                            tiny_http::Response::from_string(metrics.render()).with_header(header)
-                        }
-                        _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
-                    };
-                    if let Err(e) = req.respond(resp) {
-                        tracing::debug!(error = %e, "metrics client went away");
-                    }
-                }
-            })
-            .map_err(|e| HttpError { addr: addr.to_owned(), msg: e.to_string() })?;
-        Ok(HttpEndpoint { server, thread: Some(thread), addr: bound })
-    }
-
-    pub fn stop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

@@ -1,9 +1,17 @@
 //! The server: listeners, accept threads, shared state, start-up and drain.
 //!
 //! Threads: one accept thread per listener; one reader thread per connection (at most
-//! `max_connections`); one HTTP thread for `/healthz` and `/metrics`; one watchdog thread that
-//! closes connections which have not completed their Hello within `handshake_timeout_ms`
-//! ([`crate::watchdog`]), so silent clients cannot hold connection slots. A connection's replies go
+//! `max_connections`, briefly more while evicted ones exit); one HTTP thread for `/healthz` and
+//! `/metrics`; one watchdog thread that closes connections past their handshake, frame-data or
+//! idle deadline ([`crate::watchdog`]); at most [`REFUSALS_MAX`] short-lived threads that answer
+//! refused clients.
+//!
+//! Admission: a new connection beyond `handshakes_pending_max` connections still in their
+//! handshake, or finding every slot taken while some are, closes the oldest of those (silent
+//! floods age out; a real client's Hello takes milliseconds). Otherwise a client finding every
+//! slot taken is refused: its first frame is answered `Busy` (so it reads a typed refusal, not a
+//! reset), and warnings about refusals are rate-limited. A tenant past its `connections_max` is
+//! refused `Busy` at its Hello. A connection's replies go
 //! through its `FrameTx` behind a mutex ([`ReplyTx`]) so a later engine thread (sessions) can
 //! stream frames on the same connection while the reader parses the next request.
 //!
@@ -23,10 +31,20 @@ use djinn_transport::{Connection, FrameTx, Listener, ListenerStop, OutFrame, Tra
 
 use crate::auth::{Auth, AuthFileError};
 use crate::config::{ConfigError, ServerConfig};
-use crate::metrics::{HttpEndpoint, HttpError, Metrics};
+use crate::conn::Watch;
+use crate::http::{HttpEndpoint, HttpError, HttpOptions};
+use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::session::{SessionService, SessionStartError};
+use crate::staging::StagingPool;
 use crate::tensors::Store;
-use crate::watchdog::{Watchdog, WatchdogThread};
+use crate::throttle::Throttle;
+use crate::watchdog::{Phase, Timeouts, Watchdog, WatchdogThread, Watched};
+
+/// Refused clients answered at once (each by a short-lived thread that reads the client's first
+/// frame and answers it `Busy`, within the handshake timeout); beyond it a refusal is a bare
+/// close.
+pub const REFUSALS_MAX: usize = 16;
 
 /// The sending half of a connection, shared by whoever replies on it.
 pub type ReplyTx = Arc<Mutex<Box<dyn FrameTx>>>;
@@ -65,10 +83,16 @@ pub struct Shared<B: Backend> {
     /// Requests being served right now, over all connections (drain waits for 0).
     pub requests_active: AtomicUsize,
     pub next_conn_id: AtomicU64,
-    /// Staging bytes connections keep between requests beyond their small default.
-    pub staging_retained: AtomicU64,
-    /// Handshake deadlines of connections still without a successful Hello.
+    /// Host staging for bulk data (allocated at start-up, bounded per connection and tenant).
+    pub staging: Arc<StagingPool>,
+    /// Every tenant's quota and the connections it holds.
+    pub quotas: Arc<Quotas>,
+    /// Deadlines of every connection (handshake, frame data, idle) and busy-poll gates.
     pub watchdog: Watchdog,
+    /// Refused clients being answered right now (at most [`REFUSALS_MAX`]).
+    pub refusals_active: AtomicUsize,
+    /// One warning per second about refused connections and handshakes, not one per refusal.
+    pub refusals: Throttle,
     /// The models and their sessions (the engine loop).
     pub sessions: Arc<SessionService>,
 }
@@ -112,16 +136,24 @@ impl<B: Backend> Server<B> {
                 transports.push(s);
             }
         }
-        let store = Store::new(
-            backend.clone(),
-            cfg.handles_max_per_tenant,
-            cfg.tensor_bytes_max_per_tenant,
-            cfg.tensor_bytes_max,
-            metrics.clone(),
-        );
+        let quotas = Quotas::new(&cfg);
+        let store = Store::new(backend.clone(), quotas.clone(), cfg.tensor_bytes_max, metrics.clone());
+        let timeouts = Timeouts {
+            handshake: Duration::from_millis(cfg.handshake_timeout_ms),
+            frame_data: Duration::from_millis(cfg.frame_data_timeout_ms),
+            idle: Duration::from_millis(cfg.conn_idle_timeout_ms),
+            busy_poll_linger: (opts.wait == djinn_transport::WaitMode::BusyPoll)
+                .then(|| Duration::from_micros(cfg.busy_poll_linger_us)),
+        };
+        // Room for every slot, the connections evicted but not yet ended, and refusals.
+        let registry = cfg.max_connections + cfg.handshakes_pending_max + REFUSALS_MAX;
         let (watchdog, watchdog_thread) =
-            Watchdog::start(Duration::from_millis(cfg.handshake_timeout_ms), cfg.max_connections, metrics.clone())
-                .map_err(ServerError::Thread)?;
+            Watchdog::start(timeouts, registry, metrics.clone()).map_err(ServerError::Thread)?;
+        let staging = Arc::new(StagingPool::new(
+            cfg.staging_pool_bytes,
+            cfg.staging_bytes_max_per_conn,
+            cfg.staging_bytes_max_per_tenant,
+        ));
         let shared = Arc::new(Shared {
             limits: opts.limits,
             backend,
@@ -134,8 +166,11 @@ impl<B: Backend> Server<B> {
             connections_active: AtomicUsize::new(0),
             requests_active: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
-            staging_retained: AtomicU64::new(0),
+            staging,
+            quotas,
             watchdog,
+            refusals_active: AtomicUsize::new(0),
+            refusals: Throttle::new(Duration::from_secs(1)),
             sessions,
             cfg,
         });
@@ -150,7 +185,11 @@ impl<B: Backend> Server<B> {
         }
         let http = match &shared.cfg.metrics_listen {
             Some(addr) => {
-                let h = HttpEndpoint::start(addr, shared.metrics.clone(), shared.healthy.clone())?;
+                let opts = HttpOptions {
+                    conns_max: shared.cfg.http_conns_max,
+                    request_timeout: Duration::from_millis(shared.cfg.http_request_timeout_ms),
+                };
+                let h = HttpEndpoint::start(addr, shared.metrics.clone(), shared.healthy.clone(), opts)?;
                 tracing::info!(addr = %h.addr, "serving /healthz and /metrics");
                 Some(h)
             }
@@ -241,6 +280,61 @@ fn refuse(conn: &mut Connection, status: Status, message: &str) {
     let _ = conn.tx.send(&OutFrame { header: h, meta: meta.encode_bytes(), data: &[] });
 }
 
+/// Refuses a client with a typed `Busy`: a short-lived thread (at most [`REFUSALS_MAX`] at once)
+/// reads the client's first frame — within `frame_data_timeout_ms` — and answers it, so the client
+/// reads the refusal as the reply to its Hello instead of a reset. Past the bound, a bare frame
+/// and close.
+fn refuse_busy<B: Backend>(sh: &Arc<Shared<B>>, mut conn: Connection, message: String) {
+    let taken = sh
+        .refusals_active
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < REFUSALS_MAX).then_some(n + 1))
+        .is_ok();
+    let close = conn.tx.closer();
+    let slot = match (taken, close) {
+        (true, Some(close)) => {
+            let id = sh.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            // Not in the handshake phase: a refused client is no slot holder to evict; its
+            // first frame must come within the frame-data deadline.
+            let clock = sh.watchdog.new_clock();
+            clock.enter(Phase::Serving);
+            let w = Watched {
+                clock,
+                close,
+                inflight: Arc::new(AtomicUsize::new(0)),
+                spin: Arc::new(AtomicBool::new(false)),
+            };
+            sh.watchdog.register(id, w).ok()
+        }
+        _ => None,
+    };
+    let Some(slot) = slot else {
+        if taken {
+            sh.refusals_active.fetch_sub(1, Ordering::AcqRel);
+        }
+        refuse(&mut conn, Status::Busy, &message);
+        return;
+    };
+    let sh2 = sh.clone();
+    let spawned = std::thread::Builder::new().name("djinn-refuse".into()).spawn(move || {
+        if let Ok(head) = conn.rx.recv_head() {
+            let h = head.header;
+            if conn.rx.skip_data(h.data_len.get()).is_ok() {
+                let reply = djinn_proto::msg::ErrorReply::new(&message);
+                let meta = reply.encode_bytes();
+                let mut r = FrameHeader::new(h.opcode.get(), FLAG_REPLY, h.request_id.get(), meta.len() as u32, 0);
+                r.status = Status::Busy.as_u16().into();
+                let _ = conn.tx.send(&OutFrame { header: r, meta, data: &[] });
+            }
+        }
+        sh2.watchdog.unregister(slot);
+        sh2.refusals_active.fetch_sub(1, Ordering::AcqRel);
+    });
+    if spawned.is_err() {
+        sh.watchdog.unregister(slot);
+        sh.refusals_active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn accept_loop<B: Backend>(sh: &Arc<Shared<B>>, l: &mut dyn Listener) {
     let url = l.url();
     loop {
@@ -250,7 +344,7 @@ fn accept_loop<B: Backend>(sh: &Arc<Shared<B>>, l: &mut dyn Listener) {
             Err(e) => {
                 // A failed handshake of one client (or EMFILE) must not stop the listener; pause
                 // briefly so a persistent error does not spin.
-                tracing::warn!(%url, error = %e, "accept failed");
+                sh.refusals.warn(|suppressed| tracing::warn!(%url, error = %e, suppressed, "accept failed"));
                 sh.metrics.errors_total.with_label_values(&["accept"]).inc();
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
@@ -260,42 +354,70 @@ fn accept_loop<B: Backend>(sh: &Arc<Shared<B>>, l: &mut dyn Listener) {
             refuse(&mut conn, Status::ShuttingDown, "server is shutting down");
             break;
         }
-        let max = sh.cfg.max_connections;
-        // Claim a slot first so concurrent accepts on several listeners cannot overshoot.
-        if sh.connections_active.fetch_add(1, Ordering::AcqRel) >= max {
-            sh.connections_active.fetch_sub(1, Ordering::AcqRel);
-            sh.metrics.connections_refused_total.inc();
-            tracing::warn!(peer = %conn.peer, max, "connection refused: max_connections open");
-            refuse(&mut conn, Status::Busy, &format!("server has {max} connections open (max_connections)"));
-            continue;
+        // A flood of connections that never say Hello ages out: the oldest makes way.
+        if sh.watchdog.evict_oldest_handshake(sh.cfg.handshakes_pending_max) {
+            sh.metrics.errors_total.with_label_values(&["handshake_evicted"]).inc();
         }
-        let id = sh.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        // The handshake deadline runs from accept. The list holds one entry per open connection,
-        // so it is full only if the slot accounting above is broken: refuse rather than serve a
-        // connection nobody could time out.
-        let deadline = match conn.tx.closer().map(|close| sh.watchdog.arm(id, close)) {
-            Some(Ok(key)) => Some(key),
-            Some(Err(full)) => {
+        let max = sh.cfg.max_connections;
+        // Claim a slot first so concurrent accepts on several listeners cannot overshoot; with
+        // every slot taken, one still in its handshake makes way (it ends at once).
+        if sh.connections_active.fetch_add(1, Ordering::AcqRel) >= max {
+            if sh.watchdog.evict_oldest_handshake(1) {
+                sh.metrics.errors_total.with_label_values(&["handshake_evicted"]).inc();
+            } else {
                 sh.connections_active.fetch_sub(1, Ordering::AcqRel);
-                tracing::error!(peer = %conn.peer, error = %full, "connection refused");
-                refuse(&mut conn, Status::Busy, "server cannot track another handshake");
+                sh.metrics.connections_refused_total.inc();
+                sh.refusals.warn(|suppressed| {
+                    tracing::warn!(peer = %conn.peer, max, suppressed, "connection refused: max_connections open")
+                });
+                refuse_busy(sh, conn, format!("server has {max} connections open (max_connections); retry later"));
                 continue;
             }
+        }
+        let id = sh.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let watch = Watch {
+            clock: sh.watchdog.new_clock(),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            spin: Arc::new(AtomicBool::new(true)),
+            slot: None,
+        };
+        // The deadlines run from accept. The registry has room for every slot plus evicted and
+        // refused connections, so it is full only if that accounting is broken: refuse rather
+        // than serve a connection nobody could time out.
+        let watch = match conn.tx.closer() {
+            Some(close) => {
+                let w = Watched {
+                    clock: watch.clock.clone(),
+                    close,
+                    inflight: watch.inflight.clone(),
+                    spin: watch.spin.clone(),
+                };
+                match sh.watchdog.register(id, w) {
+                    Ok(slot) => Watch { slot: Some(slot), ..watch },
+                    Err(full) => {
+                        sh.connections_active.fetch_sub(1, Ordering::AcqRel);
+                        tracing::error!(peer = %conn.peer, error = %full, "connection refused");
+                        refuse(&mut conn, Status::Busy, "server cannot track another connection");
+                        continue;
+                    }
+                }
+            }
             None => {
-                tracing::warn!(peer = %conn.peer, "transport cannot be closed from outside: no handshake deadline");
-                None
+                tracing::warn!(peer = %conn.peer, "transport cannot be closed from outside: no deadlines");
+                watch
             }
         };
+        let slot = watch.slot;
         sh.metrics.connections_active.inc();
         sh.metrics.connections_total.with_label_values(&[conn.transport]).inc();
         let sh2 = sh.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("djinn-conn-{id}"))
-            .spawn(move || crate::conn::serve_connection(sh2, id, conn, deadline));
+            .spawn(move || crate::conn::serve_connection(sh2, id, conn, watch));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a connection thread");
-            if let Some(key) = deadline {
-                sh.watchdog.disarm(key);
+            if let Some(slot) = slot {
+                sh.watchdog.unregister(slot);
             }
             sh.connections_active.fetch_sub(1, Ordering::AcqRel);
             sh.metrics.connections_active.dec();

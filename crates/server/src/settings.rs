@@ -82,13 +82,24 @@ impl Scalar for bool {
 }
 
 /// What one field of the settings list is: how its flag is built, read back, and shown.
+///
+/// A setting with `FLAG = false` (a table of the config file, such as the tenant quotas) has no
+/// flag and no environment variable: only a file sets it.
 pub trait Setting: Sized {
-    fn arg(a: Arg) -> Arg;
+    /// Whether the setting is a flag (and a `DJINN_*` variable) too.
+    const FLAG: bool = true;
+    fn arg(a: Arg) -> Arg {
+        a
+    }
     /// The value the flag or its environment variable gave, if either did.
-    fn get(m: &ArgMatches, id: &str) -> Option<Self>;
+    fn get(_m: &ArgMatches, _id: &str) -> Option<Self> {
+        None
+    }
     /// The default as `--help` shows it; `None` when the field's doc says what absence means.
-    fn show_default(&self) -> Option<String>;
-    fn resolve(&mut self, base: &Path);
+    fn show_default(&self) -> Option<String> {
+        None
+    }
+    fn resolve(&mut self, _base: &Path) {}
 }
 
 impl<T: Scalar> Setting for T {
@@ -215,12 +226,16 @@ macro_rules! settings {
         impl clap::Args for ServerConfigLayer {
             fn augment_args(cmd: clap::Command) -> clap::Command {
                 let d = ServerConfig::default();
-                cmd $( .arg($crate::settings::flag::<$ty>(
-                    stringify!($name),
-                    None $( .or(Some($flag)) )?,
-                    &[$($doc),*],
-                    &d.$name,
-                ) $( .value_name($value) )? ) )*
+                let mut cmd = cmd;
+                $( if <$ty as $crate::settings::Setting>::FLAG {
+                    cmd = cmd.arg($crate::settings::flag::<$ty>(
+                        stringify!($name),
+                        None $( .or(Some($flag)) )?,
+                        &[$($doc),*],
+                        &d.$name,
+                    ) $( .value_name($value) )? );
+                } )*
+                cmd
             }
             fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
                 Self::augment_args(cmd)

@@ -11,9 +11,10 @@
 //! the handle: the memory goes when the send ends. At most one tensor per connection outlives its
 //! handle that way (a connection sends one reply at a time).
 //!
-//! Bounds (fixed at start-up): handles per tenant, tensor bytes per tenant, tensor bytes over all
-//! tenants. Quota is taken *before* a region is reserved or bulk data is received, and given back
-//! when the tensor is freed (or the anonymous tenant's connection closes).
+//! Bounds (fixed at start-up): handles per tenant, tensor bytes per tenant (each tenant's quota,
+//! [`crate::quota`]), tensor bytes over all tenants. Quota is taken *before* a region is reserved
+//! or bulk data is received, and given back when the tensor is freed (or the anonymous tenant's
+//! connection closes).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use djinn_proto::{DType as WireDType, Status, TensorDesc};
 
 use crate::auth::TenantId;
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 
 /// Wire dtype → backend dtype (the two enums name the same six types).
 pub fn backend_dtype(d: WireDType) -> djinn_backend::DType {
@@ -107,6 +109,10 @@ impl<B: Backend> TenantTensors<B> {
     pub fn len(&self) -> usize {
         self.map.len()
     }
+    /// Bytes of the published tensors.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -153,8 +159,8 @@ pub struct Store<B: Backend> {
     tenants: Mutex<HashMap<TenantId, Arc<TenantState<B>>>>,
     bytes_total: AtomicU64,
     next_handle: AtomicU64,
-    pub handles_max_per_tenant: usize,
-    pub bytes_max_per_tenant: u64,
+    /// Each tenant's `handles_max` and `tensor_bytes_max`.
+    quotas: Arc<Quotas>,
     pub bytes_max: u64,
     metrics: Metrics,
 }
@@ -166,21 +172,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<B: Backend> Store<B> {
-    pub fn new(
-        backend: Arc<B>,
-        handles_max_per_tenant: usize,
-        bytes_max_per_tenant: u64,
-        bytes_max: u64,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(backend: Arc<B>, quotas: Arc<Quotas>, bytes_max: u64, metrics: Metrics) -> Self {
         Store {
             backend,
             tenants: Mutex::new(HashMap::new()),
             bytes_total: AtomicU64::new(0),
             // Handles start far from zero so a zeroed field never names a tensor.
             next_handle: AtomicU64::new(0x1000),
-            handles_max_per_tenant,
-            bytes_max_per_tenant,
+            quotas,
             bytes_max,
             metrics,
         }
@@ -206,13 +205,14 @@ impl<B: Backend> Store<B> {
     pub fn reserve<'a>(&'a self, id: &TenantId, handles: usize, bytes: u64) -> Result<Reservation<'a, B>, TensorError> {
         let tenant = self.tenant(id);
         {
+            let quota = self.quotas.of(id);
             let mut q = lock(&tenant.quota);
-            if q.0 + handles > self.handles_max_per_tenant {
-                return Err(TensorError::TooManyHandles { held: q.0, max: self.handles_max_per_tenant });
+            if q.0 + handles > quota.handles_max {
+                return Err(TensorError::TooManyHandles { held: q.0, max: quota.handles_max });
             }
             let want = q.1.saturating_add(bytes);
-            if want > self.bytes_max_per_tenant {
-                return Err(TensorError::TenantBytes { want, max: self.bytes_max_per_tenant });
+            if want > quota.tensor_bytes_max {
+                return Err(TensorError::TenantBytes { want, max: quota.tensor_bytes_max });
             }
             // Check-and-add in one step so concurrent tenants cannot overshoot the server bound.
             let max = self.bytes_max;

@@ -89,6 +89,19 @@ pub trait FrameRx: Send {
     fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError>;
     /// Discards the next `len` bytes of the current frame's bulk data.
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError>;
+    /// Busy-poll only: while `gate` is closed (false) this half waits as spin-then-park does —
+    /// spins `spin_us`, then parks — so a connection with nothing in flight burns no CPU; while it
+    /// is open, it never parks. Transports without busy-poll ignore it.
+    fn set_spin_gate(&mut self, _gate: SpinGate) {}
+}
+
+/// Whether a busy-polling receiver may keep spinning (see [`FrameRx::set_spin_gate`]); written by
+/// whoever knows if the connection has work (the server), read in the receiver's wait loop.
+pub type SpinGate = Arc<std::sync::atomic::AtomicBool>;
+
+/// Whether a wait in `mode` with `gate` may spin without bound right now.
+pub(crate) fn spins_unbounded(mode: WaitMode, gate: &Option<SpinGate>) -> bool {
+    mode == WaitMode::BusyPoll && gate.as_ref().is_none_or(|g| g.load(Ordering::Relaxed))
 }
 
 /// A connected pair of halves plus what both sides share.

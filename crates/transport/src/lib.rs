@@ -14,7 +14,7 @@ pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, ConnectionClose, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
+    ByteCounters, Connection, ConnectionClose, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead, SpinGate,
     TransportError, TransportOptions, WaitMode,
 };
 pub use recommended::{connect, listen};

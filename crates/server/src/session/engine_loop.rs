@@ -157,6 +157,8 @@ struct Session {
     detached_at: Option<Instant>,
     work: Work,
     cancel: bool,
+    /// The tenant's quota this session holds (sessions_max, kv_bytes_max); given back on drop.
+    _quota: crate::quota::Ticket,
 }
 
 impl Session {
@@ -183,6 +185,12 @@ impl Refusal {
     }
 }
 
+/// KV bytes a session of `tokens` tokens occupies at most (whole blocks), for the tenant quota.
+fn kv_bytes<B: Backend>(engine: &Engine<B>, tokens: usize) -> u64 {
+    let layout = engine.vmu().layout();
+    (tokens.div_ceil(layout.block_tokens) * layout.block_bytes()) as u64
+}
+
 fn model_status(e: &ModelError) -> Status {
     match e {
         ModelError::TokenId { .. } | ModelError::TooLong { .. } | ModelError::Batch(_) => Status::BadArgument,
@@ -200,6 +208,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     /// Sessions with work, in arrival order of that work (FCFS).
     order: VecDeque<u64>,
     max_sessions: usize,
+    /// Per-tenant quotas, checked where a session is opened.
+    quotas: Arc<crate::quota::Quotas>,
     lease: Duration,
     frame_bytes_max: u64,
     metrics: Metrics,
@@ -227,6 +237,7 @@ impl<B: Backend> EngineLoop<B> {
             sessions: HashMap::with_capacity(cfg.max_sessions),
             order: VecDeque::with_capacity(cfg.max_sessions),
             max_sessions: cfg.max_sessions,
+            quotas: crate::quota::Quotas::new(cfg),
             lease: Duration::from_secs(cfg.session_lease_s),
             frame_bytes_max: cfg.frame_bytes_max,
             metrics,
@@ -360,12 +371,16 @@ impl<B: Backend> EngineLoop<B> {
             let msg = format!("{} sessions are open (max_sessions)", self.max_sessions);
             return Err((ans, Refusal::new(Status::LimitExceeded, msg)));
         }
+        let max_ctx = self.models[m].engine.max_context_tokens();
+        let max_tokens = if max_tokens == 0 { max_ctx } else { (max_tokens as usize).min(max_ctx) };
+        let quota = match self.quotas.open_session(&tenant, kv_bytes(&self.models[m].engine, max_tokens)) {
+            Ok(t) => t,
+            Err(e) => return Err((ans, Refusal::new(e.status(), e.to_string()))),
+        };
         let vs = match self.models[m].engine.open_session() {
             Ok(v) => v,
             Err(e) => return Err((ans, Refusal::new(model_status(&e), e.to_string()))),
         };
-        let max_ctx = self.models[m].engine.max_context_tokens();
-        let max_tokens = if max_tokens == 0 { max_ctx } else { (max_tokens as usize).min(max_ctx) };
         let id = self.new_id();
         self.sessions.insert(
             id,
@@ -381,6 +396,7 @@ impl<B: Backend> EngineLoop<B> {
                 detached_at: None,
                 work: Work::Idle,
                 cancel: false,
+                _quota: quota,
             },
         );
         tracing::debug!(session = id, model, tenant = %self.sessions[&id].tenant, "session open");

@@ -20,7 +20,9 @@
 //! Waiting (`WaitMode`): spin-then-park spins `spin_us` (yielding the core between looks after the
 //! first few microseconds, in case the peer was woken onto this core), then parks in `poll` on its
 //! eventfd and the peer's socket: no CPU while idle, and a dead peer wakes it. Busy-poll never
-//! parks; every millisecond of waiting it checks the peer's socket and yields once.
+//! parks while its spin gate is open (`FrameRx::set_spin_gate`; no gate = always open); every
+//! millisecond of waiting it checks the peer's socket and yields once. With the gate closed it
+//! waits as spin-then-park does.
 //!
 //! Bounds: at most `slot_count` frames and `data_bytes` bytes are unconsumed per direction; a full
 //! ring makes the sender wait, never buffer.
@@ -38,7 +40,8 @@ use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 
 use super::region::{DirOffsets, Region, SLOT_BYTES, SLOT_META_INLINE_MAX};
 use super::sys::{self, EventFd};
-use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError, WaitMode};
+use crate::conn::spins_unbounded;
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, WaitMode};
 
 /// The sender publishes (and may ring) at least this often while streaming a large frame, so the
 /// receiver copies out one chunk while the next is being copied in. A streaming frame may fill the
@@ -117,6 +120,8 @@ struct Waiter {
     mode: WaitMode,
     spin: Duration,
     park: EventFd,
+    /// Busy-poll spins only while this is open (see `FrameRx::set_spin_gate`).
+    gate: Option<SpinGate>,
 }
 
 impl Waiter {
@@ -133,68 +138,67 @@ impl Waiter {
             return Ok(v);
         }
         let start = Instant::now();
-        match self.mode {
-            WaitMode::BusyPoll => {
-                // Never parks, and yields only once per liveness check: a busy-polling side owns
-                // its core (an early yield on a loaded machine hands the core to other processes
-                // for a whole time slice), but a peer that shares this core still runs within 1 ms.
-                let mut last_check = start;
-                loop {
-                    for _ in 0..256 {
-                        std::hint::spin_loop();
-                        if let Some(v) = ready()? {
-                            return Ok(v);
-                        }
-                    }
-                    link.check_open()?;
-                    let now = Instant::now();
-                    if now - last_check >= LIVENESS_CHECK_INTERVAL {
-                        if sys::peer_gone_now(&link.sock) {
-                            return ready()?.ok_or(RingError::PeerGone);
-                        }
-                        std::thread::yield_now();
-                        last_check = Instant::now();
-                    }
-                }
-            }
-            WaitMode::SpinThenPark => {
-                while start.elapsed() < self.spin {
-                    for _ in 0..64 {
-                        std::hint::spin_loop();
-                        if let Some(v) = ready()? {
-                            return Ok(v);
-                        }
-                    }
-                    link.check_open()?;
-                    // Past a short pure spin, give the core away between looks: when the peer
-                    // was woken onto this very core (the scheduler likes to), spinning would only
-                    // delay it until our spin budget runs out.
-                    if start.elapsed() >= PURE_SPIN {
-                        std::thread::yield_now();
-                    }
-                }
-                loop {
-                    flag.store(1, Ordering::Relaxed);
-                    // SAFETY (ordering): Dekker with the peer's publish — our flag store, SeqCst fence,
-                    // then the re-check in `ready`; the peer stores its index, fences, loads the flag.
-                    fence(Ordering::SeqCst);
-                    let outcome = ready();
-                    if !matches!(outcome, Ok(None)) {
-                        flag.store(0, Ordering::Relaxed);
-                        return outcome.map(|v| v.expect("checked Some"));
-                    }
-                    let gone = sys::poll_doorbell(&self.park, &link.sock, -1);
-                    self.park.drain();
-                    flag.store(0, Ordering::Relaxed);
-                    let gone = gone.map_err(|e| RingError::Io("shm doorbell poll", e.kind()))?;
-                    link.check_open()?;
+        if spins_unbounded(self.mode, &self.gate) {
+            // Never parks while the gate is open, and yields only once per liveness check: a
+            // busy-polling side owns its core (an early yield on a loaded machine hands the core
+            // to other processes for a whole time slice), but a peer that shares this core still
+            // runs within 1 ms.
+            let mut last_check = start;
+            while spins_unbounded(self.mode, &self.gate) {
+                for _ in 0..256 {
+                    std::hint::spin_loop();
                     if let Some(v) = ready()? {
                         return Ok(v);
                     }
-                    if gone {
-                        return Err(RingError::PeerGone);
-                    }
                 }
+                link.check_open()?;
+                let now = Instant::now();
+                if now - last_check >= LIVENESS_CHECK_INTERVAL {
+                    if sys::peer_gone_now(&link.sock) {
+                        return ready()?.ok_or(RingError::PeerGone);
+                    }
+                    std::thread::yield_now();
+                    last_check = Instant::now();
+                }
+            }
+        }
+        // Spin-then-park (or busy-poll whose gate closed).
+        let start = Instant::now();
+        while start.elapsed() < self.spin {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+                if let Some(v) = ready()? {
+                    return Ok(v);
+                }
+            }
+            link.check_open()?;
+            // Past a short pure spin, give the core away between looks: when the peer
+            // was woken onto this very core (the scheduler likes to), spinning would only
+            // delay it until our spin budget runs out.
+            if start.elapsed() >= PURE_SPIN {
+                std::thread::yield_now();
+            }
+        }
+        loop {
+            flag.store(1, Ordering::Relaxed);
+            // SAFETY (ordering): Dekker with the peer's publish — our flag store, SeqCst fence,
+            // then the re-check in `ready`; the peer stores its index, fences, loads the flag.
+            fence(Ordering::SeqCst);
+            let outcome = ready();
+            if !matches!(outcome, Ok(None)) {
+                flag.store(0, Ordering::Relaxed);
+                return outcome.map(|v| v.expect("checked Some"));
+            }
+            let gone = sys::poll_doorbell(&self.park, &link.sock, -1);
+            self.park.drain();
+            flag.store(0, Ordering::Relaxed);
+            let gone = gone.map_err(|e| RingError::Io("shm doorbell poll", e.kind()))?;
+            link.check_open()?;
+            if let Some(v) = ready()? {
+                return Ok(v);
+            }
+            if gone {
+                return Err(RingError::PeerGone);
             }
         }
     }
@@ -287,7 +291,7 @@ pub(crate) fn halves(
     let layout = *link.region.layout();
     let spin = Duration::from_micros(opts.spin_us);
     let tx = ShmTx {
-        waiter: Waiter { mode: opts.wait, spin, park: bells.tx_park },
+        waiter: Waiter { mode: opts.wait, spin, park: bells.tx_park, gate: None },
         st: TxState {
             link: link.clone(),
             off: tx_dir,
@@ -305,7 +309,7 @@ pub(crate) fn halves(
         poisoned: None,
     };
     let rx = ShmRx {
-        waiter: Waiter { mode: opts.wait, spin, park: bells.rx_park },
+        waiter: Waiter { mode: opts.wait, spin, park: bells.rx_park, gate: None },
         st: RxState {
             link,
             off: rx_dir,
@@ -610,6 +614,10 @@ impl FrameRx for ShmRx {
         self.pending_data -= len;
         self.st.link.counters.received.fetch_add(len, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn set_spin_gate(&mut self, gate: SpinGate) {
+        self.waiter.gate = Some(gate);
     }
 
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use djinn_proto::{FrameHeader, Limits, HEADER_LEN};
 use zerocopy::IntoBytes;
 
-use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError};
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError};
 
 /// Bytes of the receive staging buffer. Small frames (header + meta + small data) arrive in one
 /// receive; larger data bypasses it.
@@ -35,6 +35,8 @@ pub(crate) trait StreamIo: Send {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// The socket both halves share.
     fn socket(&self) -> &Arc<OwnedFd>;
+    /// See [`FrameRx::set_spin_gate`].
+    fn set_spin_gate(&mut self, gate: SpinGate);
 }
 
 pub(crate) fn io_err(what: &'static str, e: io::Error) -> TransportError {
@@ -236,5 +238,9 @@ impl<I: StreamIo> FrameRx for StreamRx<I> {
             self.data_left -= take as u64;
         }
         Ok(())
+    }
+
+    fn set_spin_gate(&mut self, gate: SpinGate) {
+        self.io.set_spin_gate(gate);
     }
 }

@@ -9,25 +9,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::frame::StreamIo;
-use crate::WaitMode;
+use crate::conn::spins_unbounded;
+use crate::{SpinGate, WaitMode};
 
 pub(crate) struct SocketIo {
     fd: Arc<OwnedFd>,
     wait: WaitMode,
     spin: Duration,
+    gate: Option<SpinGate>,
 }
 
 impl SocketIo {
     pub(crate) fn new(fd: Arc<OwnedFd>, wait: WaitMode, spin_us: u64) -> Self {
-        SocketIo { fd, wait, spin: Duration::from_micros(spin_us) }
+        SocketIo { fd, wait, spin: Duration::from_micros(spin_us), gate: None }
     }
 
     /// Runs `op(flags)` with MSG_DONTWAIT while spinning, then (SpinThenPark) blocking.
     fn wait_loop(&self, base_flags: i32, mut op: impl FnMut(i32) -> isize) -> io::Result<usize> {
-        let deadline = match self.wait {
-            WaitMode::BusyPoll => None,
-            WaitMode::SpinThenPark => Some(Instant::now() + self.spin),
-        };
+        let mut deadline = None;
         loop {
             let r = op(base_flags | libc::MSG_DONTWAIT);
             if r >= 0 {
@@ -38,10 +37,12 @@ impl SocketIo {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {}
                 _ => return Err(e),
             }
-            if let Some(d) = deadline {
-                if Instant::now() >= d {
-                    break;
-                }
+            // Busy-poll spins while its gate is open; otherwise (or once it closes) spin-then-park.
+            if deadline.is_none() && !spins_unbounded(self.wait, &self.gate) {
+                deadline = Some(Instant::now() + self.spin);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
             }
             std::hint::spin_loop();
         }
@@ -81,5 +82,9 @@ impl StreamIo for SocketIo {
 
     fn socket(&self) -> &Arc<OwnedFd> {
         &self.fd
+    }
+
+    fn set_spin_gate(&mut self, gate: SpinGate) {
+        self.gate = Some(gate);
     }
 }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types, IoUring};
 
 use super::frame::StreamIo;
-use crate::WaitMode;
+use crate::conn::spins_unbounded;
+use crate::{SpinGate, WaitMode};
 
 /// Submission queue entries per ring: one operation plus a cancel.
 const RING_ENTRIES: u32 = 4;
@@ -73,6 +74,8 @@ pub(crate) struct UringIo {
     msg: Box<libc::msghdr>,
     /// An operation whose completions have not all been reaped.
     inflight: bool,
+    /// Busy-poll spins only while this is open (see `FrameRx::set_spin_gate`).
+    gate: Option<SpinGate>,
 }
 
 // SAFETY: `msg` holds pointers only while a send runs (the call returns after the kernel is done
@@ -92,6 +95,7 @@ impl UringIo {
             // SAFETY: an all-zero msghdr (null pointers, zero lengths) is a valid value.
             msg: Box::new(unsafe { std::mem::zeroed() }),
             inflight: false,
+            gate: None,
         })
     }
 
@@ -137,18 +141,17 @@ impl UringIo {
         if let Some(c) = self.pop_cqe() {
             return Ok(c);
         }
-        let deadline = match self.wait {
-            WaitMode::BusyPoll => None,
-            WaitMode::SpinThenPark => Some(Instant::now() + self.spin),
-        };
+        let mut deadline = None;
         loop {
             if let Some(c) = self.pop_cqe() {
                 return Ok(c);
             }
-            if let Some(d) = deadline {
-                if Instant::now() >= d {
-                    break;
-                }
+            // Busy-poll spins while its gate is open; otherwise (or once it closes) spin-then-park.
+            if deadline.is_none() && !spins_unbounded(self.wait, &self.gate) {
+                deadline = Some(Instant::now() + self.spin);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
             }
             // With COOP_TASKRUN the kernel does not interrupt us to finish the operation (the
             // receive retried once data arrived); it raises the TASKRUN flag instead, and entering
@@ -202,6 +205,10 @@ impl StreamIo for UringIo {
 
     fn socket(&self) -> &Arc<OwnedFd> {
         &self.fd
+    }
+
+    fn set_spin_gate(&mut self, gate: SpinGate) {
+        self.gate = Some(gate);
     }
 }
 
