@@ -105,6 +105,12 @@ pub struct SessionArgs {
     /// New tokens per engine step over all sessions (the prefill chunk).
     #[arg(long)]
     pub max_step_tokens: Option<usize>,
+    /// Session frames queued per connection; when full, that connection's sessions pause.
+    #[arg(long)]
+    pub conn_outbound_frames_max: Option<usize>,
+    /// Milliseconds a connection's full outbound queue may make no progress before it is closed.
+    #[arg(long)]
+    pub conn_stall_timeout_ms: Option<u64>,
 }
 
 impl Args {
@@ -128,7 +134,7 @@ impl Args {
         macro_rules! over_s {
             ($($f:ident),*) => { $( if let Some(v) = &s.$f { c.$f = v.clone().into(); } )* };
         }
-        over_s!(max_sessions, session_lease_s, max_step_tokens);
+        over_s!(max_sessions, session_lease_s, max_step_tokens, conn_outbound_frames_max, conn_stall_timeout_ms);
         over_s!(kv_capacity_mb, host_swap_mb, dtype, threads, max_context_tokens);
         if !s.models.is_empty() {
             c.models = s.models.iter().map(|m| ModelSpec::parse_flag(m)).collect::<Result<_, _>>()?;

@@ -97,6 +97,13 @@ pub struct ServerConfig {
     pub max_step_tokens: usize,
     /// Session requests waiting for the engine loop; more are refused with `Busy`.
     pub session_queue_max: usize,
+    /// Session frames (tokens, replies) one connection may have queued for its writer. When a
+    /// connection's queue is full its sessions are not stepped (paused, KV kept and swappable)
+    /// until the client reads: a slow reader slows only itself, and the engine never blocks.
+    pub conn_outbound_frames_max: usize,
+    /// How long a connection's outbound queue may stay full with no frame sent before the
+    /// connection is closed (its sessions keep their lease and can be attached again).
+    pub conn_stall_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +139,8 @@ impl Default for ServerConfig {
             max_context_tokens: None,
             max_step_tokens: 256,
             session_queue_max: 1024,
+            conn_outbound_frames_max: 64,
+            conn_stall_timeout_ms: 10_000,
         }
     }
 }
@@ -189,6 +198,8 @@ impl ServerConfig {
             ("max_sessions", self.max_sessions as u64),
             ("max_step_tokens", self.max_step_tokens as u64),
             ("session_queue_max", self.session_queue_max as u64),
+            ("conn_outbound_frames_max", self.conn_outbound_frames_max as u64),
+            ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -126,7 +126,7 @@ pub(crate) fn serve_connection<B: Backend>(
     let mut c = Conn {
         sh: sh.clone(),
         id,
-        link: ConnLink::new(id, tx.clone(), inflight.clone()),
+        link: sh.sessions.link(id, tx.clone(), inflight.clone()),
         tx,
         rx,
         counters,

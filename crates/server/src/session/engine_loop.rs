@@ -13,10 +13,12 @@
 //! step feeds it and samples the next, so prefill never needs logits and a decode's first step
 //! computes the prompt's last position (time to first token = one step).
 //!
-//! Known limit: frames are sent with the transport's blocking send, so a client that stops reading
-//! its token stream holds up the loop once its connection's buffers are full (MiBs: about 10^5
-//! token frames; far fewer with full logits). Non-blocking sends with a per-connection backlog
-//! bound belong with the QoS scheduler of a later issue.
+//! The loop never sends on a connection: frames go to the connection's bounded outbound queue
+//! ([`super::outbound`]), drained by its own writer thread. A decode whose connection's queue is
+//! full is not stepped (paused; its KV stays and may be swapped out) until the writer drains it;
+//! a queue full with nothing sent for `conn_stall_timeout_ms` closes that connection, and its
+//! sessions keep their lease. Drain: no new jobs; running work may finish until the deadline,
+//! then what is left ends with `ShuttingDown`.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -31,10 +33,10 @@ use djinn_proto::session::{
     SessionInfoReply, SessionToken,
 };
 use djinn_proto::{FrameHeader, Meta, MetaWriter, Opcode, Status, FLAG_REPLY};
-use djinn_transport::OutFrame;
 use djinn_vmu::VmuError;
 
 use super::chat::Conversation;
+use super::outbound::Outbound;
 use super::{ActiveGuard, ConnLink, Job, ModelInfo, Request, SessionService};
 use crate::auth::TenantId;
 use crate::config::ServerConfig;
@@ -65,6 +67,8 @@ impl Answer {
         (Answer { conn, rid, opcode, received, _guard: guard }, req, tenant)
     }
 
+    /// Queues the frame for the connection's writer (never blocks on the peer); returns its
+    /// wire bytes, 0 when the connection is gone.
     fn send(&self, opcode: Opcode, status: Status, meta: &[u8], data: &[&[u8]]) -> usize {
         if !self.conn.is_alive() {
             return 0;
@@ -73,14 +77,16 @@ impl Answer {
         let mut header = FrameHeader::new(opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data_len);
         header.status = status.as_u16().into();
         let n = header.frame_len() as usize;
-        let mut tx = self.conn.tx.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = tx.send(&OutFrame { header, meta, data }) {
-            // The connection is gone: its decodes stop at the next step.
-            tracing::debug!(conn = self.conn.id, error = %e, "session reply not delivered");
-            self.conn.mark_closed();
-            return 0;
+        match Outbound::push(&self.conn, header, meta, data) {
+            Ok(()) => n,
+            Err(e) => {
+                // Past the hard bound the client has long stopped reading: give up on it (its
+                // sessions keep their lease).
+                tracing::debug!(conn = self.conn.id, error = ?e, "session frame not queued; closing the connection");
+                self.conn.close_now();
+                0
+            }
         }
-        n
     }
 
     fn ok(self, meta: &[u8], data: &[&[u8]]) {
@@ -131,7 +137,9 @@ struct Session {
     tokens: Vec<u32>,
     kv: usize,
     conv: Conversation,
-    conn: Arc<ConnLink>,
+    /// Every connection that opened, attached to or made a request on the session and is still
+    /// open (at most one entry per connection): the session's lease starts only when all are gone.
+    conns: Vec<Arc<ConnLink>>,
     detached_at: Option<Instant>,
     work: Work,
     cancel: bool,
@@ -178,6 +186,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     /// Sessions with work, in arrival order of that work (FCFS).
     order: VecDeque<u64>,
     max_sessions: usize,
+    /// Sessions skipped by this iteration's steps because their connection's queue is full.
+    paused: usize,
     lease: Duration,
     frame_bytes_max: u64,
     metrics: Metrics,
@@ -205,6 +215,7 @@ impl<B: Backend> EngineLoop<B> {
             sessions: HashMap::with_capacity(cfg.max_sessions),
             order: VecDeque::with_capacity(cfg.max_sessions),
             max_sessions: cfg.max_sessions,
+            paused: 0,
             lease: Duration::from_secs(cfg.session_lease_s),
             frame_bytes_max: cfg.frame_bytes_max,
             metrics,
@@ -222,39 +233,60 @@ impl<B: Backend> EngineLoop<B> {
     pub(crate) fn run(mut self) {
         // Swapped with the queue's own deque each iteration: no allocation per step.
         let mut jobs = VecDeque::with_capacity(self.svc.queue_max);
+        let mut progressed = true;
         loop {
-            let draining = self.take_jobs(&mut jobs);
+            let drain = self.take_jobs(&mut jobs, !progressed);
+            // Jobs queued before the drain began were accepted: they are served like the rest.
             while let Some(job) = jobs.pop_front() {
                 self.handle(job);
             }
-            if draining {
-                self.drain();
-                return;
-            }
             self.sweep();
+            if let Some(deadline) = drain {
+                if self.order.is_empty() || Instant::now() >= deadline {
+                    self.drain();
+                    self.svc.mark_stopped();
+                    return;
+                }
+            }
+            progressed = false;
+            self.paused = 0;
             for m in 0..self.models.len() {
-                self.step_model(m);
+                progressed |= self.step_model(m);
             }
             self.publish();
         }
     }
 
-    /// Takes every queued job into `into` (empty); parks first when no session has work.
-    fn take_jobs(&mut self, into: &mut VecDeque<Job>) -> bool {
-        let idle = self.order.is_empty();
-        let deadline = self.next_lease_deadline();
+    /// Takes every queued job into `into` (empty); parks first when no session can make
+    /// progress (none has work, or all wait for their connections to drain). Returns the drain
+    /// deadline once the server drains.
+    fn take_jobs(&mut self, into: &mut VecDeque<Job>, stalled: bool) -> Option<Instant> {
+        let idle = self.order.is_empty() || stalled;
+        let deadline = self.next_deadline();
         let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if idle && q.jobs.is_empty() && !q.draining && !q.conns_closed {
+        let drained = q.drain_deadline.is_some() && self.order.is_empty();
+        if idle && q.jobs.is_empty() && !q.kicked && !drained {
+            let deadline = match (deadline, q.drain_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let wait = deadline.map_or(PARK_MAX, |d| d.saturating_duration_since(Instant::now()).min(PARK_MAX));
             q = self.svc.wake.wait_timeout(q, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
-        q.conns_closed = false;
+        q.kicked = false;
         std::mem::swap(&mut q.jobs, into);
-        q.draining
+        q.drain_deadline
     }
 
-    fn next_lease_deadline(&self) -> Option<Instant> {
-        self.sessions.values().filter_map(|s| s.detached_at.map(|t| t + self.lease)).min()
+    /// The next time the loop must look without a wake-up: a lease ends, or a paused
+    /// connection counts as stalled.
+    fn next_deadline(&self) -> Option<Instant> {
+        let lease = self.sessions.values().filter_map(|s| s.detached_at.map(|t| t + self.lease));
+        let stall = self.sessions.values().filter_map(|s| match &s.work {
+            Work::Decode(d) => d.ans.conn.out.stall_deadline(),
+            _ => None,
+        });
+        lease.chain(stall).min()
     }
 
     fn new_id(&mut self) -> u64 {
@@ -269,15 +301,17 @@ impl<B: Backend> EngineLoop<B> {
         }
     }
 
-    /// The tenant's session `id`, now attached to `conn` (any request on a session attaches the
-    /// connection it came on, so a session in use is never reaped for an older connection).
+    /// The tenant's session `id`, now attached to `conn` as well (any request on a session
+    /// attaches the connection it came on; the lease starts only when every attached connection
+    /// is gone, so no connection's exit closes a session another still uses).
     fn lookup(&mut self, tenant: &TenantId, id: u64, conn: &Arc<ConnLink>) -> Result<&mut Session, Refusal> {
         match self.sessions.get_mut(&id) {
             Some(s) if &s.tenant == tenant => {
-                if !Arc::ptr_eq(&s.conn, conn) {
-                    s.conn = conn.clone();
-                    s.detached_at = None;
+                if !s.conns.iter().any(|c| Arc::ptr_eq(c, conn)) {
+                    s.conns.retain(|c| c.is_alive());
+                    s.conns.push(conn.clone());
                 }
+                s.detached_at = None;
                 Ok(s)
             }
             // Another tenant's session reads exactly like a missing one.
@@ -352,7 +386,7 @@ impl<B: Backend> EngineLoop<B> {
                 tokens: Vec::new(),
                 kv: 0,
                 conv: Conversation::default(),
-                conn: ans.conn.clone(),
+                conns: vec![ans.conn.clone()],
                 detached_at: None,
                 work: Work::Idle,
                 cancel: false,
@@ -700,9 +734,18 @@ impl<B: Backend> EngineLoop<B> {
         let mut ended = Vec::new();
         let mut expired = Vec::new();
         for (&id, s) in self.sessions.iter_mut() {
-            let alive = s.conn.is_alive();
-            if !alive && s.detached_at.is_none() {
+            s.conns.retain(|c| c.is_alive());
+            if s.conns.is_empty() && s.detached_at.is_none() {
                 s.detached_at = Some(now);
+            }
+            if let Work::Decode(d) = &s.work {
+                if d.ans.conn.out.stalled(now) {
+                    // Its client stopped reading: close that connection (its sessions keep
+                    // their lease); the engine never waits for it.
+                    tracing::info!(conn = d.ans.conn.id, session = id, "connection stalled; closing it");
+                    self.metrics.errors_total.with_label_values(&["stalled"]).inc();
+                    d.ans.conn.close_now();
+                }
             }
             // A decode nobody hears stops; a feed runs to its end (bounded work) so the tokens,
             // the KV and the conversation stay consistent for a later attach.
@@ -742,6 +785,7 @@ impl<B: Backend> EngineLoop<B> {
 
     fn publish(&self) {
         self.metrics.sessions_open.set(self.sessions.len() as i64);
+        self.metrics.sessions_paused_backpressure.set(self.paused as i64);
         let swapped: usize = self.models.iter().map(|m| m.engine.vmu().stats().sessions_swapped).sum();
         self.metrics.sessions_swapped.set(swapped as i64);
     }
@@ -755,6 +799,7 @@ impl<B: Backend> EngineLoop<B> {
         m: usize,
         batch: &mut Vec<(u64, usize)>,
         fit: &mut Vec<(djinn_vmu::SessionId, usize)>,
+        paused: &mut usize,
     ) -> Option<u64> {
         let eng = &self.models[m].engine;
         let mut tokens_left = eng.max_step_tokens();
@@ -767,8 +812,14 @@ impl<B: Backend> EngineLoop<B> {
             if s.model != m || batch.len() >= seqs_max || tokens_left == 0 {
                 continue;
             }
-            let n = match s.work {
+            let n = match &s.work {
                 Work::Idle => continue,
+                // Its client does not read fast enough: not stepped (its KV stays, and may be
+                // swapped out) until its queue drains.
+                Work::Decode(d) if d.ans.conn.out.is_full() => {
+                    *paused += 1;
+                    continue;
+                }
                 Work::Feed { .. } => (s.tokens.len() - 1 - s.kv).min(tokens_left),
                 // Everything not fed yet: the decode's own input (chunked by the step's budget),
                 // else the one pending token.
@@ -790,17 +841,25 @@ impl<B: Backend> EngineLoop<B> {
         None
     }
 
-    fn step_model(&mut self, m: usize) {
+    /// Forms and runs one step of model `m`; returns whether anything changed.
+    fn step_model(&mut self, m: usize) -> bool {
         let (mut batch, mut fit) = (std::mem::take(&mut self.batch), std::mem::take(&mut self.fit));
-        let stuck = self.form_batch(m, &mut batch, &mut fit);
+        let mut paused = 0;
+        let stuck = self.form_batch(m, &mut batch, &mut fit, &mut paused);
+        self.paused += paused;
         self.fit = fit;
-        if let Some(stuck) = stuck {
+        let progressed = if let Some(stuck) = stuck {
             let msg = "out of KV memory: device and host swap pool are full";
             self.end_work(stuck, Err((Status::OutOfMemory, msg)), FinishWire::Cancelled);
+            true
         } else if !batch.is_empty() {
             self.step_batch(m, &mut batch);
-        }
+            true
+        } else {
+            false
+        };
         self.batch = batch;
+        progressed
     }
 
     /// Runs one formed batch and hands out its results.
