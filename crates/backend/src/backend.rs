@@ -183,6 +183,13 @@ pub trait Backend: Send + Sync + 'static {
 
     fn info(&self) -> DeviceInfo;
 
+    /// Bytes of the per-stream workspace some ops stage operands in (mixed-dtype GEMM operand A,
+    /// sampling's sort slots), which bounds the rows one step may have; `None`: no such bound.
+    /// Callers check their largest step against it at start-up, so no step fails midway on it.
+    fn step_workspace_bytes(&self) -> Option<usize> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------------------
     /// One driver allocation. Never called on the request path (the VMU reserves at start-up).
     fn reserve(&self, bytes: usize) -> Result<Self::Region>;

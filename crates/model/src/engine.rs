@@ -11,6 +11,10 @@
 //! swapping out least-recently-stepped other sessions to the host pool, all before any session
 //! grows, so a step that cannot fit fails with nothing changed (`ModelError::Vmu(KvExhausted)`)
 //! and the caller may retry with fewer sessions. [`Engine::batch_fits`] predicts it.
+//!
+//! A step is all-or-nothing: whatever fails after sessions grew (an append, the forward pass,
+//! reading the results) shrinks every session of the step back to its length before it, so the
+//! KV never holds positions the caller does not know of.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -122,6 +126,7 @@ impl<B: Backend> Engine<B> {
                 opts.max_sessions
             },
         };
+        check_step_workspace(backend.step_workspace_bytes(), &cfg, dtype, opts.max_step_tokens)?;
         let model_probe = Model::new(cfg.clone(), layout.clone(), limits, opts.block_tokens);
         let kv_tokens = opts.kv_tokens.unwrap_or(opts.max_sessions * max_blocks * opts.block_tokens);
         let mut vcfg = VmuConfig::new(kv_layout);
@@ -306,9 +311,10 @@ impl<B: Backend> Engine<B> {
             self.vmu.end_step();
             return Err(e);
         }
-        for &(id, toks) in seqs {
+        for (i, &(id, toks)) in seqs.iter().enumerate() {
             self.slots.clear();
             if let Err(e) = self.vmu.append(id, toks.len(), &mut self.slots) {
+                self.rollback(&seqs[..i]);
                 self.vmu.end_step();
                 return Err(e.into());
             }
@@ -333,8 +339,22 @@ impl<B: Backend> Engine<B> {
             let st = self.model.forward(parts.backend, &mem, &steps, mode)?;
             then(&self.model, parts.backend, &mem, &st)
         })();
+        if result.is_err() {
+            self.rollback(seqs);
+        }
         self.vmu.end_step();
         result
+    }
+
+    /// Undoes the growth of `seqs` in a failed step: each session back to its length before it
+    /// (`self.starts`), so the step is all-or-nothing and the caller may retry any subset.
+    fn rollback(&mut self, seqs: &[(SessionId, &[u32])]) {
+        for (&(id, _), &start) in seqs.iter().zip(&self.starts) {
+            if let Err(e) = self.vmu.truncate(id, start) {
+                // Only an id the step itself looked up could get here: a broken invariant.
+                panic!("rolling back session {id:?} to {start} tokens: {e}");
+            }
+        }
     }
 
     /// Runs a step and copies its logits to `out` (`[rows × vocab]`, rows per `mode`).
@@ -391,6 +411,34 @@ impl<B: Backend> Engine<B> {
         }
         Ok(())
     }
+}
+
+/// Checks at start-up that the largest step fits the backend's per-stream workspace (`ws`,
+/// [`Backend::step_workspace_bytes`]): with
+/// 16-bit weights every GEMM stages its f32 activations (`max_step_tokens` rows × the widest
+/// input) there, and sampling sorts a vocabulary-sized slot per row. A step limit too large is
+/// refused here with the numbers, instead of failing steps midway.
+fn check_step_workspace(ws: Option<usize>, cfg: &ModelConfig, dtype: DType, max_step_tokens: usize) -> Result<()> {
+    let Some(ws) = ws else { return Ok(()) };
+    if dtype != DType::F32 {
+        let k = cfg.hidden_size.max(cfg.intermediate_size).max(cfg.heads * cfg.head_dim);
+        let bytes = max_step_tokens.saturating_mul(k).saturating_mul(dtype.size_bytes());
+        if bytes > ws {
+            return Err(ModelError::Memory(format!(
+                "max_step_tokens {max_step_tokens}: a step's {dtype} activations ({max_step_tokens} × {k} = {bytes} \
+                 bytes) exceed the backend's {ws}-byte workspace; use at most {} step tokens",
+                ws / (k * dtype.size_bytes())
+            )));
+        }
+    }
+    let slot = cfg.vocab_size.next_power_of_two().saturating_mul(8);
+    if slot > ws {
+        return Err(ModelError::Memory(format!(
+            "vocabulary {}: one sampling row needs {slot} bytes, more than the backend's {ws}-byte workspace",
+            cfg.vocab_size
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -454,5 +502,67 @@ mod tests {
         assert!(tight.step_sample(&all, &[GREEDY; 3], &mut sampled).is_err());
         let after: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
         assert_eq!(before, after, "a refused step changed a session");
+    }
+
+    /// SmolLM2-135M's shapes (hidden 576, intermediate 1536) against a 32 MiB workspace: bf16
+    /// weights admit 10922 step tokens, not more; f32 weights need no staging.
+    #[test]
+    fn step_limits_are_checked_at_start_up() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/models/llama-gqa");
+        let mut cfg = ModelConfig::load(&dir).unwrap();
+        (cfg.hidden_size, cfg.intermediate_size, cfg.heads, cfg.head_dim, cfg.vocab_size) = (576, 1536, 9, 64, 49152);
+        let ws = Some(32 << 20);
+        assert!(check_step_workspace(ws, &cfg, DType::BF16, 10922).is_ok());
+        let e = check_step_workspace(ws, &cfg, DType::BF16, 10923).unwrap_err().to_string();
+        assert!(e.contains("use at most 10922 step tokens"), "{e}");
+        assert!(check_step_workspace(ws, &cfg, DType::F32, 1 << 20).is_ok());
+        assert!(check_step_workspace(None, &cfg, DType::BF16, 1 << 20).is_ok());
+        cfg.vocab_size = 8 << 20;
+        assert!(check_step_workspace(ws, &cfg, DType::F32, 1).is_err());
+    }
+
+    /// A step that fails after every session grew (here: reading its results) leaves every
+    /// session as it was, and stepping on gives the tokens of a run where it never happened.
+    #[test]
+    fn failed_step_changes_no_session() {
+        let run = |fail_at: Option<usize>| -> Vec<Vec<u32>> {
+            let mut eng = engine(None);
+            let ids: Vec<SessionId> = (0..3).map(|_| eng.open_session().unwrap()).collect();
+            // Different lengths, so a shifted position would change the tokens.
+            let prompts: [&[u32]; 3] =
+                [&[5, 6, 7], &[9], &[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]];
+            let mut last = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let mut lg = Vec::new();
+                eng.prefill(ids[i], &p[..p.len() - 1], false, &mut lg).unwrap();
+                last.push(*p.last().unwrap());
+            }
+            let mut out = vec![Vec::new(); 3];
+            let mut sampled = Vec::new();
+            for step in 0..6 {
+                let seqs: Vec<(SessionId, Vec<u32>)> = (0..3).map(|i| (ids[i], vec![last[i]])).collect();
+                let view: Vec<(SessionId, &[u32])> = seqs.iter().map(|(s, t)| (*s, &t[..])).collect();
+                if fail_at == Some(step) {
+                    let before: Vec<usize> = ids.iter().map(|&s| eng.session_tokens(s).unwrap()).collect();
+                    let r: Result<()> = eng.step_with(&view, LogitsMode::Last, |_, _, _, _| {
+                        Err(ModelError::Batch("injected failure after the forward pass".into()))
+                    });
+                    assert!(r.is_err());
+                    let after: Vec<usize> = ids.iter().map(|&s| eng.session_tokens(s).unwrap()).collect();
+                    assert_eq!(before, after, "a failed step grew a session");
+                    eng.vmu().check_invariants();
+                }
+                eng.step_sample(&view, &[GREEDY; 3], &mut sampled).unwrap();
+                for i in 0..3 {
+                    last[i] = sampled[i];
+                    out[i].push(sampled[i]);
+                }
+            }
+            out
+        };
+        let want = run(None);
+        for at in [0, 3] {
+            assert_eq!(run(Some(at)), want, "failure injected at step {at}");
+        }
     }
 }

@@ -866,7 +866,8 @@ impl<B: Backend> EngineLoop<B> {
     fn step_batch(&mut self, m: usize, batch: &mut Vec<(u64, usize)>) {
         let mut r = self.run_step(m, batch);
         if r.is_err() && batch.len() > 1 {
-            // Nothing changed (the engine fits memory before growing any session): retry alone.
+            // A failed step changed no session (the engine rolls back every session's growth):
+            // retry the oldest alone, so one session's failure does not stop the others.
             batch.truncate(1);
             r = self.run_step(m, batch);
         }
