@@ -268,10 +268,23 @@ fn lease_follows_every_attachment(t: Transport) {
     let _ = std::fs::remove_file(tokens);
 }
 
+/// Temperature 1e-40 (its inverse overflows f32) decodes greedily, not a repeated last id.
+fn tiny_temperature_is_greedy(t: Transport) {
+    let srv = server(t, &["--model", &model_flag()]);
+    let mut c = common::connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let p = prompt(7, 5);
+    c.prefill(s, Input::Ids(&p)).unwrap();
+    let opts = DecodeOptions { temperature: 1e-40, seed: 3, ..greedy(12) };
+    let (ids, _, _) = c.decode_collect(s, &opts).unwrap();
+    assert_eq!(ids, reference_greedy(&p, 12));
+}
+
 fn main() {
     run_trials(vec![
         ("stalled_reader_pauses_only_itself", None, stalled_reader_pauses_only_itself),
         ("sigterm_ends_within_the_drain_deadline", None, sigterm_ends_within_the_drain_deadline),
         ("lease_follows_every_attachment", None, lease_follows_every_attachment),
+        ("tiny_temperature_is_greedy", None, tiny_temperature_is_greedy),
     ])
 }
