@@ -11,6 +11,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, FinishReason, Input, OpenOptions};
 use djinn_model::{Engine, EngineOptions};
 use djinn_proto::{DecodeFeed, LogitsWire, Meta, Opcode, SessionDecodeReq, TensorGetReq};
+use zerocopy::{FromBytes, IntoBytes};
 
 const MODEL: &str = "tiny";
 const SRC_MODEL: &str = "tests/data/models/llama-gqa";
@@ -63,8 +65,12 @@ fn greedy(n: u32) -> DecodeOptions {
 }
 
 fn connect(url: &str, token: &str) -> Client {
+    try_connect(url, token).unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+fn try_connect(url: &str, token: &str) -> djinn_client::Result<Client> {
     let opts = ClientOptions { token: Some(token.as_bytes().to_vec()), ..Default::default() };
-    Client::connect_with(url, &opts).unwrap_or_else(|e| panic!("connect {url}: {e}"))
+    Client::connect_with(url, &opts)
 }
 
 fn tenants_file() -> PathBuf {
@@ -280,11 +286,288 @@ fn tiny_temperature_is_greedy(t: Transport) {
     assert_eq!(ids, reference_greedy(&p, 12));
 }
 
+// ---- chaos ---------------------------------------------------------------------------------------
+
+/// The chaos run's knobs, from the environment (CI runs the short default; the README figure
+/// comes from `DJINN_CHAOS_S=60 DJINN_CHAOS_RUNS=5`, see scripts/chaos-bench).
+struct Chaos {
+    /// Seconds of chaos per run.
+    secs: f64,
+    runs: usize,
+    /// Model directory (default: the committed tiny test model).
+    model: PathBuf,
+    new_tokens: u32,
+    /// Victim tokens/s ÷ solo tokens/s (median over runs) that must be reached; 0 = report only.
+    ratio_min: f64,
+}
+
+impl Chaos {
+    fn from_env() -> Chaos {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Chaos {
+            secs: var("DJINN_CHAOS_S").map_or(4.0, |v| v.parse().expect("DJINN_CHAOS_S")),
+            runs: var("DJINN_CHAOS_RUNS").map_or(1, |v| v.parse().expect("DJINN_CHAOS_RUNS")),
+            model: var("DJINN_CHAOS_MODEL").map_or_else(model_dir, PathBuf::from),
+            new_tokens: var("DJINN_CHAOS_TOKENS").map_or(40, |v| v.parse().expect("DJINN_CHAOS_TOKENS")),
+            ratio_min: var("DJINN_CHAOS_RATIO_MIN").map_or(0.0, |v| v.parse().expect("DJINN_CHAOS_RATIO_MIN")),
+        }
+    }
+}
+
+/// One victim decode on a fresh session: its tokens and tokens/s (decode request to final frame).
+fn victim_once(url: &str, p: &[u32], n: u32) -> djinn_client::Result<(Vec<u32>, f64)> {
+    let mut v = connect(url, "tok-alice");
+    let s = v.open_session(&OpenOptions::new(MODEL))?.session;
+    v.prefill(s, Input::Ids(p))?;
+    let t0 = Instant::now();
+    let (ids, _, _) = v.decode_collect(s, &greedy(n))?;
+    let tps = ids.len() as f64 / t0.elapsed().as_secs_f64();
+    v.close_session(s)?;
+    Ok((ids, tps))
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// A raw TCP peer that completed Hello as tenant mallory, or `None`.
+fn raw_hello(tcp_url: &str) -> Option<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(tcp_url.strip_prefix("tcp://")?).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let m = djinn_proto::HelloReq {
+        version_min: 1,
+        version_max: 1,
+        token: b"tok-mallory".to_vec(),
+        client_name: "x".into(),
+    }
+    .to_meta();
+    let mut b = djinn_proto::FrameHeader::new(Opcode::Hello.as_u16(), 0, 1, m.len() as u32, 0).as_bytes().to_vec();
+    b.extend_from_slice(&m);
+    s.write_all(&b).ok()?;
+    let mut h = [0u8; djinn_proto::HEADER_LEN];
+    s.read_exact(&mut h).ok()?;
+    let h = djinn_proto::FrameHeader::read_from_bytes(&h).ok()?;
+    let mut rest = vec![0u8; h.meta_len.get() as usize];
+    s.read_exact(&mut rest).ok()?;
+    (h.status.get() == 0).then_some(s)
+}
+
+/// The misbehaving clients of one chaos run, each on its own thread until `stop`.
+fn attackers(url: &str, tcp_url: &str, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    use std::io::Write;
+    let mut threads = Vec::new();
+    let spawn = |threads: &mut Vec<_>, f: Box<dyn FnOnce() + Send>| threads.push(std::thread::spawn(f));
+    // Clients that stop reading (a decode's full logits, then a 32 MiB get they never read).
+    let (u, st) = (url.to_owned(), stop.clone());
+    spawn(
+        &mut threads,
+        Box::new(move || {
+            let mut held: Vec<Client> = Vec::new();
+            let mut big = None;
+            while !st.load(Ordering::Relaxed) {
+                let r = (|| -> djinn_client::Result<Client> {
+                    let mut c = try_connect(&u, "tok-mallory")?;
+                    let h = match big {
+                        Some(h) => h,
+                        None => *big.insert(c.put_f32(&[8 << 20], &vec![1.0f32; 8 << 20])?),
+                    };
+                    let s = c.open_session(&OpenOptions::new(MODEL))?.session;
+                    c.prefill(s, Input::Ids(&prompt(1, 4)))?;
+                    c.submit(Opcode::SessionDecode, &decode_req(s, 30, LogitsWire::Full).to_meta(), &[])?;
+                    c.submit(Opcode::TensorGet, &TensorGetReq { handle: h }.to_meta(), &[])?;
+                    Ok(c)
+                })();
+                if let Ok(c) = r {
+                    held.push(c);
+                }
+                if held.len() > 2 {
+                    held.remove(0);
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        }),
+    );
+    // Clients that disconnect mid-request.
+    let (u, st) = (url.to_owned(), stop.clone());
+    spawn(
+        &mut threads,
+        Box::new(move || {
+            while !st.load(Ordering::Relaxed) {
+                let _ = (|| -> djinn_client::Result<()> {
+                    let mut c = try_connect(&u, "tok-mallory")?;
+                    let s = c.open_session(&OpenOptions::new(MODEL))?.session;
+                    c.prefill(s, Input::Ids(&prompt(2, 5)))?;
+                    c.submit(Opcode::SessionDecode, &decode_req(s, 40, LogitsWire::None).to_meta(), &[])?;
+                    Ok(())
+                })();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }),
+    );
+    // Garbage bytes instead of frames.
+    let (u, st) = (tcp_url.to_owned(), stop.clone());
+    spawn(
+        &mut threads,
+        Box::new(move || {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            while !st.load(Ordering::Relaxed) {
+                if let Ok(mut s) = std::net::TcpStream::connect(u.strip_prefix("tcp://").unwrap()) {
+                    let junk: Vec<u8> = (0..4096)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        })
+                        .collect();
+                    let _ = s.write_all(&junk);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }),
+    );
+    // Headers announcing 64 MiB of data that never comes, and idle connections after Hello.
+    let (u, st) = (tcp_url.to_owned(), stop.clone());
+    spawn(
+        &mut threads,
+        Box::new(move || {
+            let mut held = Vec::new();
+            while !st.load(Ordering::Relaxed) {
+                if let Some(mut s) = raw_hello(&u) {
+                    if held.len() % 4 == 0 {
+                        let h = djinn_proto::FrameHeader::new(Opcode::Ping.as_u16(), 0, 2, 0, 64 << 20);
+                        let _ = s.write_all(h.as_bytes());
+                    }
+                    held.push(s);
+                }
+                if held.len() > 8 {
+                    held.remove(0);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }),
+    );
+    threads
+}
+
+/// One chaos run: solo first, then victims beside every attacker for `secs`, then SIGTERM with
+/// the attackers still connected. Returns (victim ÷ solo tokens/s, SIGTERM time, drain ms).
+fn chaos_run(t: Transport, c: &Chaos, tokens: &Path) -> (f64, Duration, u64) {
+    let drain_ms = 2000u64;
+    let url = t.listen_url();
+    let gpus = common::test_gpus();
+    let flag = format!("{MODEL}={}", c.model.display());
+    let drain = drain_ms.to_string();
+    let mut args = vec![
+        "--listen",
+        url.as_str(),
+        "--gpus",
+        gpus.as_str(),
+        "--model",
+        flag.as_str(),
+        "--auth-token-file",
+        tokens.to_str().unwrap(),
+        "--conn-outbound-frames-max",
+        "16",
+        "--conn-stall-timeout-ms",
+        "1500",
+        "--drain-timeout-ms",
+        drain.as_str(),
+        "--session-lease-s",
+        "1",
+    ];
+    if t == Transport::Shm {
+        args.extend(["--listen", "tcp://127.0.0.1:0"]);
+    }
+    let srv = common::ServerProc::start(&args);
+    let victim_url = srv.urls[0].clone();
+    let tcp_url = srv.urls.iter().find(|u| u.starts_with("tcp://")).unwrap().clone();
+    let p = prompt(4, 6);
+    let mut solo = Vec::new();
+    let mut want = Vec::new();
+    for _ in 0..3 {
+        let (ids, tps) = victim_once(&victim_url, &p, c.new_tokens).unwrap();
+        want = ids;
+        solo.push(tps);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = attackers(&victim_url, &tcp_url, &stop);
+    let until = Instant::now() + Duration::from_secs_f64(c.secs);
+    let victims: Vec<_> = (0..2)
+        .map(|_| {
+            let (u, p, want, n) = (victim_url.clone(), p.clone(), want.clone(), c.new_tokens);
+            std::thread::spawn(move || {
+                let mut tps = Vec::new();
+                while Instant::now() < until {
+                    let (ids, r) = victim_once(&u, &p, n).expect("a victim's decode under chaos");
+                    assert_eq!(ids, want, "a victim's tokens under chaos differ from the solo run's");
+                    tps.push(r);
+                }
+                tps
+            })
+        })
+        .collect();
+    let mut under: Vec<f64> = victims.into_iter().flat_map(|v| v.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    // Solo again, after the chaos (so drift in the machine's load shows in both).
+    for _ in 0..3 {
+        solo.push(victim_once(&victim_url, &p, c.new_tokens).unwrap().1);
+    }
+    let ratio = median(&mut under) / median(&mut solo);
+    for a in attack {
+        let _ = a.join();
+    }
+    // SIGTERM while a client stops reading, another sits idle and a third owes 64 MiB of data.
+    let (_stalled, _) = stalled_client(&victim_url, "tok-mallory");
+    let _idle = raw_hello(&tcp_url).expect("idle connection");
+    let mut oversize = raw_hello(&tcp_url).expect("oversize connection");
+    {
+        use std::io::Write;
+        let h = djinn_proto::FrameHeader::new(Opcode::Ping.as_u16(), 0, 2, 0, 64 << 20);
+        oversize.write_all(h.as_bytes()).unwrap();
+    }
+    let t0 = Instant::now();
+    let status = srv.terminate();
+    let took = t0.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    (ratio, took, drain_ms)
+}
+
+/// Victim sessions beside clients that stop reading, disconnect mid-request, send garbage,
+/// announce oversize frames and hold idle connections: every victim gets the solo run's greedy
+/// tokens, and SIGTERM completes within the drain timeout + 1 s. Prints victim ÷ solo tokens/s.
+fn chaos(t: Transport) {
+    let c = Chaos::from_env();
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tokens"));
+    std::fs::write(&p, "alice tok-alice\nmallory tok-mallory\n").unwrap();
+    let mut ratios = Vec::new();
+    for run in 0..c.runs {
+        let (ratio, took, drain_ms) = chaos_run(t, &c, &p);
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        eprintln!(
+            "chaos {} run {run}: {:.0} s, victim/solo tokens/s {ratio:.3}, SIGTERM {:.0} ms (drain {drain_ms} ms), load {}",
+            t.name(),
+            c.secs,
+            took.as_secs_f64() * 1e3,
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        );
+        assert!(took <= Duration::from_millis(drain_ms + 1000), "SIGTERM took {took:?}");
+        ratios.push(ratio);
+    }
+    let m = median(&mut ratios);
+    eprintln!("chaos {}: median victim/solo tokens/s over {} runs: {m:.3}", t.name(), c.runs);
+    assert!(m >= c.ratio_min, "victims ran at {m:.3}× their solo speed (want ≥ {})", c.ratio_min);
+    let _ = std::fs::remove_file(p);
+}
+
 fn main() {
     run_trials(vec![
         ("stalled_reader_pauses_only_itself", None, stalled_reader_pauses_only_itself),
         ("sigterm_ends_within_the_drain_deadline", None, sigterm_ends_within_the_drain_deadline),
         ("lease_follows_every_attachment", None, lease_follows_every_attachment),
         ("tiny_temperature_is_greedy", None, tiny_temperature_is_greedy),
+        ("chaos", None, chaos),
     ])
 }
