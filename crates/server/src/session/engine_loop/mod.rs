@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use djinn_backend::{Backend, SampleParams};
+use djinn_model::VmuError;
 use djinn_model::{Detokenizer, Engine, ModelError, StopStrings, TextTokenizer};
 use djinn_proto::msg::ErrorReply;
 use djinn_proto::session::{
@@ -46,7 +47,6 @@ use djinn_proto::session::{
     SessionInfoReply, SessionToken,
 };
 use djinn_proto::{FrameHeader, Meta, MetaWriter, Opcode, Status, FLAG_REPLY};
-use djinn_vmu::VmuError;
 
 use super::chat::Conversation;
 use super::outbound::Outbound;
@@ -85,7 +85,7 @@ pub(crate) struct EngineLoop<B: Backend> {
     ids_next: u64,
     // Per-step buffers, reused (capacity set at start-up).
     batch: Vec<(u64, usize)>,
-    fit: Vec<(djinn_vmu::SessionId, usize)>,
+    fit: Vec<(djinn_model::SessionId, usize)>,
     params: Vec<SampleParams>,
     meta: Vec<u8>,
     sampled: Vec<u32>,

@@ -12,7 +12,7 @@ impl<B: Backend> EngineLoop<B> {
         &self,
         m: usize,
         batch: &mut Vec<(u64, usize)>,
-        fit: &mut Vec<(djinn_vmu::SessionId, usize)>,
+        fit: &mut Vec<(djinn_model::SessionId, usize)>,
         paused: &mut usize,
     ) -> Option<u64> {
         let eng = &self.models[m].engine;

@@ -36,7 +36,7 @@ pub(super) enum Work {
 pub(super) struct Session {
     pub(super) tenant: TenantId,
     pub(super) model: usize,
-    pub(super) vs: djinn_vmu::SessionId,
+    pub(super) vs: djinn_model::SessionId,
     pub(super) max_tokens: usize,
     pub(super) tokens: Vec<u32>,
     pub(super) kv: usize,
