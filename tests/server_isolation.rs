@@ -274,6 +274,28 @@ fn lease_follows_every_attachment(t: Transport) {
     let _ = std::fs::remove_file(tokens);
 }
 
+/// With KV for 32 tokens (two blocks of the tiny model), only what can never fit is refused, with
+/// the numbers: an explicit `max_tokens` of 40 at open, a decode whose context + input + new
+/// tokens exceed 32; smaller requests are served.
+fn only_what_cannot_fit_is_refused(t: Transport) {
+    // 2 layers × K,V × 2 kv heads × 16 tokens × 16 dims × 4 B = 8 KiB per block.
+    let srv = server(t, &["--model", &model_flag(), "--kv-capacity-mb", "0.015625"]);
+    let mut c = common::connect(srv.url());
+    let mut opts = OpenOptions::new(MODEL);
+    opts.max_tokens = 40;
+    let e = c.open_session(&opts).expect_err("max_tokens 40 cannot fit in 32 tokens of KV");
+    assert_eq!(e.status(), Some(djinn_proto::Status::OutOfMemory));
+    assert!(e.to_string().contains("32"), "{e}");
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let p = prompt(2, 20);
+    c.prefill(s, Input::Ids(&p)).unwrap();
+    let e = c.decode_collect(s, &greedy(20)).expect_err("20 + 20 tokens cannot fit in 32");
+    assert_eq!(e.status(), Some(djinn_proto::Status::OutOfMemory));
+    assert!(e.to_string().contains("32") && e.to_string().contains("40"), "{e}");
+    let (ids, _, _) = c.decode_collect(s, &greedy(10)).unwrap();
+    assert_eq!(ids, reference_greedy(&p, 10));
+}
+
 /// Temperature 1e-40 (its inverse overflows f32) decodes greedily, not a repeated last id.
 fn tiny_temperature_is_greedy(t: Transport) {
     let srv = server(t, &["--model", &model_flag()]);
@@ -568,6 +590,7 @@ fn main() {
         ("sigterm_ends_within_the_drain_deadline", None, sigterm_ends_within_the_drain_deadline),
         ("lease_follows_every_attachment", None, lease_follows_every_attachment),
         ("tiny_temperature_is_greedy", None, tiny_temperature_is_greedy),
+        ("only_what_cannot_fit_is_refused", None, only_what_cannot_fit_is_refused),
         ("chaos", None, chaos),
     ])
 }

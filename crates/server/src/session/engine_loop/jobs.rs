@@ -51,6 +51,14 @@ impl<B: Backend> EngineLoop<B> {
             Err(e) => return Err((ans, Refusal::new(model_status(&e), e.to_string()))),
         };
         let max_ctx = self.models[m].engine.max_context_tokens();
+        let cap = self.kv_capacity_tokens(m);
+        if max_tokens > 0 && (max_tokens as usize).min(max_ctx) > cap {
+            // Only an explicit length that could never be held is refused.
+            let _ = self.models[m].engine.close_session(vs);
+            let msg =
+                format!("max_tokens {max_tokens}: the model's whole KV capacity holds {cap} tokens (--kv-capacity-mb)");
+            return Err((ans, Refusal::new(Status::OutOfMemory, msg)));
+        }
         let max_tokens = if max_tokens == 0 { max_ctx } else { (max_tokens as usize).min(max_ctx) };
         let id = self.new_id();
         self.sessions.insert(
@@ -158,7 +166,7 @@ impl<B: Backend> EngineLoop<B> {
             let msg = format!("temperature {} (≥ 0) / top_p {} (0..=1)", r.temperature, r.top_p);
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
-        let (base, max_tokens) = (s.tokens.len(), s.max_tokens);
+        let (base, max_tokens, m) = (s.tokens.len(), s.max_tokens, s.model);
         let is_turn = matches!(r.feed, DecodeFeed::Turn { .. });
         let new = match &r.feed {
             DecodeFeed::None => Ok(Vec::new()),
@@ -179,6 +187,23 @@ impl<B: Backend> EngineLoop<B> {
                     r.max_new_tokens
                 ),
             )),
+        });
+        // Refused only when the context, the input and what it may generate cannot fit in the
+        // whole KV capacity (anything smaller waits for memory, however busy the server is).
+        let cap = self.kv_capacity_tokens(m);
+        let new = new.and_then(|new| {
+            let ctx = base + new.len();
+            let gen = (r.max_new_tokens as usize).min(max_tokens.saturating_sub(ctx));
+            if ctx + gen > cap {
+                let msg = format!(
+                    "{base} context + {} input + {gen} new tokens need {} tokens of KV; the model's whole KV \
+                     capacity holds {cap} (--kv-capacity-mb): ask for fewer new tokens or start a new session",
+                    new.len(),
+                    ctx + gen
+                );
+                return Err(Refusal::new(Status::OutOfMemory, msg));
+            }
+            Ok(new)
         });
         if let Err(e) = new.and_then(|new| self.add_tokens(r.session, &new)) {
             if is_turn {

@@ -179,6 +179,12 @@ impl<B: Backend> EngineLoop<B> {
         lease.chain(stall).min()
     }
 
+    /// Tokens the whole KV capacity of model `m` holds (every block, one sequence).
+    fn kv_capacity_tokens(&self, m: usize) -> usize {
+        let e = &self.models[m].engine;
+        e.vmu().stats().kv_blocks_total * e.model().block_tokens()
+    }
+
     fn new_id(&mut self) -> u64 {
         loop {
             let mut h = self.ids_key.build_hasher();

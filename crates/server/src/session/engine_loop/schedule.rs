@@ -63,8 +63,16 @@ impl<B: Backend> EngineLoop<B> {
         self.paused += paused;
         self.fit = fit;
         let progressed = if let Some(stuck) = stuck {
-            let msg = "out of KV memory: device and host swap pool are full";
-            self.end_work(stuck, Err((Status::OutOfMemory, msg)), FinishWire::Cancelled);
+            // Known limit: without preemption by recomputation, a session that cannot fit while
+            // every block is held by sessions that cannot move (host swap pool full) fails.
+            let st = self.models[m].engine.vmu().stats();
+            let msg = format!(
+                "out of KV memory: {} of {} device blocks and {} of {} host swap blocks free, all held by other \
+                 sessions (--kv-capacity-mb, --host-swap-mb)",
+                st.kv_blocks_free, st.kv_blocks_total, st.host_blocks_free, st.host_blocks_total
+            );
+            tracing::warn!(session = stuck, "{msg}");
+            self.end_work(stuck, Err((Status::OutOfMemory, &msg)), FinishWire::Cancelled);
             true
         } else if !batch.is_empty() {
             self.step_batch(m, &mut batch);

@@ -7,6 +7,7 @@ impl<B: Backend> EngineLoop<B> {
     /// Checks `new` tokens against the vocabulary and the session's length and adds them (not
     /// fed yet); returns the session's length before them.
     pub(super) fn add_tokens(&mut self, id: u64, new: &[u32]) -> Result<usize, Refusal> {
+        let cap = self.kv_capacity_tokens(self.sessions[&id].model);
         let s = self.sessions.get_mut(&id).expect("caller looked it up");
         let vocab = self.models[s.model].info.vocab;
         if let Some(&bad) = new.iter().find(|&&t| t >= vocab) {
@@ -22,6 +23,14 @@ impl<B: Backend> EngineLoop<B> {
                 self.models[s.model].engine.max_context_tokens()
             );
             return Err(Refusal::new(Status::BadArgument, msg));
+        }
+        if s.tokens.len() + new.len() > cap {
+            let msg = format!(
+                "{} context + {} input tokens exceed the model's whole KV capacity of {cap} tokens (--kv-capacity-mb)",
+                s.tokens.len(),
+                new.len()
+            );
+            return Err(Refusal::new(Status::OutOfMemory, msg));
         }
         let base = s.tokens.len();
         s.tokens.extend_from_slice(new);
