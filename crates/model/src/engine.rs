@@ -8,7 +8,8 @@
 //!
 //! KV memory may be oversubscribed (`kv_capacity_bytes` smaller than every session at full
 //! length): a step first makes its sessions resident and frees the device blocks it will take by
-//! swapping out least-recently-stepped other sessions to the host pool, all before any session
+//! swapping out least-recently-used other sessions to the host pool (the VMU's one victim policy,
+//! `Vmu::make_room_for_step`), all before any session
 //! grows, so a step that cannot fit fails with nothing changed (`ModelError::Vmu(KvExhausted)`)
 //! and the caller may retry with fewer sessions. [`Engine::batch_fits`] predicts it.
 //!
@@ -21,7 +22,7 @@ use std::sync::Arc;
 
 use djinn_backend::{Backend, DType, SampleParams};
 use djinn_vmu::prometheus::Registry;
-use djinn_vmu::{Residency, SessionId, Vmu, VmuConfig, VmuError, WeightsLease, MIB};
+use djinn_vmu::{Residency, SessionId, Vmu, VmuConfig, WeightsLease, MIB};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -88,10 +89,6 @@ pub struct Engine<B: Backend> {
     slots: Vec<i32>,
     starts: Vec<usize>,
     ids: Vec<SessionId>,
-    /// Open sessions and the step counter of their last use (swap-out victims: least recent
-    /// first); at most `max_sessions`.
-    open: Vec<(SessionId, u64)>,
-    steps: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -169,8 +166,6 @@ impl<B: Backend> Engine<B> {
             slots: Vec::with_capacity(opts.max_step_tokens),
             starts: Vec::with_capacity(opts.max_sessions),
             ids: Vec::with_capacity(opts.max_sessions),
-            open: Vec::with_capacity(opts.max_sessions),
-            steps: 0,
         })
     }
 
@@ -199,15 +194,11 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn open_session(&mut self) -> Result<SessionId> {
-        let id = self.vmu.open_session()?;
-        self.open.push((id, self.steps));
-        Ok(id)
+        Ok(self.vmu.open_session()?)
     }
 
     pub fn close_session(&mut self, id: SessionId) -> Result<()> {
-        self.vmu.close_session(id)?;
-        self.open.retain(|&(s, _)| s != id);
-        Ok(())
+        Ok(self.vmu.close_session(id)?)
     }
 
     /// Whether a step over `seqs` (session, new tokens) fits in KV memory now: every session's
@@ -228,37 +219,12 @@ impl<B: Backend> Engine<B> {
         total <= st.kv_blocks_total && take.saturating_sub(st.kv_blocks_free) <= st.host_blocks_free
     }
 
-    /// Frees `need` device blocks by swapping out the least recently stepped sessions outside
-    /// `batch` (resident, holding blocks). Fails, having swapped out some, if the host pool
-    /// cannot take enough.
+    /// Frees `need` device blocks for a step over `batch` (already pinned), swapping out the
+    /// least recently used other sessions: the VMU's one victim policy.
     fn free_blocks_for(&mut self, need: usize, batch: &[SessionId]) -> Result<()> {
-        let bt = self.model.block_tokens();
-        loop {
-            let st = self.vmu.stats();
-            if st.kv_blocks_free >= need {
-                return Ok(());
-            }
-            let victim = self
-                .open
-                .iter()
-                .filter(|(s, _)| !batch.contains(s))
-                .filter(|(s, _)| self.vmu.residency(*s).is_ok_and(|r| r == Residency::Resident))
-                .filter(|(s, _)| {
-                    let b = self.vmu.session_tokens(*s).unwrap_or(0).div_ceil(bt);
-                    b > 0 && b <= st.host_blocks_free
-                })
-                .min_by_key(|(_, used)| *used)
-                .map(|(s, _)| *s);
-            let Some(v) = victim else {
-                return Err(ModelError::Vmu(VmuError::KvExhausted {
-                    session: batch[0],
-                    needed_blocks: need,
-                    free_device_blocks: st.kv_blocks_free,
-                    free_host_blocks: st.host_blocks_free,
-                    pinned_sessions: batch.len(),
-                }));
-            };
-            self.vmu.swap_out(&[v])?;
+        match batch.first() {
+            Some(&first) => Ok(self.vmu.make_room_for_step(need, first)?),
+            None => Ok(()),
         }
     }
 
@@ -300,12 +266,6 @@ impl<B: Backend> Engine<B> {
                 seqs.iter().zip(&self.starts).map(|(&(_, t), &s)| (s + t.len()).div_ceil(bt) - s.div_ceil(bt)).sum();
             self.free_blocks_for(need, &ids)
         });
-        self.steps += 1;
-        for (s, used) in self.open.iter_mut() {
-            if ids.contains(s) {
-                *used = self.steps;
-            }
-        }
         self.ids = ids;
         if let Err(e) = prepared {
             self.vmu.end_step();
@@ -465,7 +425,7 @@ mod tests {
     /// (swapping) and without pressure; a batch that cannot fit fails leaving every session intact.
     #[test]
     fn oversubscribed_kv_swaps_and_keeps_tokens() {
-        let run = |eng: &mut Engine<CpuBackend>| -> Vec<Vec<u32>> {
+        let run = |eng: &mut Engine<CpuBackend>| -> (Vec<Vec<u32>>, Vec<SessionId>) {
             let ids: Vec<SessionId> = (0..3).map(|_| eng.open_session().unwrap()).collect();
             let mut last: Vec<u32> = vec![10, 20, 30];
             let mut out = vec![Vec::new(); 3];
@@ -480,20 +440,19 @@ mod tests {
                 last[i] = sampled[0];
                 out[i].push(sampled[0]);
             }
-            out
+            (out, ids)
         };
         let mut free = engine(None);
-        let want = run(&mut free);
+        let (want, _) = run(&mut free);
         // KV of two 16-token blocks; each session (≤ 14 tokens) holds one: three cannot be resident.
         let block = free.vmu().layout().block_bytes();
         let mut tight = engine(Some(2 * block));
-        let got = run(&mut tight);
+        let (got, ids) = run(&mut tight);
         assert_eq!(got, want);
         assert!(tight.vmu().metrics().swap_out_total.get() > 0);
         let st = tight.vmu().stats();
         assert!(st.kv_used_bytes_peak <= 2 * block);
         // All three in one step need three blocks: refused up front, and by the step itself.
-        let ids: Vec<SessionId> = tight.open.iter().map(|&(s, _)| s).collect();
         let before: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
         assert!(!tight.batch_fits(&[(ids[0], 1), (ids[1], 1), (ids[2], 1)]));
         let toks = [1u32];

@@ -678,9 +678,19 @@ impl<B: Backend> Vmu<B> {
         Ok(())
     }
 
+    /// Frees `need` device blocks before a step grows its sessions (pinned by `ensure_resident`),
+    /// by the one swap victim policy ([`Self::make_room`]: least recently used first). On
+    /// `KvExhausted` some sessions may have been swapped out; nothing is lost. `for_session` names
+    /// the step in the error.
+    pub fn make_room_for_step(&mut self, need: usize, for_session: SessionId) -> Result<(), VmuError> {
+        self.poll_timings();
+        let idx = self.lookup(for_session)?;
+        self.make_room(need, idx)
+    }
+
     /// Frees device blocks until `need` are free, swapping out least-recently-used sessions
     /// that are resident, unpinned, not `requester`, own at least one unshared block, and fit in
-    /// the host pool.
+    /// the host pool. The only swap victim policy: the engine's steps use it too.
     fn make_room(&mut self, need: usize, requester: usize) -> Result<(), VmuError> {
         while self.free_blocks.len() < need {
             let mut victim: Option<(u64, usize)> = None;
