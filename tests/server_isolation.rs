@@ -321,6 +321,9 @@ struct Chaos {
     new_tokens: u32,
     /// Victim tokens/s ÷ solo tokens/s (median over runs) that must be reached; 0 = report only.
     ratio_min: f64,
+    // Diagnostics: DJINN_CHAOS_ATTACKERS (bit mask: 1 stop-readers, 2 mid-request disconnects,
+    // 4 garbage, 8 oversize headers + idle connections; default all) and DJINN_CHAOS_LOG (print
+    // the server's warnings).
 }
 
 impl Chaos {
@@ -380,7 +383,15 @@ fn raw_hello(tcp_url: &str) -> Option<std::net::TcpStream> {
 fn attackers(url: &str, tcp_url: &str, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
     use std::io::Write;
     let mut threads = Vec::new();
-    let spawn = |threads: &mut Vec<_>, f: Box<dyn FnOnce() + Send>| threads.push(std::thread::spawn(f));
+    // DJINN_CHAOS_ATTACKERS: a bit mask of the attackers below (default: all).
+    let mask: u32 = std::env::var("DJINN_CHAOS_ATTACKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(!0);
+    let mut n = 0;
+    let mut spawn = |threads: &mut Vec<_>, f: Box<dyn FnOnce() + Send>| {
+        if mask & (1 << n) != 0 {
+            threads.push(std::thread::spawn(f));
+        }
+        n += 1;
+    };
     // Clients that stop reading (a decode's full logits, then a 32 MiB get they never read).
     let (u, st) = (url.to_owned(), stop.clone());
     spawn(
@@ -538,6 +549,12 @@ fn chaos_run(t: Transport, c: &Chaos, tokens: &Path) -> (f64, Duration, u64) {
         solo.push(victim_once(&victim_url, &p, c.new_tokens).unwrap().1);
     }
     let ratio = median(&mut under) / median(&mut solo);
+    eprintln!("chaos {}: solo tokens/s {solo:.1?}; under chaos {under:.1?}", t.name());
+    if std::env::var("DJINN_CHAOS_LOG").is_ok() {
+        let log = srv.stderr();
+        let warn: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        eprintln!("server warnings ({}):\n{}", warn.len(), warn[warn.len().saturating_sub(15)..].join("\n"));
+    }
     for a in attack {
         let _ = a.join();
     }

@@ -30,13 +30,15 @@ impl Answer {
         let n = header.frame_len() as usize;
         match Outbound::push(&self.conn, header, meta, data) {
             Ok(()) => n,
-            Err(e) => {
+            Err(PushError::Full) => {
                 // Past the hard bound the client has long stopped reading: give up on it (its
                 // sessions keep their lease).
-                tracing::debug!(conn = self.conn.id, error = ?e, "session frame not queued; closing the connection");
+                tracing::debug!(conn = self.conn.id, "outbound queue at its hard bound; closing the connection");
                 self.conn.close_now();
                 0
             }
+            // Gone already (its writer failed or could not start).
+            Err(PushError::Closed) => 0,
         }
     }
 

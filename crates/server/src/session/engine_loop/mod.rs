@@ -49,7 +49,7 @@ use djinn_proto::session::{
 use djinn_proto::{FrameHeader, Meta, MetaWriter, Opcode, Status, FLAG_REPLY};
 
 use super::chat::Conversation;
-use super::outbound::Outbound;
+use super::outbound::{Outbound, PushError};
 use super::{ActiveGuard, ConnLink, Job, ModelInfo, Request, SessionService};
 use crate::auth::TenantId;
 use crate::config::ServerConfig;
