@@ -3,7 +3,7 @@
 // argmax: first maximum wins (NaN never wins; an all-NaN row gives 0).
 // sample: the contract documented on `SampleParams` (crates/backend/src/backend.rs), including
 // its floating-point summation order, so a row draws the same token as the CPU reference:
-//   1. temperature <= 0 (or NaN) or top_k == 1: argmax.
+//   1. temperature <= 0 (or NaN), 1 / temperature not finite, or top_k == 1: argmax.
 //   2. candidates: non-NaN ids sorted by (logit desc, id asc) — a bitonic sort of 64-bit
 //      (inverted order key << 32 | id) composites in the row's slot of the stream workspace —
 //      cut to the first top_k when 0 < top_k < candidates.
@@ -149,7 +149,8 @@ __device__ void sample_impl(const T* logits, int* out, int vocab, int row0, cons
     const i64 row = (i64)row0 + blockIdx.x;
     const T* x = logits + row * vocab;
     const int top = block_argmax(x, vocab, sv, si);
-    if (!(p.temperature > 0.0f) || p.top_k == 1u) {
+    // Tiny temperatures whose inverse overflows are greedy too (the CPU reference's rule).
+    if (!(p.temperature > 0.0f) || isinf(1.0f / p.temperature) || p.top_k == 1u) {
         if (threadIdx.x == 0) out[row] = top;
         return;
     }

@@ -527,6 +527,12 @@ fn unary_test<B: Backend>(be: &B, want: Want) -> R {
             }
         }
     }
+    // exp(−∞) and exp(−1000) are exactly 0 (a masked position weighs nothing), not the smallest
+    // normal; the tolerance of the cases above could not tell.
+    let x = vec![f32::NEG_INFINITY, -1000.0, 0.0];
+    let i = EwIn { dts: vec![DType::F32, DType::F32], xs: vec![x], in_place: false, kind: Ew::Unary(UnaryOp::Exp) };
+    let got = run_ew(be, &i)?;
+    exact(&got, &[0.0, 0.0, 1.0], "exp of -inf, -1000, 0")?;
     Ok(())
 }
 
@@ -1123,7 +1129,7 @@ fn ref_argmax(row: &[f32]) -> i32 {
 
 /// The sampling contract of `SampleParams`, written out directly.
 fn ref_sample_row(row: &[f32], p: &SampleParams) -> i32 {
-    if p.temperature.is_nan() || p.temperature <= 0.0 || p.top_k == 1 {
+    if p.temperature.is_nan() || p.temperature <= 0.0 || !(1.0 / p.temperature).is_finite() || p.top_k == 1 {
         return ref_argmax(row);
     }
     let mut cand: Vec<usize> = (0..row.len()).collect();
@@ -1180,7 +1186,8 @@ fn sample_test<B: Backend>(be: &B, want: Want) -> R {
             }
             let params = (0..rows)
                 .map(|r| SampleParams {
-                    temperature: [0.0, 0.7, 1.0, 1.3][(r + rows) % 4],
+                    // 1e-40: 1/T overflows; such tiny temperatures are greedy.
+                    temperature: [0.0, 0.7, 1.0, 1.3, 1e-40][(r + rows) % 5],
                     top_k: [0, 1, 5, 40][rng.below(4)],
                     top_p: [1.0, 0.9, 0.5][rng.below(3)],
                     seed: rng.next(),

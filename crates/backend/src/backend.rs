@@ -139,7 +139,9 @@ pub struct KvCacheRef<'a, B: Backend + ?Sized> {
 /// Per-row sampling parameters. Temperature 0 means greedy.
 ///
 /// The contract every backend follows (the CPU backend is its reference):
-/// 1. `temperature <= 0` (or NaN) or `top_k == 1`: argmax, first maximum wins.
+/// 1. `temperature <= 0` (or NaN), a temperature so small that `1 / temperature` is not finite
+///    (below about 3e-39: tiny temperatures are greedy), or `top_k == 1`: argmax, first maximum
+///    wins.
 /// 2. Candidates: every id whose logit is not NaN; with `0 < top_k < vocab`, only the `top_k`
 ///    largest logits (ties: lower id first).
 /// 3. Weights `w_i = exp((logit_i - max) / temperature)`, `max` over the candidates.
@@ -182,6 +184,13 @@ pub trait Backend: Send + Sync + 'static {
     type Host: HostBuf;
 
     fn info(&self) -> DeviceInfo;
+
+    /// Bytes of the per-stream workspace some ops stage operands in (mixed-dtype GEMM operand A,
+    /// sampling's sort slots), which bounds the rows one step may have; `None`: no such bound.
+    /// Callers check their largest step against it at start-up, so no step fails midway on it.
+    fn step_workspace_bytes(&self) -> Option<usize> {
+        None
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     /// One driver allocation. Never called on the request path (the VMU reserves at start-up).

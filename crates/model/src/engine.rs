@@ -8,16 +8,21 @@
 //!
 //! KV memory may be oversubscribed (`kv_capacity_bytes` smaller than every session at full
 //! length): a step first makes its sessions resident and frees the device blocks it will take by
-//! swapping out least-recently-stepped other sessions to the host pool, all before any session
+//! swapping out least-recently-used other sessions to the host pool (the VMU's one victim policy,
+//! `Vmu::make_room_for_step`), all before any session
 //! grows, so a step that cannot fit fails with nothing changed (`ModelError::Vmu(KvExhausted)`)
 //! and the caller may retry with fewer sessions. [`Engine::batch_fits`] predicts it.
+//!
+//! A step is all-or-nothing: whatever fails after sessions grew (an append, the forward pass,
+//! reading the results) shrinks every session of the step back to its length before it, so the
+//! KV never holds positions the caller does not know of.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use djinn_backend::{Backend, DType, SampleParams};
 use djinn_vmu::prometheus::Registry;
-use djinn_vmu::{Residency, SessionId, Vmu, VmuConfig, VmuError, WeightsLease, MIB};
+use djinn_vmu::{Residency, SessionId, Vmu, VmuConfig, WeightsLease, MIB};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -84,10 +89,6 @@ pub struct Engine<B: Backend> {
     slots: Vec<i32>,
     starts: Vec<usize>,
     ids: Vec<SessionId>,
-    /// Open sessions and the step counter of their last use (swap-out victims: least recent
-    /// first); at most `max_sessions`.
-    open: Vec<(SessionId, u64)>,
-    steps: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -122,6 +123,7 @@ impl<B: Backend> Engine<B> {
                 opts.max_sessions
             },
         };
+        check_step_workspace(backend.step_workspace_bytes(), &cfg, dtype, opts.max_step_tokens)?;
         let model_probe = Model::new(cfg.clone(), layout.clone(), limits, opts.block_tokens);
         let kv_tokens = opts.kv_tokens.unwrap_or(opts.max_sessions * max_blocks * opts.block_tokens);
         let mut vcfg = VmuConfig::new(kv_layout);
@@ -164,8 +166,6 @@ impl<B: Backend> Engine<B> {
             slots: Vec::with_capacity(opts.max_step_tokens),
             starts: Vec::with_capacity(opts.max_sessions),
             ids: Vec::with_capacity(opts.max_sessions),
-            open: Vec::with_capacity(opts.max_sessions),
-            steps: 0,
         })
     }
 
@@ -194,15 +194,11 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn open_session(&mut self) -> Result<SessionId> {
-        let id = self.vmu.open_session()?;
-        self.open.push((id, self.steps));
-        Ok(id)
+        Ok(self.vmu.open_session()?)
     }
 
     pub fn close_session(&mut self, id: SessionId) -> Result<()> {
-        self.vmu.close_session(id)?;
-        self.open.retain(|&(s, _)| s != id);
-        Ok(())
+        Ok(self.vmu.close_session(id)?)
     }
 
     /// Whether a step over `seqs` (session, new tokens) fits in KV memory now: every session's
@@ -223,37 +219,12 @@ impl<B: Backend> Engine<B> {
         total <= st.kv_blocks_total && take.saturating_sub(st.kv_blocks_free) <= st.host_blocks_free
     }
 
-    /// Frees `need` device blocks by swapping out the least recently stepped sessions outside
-    /// `batch` (resident, holding blocks). Fails, having swapped out some, if the host pool
-    /// cannot take enough.
+    /// Frees `need` device blocks for a step over `batch` (already pinned), swapping out the
+    /// least recently used other sessions: the VMU's one victim policy.
     fn free_blocks_for(&mut self, need: usize, batch: &[SessionId]) -> Result<()> {
-        let bt = self.model.block_tokens();
-        loop {
-            let st = self.vmu.stats();
-            if st.kv_blocks_free >= need {
-                return Ok(());
-            }
-            let victim = self
-                .open
-                .iter()
-                .filter(|(s, _)| !batch.contains(s))
-                .filter(|(s, _)| self.vmu.residency(*s).is_ok_and(|r| r == Residency::Resident))
-                .filter(|(s, _)| {
-                    let b = self.vmu.session_tokens(*s).unwrap_or(0).div_ceil(bt);
-                    b > 0 && b <= st.host_blocks_free
-                })
-                .min_by_key(|(_, used)| *used)
-                .map(|(s, _)| *s);
-            let Some(v) = victim else {
-                return Err(ModelError::Vmu(VmuError::KvExhausted {
-                    session: batch[0],
-                    needed_blocks: need,
-                    free_device_blocks: st.kv_blocks_free,
-                    free_host_blocks: st.host_blocks_free,
-                    pinned_sessions: batch.len(),
-                }));
-            };
-            self.vmu.swap_out(&[v])?;
+        match batch.first() {
+            Some(&first) => Ok(self.vmu.make_room_for_step(need, first)?),
+            None => Ok(()),
         }
     }
 
@@ -295,20 +266,15 @@ impl<B: Backend> Engine<B> {
                 seqs.iter().zip(&self.starts).map(|(&(_, t), &s)| (s + t.len()).div_ceil(bt) - s.div_ceil(bt)).sum();
             self.free_blocks_for(need, &ids)
         });
-        self.steps += 1;
-        for (s, used) in self.open.iter_mut() {
-            if ids.contains(s) {
-                *used = self.steps;
-            }
-        }
         self.ids = ids;
         if let Err(e) = prepared {
             self.vmu.end_step();
             return Err(e);
         }
-        for &(id, toks) in seqs {
+        for (i, &(id, toks)) in seqs.iter().enumerate() {
             self.slots.clear();
             if let Err(e) = self.vmu.append(id, toks.len(), &mut self.slots) {
+                self.rollback(&seqs[..i]);
                 self.vmu.end_step();
                 return Err(e.into());
             }
@@ -333,8 +299,22 @@ impl<B: Backend> Engine<B> {
             let st = self.model.forward(parts.backend, &mem, &steps, mode)?;
             then(&self.model, parts.backend, &mem, &st)
         })();
+        if result.is_err() {
+            self.rollback(seqs);
+        }
         self.vmu.end_step();
         result
+    }
+
+    /// Undoes the growth of `seqs` in a failed step: each session back to its length before it
+    /// (`self.starts`), so the step is all-or-nothing and the caller may retry any subset.
+    fn rollback(&mut self, seqs: &[(SessionId, &[u32])]) {
+        for (&(id, _), &start) in seqs.iter().zip(&self.starts) {
+            if let Err(e) = self.vmu.truncate(id, start) {
+                // Only an id the step itself looked up could get here: a broken invariant.
+                panic!("rolling back session {id:?} to {start} tokens: {e}");
+            }
+        }
     }
 
     /// Runs a step and copies its logits to `out` (`[rows × vocab]`, rows per `mode`).
@@ -393,6 +373,34 @@ impl<B: Backend> Engine<B> {
     }
 }
 
+/// Checks at start-up that the largest step fits the backend's per-stream workspace (`ws`,
+/// [`Backend::step_workspace_bytes`]): with
+/// 16-bit weights every GEMM stages its f32 activations (`max_step_tokens` rows × the widest
+/// input) there, and sampling sorts a vocabulary-sized slot per row. A step limit too large is
+/// refused here with the numbers, instead of failing steps midway.
+fn check_step_workspace(ws: Option<usize>, cfg: &ModelConfig, dtype: DType, max_step_tokens: usize) -> Result<()> {
+    let Some(ws) = ws else { return Ok(()) };
+    if dtype != DType::F32 {
+        let k = cfg.hidden_size.max(cfg.intermediate_size).max(cfg.heads * cfg.head_dim);
+        let bytes = max_step_tokens.saturating_mul(k).saturating_mul(dtype.size_bytes());
+        if bytes > ws {
+            return Err(ModelError::Memory(format!(
+                "max_step_tokens {max_step_tokens}: a step's {dtype} activations ({max_step_tokens} × {k} = {bytes} \
+                 bytes) exceed the backend's {ws}-byte workspace; use at most {} step tokens",
+                ws / (k * dtype.size_bytes())
+            )));
+        }
+    }
+    let slot = cfg.vocab_size.next_power_of_two().saturating_mul(8);
+    if slot > ws {
+        return Err(ModelError::Memory(format!(
+            "vocabulary {}: one sampling row needs {slot} bytes, more than the backend's {ws}-byte workspace",
+            cfg.vocab_size
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,7 +425,7 @@ mod tests {
     /// (swapping) and without pressure; a batch that cannot fit fails leaving every session intact.
     #[test]
     fn oversubscribed_kv_swaps_and_keeps_tokens() {
-        let run = |eng: &mut Engine<CpuBackend>| -> Vec<Vec<u32>> {
+        let run = |eng: &mut Engine<CpuBackend>| -> (Vec<Vec<u32>>, Vec<SessionId>) {
             let ids: Vec<SessionId> = (0..3).map(|_| eng.open_session().unwrap()).collect();
             let mut last: Vec<u32> = vec![10, 20, 30];
             let mut out = vec![Vec::new(); 3];
@@ -432,20 +440,19 @@ mod tests {
                 last[i] = sampled[0];
                 out[i].push(sampled[0]);
             }
-            out
+            (out, ids)
         };
         let mut free = engine(None);
-        let want = run(&mut free);
+        let (want, _) = run(&mut free);
         // KV of two 16-token blocks; each session (≤ 14 tokens) holds one: three cannot be resident.
         let block = free.vmu().layout().block_bytes();
         let mut tight = engine(Some(2 * block));
-        let got = run(&mut tight);
+        let (got, ids) = run(&mut tight);
         assert_eq!(got, want);
         assert!(tight.vmu().metrics().swap_out_total.get() > 0);
         let st = tight.vmu().stats();
         assert!(st.kv_used_bytes_peak <= 2 * block);
         // All three in one step need three blocks: refused up front, and by the step itself.
-        let ids: Vec<SessionId> = tight.open.iter().map(|&(s, _)| s).collect();
         let before: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
         assert!(!tight.batch_fits(&[(ids[0], 1), (ids[1], 1), (ids[2], 1)]));
         let toks = [1u32];
@@ -454,5 +461,67 @@ mod tests {
         assert!(tight.step_sample(&all, &[GREEDY; 3], &mut sampled).is_err());
         let after: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
         assert_eq!(before, after, "a refused step changed a session");
+    }
+
+    /// SmolLM2-135M's shapes (hidden 576, intermediate 1536) against a 32 MiB workspace: bf16
+    /// weights admit 10922 step tokens, not more; f32 weights need no staging.
+    #[test]
+    fn step_limits_are_checked_at_start_up() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/models/llama-gqa");
+        let mut cfg = ModelConfig::load(&dir).unwrap();
+        (cfg.hidden_size, cfg.intermediate_size, cfg.heads, cfg.head_dim, cfg.vocab_size) = (576, 1536, 9, 64, 49152);
+        let ws = Some(32 << 20);
+        assert!(check_step_workspace(ws, &cfg, DType::BF16, 10922).is_ok());
+        let e = check_step_workspace(ws, &cfg, DType::BF16, 10923).unwrap_err().to_string();
+        assert!(e.contains("use at most 10922 step tokens"), "{e}");
+        assert!(check_step_workspace(ws, &cfg, DType::F32, 1 << 20).is_ok());
+        assert!(check_step_workspace(None, &cfg, DType::BF16, 1 << 20).is_ok());
+        cfg.vocab_size = 8 << 20;
+        assert!(check_step_workspace(ws, &cfg, DType::F32, 1).is_err());
+    }
+
+    /// A step that fails after every session grew (here: reading its results) leaves every
+    /// session as it was, and stepping on gives the tokens of a run where it never happened.
+    #[test]
+    fn failed_step_changes_no_session() {
+        let run = |fail_at: Option<usize>| -> Vec<Vec<u32>> {
+            let mut eng = engine(None);
+            let ids: Vec<SessionId> = (0..3).map(|_| eng.open_session().unwrap()).collect();
+            // Different lengths, so a shifted position would change the tokens.
+            let prompts: [&[u32]; 3] =
+                [&[5, 6, 7], &[9], &[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]];
+            let mut last = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let mut lg = Vec::new();
+                eng.prefill(ids[i], &p[..p.len() - 1], false, &mut lg).unwrap();
+                last.push(*p.last().unwrap());
+            }
+            let mut out = vec![Vec::new(); 3];
+            let mut sampled = Vec::new();
+            for step in 0..6 {
+                let seqs: Vec<(SessionId, Vec<u32>)> = (0..3).map(|i| (ids[i], vec![last[i]])).collect();
+                let view: Vec<(SessionId, &[u32])> = seqs.iter().map(|(s, t)| (*s, &t[..])).collect();
+                if fail_at == Some(step) {
+                    let before: Vec<usize> = ids.iter().map(|&s| eng.session_tokens(s).unwrap()).collect();
+                    let r: Result<()> = eng.step_with(&view, LogitsMode::Last, |_, _, _, _| {
+                        Err(ModelError::Batch("injected failure after the forward pass".into()))
+                    });
+                    assert!(r.is_err());
+                    let after: Vec<usize> = ids.iter().map(|&s| eng.session_tokens(s).unwrap()).collect();
+                    assert_eq!(before, after, "a failed step grew a session");
+                    eng.vmu().check_invariants();
+                }
+                eng.step_sample(&view, &[GREEDY; 3], &mut sampled).unwrap();
+                for i in 0..3 {
+                    last[i] = sampled[i];
+                    out[i].push(sampled[i]);
+                }
+            }
+            out
+        };
+        let want = run(None);
+        for at in [0, 3] {
+            assert_eq!(run(Some(at)), want, "failure injected at step {at}");
+        }
     }
 }

@@ -180,6 +180,13 @@ crate::settings! {
     max_step_tokens: usize = 256;
     /// Session requests waiting for the engine loop; more are refused with `Busy`.
     session_queue_max: usize = 1024;
+    /// Session frames (tokens, replies) one connection may have queued for its writer. When a
+    /// connection's queue is full its sessions are not stepped (paused, KV kept and swappable)
+    /// until the client reads: a slow reader slows only itself, and the engine never blocks.
+    conn_outbound_frames_max: usize = 64;
+    /// Milliseconds a connection's outbound queue may stay full with no frame sent before the
+    /// connection is closed (its sessions keep their lease and can be attached again).
+    conn_stall_timeout_ms: u64 = 10_000;
     /// Quotas of every tenant not named in `tenants` (and of each anonymous connection); config
     /// file only: a `[tenant_defaults]` table.
     tenant_defaults: TenantQuota = TenantQuota::default();
@@ -313,6 +320,8 @@ impl ServerConfig {
             ("max_sessions", self.max_sessions as u64),
             ("max_step_tokens", self.max_step_tokens as u64),
             ("session_queue_max", self.session_queue_max as u64),
+            ("conn_outbound_frames_max", self.conn_outbound_frames_max as u64),
+            ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -64,6 +64,10 @@ pub struct Metrics {
     pub engine_batch_sessions: Histogram,
     /// Wire bytes of one decode step of one session (its token frame).
     pub step_bytes: Histogram,
+    /// Session frames queued for connection writers, over all connections (backlog).
+    pub conn_outbound_frames: IntGauge,
+    /// Sessions not stepped because their connection's outbound queue is full.
+    pub sessions_paused_backpressure: IntGauge,
     /// Further registries rendered with this one (each model's VMU metrics, labelled by model).
     extra: Arc<Mutex<Vec<Registry>>>,
 }
@@ -170,6 +174,16 @@ impl Metrics {
                     .buckets(vec![32.0, 48.0, 64.0, 96.0, 128.0, 256.0, 1024.0, 4096.0, 65536.0, 1048576.0]),
             )
             .unwrap(),
+            conn_outbound_frames: IntGauge::new(
+                "conn_outbound_frames",
+                "Session frames queued for connection writers (all connections)",
+            )
+            .unwrap(),
+            sessions_paused_backpressure: IntGauge::new(
+                "sessions_paused_backpressure",
+                "Sessions paused because their connection's outbound queue is full",
+            )
+            .unwrap(),
             extra: Arc::new(Mutex::new(Vec::new())),
             registry,
         };
@@ -196,6 +210,8 @@ impl Metrics {
         r.register(Box::new(m.engine_steps_total.clone())).unwrap();
         r.register(Box::new(m.engine_batch_sessions.clone())).unwrap();
         r.register(Box::new(m.step_bytes.clone())).unwrap();
+        r.register(Box::new(m.conn_outbound_frames.clone())).unwrap();
+        r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
         m
     }
 

@@ -16,9 +16,10 @@
 //! stream frames on the same connection while the reader parses the next request.
 //!
 //! Drain (SIGTERM/SIGINT or [`Server::shutdown`]): `/healthz` turns 503, listeners stop
-//! accepting, requests that arrive from then on are answered `ShuttingDown`, and the server waits
-//! up to `drain_timeout_ms` for requests already being served to finish. Reader threads still
-//! blocked waiting for a next request are left to process exit, which closes their sockets.
+//! accepting, requests that arrive from then on are answered `ShuttingDown`, running generations
+//! may finish until `drain_timeout_ms`, then end with `ShuttingDown`. Every wait is bounded, so the
+//! process exits within the deadline plus [`DRAIN_GRACE`] whatever clients do. Reader and writer
+//! threads still blocked on a client are left to process exit, which closes their sockets.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,10 @@ use crate::watchdog::{Phase, Timeouts, Watchdog, WatchdogThread, Watched};
 /// frame and answers it `Busy`, within the handshake timeout); beyond it a refusal is a bare
 /// close.
 pub const REFUSALS_MAX: usize = 16;
+
+/// What drain may take beyond `drain_timeout_ms` (a step in progress, the last frames' flush):
+/// SIGTERM ends the process within the deadline plus this, whatever clients do.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// The sending half of a connection, shared by whoever replies on it.
 pub type ReplyTx = Arc<Mutex<Box<dyn FrameTx>>>;
@@ -254,10 +259,16 @@ impl<B: Backend> Server<B> {
             }
         }
         let deadline = Instant::now() + Duration::from_millis(sh.cfg.drain_timeout_ms);
-        // Running decodes end with `ShuttingDown`; the engine loop stops.
-        sh.sessions.shutdown();
+        // Running generations may finish until the deadline; then they end with `ShuttingDown`
+        // and the engine loop stops. Nothing below waits on a client without a bound.
+        sh.sessions.shutdown(deadline, DRAIN_GRACE / 2);
         while (sh.requests_active.load(Ordering::Acquire) > 0 || sh.sessions.active() > 0) && Instant::now() < deadline
         {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Writers hand the last frames (final replies) to clients that still read.
+        let flush_until = deadline + DRAIN_GRACE / 4;
+        while sh.sessions.outbound_frames() > 0 && Instant::now() < flush_until {
             std::thread::sleep(Duration::from_millis(1));
         }
         let left = sh.requests_active.load(Ordering::Acquire);

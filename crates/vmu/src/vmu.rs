@@ -514,6 +514,39 @@ impl<B: Backend> Vmu<B> {
         Ok(t..t + n)
     }
 
+    /// Shrinks the session back to its first `tokens` tokens and frees the blocks past them:
+    /// undoes the `append`s of a step that failed, so a failed step changes no session. The
+    /// kept positions are untouched; the tail of a shortened last block is never read. Resident
+    /// or swapped alike; `tokens` past the session's length is an error.
+    pub fn truncate(&mut self, id: SessionId, tokens: usize) -> Result<(), VmuError> {
+        let idx = self.lookup(id)?;
+        let m = self.sessions[idx];
+        if tokens > m.tokens {
+            return Err(VmuError::ContextFull {
+                session: id,
+                tokens: m.tokens,
+                append: tokens - m.tokens,
+                max_tokens: m.tokens,
+            });
+        }
+        let keep = tokens.div_ceil(self.layout.block_tokens);
+        let row = self.row(idx);
+        for i in (keep..m.blocks).rev() {
+            let b = self.tables[row + i];
+            if m.swapped {
+                self.host_free.push(b as u32);
+            } else {
+                self.release_block(b as usize);
+            }
+            self.tables[row + i] = -1;
+        }
+        let meta = &mut self.sessions[idx];
+        meta.blocks = keep.min(m.blocks);
+        meta.tokens = tokens;
+        self.publish();
+        Ok(())
+    }
+
     /// Orders later work on the default stream after the latest swap-out: the blocks it freed
     /// (or a shared block it still reads, now private to another session) may be written next.
     /// Swaps are ordered on one stream, so the latest fence covers every earlier one.
@@ -645,9 +678,19 @@ impl<B: Backend> Vmu<B> {
         Ok(())
     }
 
+    /// Frees `need` device blocks before a step grows its sessions (pinned by `ensure_resident`),
+    /// by the one swap victim policy ([`Self::make_room`]: least recently used first). On
+    /// `KvExhausted` some sessions may have been swapped out; nothing is lost. `for_session` names
+    /// the step in the error.
+    pub fn make_room_for_step(&mut self, need: usize, for_session: SessionId) -> Result<(), VmuError> {
+        self.poll_timings();
+        let idx = self.lookup(for_session)?;
+        self.make_room(need, idx)
+    }
+
     /// Frees device blocks until `need` are free, swapping out least-recently-used sessions
     /// that are resident, unpinned, not `requester`, own at least one unshared block, and fit in
-    /// the host pool.
+    /// the host pool. The only swap victim policy: the engine's steps use it too.
     fn make_room(&mut self, need: usize, requester: usize) -> Result<(), VmuError> {
         while self.free_blocks.len() < need {
             let mut victim: Option<(u64, usize)> = None;

@@ -82,8 +82,9 @@ pub(crate) fn binary(be: &CpuBackend, op: BinaryOp, a: &Raw, b: &Raw, out: &Raw)
 
 /// `e^x` in f32 without a libm call, so loops over it vectorise (Cephes `expf`: range
 /// reduction by ln 2 in two parts, degree-6 polynomial, 2^n by exponent bits; ≤ 2 ulp over the
-/// normal range). Inputs below −87.3 give the smallest normal result instead of underflowing
-/// (1e-38: nothing downstream can tell), above 88.7 give `f32::MAX`-scale; NaN stays NaN.
+/// normal range). Inputs below −87.3 (−∞ included) give exactly 0, as the true result would
+/// round to 0 or a subnormal there (masked positions must weigh nothing); above 88.7 give
+/// `f32::MAX`-scale; NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -91,6 +92,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Round to nearest with the 1.5·2^23 trick (no SSE4.1 `round` needed).
     const MAGIC: f32 = 12_582_912.0;
+    let x0 = x;
     let x = x.clamp(-87.3, 88.7);
     let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -98,7 +100,13 @@ pub(crate) fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits((((n as i32) + 127) as u32) << 23)
+    let e = y * f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // A select, not a branch: the loops over it still vectorise.
+    if x0 < -87.3 {
+        0.0
+    } else {
+        e
+    }
 }
 
 #[inline(always)]

@@ -43,7 +43,8 @@ fn by_logit(row: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + '_ {
 
 /// Samples one row (see `SampleParams` for the contract). `idx` is scratch.
 pub(crate) fn sample_row(row: &[f32], p: &SampleParams, idx: &mut Vec<u32>) -> usize {
-    if p.temperature.is_nan() || p.temperature <= 0.0 || p.top_k == 1 {
+    // A temperature whose inverse overflows is greedy (the weights would be inf × 0 = NaN).
+    if p.temperature.is_nan() || p.temperature <= 0.0 || !(1.0 / p.temperature).is_finite() || p.top_k == 1 {
         return argmax_row(row);
     }
     idx.clear();

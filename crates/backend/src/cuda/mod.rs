@@ -278,6 +278,10 @@ impl Backend for CudaBackend {
     type Event = Event;
     type Host = PinnedHost;
 
+    fn step_workspace_bytes(&self) -> Option<usize> {
+        Some(ATTN_WORKSPACE_BYTES)
+    }
+
     fn info(&self) -> DeviceInfo {
         let (free, total) =
             self.bind().and_then(|_| drv::mem_get_info().map_err(driver_err("mem info"))).unwrap_or((0, 0));

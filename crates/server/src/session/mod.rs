@@ -18,10 +18,11 @@
 
 mod chat;
 mod engine_loop;
+mod outbound;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -58,20 +59,23 @@ pub enum SessionStartError {
     Thread(std::io::Error),
 }
 
-/// The sending side of one connection as sessions see it: its replies, and whether it is open.
+/// The sending side of one connection as sessions see it: its outbound queue, whether it is open,
+/// and how to close it.
 pub struct ConnLink {
     pub id: u64,
     pub tx: ReplyTx,
     alive: AtomicBool,
     /// Requests of this connection in progress (the connection's `max_inflight_per_conn`).
     pub inflight: Arc<AtomicUsize>,
+    /// Session frames waiting for this connection's writer thread.
+    pub out: outbound::Outbound,
+    /// Closes the transport from any thread (a stalled connection); `None`: it has no closer.
+    closer: Option<djinn_transport::ConnectionClose>,
+    /// Wakes the engine loop (the queue drained below its mark, or the connection ended).
+    svc: Weak<SessionService>,
 }
 
 impl ConnLink {
-    pub fn new(id: u64, tx: ReplyTx, inflight: Arc<AtomicUsize>) -> Arc<ConnLink> {
-        Arc::new(ConnLink { id, tx, alive: AtomicBool::new(true), inflight })
-    }
-
     pub fn is_alive(&self) -> bool {
         // Acquire pairs with the Release in `mark_closed`.
         self.alive.load(Ordering::Acquire)
@@ -79,6 +83,22 @@ impl ConnLink {
 
     pub fn mark_closed(&self) {
         self.alive.store(false, Ordering::Release);
+    }
+
+    /// Closes the connection now (its client stopped reading): the transport is shut, so its
+    /// reader and writer threads end and the sessions' leases start.
+    pub fn close_now(&self) {
+        self.mark_closed();
+        self.out.close();
+        if let Some(c) = &self.closer {
+            c();
+        }
+    }
+
+    fn kick(&self) {
+        if let Some(svc) = self.svc.upgrade() {
+            svc.kick();
+        }
     }
 }
 
@@ -141,9 +161,10 @@ pub struct ModelInfo {
 
 struct Queue {
     jobs: VecDeque<Job>,
-    /// A connection closed since the loop last looked (its sessions' leases start).
-    conns_closed: bool,
-    draining: bool,
+    /// A connection closed or a full outbound queue drained since the loop last looked.
+    kicked: bool,
+    /// Drain: no new jobs; running work may finish until this deadline.
+    drain_deadline: Option<Instant>,
 }
 
 /// The connection threads' handle on sessions.
@@ -155,6 +176,10 @@ pub struct SessionService {
     active: Arc<AtomicUsize>,
     models: Vec<ModelInfo>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set by the engine loop when it has ended (drain waits for it, bounded).
+    stopped: Mutex<bool>,
+    stopped_cv: Condvar,
+    outbound: outbound::OutboundLimits,
 }
 
 impl SessionService {
@@ -238,14 +263,23 @@ impl SessionService {
         let svc = Arc::new(SessionService {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::with_capacity(cfg.session_queue_max),
-                conns_closed: false,
-                draining: false,
+                kicked: false,
+                drain_deadline: None,
             }),
             wake: Condvar::new(),
             queue_max: cfg.session_queue_max,
             active: Arc::new(AtomicUsize::new(0)),
             models: infos,
             thread: Mutex::new(None),
+            stopped: Mutex::new(false),
+            stopped_cv: Condvar::new(),
+            outbound: outbound::OutboundLimits {
+                frames_max: cfg.conn_outbound_frames_max,
+                // Every in-flight job may add its last token frame and its final frame at once.
+                frames_cap: cfg.conn_outbound_frames_max + 2 * cfg.max_inflight_per_conn,
+                stall: std::time::Duration::from_millis(cfg.conn_stall_timeout_ms),
+                gauge: metrics.conn_outbound_frames.clone(),
+            },
         });
         let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, metrics.clone());
         let t = std::thread::Builder::new()
@@ -254,6 +288,26 @@ impl SessionService {
             .map_err(SessionStartError::Thread)?;
         *svc.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         Ok(svc)
+    }
+
+    /// The session side of a new connection (its replies go through `tx`).
+    pub fn link(self: &Arc<Self>, id: u64, tx: ReplyTx, inflight: Arc<AtomicUsize>) -> Arc<ConnLink> {
+        let closer = tx.lock().unwrap_or_else(|p| p.into_inner()).closer();
+        Arc::new(ConnLink {
+            id,
+            tx,
+            alive: AtomicBool::new(true),
+            inflight,
+            out: outbound::Outbound::new(self.outbound.clone()),
+            closer,
+            svc: Arc::downgrade(self),
+        })
+    }
+
+    /// Wakes the engine loop to look at connections again.
+    fn kick(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).kicked = true;
+        self.wake.notify_one();
     }
 
     /// Names of the models served, for the capabilities reply.
@@ -275,7 +329,7 @@ impl SessionService {
         req: Request,
     ) -> Result<(), djinn_proto::Status> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.draining {
+        if q.drain_deadline.is_some() {
             return Err(djinn_proto::Status::ShuttingDown);
         }
         if q.jobs.len() >= self.queue_max {
@@ -291,8 +345,8 @@ impl SessionService {
     /// A connection ended: its running decodes stop and its sessions' leases start.
     pub fn connection_closed(&self, conn: &ConnLink) {
         conn.mark_closed();
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).conns_closed = true;
-        self.wake.notify_one();
+        conn.out.close();
+        self.kick();
     }
 
     /// Session requests not yet finished (queued or in the engine loop).
@@ -300,13 +354,37 @@ impl SessionService {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Drain: refuses new requests, ends running work with `ShuttingDown`, and stops the loop.
-    pub fn shutdown(&self) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).draining = true;
+    /// Drain: refuses new requests at once, lets running work finish until `deadline`, then ends
+    /// what is left with `ShuttingDown`. Waits for the engine loop until `deadline` plus
+    /// `grace` at most (a step in progress cannot be interrupted); returns whether it ended.
+    pub fn shutdown(&self, deadline: Instant, grace: std::time::Duration) -> bool {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).drain_deadline = Some(deadline);
         self.wake.notify_one();
-        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = t {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let until = deadline + grace;
+        while !*stopped {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("drain: the engine loop did not end in time; exiting without it");
+                return false;
+            }
+            stopped = self.stopped_cv.wait_timeout(stopped, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(stopped);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // It has returned from its body: the join is immediate.
             let _ = t.join();
         }
+        true
+    }
+
+    /// Frames queued on every connection (drain lets writers flush them, bounded).
+    pub fn outbound_frames(&self) -> i64 {
+        self.outbound.gauge.get()
+    }
+
+    fn mark_stopped(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stopped_cv.notify_all();
     }
 }

@@ -1,0 +1,100 @@
+//! Where a job's answer goes ([`Answer`]: queued on the connection's outbound queue, never sent
+//! by the loop itself) and why a job was refused ([`Refusal`], the status of a model error).
+
+use super::*;
+
+/// Where a job's answer goes; holds the job "in progress" until dropped.
+pub(super) struct Answer {
+    pub(super) conn: Arc<ConnLink>,
+    pub(super) rid: u64,
+    pub(super) opcode: Opcode,
+    pub(super) received: Instant,
+    /// For the request's log line.
+    tenant: TenantId,
+    /// Its end-to-end time (`djinn_session_request_duration_seconds`).
+    duration_s: prometheus::HistogramVec,
+    _guard: ActiveGuard,
+}
+
+impl Answer {
+    pub(super) fn from_job(job: Job, metrics: &Metrics) -> (Answer, Request, TenantId) {
+        let Job { conn, rid, opcode, tenant, req, received, guard } = job;
+        let duration_s = metrics.session_request_duration_s.clone();
+        (Answer { conn, rid, opcode, received, tenant: tenant.clone(), duration_s, _guard: guard }, req, tenant)
+    }
+
+    /// The one log line of a finished session request (target `djinn::request`).
+    fn log_done(&self, status: Status, model: &str, tokens: u32) {
+        let elapsed = self.received.elapsed();
+        self.duration_s.with_label_values(&[self.opcode.name()]).observe(elapsed.as_secs_f64());
+        let duration_us = elapsed.as_micros() as u64;
+        let (tenant, opcode, status) = (&self.tenant, self.opcode.name(), status.name());
+        tracing::info!(target: "djinn::request", %tenant, model, opcode, tokens, duration_us, status, "request");
+    }
+
+    /// Queues the frame for the connection's writer (never blocks on the peer); returns its
+    /// wire bytes, 0 when the connection is gone.
+    pub(super) fn send(&self, opcode: Opcode, status: Status, meta: &[u8], data: &[&[u8]]) -> usize {
+        if !self.conn.is_alive() {
+            return 0;
+        }
+        let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
+        let mut header = FrameHeader::new(opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data_len);
+        header.status = status.as_u16().into();
+        let n = header.frame_len() as usize;
+        match Outbound::push(&self.conn, header, meta, data) {
+            Ok(()) => n,
+            Err(PushError::Full) => {
+                // Past the hard bound the client has long stopped reading: give up on it (its
+                // sessions keep their lease).
+                tracing::debug!(conn = self.conn.id, "outbound queue at its hard bound; closing the connection");
+                self.conn.close_now();
+                0
+            }
+            // Gone already (its writer failed or could not start).
+            Err(PushError::Closed) => 0,
+        }
+    }
+
+    pub(super) fn ok(self, meta: &[u8], data: &[&[u8]]) {
+        self.send(self.opcode, Status::Ok, meta, data);
+        self.log_done(Status::Ok, "-", 0);
+    }
+
+    /// A decode's final frame: `tokens` generated on `model`.
+    pub(super) fn ok_decode(self, meta: &[u8], model: &str, tokens: u32) {
+        self.send(self.opcode, Status::Ok, meta, &[]);
+        self.log_done(Status::Ok, model, tokens);
+    }
+
+    pub(super) fn err(self, status: Status, message: impl Into<String>) {
+        let msg = ErrorReply::new(message);
+        self.send(self.opcode, status, msg.encode_bytes(), &[]);
+        self.log_done(status, "-", 0);
+    }
+}
+
+/// Why a job was refused.
+pub(super) struct Refusal(pub(super) Status, pub(super) String);
+
+impl Refusal {
+    pub(super) fn new(status: Status, msg: impl Into<String>) -> Self {
+        Refusal(status, msg.into())
+    }
+}
+
+/// KV bytes a session of `tokens` tokens occupies at most (whole blocks), for the tenant quota.
+pub(super) fn kv_bytes<B: Backend>(engine: &Engine<B>, tokens: usize) -> u64 {
+    let layout = engine.vmu().layout();
+    (tokens.div_ceil(layout.block_tokens) * layout.block_bytes()) as u64
+}
+
+pub(super) fn model_status(e: &ModelError) -> Status {
+    match e {
+        ModelError::TokenId { .. } | ModelError::TooLong { .. } | ModelError::Batch(_) => Status::BadArgument,
+        ModelError::Vmu(VmuError::KvExhausted { .. } | VmuError::AdmissionRefused { .. }) => Status::OutOfMemory,
+        ModelError::Vmu(VmuError::TooManySessions { .. }) => Status::LimitExceeded,
+        ModelError::Tokenizer { .. } | ModelError::Template(_) | ModelError::NoTokenizer { .. } => Status::BadArgument,
+        _ => Status::Internal,
+    }
+}

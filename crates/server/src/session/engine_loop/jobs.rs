@@ -1,0 +1,330 @@
+//! Jobs: each request taken from the queue is answered at once (open, attach, cancel, close,
+//! logits) or becomes the session's work (prefill, append, decode), checked before it is accepted.
+
+use super::*;
+
+impl<B: Backend> EngineLoop<B> {
+    // ---- jobs ---------------------------------------------------------------------------------
+
+    pub(super) fn handle(&mut self, job: Job) {
+        let (ans, req, tenant) = Answer::from_job(job, &self.metrics);
+        let r = match req {
+            Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens),
+            Request::Attach(id) => self.attach(ans, &tenant, id),
+            Request::Prefill(r) => self.prefill(ans, &tenant, r.session, r.input),
+            Request::Append(r) => self.append(ans, &tenant, r.session, &r.role, &r.text),
+            Request::Decode(r) => self.decode(ans, &tenant, r),
+            Request::Cancel(id) => self.cancel(ans, &tenant, id),
+            Request::Close(id) => self.close(ans, &tenant, id),
+            Request::Logits(r) => self.logits(ans, &r.model, &r.ids),
+        };
+        if let Err((ans, Refusal(status, msg))) = r {
+            self.metrics.errors_total.with_label_values(&[status.name()]).inc();
+            ans.err(status, msg);
+        }
+    }
+
+    pub(super) fn model_index(&self, name: &str) -> Result<usize, Refusal> {
+        self.models.iter().position(|m| m.info.name == name).ok_or_else(|| {
+            Refusal::new(
+                Status::UnknownModel,
+                format!("no model {name:?} on this server (`djinn-dataplane models --server URL` lists them)"),
+            )
+        })
+    }
+
+    pub(super) fn open(
+        &mut self,
+        ans: Answer,
+        tenant: TenantId,
+        model: &str,
+        max_tokens: u32,
+    ) -> Result<(), (Answer, Refusal)> {
+        let m = match self.model_index(model) {
+            Ok(m) => m,
+            Err(r) => return Err((ans, r)),
+        };
+        if self.sessions.len() >= self.max_sessions {
+            let msg = format!("{} sessions are open (max_sessions)", self.max_sessions);
+            return Err((ans, Refusal::new(Status::LimitExceeded, msg)));
+        }
+        let vs = match self.models[m].engine.open_session() {
+            Ok(v) => v,
+            Err(e) => return Err((ans, Refusal::new(model_status(&e), e.to_string()))),
+        };
+        let max_ctx = self.models[m].engine.max_context_tokens();
+        let cap = self.kv_capacity_tokens(m);
+        if max_tokens > 0 && (max_tokens as usize).min(max_ctx) > cap {
+            // Only an explicit length that could never be held is refused.
+            let _ = self.models[m].engine.close_session(vs);
+            let msg =
+                format!("max_tokens {max_tokens}: the model's whole KV capacity holds {cap} tokens (--kv-capacity-mb)");
+            return Err((ans, Refusal::new(Status::OutOfMemory, msg)));
+        }
+        let max_tokens = if max_tokens == 0 { max_ctx } else { (max_tokens as usize).min(max_ctx) };
+        let quota = match self.quotas.open_session(&tenant, kv_bytes(&self.models[m].engine, max_tokens)) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.models[m].engine.close_session(vs);
+                return Err((ans, Refusal::new(e.status(), e.to_string())));
+            }
+        };
+        let id = self.new_id();
+        self.sessions.insert(
+            id,
+            Session {
+                tenant,
+                model: m,
+                vs,
+                max_tokens,
+                tokens: Vec::new(),
+                kv: 0,
+                conv: Conversation::default(),
+                conns: vec![ans.conn.clone()],
+                detached_at: None,
+                work: Work::Idle,
+                cancel: false,
+                _quota: quota,
+            },
+        );
+        tracing::debug!(session = id, model, tenant = %self.sessions[&id].tenant, "session open");
+        ans.ok(&self.info(id).to_meta(), &[]);
+        Ok(())
+    }
+
+    pub(super) fn attach(&mut self, ans: Answer, tenant: &TenantId, id: u64) -> Result<(), (Answer, Refusal)> {
+        if let Err(r) = self.lookup(tenant, id, &ans.conn) {
+            return Err((ans, r));
+        }
+        ans.ok(&self.info(id).to_meta(), &[]);
+        Ok(())
+    }
+
+    /// Adds `new` tokens to the session and starts feeding them (or answers at once when there is
+    /// nothing to feed yet: the last token stays pending).
+    pub(super) fn start_feed(&mut self, ans: Answer, id: u64, new: &[u32]) -> Result<(), (Answer, Refusal)> {
+        let base = match self.add_tokens(id, new) {
+            Ok(b) => b,
+            Err(r) => return Err((ans, r)),
+        };
+        let s = self.sessions.get_mut(&id).expect("caller looked it up");
+        if s.tokens.len().saturating_sub(1) <= s.kv {
+            let r = PrefillReply { prompt_tokens: new.len() as u32, context_tokens: s.tokens.len() as u32 };
+            ans.ok(&r.to_meta(), &[]);
+            return Ok(());
+        }
+        s.work = Work::Feed { ans, added: new.len() as u32, base };
+        self.order.push_back(id);
+        Ok(())
+    }
+
+    pub(super) fn prefill(
+        &mut self,
+        ans: Answer,
+        tenant: &TenantId,
+        id: u64,
+        input: PrefillInput,
+    ) -> Result<(), (Answer, Refusal)> {
+        if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
+            return Err((ans, r));
+        }
+        let ids = match input {
+            PrefillInput::Ids(ids) => ids,
+            PrefillInput::Text(text) => match self.tokenize_raw(id, &text) {
+                Ok(ids) => ids,
+                Err(r) => return Err((ans, r)),
+            },
+        };
+        self.start_feed(ans, id, &ids)
+    }
+
+    pub(super) fn append(
+        &mut self,
+        ans: Answer,
+        tenant: &TenantId,
+        id: u64,
+        role: &str,
+        text: &str,
+    ) -> Result<(), (Answer, Refusal)> {
+        if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
+            return Err((ans, r));
+        }
+        let new = match self.tokenize_turn(id, role, text) {
+            Ok(n) => n,
+            Err(r) => return Err((ans, r)),
+        };
+        let r = self.start_feed(ans, id, &new);
+        if r.is_err() {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.conv.pop_turn();
+            }
+        }
+        r
+    }
+
+    pub(super) fn decode(
+        &mut self,
+        ans: Answer,
+        tenant: &TenantId,
+        r: SessionDecodeReq,
+    ) -> Result<(), (Answer, Refusal)> {
+        let s = match self.lookup_idle(tenant, r.session, &ans.conn) {
+            Ok(s) => s,
+            Err(e) => return Err((ans, e)),
+        };
+        if !(0.0..=1.0).contains(&r.top_p) || r.temperature < 0.0 {
+            let msg = format!("temperature {} (≥ 0) / top_p {} (0..=1)", r.temperature, r.top_p);
+            return Err((ans, Refusal::new(Status::BadArgument, msg)));
+        }
+        let (base, max_tokens, m) = (s.tokens.len(), s.max_tokens, s.model);
+        let is_turn = matches!(r.feed, DecodeFeed::Turn { .. });
+        let new = match &r.feed {
+            DecodeFeed::None => Ok(Vec::new()),
+            DecodeFeed::Ids(ids) => Ok(ids.clone()),
+            DecodeFeed::Text(text) => self.tokenize_raw(r.session, text),
+            DecodeFeed::Turn { role, text } => self.tokenize_turn(r.session, role, text),
+        };
+        // Input with no room to generate after it is refused rather than left unfed: the loop
+        // feeds a decode's input only in the step that samples its first token.
+        let new = new.and_then(|new| match new.is_empty() || (r.max_new_tokens > 0 && base + new.len() < max_tokens) {
+            true => Ok(new),
+            false => Err(Refusal::new(
+                Status::BadArgument,
+                format!(
+                    "no room to generate after {} input tokens (max_new_tokens {}, session at {base} of {max_tokens} \
+                     tokens): send the input without asking for tokens, or open the session with more tokens",
+                    new.len(),
+                    r.max_new_tokens
+                ),
+            )),
+        });
+        // Refused only when the context, the input and what it may generate cannot fit in the
+        // whole KV capacity (anything smaller waits for memory, however busy the server is).
+        let cap = self.kv_capacity_tokens(m);
+        let new = new.and_then(|new| {
+            let ctx = base + new.len();
+            let gen = (r.max_new_tokens as usize).min(max_tokens.saturating_sub(ctx));
+            if ctx + gen > cap {
+                let msg = format!(
+                    "{base} context + {} input + {gen} new tokens need {} tokens of KV; the model's whole KV \
+                     capacity holds {cap} (--kv-capacity-mb): ask for fewer new tokens or start a new session",
+                    new.len(),
+                    ctx + gen
+                );
+                return Err(Refusal::new(Status::OutOfMemory, msg));
+            }
+            Ok(new)
+        });
+        if let Err(e) = new.and_then(|new| self.add_tokens(r.session, &new)) {
+            if is_turn {
+                // The turn was recorded before its tokens were refused.
+                if let Some(s) = self.sessions.get_mut(&r.session) {
+                    s.conv.pop_turn();
+                }
+            }
+            return Err((ans, e));
+        }
+        let s = self.sessions.get_mut(&r.session).expect("looked up above");
+        let prompt_tokens = (s.tokens.len() - base) as u32;
+        if s.tokens.len() == s.kv {
+            if is_turn {
+                // A turn that added no token leaves no trace either.
+                s.conv.pop_turn();
+            }
+            let msg = "nothing to decode from: prefill or append input first";
+            return Err((ans, Refusal::new(Status::BadArgument, msg)));
+        }
+        let room = s.max_tokens.saturating_sub(s.tokens.len()) as u32;
+        let max_new = r.max_new_tokens.min(room);
+        let state = DecodeState {
+            prompt_tokens,
+            base,
+            turn: is_turn,
+            params: SampleParams {
+                temperature: r.temperature.max(0.0),
+                top_k: r.top_k,
+                top_p: r.top_p,
+                seed: r.seed,
+                step: 0,
+            },
+            max_new,
+            produced: 0,
+            ignore_eos: r.ignore_eos,
+            logits: r.logits,
+            detok: Detokenizer::new(),
+            stops: StopStrings::new(r.stop),
+            last: ans.received,
+            ans,
+        };
+        s.cancel = false;
+        if max_new == 0 {
+            let reply = SessionDecodeReply {
+                tokens: 0,
+                finish: FinishWire::Length,
+                context_tokens: s.tokens.len() as u32,
+                prompt_tokens,
+            };
+            state.ans.ok(&reply.to_meta(), &[]);
+            return Ok(());
+        }
+        s.work = Work::Decode(Box::new(state));
+        self.order.push_back(r.session);
+        Ok(())
+    }
+
+    pub(super) fn cancel(&mut self, ans: Answer, tenant: &TenantId, id: u64) -> Result<(), (Answer, Refusal)> {
+        let s = match self.lookup(tenant, id, &ans.conn) {
+            Ok(s) => s,
+            Err(e) => return Err((ans, e)),
+        };
+        if matches!(s.work, Work::Decode(_)) {
+            s.cancel = true;
+        }
+        ans.ok(&[], &[]);
+        Ok(())
+    }
+
+    pub(super) fn close(&mut self, ans: Answer, tenant: &TenantId, id: u64) -> Result<(), (Answer, Refusal)> {
+        if let Err(e) = self.lookup(tenant, id, &ans.conn) {
+            return Err((ans, e));
+        }
+        self.close_session(id, FinishWire::Cancelled);
+        ans.ok(&[], &[]);
+        Ok(())
+    }
+
+    pub(super) fn logits(&mut self, ans: Answer, model: &str, ids: &[u32]) -> Result<(), (Answer, Refusal)> {
+        let m = match self.model_index(model) {
+            Ok(m) => m,
+            Err(r) => return Err((ans, r)),
+        };
+        let lm = &mut self.models[m];
+        let vocab = lm.info.vocab as usize;
+        let bytes = ids.len() as u64 * vocab as u64 * 4;
+        let bad = if ids.is_empty() {
+            Some("no ids".to_owned())
+        } else if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(format!("token id {t} is outside the vocabulary of {vocab}"))
+        } else if ids.len() > lm.engine.max_context_tokens() {
+            Some(format!("prompt too long: {} tokens, the model holds {}", ids.len(), lm.engine.max_context_tokens()))
+        } else if bytes + 1024 > self.frame_bytes_max {
+            Some(format!("{bytes} bytes of logits exceed the frame limit {}", self.frame_bytes_max))
+        } else {
+            None
+        };
+        if let Some(msg) = bad {
+            return Err((ans, Refusal::new(Status::BadArgument, msg)));
+        }
+        let r = lm.engine.open_session().and_then(|sid| {
+            let r = lm.engine.prefill(sid, ids, true, &mut self.logits);
+            let closed = lm.engine.close_session(sid);
+            r.and(closed)
+        });
+        if let Err(e) = r {
+            return Err((ans, Refusal::new(model_status(&e), e.to_string())));
+        }
+        let meta = LogitsReply { rows: ids.len() as u32, vocab: vocab as u32 }.to_meta();
+        ans.ok(&meta, &[f32_bytes(&self.logits)]);
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! The engine loop: one thread per device owning every session and every model's engine.
+//!
+//! Modules, one concept each: [`session`] (a session's state and its work), [`answer`] (replies
+//! and refusals), [`jobs`] (turning requests into work), [`tokenize`] (input to token ids),
+//! [`schedule`] (forming and running a batched step), [`stream`] (token frames), [`lifecycle`]
+//! (ending work, leases, drain). This file holds the loop itself.
+//!
+//! Each iteration: take the queued jobs (open, prefill, decode, ... answered at once or turned
+//! into session work), end the work of closed connections and cancelled decodes, close sessions
+//! whose lease ran out, then for each model run ONE batched `Engine::step_sample` over every ready
+//! session's work in FCFS order — a decode step (one token) or a prefill chunk — within the step's
+//! token budget and the KV memory that fits now (`Engine::batch_fits`; sessions that do not fit
+//! wait their turn, idle ones are swapped out by the VMU, LRU). After the step it queues the token
+//! frames and replies. It parks on the queue's condvar only when no session can make progress.
+//!
+//! Session token invariant: `tokens` holds every token of the session; the KV cache holds
+//! `tokens[..kv]`. At rest `tokens.len() - kv ≤ 1`: the last token stays pending until a decode
+//! step feeds it and samples the next, so prefill never needs logits and a decode's first step
+//! computes the prompt's last position (time to first token = one step).
+//!
+//! The loop never sends on a connection: frames go to the connection's bounded outbound queue
+//! ([`super::outbound`]), drained by its own writer thread. A decode whose connection's queue is
+//! full is not stepped (paused; its KV stays and may be swapped out) until the writer drains it;
+//! a queue full with nothing sent for `conn_stall_timeout_ms` closes that connection, and its
+//! sessions keep their lease. Drain: no new jobs; running work may finish until the deadline,
+//! then what is left ends with `ShuttingDown`.
+
+mod answer;
+mod jobs;
+mod lifecycle;
+mod schedule;
+mod session;
+mod stream;
+mod tokenize;
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use djinn_backend::{Backend, SampleParams};
+use djinn_model::VmuError;
+use djinn_model::{Detokenizer, Engine, ModelError, StopStrings, TextTokenizer};
+use djinn_proto::msg::ErrorReply;
+use djinn_proto::session::{
+    DecodeFeed, FinishWire, LogitsReply, LogitsWire, PrefillInput, PrefillReply, SessionDecodeReply, SessionDecodeReq,
+    SessionInfoReply, SessionToken,
+};
+use djinn_proto::{FrameHeader, Meta, MetaWriter, Opcode, Status, FLAG_REPLY};
+
+use super::chat::Conversation;
+use super::outbound::{Outbound, PushError};
+use super::{ActiveGuard, ConnLink, Job, ModelInfo, Request, SessionService};
+use crate::auth::TenantId;
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+
+use answer::{kv_bytes, model_status, Answer, Refusal};
+use session::{DecodeState, Session, Work};
+use stream::f32_bytes;
+
+/// Longest the loop parks without a wake-up (a safety net: wake-ups come from the condvar).
+const PARK_MAX: Duration = Duration::from_secs(1);
+
+pub(crate) struct LoadedModel<B: Backend> {
+    pub info: ModelInfo,
+    pub engine: Engine<B>,
+    pub tok: Option<TextTokenizer>,
+    pub eos: Vec<u32>,
+}
+
+pub(crate) struct EngineLoop<B: Backend> {
+    svc: Arc<SessionService>,
+    models: Vec<LoadedModel<B>>,
+    sessions: HashMap<u64, Session>,
+    /// Sessions with work, in arrival order of that work (FCFS).
+    order: VecDeque<u64>,
+    max_sessions: usize,
+    /// Per-tenant quotas, checked where a session is opened.
+    quotas: Arc<crate::quota::Quotas>,
+    /// Sessions skipped by this iteration's steps because their connection's queue is full.
+    paused: usize,
+    lease: Duration,
+    frame_bytes_max: u64,
+    metrics: Metrics,
+    ids_key: std::collections::hash_map::RandomState,
+    ids_next: u64,
+    // Per-step buffers, reused (capacity set at start-up).
+    batch: Vec<(u64, usize)>,
+    fit: Vec<(djinn_model::SessionId, usize)>,
+    params: Vec<SampleParams>,
+    meta: Vec<u8>,
+    sampled: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+impl<B: Backend> EngineLoop<B> {
+    pub(crate) fn new(
+        svc: Arc<SessionService>,
+        models: Vec<LoadedModel<B>>,
+        cfg: &ServerConfig,
+        metrics: Metrics,
+    ) -> Self {
+        EngineLoop {
+            svc,
+            models,
+            sessions: HashMap::with_capacity(cfg.max_sessions),
+            order: VecDeque::with_capacity(cfg.max_sessions),
+            max_sessions: cfg.max_sessions,
+            quotas: crate::quota::Quotas::new(cfg),
+            paused: 0,
+            lease: Duration::from_secs(cfg.session_lease_s),
+            frame_bytes_max: cfg.frame_bytes_max,
+            metrics,
+            ids_key: std::collections::hash_map::RandomState::new(),
+            ids_next: 1,
+            batch: Vec::with_capacity(cfg.max_sessions),
+            fit: Vec::with_capacity(cfg.max_sessions),
+            params: Vec::with_capacity(cfg.max_sessions),
+            meta: Vec::with_capacity(256),
+            sampled: Vec::with_capacity(cfg.max_sessions),
+            logits: Vec::new(),
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        // Swapped with the queue's own deque each iteration: no allocation per step.
+        let mut jobs = VecDeque::with_capacity(self.svc.queue_max);
+        let mut progressed = true;
+        loop {
+            let drain = self.take_jobs(&mut jobs, !progressed);
+            // Jobs queued before the drain began were accepted: they are served like the rest.
+            while let Some(job) = jobs.pop_front() {
+                self.handle(job);
+            }
+            self.sweep();
+            if let Some(deadline) = drain {
+                if self.order.is_empty() || Instant::now() >= deadline {
+                    self.drain();
+                    self.svc.mark_stopped();
+                    return;
+                }
+            }
+            progressed = false;
+            self.paused = 0;
+            for m in 0..self.models.len() {
+                progressed |= self.step_model(m);
+            }
+            self.publish();
+        }
+    }
+
+    /// Takes every queued job into `into` (empty); parks first when no session can make
+    /// progress (none has work, or all wait for their connections to drain). Returns the drain
+    /// deadline once the server drains.
+    fn take_jobs(&mut self, into: &mut VecDeque<Job>, stalled: bool) -> Option<Instant> {
+        let idle = self.order.is_empty() || stalled;
+        let deadline = self.next_deadline();
+        let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let drained = q.drain_deadline.is_some() && self.order.is_empty();
+        if idle && q.jobs.is_empty() && !q.kicked && !drained {
+            let deadline = match (deadline, q.drain_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = deadline.map_or(PARK_MAX, |d| d.saturating_duration_since(Instant::now()).min(PARK_MAX));
+            q = self.svc.wake.wait_timeout(q, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        q.kicked = false;
+        self.metrics.session_queue_depth.set(q.jobs.len() as i64);
+        std::mem::swap(&mut q.jobs, into);
+        q.drain_deadline
+    }
+
+    /// The next time the loop must look without a wake-up: a lease ends, or a paused
+    /// connection counts as stalled.
+    fn next_deadline(&self) -> Option<Instant> {
+        let lease = self.sessions.values().filter_map(|s| s.detached_at.map(|t| t + self.lease));
+        let stall = self.sessions.values().filter_map(|s| match &s.work {
+            Work::Decode(d) => d.ans.conn.out.stall_deadline(),
+            _ => None,
+        });
+        lease.chain(stall).min()
+    }
+
+    /// Tokens the whole KV capacity of model `m` holds (every block, one sequence).
+    fn kv_capacity_tokens(&self, m: usize) -> usize {
+        let e = &self.models[m].engine;
+        e.vmu().stats().kv_blocks_total * e.model().block_tokens()
+    }
+
+    fn new_id(&mut self) -> u64 {
+        loop {
+            let mut h = self.ids_key.build_hasher();
+            h.write_u64(self.ids_next);
+            self.ids_next += 1;
+            let id = h.finish();
+            if id != 0 && !self.sessions.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The tenant's session `id`, now attached to `conn` as well (any request on a session
+    /// attaches the connection it came on; the lease starts only when every attached connection
+    /// is gone, so no connection's exit closes a session another still uses).
+    fn lookup(&mut self, tenant: &TenantId, id: u64, conn: &Arc<ConnLink>) -> Result<&mut Session, Refusal> {
+        match self.sessions.get_mut(&id) {
+            Some(s) if &s.tenant == tenant => {
+                if !s.conns.iter().any(|c| Arc::ptr_eq(c, conn)) {
+                    s.conns.retain(|c| c.is_alive());
+                    s.conns.push(conn.clone());
+                }
+                s.detached_at = None;
+                Ok(s)
+            }
+            // Another tenant's session reads exactly like a missing one.
+            _ => Err(Refusal::new(Status::UnknownSession, format!("no session {id:#x}"))),
+        }
+    }
+
+    fn info(&self, id: u64) -> SessionInfoReply {
+        let s = &self.sessions[&id];
+        let m = &self.models[s.model].info;
+        SessionInfoReply {
+            session: id,
+            context_tokens: s.tokens.len() as u32,
+            max_tokens: s.max_tokens as u32,
+            vocab: m.vocab,
+            eos_ids: m.eos_ids.clone(),
+            has_tokenizer: m.has_tokenizer,
+            has_chat_template: m.has_chat_template,
+        }
+    }
+
+    /// [`Self::lookup`] of a session that must be idle to take new work (else `Busy`).
+    fn lookup_idle(&mut self, tenant: &TenantId, id: u64, conn: &Arc<ConnLink>) -> Result<&mut Session, Refusal> {
+        let s = self.lookup(tenant, id, conn)?;
+        if s.has_work() {
+            return Err(Refusal::new(Status::Busy, "the session is still serving an earlier request"));
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,166 @@
+//! Scheduling: one batch per model per iteration, first come first served within the step's token
+//! budget and the KV memory that fits now; decodes whose connection cannot take more frames wait
+//! (paused). A failed step changed no session (the engine rolls back), so the oldest is retried
+//! alone.
+
+use super::*;
+
+impl<B: Backend> EngineLoop<B> {
+    /// Picks this model's batch: FCFS over sessions with work, within the step's token and
+    /// sequence budgets and the KV memory that fits now.
+    pub(super) fn form_batch(
+        &self,
+        m: usize,
+        batch: &mut Vec<(u64, usize)>,
+        fit: &mut Vec<(djinn_model::SessionId, usize)>,
+        paused: &mut usize,
+    ) -> Option<u64> {
+        let eng = &self.models[m].engine;
+        let mut tokens_left = eng.max_step_tokens();
+        let seqs_max = self.max_sessions;
+        batch.clear();
+        fit.clear();
+        let mut first_refused = None;
+        for &id in &self.order {
+            let s = &self.sessions[&id];
+            if s.model != m || batch.len() >= seqs_max || tokens_left == 0 {
+                continue;
+            }
+            let n = match &s.work {
+                Work::Idle => continue,
+                // Its client does not read fast enough: not stepped (its KV stays, and may be
+                // swapped out) until its queue drains.
+                Work::Decode(d) if d.ans.conn.out.is_full() => {
+                    *paused += 1;
+                    continue;
+                }
+                Work::Feed { .. } => (s.tokens.len() - 1 - s.kv).min(tokens_left),
+                // Everything not fed yet: the decode's own input (chunked by the step's budget),
+                // else the one pending token.
+                Work::Decode(_) => (s.tokens.len() - s.kv).min(tokens_left),
+            };
+            fit.push((s.vs, n));
+            if !eng.batch_fits(fit) {
+                fit.pop();
+                first_refused.get_or_insert(id);
+                continue;
+            }
+            batch.push((id, n));
+            tokens_left -= n;
+        }
+        if batch.is_empty() {
+            // Not even alone: the memory is committed to sessions that cannot move.
+            return first_refused;
+        }
+        None
+    }
+
+    /// Forms and runs one step of model `m`; returns whether anything changed.
+    pub(super) fn step_model(&mut self, m: usize) -> bool {
+        let (mut batch, mut fit) = (std::mem::take(&mut self.batch), std::mem::take(&mut self.fit));
+        let mut paused = 0;
+        let stuck = self.form_batch(m, &mut batch, &mut fit, &mut paused);
+        self.paused += paused;
+        self.fit = fit;
+        let progressed = if let Some(stuck) = stuck {
+            // Known limit: without preemption by recomputation, a session that cannot fit while
+            // every block is held by sessions that cannot move (host swap pool full) fails.
+            let st = self.models[m].engine.vmu().stats();
+            let msg = format!(
+                "out of KV memory: {} of {} device blocks and {} of {} host swap blocks free, all held by other \
+                 sessions (--kv-capacity-mb, --host-swap-mb)",
+                st.kv_blocks_free, st.kv_blocks_total, st.host_blocks_free, st.host_blocks_total
+            );
+            tracing::warn!(session = stuck, "{msg}");
+            self.end_work(stuck, Err((Status::OutOfMemory, &msg)), FinishWire::Cancelled);
+            true
+        } else if !batch.is_empty() {
+            self.step_batch(m, &mut batch);
+            true
+        } else {
+            false
+        };
+        self.batch = batch;
+        progressed
+    }
+
+    /// Runs one formed batch and hands out its results.
+    pub(super) fn step_batch(&mut self, m: usize, batch: &mut Vec<(u64, usize)>) {
+        let mut r = self.run_step(m, batch);
+        if r.is_err() && batch.len() > 1 {
+            // A failed step changed no session (the engine rolls back every session's growth):
+            // retry the oldest alone, so one session's failure does not stop the others.
+            batch.truncate(1);
+            r = self.run_step(m, batch);
+        }
+        if let Err(e) = r {
+            let id = batch[0].0;
+            let status = model_status(&e);
+            tracing::warn!(session = id, error = %e, "engine step failed");
+            let s = &self.sessions[&id];
+            let consistent = self.models[m].engine.session_tokens(s.vs).is_ok_and(|t| t == s.kv);
+            self.end_work(id, Err((status, &e.to_string())), FinishWire::Cancelled);
+            if !consistent {
+                // The KV no longer matches the tokens: the session cannot continue.
+                self.close_session(id, FinishWire::Cancelled);
+            }
+            return;
+        }
+        self.metrics.engine_steps_total.inc();
+        self.metrics.engine_batch_sessions.observe(batch.len() as f64);
+        let vocab = self.models[m].info.vocab as usize;
+        // Out of `self` while tokens are handed out (they borrow rows of it); put back after.
+        let logits = std::mem::take(&mut self.logits);
+        for (i, &(id, n)) in batch.iter().enumerate() {
+            let s = self.sessions.get_mut(&id).expect("batched sessions exist");
+            s.kv += n;
+            match &s.work {
+                Work::Feed { .. } => {
+                    if s.kv + 1 >= s.tokens.len() {
+                        let Work::Feed { ans, added, .. } = std::mem::replace(&mut s.work, Work::Idle) else {
+                            unreachable!()
+                        };
+                        let r = PrefillReply { prompt_tokens: added, context_tokens: s.tokens.len() as u32 };
+                        ans.ok(&r.to_meta(), &[]);
+                        self.order.retain(|&o| o != id);
+                    }
+                }
+                // A chunk of the decode's input that leaves more to feed samples nothing yet.
+                Work::Decode(_) if s.kv < s.tokens.len() => {}
+                Work::Decode(_) => {
+                    let t = self.sampled[i];
+                    self.on_token(m, id, t, logits.get(i * vocab..(i + 1) * vocab));
+                }
+                Work::Idle => {}
+            }
+        }
+        self.logits = logits;
+    }
+
+    /// One batched forward over `batch` (session, new tokens) on model `m`.
+    pub(super) fn run_step(&mut self, m: usize, batch: &[(u64, usize)]) -> Result<(), ModelError> {
+        let mut seqs = Vec::with_capacity(batch.len());
+        let params = &mut self.params;
+        params.clear();
+        let mut want_logits = false;
+        let greedy = SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, step: 0 };
+        for &(id, n) in batch {
+            let s = &self.sessions[&id];
+            seqs.push((s.vs, &s.tokens[s.kv..s.kv + n]));
+            params.push(match &s.work {
+                Work::Decode(d) => {
+                    want_logits |= d.logits != LogitsWire::None;
+                    SampleParams { step: d.produced as u64, ..d.params }
+                }
+                _ => greedy,
+            });
+        }
+        let eng = &mut self.models[m].engine;
+        self.logits.clear();
+        if want_logits {
+            eng.step_sample_logits(&seqs, params, &mut self.sampled, &mut self.logits)
+        } else {
+            eng.step_sample(&seqs, params, &mut self.sampled)
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! A session as the loop holds it: its tokens and how many are in the KV, its conversation, the
+//! connections attached to it, its lease, and its current work (idle, a feed, or a decode).
+
+use super::*;
+
+/// A running decode.
+pub(super) struct DecodeState {
+    pub(super) ans: Answer,
+    /// Tokens the decode's own input added, and the session's length before it (undone when the
+    /// decode fails before anything of it was fed).
+    pub(super) prompt_tokens: u32,
+    pub(super) base: usize,
+    /// The input was a chat turn (recorded in the conversation).
+    pub(super) turn: bool,
+    pub(super) params: SampleParams,
+    pub(super) max_new: u32,
+    pub(super) produced: u32,
+    pub(super) ignore_eos: bool,
+    pub(super) logits: LogitsWire,
+    pub(super) detok: Detokenizer,
+    pub(super) stops: StopStrings,
+    pub(super) last: Instant,
+}
+
+pub(super) enum Work {
+    Idle,
+    /// Feeding `tokens[kv..len-1]`; `base` = length before the request (undo on failure).
+    Feed {
+        ans: Answer,
+        added: u32,
+        base: usize,
+    },
+    Decode(Box<DecodeState>),
+}
+
+pub(super) struct Session {
+    pub(super) tenant: TenantId,
+    pub(super) model: usize,
+    pub(super) vs: djinn_model::SessionId,
+    pub(super) max_tokens: usize,
+    pub(super) tokens: Vec<u32>,
+    pub(super) kv: usize,
+    pub(super) conv: Conversation,
+    /// Every connection that opened, attached to or made a request on the session and is still
+    /// open (at most one entry per connection): the session's lease starts only when all are gone.
+    pub(super) conns: Vec<Arc<ConnLink>>,
+    pub(super) detached_at: Option<Instant>,
+    pub(super) work: Work,
+    pub(super) cancel: bool,
+    /// The tenant's quota this session holds (sessions_max, kv_bytes_max); given back on drop.
+    pub(super) _quota: crate::quota::Ticket,
+}
+
+impl Session {
+    pub(super) fn has_work(&self) -> bool {
+        !matches!(self.work, Work::Idle)
+    }
+
+    /// Whether whoever waits for the current work can still hear of it.
+    pub(super) fn work_heard(&self) -> bool {
+        match &self.work {
+            Work::Idle => true,
+            Work::Feed { ans, .. } => ans.conn.is_alive(),
+            Work::Decode(d) => d.ans.conn.is_alive(),
+        }
+    }
+}
