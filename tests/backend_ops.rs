@@ -12,8 +12,11 @@
 //! operand is stored as f16 or bf16. Integer results (argmax, sampling, ids) and byte moves
 //! (block copies, gather/scatter, copies) must match exactly.
 //!
-//! Inputs are random (fixed seeds per case, printed on failure) with odd sizes, GQA ratios 1/4/8,
-//! contexts that cross block boundaries, and every storage dtype.
+//! Inputs are random (fixed seeds per case, printed on failure) with odd sizes, GQA groups 1–8,
+//! head dims 64–256, contexts that cross block boundaries and pass 4096, mixed decode/prefill
+//! steps, real vocabulary sizes with absurd `top_k`, and every storage dtype. On CUDA the
+//! attention cases also check which kernels ran (decode rows of a mixed step take the decode
+//! kernel).
 
 mod gpu;
 
@@ -21,6 +24,8 @@ use std::sync::Arc;
 
 use djinn_backend::backend::sample_uniform;
 use djinn_backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+use djinn_backend::cuda::{AttnDispatch, PrefillRows};
 use djinn_backend::{
     AttnBatch, Backend, BackendError, BinaryOp, DType, GemmArgs, HostBuf, KvCacheRef, KvLayout, RegionInfo,
     SampleParams, UnaryOp, View,
@@ -213,6 +218,13 @@ macro_rules! expect {
     }};
 }
 
+/// `check_dispatch` where the CUDA backend is built (its types exist only there).
+macro_rules! expect_dispatch {
+    ($be:expr, $what:expr, $ok:expr) => {
+        #[cfg(feature = "cuda")]
+        check_dispatch($be, $what, $ok)?;
+    };
+}
 // ---- memory -------------------------------------------------------------------------------------
 
 fn memory<B: Backend>(be: &B, _want: Want) -> R {
@@ -936,7 +948,8 @@ fn attn_case(
 ) -> AttnIn {
     let l = layout(kvh, hd, bt, dt);
     let max_blocks = seqs.iter().map(|(ctx, _)| ctx.div_ceil(bt)).max().unwrap_or(0) + 1;
-    let blocks = seqs.len() * max_blocks + 2;
+    // Exactly the blocks the contexts need (plus two never named), shuffled.
+    let blocks = seqs.iter().map(|(ctx, _)| ctx.div_ceil(bt)).sum::<usize>() + 2;
     let mut ids: Vec<i32> = (0..blocks as i32).collect();
     for j in (1..ids.len()).rev() {
         ids.swap(j, rng.below(j + 1));
@@ -1006,12 +1019,70 @@ fn attention_test<B: Backend>(be: &B, want: Want) -> R {
     let i = attn_case(&mut rng, DType::BF16, 2, 4, 128, 16, &[(300, 1), (17, 1), (129, 1), (64, 1)]);
     let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
     close(&got, &wanted, tol(&[DType::BF16]), "attention long decode batch")?;
+    // A mixed step (decode rows next to a prefill chunk): decode rows take the decode kernel.
+    let i = attn_case(&mut rng, DType::F16, 2, 4, 64, 16, &[(40, 1), (33, 5), (17, 1)]);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::F16, i.q_dt, i.out_dt]), "attention mixed step")?;
+    expect_dispatch!(be, "mixed step", |d| d.decode.is_some() && d.prefill == Some(PrefillRows::MultiRow));
     // A block id outside the cache is a typed error.
     let mut bad = attn_case(&mut rng, DType::F32, 1, 1, 8, 4, &[(5, 1)]);
     bad.tables[1] = bad.blocks as i32;
     if run_attn(be, &bad).is_ok() {
         return Err("attention accepted a block id past the cache".into());
     }
+    Ok(())
+}
+
+/// On the CUDA backend, checks which kernels the calling thread's last attention call used (the
+/// dispatch is host-side logic, unit-tested in `cuda/dispatch.rs`; this checks it end to end).
+/// Other backends have one attention path: nothing to check.
+#[cfg(feature = "cuda")]
+fn check_dispatch<B: Backend>(be: &B, what: &str, ok: impl Fn(&AttnDispatch) -> bool) -> R {
+    if let Some(c) = (be as &dyn std::any::Any).downcast_ref::<djinn_backend::cuda::CudaBackend>() {
+        let d = c.last_attention().ok_or_else(|| format!("{what}: no attention dispatch recorded"))?;
+        if !ok(&d) {
+            return Err(format!("{what}: attention used {d:?}").into());
+        }
+    }
+    Ok(())
+}
+
+/// The shapes real models have: GQA groups 1–8 (Qwen2.5-7B has 7), head dims 64–256, contexts
+/// past 4096 (forced split-K partitions), and a batch whose partials overflow the workspace
+/// (fewer, longer partitions). Every case is a mixed step or a long decode batch.
+fn attention_shapes_test<B: Backend>(be: &B, want: Want) -> R {
+    let mut rng = Rng::new(21);
+    for group in 1..=8 {
+        for hd in [64, 80, 96, 128, 256] {
+            let dt = FLOATS[(group + hd) % 3];
+            let i = attn_case(&mut rng, dt, 2, group, hd, 16, &[(40, 1), (33, 5), (17, 1)]);
+            let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+            let what = format!("attention {dt} q={} out={} group={group} hd={hd}", i.q_dt, i.out_dt);
+            close(&got, &wanted, tol(&[dt, i.q_dt, i.out_dt]), &what)?;
+            // f32 caches at head_dim 256 need 64 lanes of 16 bytes: the general kernel's case.
+            expect_dispatch!(be, &what, |d| d.decode.is_some() == !(dt == DType::F32 && hd == 256));
+        }
+    }
+    // Contexts past 4096: at least two partitions per sequence.
+    let seqs = [(5000, 1), (4097, 1), (9000, 1), (300, 1)];
+    let i = attn_case(&mut rng, DType::BF16, 1, 7, 128, 16, &seqs);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::BF16, i.q_dt, i.out_dt]), "attention decode past 4096")?;
+    expect_dispatch!(be, "decode past 4096", |d| d.decode.is_some_and(|p| p.parts >= 3));
+    // A long context in a mixed step.
+    let i = attn_case(&mut rng, DType::F16, 1, 6, 128, 16, &[(9000, 1), (4200, 8)]);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::F16, i.q_dt, i.out_dt]), "attention mixed past 4096")?;
+    expect_dispatch!(be, "mixed past 4096", |d| d.decode.is_some() && d.prefill == Some(PrefillRows::MultiRow));
+    // 4000 decode rows × 8 heads next to a 12289-token context: four 4096-token partitions'
+    // partials (4 × 4000 × 8 × 66 f32 = 34 MB) overflow the 32 MiB workspace, so the plan takes
+    // three longer ones.
+    let mut seqs: Vec<(usize, usize)> = (0..3999).map(|j| (1 + j % 20, 1)).collect();
+    seqs.push((3 * 4096 + 1, 1));
+    let i = attn_case(&mut rng, DType::F16, 1, 8, 64, 16, &seqs);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::F16, i.q_dt, i.out_dt]), "attention workspace-limited decode")?;
+    expect_dispatch!(be, "workspace-limited decode", |d| d.decode.is_some_and(|p| p.part_tokens > 4096));
     Ok(())
 }
 
@@ -1129,6 +1200,7 @@ fn ref_sample_row(row: &[f32], p: &SampleParams) -> i32 {
     let mut cand: Vec<usize> = (0..row.len()).collect();
     cand.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
     if p.top_k > 0 {
+        // usize: any u32 top_k, up to u32::MAX, is a plain cut (a no-op past the vocabulary).
         cand.truncate(p.top_k as usize);
     }
     let max = row[cand[0]];
@@ -1219,6 +1291,30 @@ fn sample_test<B: Backend>(be: &B, want: Want) -> R {
     Ok(())
 }
 
+/// Real vocabulary sizes (Llama-2 32k, Llama-3 128k, Qwen2.5 152k) with `top_k` around the
+/// vocabulary and absurd (2^31, u32::MAX: a request field no server may trust). Every backend
+/// clamps `top_k` to the vocabulary, so these draw exactly what `top_k` = 0 draws.
+fn sample_vocab_test<B: Backend>(be: &B, want: Want) -> R {
+    let mut rng = Rng::new(15);
+    for (vocab, dt) in [(32_000, DType::F32), (128_256, DType::BF16), (152_064, DType::F16)] {
+        let v = vocab as u32;
+        let top_ks = [0, 50, v - 1, v, v + 1, 1 << 31, u32::MAX];
+        let logits = rng.vec(vocab, 4.0).repeat(top_ks.len());
+        let seed = rng.next();
+        let params: Vec<SampleParams> =
+            top_ks.iter().map(|&top_k| SampleParams { temperature: 0.8, top_k, top_p: 1.0, seed, step: 3 }).collect();
+        let i = SampleIn { dt, logits, vocab, params };
+        let ((ga, gs), (wa, ws)) = expect!(be, want, &i, run_sample, ref_sample(&i));
+        exact(&ga, &wa, &format!("argmax {dt} vocab={vocab}"))?;
+        exact(&gs, &ws, &format!("sample {dt} vocab={vocab} top_k={top_ks:?}"))?;
+        // Same row, same draw: every cut at or past the vocabulary equals no cut.
+        if let Some(j) = (3..top_ks.len()).find(|&j| gs[j] != gs[0]) {
+            return Err(format!("vocab {vocab}: top_k {} drew {}, top_k 0 drew {}", top_ks[j], gs[j], gs[0]).into());
+        }
+    }
+    Ok(())
+}
+
 // ---- harness ----------------------------------------------------------------------------------
 
 type Body<B> = fn(&B, Want) -> R;
@@ -1237,8 +1333,10 @@ fn bodies<B: Backend>() -> Vec<(&'static str, Body<B>)> {
         ("rope", rope_test::<B>),
         ("kv_append", kv_append_test::<B>),
         ("attention", attention_test::<B>),
+        ("attention_shapes", attention_shapes_test::<B>),
         ("blocks", blocks_test::<B>),
         ("sample", sample_test::<B>),
+        ("sample_vocab", sample_vocab_test::<B>),
     ]
 }
 
