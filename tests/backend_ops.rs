@@ -307,6 +307,71 @@ fn memory<B: Backend>(be: &B, _want: Want) -> R {
     Ok(())
 }
 
+/// Every op refuses an output that partially overlaps one of its inputs (or the KV cache it
+/// reads), with a typed `Overlap`, on every backend: the rule is checked once, in
+/// `djinn_backend::validate`, which both backends call before anything else. Shapes and dtypes
+/// in each case are valid, so the overlap is the only fault.
+fn overlap_test<B: Backend>(be: &B, _want: Want) -> R {
+    let r = be.reserve(1 << 20).map_err(fail)?;
+    let s = be.default_stream();
+    let f = |off: usize, len| View::<B>::new(&r, off, DType::F32, len);
+    let i = |off: usize, len| View::<B>::new(&r, off, DType::I32, len);
+    // Valid index values where an op might read them: zeros (block 0, token 0, slot 0).
+    be.write(&r, 0, &vec![0u8; 1 << 20]).map_err(fail)?;
+    let l = layout(1, 8, 4, DType::F32);
+    let cache = KvCacheRef { region: &r, offset: 0, num_blocks: 4, layout: l }; // 4 × 256 B
+    let batch = AttnBatch {
+        seqs: 1,
+        q_start: i(8192, 2),
+        ctx_lens: i(8200, 1),
+        block_tables: i(12288, 1),
+        max_blocks_per_seq: 1,
+        max_q_len: 1,
+        max_ctx_len: 1,
+    };
+    let mut cases: Vec<(&str, djinn_backend::error::Result<()>)> = vec![
+        ("gemm c over a", be.gemm(s, f(4096, 16), f(8192, 16), f(4096 + 8, 16), &GemmArgs::linear(4, 4, 4))),
+        ("binary", be.binary(s, BinaryOp::Mul, f(4096, 64), f(8192, 64), f(4096 + 4, 64))),
+        ("unary", be.unary(s, UnaryOp::Exp, f(4096, 64), f(4096 + 4, 64))),
+        ("cast", be.cast(s, f(4096, 64), View::new(&r, 4096 + 64, DType::F16, 64))),
+        ("silu_mul", be.silu_mul(s, f(4096, 64), f(8192, 64), f(8192 + 8, 64))),
+        ("softmax", be.softmax(s, f(4096, 64), f(4096 + 4, 64), 16)),
+        ("embedding out over table", be.embedding(s, f(4096, 64), i(16384, 2), f(4096 + 128, 16), 8)),
+        ("embedding out over ids", be.embedding(s, f(4096, 64), i(16384, 2), f(16384 - 8, 16), 8)),
+        (
+            "rms_norm residual over weight",
+            be.rms_norm(s, f(4096, 16), Some(f(8192, 16)), f(8192 + 32, 8), f(12288, 16), 8, 1e-5),
+        ),
+        ("rope x over positions", be.rope(s, f(4096, 16), i(4096 + 32, 2), f(16384, 4), 1, 8)),
+        ("kv_append k in the cache", be.kv_append(s, f(512, 8), f(4096, 8), &cache, 0, i(16384, 1))),
+        ("kv_append slots in the cache", be.kv_append(s, f(4096, 8), f(8192, 8), &cache, 0, i(256, 1))),
+        ("attention out over the tables", be.attention(s, f(4096, 8), &cache, 0, &batch, f(12288 - 4, 8), 1, 0.3)),
+        ("attention out in the cache", be.attention(s, f(4096, 8), &cache, 0, &batch, f(512, 8), 1, 0.3)),
+        ("copy_blocks pairs in the cache", be.copy_blocks(s, &cache, i(256, 2))),
+        ("gather staging over the cache", be.gather_blocks(s, &cache, i(16384, 1), View::new(&r, 768, DType::U8, 256))),
+        ("scatter ids in the cache", be.scatter_blocks(s, View::new(&r, 20480, DType::U8, 256), &cache, i(128, 1))),
+        ("argmax", be.argmax(s, f(4096, 64), i(4096 + 16, 2), 32)),
+        (
+            "sample",
+            be.sample(
+                s,
+                f(4096, 64),
+                i(4096 + 16, 2),
+                32,
+                &[SampleParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1, step: 0 }; 2],
+            ),
+        ),
+    ];
+    // Exactly in place is allowed where the op says so (and a plain no-op for cast).
+    cases.retain(|(_, r)| !matches!(r, Err(BackendError::Overlap { .. })));
+    if let Some((what, got)) = cases.first() {
+        return Err(format!("{what}: expected Overlap, got {got:?}").into());
+    }
+    be.binary(s, BinaryOp::Add, f(4096, 64), f(8192, 64), f(4096, 64)).map_err(fail)?;
+    be.cast(s, f(4096, 64), f(4096, 64)).map_err(fail)?;
+    be.sync_stream(s).map_err(fail)
+}
+
 // ---- gemm -----------------------------------------------------------------------------------------
 
 struct GemmIn {
@@ -1322,6 +1387,7 @@ type Body<B> = fn(&B, Want) -> R;
 fn bodies<B: Backend>() -> Vec<(&'static str, Body<B>)> {
     vec![
         ("memory", memory::<B>),
+        ("overlap", overlap_test::<B>),
         ("gemm", gemm_test::<B>),
         ("binary", binary_test::<B>),
         ("unary", unary_test::<B>),

@@ -12,6 +12,7 @@ use super::dispatch::{decode_plan, dispatch, AttnShape, DecodePlan, GRID_Y_MAX};
 use super::{kargs, CudaBackend, Region, Stream};
 use crate::backend::{AttnBatch, BinaryOp, GemmArgs, KvCacheRef, SampleParams, UnaryOp, View};
 use crate::error::{BackendError, Result};
+use crate::validate;
 use crate::DType;
 
 type V<'a> = View<'a, CudaBackend>;
@@ -48,15 +49,6 @@ fn code(op: &'static str, operand: &'static str, v: &V, int_ok: bool) -> Result<
     }
 }
 
-/// `out` may be exactly `input` (elementwise in place) but must not partially overlap it.
-fn same_or_disjoint(op: &'static str, operand: &'static str, out: &V, input: &V) -> Result<()> {
-    if out.region.ptr == input.region.ptr && out.offset == input.offset && out.bytes() == input.bytes() {
-        Ok(())
-    } else {
-        disjoint(op, operand, out, input)
-    }
-}
-
 fn want(op: &'static str, operand: &'static str, v: &V, dt: DType) -> Result<()> {
     if v.dtype == dt {
         Ok(())
@@ -82,17 +74,6 @@ fn range_ptr(op: &'static str, operand: &'static str, region: &Region, offset: u
     match offset.checked_add(bytes) {
         Some(end) if end <= region.len => Ok(region.ptr + offset as u64),
         _ => Err(BackendError::OutOfBounds { op, operand, offset, bytes, region_bytes: region.len }),
-    }
-}
-
-fn disjoint(op: &'static str, operand: &'static str, out: &V, input: &V) -> Result<()> {
-    let same = out.region.ptr == input.region.ptr;
-    let (a0, a1) = (out.offset, out.offset + out.bytes());
-    let (b0, b1) = (input.offset, input.offset + input.bytes());
-    if same && a0 < b1 && b0 < a1 {
-        Err(BackendError::Overlap { op, operand })
-    } else {
-        Ok(())
     }
 }
 
@@ -162,8 +143,7 @@ impl CudaBackend {
         shape(OP, need(stride_b, n * k).is_some_and(|x| x <= b.len), || format!("b holds {} < needed", b.len))?;
         shape(OP, need(stride_c, m * n).is_some_and(|x| x <= c.len), || format!("c holds {} < needed", c.len))?;
         let (pa, pb, pc) = (dptr(OP, "a", &a)?, dptr(OP, "b", &b)?, dptr(OP, "c", &c)?);
-        disjoint(OP, "a", &c, &a)?;
-        disjoint(OP, "b", &c, &b)?;
+        validate::gemm(&a, &b, &c)?;
         let (mi, ni, ki) = (i32_arg(OP, "m", m)?, i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
         let batch_i = i32_arg(OP, "batch", batch)?;
         let ty = |d: DType| match d {
@@ -268,8 +248,7 @@ impl CudaBackend {
             format!("b ({}) neither matches nor divides a ({})", b.len, a.len)
         })?;
         let (pa, pb, po) = (dptr(OP, "a", &a)?, dptr(OP, "b", &b)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "a", &out, &a)?;
-        same_or_disjoint(OP, "b", &out, &b)?;
+        validate::binary(OP, ["a", "b"], &a, &b, &out)?;
         if a.len == 0 {
             return Ok(());
         }
@@ -292,7 +271,7 @@ impl CudaBackend {
         let (cx, co) = (code(OP, "x", &x, false)?, code(OP, "out", &out, false)?);
         shape(OP, out.len == x.len, || format!("out has {} elements, x has {}", out.len, x.len))?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "x", &out, &x)?;
+        validate::unary(OP, &x, &out)?;
         if x.len == 0 {
             return Ok(());
         }
@@ -314,8 +293,9 @@ impl CudaBackend {
         let (cx, co) = (code(OP, "x", &x, true)?, code(OP, "out", &out, true)?);
         shape(OP, out.len == x.len, || format!("out has {} elements, x has {}", out.len, x.len))?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "x", &out, &x)?;
-        if x.len == 0 {
+        validate::unary(OP, &x, &out)?;
+        // Exactly in place (the only overlap `validate` lets through): nothing to convert.
+        if x.len == 0 || (std::ptr::eq(x.region, out.region) && x.offset == out.offset) {
             return Ok(());
         }
         self.bind()?;
@@ -338,8 +318,7 @@ impl CudaBackend {
             format!("gate {}, up {}, out {} elements", gate.len, up.len, out.len)
         })?;
         let (pg, pu, po) = (dptr(OP, "gate", &gate)?, dptr(OP, "up", &up)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "gate", &out, &gate)?;
-        same_or_disjoint(OP, "up", &out, &up)?;
+        validate::binary(OP, ["gate", "up"], &gate, &up, &out)?;
         if gate.len == 0 {
             return Ok(());
         }
@@ -357,7 +336,7 @@ impl CudaBackend {
             format!("x {} / out {} elements with {cols} columns", x.len, out.len)
         })?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "x", &out, &x)?;
+        validate::unary(OP, &x, &out)?;
         let rows = x.len / cols;
         if rows == 0 {
             return Ok(());
@@ -379,8 +358,7 @@ impl CudaBackend {
         })?;
         shape(OP, out.len == ids.len * hidden, || format!("out {} != ids {} × {hidden}", out.len, ids.len))?;
         let (pt, pi, po) = (dptr(OP, "table", &table)?, dptr(OP, "ids", &ids)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "table", &out, &table)?;
-        disjoint(OP, "ids", &out, &ids)?;
+        validate::embedding(&table, &ids, &out)?;
         if ids.len == 0 {
             return Ok(());
         }
@@ -413,15 +391,11 @@ impl CudaBackend {
         })?;
         let (px, pw, po) = (dptr(OP, "x", &x)?, dptr(OP, "weight", &weight)?, dptr(OP, "out", &out)?);
         // In place (out == x) is allowed: each row is read before it is written.
-        same_or_disjoint(OP, "x", &out, &x)?;
-        disjoint(OP, "weight", &out, &weight)?;
+        validate::rms_norm(&x, residual.as_ref(), &weight, &out)?;
         let (pr, cr) = match &residual {
             Some(r) => {
                 let cr = code(OP, "residual", r, false)?;
                 shape(OP, r.len == x.len, || format!("residual {} != x {}", r.len, x.len))?;
-                disjoint(OP, "residual", &out, r)?;
-                disjoint(OP, "residual", r, &x)?;
-                disjoint(OP, "residual", r, &weight)?;
                 (dptr(OP, "residual", r)?, cr)
             }
             None => (0u64, 0),
@@ -457,8 +431,7 @@ impl CudaBackend {
         })?;
         shape(OP, inv_freq.len >= head_dim / 2, || format!("inv_freq {} < {}", inv_freq.len, head_dim / 2))?;
         let (px, pp, pf) = (dptr(OP, "x", &x)?, dptr(OP, "positions", &positions)?, dptr(OP, "inv_freq", &inv_freq)?);
-        disjoint(OP, "positions", &x, &positions)?;
-        disjoint(OP, "inv_freq", &x, &inv_freq)?;
+        validate::rope(&x, &positions, &inv_freq)?;
         if positions.len == 0 {
             return Ok(());
         }
@@ -480,6 +453,7 @@ impl CudaBackend {
         slots: V,
     ) -> Result<()> {
         const OP: &str = "kv_append";
+        validate::kv_append(&k, &v, cache, &slots)?;
         let l = cache.layout;
         let di = match l.dtype {
             DType::F32 => 0,
@@ -566,7 +540,7 @@ impl CudaBackend {
         let pqs = dptr(OP, "q_start", &batch.q_start)?;
         let pcl = dptr(OP, "ctx_lens", &batch.ctx_lens)?;
         let pbt = dptr(OP, "block_tables", &batch.block_tables)?;
-        disjoint(OP, "q", &out, &q)?;
+        validate::attention(&q, cache, batch, &out)?;
         if seqs == 0 || rows == 0 || batch.max_ctx_len == 0 {
             return Ok(());
         }
@@ -755,6 +729,7 @@ impl CudaBackend {
 
     pub(super) fn copy_blocks_impl(&self, s: &Stream, cache: &KvCacheRef<Self>, pairs: V) -> Result<()> {
         const OP: &str = "copy_blocks";
+        validate::copy_blocks(cache, &pairs)?;
         want(OP, "pairs", &pairs, DType::I32)?;
         shape(OP, pairs.len.is_multiple_of(2), || format!("pairs has {} elements (odd)", pairs.len))?;
         let pc = cache_ptr(OP, cache)?;
@@ -769,6 +744,7 @@ impl CudaBackend {
 
     pub(super) fn gather_blocks_impl(&self, s: &Stream, cache: &KvCacheRef<Self>, ids: V, staging: V) -> Result<()> {
         const OP: &str = "gather_blocks";
+        validate::move_blocks(OP, true, cache, &ids, &staging)?;
         want(OP, "ids", &ids, DType::I32)?;
         let bb = cache.layout.block_bytes();
         shape(OP, staging.bytes() >= ids.len * bb, || format!("staging {} B < {} blocks", staging.bytes(), ids.len))?;
@@ -782,6 +758,7 @@ impl CudaBackend {
 
     pub(super) fn scatter_blocks_impl(&self, s: &Stream, staging: V, cache: &KvCacheRef<Self>, ids: V) -> Result<()> {
         const OP: &str = "scatter_blocks";
+        validate::move_blocks(OP, false, cache, &ids, &staging)?;
         want(OP, "ids", &ids, DType::I32)?;
         let bb = cache.layout.block_bytes();
         shape(OP, staging.bytes() >= ids.len * bb, || format!("staging {} B < {} blocks", staging.bytes(), ids.len))?;
@@ -801,7 +778,7 @@ impl CudaBackend {
             format!("logits {} / out {} with vocab {vocab}", logits.len, out.len)
         })?;
         let (pl, po) = (dptr(OP, "logits", &logits)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "logits", &out, &logits)?;
+        validate::select(OP, &logits, &out)?;
         let rows = out.len;
         if rows == 0 {
             return Ok(());
@@ -829,7 +806,7 @@ impl CudaBackend {
         })?;
         shape(OP, params.len() == out.len, || format!("{} parameter rows for {} rows", params.len(), out.len))?;
         let (pl, po) = (dptr(OP, "logits", &logits)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "logits", &out, &logits)?;
+        validate::select(OP, &logits, &out)?;
         let v = i32_arg(OP, "vocab", vocab)?;
         i32_arg(OP, "rows", out.len)?;
         // Each row sorts its candidates in a slot of the stream's workspace.
