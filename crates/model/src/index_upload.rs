@@ -174,7 +174,7 @@ mod tests {
             be.read(&region, 256, &mut b).unwrap();
             b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<i32>>()
         };
-        let mut step = |st: &mut IndexStaging, tables: &[i32], blocks: &[usize]| {
+        let step = |st: &mut IndexStaging, tables: &[i32], blocks: &[usize]| {
             st.next.clear();
             st.next.extend([9, 9, 9, 9]);
             st.next.extend_from_slice(tables);
