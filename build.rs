@@ -41,10 +41,20 @@ fn main() {
     }
 
     let compiler = match find_compiler() {
-        Ok(c) => Some(c),
+        Ok(c) => {
+            // A new compiler or headers (e.g. a pip upgrade) re-runs the build.
+            for p in c.inputs() {
+                println!("cargo:rerun-if-changed={}", p.display());
+            }
+            Some(c)
+        }
         Err(why) if strict => panic!("DJINN_KERNELS_STRICT=1 and no kernel compiler: {why}"),
         Err(why) => {
             println!("cargo:warning=kernels embedded as source (compiled by NVRTC at run time): {why}");
+            // A path that never exists is always stale: without a compiler this script re-runs
+            // on every build, so one installed later (pip's NVRTC) is picked up instead of a
+            // target directory keeping the source-only fallback forever.
+            println!("cargo:rerun-if-changed={}", out_dir.join("no-kernel-compiler-yet").display());
             None
         }
     };
@@ -138,6 +148,21 @@ enum Compiler {
 }
 
 impl Compiler {
+    /// The files whose change means the kernels must be rebuilt.
+    fn inputs(&self) -> Vec<PathBuf> {
+        match self {
+            Compiler::Nvcc(p) => vec![p.clone()],
+            Compiler::Nvrtc { lib, include, .. } => {
+                let mut v = vec![include.join("cuda_fp16.h"), include.join("cuda_bf16.h")];
+                // A bare soname (the loader's search) is not a path cargo can watch.
+                if lib.is_absolute() {
+                    v.push(lib.clone());
+                }
+                v
+            }
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Compiler::Nvcc(p) => format!("nvcc ({})", p.display()),

@@ -1,15 +1,16 @@
 // Attention over the paged KV cache (layout in crates/backend/src/kv.rs: inside a block
 // [layer][k|v][kv_head][token][head_dim], so one head's tokens are contiguous).
 //
-// * paged_decode_<dt>_g<GP>: one query row per sequence. Grid (kv_head, seq, partition): each
+// * paged_decode_<dt>_g<GP>: the sequences with exactly one query row (others are skipped, so a
+//   mixed step sends its decode rows here and its multi-row sequences to prefill_<dt>). Grid (kv_head, seq, partition): each
 //   thread block streams one partition of the context for one KV head exactly once and serves
 //   all G = heads / kv_heads query heads of that group from the same loads (GP >= G is the
 //   register-array bound). Each token is read by a group of `lpt` lanes with 16-byte loads.
 //   Online softmax in the log2 domain. With one partition the block writes the output; with
 //   several it writes (max, sum, unnormalised acc) partials and decode_reduce_<dt> combines
 //   them (split-K over long contexts).
-// * prefill_<dt>: any number of query rows per sequence (prefill, chunked prefill, decode with
-//   shapes the decode kernel does not cover). Causal, GQA by head mapping, key tiles staged in
+// * prefill_<dt>: the sequences with at least `min_rows` query rows (1: all of them — prefill,
+//   and decode shapes the decode kernel does not cover; 2: the multi-row part of a mixed step). Causal, GQA by head mapping, key tiles staged in
 //   shared memory in f32, online softmax; one warp per 4 query rows, 16 rows per block.
 #include "common.cuh"
 
@@ -23,6 +24,7 @@ __device__ void paged_decode_impl(const void* __restrict__ q, int q_dt, const T*
     constexpr int VEC = Vec16<T>::N;
     extern __shared__ float smem[];
     const int kvh = blockIdx.x, seq = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
+    if (q_start[seq + 1] - q_start[seq] != 1) return;  // not a decode row: prefill_<dt> covers it
     const int G = heads / kv_heads;
     const int ctx = ctx_lens[seq];
     const i64 row = q_start[seq];
@@ -175,6 +177,7 @@ extern "C" __global__ void decode_reduce(const float* __restrict__ ws_acc, const
                                         const int* __restrict__ q_start, void* __restrict__ out, int out_dt,
                                         int heads, int head_dim, int num_parts) {
     const int h = blockIdx.x, seq = blockIdx.y;
+    if (q_start[seq + 1] - q_start[seq] != 1) return;  // skipped by paged_decode as well
     const i64 base = ((i64)seq * heads + h) * num_parts;
     const i64 row = q_start[seq];
     float M = NEG_INF;
@@ -207,7 +210,7 @@ __device__ void prefill_impl(const void* __restrict__ q, int q_dt, const T* __re
                              const int* __restrict__ q_start, const int* __restrict__ ctx_lens,
                              const int* __restrict__ block_tables, int max_blocks, void* __restrict__ out, int out_dt,
                              int heads, int kv_heads, int head_dim, int block_tokens, i64 block_elems, int layer,
-                             int kt, float scale_log2, unsigned* err) {
+                             int kt, int min_rows, float scale_log2, unsigned* err) {
     extern __shared__ float smem[];
     const int seq = blockIdx.z, h = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
@@ -215,7 +218,7 @@ __device__ void prefill_impl(const void* __restrict__ q, int q_dt, const T* __re
     const int qlen = q_start[seq + 1] - r0;
     const int ctx = ctx_lens[seq];
     const int tile_r = blockIdx.x * PREFILL_ROWS;
-    if (tile_r >= qlen) return;
+    if (tile_r >= qlen || qlen < min_rows) return;
     const int pos0 = ctx - qlen;  // position of query row 0
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kmax = min(pos0 + min(tile_r + PREFILL_ROWS, qlen) - 1, ctx - 1);
@@ -329,10 +332,11 @@ __device__ void prefill_impl(const void* __restrict__ q, int q_dt, const T* __re
     extern "C" __global__ void __launch_bounds__(128)                                                      \
         NAME(const void* q, int q_dt, const T* cache, i64 num_blocks, const int* q_start, const int* ctx_lens, \
              const int* block_tables, int max_blocks, void* out, int out_dt, int heads, int kv_heads,        \
-             int head_dim, int block_tokens, i64 block_elems, int layer, int kt, float scale_log2,          \
-             unsigned* err) {                                                                              \
+             int head_dim, int block_tokens, i64 block_elems, int layer, int kt, int min_rows,              \
+             float scale_log2, unsigned* err) {                                                            \
         prefill_impl<T>(q, q_dt, cache, num_blocks, q_start, ctx_lens, block_tables, max_blocks, out, out_dt,  \
-                        heads, kv_heads, head_dim, block_tokens, block_elems, layer, kt, scale_log2, err); \
+                        heads, kv_heads, head_dim, block_tokens, block_elems, layer, kt, min_rows, scale_log2, \
+                        err);                                                                              \
     }
 DJINN_FOR_FLOATS(DECODE, paged_decode)
 DJINN_FOR_FLOATS(PREFILL, prefill)

@@ -184,7 +184,9 @@ __device__ void sample_impl(const T* logits, int* out, int vocab, int row0, cons
             __syncthreads();
         }
     }
-    const int kc = (p.top_k > 0u && (int)p.top_k < n_cand) ? (int)p.top_k : n_cand;
+    // Unsigned compare: the host clamps top_k to the vocabulary, and a value >= 2^31 must never
+    // become a negative count here (it would index far outside the workspace).
+    const int kc = (p.top_k > 0u && p.top_k < (u32)n_cand) ? (int)p.top_k : n_cand;
     const float maxv = to_f32(x[(int)(comp[0] & 0xffffffffu)]);
     // The CPU reference's weight, operation for operation: exp((logit - max) * (1 / T)).
     const float inv_t = 1.0f / p.temperature;

@@ -12,8 +12,11 @@
 //! operand is stored as f16 or bf16. Integer results (argmax, sampling, ids) and byte moves
 //! (block copies, gather/scatter, copies) must match exactly.
 //!
-//! Inputs are random (fixed seeds per case, printed on failure) with odd sizes, GQA ratios 1/4/8,
-//! contexts that cross block boundaries, and every storage dtype.
+//! Inputs are random (fixed seeds per case, printed on failure) with odd sizes, GQA groups 1–8,
+//! head dims 64–256, contexts that cross block boundaries and pass 4096, mixed decode/prefill
+//! steps, real vocabulary sizes with absurd `top_k`, and every storage dtype. On CUDA the
+//! attention cases also check which kernels ran (decode rows of a mixed step take the decode
+//! kernel).
 
 mod gpu;
 
@@ -21,6 +24,8 @@ use std::sync::Arc;
 
 use djinn_backend::backend::sample_uniform;
 use djinn_backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+use djinn_backend::cuda::{AttnDispatch, PrefillRows};
 use djinn_backend::{
     AttnBatch, Backend, BackendError, BinaryOp, DType, GemmArgs, HostBuf, KvCacheRef, KvLayout, RegionInfo,
     SampleParams, UnaryOp, View,
@@ -213,6 +218,13 @@ macro_rules! expect {
     }};
 }
 
+/// `check_dispatch` where the CUDA backend is built (its types exist only there).
+macro_rules! expect_dispatch {
+    ($be:expr, $what:expr, $ok:expr) => {
+        #[cfg(feature = "cuda")]
+        check_dispatch($be, $what, $ok)?;
+    };
+}
 // ---- memory -------------------------------------------------------------------------------------
 
 fn memory<B: Backend>(be: &B, _want: Want) -> R {
@@ -293,6 +305,71 @@ fn memory<B: Backend>(be: &B, _want: Want) -> R {
         return Err(format!("unary on i32: {e:?}").into());
     }
     Ok(())
+}
+
+/// Every op refuses an output that partially overlaps one of its inputs (or the KV cache it
+/// reads), with a typed `Overlap`, on every backend: the rule is checked once, in
+/// `djinn_backend::validate`, which both backends call before anything else. Shapes and dtypes
+/// in each case are valid, so the overlap is the only fault.
+fn overlap_test<B: Backend>(be: &B, _want: Want) -> R {
+    let r = be.reserve(1 << 20).map_err(fail)?;
+    let s = be.default_stream();
+    let f = |off: usize, len| View::<B>::new(&r, off, DType::F32, len);
+    let i = |off: usize, len| View::<B>::new(&r, off, DType::I32, len);
+    // Valid index values where an op might read them: zeros (block 0, token 0, slot 0).
+    be.write(&r, 0, &vec![0u8; 1 << 20]).map_err(fail)?;
+    let l = layout(1, 8, 4, DType::F32);
+    let cache = KvCacheRef { region: &r, offset: 0, num_blocks: 4, layout: l }; // 4 × 256 B
+    let batch = AttnBatch {
+        seqs: 1,
+        q_start: i(8192, 2),
+        ctx_lens: i(8200, 1),
+        block_tables: i(12288, 1),
+        max_blocks_per_seq: 1,
+        max_q_len: 1,
+        max_ctx_len: 1,
+    };
+    let mut cases: Vec<(&str, djinn_backend::error::Result<()>)> = vec![
+        ("gemm c over a", be.gemm(s, f(4096, 16), f(8192, 16), f(4096 + 8, 16), &GemmArgs::linear(4, 4, 4))),
+        ("binary", be.binary(s, BinaryOp::Mul, f(4096, 64), f(8192, 64), f(4096 + 4, 64))),
+        ("unary", be.unary(s, UnaryOp::Exp, f(4096, 64), f(4096 + 4, 64))),
+        ("cast", be.cast(s, f(4096, 64), View::new(&r, 4096 + 64, DType::F16, 64))),
+        ("silu_mul", be.silu_mul(s, f(4096, 64), f(8192, 64), f(8192 + 8, 64))),
+        ("softmax", be.softmax(s, f(4096, 64), f(4096 + 4, 64), 16)),
+        ("embedding out over table", be.embedding(s, f(4096, 64), i(16384, 2), f(4096 + 128, 16), 8)),
+        ("embedding out over ids", be.embedding(s, f(4096, 64), i(16384, 2), f(16384 - 8, 16), 8)),
+        (
+            "rms_norm residual over weight",
+            be.rms_norm(s, f(4096, 16), Some(f(8192, 16)), f(8192 + 32, 8), f(12288, 16), 8, 1e-5),
+        ),
+        ("rope x over positions", be.rope(s, f(4096, 16), i(4096 + 32, 2), f(16384, 4), 1, 8)),
+        ("kv_append k in the cache", be.kv_append(s, f(512, 8), f(4096, 8), &cache, 0, i(16384, 1))),
+        ("kv_append slots in the cache", be.kv_append(s, f(4096, 8), f(8192, 8), &cache, 0, i(256, 1))),
+        ("attention out over the tables", be.attention(s, f(4096, 8), &cache, 0, &batch, f(12288 - 4, 8), 1, 0.3)),
+        ("attention out in the cache", be.attention(s, f(4096, 8), &cache, 0, &batch, f(512, 8), 1, 0.3)),
+        ("copy_blocks pairs in the cache", be.copy_blocks(s, &cache, i(256, 2))),
+        ("gather staging over the cache", be.gather_blocks(s, &cache, i(16384, 1), View::new(&r, 768, DType::U8, 256))),
+        ("scatter ids in the cache", be.scatter_blocks(s, View::new(&r, 20480, DType::U8, 256), &cache, i(128, 1))),
+        ("argmax", be.argmax(s, f(4096, 64), i(4096 + 16, 2), 32)),
+        (
+            "sample",
+            be.sample(
+                s,
+                f(4096, 64),
+                i(4096 + 16, 2),
+                32,
+                &[SampleParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1, step: 0 }; 2],
+            ),
+        ),
+    ];
+    // Exactly in place is allowed where the op says so (and a plain no-op for cast).
+    cases.retain(|(_, r)| !matches!(r, Err(BackendError::Overlap { .. })));
+    if let Some((what, got)) = cases.first() {
+        return Err(format!("{what}: expected Overlap, got {got:?}").into());
+    }
+    be.binary(s, BinaryOp::Add, f(4096, 64), f(8192, 64), f(4096, 64)).map_err(fail)?;
+    be.cast(s, f(4096, 64), f(4096, 64)).map_err(fail)?;
+    be.sync_stream(s).map_err(fail)
 }
 
 // ---- gemm -----------------------------------------------------------------------------------------
@@ -942,7 +1019,8 @@ fn attn_case(
 ) -> AttnIn {
     let l = layout(kvh, hd, bt, dt);
     let max_blocks = seqs.iter().map(|(ctx, _)| ctx.div_ceil(bt)).max().unwrap_or(0) + 1;
-    let blocks = seqs.len() * max_blocks + 2;
+    // Exactly the blocks the contexts need (plus two never named), shuffled.
+    let blocks = seqs.iter().map(|(ctx, _)| ctx.div_ceil(bt)).sum::<usize>() + 2;
     let mut ids: Vec<i32> = (0..blocks as i32).collect();
     for j in (1..ids.len()).rev() {
         ids.swap(j, rng.below(j + 1));
@@ -1012,12 +1090,70 @@ fn attention_test<B: Backend>(be: &B, want: Want) -> R {
     let i = attn_case(&mut rng, DType::BF16, 2, 4, 128, 16, &[(300, 1), (17, 1), (129, 1), (64, 1)]);
     let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
     close(&got, &wanted, tol(&[DType::BF16]), "attention long decode batch")?;
+    // A mixed step (decode rows next to a prefill chunk): decode rows take the decode kernel.
+    let i = attn_case(&mut rng, DType::F16, 2, 4, 64, 16, &[(40, 1), (33, 5), (17, 1)]);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::F16, i.q_dt, i.out_dt]), "attention mixed step")?;
+    expect_dispatch!(be, "mixed step", |d| d.decode.is_some() && d.prefill == Some(PrefillRows::MultiRow));
     // A block id outside the cache is a typed error.
     let mut bad = attn_case(&mut rng, DType::F32, 1, 1, 8, 4, &[(5, 1)]);
     bad.tables[1] = bad.blocks as i32;
     if run_attn(be, &bad).is_ok() {
         return Err("attention accepted a block id past the cache".into());
     }
+    Ok(())
+}
+
+/// On the CUDA backend, checks which kernels the calling thread's last attention call used (the
+/// dispatch is host-side logic, unit-tested in `cuda/dispatch.rs`; this checks it end to end).
+/// Other backends have one attention path: nothing to check.
+#[cfg(feature = "cuda")]
+fn check_dispatch<B: Backend>(be: &B, what: &str, ok: impl Fn(&AttnDispatch) -> bool) -> R {
+    if let Some(c) = (be as &dyn std::any::Any).downcast_ref::<djinn_backend::cuda::CudaBackend>() {
+        let d = c.last_attention().ok_or_else(|| format!("{what}: no attention dispatch recorded"))?;
+        if !ok(&d) {
+            return Err(format!("{what}: attention used {d:?}").into());
+        }
+    }
+    Ok(())
+}
+
+/// The shapes real models have: GQA groups 1–8 (Qwen2.5-7B has 7), head dims 64–256, contexts
+/// past 4096 (forced split-K partitions), and a batch whose partials overflow the workspace
+/// (fewer, longer partitions). Every case is a mixed step or a long decode batch.
+fn attention_shapes_test<B: Backend>(be: &B, want: Want) -> R {
+    let mut rng = Rng::new(21);
+    for group in 1..=8 {
+        for hd in [64, 80, 96, 128, 256] {
+            let dt = FLOATS[(group + hd) % 3];
+            let i = attn_case(&mut rng, dt, 2, group, hd, 16, &[(40, 1), (33, 5), (17, 1)]);
+            let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+            let what = format!("attention {dt} q={} out={} group={group} hd={hd}", i.q_dt, i.out_dt);
+            close(&got, &wanted, tol(&[dt, i.q_dt, i.out_dt]), &what)?;
+            // f32 caches at head_dim 256 need 64 lanes of 16 bytes: the general kernel's case.
+            expect_dispatch!(be, &what, |d| d.decode.is_some() != (dt == DType::F32 && hd == 256));
+        }
+    }
+    // Contexts past 4096: at least two partitions per sequence.
+    let seqs = [(5000, 1), (4097, 1), (9000, 1), (300, 1)];
+    let i = attn_case(&mut rng, DType::BF16, 1, 7, 128, 16, &seqs);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::BF16, i.q_dt, i.out_dt]), "attention decode past 4096")?;
+    expect_dispatch!(be, "decode past 4096", |d| d.decode.is_some_and(|p| p.parts >= 3));
+    // A long context in a mixed step.
+    let i = attn_case(&mut rng, DType::F16, 1, 6, 128, 16, &[(9000, 1), (4200, 8)]);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::F16, i.q_dt, i.out_dt]), "attention mixed past 4096")?;
+    expect_dispatch!(be, "mixed past 4096", |d| d.decode.is_some() && d.prefill == Some(PrefillRows::MultiRow));
+    // 4000 decode rows × 8 heads next to a 12289-token context: four 4096-token partitions'
+    // partials (4 × 4000 × 8 × 66 f32 = 34 MB) overflow the 32 MiB workspace, so the plan takes
+    // three longer ones.
+    let mut seqs: Vec<(usize, usize)> = (0..3999).map(|j| (1 + j % 20, 1)).collect();
+    seqs.push((3 * 4096 + 1, 1));
+    let i = attn_case(&mut rng, DType::F16, 1, 8, 64, 16, &seqs);
+    let (got, wanted) = expect!(be, want, &i, run_attn, ref_attn(&i));
+    close(&got, &wanted, tol(&[DType::F16, i.q_dt, i.out_dt]), "attention workspace-limited decode")?;
+    expect_dispatch!(be, "workspace-limited decode", |d| d.decode.is_some_and(|p| p.part_tokens > 4096));
     Ok(())
 }
 
@@ -1135,6 +1271,7 @@ fn ref_sample_row(row: &[f32], p: &SampleParams) -> i32 {
     let mut cand: Vec<usize> = (0..row.len()).collect();
     cand.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
     if p.top_k > 0 {
+        // usize: any u32 top_k, up to u32::MAX, is a plain cut (a no-op past the vocabulary).
         cand.truncate(p.top_k as usize);
     }
     let max = row[cand[0]];
@@ -1226,6 +1363,30 @@ fn sample_test<B: Backend>(be: &B, want: Want) -> R {
     Ok(())
 }
 
+/// Real vocabulary sizes (Llama-2 32k, Llama-3 128k, Qwen2.5 152k) with `top_k` around the
+/// vocabulary and absurd (2^31, u32::MAX: a request field no server may trust). Every backend
+/// clamps `top_k` to the vocabulary, so these draw exactly what `top_k` = 0 draws.
+fn sample_vocab_test<B: Backend>(be: &B, want: Want) -> R {
+    let mut rng = Rng::new(15);
+    for (vocab, dt) in [(32_000, DType::F32), (128_256, DType::BF16), (152_064, DType::F16)] {
+        let v = vocab as u32;
+        let top_ks = [0, 50, v - 1, v, v + 1, 1 << 31, u32::MAX];
+        let logits = rng.vec(vocab, 4.0).repeat(top_ks.len());
+        let seed = rng.next();
+        let params: Vec<SampleParams> =
+            top_ks.iter().map(|&top_k| SampleParams { temperature: 0.8, top_k, top_p: 1.0, seed, step: 3 }).collect();
+        let i = SampleIn { dt, logits, vocab, params };
+        let ((ga, gs), (wa, ws)) = expect!(be, want, &i, run_sample, ref_sample(&i));
+        exact(&ga, &wa, &format!("argmax {dt} vocab={vocab}"))?;
+        exact(&gs, &ws, &format!("sample {dt} vocab={vocab} top_k={top_ks:?}"))?;
+        // Same row, same draw: every cut at or past the vocabulary equals no cut.
+        if let Some(j) = (3..top_ks.len()).find(|&j| gs[j] != gs[0]) {
+            return Err(format!("vocab {vocab}: top_k {} drew {}, top_k 0 drew {}", top_ks[j], gs[j], gs[0]).into());
+        }
+    }
+    Ok(())
+}
+
 // ---- harness ----------------------------------------------------------------------------------
 
 type Body<B> = fn(&B, Want) -> R;
@@ -1233,6 +1394,7 @@ type Body<B> = fn(&B, Want) -> R;
 fn bodies<B: Backend>() -> Vec<(&'static str, Body<B>)> {
     vec![
         ("memory", memory::<B>),
+        ("overlap", overlap_test::<B>),
         ("gemm", gemm_test::<B>),
         ("binary", binary_test::<B>),
         ("unary", unary_test::<B>),
@@ -1244,8 +1406,10 @@ fn bodies<B: Backend>() -> Vec<(&'static str, Body<B>)> {
         ("rope", rope_test::<B>),
         ("kv_append", kv_append_test::<B>),
         ("attention", attention_test::<B>),
+        ("attention_shapes", attention_shapes_test::<B>),
         ("blocks", blocks_test::<B>),
         ("sample", sample_test::<B>),
+        ("sample_vocab", sample_vocab_test::<B>),
     ]
 }
 

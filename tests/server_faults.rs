@@ -4,6 +4,7 @@
 //! SIGTERM drain, /healthz and /metrics, `ping --json`, `--nic`, config files.
 
 mod common;
+mod gpu;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::raw::{expect_status, header, hello, raw, RawPeer, RawTcp, REPLY_TIMEOUT};
-use common::{http_get, metric, run_trials, server, unique_name, ServerProc, Transport, BIN};
+use common::{http_get, metric, run_trials_and, server, unique_name, ServerProc, Transport, TrialSpec, BIN};
 use djinn_client::{Client, ClientOptions};
 use djinn_proto::{FrameHeader, HelloReq, Meta, Opcode, Status, TensorGetReq, FLAG_REPLY, HEADER_LEN, MAGIC};
 use zerocopy::{FromBytes, IntoBytes};
@@ -403,23 +404,39 @@ fn nic_is_refused(_t: Transport) {
     assert!(err.contains("RDMA") && err.contains("--nic"), "message: {err}");
 }
 
+/// Bad `--gpus` values are refused everywhere; `--gpus 0` without a GPU is refused with a reason
+/// that names the GPU (on a GPU machine it serves: see `gpus_0_serves_on_the_gpu`).
 fn gpus_flag_is_checked(_t: Transport) {
     let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "0,1"]).output().unwrap();
     assert!(!out.status.success(), "two GPUs are not served yet");
     assert!(String::from_utf8_lossy(&out.stderr).contains("one device per"));
     let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "x"]).output().unwrap();
     assert!(!out.status.success(), "--gpus x must be refused");
-    match ServerProc::try_start(&["--listen", "tcp://127.0.0.1:0", "--gpus", "0"]) {
-        // A machine with a GPU and a CUDA build: the server runs on it.
-        Ok(srv) => {
-            let c = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
-            assert_eq!(c.capabilities().backend, "cuda");
-        }
-        Err(why) => {
-            eprintln!("NOTE: --gpus 0 has no GPU here; checking the refusal instead");
-            assert!(why.contains("GPU") || why.contains("CUDA"), "refusal should name the GPU: {why}");
-        }
+    if gpu::probe().is_err() {
+        let why = match ServerProc::try_start(&["--listen", "tcp://127.0.0.1:0", "--gpus", "0"]) {
+            Ok(_) => panic!("--gpus 0 started on a machine where GPU 0 does not open"),
+            Err(why) => why,
+        };
+        assert!(why.contains("GPU") || why.contains("CUDA"), "refusal should name the GPU: {why}");
     }
+}
+
+/// `--gpus 0` serves on GPU 0. Ignored, with the reason, where GPU 0 does not open.
+fn gpus_0_serves_on_the_gpu() -> libtest_mimic::Trial {
+    let name = "gpus_0_serves_on_the_gpu_tcp".to_owned();
+    if let Err(why) = gpu::probe() {
+        return gpu::ignored(name, &why);
+    }
+    libtest_mimic::Trial::test(name, || {
+        let srv = ServerProc::try_start(&["--listen", "tcp://127.0.0.1:0", "--gpus", "0"])?;
+        let c = Client::connect_with(srv.url(), &ClientOptions::default()).map_err(|e| e.to_string())?;
+        let backend = c.capabilities().backend.clone();
+        if backend != "cuda" {
+            return Err(format!("--gpus 0 serves on {backend:?}, not cuda").into());
+        }
+        still_serves(srv.url());
+        Ok(())
+    })
 }
 
 fn bad_listen_url_fails_start(_t: Transport) {
@@ -479,7 +496,7 @@ fn tcp_and_shm_together(_t: Transport) {
 }
 
 fn main() {
-    run_trials(vec![
+    let trials: Vec<TrialSpec> = vec![
         ("framing_errors_close_only_that_connection", None, framing_errors_close_only_that_connection),
         ("request_errors_keep_the_connection", None, request_errors_keep_the_connection),
         ("truncated_frames_do_not_hurt_the_server", Some(Transport::Tcp), truncated_frames_do_not_hurt_the_server),
@@ -500,5 +517,6 @@ fn main() {
         ("gpus_flag_is_checked", Some(Transport::Tcp), gpus_flag_is_checked),
         ("config_files_start_and_flags_override", Some(Transport::Tcp), config_files_start_and_flags_override),
         ("tcp_and_shm_together", Some(Transport::Shm), tcp_and_shm_together),
-    ])
+    ];
+    run_trials_and(trials, vec![gpus_0_serves_on_the_gpu()])
 }

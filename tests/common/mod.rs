@@ -250,8 +250,13 @@ pub type TrialSpec = (&'static str, Option<Transport>, fn(Transport));
 /// Runs libtest-mimic trials; trials whose transport is unavailable are reported as ignored with
 /// the reason printed.
 pub fn run_trials(trials: Vec<TrialSpec>) -> ! {
+    run_trials_and(trials, Vec::new())
+}
+
+/// [`run_trials`] plus ready-made trials (e.g. one ignored with its reason where a GPU is absent).
+pub fn run_trials_and(trials: Vec<TrialSpec>, extra: Vec<libtest_mimic::Trial>) -> ! {
     let args = libtest_mimic::Arguments::from_args();
-    let mut out = Vec::new();
+    let mut out = extra;
     let shm_missing = Transport::Shm.unavailable();
     if let Some(why) = &shm_missing {
         eprintln!("NOTE: shm trials ignored: {why}");

@@ -9,11 +9,13 @@ use djinn_backend::Backend;
 use libtest_mimic::{Completion, Trial};
 
 /// A suite whose trials can be made for any backend; `Err` = ignore them, with the reason.
+#[allow(dead_code)] // each test binary uses its own subset of this module
 pub trait Suite {
     fn trials<B: Backend>(&self, kind: &str, backend: Result<Arc<B>, String>) -> Vec<Trial>;
 }
 
 /// `suite`'s trials under the `cuda::` prefix, on GPU 0 when it opens.
+#[allow(dead_code)]
 pub fn cuda_trials(binary: &str, suite: &impl Suite) -> Vec<Trial> {
     #[cfg(feature = "cuda")]
     let cuda = djinn_dataplane::kernels::cuda_backend(0).map(Arc::new).map_err(|e| format!("no CUDA device: {e}"));
@@ -23,6 +25,16 @@ pub fn cuda_trials(binary: &str, suite: &impl Suite) -> Vec<Trial> {
         eprintln!("{binary}: cuda trials ignored: {why}");
     }
     suite.trials("cuda", cuda)
+}
+
+/// Whether GPU 0 opens with this build's kernels; `Err` says why not (no `cuda` feature, no
+/// driver, no device).
+#[allow(dead_code)] // each test binary uses its own subset of this module
+pub fn probe() -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    return djinn_dataplane::kernels::cuda_backend(0).map(drop).map_err(|e| format!("no CUDA device: {e}"));
+    #[cfg(not(feature = "cuda"))]
+    Err("built without the `cuda` feature".to_owned())
 }
 
 /// A trial reported as ignored with `why` (libtest-mimic prints the reason).

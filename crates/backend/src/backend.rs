@@ -161,6 +161,15 @@ pub struct SampleParams {
     pub step: u64,
 }
 
+impl SampleParams {
+    /// The parameters as every backend applies them to rows of `vocab` logits: `top_k` clamped
+    /// to the vocabulary (a cut at or past the row's length cuts nothing), so a request's `top_k`
+    /// — any `u32`, e.g. 2^31 or `u32::MAX` — never reaches a kernel as a count beyond the row.
+    pub fn clamped(self, vocab: usize) -> SampleParams {
+        SampleParams { top_k: self.top_k.min(u32::try_from(vocab).unwrap_or(u32::MAX)), ..self }
+    }
+}
+
 /// The uniform draw in `[0, 1)` for one sampling step: a pure function of `(seed, step)`, so a
 /// session replays identically on every backend. Two rounds of the SplitMix64 finaliser
 /// (`mix(z) = z ^ z>>30 · 0xbf58476d1ce4e5b9 → ^ >>27 · 0x94d049bb133111eb → ^ >>31`, each round

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod kv;
+pub mod validate;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

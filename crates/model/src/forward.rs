@@ -17,6 +17,7 @@ use djinn_backend::{AttnBatch, Backend, DType, GemmArgs, KvCacheRef, KvLayout, S
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::index_upload::IndexStaging;
 use crate::weights::WeightLayout;
 
 /// Bounds on one step, fixed at start-up; they size the scratch range.
@@ -172,14 +173,16 @@ pub struct Model {
     pub weights: WeightLayout,
     pub scratch: ScratchPlan,
     block_tokens: usize,
-    /// Host staging for the index arrays (capacity fixed at construction).
-    staging: std::sync::Mutex<Vec<i32>>,
+    /// Host staging for the index arrays (capacity fixed at construction), with the mirror
+    /// that lets a step upload only the block-table entries that changed.
+    staging: std::sync::Mutex<IndexStaging>,
 }
 
 impl Model {
     pub fn new(cfg: ModelConfig, weights: WeightLayout, limits: StepLimits, block_tokens: usize) -> Model {
         let scratch = ScratchPlan::new(&cfg, limits);
-        let staging = std::sync::Mutex::new(Vec::with_capacity(scratch.idx_elems));
+        let table_elems = limits.max_seqs * limits.max_blocks_per_seq;
+        let staging = std::sync::Mutex::new(IndexStaging::new(scratch.idx_elems, table_elems, limits.max_seqs));
         Model { cfg, weights, scratch, block_tokens, staging }
     }
 
@@ -231,7 +234,10 @@ impl Model {
         let (t, s, mb) = (lim.max_tokens, lim.max_seqs, lim.max_blocks_per_seq);
         let mut last_rows = Vec::with_capacity(seqs.len());
         let (mut max_q_len, mut max_ctx_len) = (0, 0);
-        let mut st = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let staging = &mut *guard;
+        staging.row_blocks.clear();
+        let st = &mut staging.next;
         st.clear();
         st.resize(self.scratch.idx_elems, 0);
         // Sections of the index block: ids [t], positions [t], slots [t], q_start [s+1],
@@ -263,17 +269,15 @@ impl Model {
                 row += 1;
             }
             st[ctx0 + i] = ctx as i32;
-            for (k, &b) in sq.block_table[..blocks].iter().enumerate() {
-                st[bt0 + i * mb + k] = b;
-            }
+            st[bt0 + i * mb..][..blocks].copy_from_slice(&sq.block_table[..blocks]);
+            staging.row_blocks.push(blocks);
             last_rows.push(row - 1);
             max_q_len = max_q_len.max(sq.tokens.len());
             max_ctx_len = max_ctx_len.max(ctx);
         }
         st[qs0 + seqs.len()] = row as i32;
-        let raw: &[u8] = i32_bytes(&st);
-        be.write(m.scratch, m.scratch_base + self.scratch.idx, raw)?;
-        drop(st);
+        staging.upload(be, m.scratch, m.scratch_base + self.scratch.idx, bt0, mb)?;
+        drop(guard);
 
         let h = self.cfg.hidden_size;
         let table = self.w(m, self.weights.embed, self.cfg.vocab_size * h);
@@ -486,15 +490,10 @@ impl Model {
     }
 }
 
-fn i32_bytes(xs: &[i32]) -> &[u8] {
-    // SAFETY: i32 has no padding and every bit pattern of u8 is valid; the slice covers exactly
-    // the same bytes, alignment of u8 is 1, and the lifetime is tied to `xs`.
-    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
-}
-
 fn f32_bytes_mut(xs: &mut [f32]) -> &mut [u8] {
-    // SAFETY: as above; every byte pattern written through the u8 view is a valid f32, and the
-    // exclusive borrow of `xs` is carried over to the returned slice.
+    // SAFETY: f32 has no padding and every byte pattern written through the u8 view is a valid
+    // f32; the slice covers exactly the same bytes, alignment of u8 is 1, and the exclusive
+    // borrow of `xs` is carried over to the returned slice.
     unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
 }
 

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod forward;
 pub mod gguf;
+mod index_upload;
 pub mod source;
 #[doc(hidden)]
 pub mod testing;

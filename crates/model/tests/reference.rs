@@ -42,4 +42,6 @@ fn cpu_bf16_weights_close() {
     let rep = check_model(be, "llama-gqa", &opts).unwrap();
     eprintln!("bf16: {rep:?}");
     assert!(rep.max_rel_err < 3e-2, "{rep:?}");
+    assert_eq!(rep.argmax_mismatches, 0, "{rep:?}");
+    assert_eq!(rep.greedy_mismatches, 0, "{rep:?}");
 }

@@ -39,6 +39,7 @@ use crate::backend::{
     AttnBatch, Backend, BinaryOp, DeviceInfo, GemmArgs, KvCacheRef, RegionInfo, SampleParams, UnaryOp, View,
 };
 use crate::error::{BackendError, Result};
+use crate::validate;
 use crate::DType;
 
 /// The CPU backend's stream: a name for an ordering that eager execution already provides.
@@ -287,36 +288,35 @@ impl Backend for CpuBackend {
 
     fn gemm(&self, _s: &CpuStream, a: View<Self>, b: View<Self>, c: View<Self>, args: &GemmArgs) -> Result<()> {
         let op = "gemm";
+        validate::gemm(&a, &b, &c)?;
         let (a, b, c) = (float(op, "a", &a)?, float(op, "b", &b)?, float(op, "c", &c)?);
-        raw::disjoint(op, "a", &c, &a)?;
-        raw::disjoint(op, "b", &c, &b)?;
         gemm::gemm(self, &a, &b, &c, args)
     }
 
     fn binary(&self, _s: &CpuStream, op: BinaryOp, a: View<Self>, b: View<Self>, out: View<Self>) -> Result<()> {
         let name = "binary";
+        validate::binary(name, ["a", "b"], &a, &b, &out)?;
         let (a, b, out) = (float(name, "a", &a)?, float(name, "b", &b)?, float(name, "out", &out)?);
         raw::len_eq(name, "out", &out, a.len)?;
         if b.len == 0 || a.len % b.len != 0 {
             return Err(raw::shape(name, format!("b has {} elements, which does not divide a's {}", b.len, a.len)));
         }
-        raw::in_place_or_disjoint(name, "a", &out, &a)?;
-        raw::in_place_or_disjoint(name, "b", &out, &b)?;
         elementwise::binary(self, op, &a, &b, &out);
         Ok(())
     }
 
     fn unary(&self, _s: &CpuStream, op: UnaryOp, x: View<Self>, out: View<Self>) -> Result<()> {
         let name = "unary";
+        validate::unary(name, &x, &out)?;
         let (x, out) = (float(name, "x", &x)?, float(name, "out", &out)?);
         raw::len_eq(name, "out", &out, x.len)?;
-        raw::in_place_or_disjoint(name, "x", &out, &x)?;
         elementwise::unary(self, op, &x, &out);
         Ok(())
     }
 
     fn cast(&self, _s: &CpuStream, x: View<Self>, out: View<Self>) -> Result<()> {
         let name = "cast";
+        validate::unary(name, &x, &out)?;
         let (x, out) = (operand(name, "x", &x)?, operand(name, "out", &out)?);
         for (r, n) in [(&x, "x"), (&out, "out")] {
             if !(r.dtype.is_float() || r.dtype == DType::I32) {
@@ -332,30 +332,28 @@ impl Backend for CpuBackend {
         if out.same(&x) {
             return Ok(());
         }
-        raw::disjoint(name, "x", &out, &x)?;
         elementwise::cast(self, &x, &out);
         Ok(())
     }
 
     fn silu_mul(&self, _s: &CpuStream, gate: View<Self>, up: View<Self>, out: View<Self>) -> Result<()> {
         let name = "silu_mul";
+        validate::binary(name, ["gate", "up"], &gate, &up, &out)?;
         let (g, u, out) = (float(name, "gate", &gate)?, float(name, "up", &up)?, float(name, "out", &out)?);
         raw::len_eq(name, "up", &u, g.len)?;
         raw::len_eq(name, "out", &out, g.len)?;
-        raw::in_place_or_disjoint(name, "gate", &out, &g)?;
-        raw::in_place_or_disjoint(name, "up", &out, &u)?;
         elementwise::silu_mul(self, &g, &u, &out);
         Ok(())
     }
 
     fn softmax(&self, _s: &CpuStream, x: View<Self>, out: View<Self>, cols: usize) -> Result<()> {
         let name = "softmax";
+        validate::unary(name, &x, &out)?;
         let (x, out) = (float(name, "x", &x)?, float(name, "out", &out)?);
         raw::len_eq(name, "out", &out, x.len)?;
         if cols == 0 || x.len % cols != 0 {
             return Err(raw::shape(name, format!("{} elements are not whole rows of {cols}", x.len)));
         }
-        raw::in_place_or_disjoint(name, "x", &out, &x)?;
         elementwise::softmax(self, &x, &out, cols);
         Ok(())
     }
@@ -369,13 +367,12 @@ impl Backend for CpuBackend {
         hidden: usize,
     ) -> Result<()> {
         let op = "embedding";
+        validate::embedding(&table, &ids, &out)?;
         let (t, ids, out) = (float(op, "table", &table)?, typed(op, "ids", &ids, DType::I32)?, float(op, "out", &out)?);
         if hidden == 0 || t.len % hidden != 0 {
             return Err(raw::shape(op, format!("table of {} elements is not rows of {hidden}", t.len)));
         }
         raw::len_eq(op, "out", &out, ids.len * hidden)?;
-        raw::disjoint(op, "table", &out, &t)?;
-        raw::disjoint(op, "ids", &out, &ids)?;
         let vocab = t.len / hidden;
         // SAFETY: `ids` is a checked i32 operand, not written by this op (disjoint from `out`).
         if let Some((i, id)) =
@@ -398,21 +395,17 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         let op = "rms_norm";
+        validate::rms_norm(&x, residual.as_ref(), &weight, &out)?;
         let (x, w, out) = (float(op, "x", &x)?, float(op, "weight", &weight)?, float(op, "out", &out)?);
         if hidden == 0 || x.len % hidden != 0 {
             return Err(raw::shape(op, format!("x of {} elements is not rows of {hidden}", x.len)));
         }
         raw::len_eq(op, "weight", &w, hidden)?;
         raw::len_eq(op, "out", &out, x.len)?;
-        raw::in_place_or_disjoint(op, "x", &out, &x)?;
-        raw::disjoint(op, "weight", &out, &w)?;
         let res = match residual {
             Some(r) => {
                 let r = float(op, "residual", &r)?;
                 raw::len_eq(op, "residual", &r, x.len)?;
-                raw::disjoint(op, "residual", &r, &x)?;
-                raw::disjoint(op, "residual", &r, &w)?;
-                raw::disjoint(op, "residual", &r, &out)?;
                 Some(r)
             }
             None => None,
@@ -431,6 +424,7 @@ impl Backend for CpuBackend {
         head_dim: usize,
     ) -> Result<()> {
         let op = "rope";
+        validate::rope(&x, &positions, &inv_freq)?;
         let x = float(op, "x", &x)?;
         let pos = typed(op, "positions", &positions, DType::I32)?;
         let f = typed(op, "inv_freq", &inv_freq, DType::F32)?;
@@ -439,8 +433,6 @@ impl Backend for CpuBackend {
         }
         raw::len_eq(op, "positions", &pos, x.len / (heads * head_dim))?;
         raw::len_eq(op, "inv_freq", &f, head_dim / 2)?;
-        raw::disjoint(op, "positions", &x, &pos)?;
-        raw::disjoint(op, "inv_freq", &x, &f)?;
         elementwise::rope(self, &x, &pos, &f, heads, head_dim);
         Ok(())
     }
@@ -455,12 +447,10 @@ impl Backend for CpuBackend {
         slots: View<Self>,
     ) -> Result<()> {
         let op = "kv_append";
+        validate::kv_append(&k, &v, cache, &slots)?;
         let c = cache_raw(op, cache)?;
         let (k, v) = (float(op, "k", &k)?, float(op, "v", &v)?);
         let slots = typed(op, "slots", &slots, DType::I32)?;
-        for (r, n) in [(&k, "k"), (&v, "v"), (&slots, "slots")] {
-            raw::disjoint(op, n, &c, r)?;
-        }
         attention::kv_append(self, &k, &v, &c, &cache.layout, cache.num_blocks, layer, &slots)
     }
 
@@ -476,23 +466,21 @@ impl Backend for CpuBackend {
         scale: f32,
     ) -> Result<()> {
         let op = "attention";
+        validate::attention(&q, cache, batch, &out)?;
         let c = cache_raw(op, cache)?;
         let (q, out) = (float(op, "q", &q)?, float(op, "out", &out)?);
         let q_start = typed(op, "q_start", &batch.q_start, DType::I32)?;
         let ctx = typed(op, "ctx_lens", &batch.ctx_lens, DType::I32)?;
         let tables = typed(op, "block_tables", &batch.block_tables, DType::I32)?;
-        for (r, n) in [(&q, "q"), (&c, "cache"), (&q_start, "q_start"), (&ctx, "ctx_lens"), (&tables, "block_tables")] {
-            raw::disjoint(op, n, &out, r)?;
-        }
         let idx = attention::BatchIdx { seqs: batch.seqs, q_start, ctx, tables, max_blocks: batch.max_blocks_per_seq };
         attention::attention(self, &q, &c, &cache.layout, cache.num_blocks, layer, &idx, &out, heads, scale)
     }
 
     fn copy_blocks(&self, _s: &CpuStream, cache: &KvCacheRef<Self>, pairs: View<Self>) -> Result<()> {
         let op = "copy_blocks";
+        validate::copy_blocks(cache, &pairs)?;
         let c = cache_raw(op, cache)?;
         let pairs = typed(op, "pairs", &pairs, DType::I32)?;
-        raw::disjoint(op, "pairs", &c, &pairs)?;
         attention::copy_blocks(self, &c, cache.layout.block_bytes(), cache.num_blocks, &pairs)
     }
 
@@ -504,11 +492,10 @@ impl Backend for CpuBackend {
         staging: View<Self>,
     ) -> Result<()> {
         let op = "gather_blocks";
+        validate::move_blocks(op, true, cache, &ids, &staging)?;
         let c = cache_raw(op, cache)?;
         let ids = typed(op, "ids", &ids, DType::I32)?;
         let st = operand(op, "staging", &staging)?;
-        raw::disjoint(op, "cache", &st, &c)?;
-        raw::disjoint(op, "ids", &st, &ids)?;
         attention::move_blocks(self, op, &c, cache.layout.block_bytes(), cache.num_blocks, &ids, &st, true)
     }
 
@@ -520,22 +507,21 @@ impl Backend for CpuBackend {
         ids: View<Self>,
     ) -> Result<()> {
         let op = "scatter_blocks";
+        validate::move_blocks(op, false, cache, &ids, &staging)?;
         let c = cache_raw(op, cache)?;
         let ids = typed(op, "ids", &ids, DType::I32)?;
         let st = operand(op, "staging", &staging)?;
-        raw::disjoint(op, "staging", &c, &st)?;
-        raw::disjoint(op, "ids", &c, &ids)?;
         attention::move_blocks(self, op, &c, cache.layout.block_bytes(), cache.num_blocks, &ids, &st, false)
     }
 
     fn argmax(&self, _s: &CpuStream, logits: View<Self>, out: View<Self>, vocab: usize) -> Result<()> {
         let op = "argmax";
+        validate::select(op, &logits, &out)?;
         let (l, out) = (float(op, "logits", &logits)?, typed(op, "out", &out, DType::I32)?);
         if vocab == 0 || l.len % vocab != 0 {
             return Err(raw::shape(op, format!("{} logits are not rows of {vocab}", l.len)));
         }
         raw::len_eq(op, "out", &out, l.len / vocab)?;
-        raw::disjoint(op, "logits", &out, &l)?;
         sample::argmax(self, &l, &out, vocab);
         Ok(())
     }
@@ -549,6 +535,7 @@ impl Backend for CpuBackend {
         params: &[SampleParams],
     ) -> Result<()> {
         let op = "sample";
+        validate::select(op, &logits, &out)?;
         let (l, out) = (float(op, "logits", &logits)?, typed(op, "out", &out, DType::I32)?);
         if vocab == 0 || l.len % vocab != 0 {
             return Err(raw::shape(op, format!("{} logits are not rows of {vocab}", l.len)));
@@ -558,7 +545,6 @@ impl Backend for CpuBackend {
         if params.len() != rows {
             return Err(raw::shape(op, format!("{} sampling parameters for {rows} rows", params.len())));
         }
-        raw::disjoint(op, "logits", &out, &l)?;
         sample::sample(self, &l, &out, vocab, params);
         Ok(())
     }

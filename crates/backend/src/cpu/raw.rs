@@ -133,14 +133,6 @@ pub(crate) fn disjoint(op: &'static str, name: &'static str, out: &Raw, input: &
     Ok(())
 }
 
-/// `out` may be exactly `input` (in place) but must not partially overlap it.
-pub(crate) fn in_place_or_disjoint(op: &'static str, name: &'static str, out: &Raw, input: &Raw) -> Result<()> {
-    if out.overlaps(input) && !out.same(input) {
-        return Err(BackendError::Overlap { op, operand: name });
-    }
-    Ok(())
-}
-
 pub(crate) fn shape(op: &'static str, why: impl Into<String>) -> BackendError {
     BackendError::Shape { op, why: why.into() }
 }

@@ -99,7 +99,7 @@ pub(crate) fn sample(be: &CpuBackend, logits: &Raw, out: &Raw, vocab: usize, par
         let tok = with_scratch(vocab, |buf| {
             // SAFETY: row `r` of the checked logits is read-only.
             unsafe { load(logits, r * vocab, buf) };
-            sample_row(buf, &params[r], &mut idx)
+            sample_row(buf, &params[r].clamped(vocab), &mut idx)
         });
         IDX.with(|c| c.set(idx));
         // SAFETY: `out[r]` belongs to this worker; `out` is disjoint from the logits.

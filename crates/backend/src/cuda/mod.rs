@@ -15,6 +15,7 @@
 //! contract for device backends); kernels still skip bad ones and set a bit in their stream's
 //! error word, which the next `sync_stream` / `sync_event` on that stream reports as an error.
 
+mod dispatch;
 mod kernels;
 mod ops;
 
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{result as drv, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 
+pub use dispatch::{AttnDispatch, AttnKernelCounts, AttnShape, DecodePlan, PrefillRows};
 pub use kernels::{KernelModule, KernelOrigin, KernelSet};
 
 use crate::backend::{
@@ -158,8 +160,30 @@ impl ErrWord {
 struct Blas(blas_sys::cublasHandle_t);
 
 // SAFETY: a cuBLAS handle may be used from any thread, one at a time; `Stream` keeps it behind
-// a Mutex, which provides that exclusion.
+// a Mutex (inside [`Scratch`]), which provides that exclusion.
 unsafe impl Send for Blas {}
+
+/// What an op keeps on one stream between its launches: the workspace (converted GEMM operands,
+/// split-K decode partials, sampling sort slots) and the cuBLAS handle bound to the stream.
+/// Reachable only through [`Stream::scratch`]'s guard, which an op holds from its first launch
+/// to its last: launches on a stream run in issue order, so two ops' uses of the workspace can
+/// never interleave, whichever threads issue them.
+pub(crate) struct Scratch {
+    // Field order is drop order: the cuBLAS handle goes before its stream (a later field of
+    // `Stream`); the workspace is independent.
+    blas: Blas,
+    workspace: Region,
+}
+
+impl Scratch {
+    /// Device address of the workspace ([`ATTN_WORKSPACE_BYTES`]).
+    pub(crate) fn ptr(&self) -> u64 {
+        self.workspace.ptr
+    }
+    pub(crate) fn blas(&self) -> blas_sys::cublasHandle_t {
+        self.blas.0
+    }
+}
 
 impl Drop for Blas {
     fn drop(&mut self) {
@@ -168,12 +192,10 @@ impl Drop for Blas {
     }
 }
 
-/// A CUDA stream with its cuBLAS handle and attention workspace (work on one stream is
-/// serialised, so reusing the workspace across launches on it is race-free).
+/// A CUDA stream with its cuBLAS handle, workspace ([`Scratch`]) and error word.
 pub struct Stream {
-    // Field order is drop order: the cuBLAS handle goes before the stream it is bound to.
-    blas: Mutex<Blas>,
-    workspace: Region,
+    // Field order is drop order: the cuBLAS handle (in `scratch`) goes before the stream.
+    scratch: Mutex<Scratch>,
     err: Arc<ErrWord>,
     stream: Arc<CudaStream>,
 }
@@ -181,6 +203,11 @@ pub struct Stream {
 impl Stream {
     pub(crate) fn raw(&self) -> sys::CUstream {
         self.stream.cu_stream()
+    }
+
+    /// The stream's scratch, held exclusively until the guard drops (see [`Scratch`]).
+    pub(crate) fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -195,6 +222,7 @@ pub struct CudaBackend {
     /// Compute capability as `major * 10 + minor` (90 for H100).
     arch: u32,
     sm_count: u32,
+    attn_counters: dispatch::AttnCounters,
 }
 
 impl CudaBackend {
@@ -224,12 +252,24 @@ impl CudaBackend {
         let kernels = kernels::Kernels::load(&ctx, kernels, arch)?;
         let default = Self::make_stream(&ctx)?;
         tracing::info!(ordinal, %name, arch, sm_count, "cuda backend ready");
-        Ok(CudaBackend { ctx, default, kernels, name, arch, sm_count })
+        Ok(CudaBackend { ctx, default, kernels, name, arch, sm_count, attn_counters: Default::default() })
     }
 
     /// Compute capability as `major * 10 + minor`.
     pub fn arch(&self) -> u32 {
         self.arch
+    }
+
+    /// How many times each attention kernel was launched (which one a step used is observable:
+    /// see `dispatch.rs`).
+    pub fn attention_kernels(&self) -> AttnKernelCounts {
+        self.attn_counters.snapshot()
+    }
+
+    /// The kernels the calling thread's most recent `attention` call launched (tests check a
+    /// mixed step's decode rows took the decode kernel).
+    pub fn last_attention(&self) -> Option<AttnDispatch> {
+        dispatch::last()
     }
 
     /// Which image each kernel module was loaded from.
@@ -261,7 +301,7 @@ impl CudaBackend {
             .map_err(|e| BackendError::Driver { op: "cublasSetStream", msg: e.to_string() })?;
         let workspace = Self::alloc(ctx, ATTN_WORKSPACE_BYTES)?;
         let err = Arc::new(ErrWord::new(ctx)?);
-        Ok(Stream { blas: Mutex::new(blas), workspace, err, stream })
+        Ok(Stream { scratch: Mutex::new(Scratch { blas, workspace }), err, stream })
     }
 
     fn check_range(op: &'static str, region: &Region, offset: usize, bytes: usize) -> Result<()> {

@@ -8,9 +8,11 @@ use std::ffi::c_void;
 
 use cudarc::cublas::sys as blas_sys;
 
+use super::dispatch::{decode_plan, dispatch, AttnShape, DecodePlan, GRID_Y_MAX};
 use super::{kargs, CudaBackend, Region, Stream};
 use crate::backend::{AttnBatch, BinaryOp, GemmArgs, KvCacheRef, SampleParams, UnaryOp, View};
 use crate::error::{BackendError, Result};
+use crate::validate;
 use crate::DType;
 
 type V<'a> = View<'a, CudaBackend>;
@@ -20,16 +22,6 @@ const THREADS: u32 = 256;
 /// Rows per `sample_<dt>` launch at most: the per-row parameters travel in the kernel parameter
 /// buffer (64 × 32 bytes, inside the 4 KiB limit). Must equal SAMPLE_ROWS_MAX in kernels/sampling.cu.
 const SAMPLE_ROWS_MAX: usize = 64;
-/// Decode partitions are at most this long unless the workspace forces fewer, longer ones.
-const DECODE_PART_TOKENS_MAX: usize = 4096;
-/// Block-table entries of one partition staged in shared memory (16 KiB of ints).
-const DECODE_TABLE_SLICE_MAX: usize = 4096;
-/// Decode partitions are at least this long, so the reduction pass stays cheap.
-const DECODE_PART_TOKENS_MIN: usize = 128;
-/// Partition counts tried by the decode planner.
-const DECODE_PARTS_SEARCH_MAX: usize = 64;
-/// Grid y (and z) limit of a launch.
-const GRID_Y_MAX: usize = 65535;
 
 /// Index into the per-dtype kernel name tables (f32, f16, bf16).
 fn dt_index(op: &'static str, operand: &'static str, v: &V) -> Result<usize> {
@@ -54,15 +46,6 @@ fn code(op: &'static str, operand: &'static str, v: &V, int_ok: bool) -> Result<
             got,
             expected: if int_ok { "f32|f16|bf16|i32" } else { "f32|f16|bf16" },
         }),
-    }
-}
-
-/// `out` may be exactly `input` (elementwise in place) but must not partially overlap it.
-fn same_or_disjoint(op: &'static str, operand: &'static str, out: &V, input: &V) -> Result<()> {
-    if out.region.ptr == input.region.ptr && out.offset == input.offset && out.bytes() == input.bytes() {
-        Ok(())
-    } else {
-        disjoint(op, operand, out, input)
     }
 }
 
@@ -91,17 +74,6 @@ fn range_ptr(op: &'static str, operand: &'static str, region: &Region, offset: u
     match offset.checked_add(bytes) {
         Some(end) if end <= region.len => Ok(region.ptr + offset as u64),
         _ => Err(BackendError::OutOfBounds { op, operand, offset, bytes, region_bytes: region.len }),
-    }
-}
-
-fn disjoint(op: &'static str, operand: &'static str, out: &V, input: &V) -> Result<()> {
-    let same = out.region.ptr == input.region.ptr;
-    let (a0, a1) = (out.offset, out.offset + out.bytes());
-    let (b0, b1) = (input.offset, input.offset + input.bytes());
-    if same && a0 < b1 && b0 < a1 {
-        Err(BackendError::Overlap { op, operand })
-    } else {
-        Ok(())
     }
 }
 
@@ -171,8 +143,7 @@ impl CudaBackend {
         shape(OP, need(stride_b, n * k).is_some_and(|x| x <= b.len), || format!("b holds {} < needed", b.len))?;
         shape(OP, need(stride_c, m * n).is_some_and(|x| x <= c.len), || format!("c holds {} < needed", c.len))?;
         let (pa, pb, pc) = (dptr(OP, "a", &a)?, dptr(OP, "b", &b)?, dptr(OP, "c", &c)?);
-        disjoint(OP, "a", &c, &a)?;
-        disjoint(OP, "b", &c, &b)?;
+        validate::gemm(&a, &b, &c)?;
         let (mi, ni, ki) = (i32_arg(OP, "m", m)?, i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
         let batch_i = i32_arg(OP, "batch", batch)?;
         let ty = |d: DType| match d {
@@ -187,7 +158,9 @@ impl CudaBackend {
         let ldb = if trans_b { ki } else { ni };
         let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
-        let blas = s.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // Held until the GEMM is issued: the converted A lives in the workspace until cuBLAS has
+        // read it, and the handle is bound to this stream.
+        let scratch = s.scratch();
         self.bind()?;
         // Mixed inputs (f32 activations against 16-bit weights): A is converted to B's dtype in
         // the stream's workspace (A is the small operand: activations), strides kept.
@@ -201,7 +174,7 @@ impl CudaBackend {
                     why: format!("{} × {} operand A of {bytes} B exceeds the conversion workspace", a.dtype, b.dtype),
                 });
             }
-            let ws = s.workspace.ptr;
+            let ws = scratch.ptr();
             let n_a = a_elems as i64;
             let mut p = kargs![&pa, &ca, &ws, &cb, &n_a];
             // SAFETY: matches `cast(const void*, int, void*, int, i64)`; A's extent was checked
@@ -216,7 +189,7 @@ impl CudaBackend {
         let r = unsafe {
             if batch == 1 {
                 cudarc::cublas::result::gemm_ex(
-                    blas.0,
+                    scratch.blas(),
                     op_b,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     ni,
@@ -238,7 +211,7 @@ impl CudaBackend {
                 )
             } else {
                 cudarc::cublas::result::gemm_strided_batched_ex(
-                    blas.0,
+                    scratch.blas(),
                     op_b,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     ni,
@@ -275,8 +248,7 @@ impl CudaBackend {
             format!("b ({}) neither matches nor divides a ({})", b.len, a.len)
         })?;
         let (pa, pb, po) = (dptr(OP, "a", &a)?, dptr(OP, "b", &b)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "a", &out, &a)?;
-        same_or_disjoint(OP, "b", &out, &b)?;
+        validate::binary(OP, ["a", "b"], &a, &b, &out)?;
         if a.len == 0 {
             return Ok(());
         }
@@ -299,7 +271,7 @@ impl CudaBackend {
         let (cx, co) = (code(OP, "x", &x, false)?, code(OP, "out", &out, false)?);
         shape(OP, out.len == x.len, || format!("out has {} elements, x has {}", out.len, x.len))?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "x", &out, &x)?;
+        validate::unary(OP, &x, &out)?;
         if x.len == 0 {
             return Ok(());
         }
@@ -321,8 +293,9 @@ impl CudaBackend {
         let (cx, co) = (code(OP, "x", &x, true)?, code(OP, "out", &out, true)?);
         shape(OP, out.len == x.len, || format!("out has {} elements, x has {}", out.len, x.len))?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "x", &out, &x)?;
-        if x.len == 0 {
+        validate::unary(OP, &x, &out)?;
+        // Exactly in place (the only overlap `validate` lets through): nothing to convert.
+        if x.len == 0 || (std::ptr::eq(x.region, out.region) && x.offset == out.offset) {
             return Ok(());
         }
         self.bind()?;
@@ -345,8 +318,7 @@ impl CudaBackend {
             format!("gate {}, up {}, out {} elements", gate.len, up.len, out.len)
         })?;
         let (pg, pu, po) = (dptr(OP, "gate", &gate)?, dptr(OP, "up", &up)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "gate", &out, &gate)?;
-        same_or_disjoint(OP, "up", &out, &up)?;
+        validate::binary(OP, ["gate", "up"], &gate, &up, &out)?;
         if gate.len == 0 {
             return Ok(());
         }
@@ -364,7 +336,7 @@ impl CudaBackend {
             format!("x {} / out {} elements with {cols} columns", x.len, out.len)
         })?;
         let (px, po) = (dptr(OP, "x", &x)?, dptr(OP, "out", &out)?);
-        same_or_disjoint(OP, "x", &out, &x)?;
+        validate::unary(OP, &x, &out)?;
         let rows = x.len / cols;
         if rows == 0 {
             return Ok(());
@@ -386,8 +358,7 @@ impl CudaBackend {
         })?;
         shape(OP, out.len == ids.len * hidden, || format!("out {} != ids {} × {hidden}", out.len, ids.len))?;
         let (pt, pi, po) = (dptr(OP, "table", &table)?, dptr(OP, "ids", &ids)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "table", &out, &table)?;
-        disjoint(OP, "ids", &out, &ids)?;
+        validate::embedding(&table, &ids, &out)?;
         if ids.len == 0 {
             return Ok(());
         }
@@ -420,15 +391,11 @@ impl CudaBackend {
         })?;
         let (px, pw, po) = (dptr(OP, "x", &x)?, dptr(OP, "weight", &weight)?, dptr(OP, "out", &out)?);
         // In place (out == x) is allowed: each row is read before it is written.
-        same_or_disjoint(OP, "x", &out, &x)?;
-        disjoint(OP, "weight", &out, &weight)?;
+        validate::rms_norm(&x, residual.as_ref(), &weight, &out)?;
         let (pr, cr) = match &residual {
             Some(r) => {
                 let cr = code(OP, "residual", r, false)?;
                 shape(OP, r.len == x.len, || format!("residual {} != x {}", r.len, x.len))?;
-                disjoint(OP, "residual", &out, r)?;
-                disjoint(OP, "residual", r, &x)?;
-                disjoint(OP, "residual", r, &weight)?;
                 (dptr(OP, "residual", r)?, cr)
             }
             None => (0u64, 0),
@@ -464,8 +431,7 @@ impl CudaBackend {
         })?;
         shape(OP, inv_freq.len >= head_dim / 2, || format!("inv_freq {} < {}", inv_freq.len, head_dim / 2))?;
         let (px, pp, pf) = (dptr(OP, "x", &x)?, dptr(OP, "positions", &positions)?, dptr(OP, "inv_freq", &inv_freq)?);
-        disjoint(OP, "positions", &x, &positions)?;
-        disjoint(OP, "inv_freq", &x, &inv_freq)?;
+        validate::rope(&x, &positions, &inv_freq)?;
         if positions.len == 0 {
             return Ok(());
         }
@@ -487,6 +453,7 @@ impl CudaBackend {
         slots: V,
     ) -> Result<()> {
         const OP: &str = "kv_append";
+        validate::kv_append(&k, &v, cache, &slots)?;
         let l = cache.layout;
         let di = match l.dtype {
             DType::F32 => 0,
@@ -573,21 +540,54 @@ impl CudaBackend {
         let pqs = dptr(OP, "q_start", &batch.q_start)?;
         let pcl = dptr(OP, "ctx_lens", &batch.ctx_lens)?;
         let pbt = dptr(OP, "block_tables", &batch.block_tables)?;
-        disjoint(OP, "q", &out, &q)?;
+        validate::attention(&q, cache, batch, &out)?;
         if seqs == 0 || rows == 0 || batch.max_ctx_len == 0 {
             return Ok(());
         }
         shape(OP, seqs <= GRID_Y_MAX, || format!("{seqs} sequences > {GRID_Y_MAX}"))?;
+        let shape_of = AttnShape {
+            kv_elem_bytes: l.dtype.size_bytes(),
+            head_dim: hd,
+            heads,
+            kv_heads: kvh,
+            block_tokens: bt,
+            block_bytes: l.block_bytes(),
+            cache_addr: pc,
+            seqs,
+            rows,
+            max_q_len: batch.max_q_len,
+            max_ctx_len: batch.max_ctx_len,
+        };
         let g = heads / kvh;
         let vec = 16 / l.dtype.size_bytes();
-        let lanes = hd / vec;
-        let decode_ok = batch.max_q_len == 1
-            && rows == seqs
-            && g <= 8
-            && hd % vec == 0
-            && lanes <= 32
-            && (pc % 16 == 0)
-            && l.block_bytes().is_multiple_of(16);
+        let lpt = (hd / vec).max(1).next_power_of_two() as i32;
+        let gp_idx = g.next_power_of_two().trailing_zeros().min(3) as usize; // 1,2,4,8 -> 0..3
+        let ng = 4 * (32 / lpt.clamp(1, 32) as usize);
+        let smem_fixed = ng * (1 << gp_idx) * (2 + hd) * 4;
+        let decode_name = DECODE[di][gp_idx];
+        let plan = dispatch(&shape_of, || -> Result<Option<DecodePlan>> {
+            let f = self.kernels.get(decode_name)?;
+            // Occupancy at a typical block-table slice (256 ints); the exact slice is smaller or
+            // equal for the partition sizes chosen.
+            // SAFETY: `f` is a live function of this context; 128 threads is the launch block.
+            let per_sm = unsafe {
+                cudarc::driver::result::occupancy::max_active_block_per_multiprocessor(f.0, 128, smem_fixed + 1024)
+            }
+            .map_err(super::driver_err("occupancy"))?
+            .max(1) as usize;
+            Ok(decode_plan(
+                per_sm,
+                self.sm_count as usize,
+                seqs,
+                heads,
+                kvh,
+                hd,
+                bt,
+                batch.max_ctx_len,
+                super::ATTN_WORKSPACE_BYTES,
+            ))
+        })?;
+        self.attn_counters.record(&plan);
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let heads_i = i32_arg(OP, "heads", heads)?;
         let kvh_i = i32_arg(OP, "kv_heads", kvh)?;
@@ -599,60 +599,59 @@ impl CudaBackend {
         let nb = cache.num_blocks as i64;
         let err = s.err.dev;
         self.bind()?;
-        if decode_ok {
-            let lpt = lanes.next_power_of_two() as i32;
-            let gp_idx = g.next_power_of_two().trailing_zeros() as usize; // 1,2,4,8 -> 0..3
-            let gp = 1usize << gp_idx;
-            let ng = 4 * (32 / lpt as usize);
-            let smem_fixed = ng * gp * (2 + hd) * 4;
-            let name = DECODE[di][gp_idx];
-            if let Some(plan) = self.decode_plan(name, smem_fixed, seqs, heads, kvh, hd, bt, batch.max_ctx_len)? {
-                let ntab = plan.part_tokens / bt;
-                let smem = ntab.next_multiple_of(4) * 4 + smem_fixed;
-                let ws = s.workspace.ptr;
-                let ws_ml = ws + (seqs * heads * plan.parts * hd * 4) as u64;
-                let part_i = plan.part_tokens as i32;
-                let mut p = kargs![
-                    &pq,
-                    &cq,
-                    &pc,
-                    &nb,
-                    &pqs,
-                    &pcl,
-                    &pbt,
-                    &maxb_i,
-                    &po,
-                    &co,
-                    &ws,
-                    &ws_ml,
-                    &heads_i,
-                    &kvh_i,
-                    &hd_i,
-                    &bt_i,
-                    &block_elems,
-                    &layer_i,
-                    &part_i,
-                    &lpt,
-                    &scale_log2,
-                    &err
-                ];
-                let grid = (kvh as u32, seqs as u32, plan.parts as u32);
-                // SAFETY: matches `paged_decode_<dt>_g<GP>` (see kernels/attention.cu); q/out
-                // cover `seqs` rows, the cache and index arrays were checked above, and the
-                // workspace holds seqs × heads × parts × (head_dim + 2) floats (decode_plan).
-                unsafe { self.launch(s, name, grid, 128, smem as u32, &mut p)? };
-                if plan.parts > 1 {
-                    let parts_i = plan.parts as i32;
-                    let mut p = kargs![&ws, &ws_ml, &pqs, &po, &co, &heads_i, &hd_i, &parts_i];
-                    // SAFETY: matches `decode_reduce(const float*, const float*, const int*, void*,
-                    // int, int, int, int)`; reads the partials the launch above wrote on `s`.
-                    unsafe { self.launch(s, "decode_reduce", (heads as u32, seqs as u32, 1), 128, 0, &mut p)? };
-                }
-                return Ok(());
+        if let Some(plan) = plan.decode {
+            // The partials live in the stream's workspace from this launch until decode_reduce
+            // has read them: hold it across both launches, so no other op (from any thread)
+            // can issue work that uses it in between.
+            let scratch = s.scratch();
+            let ntab = plan.part_tokens / bt;
+            let smem = ntab.next_multiple_of(4) * 4 + smem_fixed;
+            let ws = scratch.ptr();
+            let ws_ml = ws + (seqs * heads * plan.parts * hd * 4) as u64;
+            let part_i = plan.part_tokens as i32;
+            let mut p = kargs![
+                &pq,
+                &cq,
+                &pc,
+                &nb,
+                &pqs,
+                &pcl,
+                &pbt,
+                &maxb_i,
+                &po,
+                &co,
+                &ws,
+                &ws_ml,
+                &heads_i,
+                &kvh_i,
+                &hd_i,
+                &bt_i,
+                &block_elems,
+                &layer_i,
+                &part_i,
+                &lpt,
+                &scale_log2,
+                &err
+            ];
+            let grid = (kvh as u32, seqs as u32, plan.parts as u32);
+            // SAFETY: matches `paged_decode_<dt>_g<GP>` (see kernels/attention.cu); q/out
+            // cover every row, the cache and index arrays were checked above, and the
+            // workspace holds seqs × heads × parts × (head_dim + 2) floats (decode_plan).
+            unsafe { self.launch(s, decode_name, grid, 128, smem as u32, &mut p)? };
+            if plan.parts > 1 {
+                let parts_i = plan.parts as i32;
+                let mut p = kargs![&ws, &ws_ml, &pqs, &po, &co, &heads_i, &hd_i, &parts_i];
+                // SAFETY: matches `decode_reduce(const float*, const float*, const int*, void*,
+                // int, int, int, int)`; reads the partials the launch above wrote on `s`.
+                unsafe { self.launch(s, "decode_reduce", (heads as u32, seqs as u32, 1), 128, 0, &mut p)? };
             }
         }
-        // General path: any rows per sequence (prefill, chunked prefill, odd decode shapes).
+        let Some(rows_of) = plan.prefill else {
+            return Ok(());
+        };
+        // General kernel: every sequence, or the multi-row ones of a mixed step.
         let kt: i32 = 32;
+        let min_rows = rows_of.min_rows();
         let smem = (16 * hd + kt as usize * (2 * hd + 1)) * 4;
         let tiles = batch.max_q_len.div_ceil(16).max(1);
         shape(OP, heads <= GRID_Y_MAX && tiles <= i32::MAX as usize, || format!("{heads} heads, {tiles} tiles"))?;
@@ -674,69 +673,12 @@ impl CudaBackend {
             &block_elems,
             &layer_i,
             &kt,
+            &min_rows,
             &scale_log2,
             &err
         ];
         // SAFETY: matches `prefill_<dt>` (see kernels/attention.cu); all operands checked above.
         unsafe { self.launch(s, PREFILL[di], (tiles as u32, heads as u32, seqs as u32), 128, smem as u32, &mut p) }
-    }
-
-    /// Split-K plan for paged decode: the partition count that fills the GPU's resident thread
-    /// blocks (from the kernel's occupancy) in the fullest whole waves, each partition a whole
-    /// number of cache blocks and at least DECODE_PART_TOKENS_MIN long, the partials fitting
-    /// the stream's workspace. Whole waves, because equal-sized blocks in 1.1 waves cost two.
-    /// `None` when no plan fits (the caller falls back to the general kernel).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_plan(
-        &self,
-        name: &'static str,
-        smem_fixed: usize,
-        seqs: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block_tokens: usize,
-        max_ctx: usize,
-    ) -> Result<Option<DecodePlan>> {
-        let f = self.kernels.get(name)?;
-        // Occupancy at a typical block-table slice (256 ints); the exact slice is smaller or
-        // equal for the partition sizes chosen here.
-        // SAFETY: `f` is a live function of this context; 128 threads is the launch block.
-        let per_sm = unsafe {
-            cudarc::driver::result::occupancy::max_active_block_per_multiprocessor(f.0, 128, smem_fixed + 1024)
-        }
-        .map_err(super::driver_err("occupancy"))?
-        .max(1) as usize;
-        let base_blocks = (seqs * kv_heads).max(1);
-        let resident = self.sm_count as usize * per_sm;
-        // Equal-sized blocks finish in whole waves: pick the partition count whose last wave is
-        // fullest (ties: fewer partitions), e.g. 64 base blocks on 132 SMs × 3 -> 6 partitions.
-        let p_max = max_ctx.div_ceil(DECODE_PART_TOKENS_MIN).clamp(1, DECODE_PARTS_SEARCH_MAX);
-        let fill = |p: usize| {
-            let blocks = base_blocks * p;
-            blocks as f64 / (blocks.div_ceil(resident) * resident) as f64
-        };
-        let mut parts = 1;
-        for p in 2..=p_max {
-            if fill(p) > fill(parts) + 1e-9 {
-                parts = p;
-            }
-        }
-        parts = parts.max(max_ctx.div_ceil(DECODE_PART_TOKENS_MAX));
-        let per_part_bytes = seqs * heads * (head_dim + 2) * 4;
-        let fit = super::ATTN_WORKSPACE_BYTES / per_part_bytes.max(1);
-        if parts > 1 && parts > fit {
-            parts = fit;
-        }
-        if parts == 0 || parts > GRID_Y_MAX {
-            return Ok(None);
-        }
-        let part_tokens = max_ctx.div_ceil(parts).next_multiple_of(block_tokens);
-        if part_tokens / block_tokens > DECODE_TABLE_SLICE_MAX {
-            return Ok(None);
-        }
-        let parts = max_ctx.div_ceil(part_tokens);
-        Ok(Some(DecodePlan { parts, part_tokens }))
     }
 
     /// One launch per ≤ 65535 moves (the grid-y limit), each move one whole block.
@@ -787,6 +729,7 @@ impl CudaBackend {
 
     pub(super) fn copy_blocks_impl(&self, s: &Stream, cache: &KvCacheRef<Self>, pairs: V) -> Result<()> {
         const OP: &str = "copy_blocks";
+        validate::copy_blocks(cache, &pairs)?;
         want(OP, "pairs", &pairs, DType::I32)?;
         shape(OP, pairs.len.is_multiple_of(2), || format!("pairs has {} elements (odd)", pairs.len))?;
         let pc = cache_ptr(OP, cache)?;
@@ -801,6 +744,7 @@ impl CudaBackend {
 
     pub(super) fn gather_blocks_impl(&self, s: &Stream, cache: &KvCacheRef<Self>, ids: V, staging: V) -> Result<()> {
         const OP: &str = "gather_blocks";
+        validate::move_blocks(OP, true, cache, &ids, &staging)?;
         want(OP, "ids", &ids, DType::I32)?;
         let bb = cache.layout.block_bytes();
         shape(OP, staging.bytes() >= ids.len * bb, || format!("staging {} B < {} blocks", staging.bytes(), ids.len))?;
@@ -814,6 +758,7 @@ impl CudaBackend {
 
     pub(super) fn scatter_blocks_impl(&self, s: &Stream, staging: V, cache: &KvCacheRef<Self>, ids: V) -> Result<()> {
         const OP: &str = "scatter_blocks";
+        validate::move_blocks(OP, false, cache, &ids, &staging)?;
         want(OP, "ids", &ids, DType::I32)?;
         let bb = cache.layout.block_bytes();
         shape(OP, staging.bytes() >= ids.len * bb, || format!("staging {} B < {} blocks", staging.bytes(), ids.len))?;
@@ -833,7 +778,7 @@ impl CudaBackend {
             format!("logits {} / out {} with vocab {vocab}", logits.len, out.len)
         })?;
         let (pl, po) = (dptr(OP, "logits", &logits)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "logits", &out, &logits)?;
+        validate::select(OP, &logits, &out)?;
         let rows = out.len;
         if rows == 0 {
             return Ok(());
@@ -861,7 +806,7 @@ impl CudaBackend {
         })?;
         shape(OP, params.len() == out.len, || format!("{} parameter rows for {} rows", params.len(), out.len))?;
         let (pl, po) = (dptr(OP, "logits", &logits)?, dptr(OP, "out", &out)?);
-        disjoint(OP, "logits", &out, &logits)?;
+        validate::select(OP, &logits, &out)?;
         let v = i32_arg(OP, "vocab", vocab)?;
         i32_arg(OP, "rows", out.len)?;
         // Each row sorts its candidates in a slot of the stream's workspace.
@@ -874,11 +819,15 @@ impl CudaBackend {
             });
         }
         let vpow2_i = vpow2 as i32;
-        let ws = s.workspace.ptr;
+        // Held across every chunk's launch: each sorts in the workspace.
+        let scratch = s.scratch();
+        let ws = scratch.ptr();
         self.bind()?;
         for (chunk_idx, chunk) in params.chunks(rows_per_launch).enumerate() {
             let mut batch = SampleBatch { rows: [SampleRow::default(); SAMPLE_ROWS_MAX] };
             for (dst, p) in batch.rows.iter_mut().zip(chunk) {
+                // Clamped on the host (the kernel also compares top_k unsigned): see `clamped`.
+                let p = p.clamped(vocab);
                 *dst = SampleRow {
                     temperature: p.temperature,
                     top_k: p.top_k,
@@ -898,9 +847,4 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
-
-struct DecodePlan {
-    parts: usize,
-    part_tokens: usize,
 }

@@ -190,7 +190,6 @@ impl SessionService {
         metrics: &Metrics,
     ) -> Result<Arc<SessionService>, SessionStartError> {
         let dtype = cfg.model_dtype().map_err(|e| SessionStartError::Config(e.to_string()))?;
-        let kv_dtype = if backend.info().kind == "cpu" { DType::F32 } else { DType::F16 };
         let mut models = Vec::with_capacity(cfg.models.len());
         let mut infos = Vec::with_capacity(cfg.models.len());
         for spec in &cfg.models {
@@ -202,6 +201,8 @@ impl SessionService {
             };
             let files = open_model(&spec.dir, dtype).map_err(err)?;
             let mcfg = files.cfg.clone();
+            let weights = djinn_model::WeightLayout::choose_dtype(&files.checkpoint, dtype).ok();
+            let kv_dtype = kv_dtype(backend.info().kind, weights);
             let max_ctx =
                 cfg.max_context_tokens.unwrap_or(mcfg.max_position_embeddings).min(mcfg.max_position_embeddings).max(1);
             let block_bytes = Model::kv_layout(&mcfg, BLOCK_TOKENS, kv_dtype).block_bytes();
@@ -386,5 +387,31 @@ impl SessionService {
     fn mark_stopped(&self) {
         *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stopped_cv.notify_all();
+    }
+}
+
+/// The KV cache dtype for weights stored as `weights` on a backend of `kind`: f32 on the CPU
+/// reference; on a GPU the model's own float dtype (bf16 for bf16 models — f16 would turn
+/// values past 65504 into inf, then NaN), bf16 where the weights are not a float type.
+fn kv_dtype(kind: &str, weights: Option<DType>) -> DType {
+    match weights {
+        _ if kind == "cpu" => DType::F32,
+        Some(d) if d.is_float() => d,
+        _ => DType::BF16,
+    }
+}
+
+#[cfg(test)]
+mod kv_dtype_tests {
+    use super::*;
+
+    #[test]
+    fn gpu_sessions_keep_the_models_dtype() {
+        assert_eq!(kv_dtype("cuda", Some(DType::BF16)), DType::BF16);
+        assert_eq!(kv_dtype("cuda", Some(DType::F16)), DType::F16);
+        assert_eq!(kv_dtype("cuda", Some(DType::F32)), DType::F32);
+        assert_eq!(kv_dtype("cuda", Some(DType::U8)), DType::BF16);
+        assert_eq!(kv_dtype("cuda", None), DType::BF16);
+        assert_eq!(kv_dtype("cpu", Some(DType::BF16)), DType::F32);
     }
 }
