@@ -1,6 +1,6 @@
-//! `djinn-dataplane serve`: defaults, an optional TOML file, `DJINN_*` variables and flags become
-//! a [`ServerConfig`] (the settings are declared once, in `djinn_server::config`). Picks the backend from `--gpus`, starts the server,
-//! and drains on SIGTERM/SIGINT (exit 0).
+//! `djinn-dataplane serve`: defaults, an optional TOML file, `DJINN_*` variables and flags
+//! become a [`ServerConfig`] (the settings are declared once, in `djinn_server::config`). Picks
+//! the backend from `--gpus`, starts the server, and drains on SIGTERM/SIGINT (exit 0).
 
 use std::path::PathBuf;
 

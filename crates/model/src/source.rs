@@ -40,7 +40,9 @@ pub fn open_model(path: &Path, gguf_dtype: Option<DType>) -> Result<ModelFiles> 
         return Ok(ModelFiles { cfg, checkpoint, tokenizer });
     }
     if !path.is_dir() {
-        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory or file; give a Hugging Face model directory (config.json + model.safetensors) or a .gguf file")));
+        let why = "no such directory or file; give a Hugging Face model directory (config.json + \
+                   model.safetensors) or a .gguf file";
+        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, why)));
     }
     let cfg = ModelConfig::load(path)?;
     let checkpoint = Checkpoint::open(path)?;

@@ -163,13 +163,16 @@ pub fn render_chat_with(
     tpl.render(ctx).map_err(|e| ModelError::Template(e.to_string()))
 }
 
-/// Turns a growing list of generated ids into text deltas, holding back bytes of an incomplete
-/// UTF-8 character (decoders emit U+FFFD until the character is complete).
+/// Turns generated ids, one at a time, into text deltas: the `tokenizers` crate's streaming
+/// decoder (`DecodeStream`), which keeps only the ids still needed to decode the next piece and
+/// holds back an incomplete UTF-8 character. Its state lives here rather than in a
+/// `DecodeStream` (which borrows the tokenizer) so that a session can own it; each step is the
+/// crate's own `step_decode_stream`.
 #[derive(Debug, Default)]
 pub struct Detokenizer {
     ids: Vec<u32>,
-    prefix: usize,
-    read: usize,
+    prefix: String,
+    prefix_index: usize,
 }
 
 impl Detokenizer {
@@ -179,17 +182,15 @@ impl Detokenizer {
 
     /// Adds one id; returns the text it completes (possibly empty).
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
-        let now = tok.decode(&self.ids[self.prefix..], true)?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
-            let delta = now[before.len()..].to_string();
-            self.prefix = self.read;
-            self.read = self.ids.len();
-            Ok(delta)
-        } else {
-            Ok(String::new())
-        }
+        let step = tokenizers::tokenizer::step_decode_stream(
+            &tok.inner,
+            vec![id],
+            true,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        );
+        Ok(step.map_err(|e| tok.err(e))?.unwrap_or_default())
     }
 }
 
@@ -247,6 +248,21 @@ mod tests {
         assert_eq!(s.text(), "hello ");
         let mut s = StopStrings::new(vec!["\n\n".into()]);
         assert_eq!(s.push("ab\n\ncd"), ("ab".into(), true));
+    }
+
+    /// A byte-level vocabulary where "é" (C3 A9) takes two tokens: the first alone yields
+    /// nothing, the second the whole character; the deltas add up to the full decode.
+    #[test]
+    fn detokenizer_streams_whole_characters() {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":null,"post_processor":null,
+            "decoder":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":false,"use_regex":false},
+            "model":{"type":"WordLevel","vocab":{"Ã":0,"©":1,"a":2,"Ġb":3},"unk_token":"a"}}"#;
+        let tok = TextTokenizer::from_parts(Path::new("t.json"), json.as_bytes(), None, None).unwrap();
+        let mut d = Detokenizer::new();
+        let deltas: Vec<String> = [2, 0, 1, 3, 2].iter().map(|&id| d.push(&tok, id).unwrap()).collect();
+        assert_eq!(deltas, ["a", "", "é", " b", "a"]);
+        assert_eq!(deltas.concat(), tok.decode(&[2, 0, 1, 3, 2], true).unwrap());
     }
 
     #[test]

@@ -30,9 +30,10 @@ impl ModelSpec {
             Some((name, dir)) if !name.trim().is_empty() && !dir.trim().is_empty() => {
                 Ok(ModelSpec { name: name.trim().to_owned(), dir: PathBuf::from(dir.trim()) })
             }
-            _ => Err(ConfigError::Invalid(format!(
+            _ => Err(ConfigError::Invalid(
                 "write NAME=DIR, e.g. smollm2=models/smollm2-135m-instruct (DIR: a model directory or a .gguf file)"
-            ))),
+                    .to_owned(),
+            )),
         }
     }
 }

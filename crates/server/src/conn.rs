@@ -294,7 +294,8 @@ impl<B: Backend> Conn<B> {
             let tenant = self.tenant.as_ref().map(|t| t.to_string());
             let tenant = tenant.as_deref().unwrap_or("-");
             let duration_us = t0.elapsed().as_micros() as u64;
-            tracing::debug!(target: "djinn::request", tenant, model = "-", opcode = label, tokens = 0, duration_us, status, "request");
+            let (model, opcode, tokens) = ("-", label, 0);
+            tracing::debug!(target: "djinn::request", tenant, model, opcode, tokens, duration_us, status, "request");
         }
         if let Outcome::Rejected(rej) = outcome {
             self.sh.metrics.errors_total.with_label_values(&[kind(rej.status)]).inc();

@@ -3,7 +3,8 @@
 //! ([`session`]: one engine loop thread per device batches every session's step and streams
 //! token frames through the connection's shared [`server::ReplyTx`]), metrics.
 //!
-//! Module map: [`config`] (the settings: flags, TOML, environment; mechanism in [`settings`]), [`auth`] (tenants, tokens), [`server`] (start-up,
+//! Module map: [`config`] (the settings: flags, TOML, environment; mechanism in
+//! [`settings`]), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
 //! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`watchdog`] (connection deadlines),
