@@ -12,13 +12,14 @@ pub struct Args {
     /// TOML file whose keys match these flags (see configs/).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME. Default tcp://127.0.0.1:7070.
+    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME, rdma://ADDR:PORT (ADDR an
+    /// address of the RDMA device's interface). Default tcp://127.0.0.1:7070.
     #[arg(long)]
     pub listen: Vec<String>,
     /// `cpu`, or CUDA device ordinals (`0` or `0,1`). Default: cpu unless a GPU backend is built in.
     #[arg(long)]
     pub gpus: Option<String>,
-    /// RDMA device (not available yet: refused at start-up).
+    /// RDMA device for the rdma:// listeners (e.g. mlx5_0); default: the device that owns ADDR.
     #[arg(long)]
     pub nic: Option<String>,
     /// Name of this server in logs and metrics.
