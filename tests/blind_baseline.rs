@@ -112,9 +112,11 @@ fn model_dir(rel: &str) -> Option<PathBuf> {
 
 fn main() {
     let args = Arguments::from_args();
-    let shm_missing = Transport::Shm.unavailable();
-    if let Some(why) = &shm_missing {
-        eprintln!("NOTE: shm trials ignored: {why}");
+    let missing: Vec<Option<String>> = Transport::ALL.iter().map(|t| t.unavailable()).collect();
+    for (t, why) in Transport::ALL.iter().zip(&missing) {
+        if let Some(why) = why {
+            eprintln!("NOTE: {} trials ignored: {why}", t.name());
+        }
     }
     let smol: Vec<(&str, Option<PathBuf>)> = SMOLLM2_DIRS.iter().map(|&(n, rel)| (n, model_dir(rel))).collect();
     for ((name, dir), (_, rel)) in smol.iter().zip(SMOLLM2_DIRS) {
@@ -123,8 +125,8 @@ fn main() {
         }
     }
     let mut trials = Vec::new();
-    for t in Transport::ALL {
-        let t_ignored = t == Transport::Shm && shm_missing.is_some();
+    for (t, why) in Transport::ALL.into_iter().zip(missing.clone()) {
+        let t_ignored = why.is_some();
         for &name in REFERENCE_MODELS {
             trials.push(
                 Trial::test(format!("{name}_{}", t.name()), move || {

@@ -405,8 +405,9 @@ type Body = (&'static str, fn(Transport), bool);
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let shm_missing = Transport::Shm.unavailable();
+    let rdma_missing = Transport::Rdma.unavailable();
     let cc_missing = no_c_compiler();
-    for why in shm_missing.iter().chain(&cc_missing) {
+    for why in shm_missing.iter().chain(&rdma_missing).chain(&cc_missing) {
         eprintln!("NOTE: trials ignored: {why}");
     }
     // (name, body, ignored for want of a C compiler)
@@ -425,7 +426,9 @@ fn main() {
             &Transport::ALL
         };
         for &t in transports {
-            let ignored = needs_missing_cc || (t == Transport::Shm && shm_missing.is_some());
+            let ignored = needs_missing_cc
+                || (t == Transport::Shm && shm_missing.is_some())
+                || (t == Transport::Rdma && rdma_missing.is_some());
             trials.push(
                 libtest_mimic::Trial::test(
                     if transports.len() == 1 { name.to_string() } else { format!("{name}_{}", t.name()) },

@@ -8,7 +8,7 @@ mod gpu;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::raw::{expect_status, header, hello, raw, RawPeer, RawTcp, REPLY_TIMEOUT};
@@ -397,11 +397,26 @@ fn ping_json_has_the_keys(t: Transport) {
     assert!(v["gbps"].as_f64().unwrap() > 0.0);
 }
 
-fn nic_is_refused(_t: Transport) {
+/// `--nic` without an rdma listener names the missing `--listen rdma://`; a device that does not
+/// exist (or a build or machine without RDMA) fails start-up with one clear sentence.
+fn nic_needs_an_rdma_listener_and_a_device(_t: Transport) {
     let out = Command::new(BIN).args(["serve", "--listen", "tcp://127.0.0.1:0", "--nic", "mlx5_0"]).output().unwrap();
-    assert!(!out.status.success(), "--nic must be refused");
+    assert!(!out.status.success(), "--nic without an rdma listener must be refused");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("RDMA") && err.contains("--nic"), "message: {err}");
+    assert!(err.contains("--listen rdma://"), "message: {err}");
+    let out =
+        Command::new(BIN).args(["serve", "--listen", "rdma://127.0.0.1:0", "--nic", "no_such_dev0"]).output().unwrap();
+    assert!(!out.status.success(), "a missing device must fail start-up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no_such_dev0") || err.contains("no RDMA device") || err.contains("no RDMA support"),
+        "message: {err}"
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "tcp://127.0.0.1:7071", "--listen", "rdma://127.0.0.1:7071"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an rdma port shared with a tcp listener must be refused");
 }
 
 /// Bad `--gpus` values are refused everywhere; `--gpus 0` without a GPU is refused with a reason
@@ -495,6 +510,38 @@ fn tcp_and_shm_together(_t: Transport) {
     }
 }
 
+/// A client process killed in the middle of 16 MiB echoes: only its connection ends; the server
+/// serves the next client, bulk data included.
+fn client_killed_mid_transfer(t: Transport) {
+    let srv = server(t, &[]);
+    let mut child = Command::new(BIN)
+        .args(["ping", "--server", srv.url(), "--size", "16777216", "--count", "1000000", "--warmup", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Long enough to be inside a transfer (soft-RoCE in the VM moves ~30 MB/s), short of the end.
+    std::thread::sleep(Duration::from_millis(if t == Transport::Rdma { 2000 } else { 300 }));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    still_serves(srv.url());
+    let mut c = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    let payload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.ping(&payload).unwrap(), payload);
+}
+
+/// An rdma listener beside tcp and shm ones: each serves, and each lists all three.
+fn rdma_beside_tcp_and_shm(_t: Transport) {
+    let shm = Transport::Shm.listen_url();
+    let srv = ServerProc::start(&["--listen", "tcp://127.0.0.1:0", "--listen", &shm, "--listen", "rdma://127.0.0.1:0"]);
+    assert_eq!(srv.urls.len(), 3);
+    for u in &srv.urls {
+        let mut c = Client::connect_with(u, &ClientOptions::default()).unwrap();
+        assert_eq!(c.capabilities().transports, vec!["tcp".to_owned(), "shm".to_owned(), "rdma".to_owned()]);
+        assert_eq!(c.ping(u.as_bytes()).unwrap(), u.as_bytes());
+    }
+}
+
 fn main() {
     let trials: Vec<TrialSpec> = vec![
         ("framing_errors_close_only_that_connection", None, framing_errors_close_only_that_connection),
@@ -512,11 +559,13 @@ fn main() {
         ("sigterm_drains_and_exits_zero", None, sigterm_drains_and_exits_zero),
         ("healthz_and_metrics", None, healthz_and_metrics),
         ("ping_json_has_the_keys", None, ping_json_has_the_keys),
-        ("nic_is_refused", Some(Transport::Tcp), nic_is_refused),
+        ("nic_needs_an_rdma_listener_and_a_device", Some(Transport::Tcp), nic_needs_an_rdma_listener_and_a_device),
         ("bad_listen_url_fails_start", Some(Transport::Tcp), bad_listen_url_fails_start),
         ("gpus_flag_is_checked", Some(Transport::Tcp), gpus_flag_is_checked),
         ("config_files_start_and_flags_override", Some(Transport::Tcp), config_files_start_and_flags_override),
         ("tcp_and_shm_together", Some(Transport::Shm), tcp_and_shm_together),
+        ("client_killed_mid_transfer", None, client_killed_mid_transfer),
+        ("rdma_beside_tcp_and_shm", Some(Transport::Rdma), rdma_beside_tcp_and_shm),
     ];
     run_trials_and(trials, vec![gpus_0_serves_on_the_gpu()])
 }

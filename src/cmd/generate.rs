@@ -26,7 +26,7 @@ pub struct ModelArgs {
     /// Hugging Face layout directory (config.json + safetensors), or a .gguf file.
     #[arg(long, conflicts_with = "server")]
     pub model_dir: Option<PathBuf>,
-    /// Run on a server instead: tcp://HOST:PORT or shm://NAME (needs --model).
+    /// Run on a server instead: tcp://HOST:PORT, shm://NAME or rdma://HOST:PORT (needs --model).
     #[arg(long, value_name = "URL", requires = "model_name")]
     pub server: Option<String>,
     /// The server's model name (its `serve --model NAME=DIR`).
@@ -35,6 +35,9 @@ pub struct ModelArgs {
     /// With --server: file holding the tenant token (else DJINN_TOKEN).
     #[arg(long, requires = "server")]
     pub token_file: Option<PathBuf>,
+    /// With an rdma:// server: the local RDMA device (default: the one on the route to HOST).
+    #[arg(long, env = "DJINN_NIC")]
+    pub nic: Option<String>,
     /// `cpu`, or a CUDA device ordinal (`0`). Default, as for `serve`: GPU 0 when this build has
     /// CUDA and a GPU answers, else the CPU. In process only (a server picks its own device).
     #[arg(long, value_name = "cpu|0", conflicts_with = "server")]

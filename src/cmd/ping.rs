@@ -7,9 +7,12 @@ use djinn_client::{Client, ClientOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Server URL: tcp://HOST:PORT or shm://NAME.
+    /// Server URL: tcp://HOST:PORT, shm://NAME or rdma://HOST:PORT.
     #[arg(long)]
     pub server: String,
+    /// With an rdma:// server: the local RDMA device (default: the one on the route to HOST).
+    #[arg(long, env = "DJINN_NIC")]
+    pub nic: Option<String>,
     /// Payload bytes per round trip.
     #[arg(long, default_value_t = 64)]
     pub size: usize,
@@ -32,6 +35,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = ClientOptions { token: djinn_client::load_token(args.token_file.as_deref())?, ..Default::default() };
+    opts.transport.rdma_device = args.nic.clone();
     if args.busy_poll {
         opts.transport.wait = djinn_transport::WaitMode::BusyPoll;
     }

@@ -15,7 +15,8 @@ use super::logits::{print_logits, Args as LogitsArgs};
 pub fn connect(m: &ModelArgs) -> anyhow::Result<(Client, String)> {
     let url = m.server.as_deref().context("--server URL is required")?;
     let model = m.model_name.clone().context("--server needs --model NAME (a model the server serves)")?;
-    let opts = ClientOptions { token: djinn_client::load_token(m.token_file.as_deref())?, ..Default::default() };
+    let mut opts = ClientOptions { token: djinn_client::load_token(m.token_file.as_deref())?, ..Default::default() };
+    opts.transport.rdma_device = m.nic.clone();
     // The client's error already names the URL.
     let client = Client::connect_with(url, &opts)?;
     Ok((client, model))

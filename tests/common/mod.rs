@@ -24,15 +24,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Transport {
     Tcp,
     Shm,
+    /// Soft-RoCE in the VM (`scripts/rdma-vm`); ignored, with the reason, elsewhere.
+    Rdma,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 2] = [Transport::Tcp, Transport::Shm];
+    pub const ALL: [Transport; 3] = [Transport::Tcp, Transport::Shm, Transport::Rdma];
 
     pub fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
             Transport::Shm => "shm",
+            Transport::Rdma => "rdma",
         }
     }
 
@@ -41,6 +44,7 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp://127.0.0.1:0".into(),
             Transport::Shm => format!("shm://{}", unique_name("srv")),
+            Transport::Rdma => "rdma://127.0.0.1:0".into(),
         }
     }
 
@@ -55,6 +59,12 @@ impl Transport {
                     Err(e) => Some(format!("shm transport unavailable here: {e}")),
                 }
             }
+            #[cfg(not(feature = "rdma"))]
+            Transport::Rdma => Some("built without the `rdma` feature".into()),
+            #[cfg(feature = "rdma")]
+            Transport::Rdma => djinn_transport::rdma::device_names()
+                .is_empty()
+                .then(|| "no RDMA device here (scripts/rdma-vm runs these on soft-RoCE)".into()),
         }
     }
 }
@@ -257,9 +267,11 @@ pub fn run_trials(trials: Vec<TrialSpec>) -> ! {
 pub fn run_trials_and(trials: Vec<TrialSpec>, extra: Vec<libtest_mimic::Trial>) -> ! {
     let args = libtest_mimic::Arguments::from_args();
     let mut out = extra;
-    let shm_missing = Transport::Shm.unavailable();
-    if let Some(why) = &shm_missing {
-        eprintln!("NOTE: shm trials ignored: {why}");
+    let missing: Vec<(Transport, Option<String>)> = Transport::ALL.iter().map(|&t| (t, t.unavailable())).collect();
+    for (t, why) in &missing {
+        if let Some(why) = why {
+            eprintln!("NOTE: {} trials ignored: {why}", t.name());
+        }
     }
     for (name, t, body) in trials {
         let transports: Vec<Transport> = match t {
@@ -268,7 +280,7 @@ pub fn run_trials_and(trials: Vec<TrialSpec>, extra: Vec<libtest_mimic::Trial>) 
         };
         for t in transports {
             let full = format!("{name}_{}", t.name());
-            let ignored = t == Transport::Shm && shm_missing.is_some();
+            let ignored = missing.iter().any(|(m, why)| *m == t && why.is_some());
             out.push(
                 libtest_mimic::Trial::test(full, move || {
                     body(t);

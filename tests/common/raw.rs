@@ -107,10 +107,37 @@ impl RawPeer for RawShm {
     }
 }
 
+/// Raw RDMA: bytes placed in the server's ring by one-sided writes, replies read by the
+/// transport's own receiving half.
+#[cfg(feature = "rdma")]
+pub struct RawRdma {
+    c: djinn_transport::rdma::RawClient,
+}
+
+#[cfg(feature = "rdma")]
+impl RawPeer for RawRdma {
+    fn send(&mut self, h: &FrameHeader, meta: &[u8]) {
+        let mut b = h.as_bytes().to_vec();
+        b.extend_from_slice(meta);
+        self.c.write_all(&b).unwrap();
+    }
+    fn recv(&mut self) -> Option<FrameHeader> {
+        let head = self.c.rx().recv_head().ok()?;
+        self.c.rx().skip_data(head.header.data_len.get()).ok()?;
+        Some(head.header)
+    }
+}
+
 pub fn raw(t: Transport, url: &str) -> Box<dyn RawPeer> {
     match t {
         Transport::Tcp => Box::new(RawTcp::connect(url)),
         Transport::Shm => Box::new(RawShm::connect(url)),
+        #[cfg(feature = "rdma")]
+        Transport::Rdma => Box::new(RawRdma {
+            c: djinn_transport::rdma::RawClient::connect(url.strip_prefix("rdma://").unwrap(), 64 * 1024).unwrap(),
+        }),
+        #[cfg(not(feature = "rdma"))]
+        Transport::Rdma => unreachable!("rdma trials are ignored in builds without the feature"),
     }
 }
 

@@ -95,12 +95,13 @@ impl TenantOverride {
 }
 
 crate::settings! {
-    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME.
+    /// Transport URL to listen on (repeatable): tcp://HOST:PORT, shm://NAME, rdma://ADDR:PORT (ADDR an
+    /// address of the RDMA device's interface).
     listen: Vec<String> = vec![DEFAULT_LISTEN.to_owned()], value = "URL";
     /// `cpu`, or CUDA device ordinals (`0`, `0,1`). Empty: GPU 0 when this build has CUDA and the
     /// machine a GPU, else the CPU.
     gpus: String = String::new(), value = "cpu|0";
-    /// RDMA device. Refused until the RDMA transport exists.
+    /// RDMA device for the rdma:// listeners (e.g. mlx5_0). Default: the device that owns ADDR.
     nic: Option<String> = None, value = "DEVICE";
     /// Name of this server in logs, metrics and the capabilities reply.
     node_id: String = "djinn-0".into(), value = "NAME";
@@ -298,12 +299,7 @@ impl ServerConfig {
 
     /// Checks what can be checked before binding anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(nic) = &self.nic {
-            return Err(ConfigError::Invalid(format!(
-                "--nic {nic}: the RDMA transport is not built yet (it belongs to a later issue); \
-                 serve over tcp:// or shm:// and leave --nic out"
-            )));
-        }
+        self.validate_nic()?;
         let positive = [
             ("max_connections", self.max_connections as u64),
             ("max_inflight_per_conn", self.max_inflight_per_conn as u64),
@@ -378,6 +374,36 @@ impl ServerConfig {
         }
     }
 
+    /// `--nic` needs an `rdma://` listener; an `rdma://` listener needs a build with RDMA, and
+    /// its port may not double as a `tcp://` listener's on the same address (the rdma endpoint
+    /// exchange runs over TCP). Device existence is checked when the listener opens it.
+    fn validate_nic(&self) -> Result<(), ConfigError> {
+        let urls = self.listen_urls();
+        let rdma: Vec<&str> = urls.iter().filter_map(|u| u.strip_prefix("rdma://")).collect();
+        if let Some(nic) = &self.nic {
+            if rdma.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "--nic {nic} without an rdma listener: add --listen rdma://ADDR:PORT (ADDR an address of {nic}'s interface)"
+                )));
+            }
+        }
+        if !rdma.is_empty() && !djinn_transport::RDMA_BUILT {
+            return Err(ConfigError::Invalid(
+                "--listen rdma://: this build has no RDMA support; build with `--features rdma` (needs libibverbs)"
+                    .into(),
+            ));
+        }
+        // Port 0 (the kernel picks) cannot collide.
+        for addr in rdma.iter().filter(|a| !a.ends_with(":0")) {
+            if urls.iter().any(|u| u.strip_prefix("tcp://") == Some(*addr)) {
+                return Err(ConfigError::Invalid(format!(
+                    "rdma://{addr} and tcp://{addr} share a port: the rdma endpoint exchange runs over TCP; pick another port"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The models' weight dtype (`dtype`), `None` = as stored.
     pub fn model_dtype(&self) -> Result<Option<djinn_backend::DType>, ConfigError> {
         use djinn_backend::DType;
@@ -408,6 +434,7 @@ impl ServerConfig {
         let mut o = djinn_transport::TransportOptions { wait: self.wait_mode()?, ..Default::default() };
         o.force_socket = self.force_socket;
         o.shm_data_bytes = self.shm_data_bytes;
+        o.rdma_device = self.nic.clone();
         o.limits.frame_bytes_max = self.frame_bytes_max;
         Ok(o)
     }
@@ -434,7 +461,12 @@ mod tests {
         assert!(ServerConfig::from_toml("lisen = []").is_err());
         let c = ServerConfig { nic: Some("mlx5_0".into()), ..Default::default() };
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("RDMA"), "{e}");
+        assert!(e.contains("--listen rdma://"), "{e}");
+        let both = ServerConfig {
+            listen: vec!["tcp://127.0.0.1:7070".into(), "rdma://127.0.0.1:7070".into()],
+            ..Default::default()
+        };
+        assert!(both.validate().is_err());
     }
 
     #[test]

@@ -141,6 +141,11 @@ pub struct TransportOptions {
     pub shm_slots: usize,
     /// Spin this long before parking (SpinThenPark).
     pub spin_us: u64,
+    /// RDMA: the device to use (`--nic`); `None`: the device that owns the endpoint's address.
+    pub rdma_device: Option<String>,
+    /// RDMA: bytes of this side's receive ring per connection (a server also refuses clients
+    /// asking for more than its own).
+    pub rdma_ring_bytes: usize,
 }
 
 impl Default for TransportOptions {
@@ -159,6 +164,8 @@ impl Default for TransportOptions {
             shm_data_bytes: 16 * 1024 * 1024,
             shm_slots: 256,
             spin_us: 50,
+            rdma_device: None,
+            rdma_ring_bytes: 4 * 1024 * 1024,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Transports carry frames (see `djinn-proto`) between a client and the server. One trait pair
 //! ([`FrameTx`], [`FrameRx`]) covers every implementation; each lives in a sibling module:
-//! `tcp` (io_uring, plain-socket fallback), `shm` (memfd region + rings + doorbell) and, later,
-//! `rdma` (ibverbs). [`recommended`] picks the implementation for a URL.
+//! `tcp` (io_uring, plain-socket fallback), `shm` (memfd region + rings + doorbell) and `rdma`
+//! (ibverbs, with the `rdma` feature). [`recommended`] picks the implementation for a URL.
 //!
 //! The shape every transport shares is the RDMA one: the sender places bytes into memory the
 //! receiver owns (a socket buffer, a shared region, a registered MR) and rings a doorbell; the
@@ -9,6 +9,8 @@
 //! moves bulk data straight into its destination buffer.
 
 pub mod conn;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod recommended;
 pub mod shm;
 pub mod tcp;
@@ -18,3 +20,6 @@ pub use conn::{
     TransportError, TransportOptions, WaitMode,
 };
 pub use recommended::{connect, listen};
+
+/// Whether this build carries the `rdma://` transport (the `rdma` feature).
+pub const RDMA_BUILT: bool = cfg!(feature = "rdma");

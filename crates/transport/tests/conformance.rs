@@ -90,6 +90,64 @@ fn shm() -> Setup {
     Ok(Fixture { listen_url, opts: TransportOptions::default(), transport: "shm", raw_connect: None, has_closer: true })
 }
 
+/// RDMA over whatever verbs device owns 127.0.0.1 (soft-RoCE `rxe0` on `lo` in the VM that
+/// `scripts/rdma-vm` boots). Ignored, with the reason, where the build or the machine has none.
+fn rdma() -> Setup {
+    #[cfg(not(feature = "rdma"))]
+    return Err("built without the `rdma` feature".into());
+    #[cfg(feature = "rdma")]
+    {
+        let devices = djinn_transport::rdma::device_names();
+        if devices.is_empty() {
+            return Err("no RDMA device here (run through scripts/rdma-vm for soft-RoCE)".into());
+        }
+        // Small rings so wrap-around and credit waits are exercised by the larger frames.
+        let opts = TransportOptions { rdma_ring_bytes: 64 * 1024, ..TransportOptions::default() };
+        Ok(Fixture {
+            listen_url: || "rdma://127.0.0.1:0".into(),
+            opts,
+            transport: "rdma",
+            raw_connect: Some(rdma_raw),
+            has_closer: true,
+        })
+    }
+}
+
+/// The rdma rendezvous needs the server to answer, and the tests accept only after connecting: the
+/// raw client connects on a thread and its first write waits for it.
+#[cfg(feature = "rdma")]
+struct RdmaRaw {
+    connecting: Option<thread::JoinHandle<djinn_transport::rdma::RawClient>>,
+    client: Option<djinn_transport::rdma::RawClient>,
+}
+
+#[cfg(feature = "rdma")]
+impl Write for RdmaRaw {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some(t) = self.connecting.take() {
+            self.client = Some(t.join().expect("rdma raw connect"));
+        }
+        self.client.as_mut().expect("connected").write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_raw(url: &str) -> Box<dyn Write + Send> {
+    let addr = url.strip_prefix("rdma://").unwrap().to_owned();
+    let connecting =
+        thread::spawn(move || djinn_transport::rdma::RawClient::connect(&addr, 64 * 1024).expect("rdma raw connect"));
+    Box::new(RdmaRaw { connecting: Some(connecting), client: None })
+}
+
+fn rdma_busy() -> Setup {
+    let mut f = rdma()?;
+    f.opts.wait = WaitMode::BusyPoll;
+    Ok(f)
+}
+
 // ------------------------------------------------------------------------------------------------
 // Helpers.
 
@@ -512,7 +570,7 @@ macro_rules! conformance {
     };
 }
 
-conformance!(tcp_uring, tcp_uring_zc, tcp_uring_busy, tcp_socket, tcp_socket_busy, shm);
+conformance!(tcp_uring, tcp_uring_zc, tcp_uring_busy, tcp_socket, tcp_socket_busy, shm, rdma, rdma_busy);
 
 fn main() {
     let args = Arguments::from_args();

@@ -36,7 +36,7 @@
 pub mod raw;
 pub mod region;
 mod ring;
-mod sys;
+pub(crate) mod sys;
 #[cfg(test)]
 mod tests;
 

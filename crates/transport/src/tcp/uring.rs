@@ -105,14 +105,25 @@ impl UringIo {
     /// Everything `entry` points to must stay valid until this returns.
     unsafe fn run(&mut self, entry: io_uring::squeue::Entry) -> io::Result<i32> {
         // SAFETY: the caller keeps the entry's memory alive until we return, and we only return
-        // after the final completion (or leave `inflight` set, and Drop reaps it).
+        // after the final completion, or after cancelling and reaping the operation.
         unsafe { self.ring.submission().push(&entry.user_data(UD_OP)) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         self.inflight = true;
-        self.ring.submit()?;
+        if let Err(e) = self.ring.submit() {
+            // The entry may still reach the kernel with the next submit: cancel and reap it now,
+            // while the caller's buffer is still borrowed.
+            self.cancel_and_reap();
+            return Err(e);
+        }
         let mut result = None;
         loop {
-            let cqe = self.next_cqe()?;
+            let cqe = match self.next_cqe() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.cancel_and_reap();
+                    return Err(e);
+                }
+            };
             if cqe.user_data() != UD_OP {
                 continue;
             }
@@ -212,31 +223,78 @@ impl StreamIo for UringIo {
     }
 }
 
-impl Drop for UringIo {
-    fn drop(&mut self) {
+impl UringIo {
+    /// Cancels the operation in flight and reaps its last completion, so the kernel no longer
+    /// touches the caller's memory when we return (a receive into a tensor's mapping would
+    /// otherwise write into memory that may be unmapped). Waits until the kernel confirms: if the
+    /// ring itself fails, shutting the socket down completes any socket operation, and we keep
+    /// reaping.
+    fn cancel_and_reap(&mut self) {
         if !self.inflight {
             return;
         }
-        // An error left an operation behind: cancel it and reap its completions before the ring
-        // (and the buffers the caller is about to free) go away. Bounded: a handful of waits.
         let cancel = opcode::AsyncCancel::new(UD_OP).build().user_data(UD_CANCEL);
-        // SAFETY: AsyncCancel carries no pointers.
+        // SAFETY: AsyncCancel carries no pointers. A full queue is submitted first to make room.
         if unsafe { self.ring.submission().push(&cancel) }.is_err() {
-            return;
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            let _ = unsafe { self.ring.submission().push(&cancel) };
         }
-        for _ in 0..8 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+        let mut shut_down = false;
+        while self.inflight {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) if !shut_down => {
+                    // SAFETY: shutdown on the socket we hold; no pointers.
+                    unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                    shut_down = true;
+                }
+                Err(_) => std::thread::yield_now(),
             }
-            let mut op_done = false;
             for c in self.ring.completion() {
+                // The operation's last completion has no MORE flag (for zero-copy sends that is
+                // the notification; the kernel no longer reads our buffers after it).
                 if c.user_data() == UD_OP && !cqueue::more(c.flags()) {
-                    op_done = true;
+                    self.inflight = false;
                 }
             }
-            if op_done {
-                break;
-            }
         }
+    }
+}
+
+impl Drop for UringIo {
+    fn drop(&mut self) {
+        // Normally nothing is in flight: `run` reaps before it returns, even on errors.
+        self.cancel_and_reap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A receive left pending (as after a failed wait) is cancelled and reaped: afterwards the
+    /// kernel no longer writes into the buffer, even when data arrives.
+    #[test]
+    fn cancel_and_reap_stops_a_pending_receive() {
+        if probe().is_err() {
+            eprintln!("io_uring unavailable here: test skipped");
+            return;
+        }
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut io = UringIo::new(Arc::new(OwnedFd::from(a)), WaitMode::SpinThenPark, 0, usize::MAX).unwrap();
+        let mut buf = vec![0u8; 64];
+        let entry = opcode::Recv::new(types::Fd(io.fd.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).build();
+        // SAFETY: `buf` outlives the operation: cancel_and_reap below reaps it before `buf` is read.
+        unsafe { io.ring.submission().push(&entry.user_data(UD_OP)) }.unwrap();
+        io.inflight = true;
+        io.ring.submit().unwrap();
+        io.cancel_and_reap();
+        assert!(!io.inflight);
+        b.write_all(&[7u8; 64]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(buf.iter().all(|&x| x == 0), "the cancelled receive wrote into the buffer");
     }
 }

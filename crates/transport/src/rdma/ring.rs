@@ -1,0 +1,746 @@
+//! The two halves of an rdma connection. Each half owns one RC queue pair and its CQ; the peer's
+//! opposite half owns the other end of that QP, so no CQ is ever shared between threads.
+//!
+//! Data (`RdmaTx` → peer's `RdmaRx`): the receiver registered a ring of `ring_bytes`; the sender
+//! keeps a registered staging buffer of the same size and mirrors the ring's offsets in it. Frames
+//! (header, metadata, bulk data, back to back) are copied into staging and placed in the ring by
+//! RDMA WRITE_WITH_IMM in chunks of at most `CHUNK_BYTES` that never cross the ring's end; the
+//! immediate is the chunk's length, so the receiver learns new bytes from its CQ and never has to
+//! trust an index in memory the peer writes. Writes of up to the QP's `max_inline_data` go inline.
+//! Every `SIGNAL_EVERY`-th work request is signalled (selective signalling).
+//!
+//! Credits (`RdmaRx` → peer's `RdmaTx`): the receiver reposts a receive for every immediate it
+//! takes and, once a quarter of the ring (or of its receives) is free, SENDs its cumulative
+//! consumed bytes and receives (`Credit`, inline) into one of the sender's posted receive slots.
+//! A sender with no ring space or no receive credit waits: never grows.
+//!
+//! Waiting (`WaitMode`): busy-poll polls the CQ and checks the rendezvous socket for hang-up every
+//! millisecond; spin-then-park polls for `spin_us`, then arms the CQ, polls once more and sleeps
+//! in `poll(2)` on the completion channel and the socket.
+//!
+//! Trust: a chunk length that would overfill the ring and a credit beyond what was sent are
+//! protocol errors (`Other`); headers and metadata are copied out of the ring into private memory
+//! before they are validated. The peer can write only this connection's ring (its own MR and rkey).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
+
+use super::verbs::{empty_wc, ibv_wc, ibv_wc_opcode, ibv_wc_status, Cq, Device, Mr, Qp};
+use crate::shm::sys::peer_gone_now;
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError, WaitMode};
+
+/// Largest single write (and immediate): the receiver starts copying out while the rest flies.
+pub(crate) const CHUNK_BYTES: usize = 256 * 1024;
+/// Send queue depth of each QP.
+pub(crate) const SEND_WR: u32 = 128;
+/// Every this many work requests one is signalled, so the send queue's slots are reclaimed.
+const SIGNAL_EVERY: u64 = 32;
+/// Receives the data receiver keeps posted: the sender's bound on unconsumed immediates.
+pub(crate) const DATA_RECV_WR: u32 = 128;
+/// Credit receive slots the sender keeps posted. A credit reports at least one new immediate or a
+/// quarter of the ring, so there are never more in flight than immediates plus a few.
+pub(crate) const CREDIT_RECV_WR: u32 = 2 * DATA_RECV_WR + 16;
+/// Bytes of one credit message (and of its receive slot).
+pub(crate) const CREDIT_BYTES: usize = 24;
+/// Inline bytes asked of each QP (frames this small skip the NIC's read of staging).
+pub(crate) const INLINE_BYTES: u32 = 256;
+/// Immediate that says "the sending half closed"; never a chunk length.
+const CLOSE_IMM: u32 = u32::MAX;
+/// Spin-then-park spins without yielding this long before it yields between looks.
+const PURE_SPIN: Duration = Duration::from_micros(5);
+/// While busy-polling, check the peer's socket (and yield) at most this often.
+const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+/// A closing sender waits at most this long for its last writes to be acknowledged.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Completions taken per poll.
+const POLL_BATCH: usize = 16;
+
+/// Why a ring operation stopped.
+#[derive(Debug, Clone)]
+pub(crate) enum RingError {
+    PeerGone,
+    LocalClosed,
+    Corrupt(&'static str),
+    Header(HeaderError),
+    Verbs(String),
+}
+
+impl RingError {
+    fn into_transport(self, peer: &str) -> TransportError {
+        match self {
+            RingError::PeerGone | RingError::LocalClosed => TransportError::Closed,
+            RingError::Corrupt(what) => {
+                TransportError::Other(format!("rdma peer {peer} broke the ring protocol: {what}"))
+            }
+            RingError::Header(e) => TransportError::BadHeader(e),
+            RingError::Verbs(what) => TransportError::Other(format!("rdma {peer}: {what}")),
+        }
+    }
+}
+
+fn verbs(e: std::io::Error) -> RingError {
+    RingError::Verbs(e.to_string())
+}
+
+/// What both halves share: the rendezvous socket (kept open so each side sees the other die).
+pub(crate) struct Link {
+    pub(crate) sock: OwnedFd,
+    pub(crate) peer: String,
+    pub(crate) counters: Arc<ByteCounters>,
+    pub(crate) closed: AtomicBool,
+    pub(crate) _dev: Arc<Device>,
+}
+
+impl Link {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        // SAFETY: shutdown on a socket this link owns; it stays open (closed on drop).
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+    fn check_open(&self) -> Result<(), RingError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(RingError::LocalClosed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The credit message, little-endian: consumed bytes, consumed immediates, closed flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Credit {
+    head: u64,
+    imms: u64,
+    closed: bool,
+}
+
+impl Credit {
+    fn encode(&self) -> [u8; CREDIT_BYTES] {
+        let mut b = [0u8; CREDIT_BYTES];
+        b[0..8].copy_from_slice(&self.head.to_le_bytes());
+        b[8..16].copy_from_slice(&self.imms.to_le_bytes());
+        b[16] = self.closed as u8;
+        b
+    }
+    fn decode(b: &[u8; CREDIT_BYTES]) -> Credit {
+        Credit {
+            head: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+            imms: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            closed: b[16] != 0,
+        }
+    }
+}
+
+/// How a half waits for its CQ.
+#[derive(Clone, Copy)]
+struct Waiter {
+    mode: WaitMode,
+    spin: Duration,
+}
+
+impl Waiter {
+    /// Returns as soon as `ready` (which polls the CQ) yields a value.
+    fn wait<T>(
+        &self,
+        link: &Link,
+        cq: &Cq,
+        mut ready: impl FnMut() -> Result<Option<T>, RingError>,
+    ) -> Result<T, RingError> {
+        link.check_open()?;
+        if let Some(v) = ready()? {
+            return Ok(v);
+        }
+        let start = Instant::now();
+        let mut last_check = start;
+        let spin = match self.mode {
+            WaitMode::BusyPoll => Duration::MAX,
+            WaitMode::SpinThenPark => self.spin,
+        };
+        while start.elapsed() < spin {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+                if let Some(v) = ready()? {
+                    return Ok(v);
+                }
+            }
+            link.check_open()?;
+            let now = Instant::now();
+            if now - last_check >= LIVENESS_CHECK_INTERVAL {
+                if peer_gone_now(&link.sock) {
+                    return ready()?.ok_or(RingError::PeerGone);
+                }
+                std::thread::yield_now();
+                last_check = Instant::now();
+            } else if self.mode == WaitMode::SpinThenPark && start.elapsed() >= PURE_SPIN {
+                std::thread::yield_now();
+            }
+        }
+        loop {
+            cq.arm().map_err(verbs)?;
+            // A completion that came before the arm raised no event: look once more.
+            if let Some(v) = ready()? {
+                return Ok(v);
+            }
+            let mut fds = [
+                libc::pollfd { fd: cq.fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: link.sock.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 },
+            ];
+            // SAFETY: two live pollfd entries.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(RingError::Verbs(format!(
+                    "poll on completion channel: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            if fds[0].revents != 0 {
+                cq.take_event();
+            }
+            link.check_open()?;
+            if let Some(v) = ready()? {
+                return Ok(v);
+            }
+            if fds[1].revents != 0 {
+                return Err(RingError::PeerGone);
+            }
+        }
+    }
+}
+
+/// Send-queue accounting shared by both halves' QPs: posted and known-complete counts.
+#[derive(Default)]
+struct SendQueue {
+    posted: u64,
+    done: u64,
+}
+
+impl SendQueue {
+    fn full(&self) -> bool {
+        self.posted - self.done >= SEND_WR as u64 - 1
+    }
+    /// Id and signalled flag for the next work request.
+    fn next(&mut self) -> (u64, bool) {
+        self.posted += 1;
+        (self.posted, self.posted.is_multiple_of(SIGNAL_EVERY))
+    }
+    fn completed(&mut self, wr_id: u64) {
+        self.done = self.done.max(wr_id);
+    }
+}
+
+/// Where the peer's ring is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RemoteRing {
+    pub(crate) addr: u64,
+    pub(crate) rkey: u32,
+    pub(crate) bytes: u64,
+}
+
+/// The sending half.
+pub struct RdmaTx {
+    // Field order is drop order: the QP goes before the memory it used.
+    qp: Qp,
+    staging: Mr,
+    credit_slots: Mr,
+    link: Arc<Link>,
+    waiter: Waiter,
+    limits: Limits,
+    remote: RemoteRing,
+    sq: SendQueue,
+    /// Bytes written into staging (posted or pending), cumulative.
+    tail: u64,
+    /// Bytes at the end of `tail` not yet posted.
+    pending: u64,
+    imms_sent: u64,
+    credit: Credit,
+    poisoned: Option<RingError>,
+}
+
+/// The receiving half.
+pub struct RdmaRx {
+    qp: Qp,
+    ring: Mr,
+    link: Arc<Link>,
+    waiter: Waiter,
+    limits: Limits,
+    sq: SendQueue,
+    size: u64,
+    head: u64,
+    tail: u64,
+    imms: u64,
+    reported: Credit,
+    peer_closed: bool,
+    pending_data: u64,
+    poisoned: Option<RingError>,
+}
+
+/// Builds the halves of one side. `rx_qp` has its data receives posted already (see
+/// [`post_data_recvs`]), `tx_qp` its credit receives ([`post_credit_recvs`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn halves(
+    link: Arc<Link>,
+    tx_qp: Qp,
+    staging: Mr,
+    credit_slots: Mr,
+    remote: RemoteRing,
+    rx_qp: Qp,
+    ring: Mr,
+    opts: &crate::TransportOptions,
+) -> (RdmaTx, RdmaRx) {
+    let spin = Duration::from_micros(opts.spin_us);
+    let size = ring.len() as u64;
+    let tx = RdmaTx {
+        qp: tx_qp,
+        staging,
+        credit_slots,
+        link: link.clone(),
+        waiter: Waiter { mode: opts.wait, spin },
+        limits: opts.limits,
+        remote,
+        sq: SendQueue::default(),
+        tail: 0,
+        pending: 0,
+        imms_sent: 0,
+        credit: Credit::default(),
+        poisoned: None,
+    };
+    let rx = RdmaRx {
+        qp: rx_qp,
+        ring,
+        link,
+        waiter: Waiter { mode: opts.wait, spin },
+        limits: opts.limits,
+        sq: SendQueue::default(),
+        size,
+        head: 0,
+        tail: 0,
+        imms: 0,
+        reported: Credit::default(),
+        peer_closed: false,
+        pending_data: 0,
+        poisoned: None,
+    };
+    (tx, rx)
+}
+
+/// Posts the data receiver's receives (zero-length: WRITE_WITH_IMM consumes no buffer).
+pub(crate) fn post_data_recvs(qp: &Qp) -> std::io::Result<()> {
+    for i in 0..DATA_RECV_WR {
+        // SAFETY: zero-length receive: no buffer is handed to the NIC.
+        unsafe { qp.post_recv(i as u64, 0, 0, 0)? };
+    }
+    Ok(())
+}
+
+/// Posts one receive per credit slot of `slots`.
+pub(crate) fn post_credit_recvs(qp: &Qp, slots: &Mr) -> std::io::Result<()> {
+    for i in 0..CREDIT_RECV_WR as u64 {
+        // SAFETY: slot `i` lies inside `slots` (sized CREDIT_RECV_WR × CREDIT_BYTES), which the
+        // sending half owns and drops after its QP.
+        unsafe { qp.post_recv(i, slots.addr() + i * CREDIT_BYTES as u64, CREDIT_BYTES as u32, slots.lkey())? };
+    }
+    Ok(())
+}
+
+impl RdmaTx {
+    /// Takes the completions there are: send completions free send-queue slots, received
+    /// credits are validated and their slots reposted.
+    fn progress(&mut self) -> Result<(), RingError> {
+        let mut wcs: [ibv_wc; POLL_BATCH] = std::array::from_fn(|_| empty_wc());
+        loop {
+            let n = self.qp.cq.poll(&mut wcs).map_err(verbs)?;
+            for wc in &wcs[..n] {
+                if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                    // A flushed or failed request: the QP is in error, the peer is gone.
+                    return Err(RingError::PeerGone);
+                }
+                if wc.opcode == ibv_wc_opcode::IBV_WC_RECV {
+                    let slot = wc.wr_id;
+                    if slot >= CREDIT_RECV_WR as u64 || wc.byte_len as usize != CREDIT_BYTES {
+                        return Err(RingError::Corrupt("credit message of the wrong size"));
+                    }
+                    let mut raw = [0u8; CREDIT_BYTES];
+                    // SAFETY: the slot lies inside credit_slots; the completion says the NIC is done
+                    // writing it, and it is reposted only after this copy.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.credit_slots.ptr().add(slot as usize * CREDIT_BYTES),
+                            raw.as_mut_ptr(),
+                            CREDIT_BYTES,
+                        )
+                    };
+                    let c = Credit::decode(&raw);
+                    let posted = self.tail - self.pending;
+                    if c.head < self.credit.head
+                        || c.head > posted
+                        || c.imms < self.credit.imms
+                        || c.imms > self.imms_sent
+                    {
+                        return Err(RingError::Corrupt("credit beyond what was sent"));
+                    }
+                    self.credit = Credit { closed: self.credit.closed || c.closed, ..c };
+                    // SAFETY: as in post_credit_recvs.
+                    unsafe {
+                        self.qp
+                            .post_recv(
+                                slot,
+                                self.credit_slots.addr() + slot * CREDIT_BYTES as u64,
+                                CREDIT_BYTES as u32,
+                                self.credit_slots.lkey(),
+                            )
+                            .map_err(verbs)?
+                    };
+                } else {
+                    self.sq.completed(wc.wr_id);
+                }
+            }
+            if n < wcs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        self.remote.bytes - (self.tail - self.credit.head)
+    }
+
+    /// Waits until `ok` holds (polling completions), failing once the receiver closed.
+    fn wait_for(&mut self, ok: fn(&RdmaTx) -> bool) -> Result<(), RingError> {
+        self.progress()?;
+        if ok(self) {
+            return Ok(());
+        }
+        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+        waiter.wait(&link, &cq, || {
+            self.progress()?;
+            if ok(self) {
+                Ok(Some(()))
+            } else if self.credit.closed {
+                Err(RingError::PeerGone)
+            } else {
+                Ok(None)
+            }
+        })
+    }
+
+    /// Posts the pending bytes as one WRITE_WITH_IMM.
+    fn flush(&mut self) -> Result<(), RingError> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        self.wait_for(|s| !s.sq.full() && s.imms_sent - s.credit.imms < DATA_RECV_WR as u64)?;
+        let len = self.pending;
+        let start = (self.tail - len) % self.remote.bytes;
+        let (wr_id, signaled) = self.sq.next();
+        // SAFETY: staging[start..start+len] holds the chunk and is not rewritten until the
+        // receiver's credit covers it, which implies the write was placed (the NIC is done with
+        // it); the chunk ends at or before the ring's end, so the remote range is in the ring.
+        unsafe {
+            self.qp
+                .post_write(
+                    wr_id,
+                    self.staging.addr() + start,
+                    len as u32,
+                    self.staging.lkey(),
+                    self.remote.addr + start,
+                    self.remote.rkey,
+                    Some(len as u32),
+                    signaled,
+                )
+                .map_err(verbs)?
+        };
+        self.imms_sent += 1;
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Copies `src` into staging, posting chunks as they fill and waiting for ring space.
+    fn stream(&mut self, src: &[u8]) -> Result<(), RingError> {
+        let mut done = 0usize;
+        while done < src.len() {
+            if self.free_bytes() == 0 {
+                self.flush()?;
+                self.wait_for(|s| s.free_bytes() > 0)?;
+            }
+            let size = self.remote.bytes;
+            let pos = (self.tail % size) as usize;
+            let n = (self.free_bytes() as usize)
+                .min(src.len() - done)
+                .min(size as usize - pos)
+                .min(CHUNK_BYTES - self.pending as usize);
+            // SAFETY: pos + n <= staging length (== ring size); the range is free (not covered by
+            // any unacknowledged write), so the NIC is not reading it.
+            unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), self.staging.ptr().add(pos), n) };
+            self.tail += n as u64;
+            self.pending += n as u64;
+            done += n;
+            if self.pending as usize == CHUNK_BYTES || self.tail.is_multiple_of(size) {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Places `bytes` in the peer's ring with no framing (see `RawClient`).
+    pub(crate) fn write_raw(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.stream(bytes).and_then(|()| self.flush()).map_err(|e| e.into_transport(&self.link.peer))
+    }
+
+    fn write_frame(&mut self, frame: &OutFrame<'_>) -> Result<(), RingError> {
+        self.stream(zerocopy::IntoBytes::as_bytes(&frame.header))?;
+        self.stream(frame.meta)?;
+        for seg in frame.data {
+            self.stream(seg)?;
+        }
+        self.flush()
+    }
+}
+
+impl FrameTx for RdmaTx {
+    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+        if let Some(p) = &self.poisoned {
+            return Err(p.clone().into_transport(&self.link.peer));
+        }
+        self.link.check_open().map_err(|e| e.into_transport(&self.link.peer))?;
+        let data_len: u64 = frame.data.iter().map(|d| d.len() as u64).sum();
+        if frame.header.meta_len.get() as usize != frame.meta.len() || frame.header.data_len.get() != data_len {
+            return Err(TransportError::DataMisuse("header lengths disagree with the frame's metadata/data"));
+        }
+        frame.header.validate(&self.limits)?;
+        match self.write_frame(frame) {
+            Ok(()) => {
+                self.link.counters.sent.fetch_add(frame.header.frame_len(), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = Some(e.clone());
+                Err(e.into_transport(&self.link.peer))
+            }
+        }
+    }
+
+    fn closer(&self) -> Option<ConnectionClose> {
+        let link = Arc::downgrade(&self.link);
+        Some(Arc::new(move || {
+            if let Some(link) = link.upgrade() {
+                link.close();
+            }
+        }))
+    }
+}
+
+impl Drop for RdmaTx {
+    fn drop(&mut self) {
+        if self.poisoned.is_some() || self.link.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // Tell the receiver we are done, then wait (bounded) until every write is acknowledged:
+        // destroying the QP earlier would drop writes still queued.
+        let _ = self.flush();
+        if self.progress().is_err() || self.sq.full() || self.imms_sent - self.credit.imms >= DATA_RECV_WR as u64 {
+            return;
+        }
+        self.sq.posted += 1;
+        let last = self.sq.posted;
+        // SAFETY: zero-length write: no local or remote memory is touched.
+        if unsafe { self.qp.post_write(last, 0, 0, 0, self.remote.addr, self.remote.rkey, Some(CLOSE_IMM), true) }
+            .is_err()
+        {
+            return;
+        }
+        let start = Instant::now();
+        while self.sq.done < last && start.elapsed() < DRAIN_TIMEOUT {
+            if self.progress().is_err() {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl RdmaRx {
+    /// Takes the completions there are: immediates advance the tail (checked against the
+    /// ring), each receive is reposted at once.
+    fn progress(&mut self) -> Result<(), RingError> {
+        let mut wcs: [ibv_wc; POLL_BATCH] = std::array::from_fn(|_| empty_wc());
+        loop {
+            let n = self.qp.cq.poll(&mut wcs).map_err(verbs)?;
+            for wc in &wcs[..n] {
+                if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                    return Err(RingError::PeerGone);
+                }
+                if wc.opcode == ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM {
+                    // SAFETY: reading the immediate of a RECV_RDMA_WITH_IMM completion.
+                    let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+                    if imm == CLOSE_IMM {
+                        self.peer_closed = true;
+                    } else {
+                        let tail = self.tail + imm as u64;
+                        if imm as usize > CHUNK_BYTES || tail - self.head > self.size {
+                            return Err(RingError::Corrupt("write beyond the ring's free space"));
+                        }
+                        self.tail = tail;
+                    }
+                    self.imms += 1;
+                    // SAFETY: zero-length receive.
+                    unsafe { self.qp.post_recv(wc.wr_id, 0, 0, 0).map_err(verbs)? };
+                } else if wc.opcode == ibv_wc_opcode::IBV_WC_RECV {
+                    return Err(RingError::Corrupt("unexpected send on the data queue pair"));
+                } else {
+                    self.sq.completed(wc.wr_id);
+                }
+            }
+            if n < wcs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends a credit once a quarter of the ring or of the receives is unreported. Checked after
+    /// every copy and before every wait, which is enough for liveness: a sender blocked on space
+    /// has filled the ring (all of it unreported once consumed), one blocked on receives has
+    /// used them all; either way a quarter is due. A ping-pong therefore pays one credit per
+    /// `DATA_RECV_WR / 4` messages, not one per message.
+    fn credit(&mut self) -> Result<(), RingError> {
+        let bytes = self.head - self.reported.head;
+        let imms = self.imms - self.reported.imms;
+        if bytes < self.size / 4 && imms < DATA_RECV_WR as u64 / 4 {
+            return Ok(());
+        }
+        if self.sq.full() {
+            self.progress()?;
+            if self.sq.full() {
+                // Completions are pending; the next call sends it.
+                return Ok(());
+            }
+        }
+        let c = Credit { head: self.head, imms: self.imms, closed: false };
+        let (wr_id, signaled) = self.sq.next();
+        self.qp.post_send_inline(wr_id, &c.encode(), signaled).map_err(verbs)?;
+        self.reported = c;
+        Ok(())
+    }
+
+    fn avail(&self) -> u64 {
+        self.tail - self.head
+    }
+
+    /// Waits for bulk bytes in the ring; `PeerGone` once the sender closed and all is consumed.
+    fn wait_avail(&mut self) -> Result<u64, RingError> {
+        self.progress()?;
+        if self.avail() > 0 {
+            return Ok(self.avail());
+        }
+        self.credit()?;
+        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+        waiter.wait(&link, &cq, || {
+            self.progress()?;
+            match self.avail() {
+                0 if self.peer_closed => Err(RingError::PeerGone),
+                0 => Ok(None),
+                a => Ok(Some(a)),
+            }
+        })
+    }
+
+    /// Moves `len` bytes out of the ring into `dst` (or drops them).
+    fn read(&mut self, mut dst: Option<&mut [u8]>, len: u64) -> Result<(), RingError> {
+        let mut done = 0u64;
+        while done < len {
+            let avail = self.wait_avail()?;
+            let pos = self.head % self.size;
+            let n = avail.min(len - done).min(self.size - pos).min(CHUNK_BYTES as u64);
+            if let Some(d) = dst.as_deref_mut() {
+                // SAFETY: pos + n <= ring size; these bytes were announced by an immediate whose
+                // completion we polled (the write is placed) and are not rewritten before our credit.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.ring.ptr().add(pos as usize),
+                        d[done as usize..].as_mut_ptr(),
+                        n as usize,
+                    )
+                };
+            }
+            self.head += n;
+            done += n;
+            self.credit()?;
+        }
+        Ok(())
+    }
+
+    fn next_head(&mut self) -> Result<RxHead, RingError> {
+        // Private copy first: the peer can still write the ring.
+        let mut raw = [0u8; HEADER_LEN];
+        self.read(Some(&mut raw), HEADER_LEN as u64)?;
+        let header = FrameHeader::read_validated(&raw, &self.limits).map_err(RingError::Header)?;
+        let meta_len = header.meta_len.get() as usize;
+        let mut meta = vec![0u8; meta_len];
+        self.read(Some(&mut meta), meta_len as u64)?;
+        self.pending_data = header.data_len.get();
+        self.link.counters.received.fetch_add((HEADER_LEN + meta_len) as u64, Ordering::Relaxed);
+        Ok(RxHead { header, meta })
+    }
+
+    fn check(&self) -> Result<(), TransportError> {
+        match &self.poisoned {
+            Some(p) => Err(p.clone().into_transport(&self.link.peer)),
+            None => self.link.check_open().map_err(|e| e.into_transport(&self.link.peer)),
+        }
+    }
+
+    fn fail(&mut self, e: RingError) -> TransportError {
+        self.poisoned = Some(e.clone());
+        e.into_transport(&self.link.peer)
+    }
+}
+
+impl FrameRx for RdmaRx {
+    fn recv_head(&mut self) -> Result<RxHead, TransportError> {
+        self.check()?;
+        if self.pending_data != 0 {
+            return Err(TransportError::DataMisuse("previous frame's bulk data not consumed"));
+        }
+        self.next_head().map_err(|e| self.fail(e))
+    }
+
+    fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
+        self.check()?;
+        let len = dst.len() as u64;
+        if len > self.pending_data {
+            return Err(TransportError::DataMisuse("recv_data past the end of the frame's bulk data"));
+        }
+        self.read(Some(dst), len).map_err(|e| self.fail(e))?;
+        self.pending_data -= len;
+        self.link.counters.received.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {
+        self.check()?;
+        if len > self.pending_data {
+            return Err(TransportError::DataMisuse("skip_data past the end of the frame's bulk data"));
+        }
+        self.read(None, len).map_err(|e| self.fail(e))?;
+        self.pending_data -= len;
+        self.link.counters.received.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for RdmaRx {
+    fn drop(&mut self) {
+        if self.poisoned.is_some() || self.link.closed.load(Ordering::Acquire) || self.progress().is_err() {
+            return;
+        }
+        // Best effort: a sender waiting for space learns we are gone without the socket's help.
+        if !self.sq.full() {
+            let c = Credit { closed: true, ..self.reported };
+            let (wr_id, _) = self.sq.next();
+            let _ = self.qp.post_send_inline(wr_id, &c.encode(), false);
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! Owned verbs resources: each raw handle from libibverbs lives in one type whose `Drop` releases
+//! it, and a resource holds an `Arc` of what it was created from (a QP its CQ and device, an MR
+//! its device), so teardown runs in the order verbs requires whatever order owners drop in.
+//!
+//! Verbs calls on distinct objects are thread-safe (rdma-core documents it), which is what makes
+//! these types `Send`/`Sync`; each CQ and QP here is still used by one half of one connection.
+
+use std::ffi::CStr;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::RawFd;
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+
+use rdma_sys::*;
+
+/// Physical port every device here is used through (soft-RoCE and single-port NICs have one).
+pub(crate) const PORT: u8 = 1;
+/// Hop limit of RoCE v2 packets (routable: the GRH is always present).
+const HOP_LIMIT: u8 = 64;
+
+fn last_os(what: &str) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn ret(what: &str, rc: i32) -> io::Result<()> {
+    // Verbs return 0, or an errno value (some providers return -1 and set errno).
+    match rc {
+        0 => Ok(()),
+        -1 => Err(last_os(what)),
+        e => Err(io::Error::new(io::Error::from_raw_os_error(e.abs()).kind(), format!("{what}: errno {e}"))),
+    }
+}
+
+/// The IPv4-mapped or native IPv6 GID of an address (RoCE v2 GIDs are IP addresses).
+pub(crate) fn gid_of(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Names of the RDMA devices present (empty when libibverbs finds none).
+pub fn device_names() -> Vec<String> {
+    let mut n = 0;
+    // SAFETY: ibv_get_device_list returns an array of `n` device pointers (or null), freed below
+    // after the names (which it owns) are copied out.
+    unsafe {
+        let list = ibv_get_device_list(&mut n);
+        if list.is_null() {
+            return Vec::new();
+        }
+        let names = (0..n.max(0) as usize)
+            .map(|i| CStr::from_ptr(ibv_get_device_name(*list.add(i))).to_string_lossy().into_owned())
+            .collect();
+        ibv_free_device_list(list);
+        names
+    }
+}
+
+/// Why a device could not be opened for an address.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("no RDMA device is present (is the driver loaded? e.g. `rdma link add rxe0 type rxe netdev IFACE`)")]
+    NoDevices,
+    #[error("RDMA device {name:?} does not exist; devices present: {present}")]
+    NoSuchDevice { name: String, present: String },
+    #[error("no RDMA device owns address {ip} (devices present: {present}); name one with --nic")]
+    NoDeviceForAddress { ip: IpAddr, present: String },
+    #[error("RDMA device {name:?} has no GID for address {ip}; use an address of its network interface")]
+    NoGid { name: String, ip: IpAddr },
+    #[error("RDMA device {name:?}: {source}")]
+    Io { name: String, source: io::Error },
+}
+
+/// An open device with its protection domain, the port's attributes and the GID used for `ip`.
+pub(crate) struct Device {
+    ctx: NonNull<ibv_context>,
+    pd: NonNull<ibv_pd>,
+    pub(crate) name: String,
+    pub(crate) gid: [u8; 16],
+    pub(crate) gid_index: u8,
+    pub(crate) active_mtu: u32,
+}
+
+// SAFETY: verbs objects may be used from any thread; the pointers are owned by this value.
+unsafe impl Send for Device {}
+// SAFETY: as above; &Device only reads immutable fields and calls thread-safe verbs.
+unsafe impl Sync for Device {}
+
+impl Device {
+    /// Opens `name` (or, when `None`, the device that has a GID for `ip`) and finds its GID for `ip`.
+    pub(crate) fn open(name: Option<&str>, ip: IpAddr) -> Result<Arc<Device>, DeviceError> {
+        let present = device_names();
+        if present.is_empty() {
+            return Err(DeviceError::NoDevices);
+        }
+        let list = present.join(", ");
+        match name {
+            Some(n) if !present.iter().any(|p| p == n) => {
+                Err(DeviceError::NoSuchDevice { name: n.to_string(), present: list })
+            }
+            Some(n) => match Self::open_one(n, ip)? {
+                Some(d) => Ok(Arc::new(d)),
+                None => Err(DeviceError::NoGid { name: n.to_string(), ip }),
+            },
+            None => {
+                for n in &present {
+                    if let Some(d) = Self::open_one(n, ip)? {
+                        return Ok(Arc::new(d));
+                    }
+                }
+                Err(DeviceError::NoDeviceForAddress { ip, present: list })
+            }
+        }
+    }
+
+    /// Opens one device; `None` when it has no GID for `ip`.
+    fn open_one(name: &str, ip: IpAddr) -> Result<Option<Device>, DeviceError> {
+        let io_err = |source| DeviceError::Io { name: name.to_string(), source };
+        let want = gid_of(ip);
+        let mut n = 0;
+        // SAFETY: the device list lives until ibv_free_device_list; the context we open from one of
+        // its entries stays valid after the list is freed (documented by libibverbs).
+        let ctx = unsafe {
+            let list = ibv_get_device_list(&mut n);
+            if list.is_null() {
+                return Err(io_err(last_os("ibv_get_device_list")));
+            }
+            let mut ctx = ptr::null_mut();
+            for i in 0..n.max(0) as usize {
+                let dev = *list.add(i);
+                if CStr::from_ptr(ibv_get_device_name(dev)).to_bytes() == name.as_bytes() {
+                    ctx = ibv_open_device(dev);
+                    break;
+                }
+            }
+            ibv_free_device_list(list);
+            NonNull::new(ctx).ok_or_else(|| io_err(last_os("ibv_open_device")))?
+        };
+        // From here on `guard` closes the context on every early return.
+        let guard = CtxGuard(ctx);
+        // SAFETY: ctx is an open context; the attribute struct is plain data written by the call.
+        let port = unsafe {
+            let mut port: ibv_port_attr = std::mem::zeroed();
+            ret("ibv_query_port", ___ibv_query_port(ctx.as_ptr(), PORT, &mut port)).map_err(io_err)?;
+            port
+        };
+        let mut gid_index = None;
+        for i in 0..port.gid_tbl_len.clamp(0, 256) {
+            // SAFETY: index within the port's GID table; `gid` is plain data written by the call.
+            let raw = unsafe {
+                let mut gid: ibv_gid = std::mem::zeroed();
+                if ibv_query_gid(ctx.as_ptr(), PORT, i, &mut gid) != 0 {
+                    continue;
+                }
+                gid.raw
+            };
+            if raw == want {
+                gid_index = Some(i as u8);
+                break;
+            }
+        }
+        let Some(gid_index) = gid_index else {
+            return Ok(None);
+        };
+        // SAFETY: ctx is open; a null PD means failure (errno set).
+        let pd = NonNull::new(unsafe { ibv_alloc_pd(ctx.as_ptr()) }).ok_or_else(|| io_err(last_os("ibv_alloc_pd")))?;
+        std::mem::forget(guard);
+        Ok(Some(Device { ctx, pd, name: name.to_string(), gid: want, gid_index, active_mtu: port.active_mtu }))
+    }
+}
+
+/// Closes a context on an early return from `open_one`.
+struct CtxGuard(NonNull<ibv_context>);
+
+impl Drop for CtxGuard {
+    fn drop(&mut self) {
+        // SAFETY: the context is open and nothing was created from it yet.
+        unsafe { ibv_close_device(self.0.as_ptr()) };
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: every QP, CQ and MR holds an Arc<Device>, so all are gone: PD then context.
+        unsafe {
+            ibv_dealloc_pd(self.pd.as_ptr());
+            ibv_close_device(self.ctx.as_ptr());
+        }
+    }
+}
+
+/// A completion queue with its own completion channel (for parking).
+pub(crate) struct Cq {
+    cq: NonNull<ibv_cq>,
+    channel: NonNull<ibv_comp_channel>,
+    _dev: Arc<Device>,
+}
+
+// SAFETY: owned handles to thread-safe verbs objects.
+unsafe impl Send for Cq {}
+// SAFETY: as above.
+unsafe impl Sync for Cq {}
+
+impl Cq {
+    pub(crate) fn new(dev: &Arc<Device>, entries: u32) -> io::Result<Cq> {
+        // SAFETY: the context is open; null return means failure. The channel's fd is made
+        // non-blocking so a spurious wake-up never blocks in ibv_get_cq_event.
+        unsafe {
+            let channel = NonNull::new(ibv_create_comp_channel(dev.ctx.as_ptr()))
+                .ok_or_else(|| last_os("ibv_create_comp_channel"))?;
+            let fd = channel.as_ref().fd;
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            let cq = ibv_create_cq(dev.ctx.as_ptr(), entries as i32, ptr::null_mut(), channel.as_ptr(), 0);
+            let Some(cq) = NonNull::new(cq) else {
+                let e = last_os("ibv_create_cq");
+                ibv_destroy_comp_channel(channel.as_ptr());
+                return Err(e);
+            };
+            Ok(Cq { cq, channel, _dev: dev.clone() })
+        }
+    }
+
+    /// Moves up to `out.len()` completions into `out`; returns how many.
+    pub(crate) fn poll(&self, out: &mut [ibv_wc]) -> io::Result<usize> {
+        // SAFETY: `out` has room for `out.len()` entries, written by the provider.
+        let n = unsafe { ibv_poll_cq(self.cq.as_ptr(), out.len() as i32, out.as_mut_ptr()) };
+        if n < 0 {
+            return Err(io::Error::other("ibv_poll_cq failed"));
+        }
+        Ok(n as usize)
+    }
+
+    /// Asks for one event on the channel at the next completion.
+    pub(crate) fn arm(&self) -> io::Result<()> {
+        // SAFETY: valid CQ.
+        ret("ibv_req_notify_cq", unsafe { ibv_req_notify_cq(self.cq.as_ptr(), 0) })
+    }
+
+    /// The channel's descriptor, readable when an armed CQ got a completion.
+    pub(crate) fn fd(&self) -> RawFd {
+        // SAFETY: the channel lives as long as self.
+        unsafe { self.channel.as_ref().fd }
+    }
+
+    /// Consumes and acknowledges a pending channel event, if any (non-blocking).
+    pub(crate) fn take_event(&self) {
+        let mut cq = ptr::null_mut();
+        let mut ctx = ptr::null_mut();
+        // SAFETY: valid channel (non-blocking fd); an event got is acknowledged at once, as
+        // ibv_destroy_cq requires.
+        unsafe {
+            if ibv_get_cq_event(self.channel.as_ptr(), &mut cq, &mut ctx) == 0 {
+                ibv_ack_cq_events(cq, 1);
+            }
+        }
+    }
+
+    fn raw(&self) -> *mut ibv_cq {
+        self.cq.as_ptr()
+    }
+}
+
+impl Drop for Cq {
+    fn drop(&mut self) {
+        // SAFETY: the QP using this CQ holds an Arc<Cq> and is gone; events were acknowledged.
+        unsafe {
+            ibv_destroy_cq(self.cq.as_ptr());
+            ibv_destroy_comp_channel(self.channel.as_ptr());
+        }
+    }
+}
+
+/// Memory we own (anonymous, page-aligned, zeroed) registered with the device.
+pub(crate) struct Mr {
+    mr: NonNull<ibv_mr>,
+    map: memmap2::MmapMut,
+    _dev: Arc<Device>,
+}
+
+// SAFETY: owned registration and mapping; concurrent access to the bytes is the owner's protocol.
+unsafe impl Send for Mr {}
+// SAFETY: as above.
+unsafe impl Sync for Mr {}
+
+impl Mr {
+    /// Allocates `len` bytes and registers them; `remote_write`: the peer may RDMA-write them.
+    pub(crate) fn new(dev: &Arc<Device>, len: usize, remote_write: bool) -> io::Result<Mr> {
+        let mut map = memmap2::MmapMut::map_anon(len.max(1))?;
+        let mut access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+        if remote_write {
+            access |= ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        }
+        // SAFETY: the mapping outlives the registration (both owned here; the MR is deregistered
+        // first in Drop) and is not unmapped or remapped while registered.
+        let mr = unsafe { ibv_reg_mr(dev.pd.as_ptr(), map.as_mut_ptr().cast(), map.len(), access.0 as i32) };
+        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_mr"))?;
+        Ok(Mr { mr, map, _dev: dev.clone() })
+    }
+
+    pub(crate) fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.map.as_ptr() as *mut u8
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub(crate) fn lkey(&self) -> u32 {
+        // SAFETY: registered for self's life.
+        unsafe { self.mr.as_ref().lkey }
+    }
+    pub(crate) fn rkey(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { self.mr.as_ref().rkey }
+    }
+}
+
+impl Drop for Mr {
+    fn drop(&mut self) {
+        // SAFETY: no work request that uses this MR can complete after its QP is destroyed, and
+        // every QP that used it was dropped by its owning half before this MR (field order).
+        unsafe { ibv_dereg_mr(self.mr.as_ptr()) };
+    }
+}
+
+/// What a peer tells us about one of its QPs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QpPeer {
+    pub(crate) qpn: u32,
+    pub(crate) psn: u32,
+    pub(crate) gid: [u8; 16],
+    pub(crate) mtu: u32,
+}
+
+/// A reliable-connected queue pair whose send and receive completions go to one CQ.
+pub(crate) struct Qp {
+    qp: NonNull<ibv_qp>,
+    pub(crate) cq: Arc<Cq>,
+    dev: Arc<Device>,
+    pub(crate) max_inline: u32,
+    pub(crate) psn: u32,
+}
+
+// SAFETY: owned handle; verbs are thread-safe.
+unsafe impl Send for Qp {}
+// SAFETY: as above.
+unsafe impl Sync for Qp {}
+
+/// Queue sizes of one QP.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QpSizes {
+    pub(crate) send_wr: u32,
+    pub(crate) recv_wr: u32,
+    pub(crate) inline_bytes: u32,
+}
+
+impl Qp {
+    /// Creates the QP and moves it to INIT (receives may be posted from there).
+    pub(crate) fn new(dev: &Arc<Device>, cq: Arc<Cq>, sizes: QpSizes, psn: u32) -> io::Result<Qp> {
+        // SAFETY: PD and CQ are live (Arcs held by the QP); init_attr is plain data.
+        let qp = unsafe {
+            let mut init: ibv_qp_init_attr = std::mem::zeroed();
+            init.send_cq = cq.raw();
+            init.recv_cq = cq.raw();
+            init.qp_type = ibv_qp_type::IBV_QPT_RC;
+            init.cap = ibv_qp_cap {
+                max_send_wr: sizes.send_wr,
+                max_recv_wr: sizes.recv_wr,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: sizes.inline_bytes,
+            };
+            let qp = ibv_create_qp(dev.pd.as_ptr(), &mut init);
+            // Retry without inline data if the provider offers none.
+            let qp = if qp.is_null() && sizes.inline_bytes > 0 {
+                init.cap.max_inline_data = 0;
+                ibv_create_qp(dev.pd.as_ptr(), &mut init)
+            } else {
+                qp
+            };
+            (NonNull::new(qp).ok_or_else(|| last_os("ibv_create_qp"))?, init.cap.max_inline_data)
+        };
+        let qp = Qp { qp: qp.0, cq, dev: dev.clone(), max_inline: qp.1, psn };
+        // SAFETY: attr is plain data; the mask names exactly the fields set.
+        unsafe {
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_INIT;
+            a.pkey_index = 0;
+            a.port_num = PORT;
+            a.qp_access_flags = ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+                | ibv_qp_attr_mask::IBV_QP_PORT
+                | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+            ret("ibv_modify_qp(INIT)", ibv_modify_qp(qp.qp.as_ptr(), &mut a, mask.0 as i32))?;
+        }
+        Ok(qp)
+    }
+
+    pub(crate) fn qpn(&self) -> u32 {
+        // SAFETY: live QP.
+        unsafe { self.qp.as_ref().qp_num }
+    }
+
+    /// INIT → RTR → RTS against the peer's QP.
+    pub(crate) fn connect(&self, peer: &QpPeer) -> io::Result<()> {
+        let mtu = self.dev.active_mtu.min(peer.mtu).max(ibv_mtu::IBV_MTU_256);
+        // SAFETY: attr is plain data; each mask names the fields set for that transition.
+        unsafe {
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_RTR;
+            a.path_mtu = mtu;
+            a.dest_qp_num = peer.qpn;
+            a.rq_psn = peer.psn;
+            a.max_dest_rd_atomic = 1;
+            a.min_rnr_timer = 12;
+            a.ah_attr.is_global = 1;
+            a.ah_attr.grh.dgid.raw = peer.gid;
+            a.ah_attr.grh.sgid_index = self.dev.gid_index;
+            a.ah_attr.grh.hop_limit = HOP_LIMIT;
+            a.ah_attr.port_num = PORT;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_AV
+                | ibv_qp_attr_mask::IBV_QP_PATH_MTU
+                | ibv_qp_attr_mask::IBV_QP_DEST_QPN
+                | ibv_qp_attr_mask::IBV_QP_RQ_PSN
+                | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
+                | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
+            ret("ibv_modify_qp(RTR)", ibv_modify_qp(self.qp.as_ptr(), &mut a, mask.0 as i32))?;
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_RTS;
+            a.timeout = 14;
+            a.retry_cnt = 7;
+            // 7: retry receiver-not-ready forever; the credit protocol keeps receives posted, so
+            // an RNR is only ever a peer that is slow to repost, never a lost message.
+            a.rnr_retry = 7;
+            a.sq_psn = self.psn;
+            a.max_rd_atomic = 1;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_TIMEOUT
+                | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
+                | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
+                | ibv_qp_attr_mask::IBV_QP_SQ_PSN
+                | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
+            ret("ibv_modify_qp(RTS)", ibv_modify_qp(self.qp.as_ptr(), &mut a, mask.0 as i32))
+        }
+    }
+
+    /// Posts one RDMA WRITE (with immediate `imm` when given) of `len` bytes at local `addr`
+    /// (registered under `lkey`, or sent inline) to `remote_addr` under `rkey`.
+    ///
+    /// # Safety
+    /// Unless `inline`, the `len` bytes at `addr` must stay valid and unmodified until the NIC
+    /// has read them (this work request, or a later signalled one, completed); with `inline`
+    /// they are copied during the call. `remote_addr..+len` must lie in the peer's region.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn post_write(
+        &self,
+        wr_id: u64,
+        addr: u64,
+        len: u32,
+        lkey: u32,
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+        signaled: bool,
+    ) -> io::Result<()> {
+        let inline = len > 0 && len <= self.max_inline;
+        let mut sge = ibv_sge { addr, length: len, lkey };
+        // SAFETY (caller): buffer lifetime as documented; wr and sge live across the call.
+        unsafe {
+            let mut wr: ibv_send_wr = std::mem::zeroed();
+            wr.wr_id = wr_id;
+            wr.sg_list = &mut sge;
+            wr.num_sge = if len == 0 { 0 } else { 1 };
+            wr.opcode = match imm {
+                Some(_) => ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+                None => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+            };
+            if let Some(imm) = imm {
+                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+            }
+            let mut flags = ibv_send_flags(0);
+            if signaled {
+                flags |= ibv_send_flags::IBV_SEND_SIGNALED;
+            }
+            if inline {
+                flags |= ibv_send_flags::IBV_SEND_INLINE;
+            }
+            wr.send_flags = flags.0;
+            wr.wr.rdma.remote_addr = remote_addr;
+            wr.wr.rdma.rkey = rkey;
+            let mut bad = ptr::null_mut();
+            ret("ibv_post_send(write)", ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad))
+        }
+    }
+
+    /// Posts one SEND of `bytes`, inline (the bytes are copied during the call), with no buffer
+    /// to keep alive. `bytes.len()` must not exceed `max_inline`.
+    pub(crate) fn post_send_inline(&self, wr_id: u64, bytes: &[u8], signaled: bool) -> io::Result<()> {
+        assert!(bytes.len() as u32 <= self.max_inline, "inline send larger than the QP allows");
+        let mut sge = ibv_sge { addr: bytes.as_ptr() as u64, length: bytes.len() as u32, lkey: 0 };
+        // SAFETY: inline: the provider copies the bytes before returning; wr and sge live across
+        // the call.
+        unsafe {
+            let mut wr: ibv_send_wr = std::mem::zeroed();
+            wr.wr_id = wr_id;
+            wr.sg_list = &mut sge;
+            wr.num_sge = 1;
+            wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
+            let mut flags = ibv_send_flags::IBV_SEND_INLINE;
+            if signaled {
+                flags |= ibv_send_flags::IBV_SEND_SIGNALED;
+            }
+            wr.send_flags = flags.0;
+            let mut bad = ptr::null_mut();
+            ret("ibv_post_send(send)", ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad))
+        }
+    }
+
+    /// Posts one receive of up to `len` bytes at `addr` (`len` 0: for WRITE_WITH_IMM only).
+    ///
+    /// # Safety
+    /// `addr..+len` must be registered under `lkey` and stay valid until the receive completes
+    /// or the QP is destroyed.
+    pub(crate) unsafe fn post_recv(&self, wr_id: u64, addr: u64, len: u32, lkey: u32) -> io::Result<()> {
+        let mut sge = ibv_sge { addr, length: len, lkey };
+        // SAFETY (caller): buffer lifetime as documented; wr and sge live across the call.
+        unsafe {
+            let mut wr =
+                ibv_recv_wr { wr_id, next: ptr::null_mut(), sg_list: &mut sge, num_sge: if len == 0 { 0 } else { 1 } };
+            let mut bad = ptr::null_mut();
+            ret("ibv_post_recv", ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad))
+        }
+    }
+}
+
+impl Drop for Qp {
+    fn drop(&mut self) {
+        // SAFETY: the QP is owned here; destroying it flushes its work requests, after which no
+        // buffer of ours is touched by the NIC.
+        unsafe { ibv_destroy_qp(self.qp.as_ptr()) };
+    }
+}
+
+/// An empty work completion, to size poll arrays.
+pub(crate) fn empty_wc() -> ibv_wc {
+    // SAFETY: ibv_wc is plain data; all-zero is a valid (meaningless) value.
+    unsafe { std::mem::zeroed() }
+}
+
+pub(crate) use rdma_sys::{ibv_wc, ibv_wc_opcode, ibv_wc_status};
