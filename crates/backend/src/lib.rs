@@ -9,6 +9,7 @@ pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod kv;
+pub mod quant;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -21,3 +22,4 @@ pub use backend::{
 pub use dtype::DType;
 pub use error::BackendError;
 pub use kv::KvLayout;
+pub use quant::QuantType;
