@@ -19,7 +19,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?.unwrap_or(djinn_backend::DType::F32);
-    let conv = djinn_model::gguf::convert_file(&args.input, dtype)?;
+    let conv = djinn_model::gguf::convert_file(&args.input, djinn_model::gguf::Tensors::Dequantize(dtype))?;
     conv.write_dir(&args.out_dir)?;
     eprintln!(
         "wrote {} ({} tensors, {}, tokenizer: {})",
