@@ -3,9 +3,9 @@
 //! against a scalar reference written here (`dequantize_row`, then an f64 product with the f32
 //! activations).
 //!
-//! Bound: the kernels multiply 8-bit activations (one f32 scale per 32), so each output may
+//! Bound: the kernels multiply 16-bit activations (one f32 scale per 32), so each output may
 //! differ from the reference by the activation rounding, at most
-//! `Σ_blocks (max|x_block| / 127) / 2 · Σ_block |w_i|`, plus f32 rounding (1e-4 here).
+//! `Σ_blocks (max|x_block| / 32767) / 2 · Σ_block |w_i|`, plus f32 rounding (1e-4 here).
 //! Embeddings must match the dequantized rows exactly.
 //!
 //! CUDA has no quantized kernels: its backend reports `quantized_weights() == false` and the
@@ -57,7 +57,7 @@ fn gemm_quant_body<B: Backend>(be: &B) {
                             .chunks(32)
                             .zip(wr.chunks(32))
                             .map(|(xc, wc)| {
-                                let d = xc.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                                let d = xc.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 32767.0;
                                 d / 2.0 * wc.iter().map(|v| v.abs() as f64).sum::<f64>()
                             })
                             .sum::<f64>()

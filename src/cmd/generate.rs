@@ -21,7 +21,9 @@ use djinn_model::{open_model, Detokenizer, Engine, EngineOptions, ModelFiles, St
 /// Where and how the model is loaded (shared by `generate` and `logits`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Hugging Face layout directory (config.json + safetensors), or a .gguf file.
+    /// Hugging Face layout directory (config.json + safetensors), or a .gguf file. A GGUF's
+    /// quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) stay quantized on the CPU
+    /// backend; on CUDA they are dequantized to --dtype at load (no quantized CUDA kernels yet).
     #[arg(long, conflicts_with = "server")]
     pub model_dir: Option<PathBuf>,
     /// Run on a server instead: tcp://HOST:PORT or shm://NAME (needs --model).
@@ -36,7 +38,8 @@ pub struct ModelArgs {
     /// `cpu`, or a CUDA device ordinal (`0`).
     #[arg(long, default_value = "cpu")]
     pub gpus: String,
-    /// Weight storage dtype after loading: f32, f16 or bf16 (default: as stored).
+    /// Weight storage dtype after loading: f32, f16 or bf16 (default: as stored; f32 for the
+    /// float tensors of a quantized GGUF). Quantized GGUF tensors keep their blocks on the CPU.
     #[arg(long)]
     pub dtype: Option<String>,
     /// CPU worker threads (default: all cores).

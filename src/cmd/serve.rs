@@ -78,7 +78,9 @@ pub struct Args {
 #[derive(clap::Args, Debug)]
 pub struct SessionArgs {
     /// A model to serve sessions on: NAME=DIR (a Hugging Face directory or a .gguf file);
-    /// repeatable. Every model is loaded before the server listens.
+    /// repeatable. Every model is loaded before the server listens. A GGUF's quantized tensors
+    /// stay quantized on the CPU backend; on CUDA they are dequantized to the model dtype at load
+    /// (no quantized CUDA kernels yet).
     #[arg(long = "model", value_name = "NAME=DIR")]
     pub models: Vec<String>,
     /// KV cache capacity per model, MiB (fractions allowed); idle sessions swap to host memory.

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Buckets for per-request times, in seconds: 1 µs … 10 s, dense at the low end where the
@@ -39,6 +40,9 @@ pub struct Metrics {
     pub tensor_bytes_live: IntGauge,
     /// Sessions open over all models.
     pub sessions_open: IntGauge,
+    /// Each model's weight bytes: `kind` = `resident` (in the weights region) or `file` (the
+    /// checkpoint's tensor bytes; quantized GGUF tensors stay quantized, so the two are close).
+    pub model_weight_bytes: IntGaugeVec,
     /// Sessions whose KV lives in the host swap pool.
     pub sessions_swapped: IntGauge,
     /// Decode start to first token frame sent.
@@ -105,6 +109,14 @@ impl Metrics {
             tensors_live: IntGauge::new("tensors_live", "Tensor handles currently held").unwrap(),
             tensor_bytes_live: IntGauge::new("tensor_bytes_live", "Tensor bytes currently held").unwrap(),
             sessions_open: IntGauge::new("sessions_open", "Sessions open").unwrap(),
+            model_weight_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "model_weight_bytes",
+                    "Weight bytes per model: resident in the weights region, or in the file",
+                ),
+                &["model", "kind"],
+            )
+            .unwrap(),
             sessions_swapped: IntGauge::new("sessions_swapped", "Sessions whose KV is swapped out to host memory")
                 .unwrap(),
             ttft_s: Histogram::with_opts(
@@ -145,6 +157,7 @@ impl Metrics {
         r.register(Box::new(m.tensors_live.clone())).unwrap();
         r.register(Box::new(m.tensor_bytes_live.clone())).unwrap();
         r.register(Box::new(m.sessions_open.clone())).unwrap();
+        r.register(Box::new(m.model_weight_bytes.clone())).unwrap();
         r.register(Box::new(m.sessions_swapped.clone())).unwrap();
         r.register(Box::new(m.ttft_s.clone())).unwrap();
         r.register(Box::new(m.token_latency_s.clone())).unwrap();

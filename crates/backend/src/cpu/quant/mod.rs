@@ -2,14 +2,15 @@
 //! prefill alike) and the embedding lookup over GGML blocks ([`crate::quant`]).
 //!
 //! The weights are read in their blocks and never widened in memory: each call quantizes its
-//! activation rows to 8 bits per 32 elements ([`ActBlock`], an f32 scale as llama.cpp's
-//! `Q8_0`/`Q8_K` activations have), then every weight row's groups are unpacked to bytes in
-//! registers and multiplied against the 8-bit activations in integers (AVX2 `vpmaddubsw`, or
-//! AVX-512 VNNI `vpdpbusd`), with the block scales applied once per group in f32. Kernels:
-//! AVX-512 VNNI, AVX2, and portable scalar Rust, chosen at run time by [`simd_level`] like the
-//! float GEMV; all compute the same integer sums, so they agree to f32 rounding of the
-//! per-group sums. Against the exact product with the f32 activations the error is the
-//! activation rounding: at most `Σ_blocks d_x / 2 · Σ|w_i|` per output (`d_x` = block max / 127).
+//! activation rows to 16 bits per 32 elements ([`ActBlock`], one f32 scale each), then every
+//! weight row's groups are unpacked to integers in registers and multiplied against the
+//! activations in integers (`vpmaddwd`, 256 bits on AVX2, 512 on AVX-512BW), with the block
+//! scales applied once per half-group in f32. 16-bit activations (where llama.cpp uses 8) keep
+//! the logits within a few thousandths of the dequantize-then-f32 product, so greedy answers
+//! are those of the float path. Kernels: AVX-512, AVX2 and portable scalar Rust, chosen at run
+//! time by [`simd_level`] like the float GEMV; all compute the same integer sums, so they agree
+//! to f32 rounding. Against the exact product with the f32 activations the error is the
+//! activation rounding: at most `Σ_blocks d_x / 2 · Σ|w_i|` per output (`d_x` = block max / 32767).
 //!
 //! Parallelism: weight rows are split into chunks over the pool; each worker streams its rows
 //! once, sequentially, and computes all activation rows against each (four at a time, so the
@@ -34,10 +35,13 @@ use crate::quant::{dequantize_row, QuantType, GROUP};
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
 pub(crate) struct ActBlock {
-    pub qs: [i8; 32],
+    pub qs: [i16; 32],
     pub d: f32,
-    pub s: [i16; 2],
+    pub s: [i32; 2],
 }
+
+/// The largest activation integer.
+pub(crate) const ACT_MAX: f32 = 32767.0;
 
 /// Activation rows the kernels take per weight row.
 pub(crate) const ROWS_MAX: usize = 4;
@@ -48,16 +52,16 @@ const CHUNK_BYTES_MIN: usize = 32 * 1024;
 pub(crate) fn quantize_acts(x: &[f32], out: &mut [ActBlock]) {
     for (xb, o) in x.chunks_exact(GROUP).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
+        let d = amax / ACT_MAX;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut s = [0i32; 2];
         for (i, &v) in xb.iter().enumerate() {
             let q = (v * id).round_ties_even() as i32;
-            o.qs[i] = q as i8;
+            o.qs[i] = q as i16;
             s[i / 16] += q;
         }
         o.d = d;
-        o.s = [s[0] as i16, s[1] as i16];
+        o.s = s;
     }
 }
 

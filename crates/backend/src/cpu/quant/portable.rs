@@ -44,8 +44,8 @@ unsafe fn dot<const T: usize>(
                     let u = if t.signed() { gr.u[i] as i8 as i32 } else { gr.u[i] as i32 };
                     isum[i / 16] += u * xa.qs[i] as i32;
                 }
-                let dots = gr.s[0] as i32 * isum[0] + gr.s[1] as i32 * isum[1];
-                let mins = gr.m[0] as i32 * xa.s[0] as i32 + gr.m[1] as i32 * xa.s[1] as i32;
+                let dots = gr.s[0] as i64 * isum[0] as i64 + gr.s[1] as i64 * isum[1] as i64;
+                let mins = gr.m[0] as i64 * xa.s[0] as i64 + gr.m[1] as i64 * xa.s[1] as i64;
                 acc[r] += xa.d * (gr.fd * dots as f32 - gr.fm * mins as f32);
             }
         }

@@ -35,12 +35,12 @@ fn every_quant_kernel_matches_the_scalar_reference() {
                         for j in 0..n {
                             let wr = &wf[j * k..(j + 1) * k];
                             let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                            // Activation rounding: half a step of each 32-block's scale.
+                            // Activation rounding (16-bit): half a step of each 32-block's scale.
                             let bound: f64 = wr
                                 .chunks(32)
                                 .zip(xr.chunks(32))
                                 .map(|(wc, xc)| {
-                                    let d = xc.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                                    let d = xc.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 32767.0;
                                     d / 2.0 * wc.iter().map(|v| v.abs() as f64).sum::<f64>()
                                 })
                                 .sum();

@@ -1,7 +1,8 @@
-//! AVX2 and AVX-512 VNNI kernels: each group of 32 weights is unpacked to bytes in one
-//! 256-bit register and multiplied against the 8-bit activations — `vpmaddubsw` + `vpmaddwd`
-//! with the per-16 scales on AVX2, one `vpdpbusd` on VNNI (scales then applied in f32). The
-//! integer sums are exact, so both agree with the portable kernel to f32 rounding.
+//! AVX2 and AVX-512 kernels: each group of 32 weights is unpacked to bytes in one 256-bit
+//! register, widened to 16 bits and multiplied against the 16-bit activations with `vpmaddwd`
+//! (two 256-bit halves on AVX2, one 512-bit register on AVX-512BW); the per-half scales are
+//! applied in f32. The integer sums are exact, so both agree with the portable kernel to f32
+//! rounding.
 
 use std::arch::x86_64::*;
 
@@ -9,8 +10,8 @@ use super::{ActBlock, RowDot, ROWS_MAX};
 use crate::cpu::gemm::SimdLevel;
 use crate::quant::{h, scale_min_k4, scales_q3k, QuantType, GROUP};
 
-fn vnni_available() -> bool {
-    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+fn avx512bw_available() -> bool {
+    is_x86_feature_detected!("avx512bw")
 }
 
 pub(super) fn row_dot(level: SimdLevel, t: QuantType) -> Option<RowDot> {
@@ -31,7 +32,7 @@ pub(super) fn row_dot(level: SimdLevel, t: QuantType) -> Option<RowDot> {
         };
     }
     match level {
-        SimdLevel::Avx512 if vnni_available() => Some(pick!(dot_vnni)),
+        SimdLevel::Avx512 if avx512bw_available() => Some(pick!(dot_avx512)),
         SimdLevel::Avx512 | SimdLevel::Avx2Fma => Some(pick!(dot_avx2)),
         SimdLevel::Portable => None,
     }
@@ -57,9 +58,9 @@ unsafe fn dot_avx2<const T: usize>(
 }
 
 /// # Safety
-/// AVX-512F/VL/VNNI and AVX2/FMA must be available; the rest as [`RowDot`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn dot_vnni<const T: usize>(
+/// AVX-512F/BW and AVX2/FMA must be available; the rest as [`RowDot`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw")]
+unsafe fn dot_avx512<const T: usize>(
     w: *const u8,
     blocks: usize,
     x: *const ActBlock,
@@ -195,7 +196,12 @@ unsafe fn hsum(v: __m256) -> f32 {
 }
 
 #[inline(always)]
-unsafe fn body<const T: usize, const V: bool, const M: usize>(
+unsafe fn hsum512(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
+}
+
+#[inline(always)]
+unsafe fn body<const T: usize, const W: bool, const M: usize>(
     w: *const u8,
     blocks: usize,
     x: *const ActBlock,
@@ -204,41 +210,52 @@ unsafe fn body<const T: usize, const V: bool, const M: usize>(
 ) {
     let t = QuantType::ALL[T];
     let (bb, gpb) = (t.block_bytes(), t.block_len() / GROUP);
-    // Legacy types have one scale per block: the integer sums need no per-half weighting.
-    let unit = t.block_len() == GROUP;
     let mut acc = [_mm256_setzero_ps(); M];
+    let mut acc_w = [_mm512_setzero_ps(); M];
     let mut mins = [0f32; M];
-    let ones = _mm256_set1_epi16(1);
     for bi in 0..blocks {
         let b = w.add(bi * bb);
         let hd = header(t, std::slice::from_raw_parts(b, bb));
         for g in 0..gpb {
             let u = unpack(t, b, g);
-            let (s0, s1) = (hd.s[2 * g], hd.s[2 * g + 1]);
+            let (s0, s1) = (hd.s[2 * g] as f32 * hd.fd, hd.s[2 * g + 1] as f32 * hd.fd);
             let (m0, m1) = (hd.m[2 * g] as f32, hd.m[2 * g + 1] as f32);
-            let (ua, sgn) = if t.signed() { (_mm256_sign_epi8(u, u), u) } else { (u, _mm256_set1_epi8(1)) };
-            let sv16 = if unit { ones } else { _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0)) };
-            let svf = _mm256_set_m128(_mm_set1_ps(s1 as f32), _mm_set1_ps(s0 as f32));
-            for r in 0..M {
-                let xa = &*x.add(r * x_stride + bi * gpb + g);
-                let xq = ld(xa.qs.as_ptr() as *const u8);
-                let xq = if t.signed() { _mm256_sign_epi8(xq, sgn) } else { xq };
-                let scale = _mm256_set1_ps(xa.d * hd.fd);
-                if V {
-                    let p = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, xq));
-                    let f = if unit { scale } else { _mm256_mul_ps(svf, scale) };
-                    acc[r] = _mm256_fmadd_ps(p, f, acc[r]);
-                } else {
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, xq), sv16);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
+            if W {
+                // 32 weights as 16-bit lanes; lanes 0..8 of the products are the first half.
+                let u16 = if t.signed() { _mm512_cvtepi8_epi16(u) } else { _mm512_cvtepu8_epi16(u) };
+                let sv = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+                for r in 0..M {
+                    let xa = &*x.add(r * x_stride + bi * gpb + g);
+                    let xq = _mm512_loadu_si512(xa.qs.as_ptr() as *const __m512i);
+                    let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(u16, xq));
+                    acc_w[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(sv, _mm512_set1_ps(xa.d)), acc_w[r]);
+                    if !t.signed() {
+                        mins[r] += xa.d * hd.fm * (m0 * xa.s[0] as f32 + m1 * xa.s[1] as f32);
+                    }
                 }
-                if !t.signed() {
-                    mins[r] += xa.d * hd.fm * (m0 * xa.s[0] as f32 + m1 * xa.s[1] as f32);
+            } else {
+                let (lo, hi) = (_mm256_castsi256_si128(u), _mm256_extracti128_si256::<1>(u));
+                let (u0, u1) = if t.signed() {
+                    (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
+                } else {
+                    (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+                };
+                for r in 0..M {
+                    let xa = &*x.add(r * x_stride + bi * gpb + g);
+                    let x0 = _mm256_loadu_si256(xa.qs.as_ptr() as *const __m256i);
+                    let x1 = _mm256_loadu_si256(xa.qs.as_ptr().add(16) as *const __m256i);
+                    let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(u0, x0));
+                    let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(u1, x1));
+                    acc[r] = _mm256_fmadd_ps(p0, _mm256_set1_ps(xa.d * s0), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(p1, _mm256_set1_ps(xa.d * s1), acc[r]);
+                    if !t.signed() {
+                        mins[r] += xa.d * hd.fm * (m0 * xa.s[0] as f32 + m1 * xa.s[1] as f32);
+                    }
                 }
             }
         }
     }
     for r in 0..M {
-        out[r] = hsum(acc[r]) - mins[r];
+        out[r] = if W { hsum512(acc_w[r]) } else { hsum(acc[r]) } - mins[r];
     }
 }
