@@ -1,7 +1,7 @@
 //! Quantized GGUFs end to end on the CPU backend: a small random Llama checkpoint is written as
 //! a GGUF of every supported type (and a llama.cpp-style mix of types) with the project's own
 //! quantizer, loaded with its tensors kept quantized, and its logits compared with the same file
-//! dequantized to f32 (the scalar reference path): the only difference allowed is the 8-bit
+//! dequantized to f32 (the scalar reference path): the only difference allowed is the 16-bit
 //! rounding of the activations in the quantized kernels. Resident weight bytes must be within
 //! 5 % of the file's tensor bytes; an unsupported type is refused naming tensor and type.
 
@@ -135,17 +135,17 @@ fn check(label: &str, file: &Path) {
         let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         worst = worst.max(err / scale);
         // Top-1 must agree wherever the reference's lead over the runner-up exceeds the error
-        // bound (a random model has many near-ties, which 8-bit activations may flip).
+        // bound (a random model has near-ties that activation rounding may flip).
         let best = argmax(w);
         let second = w.iter().enumerate().filter(|(i, _)| *i != best).fold(f32::MIN, |m, (_, v)| m.max(*v));
-        if w[best] - second > 0.1 * scale {
+        if w[best] - second > 0.01 * scale {
             clear += 1;
             top1 += (argmax(g) == best) as usize;
         }
     }
     let rows = got.len() / VOCAB;
-    // 8-bit activations: a few per cent of the largest logit at most.
-    assert!(worst <= 0.05, "{label}: max logit error {worst} of the largest logit");
+    // 16-bit activations: a few ten-thousandths of the largest logit (0.0001 measured).
+    assert!(worst <= 0.002, "{label}: max logit error {worst} of the largest logit");
     assert_eq!(top1, clear, "{label}: top-1 agrees on {top1} of {clear} clear rows ({rows} rows)");
     let ratio = resident as f64 / source as f64;
     assert!((0.95..=1.05).contains(&ratio), "{label}: resident {resident} vs file tensors {source}");
