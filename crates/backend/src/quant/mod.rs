@@ -13,6 +13,9 @@
 //! integers `u_i` against 8-bit activations and apply the scales once per group (see
 //! `cpu::quant`). Q8_0 is the exception with signed `u_i` ([`QuantType::signed`]).
 
+// Block decoding indexes several parallel arrays with one counter; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
 mod quantize;
 
 pub use quantize::quantize_row;
@@ -241,7 +244,7 @@ pub fn group(t: QuantType, b: &[u8], g: usize) -> Group {
             let qs0 = if q5 { 48 } else { 16 };
             let qs = &b[qs0 + 32 * (g / 2)..qs0 + 32 * (g / 2) + 32];
             for l in 0..32 {
-                let nib = if g % 2 == 0 { qs[l] & 0xf } else { qs[l] >> 4 };
+                let nib = if g.is_multiple_of(2) { qs[l] & 0xf } else { qs[l] >> 4 };
                 o.u[l] = if q5 { nib | (((b[16 + l] >> g) & 1) << 4) } else { nib };
             }
             let (sc, mn) = scale_min_k4(g, &b[4..16]);
