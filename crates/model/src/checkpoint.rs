@@ -3,13 +3,15 @@
 //!
 //! Invariant: every [`TensorEntry`] lies inside its blob and its byte length equals
 //! `numel × dtype size` (the safetensors crate checks offsets, overlaps and the file length; we
-//! re-check the element count). Only F32, F16 and BF16 tensors are accepted.
+//! re-check the element count). Only F32, F16 and BF16 tensors are accepted from safetensors;
+//! tensors in memory (a GGUF) may also be GGML-quantized: `quant` names the block type, `dtype`
+//! is then `U8` and the bytes are whole rows of blocks.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use djinn_backend::DType;
+use djinn_backend::{DType, QuantType};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
@@ -32,6 +34,8 @@ impl Blob {
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
     pub dtype: DType,
+    /// The GGML block type of a quantized tensor (`dtype` is then `U8`).
+    pub quant: Option<QuantType>,
     pub shape: Vec<usize>,
     blob: usize,
     start: usize,
@@ -42,6 +46,8 @@ pub struct TensorEntry {
 pub struct OwnedTensor {
     pub name: String,
     pub dtype: DType,
+    /// The GGML block type of a quantized tensor (`dtype` is then `U8`).
+    pub quant: Option<QuantType>,
     pub shape: Vec<usize>,
     pub data: Vec<u8>,
 }
@@ -110,12 +116,20 @@ impl Checkpoint {
         let mut ck = Checkpoint { dir: dir.to_path_buf(), blobs: Vec::new(), tensors: HashMap::new() };
         for t in tensors {
             let numel: usize = t.shape.iter().product();
-            if numel * t.dtype.size_bytes() != t.data.len() {
+            let want = match t.quant {
+                // Rows of whole blocks: the innermost dimension is the row.
+                Some(q) => {
+                    t.shape.last().and_then(|&k| q.row_bytes(k)).map(|rb| numel / t.shape[t.shape.len() - 1] * rb)
+                }
+                None => Some(numel * t.dtype.size_bytes()),
+            };
+            if want != Some(t.data.len()) {
                 return Err(ModelError::tensor(dir, &t.name, "byte length does not match shape"));
             }
             let blob = ck.blobs.len();
             let end = t.data.len();
-            ck.tensors.insert(t.name, TensorEntry { dtype: t.dtype, shape: t.shape, blob, start: 0, end });
+            let e = TensorEntry { dtype: t.dtype, quant: t.quant, shape: t.shape, blob, start: 0, end };
+            ck.tensors.insert(t.name, e);
             ck.blobs.push((dir.to_path_buf(), Blob::Owned(t.data)));
         }
         Ok(ck)
@@ -142,7 +156,14 @@ impl Checkpoint {
             if self.tensors.contains_key(name) {
                 return Err(ModelError::tensor(&path, name, "appears in more than one shard"));
             }
-            let entry = TensorEntry { dtype, shape: view.shape().to_vec(), blob: idx, start, end: start + data.len() };
+            let entry = TensorEntry {
+                dtype,
+                quant: None,
+                shape: view.shape().to_vec(),
+                blob: idx,
+                start,
+                end: start + data.len(),
+            };
             self.tensors.insert(name.to_string(), entry);
         }
         self.blobs.push((path, blob));

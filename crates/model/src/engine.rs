@@ -103,7 +103,7 @@ impl<B: Backend> Engine<B> {
     /// weights once.
     pub fn from_checkpoint(backend: Arc<B>, ck: &Checkpoint, cfg: ModelConfig, opts: &EngineOptions) -> Result<Self> {
         let dtype = WeightLayout::choose_dtype(ck, opts.dtype)?;
-        let layout = WeightLayout::validate(ck, &cfg, dtype)?;
+        let layout = WeightLayout::validate_for(ck, &cfg, dtype, backend.quantized_weights())?;
         let max_ctx = opts.max_context_tokens.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
         if max_ctx == 0 || opts.max_sessions == 0 || opts.max_step_tokens == 0 || opts.block_tokens == 0 {
             return Err(ModelError::Memory("engine bounds must be non-zero".into()));
@@ -156,6 +156,15 @@ impl<B: Backend> Engine<B> {
         } else {
             layout
         };
+        tracing::info!(
+            model = %name,
+            resident_weight_bytes = layout.total_bytes,
+            checkpoint_tensor_bytes = layout.source_bytes,
+            "weights resident: {} bytes for {} bytes of checkpoint tensors ({:+.2} %)",
+            layout.total_bytes,
+            layout.source_bytes,
+            (layout.total_bytes as f64 / layout.source_bytes.max(1) as f64 - 1.0) * 100.0
+        );
         let model = Model::new(cfg, layout, limits, opts.block_tokens);
         Ok(Engine {
             backend,

@@ -10,7 +10,8 @@
 //! larger than the bounds is an error, never a reallocation. Host-side index staging is sized
 //! once too, so the per-step path allocates nothing.
 //!
-//! Numerics: activations and the residual stream are f32; weights stay in their storage dtype.
+//! Numerics: activations and the residual stream are f32; weights stay in their storage dtype
+//! (a float dtype, or GGML blocks multiplied by the backend's quantized GEMM).
 //! The order of operations is transformers': `h = x + attn(norm(x))`, `h = h + mlp(norm(h))`.
 
 use djinn_backend::{AttnBatch, Backend, DType, GemmArgs, KvCacheRef, KvLayout, SampleParams, View};
@@ -18,7 +19,7 @@ use djinn_backend::{AttnBatch, Backend, DType, GemmArgs, KvCacheRef, KvLayout, S
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::index_upload::IndexStaging;
-use crate::weights::WeightLayout;
+use crate::weights::{Mat, WeightLayout};
 
 /// Bounds on one step, fixed at start-up; they size the scratch range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +204,14 @@ impl Model {
         View::new(m.weights, m.weights_base + off, self.weights.dtype, len)
     }
 
+    /// Matrix `mat` of `n` rows of `k` as an operand: `U8` bytes when quantized.
+    fn mat<'a, B: Backend>(&self, m: &StepMemory<'a, B>, mat: Mat, n: usize, k: usize) -> View<'a, B> {
+        match mat.quant {
+            Some(_) => View::new(m.weights, m.weights_base + mat.offset, DType::U8, mat.bytes(DType::U8, n, k)),
+            None => self.w(m, mat.offset, n * k),
+        }
+    }
+
     fn idx_view<'a, B: Backend>(&self, m: &StepMemory<'a, B>, first: usize, len: usize) -> View<'a, B> {
         View::new(m.scratch, m.scratch_base + self.scratch.idx + first * 4, DType::I32, len)
     }
@@ -280,14 +289,13 @@ impl Model {
         drop(guard);
 
         let h = self.cfg.hidden_size;
-        let table = self.w(m, self.weights.embed, self.cfg.vocab_size * h);
-        be.embedding(
-            m.stream,
-            table,
-            self.idx_view(m, 0, tokens),
-            self.f32_view(m, self.scratch.resid, tokens * h),
-            h,
-        )?;
+        let emb = self.weights.embed;
+        let table = self.mat(m, emb, self.cfg.vocab_size, h);
+        let (ids, out) = (self.idx_view(m, 0, tokens), self.f32_view(m, self.scratch.resid, tokens * h));
+        match emb.quant {
+            Some(q) => be.embedding_quant(m.stream, table, q, ids, out, h)?,
+            None => be.embedding(m.stream, table, ids, out, h)?,
+        }
         Ok(StepState { tokens, seqs: seqs.len(), mode, max_q_len, max_ctx_len, last_rows, next_layer: 0 })
     }
 
@@ -298,18 +306,32 @@ impl Model {
         be: &B,
         m: &StepMemory<'_, B>,
         a: View<'_, B>,
-        w_off: usize,
+        w: Mat,
         bias: Option<usize>,
         c: View<'_, B>,
         rows: usize,
         n: usize,
         k: usize,
     ) -> Result<()> {
-        be.gemm(m.stream, a, self.w(m, w_off, n * k), c, &GemmArgs::linear(rows, n, k))?;
+        let wv = self.mat(m, w, n, k);
+        match w.quant {
+            Some(q) => be.gemm_quant(m.stream, a, wv, q, c, rows, n, k)?,
+            None => be.gemm(m.stream, a, wv, c, &GemmArgs::linear(rows, n, k))?,
+        }
         if let Some(b) = bias {
             be.binary(m.stream, djinn_backend::BinaryOp::Add, c, self.w(m, b, n), c)?;
         }
         Ok(())
+    }
+
+    /// Whether the row blocks `parts` (of `rows[i]` rows of `k`) form one matrix: one storage
+    /// type, back to back.
+    fn fused(&self, parts: &[Mat], rows: &[usize], k: usize) -> bool {
+        let dt = self.weights.dtype;
+        parts
+            .windows(2)
+            .zip(rows)
+            .all(|(w, &r)| w[0].quant == w[1].quant && w[0].offset + w[0].bytes(dt, r, k) == w[1].offset)
     }
 
     /// Runs layer `st.next_layer()` and advances it.
@@ -339,18 +361,24 @@ impl Model {
         // q, k, v. One row: one GEMV over the fused matrix. Several: one GEMM per row block so
         // each output is a contiguous [t, dim] matrix.
         let (q, k, v);
+        let bias = |i: usize| lw.qkv_bias.map(|b| b + i * es);
         if t == 1 {
             let qkv = self.f32_view(m, sp.qkv, qd + 2 * kvd);
-            self.linear(be, m, xn, lw.qkv, lw.qkv_bias, qkv, 1, qd + 2 * kvd, h)?;
             (q, k, v) = (qkv.slice(0, qd), qkv.slice(qd, kvd), qkv.slice(qd + kvd, kvd));
+            if self.fused(&lw.qkv, &[qd, kvd, kvd], h) {
+                self.linear(be, m, xn, lw.qkv[0], lw.qkv_bias, qkv, 1, qd + 2 * kvd, h)?;
+            } else {
+                self.linear(be, m, xn, lw.qkv[0], bias(0), q, 1, qd, h)?;
+                self.linear(be, m, xn, lw.qkv[1], bias(qd), k, 1, kvd, h)?;
+                self.linear(be, m, xn, lw.qkv[2], bias(qd + kvd), v, 1, kvd, h)?;
+            }
         } else {
             q = self.f32_view(m, sp.qkv, t * qd);
             k = self.f32_view(m, sp.qkv + t * qd * 4, t * kvd);
             v = self.f32_view(m, sp.qkv + t * (qd + kvd) * 4, t * kvd);
-            let bias = |i: usize| lw.qkv_bias.map(|b| b + i * es);
-            self.linear(be, m, xn, lw.qkv, bias(0), q, t, qd, h)?;
-            self.linear(be, m, xn, lw.qkv + qd * h * es, bias(qd), k, t, kvd, h)?;
-            self.linear(be, m, xn, lw.qkv + (qd + kvd) * h * es, bias(qd + kvd), v, t, kvd, h)?;
+            self.linear(be, m, xn, lw.qkv[0], bias(0), q, t, qd, h)?;
+            self.linear(be, m, xn, lw.qkv[1], bias(qd), k, t, kvd, h)?;
+            self.linear(be, m, xn, lw.qkv[2], bias(qd + kvd), v, t, kvd, h)?;
         }
         let positions = self.idx_view(m, sp.limits.max_tokens, t);
         let slots = self.idx_view(m, 2 * sp.limits.max_tokens, t);
@@ -383,16 +411,16 @@ impl Model {
         // Post-attention norm (adds the attention output to the residual), then the MLP.
         be.rms_norm(m.stream, tmp, Some(resid), self.w(m, lw.ln_post, h), xn, h, c.rms_norm_eps)?;
         let (gate, up);
-        if t == 1 {
+        let bias = |i: usize| lw.gate_up_bias.map(|b| b + i * es);
+        if t == 1 && self.fused(&lw.gate_up, &[inter, inter], h) {
             let gu = self.f32_view(m, sp.gate_up, 2 * inter);
-            self.linear(be, m, xn, lw.gate_up, lw.gate_up_bias, gu, 1, 2 * inter, h)?;
+            self.linear(be, m, xn, lw.gate_up[0], lw.gate_up_bias, gu, 1, 2 * inter, h)?;
             (gate, up) = (gu.slice(0, inter), gu.slice(inter, inter));
         } else {
             gate = self.f32_view(m, sp.gate_up, t * inter);
             up = self.f32_view(m, sp.gate_up + t * inter * 4, t * inter);
-            let bias = |i: usize| lw.gate_up_bias.map(|b| b + i * es);
-            self.linear(be, m, xn, lw.gate_up, bias(0), gate, t, inter, h)?;
-            self.linear(be, m, xn, lw.gate_up + inter * h * es, bias(inter), up, t, inter, h)?;
+            self.linear(be, m, xn, lw.gate_up[0], bias(0), gate, t, inter, h)?;
+            self.linear(be, m, xn, lw.gate_up[1], bias(inter), up, t, inter, h)?;
         }
         let act = self.f32_view(m, sp.act, t * inter);
         be.silu_mul(m.stream, gate, up, act)?;
@@ -424,7 +452,7 @@ impl Model {
             last
         };
         let logits = self.f32_view(m, sp.logits, rows * v);
-        be.gemm(m.stream, input, self.w(m, self.weights.lm_head, v * h), logits, &GemmArgs::linear(rows, v, h))?;
+        self.linear(be, m, input, self.weights.lm_head, None, logits, rows, v, h)?;
         Ok(())
     }
 

@@ -1,5 +1,7 @@
 //! Opening what `--model-dir` names: a Hugging Face layout directory, or a `.gguf` file that is
-//! converted in memory (nothing is written to disk).
+//! converted in memory (nothing is written to disk). A GGUF's quantized tensors stay in their
+//! GGML blocks (the loader dequantizes them at upload only for backends without quantized
+//! kernels); its float tensors keep their file dtype unless `--dtype` asks for another.
 
 use std::path::Path;
 
@@ -18,10 +20,12 @@ pub struct ModelFiles {
     pub tokenizer: Option<TextTokenizer>,
 }
 
-/// Opens `path`. A `.gguf` file is dequantized to `gguf_dtype` (f32 when `None`).
+/// Opens `path`. A `.gguf` file keeps its quantized tensors; `gguf_dtype` is not needed to
+/// read one (the float dtype is chosen at load, [`crate::WeightLayout::choose_dtype`]).
 pub fn open_model(path: &Path, gguf_dtype: Option<DType>) -> Result<ModelFiles> {
+    let _ = gguf_dtype;
     if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        let conv = gguf::convert_file(path, gguf_dtype.unwrap_or(DType::F32))?;
+        let conv = gguf::convert_file(path, gguf::Tensors::Keep)?;
         let mut cfg = ModelConfig::parse(&conv.config, path)?;
         for id in crate::config::token_ids(&conv.generation_config, "eos_token_id", path)? {
             if !cfg.eos_token_ids.contains(&id) {

@@ -1,15 +1,21 @@
 //! Where each weight lives in the weights region, and the one-time upload that puts it there.
 //!
-//! Layout choices (all offsets are relative to the model's lease and 256-byte aligned):
+//! Layout choices (all offsets are relative to the model's lease):
 //! - q, k and v projections are stored back to back as one `[q_dim + 2·kv_dim, hidden]` matrix,
-//!   and gate/up as one `[2·intermediate, hidden]` matrix. A single-row decode step then runs one
-//!   GEMV per fused matrix (one pass over the weights, one parallel dispatch); a multi-row step
-//!   addresses the row blocks separately, because each is still a contiguous `[out, in]` matrix.
-//! - Every tensor has the model's single storage dtype (the checkpoint's, or `--dtype`): the CPU
+//!   and gate/up as one `[2·intermediate, hidden]` matrix, when the parts share a storage type.
+//!   A single-row decode step then runs one GEMV per fused matrix (one pass over the weights, one
+//!   parallel dispatch); a multi-row step addresses the row blocks separately, because each is
+//!   still a contiguous `[out, in]` matrix. Parts of different types (a llama.cpp Q4_K_M mix)
+//!   are separate matrices, each 256-byte aligned.
+//! - Float tensors have the model's single float dtype (the checkpoint's, or `--dtype`): the CPU
 //!   backend widens f16/bf16 inside its GEMV, so no f32 copies of low-precision weights exist.
+//! - Quantized matrices (a GGUF's Q4_0 … Q6_K tensors) stay in their GGML blocks on backends
+//!   with quantized kernels ([`Backend::quantized_weights`]): resident bytes are the file's
+//!   tensor bytes. Elsewhere they are dequantized to the float dtype here, at load.
 //! - The RoPE inverse-frequency table (f32) is stored with the weights: it is per model, not per step.
 
-use djinn_backend::{Backend, DType};
+use djinn_backend::quant::dequantize_row;
+use djinn_backend::{Backend, DType, QuantType};
 
 use crate::checkpoint::{convert_floats, Checkpoint};
 use crate::config::ModelConfig;
@@ -17,37 +23,64 @@ use crate::error::{ModelError, Result};
 
 pub const WEIGHT_ALIGN_BYTES: usize = 256;
 
+/// One weight matrix `[n, k]`: its byte offset (relative to the lease base) and its storage,
+/// GGML blocks of `quant` or (`None`) the layout's float dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mat {
+    pub offset: usize,
+    pub quant: Option<QuantType>,
+}
+
+impl Mat {
+    /// Bytes of `n` rows of `k` elements in this storage (`dtype` for float matrices).
+    pub fn bytes(&self, dtype: DType, n: usize, k: usize) -> usize {
+        match self.quant {
+            Some(q) => n * q.row_bytes(k).unwrap_or(0),
+            None => n * k * dtype.size_bytes(),
+        }
+    }
+}
+
 /// Byte offsets (relative to the lease base) of one layer's tensors.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
     pub ln_in: usize,
-    pub qkv: usize,
+    /// The q, k and v row blocks (one fused matrix when they share a storage type).
+    pub qkv: [Mat; 3],
     pub qkv_bias: Option<usize>,
-    pub o: usize,
+    pub o: Mat,
     pub o_bias: Option<usize>,
     pub ln_post: usize,
-    pub gate_up: usize,
+    /// The gate and up row blocks (one fused matrix when they share a storage type).
+    pub gate_up: [Mat; 2],
     pub gate_up_bias: Option<usize>,
-    pub down: usize,
+    pub down: Mat,
     pub down_bias: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
 pub struct WeightLayout {
+    /// The float dtype of every tensor that is not stored quantized.
     pub dtype: DType,
-    pub embed: usize,
+    pub embed: Mat,
     pub norm: usize,
     /// Equal to `embed` when the embeddings are tied.
-    pub lm_head: usize,
+    pub lm_head: Mat,
     pub inv_freq: usize,
     pub layers: Vec<LayerWeights>,
     pub total_bytes: usize,
+    /// Bytes of the tensors the layout holds, as the checkpoint stores them (for a GGUF: the
+    /// file's tensor bytes); `total_bytes` is within alignment padding of it when nothing is
+    /// converted.
+    pub source_bytes: usize,
 }
 
-/// One destination tensor: the checkpoint tensors concatenated (row blocks) into it.
-struct Part {
+/// One checkpoint tensor's place: name, shape, byte offset (relative to the lease) and storage.
+struct Source {
+    name: String,
+    shape: Vec<usize>,
     offset: usize,
-    sources: Vec<(String, Vec<usize>)>,
+    quant: Option<QuantType>,
 }
 
 fn name(l: usize, rest: &str) -> String {
@@ -55,79 +88,93 @@ fn name(l: usize, rest: &str) -> String {
 }
 
 impl WeightLayout {
-    /// Offsets for `cfg` stored as `dtype`, plus the list of what goes where.
-    fn plan(cfg: &ModelConfig, dtype: DType) -> (WeightLayout, Vec<Part>) {
+    /// Offsets for `cfg` with float tensors as `dtype` and quantized checkpoint tensors kept in
+    /// their blocks when `keep_quant`, plus the list of what goes where.
+    fn plan(ck: &Checkpoint, cfg: &ModelConfig, dtype: DType, keep_quant: bool) -> (WeightLayout, Vec<Source>) {
         let es = dtype.size_bytes();
         let (h, qd, kvd, inter, v) =
             (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
         let mut cursor = 0usize;
-        let mut parts = Vec::new();
-        let mut put = |sources: Vec<(String, Vec<usize>)>, elems: usize| -> usize {
-            let off = cursor;
-            cursor = (cursor + elems * es).next_multiple_of(WEIGHT_ALIGN_BYTES);
-            parts.push(Part { offset: off, sources });
-            off
+        let mut sources: Vec<Source> = Vec::new();
+        let mut source_bytes = 0usize;
+        // Places tensors back to back while they share a storage type (one fused matrix), each
+        // new run 256-byte aligned; returns each tensor's `Mat`.
+        let mut put = |parts: Vec<(String, Vec<usize>)>| -> Vec<Mat> {
+            let mut prev: Option<Option<QuantType>> = None;
+            let mut mats = Vec::with_capacity(parts.len());
+            for (name, shape) in parts {
+                let e = ck.get(&name);
+                source_bytes += e.map_or(0, |e| ck.data(e).1.len());
+                let quant = if keep_quant { e.and_then(|e| e.quant) } else { None };
+                if prev.is_some_and(|p| p != quant) {
+                    cursor = cursor.next_multiple_of(WEIGHT_ALIGN_BYTES);
+                }
+                prev = Some(quant);
+                let (rows, cols) = match shape[..] {
+                    [r, c] => (r, c),
+                    _ => (1, shape.iter().product()),
+                };
+                let m = Mat { offset: cursor, quant };
+                cursor += match quant {
+                    Some(q) => rows * q.row_bytes(cols).unwrap_or(0),
+                    None => rows * cols * es,
+                };
+                sources.push(Source { name, shape, offset: m.offset, quant });
+                mats.push(m);
+            }
+            cursor = cursor.next_multiple_of(WEIGHT_ALIGN_BYTES);
+            mats
         };
-        let embed = put(vec![("model.embed_tokens.weight".into(), vec![v, h])], v * h);
+        let one = |n: String, shape: Vec<usize>| vec![(n, shape)];
+        let embed = put(one("model.embed_tokens.weight".into(), vec![v, h]))[0];
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
-            let ln_in = put(vec![(name(l, "input_layernorm.weight"), vec![h])], h);
-            let qkv = put(
-                vec![
-                    (name(l, "self_attn.q_proj.weight"), vec![qd, h]),
-                    (name(l, "self_attn.k_proj.weight"), vec![kvd, h]),
-                    (name(l, "self_attn.v_proj.weight"), vec![kvd, h]),
-                ],
-                (qd + 2 * kvd) * h,
-            );
+            let ln_in = put(one(name(l, "input_layernorm.weight"), vec![h]))[0].offset;
+            let qkv = put(vec![
+                (name(l, "self_attn.q_proj.weight"), vec![qd, h]),
+                (name(l, "self_attn.k_proj.weight"), vec![kvd, h]),
+                (name(l, "self_attn.v_proj.weight"), vec![kvd, h]),
+            ]);
             let qkv_bias = cfg.qkv_bias.then(|| {
-                put(
-                    vec![
-                        (name(l, "self_attn.q_proj.bias"), vec![qd]),
-                        (name(l, "self_attn.k_proj.bias"), vec![kvd]),
-                        (name(l, "self_attn.v_proj.bias"), vec![kvd]),
-                    ],
-                    qd + 2 * kvd,
-                )
+                put(vec![
+                    (name(l, "self_attn.q_proj.bias"), vec![qd]),
+                    (name(l, "self_attn.k_proj.bias"), vec![kvd]),
+                    (name(l, "self_attn.v_proj.bias"), vec![kvd]),
+                ])[0]
+                    .offset
             });
-            let o = put(vec![(name(l, "self_attn.o_proj.weight"), vec![h, qd])], h * qd);
-            let o_bias = cfg.o_bias.then(|| put(vec![(name(l, "self_attn.o_proj.bias"), vec![h])], h));
-            let ln_post = put(vec![(name(l, "post_attention_layernorm.weight"), vec![h])], h);
-            let gate_up = put(
-                vec![
-                    (name(l, "mlp.gate_proj.weight"), vec![inter, h]),
-                    (name(l, "mlp.up_proj.weight"), vec![inter, h]),
-                ],
-                2 * inter * h,
-            );
+            let o = put(one(name(l, "self_attn.o_proj.weight"), vec![h, qd]))[0];
+            let o_bias = cfg.o_bias.then(|| put(one(name(l, "self_attn.o_proj.bias"), vec![h]))[0].offset);
+            let ln_post = put(one(name(l, "post_attention_layernorm.weight"), vec![h]))[0].offset;
+            let gate_up = put(vec![
+                (name(l, "mlp.gate_proj.weight"), vec![inter, h]),
+                (name(l, "mlp.up_proj.weight"), vec![inter, h]),
+            ]);
             let gate_up_bias = cfg.mlp_bias.then(|| {
-                put(
-                    vec![(name(l, "mlp.gate_proj.bias"), vec![inter]), (name(l, "mlp.up_proj.bias"), vec![inter])],
-                    2 * inter,
-                )
+                put(vec![(name(l, "mlp.gate_proj.bias"), vec![inter]), (name(l, "mlp.up_proj.bias"), vec![inter])])[0]
+                    .offset
             });
-            let down = put(vec![(name(l, "mlp.down_proj.weight"), vec![h, inter])], h * inter);
-            let down_bias = cfg.mlp_bias.then(|| put(vec![(name(l, "mlp.down_proj.bias"), vec![h])], h));
+            let down = put(one(name(l, "mlp.down_proj.weight"), vec![h, inter]))[0];
+            let down_bias = cfg.mlp_bias.then(|| put(one(name(l, "mlp.down_proj.bias"), vec![h]))[0].offset);
             layers.push(LayerWeights {
                 ln_in,
-                qkv,
+                qkv: [qkv[0], qkv[1], qkv[2]],
                 qkv_bias,
                 o,
                 o_bias,
                 ln_post,
-                gate_up,
+                gate_up: [gate_up[0], gate_up[1]],
                 gate_up_bias,
                 down,
                 down_bias,
             });
         }
-        let norm = put(vec![("model.norm.weight".into(), vec![h])], h);
-        let lm_head =
-            if cfg.tie_word_embeddings { embed } else { put(vec![("lm_head.weight".into(), vec![v, h])], v * h) };
+        let norm = put(one("model.norm.weight".into(), vec![h]))[0].offset;
+        let lm_head = if cfg.tie_word_embeddings { embed } else { put(one("lm_head.weight".into(), vec![v, h]))[0] };
         // The f32 inv_freq table is not a checkpoint tensor: reserve it by hand.
         let inv_freq = cursor;
         cursor = (cursor + cfg.head_dim / 2 * 4).next_multiple_of(WEIGHT_ALIGN_BYTES);
-        (WeightLayout { dtype, embed, norm, lm_head, inv_freq, layers, total_bytes: cursor }, parts)
+        (WeightLayout { dtype, embed, norm, lm_head, inv_freq, layers, total_bytes: cursor, source_bytes }, sources)
     }
 
     /// The storage dtype: `want`, else the embedding table's dtype.
@@ -142,16 +189,30 @@ impl WeightLayout {
             dir: ck.dir().into(),
             tensor: "model.embed_tokens.weight".into(),
         })?;
-        Ok(e.dtype)
+        // A quantized table (a GGUF): its float tensors are norms, kept in f32.
+        Ok(if e.quant.is_some() { DType::F32 } else { e.dtype })
     }
 
-    /// Checks that every tensor `cfg` needs exists with the right shape, and returns the layout.
-    /// Runs before any device memory is touched.
+    /// Checks that every tensor `cfg` needs exists with the right shape, and returns the layout
+    /// with quantized tensors kept quantized. Runs before any device memory is touched.
     pub fn validate(ck: &Checkpoint, cfg: &ModelConfig, dtype: DType) -> Result<WeightLayout> {
-        let (layout, parts) = Self::plan(cfg, dtype);
-        for p in &parts {
-            for (n, shape) in &p.sources {
-                ck.expect(n, shape)?;
+        Self::validate_for(ck, cfg, dtype, true)
+    }
+
+    /// As [`WeightLayout::validate`]; quantized tensors are dequantized to `dtype` unless
+    /// `keep_quant` (pass [`Backend::quantized_weights`]).
+    pub fn validate_for(ck: &Checkpoint, cfg: &ModelConfig, dtype: DType, keep_quant: bool) -> Result<WeightLayout> {
+        let (layout, sources) = Self::plan(ck, cfg, dtype, keep_quant);
+        for s in &sources {
+            let e = ck.expect(&s.name, &s.shape)?;
+            if let Some(q) = e.quant {
+                if s.shape.len() != 2 {
+                    return Err(ModelError::tensor(
+                        ck.dir(),
+                        &s.name,
+                        format!("is {q}-quantized but is not a matrix; requantize keeping it in F32 or load the safetensors directory"),
+                    ));
+                }
             }
         }
         Ok(layout)
@@ -162,8 +223,9 @@ impl WeightLayout {
         Ok(Self::validate(ck, cfg, dtype)?.total_bytes)
     }
 
-    /// Uploads every tensor to `region[base..base + total_bytes]`, converting to the layout's
-    /// dtype on the way. Shows progress on stderr when the model is large (> 256 MiB).
+    /// Uploads every tensor to `region[base..base + total_bytes]`: quantized tensors as they are
+    /// where `backend` has quantized kernels (else dequantized), float tensors converted to the
+    /// layout's dtype. Shows progress on stderr when the model is large (> 256 MiB).
     pub fn upload<B: Backend>(
         ck: &Checkpoint,
         cfg: &ModelConfig,
@@ -172,21 +234,43 @@ impl WeightLayout {
         region: &B::Region,
         base: usize,
     ) -> Result<WeightLayout> {
-        let (layout, parts) = Self::plan(cfg, dtype);
+        let (layout, sources) = Self::plan(ck, cfg, dtype, backend.quantized_weights());
         let mut progress = Progress::new(layout.total_bytes as u64);
         let mut done_bytes = 0usize;
         // Conversion staging, reused: 8 MiB of output per write keeps peak host memory flat.
         const CHUNK_ELEMS: usize = 4 << 20;
         let mut staging: Vec<u8> = Vec::new();
-        for p in &parts {
-            let mut off = base + p.offset;
-            for (n, shape) in &p.sources {
-                let e = ck.expect(n, shape)?;
-                let (_, src) = ck.data(e);
-                if e.dtype == dtype {
+        let mut floats: Vec<f32> = Vec::new();
+        for s in &sources {
+            let e = ck.expect(&s.name, &s.shape)?;
+            let (_, src) = ck.data(e);
+            let mut off = base + s.offset;
+            match (e.quant, s.quant) {
+                (Some(_), Some(_)) => {
                     backend.write(region, off, src)?;
-                    off += src.len();
-                } else {
+                    done_bytes += src.len();
+                }
+                (Some(q), None) => {
+                    // Dequantized here (a backend without quantized kernels): whole rows per chunk.
+                    let cols = s.shape[s.shape.len() - 1];
+                    let rb = q.row_bytes(cols).unwrap_or(1);
+                    let rows_per = (CHUNK_ELEMS / cols.max(1)).max(1);
+                    for chunk in src.chunks(rows_per * rb) {
+                        floats.resize(chunk.len() / rb * cols, 0.0);
+                        dequantize_row(q, chunk, &mut floats);
+                        let bytes: &[u8] = f32_bytes(&floats);
+                        staging.resize(floats.len() * dtype.size_bytes(), 0);
+                        convert_floats(bytes, DType::F32, &mut staging, dtype);
+                        backend.write(region, off, &staging)?;
+                        off += staging.len();
+                        done_bytes += staging.len();
+                    }
+                }
+                (None, _) if e.dtype == dtype => {
+                    backend.write(region, off, src)?;
+                    done_bytes += src.len();
+                }
+                (None, _) => {
                     let (fs, ts) = (e.dtype.size_bytes(), dtype.size_bytes());
                     for chunk in src.chunks(CHUNK_ELEMS * fs) {
                         let n_el = chunk.len() / fs;
@@ -195,10 +279,10 @@ impl WeightLayout {
                         backend.write(region, off, &staging)?;
                         off += staging.len();
                     }
+                    done_bytes += src.len() / fs * ts;
                 }
-                done_bytes += src.len() / e.dtype.size_bytes() * dtype.size_bytes();
-                progress.set(done_bytes as u64);
             }
+            progress.set(done_bytes as u64);
         }
         let inv: Vec<u8> = cfg.inv_freq().iter().flat_map(|f| f.to_le_bytes()).collect();
         backend.write(region, base + layout.inv_freq, &inv)?;
@@ -254,4 +338,9 @@ impl Progress {
             None => {}
         }
     }
+}
+
+fn f32_bytes(xs: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte view of it is valid; same memory and lifetime.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
 }

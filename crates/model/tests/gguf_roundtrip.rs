@@ -136,7 +136,9 @@ fn gguf_import_reproduces_transformers_logits() {
     write_gguf(&file);
     let reference = read_reference(&reference_root().join("llama-gqa")).unwrap();
     // In memory (what `--model-dir x.gguf` does) and through a written directory.
-    let conv = djinn_model::gguf::convert_file(&file, djinn_backend::DType::F32).unwrap();
+    let conv =
+        djinn_model::gguf::convert_file(&file, djinn_model::gguf::Tensors::Dequantize(djinn_backend::DType::F32))
+            .unwrap();
     conv.write_dir(&tmp.join("hf")).unwrap();
     for src in [file.clone(), tmp.join("hf")] {
         let files = open_model(&src, None).unwrap();

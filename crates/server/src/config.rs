@@ -161,7 +161,8 @@ crate::settings! {
     handshake_timeout_ms: u64 = 5_000;
     /// A model to serve sessions on: NAME=DIR (a Hugging Face directory or a .gguf file);
     /// repeatable; every model is loaded before the server listens. In a file: `[[models]]`
-    /// tables with `name` and `dir`.
+    /// tables with `name` and `dir`. A GGUF's quantized tensors stay quantized on the CPU backend;
+    /// on CUDA they are dequantized to the model dtype at load (no quantized CUDA kernels yet).
     models: Vec<ModelSpec> = Vec::new(), flag = "model";
     /// KV cache capacity per model, MiB (fractions allowed); idle sessions swap to host memory.
     /// Default: every session at full length, at most 512 MiB.

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub tensor_bytes_live: IntGauge,
     /// Sessions open over all models.
     pub sessions_open: IntGauge,
+    /// Each model's weight bytes: `kind` = `resident` (in the weights region) or `file` (the
+    /// checkpoint's tensor bytes; quantized GGUF tensors stay quantized, so the two are close).
+    pub model_weight_bytes: IntGaugeVec,
     /// Sessions whose KV lives in the host swap pool.
     pub sessions_swapped: IntGauge,
     /// Decode start to first token frame sent.
@@ -127,6 +130,14 @@ impl Metrics {
             tensors_live: IntGauge::new("tensors_live", "Tensor handles currently held").unwrap(),
             tensor_bytes_live: IntGauge::new("tensor_live_bytes", "Tensor bytes currently held").unwrap(),
             sessions_open: IntGauge::new("sessions_open", "Sessions open").unwrap(),
+            model_weight_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "model_weight_bytes",
+                    "Weight bytes per model: resident in the weights region, or in the file",
+                ),
+                &["model", "kind"],
+            )
+            .unwrap(),
             sessions_swapped: IntGauge::new("sessions_swapped", "Sessions whose KV is swapped out to host memory")
                 .unwrap(),
             ttft_s: Histogram::with_opts(
@@ -200,6 +211,7 @@ impl Metrics {
         r.register(Box::new(m.tensors_live.clone())).unwrap();
         r.register(Box::new(m.tensor_bytes_live.clone())).unwrap();
         r.register(Box::new(m.sessions_open.clone())).unwrap();
+        r.register(Box::new(m.model_weight_bytes.clone())).unwrap();
         r.register(Box::new(m.sessions_swapped.clone())).unwrap();
         r.register(Box::new(m.ttft_s.clone())).unwrap();
         r.register(Box::new(m.token_latency_s.clone())).unwrap();

@@ -29,6 +29,7 @@ mod elementwise;
 mod gemm;
 mod mem;
 mod pool;
+mod quant;
 mod raw;
 mod sample;
 
@@ -40,7 +41,7 @@ use crate::backend::{
 };
 use crate::error::{BackendError, Result};
 use crate::validate;
-use crate::DType;
+use crate::{DType, QuantType};
 
 /// The CPU backend's stream: a name for an ordering that eager execution already provides.
 #[derive(Debug, Default)]
@@ -291,6 +292,74 @@ impl Backend for CpuBackend {
         validate::gemm(&a, &b, &c)?;
         let (a, b, c) = (float(op, "a", &a)?, float(op, "b", &b)?, float(op, "c", &c)?);
         gemm::gemm(self, &a, &b, &c, args)
+    }
+
+    fn quantized_weights(&self) -> bool {
+        true
+    }
+
+    fn gemm_quant(
+        &self,
+        _s: &CpuStream,
+        a: View<Self>,
+        w: View<Self>,
+        wtype: QuantType,
+        c: View<Self>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let op = "gemm_quant";
+        let (a, w, c) =
+            (typed(op, "a", &a, DType::F32)?, typed(op, "w", &w, DType::U8)?, typed(op, "c", &c, DType::F32)?);
+        let row_bytes = wtype
+            .row_bytes(k)
+            .ok_or_else(|| raw::shape(op, format!("k = {k} is not a whole number of {wtype} blocks")))?;
+        let need = |r: &Raw, name: &str, want: Option<usize>| match want {
+            Some(w) if r.len >= w => Ok(()),
+            _ => Err(raw::shape(op, format!("{name} has {} elements, needs {want:?} for m={m} n={n} k={k}", r.len))),
+        };
+        need(&a, "a", m.checked_mul(k))?;
+        need(&w, "w", n.checked_mul(row_bytes))?;
+        need(&c, "c", m.checked_mul(n))?;
+        raw::disjoint(op, "a", &c, &a)?;
+        raw::disjoint(op, "w", &c, &w)?;
+        if m > 0 && n > 0 && k > 0 {
+            quant::gemm(self, &a, w.ptr, wtype, &c, m, n, k);
+        }
+        Ok(())
+    }
+
+    fn embedding_quant(
+        &self,
+        _s: &CpuStream,
+        table: View<Self>,
+        wtype: QuantType,
+        ids: View<Self>,
+        out: View<Self>,
+        hidden: usize,
+    ) -> Result<()> {
+        let op = "embedding_quant";
+        let (t, ids, out) = (
+            typed(op, "table", &table, DType::U8)?,
+            typed(op, "ids", &ids, DType::I32)?,
+            typed(op, "out", &out, DType::F32)?,
+        );
+        let row_bytes = wtype.row_bytes(hidden).filter(|&r| r > 0 && t.len % r == 0).ok_or_else(|| {
+            raw::shape(op, format!("table of {} bytes is not rows of {hidden} {wtype} values", t.len))
+        })?;
+        raw::len_eq(op, "out", &out, ids.len * hidden)?;
+        raw::disjoint(op, "table", &out, &t)?;
+        raw::disjoint(op, "ids", &out, &ids)?;
+        let vocab = t.len / row_bytes;
+        // SAFETY: `ids` is a checked i32 operand, not written by this op (disjoint from `out`).
+        let idv = unsafe { raw::ints(&ids) };
+        if let Some((i, id)) = idv.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
+            return Err(raw::shape(op, format!("ids[{i}] = {id} is outside the vocabulary of {vocab}")));
+        }
+        // SAFETY: `out` is a checked f32 operand disjoint from both inputs.
+        quant::embedding(t.ptr, wtype, idv, unsafe { out.slice_mut::<f32>() }, hidden);
+        Ok(())
     }
 
     fn binary(&self, _s: &CpuStream, op: BinaryOp, a: View<Self>, b: View<Self>, out: View<Self>) -> Result<()> {

@@ -254,9 +254,12 @@ impl SessionService {
                 has_tokenizer: tok.is_some(),
                 has_chat_template: tok.as_ref().is_some_and(|t| t.has_chat_template()),
             };
+            let (resident, file) = (engine.model().weights.total_bytes, engine.model().weights.source_bytes);
+            metrics.model_weight_bytes.with_label_values(&[spec.name.as_str(), "resident"]).set(resident as i64);
+            metrics.model_weight_bytes.with_label_values(&[spec.name.as_str(), "file"]).set(file as i64);
             tracing::info!(
                 model = %spec.name, dir = %spec.dir.display(), ms = t0.elapsed().as_millis() as u64,
-                kv_bytes, host_bytes, "model loaded"
+                kv_bytes, host_bytes, weights_resident_bytes = resident, weights_file_bytes = file, "model loaded"
             );
             models.push(engine_loop::LoadedModel { info: info.clone(), engine, tok, eos });
             infos.push(info);
