@@ -114,8 +114,9 @@ fn logits(ck: &Checkpoint, cfg: djinn_model::ModelConfig, prompt: &[u32]) -> (Ve
     (out, resident, source)
 }
 
-fn tmp() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("djinn-gguf-quant-{}", std::process::id()));
+/// A folder of this test's own: the tests of this file run in parallel and each removes its folder.
+fn tmp(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("djinn-gguf-quant-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -158,7 +159,7 @@ fn argmax(x: &[f32]) -> usize {
 
 #[test]
 fn every_type_loads_quantized_and_matches_its_dequantized_reference() {
-    let dir = tmp();
+    let dir = tmp("every_type_loads_quantized_and_matches_its_dequantized_reference");
     let mut types: Vec<GgmlType> = QuantType::ALL.iter().map(|q| GgmlType::Quant(*q)).collect();
     types.extend([GgmlType::F16, GgmlType::BF16, GgmlType::F32]);
     for t in types {
@@ -177,7 +178,7 @@ fn every_type_loads_quantized_and_matches_its_dequantized_reference() {
 
 #[test]
 fn an_unsupported_type_is_refused_naming_tensor_type_and_remedy() {
-    let dir = tmp();
+    let dir = tmp("an_unsupported_type_is_refused_naming_tensor_type_and_remedy");
     let f = dir.join("iq.gguf");
     let mut bytes = to_bytes(
         &meta(),
