@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, run_trials, server, unique_name, Transport};
+use common::{http_get, metric, run_trials, server, tenants_file, unique_name, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, FinishReason, Input, OpenOptions};
@@ -71,12 +71,6 @@ fn connect(url: &str, token: &str) -> Client {
 fn try_connect(url: &str, token: &str) -> djinn_client::Result<Client> {
     let opts = ClientOptions { token: Some(token.as_bytes().to_vec()), ..Default::default() };
     Client::connect_with(url, &opts)
-}
-
-fn tenants_file() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tokens"));
-    std::fs::write(&p, "alice tok-alice\nbob tok-bob\n").unwrap();
-    p
 }
 
 fn decode_req(session: u64, n: u32, logits: LogitsWire) -> SessionDecodeReq {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, run_trials, server, unique_name, Transport};
+use common::{http_get, metric, run_trials, server, tenants_file, unique_name, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, FinishReason, Input, LogitsRequest, OpenOptions};
@@ -319,12 +319,6 @@ fn generate_in_one_request(t: Transport) {
         status(c.generate(b, Feed::Turn { role: "tool", text: "x" }, &greedy(1), |_| true)),
         Status::BadArgument
     );
-}
-
-fn tenants_file() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tokens"));
-    std::fs::write(&p, "alice tok-alice\nbob tok-bob\n").unwrap();
-    p
 }
 
 fn attach_and_tenants(t: Transport) {

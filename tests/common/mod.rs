@@ -253,6 +253,14 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// An `--auth-token-file` with tenants `alice` (`tok-alice`) and `bob` (`tok-bob`), in a file of
+/// its own.
+pub fn tenants_file() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tokens"));
+    std::fs::write(&p, "alice tok-alice\nbob tok-bob\n").unwrap();
+    p
+}
+
 /// One test body: its name, the transport it is pinned to (`None` = run once per transport), and
 /// the body.
 pub type TrialSpec = (&'static str, Option<Transport>, fn(Transport));

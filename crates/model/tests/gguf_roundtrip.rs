@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use djinn_backend::cpu::CpuBackend;
+use djinn_model::gguf::writer::{gguf_name, permute_rows};
 use djinn_model::testing::{argmax, read_reference, reference_root};
 use djinn_model::{open_model, Engine, EngineOptions};
 use safetensors::SafeTensors;
@@ -25,45 +26,6 @@ fn kv_f32(b: &mut Vec<u8>, k: &str, v: f32) {
     put_str(b, k);
     b.extend(6u32.to_le_bytes());
     b.extend(v.to_le_bytes());
-}
-
-/// llama.cpp's permute: HF row `p·hd/2 + i` of a head goes to row `2i + p`.
-fn permute(x: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let mut out = vec![0f32; x.len()];
-    for h in 0..heads {
-        for p in 0..2 {
-            for i in 0..hd / 2 {
-                let (src, dst) = (h * hd + p * hd / 2 + i, h * hd + 2 * i + p);
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&x[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (l, t) = rest.split_once('.').unwrap();
-    let t = t
-        .replace("input_layernorm", "attn_norm")
-        .replace("post_attention_layernorm", "ffn_norm")
-        .replace("self_attn.q_proj", "attn_q")
-        .replace("self_attn.k_proj", "attn_k")
-        .replace("self_attn.v_proj", "attn_v")
-        .replace("self_attn.o_proj", "attn_output")
-        .replace("mlp.gate_proj", "ffn_gate")
-        .replace("mlp.up_proj", "ffn_up")
-        .replace("mlp.down_proj", "ffn_down");
-    format!("blk.{l}.{t}")
 }
 
 fn write_gguf(path: &PathBuf) {
@@ -95,13 +57,13 @@ fn write_gguf(path: &PathBuf) {
         let shape = t.shape().to_vec();
         let mut f: Vec<f32> = t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         if n.ends_with("q_proj.weight") {
-            f = permute(&f, shape[0], shape[1], 4);
+            f = permute_rows(&f, shape[0], shape[1], 4);
         } else if n.ends_with("k_proj.weight") {
-            f = permute(&f, shape[0], shape[1], 2);
+            f = permute_rows(&f, shape[0], shape[1], 2);
         }
         // Alternate F32 and F16 storage to cover both paths (F16 rounds: checked loosely below).
         let f16 = i % 2 == 1 && shape.len() == 1;
-        put_str(&mut infos, &gguf_name(n));
+        put_str(&mut infos, &gguf_name(n).unwrap());
         infos.extend((shape.len() as u32).to_le_bytes());
         for d in shape.iter().rev() {
             infos.extend((*d as u64).to_le_bytes());
