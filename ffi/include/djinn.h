@@ -79,6 +79,7 @@ typedef struct djinn_client djinn_client;
 #define DJINN_QOS_INTERACTIVE 0
 #define DJINN_QOS_BATCH 1
 #define DJINN_QOS_BACKGROUND 2
+#define DJINN_QOS_REALTIME 3
 
 /* What the server reports about a session. */
 typedef struct djinn_session_info {

@@ -564,9 +564,10 @@ pub unsafe extern "C" fn djinn_session_open(
             0 => Qos::Interactive,
             1 => Qos::Batch,
             2 => Qos::Background,
-            other => return Err(FfiError::new(DJINN_E_INVALID_ARG, format!("qos {other}: expected 0, 1 or 2"))),
+            3 => Qos::Realtime,
+            other => return Err(FfiError::new(DJINN_E_INVALID_ARG, format!("qos {other}: expected 0, 1, 2 or 3"))),
         };
-        let info = client.open_session(&OpenOptions { model: model.to_owned(), qos, max_tokens })?;
+        let info = client.open_session(&OpenOptions { qos, max_tokens, ..OpenOptions::new(model) })?;
         // SAFETY: non-NULL and writable per this function's contract.
         unsafe { out.write(info_to_c(&info)) };
         Ok(())

@@ -7,7 +7,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, OpenOptions, Qos, TokenEvent};
+use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, OpenOptions, TokenEvent};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -44,7 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = ClientOptions { token: djinn_client::load_token(args.token_file.as_deref())?, ..Default::default() };
     let mut client = Client::connect_with(&args.server, &opts)?;
     let info = client
-        .open_session(&OpenOptions { model: args.model.clone(), qos: Qos::Interactive, max_tokens: 0 })
+        .open_session(&OpenOptions::new(args.model.clone()))
         .with_context(|| format!("opening a session on {:?} at {}", args.model, args.server))?;
     if !info.has_chat_template {
         let _ = client.close_session(info.session);

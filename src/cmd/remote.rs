@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, FinishReason, Input, OpenOptions, Qos, TokenEvent};
+use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, FinishReason, Input, OpenOptions, TokenEvent};
 
 use super::generate::{Args as GenerateArgs, ModelArgs, Summary};
 use super::logits::{print_logits, Args as LogitsArgs};
@@ -40,7 +40,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         None => 0,
     };
     let info = client
-        .open_session(&OpenOptions { model: model.clone(), qos: Qos::Interactive, max_tokens })
+        .open_session(&OpenOptions { max_tokens, ..OpenOptions::new(model.clone()) })
         .with_context(|| format!("opening a session on {model:?} at {}", client.url()))?;
     let sid = info.session;
     let t0 = Instant::now();

@@ -18,13 +18,40 @@ use crate::{decode, Client, ClientError, Result};
 
 pub type SessionId = u64;
 
-/// Scheduling class hint.
+/// Scheduling class of a session: the server seats realtime before interactive before batch in
+/// every step, each with a minimum share so none starves. `Background` is scheduled as `Batch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Qos {
+    Realtime,
     #[default]
     Interactive,
     Batch,
     Background,
+}
+
+impl Qos {
+    /// The class's name, as `--qos` and the metrics spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Qos::Realtime => "realtime",
+            Qos::Interactive => "interactive",
+            Qos::Batch => "batch",
+            Qos::Background => "background",
+        }
+    }
+}
+
+impl std::str::FromStr for Qos {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "realtime" => Ok(Qos::Realtime),
+            "interactive" => Ok(Qos::Interactive),
+            "batch" => Ok(Qos::Batch),
+            "background" => Ok(Qos::Background),
+            other => Err(format!("unknown QoS class {other:?}: expected realtime, interactive, batch or background")),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -33,11 +60,14 @@ pub struct OpenOptions {
     pub qos: Qos,
     /// Longest the session may grow, in tokens; 0 = the model's maximum.
     pub max_tokens: u32,
+    /// Time per output token needed, in ms (0 = none); a tight one raises the class (≤ 25 ms
+    /// realtime, ≤ 250 ms interactive).
+    pub deadline_ms: u32,
 }
 
 impl OpenOptions {
     pub fn new(model: impl Into<String>) -> Self {
-        OpenOptions { model: model.into(), qos: Qos::Interactive, max_tokens: 0 }
+        OpenOptions { model: model.into(), qos: Qos::Interactive, max_tokens: 0, deadline_ms: 0 }
     }
 }
 
@@ -166,8 +196,14 @@ impl Client {
             Qos::Interactive => QosWire::Interactive,
             Qos::Batch => QosWire::Batch,
             Qos::Background => QosWire::Background,
+            Qos::Realtime => QosWire::Realtime,
         };
-        let req = SessionOpenReq { model: opts.model.clone(), qos, max_tokens: opts.max_tokens };
+        let req = SessionOpenReq {
+            model: opts.model.clone(),
+            qos,
+            max_tokens: opts.max_tokens,
+            deadline_ms: opts.deadline_ms,
+        };
         let r = self.call(Opcode::SessionOpen, &req.to_meta(), &[])?;
         Ok(info(decode(Opcode::SessionOpen, &r.meta)?))
     }

@@ -8,7 +8,7 @@
 //!
 //! | opcode | request meta | reply meta / data |
 //! |---|---|---|
-//! | SessionOpen | `SessionOpenReq`: str model, u8 qos, u32 max_tokens | `SessionInfoReply` |
+//! | SessionOpen | `SessionOpenReq`: str model, u8 qos, u32 max_tokens, u32 deadline_ms | `SessionInfoReply` |
 //! | SessionAttach | `SessionReq`: u64 session | `SessionInfoReply` |
 //! | SessionPrefill | `SessionPrefillReq`: u64 session, u8 kind (0 ids, 1 text), [u32] or str | `PrefillReply` |
 //! | SessionAppend | `SessionAppendReq`: u64 session, str role, str text | `PrefillReply` |
@@ -49,13 +49,15 @@ pub const SESSION_ROLE_BYTES_MAX: usize = 64;
 /// Longest text delta of one token frame.
 pub const SESSION_DELTA_BYTES_MAX: usize = 4096;
 
-/// Scheduling class hint of a session.
+/// Scheduling class of a session. `Background` is accepted and scheduled as `Batch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum QosWire {
     #[default]
     Interactive = 0,
     Batch = 1,
     Background = 2,
+    /// Latency-critical: seated first in every step.
+    Realtime = 3,
 }
 
 impl QosWire {
@@ -64,6 +66,7 @@ impl QosWire {
             0 => Ok(QosWire::Interactive),
             1 => Ok(QosWire::Batch),
             2 => Ok(QosWire::Background),
+            3 => Ok(QosWire::Realtime),
             _ => Err(MetaError::BadValue { what: "qos", value: v as u64 }),
         }
     }
@@ -132,6 +135,9 @@ pub struct SessionOpenReq {
     pub qos: QosWire,
     /// 0 = the model's (or server's) maximum.
     pub max_tokens: u32,
+    /// Time per output token the client needs, in ms; 0 = none. The server maps it to a class
+    /// (≤ 25 ms realtime, ≤ 250 ms interactive) when that is more urgent than `qos`.
+    pub deadline_ms: u32,
 }
 
 impl Meta for SessionOpenReq {
@@ -139,12 +145,14 @@ impl Meta for SessionOpenReq {
         w.put_str(&self.model);
         w.put_u8(self.qos as u8);
         w.put_u32(self.max_tokens);
+        w.put_u32(self.deadline_ms);
     }
     fn decode(r: &mut MetaReader<'_>) -> Result<Self, MetaError> {
         Ok(SessionOpenReq {
             model: r.get_str("model", NAME_BYTES_MAX)?.to_owned(),
             qos: QosWire::from_u8(r.get_u8("qos")?)?,
             max_tokens: r.get_u32("max_tokens")?,
+            deadline_ms: r.get_u32("deadline_ms")?,
         })
     }
 }
@@ -556,7 +564,8 @@ mod tests {
 
     #[test]
     fn session_messages_round_trip() {
-        round_trip(&SessionOpenReq { model: "tiny".into(), qos: QosWire::Batch, max_tokens: 0 });
+        round_trip(&SessionOpenReq { model: "tiny".into(), qos: QosWire::Batch, max_tokens: 0, deadline_ms: 0 });
+        round_trip(&SessionOpenReq { model: "rt".into(), qos: QosWire::Realtime, max_tokens: 9, deadline_ms: 20 });
         round_trip(&SessionInfoReply {
             session: u64::MAX,
             context_tokens: 3,
@@ -615,7 +624,8 @@ mod tests {
         assert!(matches!(SessionDecodeReq::from_meta(&bad.to_meta()), Err(MetaError::BadValue { .. })));
         let bad = SessionDecodeReq { temperature: f32::NAN, ..decode_req() };
         assert!(SessionDecodeReq::from_meta(&bad.to_meta()).is_err());
-        let mut b = SessionOpenReq { model: "m".into(), qos: QosWire::Interactive, max_tokens: 1 }.to_meta();
+        let mut b =
+            SessionOpenReq { model: "m".into(), qos: QosWire::Interactive, max_tokens: 1, deadline_ms: 0 }.to_meta();
         b[5] = 9;
         assert!(matches!(SessionOpenReq::from_meta(&b), Err(MetaError::BadValue { what: "qos", .. })));
         // A count that cannot fit in the bytes left is refused before allocating.
