@@ -1428,6 +1428,9 @@ impl gpu::Suite for Ops {
                     Ok(be) => {
                         let (be, cpu) = (be.clone(), self.cpu.clone());
                         Trial::test(name, move || {
+                            // Trials run in parallel: each on a handle (stream, workspace, error
+                            // word) of its own, as every user of a device must.
+                            let be = be.handle().map_err(fail)?;
                             let want = match &cpu {
                                 Some(c) => Want::Cpu(c),
                                 None => Want::Reference,

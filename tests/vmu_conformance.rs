@@ -30,7 +30,11 @@ impl gpu::Suite for Vmu {
                 match &backend {
                     Ok(be) => {
                         let be = be.clone();
-                        Trial::test(name, move || body(be).map_err(Failed::from))
+                        // Trials run in parallel: each on a handle of its own.
+                        Trial::test(name, move || {
+                            let be = be.handle().map_err(|e| Failed::from(format!("handle: {e}")))?;
+                            body(be).map_err(Failed::from)
+                        })
                     }
                     Err(why) => gpu::ignored(name, why),
                 }

@@ -15,6 +15,16 @@
 //!
 //! Regions are `Send` but need not be `Sync`: whoever issues work on a region holds it, which is
 //! what keeps the CPU backend (plain host memory written through `&Region`) free of data races.
+//!
+//! Handles: a backend value is a *handle* on a device. [`Backend::handle`] makes another handle
+//! on the same device — same memory (a region of one handle is an operand of every other), same
+//! kernels — with its own default stream and whatever per-stream state the backend keeps (the
+//! CUDA backend: workspace, cuBLAS handle, device error word). Each independent user (the engine
+//! of each model, each Exec in flight) works through a handle of its own, so their op sequences,
+//! synchronous copies ([`Backend::write`]/[`Backend::read`] are ordered on the handle's default
+//! stream) and error reports never meet.
+
+use std::sync::Arc;
 
 use crate::error::Result;
 use crate::{DType, KvLayout, QuantType};
@@ -207,7 +217,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Page-locked host memory.
     fn alloc_host(&self, bytes: usize) -> Result<Self::Host>;
     fn new_stream(&self) -> Result<Self::Stream>;
+    /// The handle's own stream: [`Backend::write`] and [`Backend::read`] are ordered on it.
     fn default_stream(&self) -> &Self::Stream;
+
+    /// A new handle on the same device with its own default stream and per-stream state (see the
+    /// module docs). Allocates (a stream, and on CUDA its workspace): call at start-up, never on
+    /// the request path. The default returns the same handle, which is right exactly for
+    /// backends whose default stream keeps no state (the CPU backend executes eagerly on the
+    /// calling thread); a backend with per-stream state overrides it.
+    fn handle(self: &Arc<Self>) -> Result<Arc<Self>> {
+        Ok(Arc::clone(self))
+    }
     fn record(&self, stream: &Self::Stream) -> Result<Self::Event>;
     /// Makes later work on `stream` wait for `event`.
     fn wait(&self, stream: &Self::Stream, event: &Self::Event) -> Result<()>;

@@ -20,6 +20,12 @@ pub enum BackendError {
     Unsupported { op: &'static str, why: String },
     #[error("driver error in {op}: {msg}")]
     Driver { op: &'static str, msg: String },
+    /// A handle's stream was used by two threads at once (a program error: give each user its
+    /// own handle with `Backend::handle`).
+    #[error(
+        "{op}: the stream is in use by another thread; each thread needs its own backend handle (Backend::handle)"
+    )]
+    StreamShared { op: &'static str },
     #[error("kernel build/load failed for {module}: {msg}")]
     Kernel { module: String, msg: String },
 }

@@ -13,6 +13,12 @@
 //! grows, so a step that cannot fit fails with nothing changed (`ModelError::Vmu(KvExhausted)`)
 //! and the caller may retry with fewer sessions. [`Engine::batch_fits`] predicts it.
 //!
+//! The engine works through a backend handle of its own, made from the one it is given
+//! ([`Backend::handle`]): its forward passes, synchronous copies, workspace and device error
+//! word are on a stream no other user of the device can reach (the field is private and never
+//! handed out), so a tenant's Exec ops or another model's engine can neither corrupt nor delay
+//! its steps, nor be blamed for its errors.
+//!
 //! A step is all-or-nothing: whatever fails after sessions grew (an append, the forward pass,
 //! reading the results) shrinks every session of the step back to its length before it, so the
 //! KV never holds positions the caller does not know of.
@@ -100,7 +106,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Validates every tensor, reserves the VMU sized for this model and `opts`, and uploads the
-    /// weights once.
+    /// weights once. The engine makes its own handle on `backend`'s device (module docs).
     pub fn from_checkpoint(backend: Arc<B>, ck: &Checkpoint, cfg: ModelConfig, opts: &EngineOptions) -> Result<Self> {
         let dtype = WeightLayout::choose_dtype(ck, opts.dtype)?;
         let layout = WeightLayout::validate_for(ck, &cfg, dtype, backend.quantized_weights())?;
@@ -124,6 +130,8 @@ impl<B: Backend> Engine<B> {
             },
         };
         check_step_workspace(backend.step_workspace_bytes(), &cfg, dtype, opts.max_step_tokens)?;
+        // This engine's own stream, workspace and error word: nothing else holds this handle.
+        let backend = backend.handle()?;
         let model_probe = Model::new(cfg.clone(), layout.clone(), limits, opts.block_tokens);
         let kv_tokens = opts.kv_tokens.unwrap_or(opts.max_sessions * max_blocks * opts.block_tokens);
         let mut vcfg = VmuConfig::new(kv_layout);
@@ -184,7 +192,9 @@ impl<B: Backend> Engine<B> {
     pub fn model(&self) -> &Model {
         &self.model
     }
-    pub fn backend(&self) -> &Arc<B> {
+    /// The engine's own handle: for reading state (`info`, counters) on the engine's thread.
+    /// Work issued through it joins the engine's stream, so only the engine's thread may.
+    pub fn backend(&self) -> &B {
         &self.backend
     }
     pub fn vmu(&self) -> &Vmu<B> {

@@ -196,6 +196,9 @@ crate::settings! {
     /// Per-tenant overrides of `tenant_defaults`, by tenant name; config file only:
     /// `[tenants.NAME]` tables.
     tenants: BTreeMap<String, TenantOverride> = BTreeMap::new();
+    /// Backend handles Exec requests run on, one per request for its whole run (on a GPU each is
+    /// a stream with its own 32 MiB workspace; the engine has its own). More concurrent Execs wait.
+    exec_streams: usize = 4;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -320,6 +323,7 @@ impl ServerConfig {
             ("session_queue_max", self.session_queue_max as u64),
             ("conn_outbound_frames_max", self.conn_outbound_frames_max as u64),
             ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
+            ("exec_streams", self.exec_streams as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -4,7 +4,8 @@
 //! and the input descriptors alone — every mismatch is a typed error before any memory is taken.
 //! Then quota for every node's output and its temporaries (intermediates included, so a graph
 //! cannot allocate past the tenant's bound) is reserved, regions are reserved, the ops are issued
-//! on the default stream and the stream is synchronised. Requested outputs become new handles;
+//! on the default stream of an Exec lane — a backend handle this request holds alone, never the
+//! engine's ([`crate::lanes`]) — and that stream is synchronised. Requested outputs become new handles;
 //! intermediates and temporaries are freed and their quota returned when the request ends.
 //!
 //! Every op is composed from [`Backend`] trait calls only, so it runs wherever a backend does.
@@ -815,7 +816,8 @@ pub fn exec<B: Backend>(
         for d in &descs {
             outs.push(Tensor { desc: *d, region: store.alloc(d)? });
         }
-        let backend = store.backend();
+        let lane = store.exec_lane();
+        let backend = &*lane;
         // Dropped only after the stream is synchronised: the device may still read them.
         let mut temps: Vec<B::Region> = Vec::new();
         for (i, node) in req.nodes.iter().enumerate() {

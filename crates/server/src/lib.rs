@@ -8,7 +8,7 @@
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
 //! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`watchdog`] (connection deadlines),
-//! [`staging`] (the bounded staging pool), [`quota`] (per-tenant quotas), [`throttle`]
+//! [`staging`] (the bounded staging pool), [`lanes`] (the backend handles Execs run on), [`quota`] (per-tenant quotas), [`throttle`]
 //! (rate-limited logging).
 
 pub mod auth;
@@ -16,6 +16,7 @@ pub mod config;
 mod conn;
 pub mod exec;
 pub mod http;
+pub mod lanes;
 pub mod metrics;
 pub mod quota;
 pub mod server;

@@ -70,6 +70,8 @@ pub enum ServerError {
     Signals(std::io::Error),
     #[error(transparent)]
     Sessions(#[from] SessionStartError),
+    #[error("making the Exec lanes' backend handles: {0}")]
+    Backend(djinn_backend::BackendError),
 }
 
 /// State every thread of the server shares.
@@ -142,7 +144,8 @@ impl<B: Backend> Server<B> {
             }
         }
         let quotas = Quotas::new(&cfg);
-        let store = Store::new(backend.clone(), quotas.clone(), cfg.tensor_bytes_max, metrics.clone());
+        let lanes = crate::lanes::ExecLanes::new(&backend, cfg.exec_streams).map_err(ServerError::Backend)?;
+        let store = Store::new(backend.clone(), lanes, quotas.clone(), cfg.tensor_bytes_max, metrics.clone());
         let timeouts = Timeouts {
             handshake: Duration::from_millis(cfg.handshake_timeout_ms),
             frame_data: Duration::from_millis(cfg.frame_data_timeout_ms),

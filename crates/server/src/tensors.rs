@@ -24,6 +24,7 @@ use djinn_backend::Backend;
 use djinn_proto::{DType as WireDType, Status, TensorDesc};
 
 use crate::auth::TenantId;
+use crate::lanes::{ExecLanes, Lane};
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
 
@@ -88,7 +89,7 @@ pub fn backend_status(e: &djinn_backend::BackendError) -> Status {
         E::Shape { .. } | E::OutOfBounds { .. } => Status::ShapeMismatch,
         E::Overlap { .. } => Status::BadArgument,
         E::Unsupported { .. } | E::NotCompiled(_) => Status::Unsupported,
-        E::NoDevice(_) | E::Driver { .. } | E::Kernel { .. } => Status::Internal,
+        E::NoDevice(_) | E::Driver { .. } | E::Kernel { .. } | E::StreamShared { .. } => Status::Internal,
     }
 }
 
@@ -156,6 +157,8 @@ impl<B: Backend> Drop for Reservation<'_, B> {
 /// Every tenant's tensors.
 pub struct Store<B: Backend> {
     backend: Arc<B>,
+    /// The handles Exec requests run their ops on (never the engine's).
+    lanes: ExecLanes<B>,
     tenants: Mutex<HashMap<TenantId, Arc<TenantState<B>>>>,
     bytes_total: AtomicU64,
     next_handle: AtomicU64,
@@ -172,9 +175,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<B: Backend> Store<B> {
-    pub fn new(backend: Arc<B>, quotas: Arc<Quotas>, bytes_max: u64, metrics: Metrics) -> Self {
+    pub fn new(backend: Arc<B>, lanes: ExecLanes<B>, quotas: Arc<Quotas>, bytes_max: u64, metrics: Metrics) -> Self {
         Store {
             backend,
+            lanes,
             tenants: Mutex::new(HashMap::new()),
             bytes_total: AtomicU64::new(0),
             // Handles start far from zero so a zeroed field never names a tensor.
@@ -187,6 +191,11 @@ impl<B: Backend> Store<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// A backend handle of its own for one Exec request, held until dropped (see [`ExecLanes`]).
+    pub fn exec_lane(&self) -> Lane<'_, B> {
+        self.lanes.take()
     }
 
     pub fn tenant(&self, id: &TenantId) -> Arc<TenantState<B>> {

@@ -4,9 +4,23 @@
 //!
 //! Owns: device memory ([`Region`]: one `cuMemAlloc` per [`Backend::reserve`], freed on drop),
 //! pinned host memory ([`PinnedHost`]: `cuMemHostAlloc`, not write-combined), streams (each
-//! with its own cuBLAS handle and a fixed attention workspace, so concurrent streams never share
-//! scratch), events, kernel loading ([`KernelSet`] handed in by the binary) and the op launches
-//! (`ops.rs`). GEMM goes through cuBLAS; every other op is a hand-written kernel in `kernels/`.
+//! with its own cuBLAS handle, a fixed workspace and a device error word), events, kernel
+//! loading ([`KernelSet`] handed in by the binary) and the op launches (`ops.rs`). GEMM goes
+//! through cuBLAS; every other op is a hand-written kernel in `kernels/`.
+//!
+//! Handles and streams: a [`CudaBackend`] is one *handle* — the device it shares with every
+//! other handle of the GPU (`Device`: context, kernels, properties, attention counters; one
+//! `Arc`) plus its own default [`Stream`]. [`Backend::handle`] makes another. Regions belong to
+//! the context, so any handle's ops take any handle's regions. What an op keeps between its
+//! launches (mixed-dtype GEMM: the converted operand; split-K decode: the partials; sampling:
+//! the sort slots) lives in the workspace of the stream it runs on ([`Scratch`]), borrowed
+//! mutably by the op from its first launch to its last, so launches of two ops can never
+//! interleave on one workspace. Sharing is refused, not waited out: a stream is used by one
+//! thread at a time, and an op that finds its stream's scratch already borrowed by another
+//! thread fails with [`BackendError::StreamShared`] before launching anything. The engine of
+//! each model and each Exec in flight therefore work through handles of their own (the engine
+//! makes its handle itself; the server hands Execs handles from a bounded pool), which also
+//! keeps each stream's error word (below) reported to the one user whose kernels set it.
 //!
 //! Invariants: every driver call happens with this backend's (primary) context current on the
 //! calling thread (`bind`); every operand is bounds-checked against its region on the host
@@ -33,8 +47,9 @@ use crate::backend::{
 };
 use crate::error::{BackendError, Result};
 
-/// Attention scratch per stream (split-K partials of paged decode). 32 MiB holds, e.g., 64
-/// sequences × 32 heads × 30 partitions × head_dim 128; larger batches use fewer partitions.
+/// Workspace per stream (split-K partials of paged decode, converted GEMM operands, sampling
+/// sort slots). 32 MiB holds, e.g., 64 sequences × 32 heads × 30 partitions × head_dim 128;
+/// larger batches use fewer partitions.
 pub const ATTN_WORKSPACE_BYTES: usize = 32 << 20;
 
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> BackendError {
@@ -160,14 +175,14 @@ impl ErrWord {
 struct Blas(blas_sys::cublasHandle_t);
 
 // SAFETY: a cuBLAS handle may be used from any thread, one at a time; `Stream` keeps it behind
-// a Mutex (inside [`Scratch`]), which provides that exclusion.
+// a Mutex (inside [`Scratch`]) that ops only ever `try_lock`, which provides that exclusion.
 unsafe impl Send for Blas {}
 
 /// What an op keeps on one stream between its launches: the workspace (converted GEMM operands,
 /// split-K decode partials, sampling sort slots) and the cuBLAS handle bound to the stream.
-/// Reachable only through [`Stream::scratch`]'s guard, which an op holds from its first launch
-/// to its last: launches on a stream run in issue order, so two ops' uses of the workspace can
-/// never interleave, whichever threads issue them.
+/// Reachable only through [`Stream::scratch`]'s guard — the op's mutable borrow — which an op
+/// holds from its first launch to its last: launches on a stream run in issue order, so two
+/// ops' uses of the workspace can never interleave.
 pub(crate) struct Scratch {
     // Field order is drop order: the cuBLAS handle goes before its stream (a later field of
     // `Stream`); the workspace is independent.
@@ -205,24 +220,42 @@ impl Stream {
         self.stream.cu_stream()
     }
 
-    /// The stream's scratch, held exclusively until the guard drops (see [`Scratch`]).
-    pub(crate) fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
-        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
+    /// The stream's scratch, held exclusively until the guard drops (see [`Scratch`]). A stream
+    /// belongs to one thread at a time: finding it borrowed means two threads share a handle,
+    /// which is refused (the module docs say why) instead of serialised.
+    pub(crate) fn scratch(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+        match self.scratch.try_lock() {
+            Ok(g) => Ok(g),
+            // A panic inside an op left no launch half-issued that matters: the next op on the
+            // stream runs after whatever was issued, in stream order.
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(BackendError::StreamShared { op }),
+        }
     }
 }
 
 /// A recorded point on a stream (and that stream's error word, reported on synchronisation).
 pub struct Event(CudaEvent, Arc<ErrWord>);
 
-pub struct CudaBackend {
+/// What every handle on one GPU shares.
+pub(crate) struct Device {
     ctx: Arc<CudaContext>,
-    default: Stream,
     kernels: kernels::Kernels,
     name: String,
     /// Compute capability as `major * 10 + minor` (90 for H100).
     arch: u32,
     sm_count: u32,
     attn_counters: dispatch::AttnCounters,
+}
+
+/// One handle on a GPU: the shared [`Device`] and this handle's own default stream (see the
+/// module docs). `Send + Sync` as the trait requires; its stream still serves one thread at a
+/// time ([`Stream::scratch`]).
+pub struct CudaBackend {
+    // Field order is drop order: the stream (and its cuBLAS handle and workspace) before the
+    // last reference to the device's modules and context.
+    default: Stream,
+    dev: Arc<Device>,
 }
 
 impl CudaBackend {
@@ -252,18 +285,24 @@ impl CudaBackend {
         let kernels = kernels::Kernels::load(&ctx, kernels, arch)?;
         let default = Self::make_stream(&ctx)?;
         tracing::info!(ordinal, %name, arch, sm_count, "cuda backend ready");
-        Ok(CudaBackend { ctx, default, kernels, name, arch, sm_count, attn_counters: Default::default() })
+        let dev = Arc::new(Device { ctx, kernels, name, arch, sm_count, attn_counters: Default::default() });
+        Ok(CudaBackend { default, dev })
     }
 
     /// Compute capability as `major * 10 + minor`.
     pub fn arch(&self) -> u32 {
-        self.arch
+        self.dev.arch
     }
 
-    /// How many times each attention kernel was launched (which one a step used is observable:
-    /// see `dispatch.rs`).
+    /// Whether `other` is a handle on the same device (its regions are this handle's operands).
+    pub fn same_device(&self, other: &CudaBackend) -> bool {
+        Arc::ptr_eq(&self.dev, &other.dev)
+    }
+
+    /// How many times each attention kernel was launched, over every handle of the device
+    /// (which one a step used is observable: see `dispatch.rs`).
     pub fn attention_kernels(&self) -> AttnKernelCounts {
-        self.attn_counters.snapshot()
+        self.dev.attn_counters.snapshot()
     }
 
     /// The kernels the calling thread's most recent `attention` call launched (tests check a
@@ -274,11 +313,11 @@ impl CudaBackend {
 
     /// Which image each kernel module was loaded from.
     pub fn kernel_origins(&self) -> Vec<(&'static str, KernelOrigin)> {
-        self.kernels.origins()
+        self.dev.kernels.origins()
     }
 
     fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(driver_err("bind context"))
+        self.dev.ctx.bind_to_thread().map_err(driver_err("bind context"))
     }
 
     fn alloc(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Region> {
@@ -322,20 +361,24 @@ impl Backend for CudaBackend {
         Some(ATTN_WORKSPACE_BYTES)
     }
 
+    fn handle(self: &Arc<Self>) -> Result<Arc<Self>> {
+        Ok(Arc::new(CudaBackend { default: Self::make_stream(&self.dev.ctx)?, dev: self.dev.clone() }))
+    }
+
     fn info(&self) -> DeviceInfo {
         let (free, total) =
             self.bind().and_then(|_| drv::mem_get_info().map_err(driver_err("mem info"))).unwrap_or((0, 0));
         DeviceInfo {
             kind: "cuda",
-            name: self.name.clone(),
-            ordinal: self.ctx.ordinal(),
+            name: self.dev.name.clone(),
+            ordinal: self.dev.ctx.ordinal(),
             memory_total_bytes: total as u64,
             memory_free_bytes: free as u64,
         }
     }
 
     fn reserve(&self, bytes: usize) -> Result<Region> {
-        Self::alloc(&self.ctx, bytes)
+        Self::alloc(&self.dev.ctx, bytes)
     }
 
     fn alloc_host(&self, bytes: usize) -> Result<PinnedHost> {
@@ -347,11 +390,11 @@ impl Backend for CudaBackend {
         })? as *mut u8;
         // SAFETY: `ptr` points to at least `bytes` writable bytes just allocated.
         unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
-        Ok(PinnedHost { ptr, len: bytes, ctx: self.ctx.clone() })
+        Ok(PinnedHost { ptr, len: bytes, ctx: self.dev.ctx.clone() })
     }
 
     fn new_stream(&self) -> Result<Stream> {
-        Self::make_stream(&self.ctx)
+        Self::make_stream(&self.dev.ctx)
     }
 
     fn default_stream(&self) -> &Stream {
@@ -623,7 +666,7 @@ impl CudaBackend {
         smem_bytes: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
-        let f = self.kernels.get(name)?;
+        let f = self.dev.kernels.get(name)?;
         if smem_bytes > 48 * 1024 {
             // Opt in to more than the default 48 KiB of dynamic shared memory (sm_80+: up to
             // 163 KiB / 227 KiB); a request beyond the device limit fails the launch below.

@@ -121,7 +121,7 @@ struct SampleBatch {
 impl CudaBackend {
     fn grid_1d(&self, n: usize) -> u32 {
         let blocks = n.div_ceil(THREADS as usize).max(1);
-        blocks.min(self.sm_count as usize * 32) as u32
+        blocks.min(self.dev.sm_count as usize * 32) as u32
     }
 
     pub(super) fn gemm_impl(&self, s: &Stream, a: V, b: V, c: V, args: &GemmArgs) -> Result<()> {
@@ -160,7 +160,7 @@ impl CudaBackend {
         let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
         // Held until the GEMM is issued: the converted A lives in the workspace until cuBLAS has
         // read it, and the handle is bound to this stream.
-        let scratch = s.scratch();
+        let scratch = s.scratch(OP)?;
         self.bind()?;
         // Mixed inputs (f32 activations against 16-bit weights): A is converted to B's dtype in
         // the stream's workspace (A is the small operand: activations), strides kept.
@@ -566,7 +566,7 @@ impl CudaBackend {
         let smem_fixed = ng * (1 << gp_idx) * (2 + hd) * 4;
         let decode_name = DECODE[di][gp_idx];
         let plan = dispatch(&shape_of, || -> Result<Option<DecodePlan>> {
-            let f = self.kernels.get(decode_name)?;
+            let f = self.dev.kernels.get(decode_name)?;
             // Occupancy at a typical block-table slice (256 ints); the exact slice is smaller or
             // equal for the partition sizes chosen.
             // SAFETY: `f` is a live function of this context; 128 threads is the launch block.
@@ -577,7 +577,7 @@ impl CudaBackend {
             .max(1) as usize;
             Ok(decode_plan(
                 per_sm,
-                self.sm_count as usize,
+                self.dev.sm_count as usize,
                 seqs,
                 heads,
                 kvh,
@@ -587,7 +587,7 @@ impl CudaBackend {
                 super::ATTN_WORKSPACE_BYTES,
             ))
         })?;
-        self.attn_counters.record(&plan);
+        self.dev.attn_counters.record(&plan);
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let heads_i = i32_arg(OP, "heads", heads)?;
         let kvh_i = i32_arg(OP, "kv_heads", kvh)?;
@@ -603,7 +603,7 @@ impl CudaBackend {
             // The partials live in the stream's workspace from this launch until decode_reduce
             // has read them: hold it across both launches, so no other op (from any thread)
             // can issue work that uses it in between.
-            let scratch = s.scratch();
+            let scratch = s.scratch(OP)?;
             let ntab = plan.part_tokens / bt;
             let smem = ntab.next_multiple_of(4) * 4 + smem_fixed;
             let ws = scratch.ptr();
@@ -820,7 +820,7 @@ impl CudaBackend {
         }
         let vpow2_i = vpow2 as i32;
         // Held across every chunk's launch: each sorts in the workspace.
-        let scratch = s.scratch();
+        let scratch = s.scratch(OP)?;
         let ws = scratch.ptr();
         self.bind()?;
         for (chunk_idx, chunk) in params.chunks(rows_per_launch).enumerate() {
