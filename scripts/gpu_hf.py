@@ -39,7 +39,10 @@ def skip(why):
 
 def build(torch, transformers, shape, seed):
     cfg = transformers.LlamaConfig(**shape, **COMMON)
-    cfg._attn_implementation = "eager"
+    try:
+        cfg._attn_implementation = "eager"
+    except Exception:  # older/newer transformers: eager is the default there
+        pass
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -48,7 +51,9 @@ def build(torch, transformers, shape, seed):
             model = transformers.LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-    model = model.to(torch.bfloat16).eval()
+    # Parameters are bf16 already (the default dtype above); RoPE's inv_freq stays float32, as
+    # our loader computes it (casting the model would round it to bf16).
+    model = model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

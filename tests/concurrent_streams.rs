@@ -34,8 +34,9 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 type R<T = ()> = Result<T, Failed>;
 
-/// bf16 weights and KV: ~4e-3 per value, accumulated over two layers.
-const LOGITS_REL_TOL: f32 = 3e-2;
+/// bf16 weights and KV (~4e-3 per value), and on a GPU bf16 activations at every GEMM, over two
+/// layers of unit-scale weights; corruption by another user's work is of the order of the logits.
+const LOGITS_REL_TOL: f32 = 5e-2;
 /// One bf16 rounding of the activations before the GEMM, then softmax and RMSNorm.
 const EXEC_REL_TOL: f32 = 2e-2;
 const MODEL: &str = "llama-gqa";
