@@ -220,7 +220,11 @@ impl Client {
             Input::Ids(ids) => PrefillInput::Ids(ids.to_vec()),
             Input::Text(t) => PrefillInput::Text(t.to_owned()),
         };
-        let r = self.call(Opcode::SessionPrefill, &SessionPrefillReq { session, input }.to_meta(), &[])?;
+        let r = self.call(
+            Opcode::SessionPrefill,
+            &SessionPrefillReq { session, input, breakpoints: Vec::new() }.to_meta(),
+            &[],
+        )?;
         prefill_reply(Opcode::SessionPrefill, &r.meta)
     }
 
@@ -284,6 +288,7 @@ impl Client {
             ignore_eos: opts.ignore_eos,
             logits,
             stop: opts.stop.clone(),
+            breakpoints: Vec::new(),
         };
         let id = self.submit(Opcode::SessionDecode, &req.to_meta(), &[])?;
         let mut cancel: Option<u64> = None;

@@ -48,6 +48,10 @@ use crate::staging::{Lease, StagingError, CHUNK_BYTES};
 use crate::tensors::{Tensor, TensorError};
 use crate::watchdog::{ConnClock, Phase, Slot};
 
+/// Why a request with breakpoints (or a breakpoint opcode) is refused.
+const BREAKPOINTS_UNSERVED: &str =
+    "breakpoints are not served by this server version (the engine loop does not pause sessions yet)";
+
 /// Bulk data of a staged put moves through pinned staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
 /// Oldest protocol version this server still speaks.
@@ -334,6 +338,10 @@ impl<B: Backend> Conn<B> {
             | Opcode::SessionCancel
             | Opcode::SessionClose
             | Opcode::Logits => Ok(self.session(opcode, head)),
+            Opcode::SessionHiddenRead | Opcode::SessionHiddenWrite | Opcode::SessionResume => {
+                self.rx_skip(data_len)?;
+                Ok(Outcome::Rejected(Reject::new(Status::Unsupported, BREAKPOINTS_UNSERVED)))
+            }
             other => {
                 self.rx_skip(data_len)?;
                 Ok(Outcome::Rejected(Reject::new(
@@ -345,6 +353,8 @@ impl<B: Backend> Conn<B> {
     }
 
     /// Parses a session request and hands it to the engine loop, which answers it.
+    /// Requests with breakpoints are refused here, typed, until the engine loop pauses sessions
+    /// (the protocol and the engine's passes exist; issue 13).
     fn session(&mut self, opcode: Opcode, head: &RxHead) -> Outcome {
         use djinn_proto::session::*;
         let m = &head.meta[..];
@@ -362,6 +372,14 @@ impl<B: Backend> Conn<B> {
             Ok(r) => r,
             Err(e) => return Outcome::Rejected(e.into()),
         };
+        let breakpoints = match &req {
+            Request::Prefill(r) => !r.breakpoints.is_empty(),
+            Request::Decode(r) => !r.breakpoints.is_empty(),
+            _ => false,
+        };
+        if breakpoints {
+            return Outcome::Rejected(Reject::new(Status::Unsupported, BREAKPOINTS_UNSERVED));
+        }
         let Some(tenant) = self.tenant.clone() else {
             return Outcome::Rejected(Reject::new(Status::Unauthorized, "no Hello on this connection"));
         };
