@@ -32,6 +32,8 @@ enum Command {
     ConvertGguf(cmd::convert::Args),
     /// Start a server on loopback (CPU backend, tcp + shm) and run a client against it.
     Demo(cmd::demo::Args),
+    /// Run a prompt with breakpoints: dump (and optionally replace) the hidden state after layer N.
+    Debug(cmd::debug::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Chat(a) => cmd::chat::run(a),
         Command::ConvertGguf(a) => cmd::convert::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Debug(a) => cmd::debug::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

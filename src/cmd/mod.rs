@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod convert;
+pub mod debug;
 pub mod demo;
 pub mod device;
 pub mod generate;
