@@ -1,64 +1,170 @@
-//! Breakpoints against the real server binary, over every transport: this server version does
-//! not pause sessions yet (the protocol and the engine's passes exist; the engine-loop part of
-//! issue 13 remains), so a prefill or decode with breakpoints and every breakpoint opcode get a
-//! typed `Unsupported`, and the session is intact: it then generates transformers' tokens.
+//! Breakpoints against the real server binary, over every transport, on the committed 4-layer
+//! reference checkpoint (`breakpoints.json`, transformers' numbers):
+//! - a decode paused after every layer: each state read equals transformers' within 1e-4 of its
+//!   largest value, and resuming gives transformers' greedy tokens;
+//! - a state replaced at a pause gives what transformers gives with the same replacement;
+//! - bad input (a layer past L, a prefill with breakpoints, resume/read of a session that is not
+//!   paused, a state of the wrong shape or dtype, another connection's anonymous session) gets a
+//!   typed error and the session is intact; a cancelled pause rolls the request back.
 
 mod common;
 
-use common::{connect, model_server, run_trials, status_of, Transport};
-use djinn_client::{DecodeOptions, Feed, OpenOptions};
+use common::{connect, metric, model_server, run_trials, status_of, Transport};
+use djinn_client::{DecodeOptions, Feed, FinishReason, OpenOptions};
 use djinn_model::testing::{reference_root, Breakpoints, BREAKPOINT_MODEL};
-use djinn_proto::{
-    DecodeFeed, HiddenDType, HiddenReadReq, LogitsWire, Meta, Opcode, PrefillInput, SessionDecodeReq,
-    SessionPrefillReq, SessionReq, Status,
-};
+use djinn_proto::{HiddenDType, Meta, Opcode, PrefillInput, SessionPrefillReq, SessionReq, Status};
 
 const MODEL: &str = "deep";
 
-fn refused_typed_and_session_intact(t: Transport) {
+fn record() -> (std::path::PathBuf, Breakpoints) {
     let dir = reference_root().join(BREAKPOINT_MODEL);
-    let rec: Breakpoints = serde_json::from_slice(&std::fs::read(dir.join("breakpoints.json")).unwrap()).unwrap();
-    let srv = model_server(t, MODEL, &dir, &[]);
+    let rec = serde_json::from_slice(&std::fs::read(dir.join("breakpoints.json")).unwrap()).unwrap();
+    (dir, rec)
+}
+
+fn opts(rec: &Breakpoints) -> DecodeOptions {
+    DecodeOptions { max_new_tokens: rec.greedy.len() as u32, ignore_eos: true, ..DecodeOptions::default() }
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+fn pause_read_patch_resume(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32"]);
     let mut c = connect(srv.url());
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
-    let decode = SessionDecodeReq {
-        session: s,
-        feed: DecodeFeed::Ids(rec.prompt.clone()),
-        max_new_tokens: 4,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-        ignore_eos: true,
-        logits: LogitsWire::None,
-        stop: vec![],
-        breakpoints: vec![1, 3],
-    };
-    assert_eq!(status_of(c.call(Opcode::SessionDecode, &decode.to_meta(), &[])), Status::Unsupported);
+    let all: Vec<u32> = (1..=rec.layers as u32).collect();
+    let (mut got, mut pauses) = (Vec::new(), Vec::new());
+    let sum = c
+        .generate_with_breakpoints(
+            s,
+            Feed::Ids(&rec.prompt),
+            &opts(&rec),
+            &all,
+            |ev| {
+                got.push(ev.token);
+                true
+            },
+            |c, note| {
+                assert_eq!((note.session, note.tokens as usize), (s, rec.prompt.len()));
+                let (desc, hidden) = c.read_hidden_f32(s)?;
+                assert_eq!((desc.layer, desc.tokens), (note.layer, note.tokens));
+                let want = rec.hidden.iter().find(|h| h.layer == note.layer as usize).unwrap().hidden.concat();
+                let err = rel_err(&hidden, &want);
+                assert!(err <= 1e-4, "layer {}: error {err}", note.layer);
+                pauses.push(note.layer);
+                c.resume(s)
+            },
+        )
+        .unwrap();
+    assert_eq!(pauses, all);
+    assert_eq!(got, rec.greedy, "resumed unmodified");
+    assert_eq!(sum.prompt_tokens as usize, rec.prompt.len());
+
+    for p in &rec.patches {
+        let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+        let patch: Vec<f32> = p.hidden.iter().flatten().map(|&x| x as f32).collect();
+        let mut got = Vec::new();
+        c.generate_with_breakpoints(
+            s,
+            Feed::Ids(&rec.prompt),
+            &opts(&rec),
+            &[p.layer as u32],
+            |ev| {
+                got.push(ev.token);
+                true
+            },
+            |c, note| {
+                c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, &patch)?;
+                let (_, back) = c.read_hidden_f32(s)?;
+                assert_eq!(back, patch);
+                c.resume(s)
+            },
+        )
+        .unwrap();
+        assert_eq!(got, p.greedy, "patched at layer {}", p.layer);
+    }
+}
+
+fn bad_input_typed_session_intact(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(
+        t,
+        MODEL,
+        &dir,
+        &["--dtype", "f32", "--breakpoint-lease-ms", "60000", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    assert_eq!(status_of(c.resume(s)), Status::NotPaused);
+    assert_eq!(status_of(c.read_hidden_f32(s)), Status::NotPaused);
+    let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[5], |_| true, |_, _| Ok(()));
+    assert_eq!(status_of(r), Status::BadArgument, "layer past L");
     let prefill = SessionPrefillReq { session: s, input: PrefillInput::Ids(rec.prompt.clone()), breakpoints: vec![2] };
     assert_eq!(status_of(c.call(Opcode::SessionPrefill, &prefill.to_meta(), &[])), Status::Unsupported);
-    let read = HiddenReadReq { session: s, dtype: HiddenDType::F32 };
-    assert_eq!(status_of(c.call(Opcode::SessionHiddenRead, &read.to_meta(), &[])), Status::Unsupported);
-    let resume = SessionReq { session: s };
-    assert_eq!(status_of(c.call(Opcode::SessionResume, &resume.to_meta(), &[])), Status::Unsupported);
-    // Malformed breakpoints (not increasing) are refused as they are parsed.
-    let mut bad = decode.to_meta();
-    let n = bad.len();
-    bad[n - 4..].copy_from_slice(&1u32.to_le_bytes());
-    assert_eq!(status_of(c.call(Opcode::SessionDecode, &bad, &[])), Status::BadArgument);
+    assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
 
-    let opts = DecodeOptions { max_new_tokens: rec.greedy.len() as u32, ignore_eos: true, ..DecodeOptions::default() };
-    let mut got = Vec::new();
+    // At a pause: wrong shape, wrong dtype, another (anonymous) connection; then cancel.
+    let mut other = connect(srv.url());
+    let mut seen = Vec::new();
     let sum = c
-        .generate(s, Feed::Ids(&rec.prompt), &opts, |ev| {
-            got.push(ev.token);
-            true
-        })
+        .generate_with_breakpoints(
+            s,
+            Feed::Ids(&rec.prompt),
+            &opts(&rec),
+            &[2, 3],
+            |_| true,
+            |c, note| {
+                let short = vec![0f32; (note.tokens as usize - 1) * note.hidden as usize];
+                seen.push(status_of(c.write_hidden_f32(s, note.layer, note.tokens - 1, note.hidden, &short)));
+                let full = vec![0f32; (note.tokens * note.hidden) as usize];
+                seen.push(status_of(c.write_hidden_f32(s, note.layer + 1, note.tokens, note.hidden, &full)));
+                let dt = if note.model_dtype == HiddenDType::F16 { HiddenDType::BF16 } else { HiddenDType::F16 };
+                seen.push(status_of(c.read_hidden(s, dt)));
+                seen.push(status_of(other.resume(s)));
+                let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
+                assert_eq!(metric(&m, "djinn_sessions_paused_breakpoint"), Some(1.0));
+                assert!(metric(&m, "djinn_breakpoint_held_bytes").unwrap() >= (note.tokens * note.hidden * 4) as f64);
+                c.cancel(s)
+            },
+        )
         .unwrap();
-    assert_eq!(got, rec.greedy, "the session was not intact after the refusals");
-    assert_eq!(sum.prompt_tokens as usize, rec.prompt.len());
+    assert_eq!(sum.finish, FinishReason::Cancelled);
+    assert_eq!(
+        seen,
+        [Status::ShapeMismatch, Status::ShapeMismatch, Status::DTypeMismatch, Status::UnknownSession],
+        "one pause only: the cancel ended it"
+    );
+    assert_eq!(c.attach_session(s).unwrap().context_tokens, 0, "a cancelled pause is rolled back");
+    assert_eq!(status_of(c.call(Opcode::SessionResume, &SessionReq { session: s }.to_meta(), &[])), Status::NotPaused);
+    let mut got = Vec::new();
+    c.generate(s, Feed::Ids(&rec.prompt), &opts(&rec), |ev| {
+        got.push(ev.token);
+        true
+    })
+    .unwrap();
+    assert_eq!(got, rec.greedy, "the session was intact after the refusals and the rollback");
+}
+
+/// A pause nobody resumes ends at its lease: the request is `Cancelled` and rolled back.
+fn pause_lease_rolls_back(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "200"]);
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[1], |_| true, |_, _| Ok(()));
+    assert_eq!(status_of(r), Status::Cancelled);
+    assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
 }
 
 fn main() {
-    run_trials(vec![("refused_typed_and_session_intact", None, refused_typed_and_session_intact)]);
+    run_trials(vec![
+        ("pause_read_patch_resume", None, pause_read_patch_resume),
+        ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
+        ("pause_lease_rolls_back", None, pause_lease_rolls_back),
+    ]);
 }

@@ -196,6 +196,9 @@ crate::settings! {
     /// Per-tenant overrides of `tenant_defaults`, by tenant name; config file only:
     /// `[tenants.NAME]` tables.
     tenants: BTreeMap<String, TenantOverride> = BTreeMap::new();
+    /// Milliseconds a session may stay paused at a breakpoint without a resume; then its request
+    /// ends `Cancelled` and the session is as it was before the request.
+    breakpoint_lease_ms: u64 = 60_000;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -320,6 +323,7 @@ impl ServerConfig {
             ("session_queue_max", self.session_queue_max as u64),
             ("conn_outbound_frames_max", self.conn_outbound_frames_max as u64),
             ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
+            ("breakpoint_lease_ms", self.breakpoint_lease_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
