@@ -161,8 +161,41 @@ fn pause_lease_rolls_back(t: Transport) {
     assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
 }
 
+/// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.
+fn debug_cli_remote(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32"]);
+    let p = rec.patches.iter().find(|p| p.layer == 2).expect("a patch at layer 2");
+    let base = std::env::temp_dir().join(format!("djinn-brk-cli-{}-{}", std::process::id(), t.name()));
+    let (dump, patches) = (base.join("dump"), base.join("patch"));
+    std::fs::create_dir_all(&patches).unwrap();
+    let values: Vec<f32> = p.hidden.iter().flatten().map(|&x| x as f32).collect();
+    djinn_dataplane::npy::write_f32(&patches.join("layer-2.npy"), &[p.hidden.len(), p.hidden[0].len()], &values)
+        .unwrap();
+    let ids: Vec<String> = rec.prompt.iter().map(u32::to_string).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["debug", "--server", srv.url(), "--model", MODEL, "--json", "--ignore-eos", "--break-at", "1,2"])
+        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &rec.greedy.len().to_string()])
+        .arg("--dump-dir")
+        .arg(&dump)
+        .arg("--patch-dir")
+        .arg(&patches)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let toks: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(toks, p.greedy);
+    assert_eq!(v["pauses"].as_array().unwrap().len(), 2);
+    let (shape, l1) = djinn_dataplane::npy::read_f32(&dump.join("layer-1.npy")).unwrap();
+    assert_eq!(shape, [rec.prompt.len(), p.hidden[0].len()]);
+    assert!(rel_err(&l1, &rec.hidden[0].hidden.concat()) <= 1e-4);
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
 fn main() {
     run_trials(vec![
+        ("debug_cli_remote", None, debug_cli_remote),
         ("pause_read_patch_resume", None, pause_read_patch_resume),
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),

@@ -3,6 +3,8 @@
 //! final norm when N = L) to `DUMP_DIR/layer-N.npy`, replacing it with `PATCH_DIR/layer-N.npy`
 //! when that file exists — then resumes and decodes greedily. In process (`--model-dir`);
 //! `--json` prints one object: `tokens`, `text`, `pauses: [{"layer", "pause_ms", "resume_ms"}]`.
+//! With `--server URL --model NAME` the same runs in a session on the server (a decode with
+//! breakpoints; the states travel as f32), timed on this host.
 //!
 //! `pause_ms` is the compute from the start of the pass (or the previous resume) to the pause,
 //! reading the state included; `resume_ms` runs from resuming to the next pause or the first
@@ -58,10 +60,7 @@ struct Pause {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.server.is_some() {
-        bail!(
-            "debug --server: this server version does not pause sessions at breakpoints yet; run in process with \
-             --model-dir DIR"
-        );
+        return run_remote(&args);
     }
     let ModelFiles { cfg, checkpoint, tokenizer } = open(&args.model)?;
     let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
@@ -118,6 +117,97 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     with_backend(&args.model, d)
 }
 
+/// Writes the state to `DUMP_DIR/layer-N.npy` and returns the replacement from `PATCH_DIR`, if
+/// any (checked against the state's shape).
+fn dump_and_patch(args: &Args, layer: usize, shape: [usize; 2], hidden: &[f32]) -> anyhow::Result<Option<Vec<f32>>> {
+    let name = format!("layer-{layer}.npy");
+    npy::write_f32(&args.dump_dir.join(&name), &shape, hidden)?;
+    let Some(dir) = &args.patch_dir else { return Ok(None) };
+    let path = dir.join(&name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let (got, values) = npy::read_f32(&path)?;
+    ensure!(got == shape, "{}: shape {got:?}, the hidden state is {shape:?}", path.display());
+    Ok(Some(values))
+}
+
+fn run_remote(args: &Args) -> anyhow::Result<()> {
+    let (mut client, model) = super::remote::connect(&args.model)?;
+    let max_new = u32::try_from(args.max_new_tokens).unwrap_or(u32::MAX);
+    let info = client
+        .open_session(&djinn_client::OpenOptions::new(model.clone()))
+        .with_context(|| format!("opening a session on {model:?} at {}", client.url()))?;
+    let sid = info.session;
+    let feed = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) if ids.is_empty() => bail!("the prompt is empty"),
+        (Some(ids), _) => djinn_client::Feed::Ids(ids),
+        (None, Some(_)) if !info.has_tokenizer => {
+            bail!("model {model:?} on the server has no tokenizer.json, so --prompt needs --prompt-ids instead")
+        }
+        (None, Some(text)) => djinn_client::Feed::Text(text),
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    for (i, &n) in args.break_at.iter().enumerate() {
+        ensure!(n >= 1 && (i == 0 || n > args.break_at[i - 1]), "--break-at {n}: layers must be increasing from 1");
+    }
+    std::fs::create_dir_all(&args.dump_dir).with_context(|| format!("creating {}", args.dump_dir.display()))?;
+    let opts = djinn_client::DecodeOptions {
+        max_new_tokens: max_new,
+        ignore_eos: args.ignore_eos,
+        ..djinn_client::DecodeOptions::default()
+    };
+    let layers: Vec<u32> = args.break_at.iter().map(|&n| n as u32).collect();
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    // Both callbacks time the pauses.
+    let pauses: std::cell::RefCell<Vec<Pause>> = Default::default();
+    let t = std::cell::Cell::new(Instant::now());
+    let mut failed: Option<anyhow::Error> = None;
+    let r = client.generate_with_breakpoints(
+        sid,
+        feed,
+        &opts,
+        &layers,
+        |ev| {
+            if tokens.is_empty() {
+                if let Some(p) = pauses.borrow_mut().last_mut() {
+                    p.resume_ms = t.get().elapsed().as_secs_f64() * 1e3;
+                }
+            }
+            tokens.push(ev.token);
+            text.push_str(ev.text);
+            true
+        },
+        |c, note| {
+            let ms = t.get().elapsed().as_secs_f64() * 1e3;
+            let mut pauses = pauses.borrow_mut();
+            if let Some(p) = pauses.last_mut() {
+                p.resume_ms = ms;
+            }
+            pauses.push(Pause { layer: note.layer as usize, pause_ms: ms, resume_ms: 0.0 });
+            let (desc, hidden) = c.read_hidden_f32(sid)?;
+            let shape = [desc.tokens as usize, desc.hidden as usize];
+            match dump_and_patch(args, note.layer as usize, shape, &hidden) {
+                Ok(Some(patch)) => c.write_hidden_f32(sid, desc.layer, desc.tokens, desc.hidden, &patch)?,
+                Ok(None) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    return c.cancel(sid);
+                }
+            }
+            t.set(Instant::now());
+            c.resume(sid)
+        },
+    );
+    let closed = client.close_session(sid);
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    r.with_context(|| format!("decoding with breakpoints on {model:?}"))?;
+    closed?;
+    print(args, &tokens, &text, &pauses.into_inner(), true)
+}
+
 fn debug<B: Backend>(
     eng: &mut Engine<B>,
     args: &Args,
@@ -139,20 +229,8 @@ fn debug<B: Backend>(
             p.resume_ms = ms;
         }
         pauses.push(Pause { layer: n, pause_ms: ms, resume_ms: 0.0 });
-        let name = format!("layer-{n}.npy");
-        npy::write_f32(&args.dump_dir.join(&name), &[prompt.len(), hidden_size], &hidden)?;
-        if let Some(dir) = &args.patch_dir {
-            let path = dir.join(&name);
-            if path.exists() {
-                let (shape, values) = npy::read_f32(&path)?;
-                ensure!(
-                    shape == [prompt.len(), hidden_size],
-                    "{}: shape {shape:?}, the hidden state is [{}, {hidden_size}]",
-                    path.display(),
-                    prompt.len()
-                );
-                hidden = values;
-            }
+        if let Some(patch) = dump_and_patch(args, n, [prompt.len(), hidden_size], &hidden)? {
+            hidden = patch;
         }
         std::mem::swap(&mut state, &mut hidden);
         from = Some(n);
@@ -193,6 +271,11 @@ fn debug<B: Backend>(
         }
         None => String::new(),
     };
+    print(args, &tokens, &text, &pauses, tok.is_some())
+}
+
+/// `--json`: one object; else the text (or the ids without a tokenizer) and a line per pause.
+fn print(args: &Args, tokens: &[u32], text: &str, pauses: &[Pause], has_text: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         let pauses: Vec<_> = pauses
@@ -201,7 +284,7 @@ fn debug<B: Backend>(
             .collect();
         writeln!(out, "{}", serde_json::json!({"tokens": tokens, "text": text, "pauses": pauses}))?;
     } else {
-        for p in &pauses {
+        for p in pauses {
             eprintln!(
                 "[layer {}: {} written; paused after {:.2} ms, resumed in {:.2} ms]",
                 p.layer,
@@ -210,7 +293,7 @@ fn debug<B: Backend>(
                 p.resume_ms
             );
         }
-        if tok.is_some() {
+        if has_text {
             writeln!(out, "{text}")?;
         } else {
             let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
