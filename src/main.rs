@@ -34,6 +34,9 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Run a prompt with breakpoints: dump (and optionally replace) the hidden state after layer N.
     Debug(cmd::debug::Args),
+    /// Benchmarks against a server (results.json per run, non-zero exit on a failed verdict).
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::ConvertGguf(a) => cmd::convert::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Debug(a) => cmd::debug::run(a),
+        Command::Bench(b) => cmd::bench::run(b),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

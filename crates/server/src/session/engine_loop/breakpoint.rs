@@ -105,25 +105,31 @@ impl<B: Backend> EngineLoop<B> {
                 _ => {}
             }
         }
-        let progressed = !run.is_empty() || !expired.is_empty();
+        let mut progressed = !expired.is_empty();
         for id in expired {
             tracing::info!(session = id, "breakpoint lease over: rolling the request back");
             let msg = "the pause's lease (breakpoint_lease_ms) ran out; the request was rolled back";
             self.end_work(id, Err((Status::Cancelled, msg)), FinishWire::Cancelled);
         }
         for id in run {
-            self.run_part(m, id);
+            progressed |= self.run_part(m, id);
         }
         progressed
     }
 
-    /// Runs session `id`'s pass to its next breakpoint (pausing there) or to its end.
-    fn run_part(&mut self, m: usize, id: u64) {
+    /// Runs session `id`'s pass to its next breakpoint (pausing there) or to its end; waits (runs
+    /// nothing) while its KV does not fit, as a batched step's session would.
+    fn run_part(&mut self, m: usize, id: u64) -> bool {
         let lm = &mut self.models[m];
         let s = self.sessions.get_mut(&id).expect("listed sessions exist");
-        let Work::Decode(d) = &mut s.work else { return };
+        let Work::Decode(d) = &mut s.work else { return false };
         let b = d.brk.as_mut().expect("listed with breakpoints");
         let toks = &s.tokens[s.kv..];
+        // The first part grows the session by the input; later ones only need it resident.
+        let grow = if b.at.is_none() { toks.len() } else { 0 };
+        if !lm.engine.batch_fits(&[(s.vs, grow)]) {
+            return false;
+        }
         let from = b.at.map(|l| (l, b.hidden.as_slice()));
         if b.next < b.layers.len() {
             let layer = b.layers[b.next] as usize;
@@ -147,7 +153,7 @@ impl<B: Backend> EngineLoop<B> {
                 }
                 Err(e) => self.fail_part(id, &e),
             }
-            return;
+            return true;
         }
         let (after, hidden) = (b.at.unwrap_or(0), std::mem::take(&mut b.hidden));
         let patched = b.patched;
@@ -166,6 +172,7 @@ impl<B: Backend> EngineLoop<B> {
             }
             Err(e) => self.fail_part(id, &e),
         }
+        true
     }
 
     /// A part of a pass failed: the engine rolled the pass back; the request ends with the error.
