@@ -50,10 +50,13 @@ pub struct Args {
     pub out: PathBuf,
 }
 
+/// (layer, pause_ms, resume_ms) of one pause.
+type PauseTimes = (u32, f64, f64);
+
 /// One session of the breakpoint run.
 #[derive(Default, Clone)]
 struct SessionResult {
-    pauses: Vec<(u32, f64, f64)>,
+    pauses: Vec<PauseTimes>,
     tokens: Vec<u32>,
     finish_ms: f64,
     error: Option<String>,
@@ -212,7 +215,7 @@ fn one_session(
     t0: Instant,
 ) -> SessionResult {
     let mut r = SessionResult::default();
-    let run = || -> anyhow::Result<(Vec<(u32, f64, f64)>, Vec<u32>)> {
+    let run = || -> anyhow::Result<(Vec<PauseTimes>, Vec<u32>)> {
         let mut c = Client::connect(url)?;
         let s = c.open_session(&OpenOptions::new(model.to_owned()))?.session;
         let pauses = std::cell::RefCell::new(Vec::new());
@@ -226,7 +229,7 @@ fn one_session(
             |ev| {
                 if toks.is_empty() {
                     if let Some(p) = pauses.borrow_mut().last_mut() {
-                        let p: &mut (u32, f64, f64) = p;
+                        let p: &mut PauseTimes = p;
                         p.2 = t.get().elapsed().as_secs_f64() * 1e3;
                     }
                 }
