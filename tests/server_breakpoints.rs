@@ -193,8 +193,37 @@ fn debug_cli_remote(t: Transport) {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// `bench breakpoints` at a small scale: 8 sessions paused at once with KV for 2 of them, so
+/// paused sessions are swapped; every one must finish with its uninterrupted tokens (exit 0).
+fn bench_breakpoints_passes(t: Transport) {
+    let (dir, _) = record();
+    let args =
+        ["--dtype", "f32", "--kv-capacity-mb", "0.0625", "--host-swap-mb", "1", "--metrics-listen", "127.0.0.1:0"];
+    let srv = model_server(t, MODEL, &dir, &args);
+    let out_dir = std::env::temp_dir().join(common::unique_name("bench-brk"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL, "--sessions", "8"])
+        .args(["--break-at", "1,2,4", "--hold-ms", "20", "--metrics", srv.metrics.as_deref().unwrap()])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(8), Some(true)));
+    assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
+    assert!(r["swap_out_total"].as_f64().unwrap() > 0.0, "swapping was forced");
+    assert!(r["verdict"].as_str().unwrap().starts_with("PASS"));
+    for k in ["swap_out_ms", "swap_in_ms", "resume_ms", "pause_ms"] {
+        assert!(r[k]["p50"].is_number() && r[k]["p99"].is_number(), "{k}: {}", r[k]);
+    }
+    assert_eq!(r["sessions"].as_array().unwrap().len(), 8);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
 fn main() {
     run_trials(vec![
+        ("bench_breakpoints_passes", Some(Transport::Tcp), bench_breakpoints_passes),
         ("debug_cli_remote", None, debug_cli_remote),
         ("pause_read_patch_resume", None, pause_read_patch_resume),
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),

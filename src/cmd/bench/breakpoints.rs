@@ -9,7 +9,8 @@
 //!
 //! Timings on this host: `pause_ms` from the request (or resume) to the pause notice;
 //! `resume_ms` from sending Resume to the next pause notice or the first token (the compute of
-//! the layers in between included). Swap latencies and memory come from the server's
+//! the layers in between included), beside one decode step and the whole input pass run
+//! uninterrupted (`input_pass_ms`, the baseline's time to first token). Swap latencies and memory come from the server's
 //! `/metrics` (`--metrics HOST:PORT`): swap p50/p99 are the upper bounds of the histogram's
 //! buckets holding those quantiles; `paused_bytes_peak` is the largest
 //! `djinn_breakpoint_held_bytes` sampled every 20 ms.
@@ -88,14 +89,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Baseline: uninterrupted, one session at a time (its decode step time is the yardstick).
     eprintln!("baseline: {} uninterrupted runs", args.sessions);
     let mut baseline = Vec::with_capacity(args.sessions);
-    let mut step_ms = Vec::new();
+    let (mut step_ms, mut first_ms) = (Vec::new(), Vec::new());
     for p in &prompts {
         let s = probe.open_session(&OpenOptions::new(args.model.clone()))?.session;
         let (mut toks, mut last) = (Vec::new(), None::<Instant>);
+        let start = Instant::now();
         probe.generate(s, Feed::Ids(p), &opts, |ev| {
             let now = Instant::now();
-            if let Some(t) = last {
-                step_ms.push(now.duration_since(t).as_secs_f64() * 1e3);
+            match last {
+                Some(t) => step_ms.push(now.duration_since(t).as_secs_f64() * 1e3),
+                None => first_ms.push(now.duration_since(start).as_secs_f64() * 1e3),
             }
             last = Some(now);
             toks.push(ev.token);
@@ -153,11 +156,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let resume: Vec<f64> = results.iter().flat_map(|r| r.pauses.iter().map(|p| p.2)).collect();
     let pause: Vec<f64> = results.iter().flat_map(|r| r.pauses.iter().map(|p| p.1)).collect();
     let decode_step_ms = percentile(&step_ms, 0.5);
+    // The whole input pass uninterrupted (the request to its first token): what the parts of a
+    // paused pass add up to, plus the pauses' own cost.
+    let input_pass_ms = percentile(&first_ms, 0.5);
     let capacity_ok = kv_capacity > 0.0 && kv_peak <= kv_capacity;
     let pass = completed == args.sessions && tokens_match && capacity_ok;
     let verdict = format!(
         "{}: {completed}/{} sessions completed, tokens {}, KV peak {:.1} of {:.1} MiB, {} swap-outs; resume p50 {:.1} ms \
-         (p99 {:.1}) vs one decode step {:.1} ms",
+         (p99 {:.1}) vs one decode step {:.1} ms and the uninterrupted input pass {:.1} ms",
         if pass { "PASS" } else { "FAIL" },
         args.sessions,
         if tokens_match { "match the uninterrupted runs" } else { "DIFFER from the uninterrupted runs" },
@@ -166,7 +172,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         swaps_out,
         percentile(&resume, 0.5),
         percentile(&resume, 0.99),
-        decode_step_ms
+        decode_step_ms,
+        input_pass_ms
     );
     let q = |xs: &[f64]| serde_json::json!({"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)});
     let json = serde_json::json!({
@@ -188,6 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "pause_ms": q(&pause),
         "resume_ms": q(&resume),
         "decode_step_ms": decode_step_ms,
+        "input_pass_ms": input_pass_ms,
         "sessions": results.iter().map(|r| serde_json::json!({
             "pauses": r.pauses.iter().map(|p| serde_json::json!({"layer": p.0, "pause_ms": p.1, "resume_ms": p.2})).collect::<Vec<_>>(),
             "finish_ms": r.finish_ms,
