@@ -4,12 +4,19 @@ Hugging Face transformers (float32, CPU) computes for them: logits at every prom
 greedy continuations. tests/model_reference.rs compares the CPU backend against these files, so
 the Rust tests need no Python.
 
-Usage: pip install torch transformers safetensors; python3 scripts/make_reference.py [OUT_DIR]
+Usage: pip install torch transformers safetensors; python3 scripts/make_reference.py [OUT_DIR] [--only NAME,...]
+
+For the model with at least 4 layers (BREAK_MODEL) it also records breakpoints.json
+(tests/breakpoint_reference.rs): the residual stream after every layer N (transformers'
+`hidden_states[N]` for N < L, the input of the final norm for N = L) and, for a few N, the logits
+at every prompt position and the greedy tokens when a forward hook on `model.model.layers[N-1]`
+replaces that layer's output with a given state during the input pass (decode steps run through).
 
 Weights are re-initialised with unit-scale distributions (not transformers' std=0.02) so logits
 spread out and greedy choices are not near-ties; the script checks the top-2 margin of every
 recorded greedy step and re-draws the prompt when a margin is too thin to be a fair test.
 """
+import argparse
 import json
 import os
 import sys
@@ -20,7 +27,9 @@ import transformers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "data", "models")
+ARGS = argparse.ArgumentParser()
+ARGS.add_argument("out", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "models"))
+ARGS.add_argument("--only", default="", help="comma-separated model names to (re)make; default all")
 VOCAB = 128
 PROMPT_LENS = [5, 19]  # 19 crosses a 16-token KV block
 NEW_TOKENS = 8
@@ -39,7 +48,108 @@ MODELS = {
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=16), rope_theta=500000.0)),
     "llama-headdim": (LlamaConfig, LlamaForCausalLM, dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2)),
+    "llama-deep": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=4)),
 }
+
+BREAK_MODEL = "llama-deep"
+BREAK_PROMPT_LEN = 11
+BREAK_PATCH_LAYERS = [1, 2, 4]  # 4 = L: the state the final norm reads
+
+
+def exact(t):
+    """float32 values as JSON numbers that parse back (as f64, then cast) to the same float32."""
+    return [[float(x) for x in row] for row in t.tolist()]
+
+
+def layer_outputs(model, ids):
+    """Output of every decoder layer for `ids` (batch of one): the residual stream after it."""
+    got = {}
+
+    def grab(n):
+        def hook(_mod, _inp, out):
+            got[n] = (out[0] if isinstance(out, tuple) else out)[0].detach().clone()
+        return hook
+
+    hooks = [layer.register_forward_hook(grab(i + 1)) for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got, out.hidden_states
+
+
+def patched(model, ids, n, repl):
+    """Logits of the input pass and greedy tokens, with layer n's output replaced by `repl` on
+    the input pass only (the first call whose sequence is the whole prompt)."""
+    plen = ids.shape[1]
+
+    def run():
+        state = dict(done=False)
+
+        def hook(_mod, _inp, out):
+            hs = out[0] if isinstance(out, tuple) else out
+            if state["done"] or hs.shape[1] != plen:
+                return None
+            state["done"] = True
+            new = repl.unsqueeze(0).to(hs.dtype)
+            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+        return model.model.layers[n - 1].register_forward_hook(hook)
+
+    h = run()
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits[0]
+    finally:
+        h.remove()
+    h = run()
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 output_scores=True, return_dict_in_generate=True)
+    finally:
+        h.remove()
+    return logits, out
+
+
+def record_breakpoints(model, cfg, gen, d):
+    layers = cfg.num_hidden_layers
+    assert layers >= 4
+    for attempt in range(50):
+        ids = torch.randint(3, VOCAB, (1, BREAK_PROMPT_LEN), generator=gen)
+        got, hs = layer_outputs(model, ids)
+        for n in range(1, layers):
+            assert torch.equal(got[n], hs[n][0]), f"layer {n} output is not hidden_states[{n}]"
+        with torch.no_grad():
+            plain = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                   output_scores=True, return_dict_in_generate=True)
+        clear = min(margins(plain.scores)) >= MIN_MARGIN
+        plain = plain.sequences[0, BREAK_PROMPT_LEN:].tolist()
+        patches = []
+        for n in BREAK_PATCH_LAYERS:
+            h = got[n]
+            repl = (h + torch.randn(h.shape, generator=gen) * h.std()).to(torch.float32)
+            logits, out = patched(model, ids, n, repl)
+            pos_margin = [float((t[0] - t[1]) / logits[i].abs().max())
+                          for i, t in enumerate(torch.topk(logits, 2).values)]
+            clear = clear and min(margins(out.scores)) >= MIN_MARGIN and min(pos_margin) >= MIN_MARGIN / 4
+            patches.append(dict(layer=n, hidden=exact(repl), logits=[[round(float(x), 6) for x in r] for r in logits],
+                                greedy=out.sequences[0, BREAK_PROMPT_LEN:].tolist()))
+        # A fair test: clear margins everywhere, and a patch that changes the continuation.
+        changed = sum(p["greedy"] != plain for p in patches)
+        print(f"{BREAK_MODEL} attempt {attempt}: clear margins {clear}, {changed} patches change the tokens",
+              file=sys.stderr)
+        if clear and changed > 0:
+            break
+    else:
+        raise SystemExit(f"{BREAK_MODEL}: no prompt and patches with clear greedy margins")
+    rec = dict(model=BREAK_MODEL, layers=layers, prompt=ids[0].tolist(), greedy=plain,
+               hidden=[dict(layer=n, hidden=[[round(float(x), 7) for x in r] for r in got[n].tolist()])
+                       for n in range(1, layers + 1)],
+               patches=patches)
+    with open(os.path.join(d, "breakpoints.json"), "w") as f:
+        json.dump(rec, f, separators=(",", ":"))
 
 
 def reinit(model, gen):
@@ -63,8 +173,12 @@ def margins(scores):
 
 
 def main():
+    args = ARGS.parse_args()
+    only = set(filter(None, args.only.split(",")))
     torch.manual_seed(0)
     for name, (cfg_cls, model_cls, extra) in MODELS.items():
+        if only and name not in only:
+            continue
         kw = dict(COMMON)
         kw.update(extra)
         if "rope_scaling" in kw or "rope_theta" in kw:
@@ -77,7 +191,7 @@ def main():
         reinit(model, gen)
         if cfg.tie_word_embeddings:
             model.tie_weights()
-        d = os.path.join(OUT, name)
+        d = os.path.join(args.out, name)
         os.makedirs(d, exist_ok=True)
         model.save_pretrained(d, safe_serialization=True)
         for f in os.listdir(d):
@@ -101,6 +215,8 @@ def main():
         with open(os.path.join(d, "reference.json"), "w") as f:
             json.dump(dict(model=name, transformers=transformers.__version__, torch=torch.__version__,
                            new_tokens=NEW_TOKENS, cases=cases), f, separators=(",", ":"))
+        if name == BREAK_MODEL:
+            record_breakpoints(model, cfg, gen, d)
         print(f"{name}: {sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d)) // 1024} KiB")
 
 

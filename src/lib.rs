@@ -2,6 +2,7 @@
 
 pub mod blind;
 pub mod kernels;
+pub mod npy;
 
 #[cfg(feature = "cuda")]
 pub use kernels::cuda_backend;

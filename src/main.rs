@@ -32,6 +32,11 @@ enum Command {
     ConvertGguf(cmd::convert::Args),
     /// Start a server on loopback (CPU backend, tcp + shm) and run a client against it.
     Demo(cmd::demo::Args),
+    /// Run a prompt with breakpoints: dump (and optionally replace) the hidden state after layer N.
+    Debug(cmd::debug::Args),
+    /// Benchmarks against a server (results.json per run, non-zero exit on a failed verdict).
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +51,8 @@ fn main() -> std::process::ExitCode {
         Command::Chat(a) => cmd::chat::run(a),
         Command::ConvertGguf(a) => cmd::convert::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Debug(a) => cmd::debug::run(a),
+        Command::Bench(b) => cmd::bench::run(b),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -85,6 +85,7 @@ fn decode_req(session: u64, n: u32, logits: LogitsWire) -> SessionDecodeReq {
         ignore_eos: true,
         logits,
         stop: vec![],
+        breakpoints: vec![],
     }
 }
 

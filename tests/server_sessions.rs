@@ -405,6 +405,7 @@ fn faults(t: Transport) {
         ignore_eos: true,
         logits: djinn_proto::LogitsWire::None,
         stop: vec![],
+        breakpoints: vec![],
     };
     use djinn_proto::Meta;
     d4.submit(djinn_proto::Opcode::SessionDecode, &req.to_meta(), &[]).unwrap();

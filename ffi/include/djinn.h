@@ -57,6 +57,7 @@ extern "C" {
 #define DJINN_E_UNSUPPORTED 17
 #define DJINN_E_CANCELLED 18
 #define DJINN_E_LIMIT_EXCEEDED 19   /* e.g. more sessions than the server's --max-sessions */
+#define DJINN_E_NOT_PAUSED 20       /* resume/read/write of a session not paused at a breakpoint */
 
 /* Negative: found on the client side. */
 #define DJINN_E_NULL_ARG (-1)       /* a required pointer argument was NULL */
@@ -196,6 +197,31 @@ int djinn_generate_text(djinn_client *client, uint64_t session, uint32_t mode, c
 int djinn_generate_ids(djinn_client *client, uint64_t session, const uint32_t *ids, size_t n_ids,
                        const djinn_decode_params *params, djinn_token_cb cb, void *user,
                        djinn_generate_result *out);
+
+/* ---- breakpoints ----------------------------------------------------------------------------
+ * A pause of the input pass after layer `layer` (1..=L; L = the residual stream before the final
+ * norm). The handle is valid only during the pause callback. The hidden state is
+ * [tokens, hidden] f32, row-major. */
+typedef struct djinn_pause djinn_pause;
+
+/* Called at each pause. Return 0 to resume (with the state as it is now), non-zero to cancel:
+ * the request then ends cancelled and the session is as it was before it. */
+typedef int (*djinn_pause_cb)(void *user, djinn_pause *pause, uint32_t layer, uint32_t tokens, uint32_t hidden);
+
+/* As djinn_generate_ids, with the input pass (the n_ids ids, at least one, fed in one pass)
+ * pausing after each of the n_layers increasing `layers`. pause_cb NULL resumes at once. The
+ * client is busy during the call: inside the callbacks use only djinn_pause_read/write. */
+int djinn_generate_ids_breakpoints(djinn_client *client, uint64_t session, const uint32_t *ids, size_t n_ids,
+                                   const uint32_t *layers, size_t n_layers, const djinn_decode_params *params,
+                                   djinn_token_cb cb, djinn_pause_cb pause_cb, void *user,
+                                   djinn_generate_result *out);
+
+/* Copies the paused hidden state into out (n = tokens * hidden floats). */
+int djinn_pause_read(djinn_pause *pause, float *out, size_t n);
+
+/* Replaces the paused hidden state with n = tokens * hidden floats; the server refuses another
+ * shape (DJINN_E_SHAPE_MISMATCH). */
+int djinn_pause_write(djinn_pause *pause, const float *values, size_t n);
 
 /* Closes the session on the server, freeing its KV cache. The id is invalid afterwards. */
 int djinn_session_close(djinn_client *client, uint64_t session);

@@ -29,6 +29,9 @@ use djinn_client::{
 };
 use djinn_transport::ByteCounters;
 
+mod breakpoint;
+pub use breakpoint::{djinn_generate_ids_breakpoints, djinn_pause_read, djinn_pause_write, DjinnPause, DjinnPauseCb};
+
 /// Success.
 pub const DJINN_OK: c_int = 0;
 /// A required pointer argument was NULL.
@@ -433,6 +436,7 @@ pub extern "C" fn djinn_code_name(code: c_int) -> *const c_char {
         17 => c"DJINN_E_UNSUPPORTED",
         18 => c"DJINN_E_CANCELLED",
         19 => c"DJINN_E_LIMIT_EXCEEDED",
+        20 => c"DJINN_E_NOT_PAUSED",
         DJINN_E_NULL_ARG => c"DJINN_E_NULL_ARG",
         DJINN_E_INVALID_UTF8 => c"DJINN_E_INVALID_UTF8",
         DJINN_E_INVALID_ARG => c"DJINN_E_INVALID_ARG",

@@ -1,7 +1,9 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod chat;
 pub mod convert;
+pub mod debug;
 pub mod demo;
 pub mod device;
 pub mod generate;

@@ -12,7 +12,7 @@ use djinn_proto::session::{
     SessionAppendReq, SessionDecodeReply, SessionDecodeReq, SessionInfoReply, SessionOpenReq, SessionPrefillReq,
     SessionReq, SessionToken,
 };
-use djinn_proto::{Meta, Opcode};
+use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, Meta, Opcode, PausedNote};
 
 use crate::{decode, Client, ClientError, Result};
 
@@ -220,7 +220,11 @@ impl Client {
             Input::Ids(ids) => PrefillInput::Ids(ids.to_vec()),
             Input::Text(t) => PrefillInput::Text(t.to_owned()),
         };
-        let r = self.call(Opcode::SessionPrefill, &SessionPrefillReq { session, input }.to_meta(), &[])?;
+        let r = self.call(
+            Opcode::SessionPrefill,
+            &SessionPrefillReq { session, input, breakpoints: Vec::new() }.to_meta(),
+            &[],
+        )?;
         prefill_reply(Opcode::SessionPrefill, &r.meta)
     }
 
@@ -240,7 +244,7 @@ impl Client {
         opts: &DecodeOptions,
         on_token: impl FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<DecodeSummary> {
-        self.decode_fed(session, DecodeFeed::None, opts, on_token)
+        self.decode_fed(session, DecodeFeed::None, opts, Vec::new(), on_token, &mut |_, _| Ok(()))
     }
 
     /// Feeds `feed` and decodes in ONE request: the forward pass over the input also samples the
@@ -258,7 +262,65 @@ impl Client {
             Feed::Text(t) => DecodeFeed::Text(t.to_owned()),
             Feed::Turn { role, text } => DecodeFeed::Turn { role: role.to_owned(), text: text.to_owned() },
         };
-        self.decode_fed(session, feed, opts, on_token)
+        self.decode_fed(session, feed, opts, Vec::new(), on_token, &mut |_, _| Ok(()))
+    }
+
+    /// [`Client::generate`] whose input pass pauses after each of `breakpoints` (layers 1..=L,
+    /// increasing; the input is fed in one pass). At each pause `on_pause` runs with this client
+    /// and the pause: it may [`Client::read_hidden_f32`], [`Client::write_hidden_f32`], and must
+    /// end with [`Client::resume`] or [`Client::cancel`] (else the pause's lease ends the
+    /// request `Cancelled`, rolled back).
+    pub fn generate_with_breakpoints(
+        &mut self,
+        session: SessionId,
+        feed: Feed<'_>,
+        opts: &DecodeOptions,
+        breakpoints: &[u32],
+        on_token: impl FnMut(&TokenEvent<'_>) -> bool,
+        mut on_pause: impl FnMut(&mut Client, &PausedNote) -> Result<()>,
+    ) -> Result<DecodeSummary> {
+        let feed = match feed {
+            Feed::Ids(ids) => DecodeFeed::Ids(ids.to_vec()),
+            Feed::Text(t) => DecodeFeed::Text(t.to_owned()),
+            Feed::Turn { role, text } => DecodeFeed::Turn { role: role.to_owned(), text: text.to_owned() },
+        };
+        self.decode_fed(session, feed, opts, breakpoints.to_vec(), on_token, &mut on_pause)
+    }
+
+    /// The paused session's hidden state as `dtype` (f32 or the model's): its description and
+    /// little-endian bytes, `[tokens, hidden]` row-major.
+    pub fn read_hidden(&mut self, session: SessionId, dtype: HiddenDType) -> Result<(HiddenDesc, Vec<u8>)> {
+        let r = self.call(Opcode::SessionHiddenRead, &HiddenReadReq { session, dtype }.to_meta(), &[])?;
+        let desc: HiddenDesc = decode(Opcode::SessionHiddenRead, &r.meta)?;
+        Ok((desc, r.data))
+    }
+
+    /// [`Client::read_hidden`] in f32.
+    pub fn read_hidden_f32(&mut self, session: SessionId) -> Result<(HiddenDesc, Vec<f32>)> {
+        let (desc, bytes) = self.read_hidden(session, HiddenDType::F32)?;
+        Ok((desc, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+    }
+
+    /// Replaces the paused session's hidden state after `layer` layers with `values`
+    /// (`[tokens, hidden]` f32, the paused state's shape).
+    pub fn write_hidden_f32(
+        &mut self,
+        session: SessionId,
+        layer: u32,
+        tokens: u32,
+        hidden: u32,
+        values: &[f32],
+    ) -> Result<()> {
+        let desc = HiddenDesc { layer, tokens, hidden, dtype: HiddenDType::F32 };
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.call(Opcode::SessionHiddenWrite, &HiddenWriteReq { session, desc }.to_meta(), &[&bytes])?;
+        Ok(())
+    }
+
+    /// Resumes the paused session's pass (from the state it holds now).
+    pub fn resume(&mut self, session: SessionId) -> Result<()> {
+        self.call(Opcode::SessionResume, &SessionReq { session }.to_meta(), &[])?;
+        Ok(())
     }
 
     fn decode_fed(
@@ -266,7 +328,9 @@ impl Client {
         session: SessionId,
         feed: DecodeFeed,
         opts: &DecodeOptions,
+        breakpoints: Vec<u32>,
         mut on_token: impl FnMut(&TokenEvent<'_>) -> bool,
+        on_pause: &mut dyn FnMut(&mut Client, &PausedNote) -> Result<()>,
     ) -> Result<DecodeSummary> {
         let logits = match opts.logits {
             LogitsRequest::None => LogitsWire::None,
@@ -284,12 +348,14 @@ impl Client {
             ignore_eos: opts.ignore_eos,
             logits,
             stop: opts.stop.clone(),
+            breakpoints,
         };
         let id = self.submit(Opcode::SessionDecode, &req.to_meta(), &[])?;
         let mut cancel: Option<u64> = None;
         let mut top_k = Vec::new();
         let mut full = Vec::new();
         let token_op = Opcode::SessionToken.as_u16();
+        let paused_op = Opcode::SessionPaused.as_u16();
         let result = loop {
             let (rid, r) = self.recv_reply(None)?;
             if rid != id && rid != 0 {
@@ -300,6 +366,14 @@ impl Client {
                 Ok(reply) => reply,
                 Err(e) => break Err(e),
             };
+            if reply.header.opcode.get() == paused_op {
+                let note = PausedNote::from_meta(&reply.meta)
+                    .map_err(|e| ClientError::Protocol { opcode: "SessionPaused", why: e.to_string() })?;
+                if cancel.is_none() {
+                    on_pause(self, &note)?;
+                }
+                continue;
+            }
             if reply.header.opcode.get() == token_op {
                 if cancel.is_some() {
                     // Cancelled by the callback: drain to the final frame.

@@ -36,6 +36,8 @@ use crate::error::{ModelError, Result};
 use crate::forward::{LogitsMode, Model, SeqStep, StepLimits, StepMemory};
 use crate::weights::WeightLayout;
 
+mod pass;
+
 /// Start-up bounds and choices. Every bound sizes a preallocated structure.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -95,6 +97,8 @@ pub struct Engine<B: Backend> {
     slots: Vec<i32>,
     starts: Vec<usize>,
     ids: Vec<SessionId>,
+    /// Passes stopped at a breakpoint (at most `max_sessions`; see [`pass`]).
+    pending: Vec<pass::Pending>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -183,6 +187,7 @@ impl<B: Backend> Engine<B> {
             slots: Vec::with_capacity(opts.max_step_tokens),
             starts: Vec::with_capacity(opts.max_sessions),
             ids: Vec::with_capacity(opts.max_sessions),
+            pending: Vec::with_capacity(opts.max_sessions),
         })
     }
 
@@ -217,6 +222,7 @@ impl<B: Backend> Engine<B> {
     }
 
     pub fn close_session(&mut self, id: SessionId) -> Result<()> {
+        self.pending.retain(|p| p.id != id);
         Ok(self.vmu.close_session(id)?)
     }
 
@@ -247,7 +253,11 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The session's committed length (a pass stopped at a breakpoint is not counted).
     pub fn session_tokens(&self, id: SessionId) -> Result<usize> {
+        if let Some(start) = self.pass_start(id) {
+            return Ok(start);
+        }
         Ok(self.vmu.session_tokens(id)?)
     }
 
@@ -263,6 +273,9 @@ impl<B: Backend> Engine<B> {
         let mut total = 0usize;
         self.starts.clear();
         for &(id, toks) in seqs {
+            if self.pass_start(id).is_some() {
+                return Err(crate::error::PassError::Paused.into());
+            }
             let start = self.vmu.session_tokens(id)?;
             if start + toks.len() > self.max_context_tokens {
                 return Err(ModelError::TooLong { tokens: start + toks.len(), max: self.max_context_tokens });

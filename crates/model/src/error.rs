@@ -49,6 +49,27 @@ pub enum ModelError {
     Vmu(#[from] djinn_vmu::VmuError),
     #[error("memory: {0}")]
     Memory(String),
+    #[error("breakpoint: {0}")]
+    Pass(#[from] PassError),
+}
+
+/// Why a pass with breakpoints (`Engine::pass_*`) was refused; the session is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PassError {
+    #[error("layer {layer} is outside 1..={layers} or not after the layer {after} the pass stopped at")]
+    Layer { layer: usize, layers: usize, after: usize },
+    #[error("the session is not paused at a breakpoint")]
+    NotPaused,
+    #[error("the session is paused at a breakpoint: resume or cancel it first")]
+    Paused,
+    #[error(
+        "hidden state of {values} values for {tokens} tokens × {hidden}; the paused pass has {pending_tokens} tokens"
+    )]
+    Shape { values: usize, tokens: usize, hidden: usize, pending_tokens: usize },
+    #[error("input of {tokens} tokens with breakpoints must run in one pass of at most {max} (--max-step-tokens)")]
+    TooManyTokens { tokens: usize, max: usize },
+    #[error("{max} passes are already paused (one per session slot)")]
+    Full { max: usize },
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

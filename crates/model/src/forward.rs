@@ -152,6 +152,10 @@ pub struct StepState {
     /// Row index (in the step's token rows) of each sequence's last token.
     last_rows: Vec<usize>,
     next_layer: usize,
+    /// Whether the residual buffer holds the whole hidden state (the last MLP output already
+    /// added): after [`Model::read_hidden`] or [`Model::write_hidden`]. Otherwise that add is
+    /// fused into the next norm, as in an uninterrupted pass.
+    resid_full: bool,
 }
 
 impl StepState {
@@ -164,6 +168,10 @@ impl StepState {
     }
     pub fn next_layer(&self) -> usize {
         self.next_layer
+    }
+    /// New tokens of the step (rows of the hidden state).
+    pub fn tokens(&self) -> usize {
+        self.tokens
     }
 }
 
@@ -224,6 +232,25 @@ impl Model {
         seqs: &[SeqStep<'_>],
         mode: LogitsMode,
     ) -> Result<StepState> {
+        self.begin_at(be, m, seqs, mode, 0)
+    }
+
+    /// [`Model::begin`] for a pass that resumes after `from_layer` layers (0 = from the
+    /// embedding): the index arrays are uploaded, the embedding is skipped, and the caller must
+    /// put the hidden state in place with [`Model::write_hidden`] before the next layer. The KV
+    /// of layers below `from_layer` for these tokens must already be in the cache (written by the
+    /// part of the pass that stopped there).
+    pub fn begin_at<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        seqs: &[SeqStep<'_>],
+        mode: LogitsMode,
+        from_layer: usize,
+    ) -> Result<StepState> {
+        if from_layer > self.cfg.layers {
+            return Err(ModelError::Batch(format!("resume after layer {from_layer} of {}", self.cfg.layers)));
+        }
         let lim = self.scratch.limits;
         let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if seqs.is_empty() || seqs.len() > lim.max_seqs {
@@ -288,6 +315,19 @@ impl Model {
         staging.upload(be, m.scratch, m.scratch_base + self.scratch.idx, bt0, mb)?;
         drop(guard);
 
+        let st = StepState {
+            tokens,
+            seqs: seqs.len(),
+            mode,
+            max_q_len,
+            max_ctx_len,
+            last_rows,
+            next_layer: from_layer,
+            resid_full: from_layer > 0,
+        };
+        if from_layer > 0 {
+            return Ok(st);
+        }
         let h = self.cfg.hidden_size;
         let emb = self.weights.embed;
         let table = self.mat(m, emb, self.cfg.vocab_size, h);
@@ -296,7 +336,60 @@ impl Model {
             Some(q) => be.embedding_quant(m.stream, table, q, ids, out, h)?,
             None => be.embedding(m.stream, table, ids, out, h)?,
         }
-        Ok(StepState { tokens, seqs: seqs.len(), mode, max_q_len, max_ctx_len, last_rows, next_layer: 0 })
+        Ok(st)
+    }
+
+    /// Copies the hidden state after `st.next_layer()` layers — the residual stream, `[tokens,
+    /// hidden]` f32, row-major, before the final norm when every layer ran — to `out`. The add
+    /// an uninterrupted pass fuses into the next norm happens here instead, with the same
+    /// operands, so the pass continues bit for bit.
+    pub fn read_hidden<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        st: &mut StepState,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if st.next_layer == 0 {
+            return Err(ModelError::Batch("no hidden state before the first layer".into()));
+        }
+        let n = st.tokens * self.cfg.hidden_size;
+        let resid = self.f32_view(m, self.scratch.resid, n);
+        if !st.resid_full {
+            let tmp = self.f32_view(m, self.scratch.tmp, n);
+            be.binary(m.stream, djinn_backend::BinaryOp::Add, resid, tmp, resid)?;
+            st.resid_full = true;
+        }
+        be.sync_stream(m.stream)?;
+        out.resize(n, 0.0);
+        be.read(m.scratch, resid.offset, f32_bytes_mut(out))?;
+        Ok(())
+    }
+
+    /// Replaces the hidden state after `st.next_layer()` layers with `hidden` (`[tokens,
+    /// hidden]` f32, row-major); the next layer (or the final norm) reads it.
+    pub fn write_hidden<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        st: &mut StepState,
+        hidden: &[f32],
+    ) -> Result<()> {
+        let n = st.tokens * self.cfg.hidden_size;
+        if st.next_layer == 0 || hidden.len() != n {
+            return Err(ModelError::Batch(format!(
+                "hidden state of {} values after layer {}; {} tokens × {} expected after a layer",
+                hidden.len(),
+                st.next_layer,
+                st.tokens,
+                self.cfg.hidden_size
+            )));
+        }
+        // Kernels queued earlier may still read the residual buffer.
+        be.sync_stream(m.stream)?;
+        be.write(m.scratch, m.scratch_base + self.scratch.resid, f32_bytes(hidden))?;
+        st.resid_full = true;
+        Ok(())
     }
 
     /// `c[rows, n] = a[rows, k] · w[n, k]ᵀ (+ bias)`.
@@ -352,8 +445,9 @@ impl Model {
 
         // Pre-attention norm; from layer 1 on it also adds the previous MLP output to the residual.
         let ln_in = self.w(m, lw.ln_in, h);
-        if l == 0 {
+        if l == 0 || st.resid_full {
             be.rms_norm(m.stream, resid, None, ln_in, xn, h, c.rms_norm_eps)?;
+            st.resid_full = false;
         } else {
             be.rms_norm(m.stream, tmp, Some(resid), ln_in, xn, h, c.rms_norm_eps)?;
         }
@@ -439,7 +533,12 @@ impl Model {
         let resid = self.f32_view(m, sp.resid, t * h);
         let xn = self.f32_view(m, sp.xn, t * h);
         let tmp = self.f32_view(m, sp.tmp, t * h);
-        be.rms_norm(m.stream, tmp, Some(resid), self.w(m, self.weights.norm, h), xn, h, self.cfg.rms_norm_eps)?;
+        let (norm, eps) = (self.w(m, self.weights.norm, h), self.cfg.rms_norm_eps);
+        if st.resid_full {
+            be.rms_norm(m.stream, resid, None, norm, xn, h, eps)?;
+        } else {
+            be.rms_norm(m.stream, tmp, Some(resid), norm, xn, h, eps)?;
+        }
         let rows = st.logit_rows();
         let input = if st.mode == LogitsMode::All || rows == t {
             xn
@@ -523,6 +622,12 @@ fn f32_bytes_mut(xs: &mut [f32]) -> &mut [u8] {
     // f32; the slice covers exactly the same bytes, alignment of u8 is 1, and the exclusive
     // borrow of `xs` is carried over to the returned slice.
     unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
+}
+
+fn f32_bytes(xs: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding; the byte slice covers exactly the same memory, alignment of u8
+    // is 1, and the shared borrow of `xs` is carried over.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
 }
 
 fn u32_bytes_mut(xs: &mut [u32]) -> &mut [u8] {

@@ -24,7 +24,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 /// the model need not depend on the VMU crate.
 pub use djinn_vmu::{SessionId, VmuError};
 pub use engine::{Engine, EngineOptions};
-pub use error::{ModelError, Result};
+pub use error::{ModelError, PassError, Result};
 pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
 pub use source::{open_model, ModelFiles};
 pub use tokenizer::{Detokenizer, StopStrings, TextTokenizer};

@@ -81,6 +81,12 @@ wire_enum! {
         SessionClose = 38,
         SessionAttach = 39,
         Logits = 40,
+        /// Server → client: the request's input pass paused at a breakpoint (`PausedNote`;
+        /// FLAG_REPLY, the paused request's id). Breakpoint messages: `breakpoint` module.
+        SessionPaused = 41,
+        SessionHiddenRead = 42,
+        SessionHiddenWrite = 43,
+        SessionResume = 44,
     }
 }
 
@@ -114,6 +120,9 @@ wire_enum! {
         Cancelled = 18,
         /// A limit (handles, sessions, graph nodes) of this tenant was reached.
         LimitExceeded = 19,
+        /// Resume, read or write of a session's hidden state while it is not paused at a
+        /// breakpoint.
+        NotPaused = 20,
     }
 }
 

@@ -11,6 +11,7 @@
 //! Invariant: no decoder panics on any input, and none allocates more than the metadata length it
 //! was given (the header's limits bound that length before the bytes are read).
 
+pub mod breakpoint;
 pub mod codes;
 pub mod header;
 pub mod meta;
@@ -18,6 +19,7 @@ pub mod msg;
 pub mod session;
 pub mod tensor;
 
+pub use breakpoint::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, BREAKPOINTS_MAX};
 pub use codes::{Opcode, Status, UnknownCode};
 pub use header::{FrameHeader, HeaderError, Limits, FLAG_REPLY, HEADER_LEN, MAGIC, VERSION};
 pub use meta::{Meta, MetaError, MetaReader, MetaWriter};
@@ -48,7 +50,9 @@ pub fn decode_all_meta(meta: &[u8]) -> usize {
         TensorDesc::from_meta(meta).is_ok(),
     ];
     let _ = ErrorReply::decode_bytes(meta);
-    results.iter().filter(|&&ok| ok).count() + session::decode_all_session_meta(meta)
+    results.iter().filter(|&&ok| ok).count()
+        + session::decode_all_session_meta(meta)
+        + breakpoint::decode_all_breakpoint_meta(meta)
 }
 
 /// What the `frame_decoder` fuzz target (and its corpus replay test) runs on one input: the input as

@@ -10,9 +10,9 @@
 //! |---|---|---|
 //! | SessionOpen | `SessionOpenReq`: str model, u8 qos, u32 max_tokens, u32 deadline_ms | `SessionInfoReply` |
 //! | SessionAttach | `SessionReq`: u64 session | `SessionInfoReply` |
-//! | SessionPrefill | `SessionPrefillReq`: u64 session, u8 kind (0 ids, 1 text), [u32] or str | `PrefillReply` |
+//! | SessionPrefill | `SessionPrefillReq`: u64 session, u8 kind (0 ids, 1 text), [u32] or str, [u32] breakpoints | `PrefillReply` |
 //! | SessionAppend | `SessionAppendReq`: u64 session, str role, str text | `PrefillReply` |
-//! | SessionDecode | `SessionDecodeReq` (+ optional input fed first) | `SessionToken` frames, then `SessionDecodeReply` |
+//! | SessionDecode | `SessionDecodeReq` (+ optional input fed first, [u32] breakpoints) | `SessionToken` frames, then `SessionDecodeReply` |
 //! | SessionCancel, SessionClose | `SessionReq` | empty |
 //! | Logits | `LogitsReq`: str model, [u32] ids | `LogitsReply`: u32 rows, u32 vocab / f32 LE logits |
 //!
@@ -26,6 +26,7 @@
 //! first token is sampled. The prompt's forward pass then also yields the first token — one pass
 //! instead of a prefill's plus a decode step's, which is what time to first token asks for.
 
+use crate::breakpoint::{get_breakpoints, put_breakpoints};
 use crate::meta::{Meta, MetaError, MetaReader, MetaWriter};
 use crate::msg::NAME_BYTES_MAX;
 
@@ -220,6 +221,8 @@ pub enum PrefillInput {
 pub struct SessionPrefillReq {
     pub session: SessionWireId,
     pub input: PrefillInput,
+    /// Layers where the input pass pauses ([`crate::breakpoint`]); empty = none.
+    pub breakpoints: Vec<u32>,
 }
 
 impl Meta for SessionPrefillReq {
@@ -235,6 +238,7 @@ impl Meta for SessionPrefillReq {
                 w.put_str(t);
             }
         }
+        put_breakpoints(w, &self.breakpoints);
     }
     fn decode(r: &mut MetaReader<'_>) -> Result<Self, MetaError> {
         let session = r.get_u64("session")?;
@@ -243,7 +247,7 @@ impl Meta for SessionPrefillReq {
             1 => PrefillInput::Text(r.get_str("prompt text", SESSION_TEXT_BYTES_MAX)?.to_owned()),
             k => return Err(MetaError::BadValue { what: "input kind", value: k as u64 }),
         };
-        Ok(SessionPrefillReq { session, input })
+        Ok(SessionPrefillReq { session, input, breakpoints: get_breakpoints(r)? })
     }
 }
 
@@ -305,6 +309,8 @@ pub struct SessionDecodeReq {
     pub ignore_eos: bool,
     pub logits: LogitsWire,
     pub stop: Vec<String>,
+    /// Layers where the input pass pauses ([`crate::breakpoint`]); empty = none.
+    pub breakpoints: Vec<u32>,
 }
 
 impl Meta for SessionDecodeReq {
@@ -328,6 +334,7 @@ impl Meta for SessionDecodeReq {
             w.put_str(s);
         }
         self.feed.encode(w);
+        put_breakpoints(w, &self.breakpoints);
     }
     fn decode(r: &mut MetaReader<'_>) -> Result<Self, MetaError> {
         let session = r.get_u64("session")?;
@@ -351,6 +358,7 @@ impl Meta for SessionDecodeReq {
         }
         let stop = r.get_str_list("stop strings", SESSION_STOP_STRINGS_MAX, SESSION_STOP_BYTES_MAX)?;
         let feed = DecodeFeed::decode(r)?;
+        let breakpoints = get_breakpoints(r)?;
         Ok(SessionDecodeReq {
             session,
             feed,
@@ -362,6 +370,7 @@ impl Meta for SessionDecodeReq {
             ignore_eos,
             logits,
             stop,
+            breakpoints,
         })
     }
 }
@@ -559,6 +568,7 @@ mod tests {
             ignore_eos: true,
             logits: LogitsWire::TopK(5),
             stop: vec!["\n\n".into(), "END".into()],
+            breakpoints: vec![],
         }
     }
 
@@ -576,13 +586,22 @@ mod tests {
             has_chat_template: false,
         });
         round_trip(&SessionReq { session: 42 });
-        round_trip(&SessionPrefillReq { session: 1, input: PrefillInput::Ids(vec![1, 2, 3]) });
-        round_trip(&SessionPrefillReq { session: 1, input: PrefillInput::Text("héllo".into()) });
+        round_trip(&SessionPrefillReq {
+            session: 1,
+            input: PrefillInput::Ids(vec![1, 2, 3]),
+            breakpoints: vec![2, 30],
+        });
+        round_trip(&SessionPrefillReq { session: 1, input: PrefillInput::Text("héllo".into()), breakpoints: vec![] });
         round_trip(&PrefillReply { prompt_tokens: 5, context_tokens: 12 });
         round_trip(&SessionAppendReq { session: 3, role: "user".into(), text: "and then?".into() });
         round_trip(&decode_req());
         round_trip(&SessionDecodeReq { logits: LogitsWire::Full, stop: vec![], ..decode_req() });
         round_trip(&SessionDecodeReq { feed: DecodeFeed::Ids(vec![3, 1, 4]), ..decode_req() });
+        round_trip(&SessionDecodeReq {
+            feed: DecodeFeed::Ids(vec![3, 1, 4]),
+            breakpoints: vec![1, 10, 20],
+            ..decode_req()
+        });
         round_trip(&SessionDecodeReq { feed: DecodeFeed::Text("raw".into()), ..decode_req() });
         let turn = DecodeFeed::Turn { role: "user".into(), text: "hi".into() };
         round_trip(&SessionDecodeReq { feed: turn, ..decode_req() });
@@ -629,10 +648,10 @@ mod tests {
         b[5] = 9;
         assert!(matches!(SessionOpenReq::from_meta(&b), Err(MetaError::BadValue { what: "qos", .. })));
         // A count that cannot fit in the bytes left is refused before allocating.
-        let mut b = SessionPrefillReq { session: 1, input: PrefillInput::Ids(vec![1]) }.to_meta();
+        let mut b = SessionPrefillReq { session: 1, input: PrefillInput::Ids(vec![1]), breakpoints: vec![] }.to_meta();
         b[9..13].copy_from_slice(&1_000_000u32.to_le_bytes());
         assert!(matches!(SessionPrefillReq::from_meta(&b), Err(MetaError::Truncated { .. })));
-        let mut b = SessionPrefillReq { session: 1, input: PrefillInput::Ids(vec![]) }.to_meta();
+        let mut b = SessionPrefillReq { session: 1, input: PrefillInput::Ids(vec![]), breakpoints: vec![] }.to_meta();
         b[8] = 7;
         assert!(matches!(SessionPrefillReq::from_meta(&b), Err(MetaError::BadValue { .. })));
         let mut b =

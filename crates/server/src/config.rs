@@ -199,6 +199,9 @@ crate::settings! {
     /// Backend handles Exec requests run on, one per request for its whole run (on a GPU each is
     /// a stream with its own 32 MiB workspace; the engine has its own). More concurrent Execs wait.
     exec_streams: usize = 4;
+    /// Milliseconds a session may stay paused at a breakpoint without a resume; then its request
+    /// ends `Cancelled` and the session is as it was before the request.
+    breakpoint_lease_ms: u64 = 60_000;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -324,6 +327,7 @@ impl ServerConfig {
             ("conn_outbound_frames_max", self.conn_outbound_frames_max as u64),
             ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
             ("exec_streams", self.exec_streams as u64),
+            ("breakpoint_lease_ms", self.breakpoint_lease_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

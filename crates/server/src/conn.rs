@@ -48,6 +48,10 @@ use crate::staging::{Lease, StagingError, CHUNK_BYTES};
 use crate::tensors::{Tensor, TensorError};
 use crate::watchdog::{ConnClock, Phase, Slot};
 
+/// Why a prefill with breakpoints is refused (a decode carries them).
+const BREAKPOINTS_ON_PREFILL: &str =
+    "breakpoints on a prefill are not served: send the input as a decode's feed with the breakpoints";
+
 /// Bulk data of a staged put moves through pinned staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
 /// Oldest protocol version this server still speaks.
@@ -310,7 +314,7 @@ impl<B: Backend> Conn<B> {
         let h = &head.header;
         let data_len = h.data_len.get();
         // Opcodes that carry no bulk data: any data is a protocol error, consumed to keep framing.
-        let takes_data = matches!(opcode, Opcode::Ping | Opcode::TensorPut);
+        let takes_data = matches!(opcode, Opcode::Ping | Opcode::TensorPut | Opcode::SessionHiddenWrite);
         if !takes_data && data_len > 0 {
             self.rx_skip(data_len)?;
             return Ok(Outcome::Rejected(Reject::new(
@@ -334,6 +338,8 @@ impl<B: Backend> Conn<B> {
             | Opcode::SessionCancel
             | Opcode::SessionClose
             | Opcode::Logits => Ok(self.session(opcode, head)),
+            Opcode::SessionHiddenRead | Opcode::SessionResume => Ok(self.session(opcode, head)),
+            Opcode::SessionHiddenWrite => self.hidden_write(head),
             other => {
                 self.rx_skip(data_len)?;
                 Ok(Outcome::Rejected(Reject::new(
@@ -342,6 +348,30 @@ impl<B: Backend> Conn<B> {
                 )))
             }
         }
+    }
+
+    /// Receives a SessionHiddenWrite: its state's bytes (checked against its description first,
+    /// then received in pieces as they arrive, within the frame limit) go to the engine loop.
+    fn hidden_write(&mut self, head: &RxHead) -> Result<Outcome, Fatal> {
+        let data_len = head.header.data_len.get();
+        let req = match djinn_proto::HiddenWriteReq::from_meta(&head.meta).and_then(|r| {
+            r.check_data(data_len)?;
+            Ok(r)
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                self.rx_skip(data_len)?;
+                return Ok(Outcome::Rejected(e.into()));
+            }
+        };
+        let n = usize::try_from(data_len).map_err(|_| Fatal)?;
+        let mut bytes = Vec::new();
+        while bytes.len() < n {
+            let at = bytes.len();
+            bytes.resize(at + CHUNK_BYTES.min(n - at), 0);
+            self.rx.recv_data(&mut bytes[at..]).map_err(|e| self.transport_failed(e))?;
+        }
+        Ok(self.submit_session(Opcode::SessionHiddenWrite, head, Request::HiddenWrite(req, bytes)))
     }
 
     /// Parses a session request and hands it to the engine loop, which answers it.
@@ -356,12 +386,22 @@ impl<B: Backend> Conn<B> {
             Opcode::SessionDecode => SessionDecodeReq::from_meta(m).map(Request::Decode),
             Opcode::SessionCancel => SessionReq::from_meta(m).map(|r| Request::Cancel(r.session)),
             Opcode::SessionClose => SessionReq::from_meta(m).map(|r| Request::Close(r.session)),
+            Opcode::SessionResume => SessionReq::from_meta(m).map(|r| Request::Resume(r.session)),
+            Opcode::SessionHiddenRead => djinn_proto::HiddenReadReq::from_meta(m).map(Request::HiddenRead),
             _ => LogitsReq::from_meta(m).map(Request::Logits),
         };
         let req = match parsed {
             Ok(r) => r,
             Err(e) => return Outcome::Rejected(e.into()),
         };
+        if matches!(&req, Request::Prefill(r) if !r.breakpoints.is_empty()) {
+            return Outcome::Rejected(Reject::new(Status::Unsupported, BREAKPOINTS_ON_PREFILL));
+        }
+        self.submit_session(opcode, head, req)
+    }
+
+    /// Hands a parsed session request to the engine loop.
+    fn submit_session(&mut self, opcode: Opcode, head: &RxHead, req: Request) -> Outcome {
         let Some(tenant) = self.tenant.clone() else {
             return Outcome::Rejected(Reject::new(Status::Unauthorized, "no Hello on this connection"));
         };

@@ -71,6 +71,9 @@ pub struct Metrics {
     pub conn_outbound_frames: IntGauge,
     /// Sessions not stepped because their connection's outbound queue is full.
     pub sessions_paused_backpressure: IntGauge,
+    /// Sessions paused at a breakpoint, and the bytes of hidden state they hold.
+    pub sessions_paused_breakpoint: IntGauge,
+    pub breakpoint_held_bytes: IntGauge,
     /// Further registries rendered with this one (each model's VMU metrics, labelled by model).
     extra: Arc<Mutex<Vec<Registry>>>,
 }
@@ -195,6 +198,16 @@ impl Metrics {
                 "Sessions paused because their connection's outbound queue is full",
             )
             .unwrap(),
+            sessions_paused_breakpoint: IntGauge::new(
+                "sessions_paused_breakpoint",
+                "Sessions paused at a breakpoint (KV swappable like an idle session's)",
+            )
+            .unwrap(),
+            breakpoint_held_bytes: IntGauge::new(
+                "breakpoint_held_bytes",
+                "Bytes of hidden state held for sessions paused at a breakpoint (host memory)",
+            )
+            .unwrap(),
             extra: Arc::new(Mutex::new(Vec::new())),
             registry,
         };
@@ -224,6 +237,8 @@ impl Metrics {
         r.register(Box::new(m.step_bytes.clone())).unwrap();
         r.register(Box::new(m.conn_outbound_frames.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
+        r.register(Box::new(m.sessions_paused_breakpoint.clone())).unwrap();
+        r.register(Box::new(m.breakpoint_held_bytes.clone())).unwrap();
         m
     }
 

@@ -135,6 +135,10 @@ pub enum Request {
     Cancel(u64),
     Close(u64),
     Logits(LogitsReq),
+    /// Breakpoints (`engine_loop::breakpoint`): read, write (with the state's bytes), resume.
+    HiddenRead(djinn_proto::HiddenReadReq),
+    HiddenWrite(djinn_proto::HiddenWriteReq, Vec<u8>),
+    Resume(u64),
 }
 
 /// One session request on its way to the engine loop.

@@ -17,6 +17,9 @@ impl<B: Backend> EngineLoop<B> {
             Request::Cancel(id) => self.cancel(ans, &tenant, id),
             Request::Close(id) => self.close(ans, &tenant, id),
             Request::Logits(r) => self.logits(ans, &r.model, &r.ids),
+            Request::HiddenRead(r) => self.hidden_read(ans, &tenant, r),
+            Request::HiddenWrite(r, bytes) => self.hidden_write(ans, &tenant, r, &bytes),
+            Request::Resume(id) => self.resume(ans, &tenant, id),
         };
         if let Err((ans, Refusal(status, msg))) = r {
             self.metrics.errors_total.with_label_values(&[status.name()]).inc();
@@ -84,6 +87,7 @@ impl<B: Backend> EngineLoop<B> {
                 detached_at: None,
                 work: Work::Idle,
                 cancel: false,
+                recomputable: true,
                 _quota: quota,
             },
         );
@@ -224,6 +228,17 @@ impl<B: Backend> EngineLoop<B> {
             }
             return Err((ans, e));
         }
+        let brk = match self.check_breakpoints(m, r.session, &r.breakpoints) {
+            Ok(b) => b,
+            Err(e) => {
+                let s = self.sessions.get_mut(&r.session).expect("looked up above");
+                s.tokens.truncate(base);
+                if is_turn {
+                    s.conv.pop_turn();
+                }
+                return Err((ans, e));
+            }
+        };
         let s = self.sessions.get_mut(&r.session).expect("looked up above");
         let prompt_tokens = (s.tokens.len() - base) as u32;
         if s.tokens.len() == s.kv {
@@ -254,6 +269,7 @@ impl<B: Backend> EngineLoop<B> {
             detok: Detokenizer::new(),
             stops: StopStrings::new(r.stop),
             last: ans.received,
+            brk,
             ans,
         };
         s.cancel = false;

@@ -21,6 +21,14 @@ impl<B: Backend> EngineLoop<B> {
     pub(super) fn end_work(&mut self, id: u64, err: Result<(), (Status, &str)>, finish: FinishWire) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         let work = std::mem::replace(&mut s.work, Work::Idle);
+        if let Work::Decode(d) = &work {
+            // A pass stopped at a breakpoint is rolled back: the session is as before the request.
+            if d.brk.as_ref().is_some_and(|b| b.started()) {
+                if let Err(e) = self.models[s.model].engine.cancel_pass(s.vs) {
+                    tracing::error!(session = id, error = %e, "rolling back a paused pass");
+                }
+            }
+        }
         s.cancel = false;
         match work {
             Work::Idle => return,
@@ -118,6 +126,7 @@ impl<B: Backend> EngineLoop<B> {
     pub(super) fn publish(&self) {
         self.metrics.sessions_open.set(self.sessions.len() as i64);
         self.metrics.sessions_paused_backpressure.set(self.paused as i64);
+        self.publish_breakpoints();
         let swapped: usize = self.models.iter().map(|m| m.engine.vmu().stats().sessions_swapped).sum();
         self.metrics.sessions_swapped.set(swapped as i64);
     }

@@ -26,6 +26,7 @@
 //! then what is left ends with `ShuttingDown`.
 
 mod answer;
+mod breakpoint;
 mod jobs;
 mod lifecycle;
 mod schedule;
@@ -81,6 +82,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     /// Sessions skipped by this iteration's steps because their connection's queue is full.
     paused: usize,
     lease: Duration,
+    /// How long a session may stay paused at a breakpoint (`breakpoint_lease_ms`).
+    pause_lease: Duration,
     frame_bytes_max: u64,
     metrics: Metrics,
     ids_key: std::collections::hash_map::RandomState,
@@ -110,6 +113,7 @@ impl<B: Backend> EngineLoop<B> {
             quotas: crate::quota::Quotas::new(cfg),
             paused: 0,
             lease: Duration::from_secs(cfg.session_lease_s),
+            pause_lease: Duration::from_millis(cfg.breakpoint_lease_ms),
             frame_bytes_max: cfg.frame_bytes_max,
             metrics,
             ids_key: std::collections::hash_map::RandomState::new(),
@@ -144,6 +148,7 @@ impl<B: Backend> EngineLoop<B> {
             progressed = false;
             self.paused = 0;
             for m in 0..self.models.len() {
+                progressed |= self.step_breakpoints(m);
                 progressed |= self.step_model(m);
             }
             self.publish();

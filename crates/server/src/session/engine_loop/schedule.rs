@@ -28,6 +28,8 @@ impl<B: Backend> EngineLoop<B> {
             }
             let n = match &s.work {
                 Work::Idle => continue,
+                // Its input pass runs alone, part by part ([`super::breakpoint`]).
+                Work::Decode(d) if d.brk.is_some() => continue,
                 // Its client does not read fast enough: not stepped (its KV stays, and may be
                 // swapped out) until its queue drains.
                 Work::Decode(d) if d.ans.conn.out.is_full() => {

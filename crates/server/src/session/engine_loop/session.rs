@@ -20,6 +20,8 @@ pub(super) struct DecodeState {
     pub(super) detok: Detokenizer,
     pub(super) stops: StopStrings,
     pub(super) last: Instant,
+    /// The input pass's breakpoints, while it has not finished ([`super::breakpoint`]).
+    pub(super) brk: Option<Box<super::breakpoint::BreakState>>,
 }
 
 pub(super) enum Work {
@@ -47,6 +49,9 @@ pub(super) struct Session {
     pub(super) detached_at: Option<Instant>,
     pub(super) work: Work,
     pub(super) cancel: bool,
+    /// Whether the KV can be rebuilt from `tokens` (preemption by recomputation): false once
+    /// it came from a patched hidden state (breakpoints), which recomputing would lose.
+    pub(super) recomputable: bool,
     /// The tenant's quota this session holds (sessions_max, kv_bytes_max); given back on drop.
     pub(super) _quota: crate::quota::Ticket,
 }

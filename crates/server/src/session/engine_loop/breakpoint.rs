@@ -1,0 +1,322 @@
+//! Breakpoints in the engine loop: a decode whose request carries breakpoint layers feeds its
+//! input in one pass that runs alone, part by part (`Engine::pass_to_layer`), outside the
+//! batches; at each breakpoint the session pauses and its client is told (`SessionPaused`).
+//! While paused, the client reads the hidden state (f32 or the model's dtype), writes a
+//! replacement of the same shape, and resumes; `SessionCancel` — or the pause's lease
+//! (`breakpoint_lease_ms`) running out — ends the request `Cancelled` and rolls the pass back.
+//!
+//! Invariants:
+//! - The paused pass is the engine's transaction: committed when the last part samples the first
+//!   token, rolled back (`Engine::cancel_pass`, in `end_work`) otherwise, so the session is as
+//!   before the request.
+//! - A paused session holds no pinned device memory: its KV is swappable like an idle session's
+//!   (the VMU's LRU victim policy); its hidden state is host memory here, counted in
+//!   `djinn_breakpoint_held_bytes` (not in the VMU's KV capacity).
+//! - The state's rows are the tokens the pass feeds: the decode's input, preceded by the
+//!   session's one pending token when an earlier prefill left one.
+//! - A session whose KV came from a patched state is marked not `recomputable`.
+
+use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote};
+
+use super::*;
+
+/// A decode's input pass with breakpoints.
+pub(super) struct BreakState {
+    /// Breakpoint layers, increasing; `next` is the index of the next stop.
+    layers: Vec<u32>,
+    next: usize,
+    /// The layer the pass stopped at last (the pass is pending in the engine), with the state
+    /// it resumes from (`[tokens, hidden]` f32).
+    at: Option<usize>,
+    hidden: Vec<f32>,
+    /// Set while paused: the client has not resumed yet.
+    paused_since: Option<Instant>,
+    patched: bool,
+}
+
+impl BreakState {
+    /// Whether the engine holds a pending pass for it (to roll back when the request ends).
+    pub(super) fn started(&self) -> bool {
+        self.at.is_some()
+    }
+}
+
+/// Wire dtype of a weights dtype (the "model's dtype" a read may ask for).
+fn model_dtype(d: djinn_backend::DType) -> HiddenDType {
+    match d {
+        djinn_backend::DType::F16 => HiddenDType::F16,
+        djinn_backend::DType::BF16 => HiddenDType::BF16,
+        _ => HiddenDType::F32,
+    }
+}
+
+impl<B: Backend> EngineLoop<B> {
+    /// Checks a decode's breakpoints against model `m` and the input it feeds (already added to
+    /// session `id`); `None` without breakpoints.
+    pub(super) fn check_breakpoints(
+        &self,
+        m: usize,
+        id: u64,
+        layers: &[u32],
+    ) -> Result<Option<Box<BreakState>>, Refusal> {
+        if layers.is_empty() {
+            return Ok(None);
+        }
+        let eng = &self.models[m].engine;
+        let l = eng.config().layers;
+        if let Some(&bad) = layers.iter().find(|&&n| n as usize > l) {
+            return Err(Refusal::new(Status::BadArgument, format!("breakpoint layer {bad} outside 1..={l}")));
+        }
+        let s = &self.sessions[&id];
+        let feed = s.tokens.len() - s.kv;
+        if feed > eng.max_step_tokens() {
+            let msg = format!(
+                "input of {feed} tokens with breakpoints must run in one pass of at most {} (--max-step-tokens)",
+                eng.max_step_tokens()
+            );
+            return Err(Refusal::new(Status::LimitExceeded, msg));
+        }
+        Ok(Some(Box::new(BreakState {
+            layers: layers.to_vec(),
+            next: 0,
+            at: None,
+            hidden: Vec::new(),
+            paused_since: None,
+            patched: false,
+        })))
+    }
+
+    /// Runs one part of every running (not paused) breakpoint pass of model `m`, and ends the
+    /// pauses whose lease ran out. Returns whether anything changed.
+    pub(super) fn step_breakpoints(&mut self, m: usize) -> bool {
+        let now = Instant::now();
+        let mut run = Vec::new();
+        let mut expired = Vec::new();
+        for &id in &self.order {
+            let s = &self.sessions[&id];
+            let Work::Decode(d) = &s.work else { continue };
+            match d.brk.as_deref() {
+                Some(b) if s.model == m => match b.paused_since {
+                    Some(t) if now.duration_since(t) >= self.pause_lease => expired.push(id),
+                    Some(_) => {}
+                    None if d.ans.conn.out.is_full() => {}
+                    None => run.push(id),
+                },
+                _ => {}
+            }
+        }
+        let mut progressed = !expired.is_empty();
+        for id in expired {
+            tracing::info!(session = id, "breakpoint lease over: rolling the request back");
+            let msg = "the pause's lease (breakpoint_lease_ms) ran out; the request was rolled back";
+            self.end_work(id, Err((Status::Cancelled, msg)), FinishWire::Cancelled);
+        }
+        for id in run {
+            progressed |= self.run_part(m, id);
+        }
+        progressed
+    }
+
+    /// Runs session `id`'s pass to its next breakpoint (pausing there) or to its end; waits (runs
+    /// nothing) while its KV does not fit, as a batched step's session would.
+    fn run_part(&mut self, m: usize, id: u64) -> bool {
+        let lm = &mut self.models[m];
+        let s = self.sessions.get_mut(&id).expect("listed sessions exist");
+        let Work::Decode(d) = &mut s.work else { return false };
+        let b = d.brk.as_mut().expect("listed with breakpoints");
+        let toks = &s.tokens[s.kv..];
+        // The first part grows the session by the input; later ones only need it resident.
+        let grow = if b.at.is_none() { toks.len() } else { 0 };
+        if !lm.engine.batch_fits(&[(s.vs, grow)]) {
+            return false;
+        }
+        let from = b.at.map(|l| (l, b.hidden.as_slice()));
+        if b.next < b.layers.len() {
+            let layer = b.layers[b.next] as usize;
+            let mut out = Vec::with_capacity(toks.len() * lm.engine.config().hidden_size);
+            match lm.engine.pass_to_layer(s.vs, toks, from, layer, &mut out) {
+                Ok(()) => {
+                    b.hidden = out;
+                    b.at = Some(layer);
+                    b.next += 1;
+                    b.paused_since = Some(Instant::now());
+                    let note = PausedNote {
+                        session: id,
+                        layer: layer as u32,
+                        layers: lm.engine.config().layers as u32,
+                        tokens: toks.len() as u32,
+                        hidden: lm.engine.config().hidden_size as u32,
+                        model_dtype: model_dtype(lm.engine.model().weights.dtype),
+                        lease_ms: self.pause_lease.as_millis().min(u32::MAX as u128) as u32,
+                    };
+                    d.ans.send(Opcode::SessionPaused, Status::Ok, &note.to_meta(), &[]);
+                }
+                Err(e) => self.fail_part(id, &e),
+            }
+            return true;
+        }
+        let (after, hidden) = (b.at.unwrap_or(0), std::mem::take(&mut b.hidden));
+        let patched = b.patched;
+        let params = SampleParams { step: 0, ..d.params };
+        let mut logits = Vec::new();
+        let want = (d.logits != LogitsWire::None).then_some(&mut logits);
+        match lm.engine.pass_finish_sample(s.vs, toks, (after, &hidden), params, want) {
+            Ok(t) => {
+                s.kv = s.tokens.len();
+                d.brk = None;
+                if patched {
+                    s.recomputable = false;
+                }
+                let row = (!logits.is_empty()).then_some(&logits[..]);
+                self.on_token(m, id, t, row);
+            }
+            Err(e) => self.fail_part(id, &e),
+        }
+        true
+    }
+
+    /// A part of a pass failed: the engine rolled the pass back; the request ends with the error.
+    fn fail_part(&mut self, id: u64, e: &ModelError) {
+        tracing::warn!(session = id, error = %e, "breakpoint pass failed");
+        if let Some(Work::Decode(d)) = self.sessions.get_mut(&id).map(|s| &mut s.work) {
+            if let Some(b) = d.brk.as_mut() {
+                b.at = None; // already rolled back by the engine
+            }
+        }
+        self.end_work(id, Err((model_status(e), &e.to_string())), FinishWire::Cancelled);
+    }
+
+    /// The paused pass of the tenant's session `id`, or `NotPaused`.
+    fn paused(
+        &mut self,
+        tenant: &TenantId,
+        id: u64,
+        conn: &Arc<ConnLink>,
+    ) -> Result<(usize, &mut BreakState), Refusal> {
+        let s = self.lookup(tenant, id, conn)?;
+        let m = s.model;
+        match &mut s.work {
+            Work::Decode(d) => match d.brk.as_deref_mut() {
+                Some(b) if b.paused_since.is_some() => Ok((m, b)),
+                _ => Err(Refusal::new(Status::NotPaused, "the session is not paused at a breakpoint")),
+            },
+            _ => Err(Refusal::new(Status::NotPaused, "the session is not paused at a breakpoint")),
+        }
+    }
+
+    pub(super) fn hidden_read(
+        &mut self,
+        ans: Answer,
+        tenant: &TenantId,
+        r: HiddenReadReq,
+    ) -> Result<(), (Answer, Refusal)> {
+        let frame_max = self.frame_bytes_max;
+        let (m, at, rows) = match self.paused(tenant, r.session, &ans.conn) {
+            Ok((m, b)) => (m, b.at.unwrap_or(0), b.hidden.len()),
+            Err(e) => return Err((ans, e)),
+        };
+        let h = self.models[m].engine.config().hidden_size;
+        let mdt = model_dtype(self.models[m].engine.model().weights.dtype);
+        if r.dtype != HiddenDType::F32 && r.dtype != mdt {
+            let msg = format!("hidden state as {}: f32 or the model's {} only", r.dtype.name(), mdt.name());
+            return Err((ans, Refusal::new(Status::DTypeMismatch, msg)));
+        }
+        let desc = HiddenDesc { layer: at as u32, tokens: (rows / h) as u32, hidden: h as u32, dtype: r.dtype };
+        let bytes = desc.bytes().unwrap_or(u64::MAX);
+        if bytes + 1024 > frame_max {
+            let msg = format!("{bytes} bytes of hidden state exceed the frame limit {frame_max}");
+            return Err((ans, Refusal::new(Status::FrameTooLarge, msg)));
+        }
+        let b = match self.paused(tenant, r.session, &ans.conn) {
+            Ok((_, b)) => b,
+            Err(e) => return Err((ans, e)),
+        };
+        let data: Vec<u8> = match r.dtype {
+            HiddenDType::F32 => f32_bytes(&b.hidden).to_vec(),
+            HiddenDType::F16 => b.hidden.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            HiddenDType::BF16 => b.hidden.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        };
+        ans.ok(&desc.to_meta(), &[&data]);
+        Ok(())
+    }
+
+    pub(super) fn hidden_write(
+        &mut self,
+        ans: Answer,
+        tenant: &TenantId,
+        r: HiddenWriteReq,
+        bytes: &[u8],
+    ) -> Result<(), (Answer, Refusal)> {
+        let (m, b) = match self.paused(tenant, r.session, &ans.conn) {
+            Ok(p) => p,
+            Err(e) => return Err((ans, e)),
+        };
+        let at = b.at.unwrap_or(0);
+        let rows = b.hidden.len();
+        let h = self.models[m].engine.config().hidden_size;
+        let mdt = model_dtype(self.models[m].engine.model().weights.dtype);
+        let d = r.desc;
+        if d.dtype != HiddenDType::F32 && d.dtype != mdt {
+            let msg = format!("hidden state as {}: f32 or the model's {} only", d.dtype.name(), mdt.name());
+            return Err((ans, Refusal::new(Status::DTypeMismatch, msg)));
+        }
+        if d.layer as usize != at || d.hidden as usize != h || (d.tokens as usize) * h != rows {
+            let msg = format!(
+                "hidden state [{}, {}] after layer {}; the paused one is [{}, {h}] after layer {at}",
+                d.tokens,
+                d.hidden,
+                d.layer,
+                rows / h
+            );
+            return Err((ans, Refusal::new(Status::ShapeMismatch, msg)));
+        }
+        let (_, b) = match self.paused(tenant, r.session, &ans.conn) {
+            Ok(p) => p,
+            Err(e) => return Err((ans, e)),
+        };
+        match d.dtype {
+            HiddenDType::F32 => {
+                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            HiddenDType::F16 => {
+                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            HiddenDType::BF16 => {
+                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
+        b.patched = true;
+        ans.ok(&[], &[]);
+        Ok(())
+    }
+
+    pub(super) fn resume(&mut self, ans: Answer, tenant: &TenantId, id: u64) -> Result<(), (Answer, Refusal)> {
+        match self.paused(tenant, id, &ans.conn) {
+            Ok((_, b)) => b.paused_since = None,
+            Err(e) => return Err((ans, e)),
+        }
+        ans.ok(&[], &[]);
+        Ok(())
+    }
+
+    /// The breakpoint gauges: sessions paused, and the hidden-state bytes they hold.
+    pub(super) fn publish_breakpoints(&self) {
+        let (mut paused, mut bytes) = (0i64, 0i64);
+        for s in self.sessions.values() {
+            if let Work::Decode(d) = &s.work {
+                if let Some(b) = d.brk.as_deref() {
+                    paused += i64::from(b.paused_since.is_some());
+                    bytes += (b.hidden.len() * 4) as i64;
+                }
+            }
+        }
+        self.metrics.sessions_paused_breakpoint.set(paused);
+        self.metrics.breakpoint_held_bytes.set(bytes);
+    }
+}

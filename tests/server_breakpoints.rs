@@ -1,0 +1,232 @@
+//! Breakpoints against the real server binary, over every transport, on the committed 4-layer
+//! reference checkpoint (`breakpoints.json`, transformers' numbers):
+//! - a decode paused after every layer: each state read equals transformers' within 1e-4 of its
+//!   largest value, and resuming gives transformers' greedy tokens;
+//! - a state replaced at a pause gives what transformers gives with the same replacement;
+//! - bad input (a layer past L, a prefill with breakpoints, resume/read of a session that is not
+//!   paused, a state of the wrong shape or dtype, another connection's anonymous session) gets a
+//!   typed error and the session is intact; a cancelled pause rolls the request back.
+
+mod common;
+
+use common::{connect, metric, model_server, run_trials, status_of, Transport};
+use djinn_client::{DecodeOptions, Feed, FinishReason, OpenOptions};
+use djinn_model::testing::{reference_root, Breakpoints, BREAKPOINT_MODEL};
+use djinn_proto::{HiddenDType, Meta, Opcode, PrefillInput, SessionPrefillReq, SessionReq, Status};
+
+const MODEL: &str = "deep";
+
+fn record() -> (std::path::PathBuf, Breakpoints) {
+    let dir = reference_root().join(BREAKPOINT_MODEL);
+    let rec = serde_json::from_slice(&std::fs::read(dir.join("breakpoints.json")).unwrap()).unwrap();
+    (dir, rec)
+}
+
+fn opts(rec: &Breakpoints) -> DecodeOptions {
+    DecodeOptions { max_new_tokens: rec.greedy.len() as u32, ignore_eos: true, ..DecodeOptions::default() }
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+fn pause_read_patch_resume(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32"]);
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let all: Vec<u32> = (1..=rec.layers as u32).collect();
+    let (mut got, mut pauses) = (Vec::new(), Vec::new());
+    let sum = c
+        .generate_with_breakpoints(
+            s,
+            Feed::Ids(&rec.prompt),
+            &opts(&rec),
+            &all,
+            |ev| {
+                got.push(ev.token);
+                true
+            },
+            |c, note| {
+                assert_eq!((note.session, note.tokens as usize), (s, rec.prompt.len()));
+                let (desc, hidden) = c.read_hidden_f32(s)?;
+                assert_eq!((desc.layer, desc.tokens), (note.layer, note.tokens));
+                let want = rec.hidden.iter().find(|h| h.layer == note.layer as usize).unwrap().hidden.concat();
+                let err = rel_err(&hidden, &want);
+                assert!(err <= 1e-4, "layer {}: error {err}", note.layer);
+                pauses.push(note.layer);
+                c.resume(s)
+            },
+        )
+        .unwrap();
+    assert_eq!(pauses, all);
+    assert_eq!(got, rec.greedy, "resumed unmodified");
+    assert_eq!(sum.prompt_tokens as usize, rec.prompt.len());
+
+    for p in &rec.patches {
+        let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+        let patch: Vec<f32> = p.hidden.iter().flatten().map(|&x| x as f32).collect();
+        let mut got = Vec::new();
+        c.generate_with_breakpoints(
+            s,
+            Feed::Ids(&rec.prompt),
+            &opts(&rec),
+            &[p.layer as u32],
+            |ev| {
+                got.push(ev.token);
+                true
+            },
+            |c, note| {
+                c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, &patch)?;
+                let (_, back) = c.read_hidden_f32(s)?;
+                assert_eq!(back, patch);
+                c.resume(s)
+            },
+        )
+        .unwrap();
+        assert_eq!(got, p.greedy, "patched at layer {}", p.layer);
+    }
+}
+
+fn bad_input_typed_session_intact(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(
+        t,
+        MODEL,
+        &dir,
+        &["--dtype", "f32", "--breakpoint-lease-ms", "60000", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    assert_eq!(status_of(c.resume(s)), Status::NotPaused);
+    assert_eq!(status_of(c.read_hidden_f32(s)), Status::NotPaused);
+    let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[5], |_| true, |_, _| Ok(()));
+    assert_eq!(status_of(r), Status::BadArgument, "layer past L");
+    let prefill = SessionPrefillReq { session: s, input: PrefillInput::Ids(rec.prompt.clone()), breakpoints: vec![2] };
+    assert_eq!(status_of(c.call(Opcode::SessionPrefill, &prefill.to_meta(), &[])), Status::Unsupported);
+    assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
+
+    // At a pause: wrong shape, wrong dtype, another (anonymous) connection; then cancel.
+    let mut other = connect(srv.url());
+    let mut seen = Vec::new();
+    let sum = c
+        .generate_with_breakpoints(
+            s,
+            Feed::Ids(&rec.prompt),
+            &opts(&rec),
+            &[2, 3],
+            |_| true,
+            |c, note| {
+                let short = vec![0f32; (note.tokens as usize - 1) * note.hidden as usize];
+                seen.push(status_of(c.write_hidden_f32(s, note.layer, note.tokens - 1, note.hidden, &short)));
+                let full = vec![0f32; (note.tokens * note.hidden) as usize];
+                seen.push(status_of(c.write_hidden_f32(s, note.layer + 1, note.tokens, note.hidden, &full)));
+                let dt = if note.model_dtype == HiddenDType::F16 { HiddenDType::BF16 } else { HiddenDType::F16 };
+                seen.push(status_of(c.read_hidden(s, dt)));
+                seen.push(status_of(other.resume(s)));
+                let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
+                assert_eq!(metric(&m, "djinn_sessions_paused_breakpoint"), Some(1.0));
+                assert!(metric(&m, "djinn_breakpoint_held_bytes").unwrap() >= (note.tokens * note.hidden * 4) as f64);
+                c.cancel(s)
+            },
+        )
+        .unwrap();
+    assert_eq!(sum.finish, FinishReason::Cancelled);
+    assert_eq!(
+        seen,
+        [Status::ShapeMismatch, Status::ShapeMismatch, Status::DTypeMismatch, Status::UnknownSession],
+        "one pause only: the cancel ended it"
+    );
+    assert_eq!(c.attach_session(s).unwrap().context_tokens, 0, "a cancelled pause is rolled back");
+    assert_eq!(status_of(c.call(Opcode::SessionResume, &SessionReq { session: s }.to_meta(), &[])), Status::NotPaused);
+    let mut got = Vec::new();
+    c.generate(s, Feed::Ids(&rec.prompt), &opts(&rec), |ev| {
+        got.push(ev.token);
+        true
+    })
+    .unwrap();
+    assert_eq!(got, rec.greedy, "the session was intact after the refusals and the rollback");
+}
+
+/// A pause nobody resumes ends at its lease: the request is `Cancelled` and rolled back.
+fn pause_lease_rolls_back(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "200"]);
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[1], |_| true, |_, _| Ok(()));
+    assert_eq!(status_of(r), Status::Cancelled);
+    assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
+}
+
+/// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.
+fn debug_cli_remote(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32"]);
+    let p = rec.patches.iter().find(|p| p.layer == 2).expect("a patch at layer 2");
+    let base = std::env::temp_dir().join(format!("djinn-brk-cli-{}-{}", std::process::id(), t.name()));
+    let (dump, patches) = (base.join("dump"), base.join("patch"));
+    std::fs::create_dir_all(&patches).unwrap();
+    let values: Vec<f32> = p.hidden.iter().flatten().map(|&x| x as f32).collect();
+    djinn_dataplane::npy::write_f32(&patches.join("layer-2.npy"), &[p.hidden.len(), p.hidden[0].len()], &values)
+        .unwrap();
+    let ids: Vec<String> = rec.prompt.iter().map(u32::to_string).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["debug", "--server", srv.url(), "--model", MODEL, "--json", "--ignore-eos", "--break-at", "1,2"])
+        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &rec.greedy.len().to_string()])
+        .arg("--dump-dir")
+        .arg(&dump)
+        .arg("--patch-dir")
+        .arg(&patches)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let toks: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(toks, p.greedy);
+    assert_eq!(v["pauses"].as_array().unwrap().len(), 2);
+    let (shape, l1) = djinn_dataplane::npy::read_f32(&dump.join("layer-1.npy")).unwrap();
+    assert_eq!(shape, [rec.prompt.len(), p.hidden[0].len()]);
+    assert!(rel_err(&l1, &rec.hidden[0].hidden.concat()) <= 1e-4);
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// `bench breakpoints` at a small scale: 8 sessions paused at once with KV for 2 of them, so
+/// paused sessions are swapped; every one must finish with its uninterrupted tokens (exit 0).
+fn bench_breakpoints_passes(t: Transport) {
+    let (dir, _) = record();
+    let args =
+        ["--dtype", "f32", "--kv-capacity-mb", "0.0625", "--host-swap-mb", "1", "--metrics-listen", "127.0.0.1:0"];
+    let srv = model_server(t, MODEL, &dir, &args);
+    let out_dir = std::env::temp_dir().join(common::unique_name("bench-brk"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL, "--sessions", "8"])
+        .args(["--break-at", "1,2,4", "--hold-ms", "20", "--metrics", srv.metrics.as_deref().unwrap()])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(8), Some(true)));
+    assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
+    assert!(r["swap_out_total"].as_f64().unwrap() > 0.0, "swapping was forced");
+    assert!(r["verdict"].as_str().unwrap().starts_with("PASS"));
+    for k in ["swap_out_ms", "swap_in_ms", "resume_ms", "pause_ms"] {
+        assert!(r[k]["p50"].is_number() && r[k]["p99"].is_number(), "{k}: {}", r[k]);
+    }
+    assert_eq!(r["sessions"].as_array().unwrap().len(), 8);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+fn main() {
+    run_trials(vec![
+        ("bench_breakpoints_passes", Some(Transport::Tcp), bench_breakpoints_passes),
+        ("debug_cli_remote", None, debug_cli_remote),
+        ("pause_read_patch_resume", None, pause_read_patch_resume),
+        ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
+        ("pause_lease_rolls_back", None, pause_lease_rolls_back),
+    ]);
+}
