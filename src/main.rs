@@ -1,4 +1,4 @@
-//! `djinn-dataplane`: serve, ping, generate, logits, models, chat, convert-gguf, demo.
+//! `djinn-dataplane`: serve, ping, generate, logits, models, chat, convert-gguf, demo, bench.
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +32,8 @@ enum Command {
     ConvertGguf(cmd::convert::Args),
     /// Start a server on loopback (CPU backend, tcp + shm) and run a client against it.
     Demo(cmd::demo::Args),
+    /// Benchmarks: load sweeps against a server, the remote path's fixed overhead.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Chat(a) => cmd::chat::run(a),
         Command::ConvertGguf(a) => cmd::convert::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

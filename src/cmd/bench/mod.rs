@@ -1,0 +1,26 @@
+//! `djinn-dataplane bench`: benchmarks run from the CLI, one subcommand per sibling module.
+
+pub mod load;
+pub mod overhead;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Sweep concurrent users against a server: tokens/s, TTFT, TPOT and SLA violations per
+    /// class, as results.json, results.csv and SVG plots.
+    Load(load::Args),
+    /// Fixed per-call overhead of the remote path against in-process, per transport and payload.
+    Overhead(overhead::Args),
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Load(a) => load::run(a),
+        Command::Overhead(a) => overhead::run(a),
+    }
+}
