@@ -106,7 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
     let token = djinn_client::load_token(args.token_file.as_deref())?;
     let mut probe = Client::connect_with(&args.server, &ClientOptions { token: token.clone(), ..Default::default() })?;
-    if !probe.capabilities().models.iter().any(|m| *m == args.model) {
+    if !probe.capabilities().models.contains(&args.model) {
         bail!(
             "the server at {} does not serve {:?}; it serves: {}",
             args.server,
