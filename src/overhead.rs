@@ -6,10 +6,11 @@
 //! and returning one sampled token: remote, submit → final frame over a real `serve` process's
 //! transport; in process, `Engine::step_sample` over the same prompt. Their difference is the
 //! fixed per-call cost of the remote path (request, round trip, reply, the client's wake-up). A
-//! *decode step* is one token of a longer generate (submit → last token, over the tokens), so the
-//! stream's per-token cost shows beside the per-call one. Each remote call is paired with an
-//! in-process call of the same shape right before it, so load drift falls on both alike; the
-//! overhead is the median of the paired differences, the times are medians.
+//! *decode step* is one token of a longer generate (submit → final frame, over the tokens), so the
+//! stream's per-token cost shows beside the per-call one, with the bytes each moves either way.
+//! Each remote call is paired with an in-process call of the same shape right before it, so load
+//! drift falls on both alike; the overhead is the median of the paired differences, the times are
+//! medians.
 //!
 //! Targets (issue 12): ≤ 20 µs per call on tcp loopback, ≤ 5 µs on shm.
 
@@ -134,6 +135,9 @@ pub struct Row {
     /// remote / in-process.
     pub ratio: f64,
     pub target_us: Option<f64>,
+    /// Bytes on the wire per call (per token for "decode_step"), client → server and back.
+    pub bytes_up: f64,
+    pub bytes_down: f64,
 }
 
 impl Row {
@@ -333,8 +337,8 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
             remote(&mut client, MODEL_NAME, &prompt, 1, 1)?;
             let (mut local, mut far) = (Vec::with_capacity(opts.calls), Vec::with_capacity(opts.calls));
             for _ in 0..opts.calls {
-                local.push(in_process(&mut eng, &prompt, 1, 1)?.step_us);
-                far.push(remote(&mut client, MODEL_NAME, &prompt, 1, 1)?.step_us);
+                local.push(in_process(&mut eng, &prompt, 1, 1)?);
+                far.push(remote(&mut client, MODEL_NAME, &prompt, 1, 1)?);
             }
             report.rows.push(row(t, "call", p, &local, &far));
         }
@@ -347,8 +351,8 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
             let (mut local, mut far) = (Vec::new(), Vec::new());
             // Each decode is n steps: fewer of them give as many samples.
             for _ in 0..opts.calls.div_ceil(n).max(3) {
-                local.push(in_process(&mut eng, &prompt, n, 1)?.step_us);
-                far.push(remote(&mut client, MODEL_NAME, &prompt, n, 1)?.step_us);
+                local.push(in_process(&mut eng, &prompt, n, 1)?);
+                far.push(remote(&mut client, MODEL_NAME, &prompt, n, 1)?);
             }
             report.rows.push(row(t, "decode_step", 1, &local, &far));
         }
@@ -358,9 +362,9 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
     Ok(report)
 }
 
-fn row(t: Transport, kind: &'static str, payload_tokens: usize, local: &[f64], far: &[f64]) -> Row {
-    let in_process_us = median(local.to_vec());
-    let remote_us = median(far.to_vec());
+fn row(t: Transport, kind: &'static str, payload_tokens: usize, local: &[RunStats], far: &[RunStats]) -> Row {
+    let in_process_us = median(local.iter().map(|r| r.step_us).collect());
+    let remote_us = median(far.iter().map(|r| r.step_us).collect());
     Row {
         transport: t.name(),
         kind,
@@ -368,9 +372,11 @@ fn row(t: Transport, kind: &'static str, payload_tokens: usize, local: &[f64], f
         payload_bytes: payload_tokens * 4,
         in_process_us,
         remote_us,
-        overhead_us: median(far.iter().zip(local).map(|(r, l)| r - l).collect()),
+        overhead_us: median(far.iter().zip(local).map(|(r, l)| r.step_us - l.step_us).collect()),
         ratio: remote_us / in_process_us,
         target_us: t.target_us(),
+        bytes_up: median(far.iter().map(|r| r.bytes_up_per_step).collect()),
+        bytes_down: median(far.iter().map(|r| r.bytes_down_per_step).collect()),
     }
 }
 
@@ -378,8 +384,8 @@ impl Report {
     /// The table `bench overhead` prints.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{:<5} {:<12} {:>8} {:>14} {:>11} {:>12} {:>8}  target\n",
-            "trans", "kind", "payload", "in-process us", "remote us", "overhead us", "ratio"
+            "{:<5} {:<12} {:>8} {:>14} {:>11} {:>12} {:>8} {:>8} {:>8}  target\n",
+            "trans", "kind", "payload", "in-process us", "remote us", "overhead us", "ratio", "B up", "B down"
         );
         for r in &self.rows {
             let target = match (r.target_us, r.within_target()) {
@@ -388,8 +394,16 @@ impl Report {
                 (None, _) => "none".into(),
             };
             s.push_str(&format!(
-                "{:<5} {:<12} {:>7}B {:>14.2} {:>11.2} {:>+12.2} {:>7.3}x  {target}\n",
-                r.transport, r.kind, r.payload_bytes, r.in_process_us, r.remote_us, r.overhead_us, r.ratio
+                "{:<5} {:<12} {:>7}B {:>14.2} {:>11.2} {:>+12.2} {:>7.3}x {:>8.1} {:>8.1}  {target}\n",
+                r.transport,
+                r.kind,
+                r.payload_bytes,
+                r.in_process_us,
+                r.remote_us,
+                r.overhead_us,
+                r.ratio,
+                r.bytes_up,
+                r.bytes_down
             ));
         }
         for (t, why) in &self.skipped {
