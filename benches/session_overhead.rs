@@ -53,7 +53,7 @@ fn part1() {
         exe: PathBuf::from(EXE),
         model_dir: dir.clone(),
         transports: Transport::ALL.to_vec(),
-        payload_tokens: vec![1, 16, 256, 1024],
+        payload_tokens: vec![1, 16, 256],
         decode_tokens: 32,
         calls: if quick() { 20 } else { CALLS },
         threads: threads(),

@@ -14,7 +14,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "tcp,shm,rdma")]
     pub transports: Vec<Transport>,
     /// Prompt lengths of the per-call rows, in tokens (4 bytes each on the wire).
-    #[arg(long, value_delimiter = ',', default_value = "1,16,256,1024")]
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     pub payload_tokens: Vec<usize>,
     /// Tokens of the decode-step row's generate (0 = no such row).
     #[arg(long, default_value_t = 32)]
