@@ -56,7 +56,8 @@ fn points(r: &Results, levels: &[usize], series: &str, value: impl Fn(&Row) -> O
 fn y_max(runs: &[&Results], value: &impl Fn(&Row) -> Option<f64>) -> f64 {
     let m = runs.iter().flat_map(|r| r.runs.iter().filter_map(value)).fold(0.0f64, f64::max);
     if m > 0.0 {
-        m * 1.15
+        // Headroom above the highest point keeps the legend (upper left) off the data.
+        m * 1.4
     } else {
         1.0
     }
