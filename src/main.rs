@@ -1,4 +1,4 @@
-//! `djinn-dataplane`: serve, ping, generate, logits, models, chat, convert-gguf, demo.
+//! `djinn-dataplane`: serve, ping, generate, logits, models, chat, convert-gguf, demo, bench.
 
 use clap::{Parser, Subcommand};
 
@@ -34,9 +34,8 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Run a prompt with breakpoints: dump (and optionally replace) the hidden state after layer N.
     Debug(cmd::debug::Args),
-    /// Benchmarks against a server (results.json per run, non-zero exit on a failed verdict).
-    #[command(subcommand)]
-    Bench(cmd::bench::Bench),
+    /// Benchmarks: load sweeps, the remote path's fixed overhead, breakpoints at scale.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,7 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::ConvertGguf(a) => cmd::convert::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Debug(a) => cmd::debug::run(a),
-        Command::Bench(b) => cmd::bench::run(b),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -38,13 +38,24 @@ pub struct Args {
     /// Sampling seed. Default: a random seed per run.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The session's scheduling class (realtime, interactive, batch, background).
+    #[arg(long, default_value = "interactive")]
+    pub qos: djinn_client::Qos,
+    /// Time per output token the session needs, ms (0 = none); a tight one raises the class on
+    /// the server (<= 25 ms realtime, <= 250 ms interactive).
+    #[arg(long, default_value_t = 0)]
+    pub deadline_ms: u32,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = ClientOptions { token: djinn_client::load_token(args.token_file.as_deref())?, ..Default::default() };
     let mut client = Client::connect_with(&args.server, &opts)?;
     let info = client
-        .open_session(&OpenOptions::new(args.model.clone()))
+        .open_session(&OpenOptions {
+            qos: args.qos,
+            deadline_ms: args.deadline_ms,
+            ..OpenOptions::new(args.model.clone())
+        })
         .with_context(|| format!("opening a session on {:?} at {}", args.model, args.server))?;
     if !info.has_chat_template {
         let _ = client.close_session(info.session);

@@ -91,6 +91,13 @@ pub struct Args {
     /// Keep generating past the EOS token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// With --server: the session's scheduling class (realtime, interactive, batch, background).
+    #[arg(long, default_value = "interactive", requires = "server")]
+    pub qos: djinn_client::Qos,
+    /// With --server: the time per output token the session needs, ms (0 = none); a tight one
+    /// raises the class on the server (<= 25 ms realtime, <= 250 ms interactive).
+    #[arg(long, default_value_t = 0, requires = "server")]
+    pub deadline_ms: u32,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,

@@ -40,7 +40,12 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         None => 0,
     };
     let info = client
-        .open_session(&OpenOptions { max_tokens, ..OpenOptions::new(model.clone()) })
+        .open_session(&OpenOptions {
+            max_tokens,
+            qos: args.qos,
+            deadline_ms: args.deadline_ms,
+            ..OpenOptions::new(model.clone())
+        })
         .with_context(|| format!("opening a session on {model:?} at {}", client.url()))?;
     let sid = info.session;
     let t0 = Instant::now();
