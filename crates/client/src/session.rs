@@ -8,12 +8,12 @@
 //! pipelined reply (within `replies_buffered_max`).
 
 use djinn_proto::session::{
-    DecodeFeed, FinishWire, LogitsReply, LogitsReq, LogitsWire, PrefillInput, PrefillReply as PrefillWire, QosWire,
-    SessionAppendReq, SessionDecodeReply, SessionDecodeReq, SessionInfoReply, SessionOpenReq, SessionPrefillReq,
-    SessionReq, SessionToken,
+    LogitsReply, LogitsReq, PrefillInput, PrefillReply as PrefillWire, QosWire, SessionAppendReq, SessionInfoReply,
+    SessionOpenReq, SessionPrefillReq, SessionReq,
 };
 use djinn_proto::{Meta, Opcode};
 
+use crate::stream::{DecodeStream, StreamEvent};
 use crate::{decode, Client, ClientError, Result};
 
 pub type SessionId = u64;
@@ -240,7 +240,8 @@ impl Client {
         opts: &DecodeOptions,
         on_token: impl FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<DecodeSummary> {
-        self.decode_fed(session, DecodeFeed::None, opts, on_token)
+        let stream = self.decode_start(session, opts)?;
+        self.drive(stream, on_token)
     }
 
     /// Feeds `feed` and decodes in ONE request: the forward pass over the input also samples the
@@ -253,93 +254,27 @@ impl Client {
         opts: &DecodeOptions,
         on_token: impl FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<DecodeSummary> {
-        let feed = match feed {
-            Feed::Ids(ids) => DecodeFeed::Ids(ids.to_vec()),
-            Feed::Text(t) => DecodeFeed::Text(t.to_owned()),
-            Feed::Turn { role, text } => DecodeFeed::Turn { role: role.to_owned(), text: text.to_owned() },
-        };
-        self.decode_fed(session, feed, opts, on_token)
+        let stream = self.generate_start(session, feed, opts)?;
+        self.drive(stream, on_token)
     }
 
-    fn decode_fed(
+    /// Reads a started decode to its end, handing each token to `on_token` (the callback form
+    /// over [`Client::stream_next`]).
+    fn drive(
         &mut self,
-        session: SessionId,
-        feed: DecodeFeed,
-        opts: &DecodeOptions,
+        mut stream: DecodeStream,
         mut on_token: impl FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<DecodeSummary> {
-        let logits = match opts.logits {
-            LogitsRequest::None => LogitsWire::None,
-            LogitsRequest::TopK(k) => LogitsWire::TopK(k),
-            LogitsRequest::Full => LogitsWire::Full,
-        };
-        let req = SessionDecodeReq {
-            session,
-            feed,
-            max_new_tokens: opts.max_new_tokens,
-            temperature: opts.temperature,
-            top_k: opts.top_k,
-            top_p: opts.top_p,
-            seed: opts.seed,
-            ignore_eos: opts.ignore_eos,
-            logits,
-            stop: opts.stop.clone(),
-        };
-        let id = self.submit(Opcode::SessionDecode, &req.to_meta(), &[])?;
-        let mut cancel: Option<u64> = None;
-        let mut top_k = Vec::new();
-        let mut full = Vec::new();
-        let token_op = Opcode::SessionToken.as_u16();
-        let result = loop {
-            let (rid, r) = self.recv_reply(None)?;
-            if rid != id && rid != 0 {
-                self.buffer_reply(rid, r)?;
-                continue;
-            }
-            let reply = match r {
-                Ok(reply) => reply,
-                Err(e) => break Err(e),
-            };
-            if reply.header.opcode.get() == token_op {
-                if cancel.is_some() {
-                    // Cancelled by the callback: drain to the final frame.
-                    continue;
+        loop {
+            match self.stream_next(&mut stream)? {
+                StreamEvent::Token(ev) => {
+                    if !on_token(&ev) {
+                        self.stream_cancel(&mut stream)?;
+                    }
                 }
-                let t = SessionToken::parse(&reply.meta, &mut top_k)
-                    .map_err(|e| ClientError::Protocol { opcode: "SessionToken", why: e.to_string() })?;
-                let logits = if reply.data.is_empty() {
-                    None
-                } else {
-                    full.clear();
-                    full.extend(reply.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                    Some(&full[..])
-                };
-                let ev = TokenEvent { token: t.token, index: t.index, text: t.text, top_k: &top_k, logits };
-                if !on_token(&ev) {
-                    cancel = Some(self.submit(Opcode::SessionCancel, &SessionReq { session }.to_meta(), &[])?);
-                }
-                continue;
+                StreamEvent::Done(summary) => return Ok(summary),
             }
-            let r: SessionDecodeReply = decode(Opcode::SessionDecode, &reply.meta)?;
-            let finish = match r.finish {
-                FinishWire::Eos => FinishReason::Eos,
-                FinishWire::Length => FinishReason::Length,
-                FinishWire::Stop => FinishReason::Stop,
-                FinishWire::Cancelled => FinishReason::Cancelled,
-            };
-            break Ok(DecodeSummary {
-                tokens: r.tokens,
-                finish,
-                context_tokens: r.context_tokens,
-                prompt_tokens: r.prompt_tokens,
-            });
-        };
-        self.pending.remove(&id);
-        if let Some(c) = cancel {
-            // The cancel's own (empty) reply; a decode that had already ended makes it a no-op.
-            self.wait(c)?;
         }
-        result
     }
 
     /// Blocking form of [`Client::decode`]: all generated ids and the text.
