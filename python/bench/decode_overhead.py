@@ -2,12 +2,19 @@
 """Per-decode-step overhead of the Python client over the Rust client (issue 14's target:
 ≤ 10 µs), on one server, the committed tiny model, in one run, interleaved.
 
-Each round runs REPS generate requests through the Rust client (python/bench/decode_steps.rs),
-then REPS through Python as a token iterator (`Session.stream`) and REPS as one call
-(`Session.generate`), each on a fresh session with the same 8-token prompt and NEW_TOKENS greedy
-tokens. Per step = time from submission to the final frame over the tokens generated (the
-figure benches/session_overhead.rs uses). Reported: the median of each side over all rounds and
-the differences in µs per step, plus the load average.
+Two measures, each over REPS requests per side per round, the sides' order alternating by round,
+each request on a fresh session with the same 8-token prompt and NEW_TOKENS greedy tokens:
+
+- e2e: time from submission to the final frame over the tokens generated (the figure
+  benches/session_overhead.rs uses): Rust `Client::generate` (python/bench/decode_steps.rs)
+  against Python's token iterator (`Session.stream`) and one call (`Session.generate`). The
+  server computes while the client reads, so a client cost below the server's step is hidden.
+- drain: the request is started, the client waits until the server has sent every token, then
+  reading them is timed: each client's own cost per token, none of the server's (Rust
+  `stream_next` against Python's `TokenStream.__next__`). The target applies to this one too.
+
+Reported: medians per side, the Python − Rust differences in µs per step (also the median of the
+per-round paired differences), and the load average.
 
     cargo build --release --example decode_steps -p djinn-py
     (cd python && maturin develop --release)
@@ -47,25 +54,38 @@ def rust_example() -> Path:
     sys.exit("build the Rust baseline first: cargo build --release --example decode_steps -p djinn-py")
 
 
-def rust_side(exe: Path, url: str, new_tokens: int, reps: int) -> list[float]:
+DRAIN_WAIT_S = 0.03  # as DRAIN_WAIT in decode_steps.rs
+
+
+def rust_side(exe: Path, url: str, new_tokens: int, reps: int, mode: str = "e2e") -> list[float]:
     out = subprocess.run(
-        [str(exe), url, "tiny", str(new_tokens), str(reps), *map(str, PROMPT)], check=True, capture_output=True, text=True
+        [str(exe), url, "tiny", str(new_tokens), str(reps), mode, *map(str, PROMPT)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout)["per_step_us"]
 
 
-def python_side(client: djinn.Client, new_tokens: int, reps: int, stream: bool) -> list[float]:
+def python_side(client: djinn.Client, new_tokens: int, reps: int, stream: bool, drain: bool = False) -> list[float]:
     per_step = []
     for _ in range(reps):
         s = client.open_session("tiny")
-        t0 = time.perf_counter()
-        if stream:
-            n = 0
-            last = None
+        n, last = 0, None
+        if drain:
+            st = s.stream(PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
+            time.sleep(DRAIN_WAIT_S)
+            t0 = time.perf_counter()
+            for tok in st:
+                last = tok
+                n += 1
+        elif stream:
+            t0 = time.perf_counter()
             for tok in s.stream(PROMPT, max_new_tokens=new_tokens, ignore_eos=True):
                 last = tok
                 n += 1
         else:
+            t0 = time.perf_counter()
             n = len(s.generate(PROMPT, max_new_tokens=new_tokens, ignore_eos=True).token_ids)
         us = (time.perf_counter() - t0) * 1e6
         s.close()
@@ -90,28 +110,47 @@ def main() -> None:
             # Warm-up of both sides (first connections, page faults, the server's first steps).
             rust_side(exe, srv.url, args.new_tokens, 5)
             python_side(client, args.new_tokens, 5, True)
-            rust, py_stream, py_call = [], [], []
-            for _ in range(args.rounds):
-                rust += rust_side(exe, srv.url, args.new_tokens, args.reps)
-                py_stream += python_side(client, args.new_tokens, args.reps, True)
-                py_call += python_side(client, args.new_tokens, args.reps, False)
+            sides = {
+                "rust": lambda: rust_side(exe, srv.url, args.new_tokens, args.reps),
+                "python_stream": lambda: python_side(client, args.new_tokens, args.reps, True),
+                "python_generate": lambda: python_side(client, args.new_tokens, args.reps, False),
+                "rust_drain": lambda: rust_side(exe, srv.url, args.new_tokens, args.reps, "drain"),
+                "python_drain": lambda: python_side(client, args.new_tokens, args.reps, True, drain=True),
+            }
+            runs: dict[str, list[list[float]]] = {k: [] for k in sides}
+            for r in range(args.rounds):
+                order = list(sides) if r % 2 == 0 else list(reversed(sides))
+                for k in order:
+                    runs[k].append(sides[k]())
             client.close()
         finally:
             srv.stop()
-    med = {k: statistics.median(v) for k, v in (("rust", rust), ("python_stream", py_stream), ("python_generate", py_call))}
+    med = {k: statistics.median(x for rnd in v for x in rnd) for k, v in runs.items()}
+
+    def paired(py: str, rust: str) -> float:
+        diffs = [statistics.median(a) - statistics.median(b) for a, b in zip(runs[py], runs[rust])]
+        return round(statistics.median(diffs), 3)
+
     report = {
         "server": str(conftest.server_binary()),
         "rust_example": str(exe),
         "new_tokens": args.new_tokens,
-        "samples_per_side": len(rust),
+        "samples_per_side": args.rounds * args.reps,
         "per_step_us_median": {k: round(v, 3) for k, v in med.items()},
         "overhead_us_per_step": {
-            "stream": round(med["python_stream"] - med["rust"], 3),
-            "generate": round(med["python_generate"] - med["rust"], 3),
+            "e2e_stream": round(med["python_stream"] - med["rust"], 3),
+            "e2e_generate": round(med["python_generate"] - med["rust"], 3),
+            "drain_stream": round(med["python_drain"] - med["rust_drain"], 3),
+        },
+        "overhead_us_per_step_paired_by_round": {
+            "e2e_stream": paired("python_stream", "rust"),
+            "e2e_generate": paired("python_generate", "rust"),
+            "drain_stream": paired("python_drain", "rust_drain"),
         },
         "ratio_to_rust": {
-            "stream": round(med["python_stream"] / med["rust"], 4),
-            "generate": round(med["python_generate"] / med["rust"], 4),
+            "e2e_stream": round(med["python_stream"] / med["rust"], 4),
+            "e2e_generate": round(med["python_generate"] / med["rust"], 4),
+            "drain_stream": round(med["python_drain"] / med["rust_drain"], 4),
         },
         "loadavg": os.getloadavg(),
     }
