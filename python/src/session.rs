@@ -1,6 +1,7 @@
 //! [`Session`]: a conversation the server keeps (KV cache and chat history), and [`Generation`],
 //! the result of a decode read in one call.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use djinn_client::{DecodeOptions, Feed, SessionInfo};
@@ -80,11 +81,12 @@ impl Generation {
 pub struct Session {
     shared: Arc<Shared>,
     info: SessionInfo,
+    closed: AtomicBool,
 }
 
 impl Session {
     pub(crate) fn new(shared: Arc<Shared>, info: SessionInfo) -> Self {
-        Session { shared, info }
+        Session { shared, info, closed: AtomicBool::new(false) }
     }
 
     fn run(&self, py: Python<'_>, prompt: Prompt, opts: DecodeOptions) -> PyResult<Generation> {
@@ -247,8 +249,11 @@ impl Session {
         Ok((r.prompt_tokens, r.context_tokens))
     }
 
-    /// Closes the session on the server and frees its KV cache.
+    /// Closes the session on the server and frees its KV cache (idempotent).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
         let sid = self.info.session;
         self.shared.with(py, move |c| Ok(c.close_session(sid)?))
     }

@@ -71,10 +71,10 @@ def write_tiny_model(dest: Path) -> Path:
 class Server:
     """A running `serve` process; its first `listening URL` line gives the URL."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, listen: str = "tcp://127.0.0.1:0"):
         self.log = log
         self.proc = subprocess.Popen(
-            [str(server_binary()), "serve", "--listen", "tcp://127.0.0.1:0", "--gpus", "cpu", *args],
+            [str(server_binary()), "serve", "--listen", listen, "--gpus", "cpu", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True,
         )
         lines: queue.Queue[str | None] = queue.Queue()
@@ -119,9 +119,9 @@ def tokens_file(tmp_path_factory) -> Path:
     return p
 
 
-def start_server(tmp_path_factory, tiny_model: Path, *extra: str) -> Server:
+def start_server(tmp_path_factory, tiny_model: Path, *extra: str, listen: str = "tcp://127.0.0.1:0") -> Server:
     log = tmp_path_factory.mktemp("log") / "server.stderr"
-    return Server(["--model", f"tiny={tiny_model}", "--model", f"raw={SRC_MODEL}", *extra], log)
+    return Server(["--model", f"tiny={tiny_model}", "--model", f"raw={SRC_MODEL}", *extra], log, listen)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,11 @@ QoS classes, cancel, the one-stream-per-connection rule, and context managers.""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from conftest import start_server
 
 import djinn
 from djinn import errors
@@ -136,3 +139,28 @@ def test_context_managers_close(server):
     assert c.closed
     with pytest.raises(errors.ClosedError):
         c.open_session("tiny")
+
+
+def test_session_close_is_idempotent(client):
+    with client.open_session("tiny") as s:
+        s.close()
+    s.close()
+
+
+def test_over_shared_memory(tmp_path_factory, tiny_model, reference):
+    """The same calls over shm:// (the server's shared-memory transport)."""
+    try:
+        srv = start_server(tmp_path_factory, tiny_model, listen=f"shm://djt-py-{os.getpid()}")
+    except RuntimeError as e:
+        pytest.skip(f"shm transport unavailable here: {e}")
+    try:
+        with djinn.connect(srv.url) as c:
+            assert c.transport == "shm"
+            case = reference["cases"][0]
+            with c.open_session("raw") as s:
+                toks = [t for t, _ in s.stream(case["prompt"], max_new_tokens=len(case["greedy"]), ignore_eos=True)]
+            assert toks == case["greedy"]
+            x = np.arange(1 << 16, dtype=np.float32)
+            assert np.array_equal(c.put(x).numpy(), x)
+    finally:
+        srv.stop()
