@@ -1,19 +1,20 @@
 """Type stubs of the Rust extension `djinn._djinn` (see its docstrings for the details)."""
 
 from types import TracebackType
-from typing import Any, Iterator, Literal, Sequence, overload
+from typing import Any, Iterator, Literal, Sequence, final, overload
 
 import numpy as np
 import numpy.typing as npt
 
-Qos = Literal["realtime", "interactive", "batch"]
-Finish = Literal["eos", "length", "stop", "cancelled"]
-DType = Literal["f32", "f16", "bf16", "i32", "i64", "u8"]
-Prompt = str | Sequence[int] | None
+_Qos = Literal["realtime", "interactive", "batch"]
+_Finish = Literal["eos", "length", "stop", "cancelled"]
+_DType = Literal["f32", "f16", "bf16", "i32", "i64", "u8"]
+_Prompt = str | Sequence[int] | None
 
 def connect(url: str, token: str | bytes | None = None) -> Client:
     """Connects to `tcp://HOST:PORT` or `shm://NAME`; `token` None uses $DJINN_TOKEN if set."""
 
+@final
 class Client:
     @property
     def url(self) -> str: ...
@@ -24,11 +25,11 @@ class Client:
     def models(self) -> list[str]: ...
     def info(self) -> dict[str, Any]: ...
     def open_session(
-        self, model: str, qos: Qos | None = None, *, max_tokens: int = 0, deadline_ms: int = 0
+        self, model: str, qos: _Qos | None = None, *, max_tokens: int = 0, deadline_ms: int = 0
     ) -> Session: ...
     def attach(self, session_id: int) -> Session: ...
     def logits(self, model: str, ids: Sequence[int]) -> npt.NDArray[np.float32]: ...
-    def put(self, x: Any, dtype: DType | None = None) -> Tensor: ...
+    def put(self, x: Any, dtype: _DType | None = None) -> Tensor: ...
     def get(self, t: Tensor) -> np.ndarray: ...
     def free(self, *tensors: Tensor) -> None: ...
     def exec(self, op: str, *inputs: Tensor, f32: Sequence[float] | None = None, i64: Sequence[int] | None = None) -> Tensor: ...
@@ -39,6 +40,7 @@ class Client:
     def __enter__(self) -> Client: ...
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> bool: ...
 
+@final
 class Session:
     @property
     def id(self) -> int: ...
@@ -56,7 +58,7 @@ class Session:
     def has_chat_template(self) -> bool: ...
     def generate(
         self,
-        prompt: Prompt = None,
+        prompt: _Prompt = None,
         *,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
@@ -68,7 +70,7 @@ class Session:
     ) -> Generation: ...
     def stream(
         self,
-        prompt: Prompt = None,
+        prompt: _Prompt = None,
         *,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
@@ -112,11 +114,12 @@ class Session:
     def __enter__(self) -> Session: ...
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> bool: ...
 
+@final
 class TokenStream(Iterator[tuple[int, str]]):
     @property
     def session_id(self) -> int: ...
     @property
-    def finish(self) -> Finish | None: ...
+    def finish(self) -> _Finish | None: ...
     @property
     def tokens(self) -> int | None: ...
     @property
@@ -129,18 +132,20 @@ class TokenStream(Iterator[tuple[int, str]]):
     def __enter__(self) -> TokenStream: ...
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> bool: ...
 
+@final
 class Generation:
     text: str
     token_ids: list[int]
-    finish: Finish
+    finish: _Finish
     prompt_tokens: int
     context_tokens: int
 
+@final
 class Tensor:
     @property
     def handle(self) -> int: ...
     @property
-    def dtype(self) -> DType: ...
+    def dtype(self) -> _DType: ...
     @property
     def shape(self) -> list[int]: ...
     @property
@@ -151,10 +156,10 @@ class Tensor:
     def __enter__(self) -> Tensor: ...
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> bool: ...
 
+@final
 class HostBuffer:
     """Received bytes exported through the buffer protocol (what downloaded arrays view)."""
 
     @property
     def address(self) -> int: ...
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...

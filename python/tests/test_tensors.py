@@ -14,7 +14,7 @@ import djinn
 
 def host_buffer_of(arr: np.ndarray):
     """The HostBuffer at the root of `arr`'s base chain (None if arr owns a copy)."""
-    b = arr
+    b: object = arr
     while isinstance(b, np.ndarray):
         b = b.base
     return b
@@ -73,6 +73,29 @@ def test_non_contiguous_and_other_inputs(client):
     assert np.array_equal(client.put(x.T).numpy(), x.T)  # made contiguous (one copy)
     assert np.array_equal(client.put(memoryview(x)).numpy(), x)  # any buffer object
     assert np.array_equal(client.put(np.float32(2.5)).numpy(), np.float32(2.5))  # 0-d
+
+
+class DlpackOnly:
+    """An object that offers its memory through DLPack alone (as jax or cupy-on-host arrays do)."""
+
+    def __init__(self, arr: np.ndarray):
+        self._arr = arr
+
+    def __dlpack__(self, **kw):
+        return self._arr.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._arr.__dlpack_device__()
+
+
+def test_dlpack_input_is_viewed(client):
+    x = np.arange(1 << 20, dtype=np.int32)
+    tracemalloc.start()
+    t = client.put(DlpackOnly(x))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < x.nbytes // 4, f"tracemalloc peak {peak} bytes: the DLPack input was copied"
+    assert t.dtype == "i32" and np.array_equal(t.numpy(), x)
 
 
 def test_ops_match_numpy(client):
