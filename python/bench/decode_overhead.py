@@ -13,8 +13,9 @@ each request on a fresh session with the same 8-token prompt and NEW_TOKENS gree
   reading them is timed: each client's own cost per token, none of the server's (Rust
   `stream_next` against Python's `TokenStream.__next__`). The target applies to this one too.
 
-Reported: medians per side, the Python − Rust differences in µs per step (also the median of the
-per-round paired differences), and the load average.
+Reported: medians and 10th percentiles per side, the Python − Rust differences in µs per step
+(of the medians, of the 10th percentiles, and the median of the per-round paired differences),
+and the load average.
 
     cargo build --release --example decode_steps -p djinn-py
     (cd python && maturin develop --release)
@@ -126,6 +127,8 @@ def main() -> None:
         finally:
             srv.stop()
     med = {k: statistics.median(x for rnd in v for x in rnd) for k, v in runs.items()}
+    # The 10th percentile: what each side costs when the loaded machine leaves it alone.
+    p10 = {k: statistics.quantiles([x for rnd in v for x in rnd], n=10)[0] for k, v in runs.items()}
 
     def paired(py: str, rust: str) -> float:
         diffs = [statistics.median(a) - statistics.median(b) for a, b in zip(runs[py], runs[rust])]
@@ -141,6 +144,12 @@ def main() -> None:
             "e2e_stream": round(med["python_stream"] - med["rust"], 3),
             "e2e_generate": round(med["python_generate"] - med["rust"], 3),
             "drain_stream": round(med["python_drain"] - med["rust_drain"], 3),
+        },
+        "per_step_us_p10": {k: round(v, 3) for k, v in p10.items()},
+        "overhead_us_per_step_p10": {
+            "e2e_stream": round(p10["python_stream"] - p10["rust"], 3),
+            "e2e_generate": round(p10["python_generate"] - p10["rust"], 3),
+            "drain_stream": round(p10["python_drain"] - p10["rust_drain"], 3),
         },
         "overhead_us_per_step_paired_by_round": {
             "e2e_stream": paired("python_stream", "rust"),
