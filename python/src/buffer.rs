@@ -1,5 +1,5 @@
-//! Memory handed to Python without a copy: [`HostBuffer`] owns a download's bytes (or a logits
-//! vector) and exports them through the buffer protocol, so `numpy.frombuffer` (and from there
+//! Memory handed to Python without a copy: [`HostBuffer`] owns a reply's bytes (a tensor, logits)
+//! and exports them through the buffer protocol, so `numpy.frombuffer` (and from there
 //! `torch.from_numpy`) views the very allocation the reply was received into.
 //!
 //! Invariant: the allocation is never resized or moved while the object lives; Python holds the
@@ -10,18 +10,11 @@ use std::ffi::{c_int, c_void};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-/// Who frees the allocation.
-enum Owner {
-    Bytes(*mut [u8]),
-    F32(*mut [f32]),
-}
-
 /// Bytes received from the server, shared with numpy arrays over the buffer protocol.
 #[pyclass(frozen, module = "djinn._djinn")]
 pub struct HostBuffer {
-    ptr: *mut u8,
-    len: usize,
-    owner: Owner,
+    /// From `Box::into_raw`; freed in Drop.
+    bytes: *mut [u8],
 }
 
 // SAFETY: the allocation is owned by this object alone (no other Rust reference to it exists) and
@@ -33,26 +26,20 @@ unsafe impl Sync for HostBuffer {}
 
 impl HostBuffer {
     pub(crate) fn from_bytes(v: Vec<u8>) -> Self {
-        let raw = Box::into_raw(v.into_boxed_slice());
-        HostBuffer { ptr: raw.cast::<u8>(), len: raw.len(), owner: Owner::Bytes(raw) }
+        // A vector received into at its exact size has no spare capacity: no reallocation here.
+        HostBuffer { bytes: Box::into_raw(v.into_boxed_slice()) }
     }
 
-    pub(crate) fn from_f32(v: Vec<f32>) -> Self {
-        let raw = Box::into_raw(v.into_boxed_slice());
-        HostBuffer { ptr: raw.cast::<u8>(), len: raw.len() * 4, owner: Owner::F32(raw) }
+    fn ptr_len(&self) -> (*mut u8, usize) {
+        (self.bytes.cast::<u8>(), self.bytes.len())
     }
 }
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        // SAFETY: each pointer came from Box::into_raw in a constructor and is freed only here;
-        // no view outlives the object (every exported view holds a reference to it).
-        unsafe {
-            match self.owner {
-                Owner::Bytes(p) => drop(Box::from_raw(p)),
-                Owner::F32(p) => drop(Box::from_raw(p)),
-            }
-        }
+        // SAFETY: the pointer came from Box::into_raw in `from_bytes` and is freed only here; no
+        // exported view outlives the object (each holds a reference to it).
+        unsafe { drop(Box::from_raw(self.bytes)) }
     }
 }
 
@@ -60,19 +47,19 @@ impl Drop for HostBuffer {
 impl HostBuffer {
     /// Size in bytes.
     fn __len__(&self) -> usize {
-        self.len
+        self.bytes.len()
     }
 
     /// Address of the first byte (tests use it to check that arrays share this memory).
     #[getter]
     fn address(&self) -> usize {
-        self.ptr as usize
+        self.ptr_len().0 as usize
     }
 
     /// # Safety
     /// Called by CPython with a valid `view` to fill; the view keeps `slf` alive.
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let (ptr, len) = (slf.get().ptr, slf.get().len);
+        let (ptr, len) = slf.get().ptr_len();
         // SAFETY: `view` is CPython's to fill; `ptr..ptr + len` stays valid while `slf` lives,
         // and PyBuffer_FillInfo takes a reference to `slf` into `view.obj`.
         let rc = unsafe {

@@ -113,8 +113,8 @@ impl Client {
     /// Every position's logits of `ids` on `model` (a temporary session), as a float32 numpy
     /// array of shape (len(ids), vocab) over the received memory.
     fn logits<'py>(&self, py: Python<'py>, model: String, ids: Vec<u32>) -> PyResult<Bound<'py, PyAny>> {
-        let (rows, vocab, v) = self.shared.with(py, move |c| Ok(c.logits(&model, &ids)?))?;
-        let buf = Bound::new(py, HostBuffer::from_f32(v))?;
+        let (rows, vocab, bytes) = self.shared.with(py, move |c| Ok(c.logits_bytes(&model, &ids)?))?;
+        let buf = Bound::new(py, HostBuffer::from_bytes(bytes))?;
         tensor::arrays(py)?.getattr("from_buffer")?.call1((buf, "f32", (rows, vocab)))
     }
 

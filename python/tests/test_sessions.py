@@ -43,6 +43,8 @@ def test_stream_equals_one_call(client):
         assert "".join(x for _, x in pairs) == g.text
         assert (st.finish, st.tokens, st.prompt_tokens, st.context_tokens) == ("length", 12, 7, 19)
         assert list(st) == []  # exhausted stays exhausted
+    with client.open_session("tiny") as c:  # ids as a numpy array
+        assert c.generate(np.array(prompt), max_new_tokens=12, ignore_eos=True).token_ids == g.token_ids
 
 
 def test_text_prompt_and_prefill_decode(client):

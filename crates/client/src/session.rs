@@ -307,6 +307,14 @@ impl Client {
 
     /// Every position's logits of `ids` (row-major `rows × vocab`), on a temporary session.
     pub fn logits(&mut self, model: &str, ids: &[u32]) -> Result<(u32, u32, Vec<f32>)> {
+        let (rows, vocab, bytes) = self.logits_bytes(model, ids)?;
+        let v = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok((rows, vocab, v))
+    }
+
+    /// [`Client::logits`] as the received bytes (little-endian f32, `rows × vocab`), for callers
+    /// that view them in place (the Python client's numpy arrays).
+    pub fn logits_bytes(&mut self, model: &str, ids: &[u32]) -> Result<(u32, u32, Vec<u8>)> {
         let req = LogitsReq { model: model.to_owned(), ids: ids.to_vec() };
         let r = self.call(Opcode::Logits, &req.to_meta(), &[])?;
         let h: LogitsReply = decode(Opcode::Logits, &r.meta)?;
@@ -317,7 +325,6 @@ impl Client {
                 why: format!("{} × {} logits announced, {} bytes arrived", h.rows, h.vocab, r.data.len()),
             });
         }
-        let v = r.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok((h.rows, h.vocab, v))
+        Ok((h.rows, h.vocab, r.data))
     }
 }
