@@ -7,7 +7,8 @@
 //! waiting is an error rather than growth). Blocking calls are submit + wait.
 //!
 //! Sessions ([`session`]): a decode's reply is a stream of `SessionToken` frames with its request
-//! id before its final frame; [`Client::decode`] hands them to a callback, and plain waits skip them.
+//! id before its final frame; [`Client::decode`] hands them to a callback, [`Client::stream_next`]
+//! returns them one at a time ([`stream`]), and plain waits skip them.
 //!
 //! Errors carry the server's status code and message ([`ClientError::Server`]).
 
@@ -24,11 +25,13 @@ use djinn_transport::{ByteCounters, FrameRx, FrameTx, OutFrame, TransportError, 
 
 pub mod ping;
 pub mod session;
+pub mod stream;
 
 pub use session::{
     DecodeOptions, DecodeSummary, Feed, FinishReason, Input, LogitsRequest, OpenOptions, PrefillReply, Qos, SessionId,
     SessionInfo, TokenEvent,
 };
+pub use stream::{DecodeStream, StreamEvent};
 
 /// Environment variable holding a token when no token file is given.
 pub const TOKEN_ENV: &str = "DJINN_TOKEN";

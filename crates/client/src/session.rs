@@ -8,12 +8,12 @@
 //! pipelined reply (within `replies_buffered_max`).
 
 use djinn_proto::session::{
-    DecodeFeed, FinishWire, LogitsReply, LogitsReq, LogitsWire, PrefillInput, PrefillReply as PrefillWire, QosWire,
-    SessionAppendReq, SessionDecodeReply, SessionDecodeReq, SessionInfoReply, SessionOpenReq, SessionPrefillReq,
-    SessionReq, SessionToken,
+    LogitsReply, LogitsReq, PrefillInput, PrefillReply as PrefillWire, QosWire, SessionAppendReq, SessionInfoReply,
+    SessionOpenReq, SessionPrefillReq, SessionReq,
 };
 use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, Meta, Opcode, PausedNote};
 
+use crate::stream::{DecodeStream, StreamEvent};
 use crate::{decode, Client, ClientError, Result};
 
 pub type SessionId = u64;
@@ -244,12 +244,12 @@ impl Client {
         opts: &DecodeOptions,
         on_token: impl FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<DecodeSummary> {
-        self.decode_fed(session, DecodeFeed::None, opts, Vec::new(), on_token, &mut |_, _| Ok(()))
+        let stream = self.decode_start(session, opts)?;
+        self.drive(stream, on_token, &mut |_, _| Ok(()))
     }
 
     /// Feeds `feed` and decodes in ONE request: the forward pass over the input also samples the
-    /// first token (a separate prefill costs a pass of its own before the decode's first step).
-    /// Tokens stream to `on_token` as in [`Client::decode`].
+    /// first token (no separate prefill round trip).
     pub fn generate(
         &mut self,
         session: SessionId,
@@ -257,12 +257,8 @@ impl Client {
         opts: &DecodeOptions,
         on_token: impl FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<DecodeSummary> {
-        let feed = match feed {
-            Feed::Ids(ids) => DecodeFeed::Ids(ids.to_vec()),
-            Feed::Text(t) => DecodeFeed::Text(t.to_owned()),
-            Feed::Turn { role, text } => DecodeFeed::Turn { role: role.to_owned(), text: text.to_owned() },
-        };
-        self.decode_fed(session, feed, opts, Vec::new(), on_token, &mut |_, _| Ok(()))
+        let stream = self.generate_start(session, feed, opts)?;
+        self.drive(stream, on_token, &mut |_, _| Ok(()))
     }
 
     /// [`Client::generate`] whose input pass pauses after each of `breakpoints` (layers 1..=L,
@@ -279,12 +275,8 @@ impl Client {
         on_token: impl FnMut(&TokenEvent<'_>) -> bool,
         mut on_pause: impl FnMut(&mut Client, &PausedNote) -> Result<()>,
     ) -> Result<DecodeSummary> {
-        let feed = match feed {
-            Feed::Ids(ids) => DecodeFeed::Ids(ids.to_vec()),
-            Feed::Text(t) => DecodeFeed::Text(t.to_owned()),
-            Feed::Turn { role, text } => DecodeFeed::Turn { role: role.to_owned(), text: text.to_owned() },
-        };
-        self.decode_fed(session, feed, opts, breakpoints.to_vec(), on_token, &mut on_pause)
+        let stream = self.start_fed(session, feed.into(), opts, breakpoints.to_vec())?;
+        self.drive(stream, on_token, &mut on_pause)
     }
 
     /// The paused session's hidden state as `dtype` (f32 or the model's): its description and
@@ -323,97 +315,25 @@ impl Client {
         Ok(())
     }
 
-    fn decode_fed(
+    /// Reads a started decode to its end, handing each token to `on_token` and each breakpoint
+    /// pause to `on_pause` (the callback form over [`Client::stream_next`]).
+    fn drive(
         &mut self,
-        session: SessionId,
-        feed: DecodeFeed,
-        opts: &DecodeOptions,
-        breakpoints: Vec<u32>,
+        mut stream: DecodeStream,
         mut on_token: impl FnMut(&TokenEvent<'_>) -> bool,
         on_pause: &mut dyn FnMut(&mut Client, &PausedNote) -> Result<()>,
     ) -> Result<DecodeSummary> {
-        let logits = match opts.logits {
-            LogitsRequest::None => LogitsWire::None,
-            LogitsRequest::TopK(k) => LogitsWire::TopK(k),
-            LogitsRequest::Full => LogitsWire::Full,
-        };
-        let req = SessionDecodeReq {
-            session,
-            feed,
-            max_new_tokens: opts.max_new_tokens,
-            temperature: opts.temperature,
-            top_k: opts.top_k,
-            top_p: opts.top_p,
-            seed: opts.seed,
-            ignore_eos: opts.ignore_eos,
-            logits,
-            stop: opts.stop.clone(),
-            breakpoints,
-        };
-        let id = self.submit(Opcode::SessionDecode, &req.to_meta(), &[])?;
-        let mut cancel: Option<u64> = None;
-        let mut top_k = Vec::new();
-        let mut full = Vec::new();
-        let token_op = Opcode::SessionToken.as_u16();
-        let paused_op = Opcode::SessionPaused.as_u16();
-        let result = loop {
-            let (rid, r) = self.recv_reply(None)?;
-            if rid != id && rid != 0 {
-                self.buffer_reply(rid, r)?;
-                continue;
-            }
-            let reply = match r {
-                Ok(reply) => reply,
-                Err(e) => break Err(e),
-            };
-            if reply.header.opcode.get() == paused_op {
-                let note = PausedNote::from_meta(&reply.meta)
-                    .map_err(|e| ClientError::Protocol { opcode: "SessionPaused", why: e.to_string() })?;
-                if cancel.is_none() {
-                    on_pause(self, &note)?;
+        loop {
+            match self.stream_next(&mut stream)? {
+                StreamEvent::Token(ev) => {
+                    if !on_token(&ev) {
+                        self.stream_cancel(&mut stream)?;
+                    }
                 }
-                continue;
+                StreamEvent::Paused(note) => on_pause(self, &note)?,
+                StreamEvent::Done(summary) => return Ok(summary),
             }
-            if reply.header.opcode.get() == token_op {
-                if cancel.is_some() {
-                    // Cancelled by the callback: drain to the final frame.
-                    continue;
-                }
-                let t = SessionToken::parse(&reply.meta, &mut top_k)
-                    .map_err(|e| ClientError::Protocol { opcode: "SessionToken", why: e.to_string() })?;
-                let logits = if reply.data.is_empty() {
-                    None
-                } else {
-                    full.clear();
-                    full.extend(reply.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                    Some(&full[..])
-                };
-                let ev = TokenEvent { token: t.token, index: t.index, text: t.text, top_k: &top_k, logits };
-                if !on_token(&ev) {
-                    cancel = Some(self.submit(Opcode::SessionCancel, &SessionReq { session }.to_meta(), &[])?);
-                }
-                continue;
-            }
-            let r: SessionDecodeReply = decode(Opcode::SessionDecode, &reply.meta)?;
-            let finish = match r.finish {
-                FinishWire::Eos => FinishReason::Eos,
-                FinishWire::Length => FinishReason::Length,
-                FinishWire::Stop => FinishReason::Stop,
-                FinishWire::Cancelled => FinishReason::Cancelled,
-            };
-            break Ok(DecodeSummary {
-                tokens: r.tokens,
-                finish,
-                context_tokens: r.context_tokens,
-                prompt_tokens: r.prompt_tokens,
-            });
-        };
-        self.pending.remove(&id);
-        if let Some(c) = cancel {
-            // The cancel's own (empty) reply; a decode that had already ended makes it a no-op.
-            self.wait(c)?;
         }
-        result
     }
 
     /// Blocking form of [`Client::decode`]: all generated ids and the text.
@@ -446,6 +366,14 @@ impl Client {
 
     /// Every position's logits of `ids` (row-major `rows × vocab`), on a temporary session.
     pub fn logits(&mut self, model: &str, ids: &[u32]) -> Result<(u32, u32, Vec<f32>)> {
+        let (rows, vocab, bytes) = self.logits_bytes(model, ids)?;
+        let v = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok((rows, vocab, v))
+    }
+
+    /// [`Client::logits`] as the received bytes (little-endian f32, `rows × vocab`), for callers
+    /// that view them in place (the Python client's numpy arrays).
+    pub fn logits_bytes(&mut self, model: &str, ids: &[u32]) -> Result<(u32, u32, Vec<u8>)> {
         let req = LogitsReq { model: model.to_owned(), ids: ids.to_vec() };
         let r = self.call(Opcode::Logits, &req.to_meta(), &[])?;
         let h: LogitsReply = decode(Opcode::Logits, &r.meta)?;
@@ -456,7 +384,6 @@ impl Client {
                 why: format!("{} × {} logits announced, {} bytes arrived", h.rows, h.vocab, r.data.len()),
             });
         }
-        let v = r.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok((h.rows, h.vocab, v))
+        Ok((h.rows, h.vocab, r.data))
     }
 }
