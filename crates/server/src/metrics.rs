@@ -71,6 +71,10 @@ pub struct Metrics {
     pub conn_outbound_frames: IntGauge,
     /// Sessions not stepped because their connection's outbound queue is full.
     pub sessions_paused_backpressure: IntGauge,
+    /// Sessions whose KV was dropped to make room (preemption by recomputation), and the KV
+    /// tokens dropped (each is recomputed when its session runs again).
+    pub sessions_preempted_total: IntCounter,
+    pub preempted_tokens_total: IntCounter,
     /// Further registries rendered with this one (each model's VMU metrics, labelled by model).
     extra: Arc<Mutex<Vec<Registry>>>,
 }
@@ -195,6 +199,16 @@ impl Metrics {
                 "Sessions paused because their connection's outbound queue is full",
             )
             .unwrap(),
+            sessions_preempted_total: IntCounter::new(
+                "sessions_preempted_total",
+                "Sessions whose KV was dropped when device and host swap were full (rebuilt from their tokens)",
+            )
+            .unwrap(),
+            preempted_tokens_total: IntCounter::new(
+                "preempted_tokens_total",
+                "KV tokens dropped by preemption (each recomputed when its session runs again)",
+            )
+            .unwrap(),
             extra: Arc::new(Mutex::new(Vec::new())),
             registry,
         };
@@ -224,6 +238,8 @@ impl Metrics {
         r.register(Box::new(m.step_bytes.clone())).unwrap();
         r.register(Box::new(m.conn_outbound_frames.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
+        r.register(Box::new(m.sessions_preempted_total.clone())).unwrap();
+        r.register(Box::new(m.preempted_tokens_total.clone())).unwrap();
         m
     }
 
