@@ -197,12 +197,48 @@ fn session_quotas_are_per_tenant(t: Transport) {
     alice.open_session(&small).unwrap();
     alice.open_session(&small).unwrap();
     assert_eq!(status_of(alice.open_session(&small)), Status::LimitExceeded, "alice's third session");
-    assert_eq!(status_of(bob.open_session(&small)), Status::LimitExceeded, "bob's KV quota of 1 byte");
+    // KV counts what a tenant holds: bob's session opens, its first token is refused.
+    let bs = bob.open_session(&small).expect("a session holding no KV fits any kv_bytes_max").session;
+    assert_eq!(status_of(bob.prefill(bs, Input::Ids(&[8, 9]))), Status::LimitExceeded, "bob's KV quota of 1 byte");
     let mut alice2 = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
     assert_eq!(status_of(alice2.open_session(&small)), Status::LimitExceeded, "the quota spans connections");
     let mut carol = Client::connect_with(srv.url(), &with_token("tok-c")).unwrap();
     carol.open_session(&small).expect("carol opens while alice is at her quota");
     carol.open_session(&small).expect("carol's second session");
+    let _ = std::fs::remove_file(&tokens);
+    let _ = std::fs::remove_file(&cfg);
+}
+
+/// Item 2/6: `kv_bytes_max` counts the KV blocks a tenant's sessions hold (plus what their
+/// running requests may add), not what they could grow to: sessions opened with the model's
+/// whole length cost nothing until they grow; a prefill or decode past the quota is refused with
+/// the numbers, and closing a session makes room.
+fn kv_quota_counts_blocks_in_use(t: Transport) {
+    // llama-gqa: 8 KiB per 16-token block. Alice may hold three blocks.
+    let tokens = temp_file("tokens", "alice tok-a\n");
+    let cfg = temp_file("cfg", "[tenants.alice]\nkv_bytes_max = 24576\n");
+    let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL).display());
+    let args = ["--config", cfg.to_str().unwrap(), "--auth-token-file", tokens.to_str().unwrap(), "--model", &model];
+    let srv = server(t, &args);
+    let mut c = Client::connect_with(srv.url(), &with_token("tok-a")).unwrap();
+    // Three sessions of 64 tokens (4 blocks each) open: nothing is held yet.
+    let full = OpenOptions::new("tiny");
+    let s: Vec<_> = (0..3).map(|_| c.open_session(&full).expect("open holds no KV").session).collect();
+    let ids: Vec<u32> = (8..28).collect();
+    c.prefill(s[0], Input::Ids(&ids)).unwrap(); // 20 tokens: 2 blocks
+    c.prefill(s[1], Input::Ids(&ids[..10])).unwrap(); // 1 block: 3 held
+    let e = c.prefill(s[2], Input::Ids(&ids[..4])).unwrap_err();
+    assert_eq!(e.status(), Some(Status::LimitExceeded), "{e}");
+    assert!(e.to_string().contains("32768") && e.to_string().contains("24576"), "numbers in {e}");
+    // A decode reserves what it may generate: 10 + 10 tokens need a second block of s[1].
+    let opts = DecodeOptions { max_new_tokens: 10, ignore_eos: true, ..Default::default() };
+    assert_eq!(status_of(c.decode_collect(s[1], &opts)), Status::LimitExceeded);
+    let five = DecodeOptions { max_new_tokens: 5, ..opts.clone() };
+    assert_eq!(c.decode_collect(s[1], &five).unwrap().0.len(), 5, "within its block");
+    // Closing what holds two blocks makes room for the others.
+    c.close_session(s[0]).unwrap();
+    c.prefill(s[2], Input::Ids(&ids[..4])).unwrap();
+    assert_eq!(c.decode_collect(s[1], &opts).unwrap().0.len(), 10);
     let _ = std::fs::remove_file(&tokens);
     let _ = std::fs::remove_file(&cfg);
 }
@@ -358,6 +394,7 @@ fn main() {
         ("silent_flood_does_not_fail_logins", Some(Transport::Tcp), silent_flood_does_not_fail_logins),
         ("tenant_connections_max_is_per_tenant", None, tenant_connections_max_is_per_tenant),
         ("session_quotas_are_per_tenant", None, session_quotas_are_per_tenant),
+        ("kv_quota_counts_blocks_in_use", None, kv_quota_counts_blocks_in_use),
         ("oversize_get_is_refused_typed", None, oversize_get_is_refused_typed),
         ("stats_show_only_the_tenants_own", None, stats_show_only_the_tenants_own),
         ("refused_clients_read_busy_and_are_logged_once", None, refused_clients_read_busy_and_are_logged_once),

@@ -91,17 +91,17 @@ impl ServerProc {
     }
 
     pub fn try_start(args: &[&str]) -> Result<ServerProc, String> {
+        Self::try_start_with(args, |_| {})
+    }
+
+    /// [`Self::try_start`] with the command adjusted by `configure` first (limits, environment).
+    pub fn try_start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Result<ServerProc, String> {
         let stderr_path = std::env::temp_dir().join(format!("{}.stderr", unique_name("log")));
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("spawning {BIN}: {e}"))?;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").args(args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
+        configure(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| format!("spawning {BIN}: {e}"))?;
         let want_metrics = args.contains(&"--metrics-listen");
         let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
         let stdout = child.stdout.take().unwrap();

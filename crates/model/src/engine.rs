@@ -22,6 +22,10 @@
 //! A step is all-or-nothing: whatever fails after sessions grew (an append, the forward pass,
 //! reading the results) shrinks every session of the step back to its length before it, so the
 //! KV never holds positions the caller does not know of.
+//!
+//! When swapping cannot make room (the host pool is full too), the caller may preempt a session
+//! by recomputation: [`Engine::drop_kv`] frees all its KV, and stepping its tokens again later
+//! rebuilds it bit for bit (batch-invariant kernels; `tests::recomputed_kv_is_bit_exact`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -227,8 +231,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Whether a step over `seqs` (session, new tokens) fits in KV memory now: every session's
-    /// blocks at once on the device, and room in the host pool for the sessions it displaces.
-    /// Conservative: `false` may still run; `true` always does.
+    /// blocks at once on the device, and room in the host pool for the whole sessions the VMU's
+    /// victim policy would displace (`Vmu::room_possible`, not crediting the host slots the
+    /// step's own swap-ins give back). Conservative: `false` may still run; `true` always does.
     pub fn batch_fits(&self, seqs: &[(SessionId, usize)]) -> bool {
         let st = self.vmu.stats();
         let bt = self.model.block_tokens();
@@ -241,7 +246,7 @@ impl<B: Backend> Engine<B> {
             total += fin;
             take += if r == Residency::Swapped { fin } else { fin - have };
         }
-        total <= st.kv_blocks_total && take.saturating_sub(st.kv_blocks_free) <= st.host_blocks_free
+        total <= st.kv_blocks_total && self.vmu.room_possible(take, |id| seqs.iter().any(|s| s.0 == id))
     }
 
     /// Frees `need` device blocks for a step over `batch` (already pinned), swapping out the
@@ -259,6 +264,24 @@ impl<B: Backend> Engine<B> {
             return Ok(start);
         }
         Ok(self.vmu.session_tokens(id)?)
+    }
+
+    /// When the session was last stepped or swapped in, on the VMU's clock: the one victim
+    /// policy's order (least recently used first), for swapping and preemption alike.
+    pub fn last_used(&self, id: SessionId) -> Result<u64> {
+        Ok(self.vmu.last_used(id)?)
+    }
+
+    /// Preemption by recomputation: drops all of session `id`'s KV (device blocks or host swap
+    /// slots) and returns the tokens it held. The session stays open, empty; its owner rebuilds
+    /// the KV by stepping the same tokens again, and gets the same bits back where the backend's
+    /// kernels are batch-invariant (each row's result independent of the rows beside it and of
+    /// how the tokens are split into steps: the CPU backend's are). Never call it on a session
+    /// whose KV did not come from its tokens alone (e.g. a patched hidden state).
+    pub fn drop_kv(&mut self, id: SessionId) -> Result<usize> {
+        let tokens = self.vmu.session_tokens(id)?;
+        self.vmu.truncate(id, 0)?;
+        Ok(tokens)
     }
 
     /// Runs one step over `seqs` (session, new tokens) and leaves the logits in scratch for
@@ -493,6 +516,52 @@ mod tests {
         assert!(tight.step_sample(&all, &[GREEDY; 3], &mut sampled).is_err());
         let after: Vec<usize> = ids.iter().map(|&s| tight.session_tokens(s).unwrap()).collect();
         assert_eq!(before, after, "a refused step changed a session");
+    }
+
+    /// Preemption by recomputation: a session's KV dropped mid-generation and rebuilt by feeding
+    /// its tokens again in chunks (13 rows: the batched path, unlike the decode steps that made
+    /// most of it) gives bit-identical logits and tokens for every later step, with another
+    /// session stepping beside it in some steps (batch composition varies too).
+    #[test]
+    fn recomputed_kv_is_bit_exact() {
+        let run = |preempt_at: Option<usize>| -> (Vec<u32>, Vec<u32>) {
+            let mut eng = engine(None);
+            let (a, b) = (eng.open_session().unwrap(), eng.open_session().unwrap());
+            let mut toks: Vec<u32> = (0..21).map(|i| 3 + (i * 7) % 120).collect();
+            let mut lg = Vec::new();
+            eng.prefill(a, &toks[..20], false, &mut lg).unwrap();
+            eng.prefill(b, &[5, 6, 7], false, &mut lg).unwrap();
+            let mut last_b = 8u32;
+            let (mut sampled, mut logits, mut bits) = (Vec::new(), Vec::new(), Vec::new());
+            let vocab = eng.config().vocab_size;
+            for step in 0..30 {
+                if preempt_at == Some(step) {
+                    assert_eq!(eng.drop_kv(a).unwrap(), toks.len() - 1);
+                    assert_eq!(eng.session_tokens(a).unwrap(), 0);
+                    for chunk in toks[..toks.len() - 1].chunks(13) {
+                        eng.step_logits(&[(a, chunk)], LogitsMode::Last, &mut lg).unwrap();
+                    }
+                }
+                let (pa, pb) = ([*toks.last().unwrap()], [last_b]);
+                let row = if step % 2 == 0 {
+                    eng.step_sample_logits(&[(a, &pa)], &[GREEDY], &mut sampled, &mut logits).unwrap();
+                    0
+                } else {
+                    eng.step_sample_logits(&[(b, &pb), (a, &pa)], &[GREEDY; 2], &mut sampled, &mut logits).unwrap();
+                    last_b = sampled[0];
+                    1
+                };
+                toks.push(sampled[row]);
+                bits.extend(logits[row * vocab..(row + 1) * vocab].iter().map(|f| f.to_bits()));
+            }
+            (toks, bits)
+        };
+        let (want_toks, want_bits) = run(None);
+        for at in [1, 12, 29] {
+            let (toks, bits) = run(Some(at));
+            assert_eq!(toks, want_toks, "tokens after a preemption at step {at}");
+            assert!(bits == want_bits, "logits after a preemption at step {at} differ in their bits");
+        }
     }
 
     /// SmolLM2-135M's shapes (hidden 576, intermediate 1536) against a 32 MiB workspace: bf16

@@ -74,6 +74,10 @@ pub struct Metrics {
     /// Sessions paused at a breakpoint, and the bytes of hidden state they hold.
     pub sessions_paused_breakpoint: IntGauge,
     pub breakpoint_held_bytes: IntGauge,
+    /// Sessions whose KV was dropped to make room (preemption by recomputation), and the KV
+    /// tokens dropped (each is recomputed when its session runs again).
+    pub sessions_preempted_total: IntCounter,
+    pub preempted_tokens_total: IntCounter,
     /// Further registries rendered with this one (each model's VMU metrics, labelled by model).
     extra: Arc<Mutex<Vec<Registry>>>,
 }
@@ -208,6 +212,16 @@ impl Metrics {
                 "Bytes of hidden state held for sessions paused at a breakpoint (host memory)",
             )
             .unwrap(),
+            sessions_preempted_total: IntCounter::new(
+                "sessions_preempted_total",
+                "Sessions whose KV was dropped when device and host swap were full (rebuilt from their tokens)",
+            )
+            .unwrap(),
+            preempted_tokens_total: IntCounter::new(
+                "preempted_tokens_total",
+                "KV tokens dropped by preemption (each recomputed when its session runs again)",
+            )
+            .unwrap(),
             extra: Arc::new(Mutex::new(Vec::new())),
             registry,
         };
@@ -239,6 +253,8 @@ impl Metrics {
         r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_breakpoint.clone())).unwrap();
         r.register(Box::new(m.breakpoint_held_bytes.clone())).unwrap();
+        r.register(Box::new(m.sessions_preempted_total.clone())).unwrap();
+        r.register(Box::new(m.preempted_tokens_total.clone())).unwrap();
         m
     }
 

@@ -5,6 +5,9 @@
 //! - A tenant's usage changes only through a [`Ticket`]: taken after the check against its quota
 //!   (check and take under one lock, so concurrent requests cannot overshoot), given back when
 //!   dropped — whatever path ends the connection or session that holds it.
+//! - KV bytes count what a tenant's sessions hold (their tokens' blocks) plus what their running
+//!   requests may still add, not what they could grow to: a session's ticket is resized when a
+//!   request is accepted and when it ends.
 //! - Anonymous tenants (no token file) are connections: each gets the defaults for itself.
 //! - The usage table holds one entry per tenant holding anything, removed when its last ticket
 //!   goes; it is bounded by the connections and sessions that exist.
@@ -28,8 +31,8 @@ pub enum QuotaError {
     #[error("tenant {tenant} has {held} sessions open, its sessions_max is {max}")]
     Sessions { tenant: String, held: usize, max: usize },
     #[error(
-        "tenant {tenant}'s sessions would reach {want} KV bytes, its kv_bytes_max is {max} \
-         (open with a smaller max_tokens, or close a session)"
+        "tenant {tenant}'s sessions would hold {want} KV bytes, its kv_bytes_max is {max} \
+         (ask for fewer tokens, or close a session)"
     )]
     KvBytes { tenant: String, want: u64, max: u64 },
 }
@@ -77,6 +80,29 @@ impl Drop for Ticket {
                 usage.remove(&self.tenant);
             }
         }
+    }
+}
+
+impl Ticket {
+    /// KV bytes this ticket holds.
+    pub fn kv_bytes(&self) -> u64 {
+        self.took.kv_bytes
+    }
+
+    /// Makes this ticket hold `bytes` of KV (a session's blocks in use, plus what its running
+    /// request may still add): less always succeeds; more is checked against the tenant's
+    /// `kv_bytes_max` with what its other sessions hold, under the same lock as every take.
+    pub fn set_kv_bytes(&mut self, bytes: u64) -> Result<(), QuotaError> {
+        let q = self.quotas.of(&self.tenant);
+        let mut usage = self.quotas.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = usage.get_mut(&self.tenant).expect("a ticket's tenant has a usage entry");
+        let want = u.kv_bytes - self.took.kv_bytes + bytes;
+        if bytes > self.took.kv_bytes && want > q.kv_bytes_max {
+            return Err(QuotaError::KvBytes { tenant: self.tenant.to_string(), want, max: q.kv_bytes_max });
+        }
+        u.kv_bytes = want;
+        self.took.kv_bytes = bytes;
+        Ok(())
     }
 }
 
@@ -129,15 +155,12 @@ impl Quotas {
         })
     }
 
-    /// One more session of `tenant` whose KV may grow to `kv_bytes` (at its open).
-    pub fn open_session(self: &Arc<Self>, tenant: &TenantId, kv_bytes: u64) -> Result<Ticket, QuotaError> {
-        self.take(tenant, Usage { sessions: 1, kv_bytes, ..Default::default() }, |u, q| {
+    /// One more session of `tenant` (at its open), holding no KV yet: its KV bytes are charged
+    /// as it grows ([`Ticket::set_kv_bytes`]).
+    pub fn open_session(self: &Arc<Self>, tenant: &TenantId) -> Result<Ticket, QuotaError> {
+        self.take(tenant, Usage { sessions: 1, ..Default::default() }, |u, q| {
             if u.sessions >= q.sessions_max {
                 return Err(QuotaError::Sessions { tenant: tenant.to_string(), held: u.sessions, max: q.sessions_max });
-            }
-            let want = u.kv_bytes.saturating_add(kv_bytes);
-            if want > q.kv_bytes_max {
-                return Err(QuotaError::KvBytes { tenant: tenant.to_string(), want, max: q.kv_bytes_max });
             }
             Ok(())
         })
@@ -171,14 +194,21 @@ mod tests {
         assert_eq!(q.connect(&a).unwrap_err().status(), Status::Busy);
         let _b: Vec<Ticket> = (0..3).map(|_| q.connect(&big).unwrap()).collect();
         assert!(q.connect(&TenantId::Connection(7)).is_ok(), "anonymous connections are tenants of their own");
-        let s1 = q.open_session(&a, 60).unwrap();
-        assert!(matches!(q.open_session(&a, 41).unwrap_err(), QuotaError::KvBytes { want: 101, max: 100, .. }));
-        let _s2 = q.open_session(&a, 40).unwrap();
-        assert!(matches!(q.open_session(&a, 0).unwrap_err(), QuotaError::Sessions { held: 2, .. }));
+        let mut s1 = q.open_session(&a).unwrap();
+        s1.set_kv_bytes(60).unwrap();
+        let mut s2 = q.open_session(&a).unwrap();
+        assert!(matches!(s2.set_kv_bytes(41).unwrap_err(), QuotaError::KvBytes { want: 101, max: 100, .. }));
+        s2.set_kv_bytes(40).unwrap();
+        assert!(matches!(q.open_session(&a).unwrap_err(), QuotaError::Sessions { held: 2, .. }));
         assert_eq!(q.sessions_of(&a), 2);
+        // Shrinking always succeeds and makes room for another session's growth.
+        s1.set_kv_bytes(10).unwrap();
+        s2.set_kv_bytes(90).unwrap();
         drop((s1, c1));
         assert_eq!(q.sessions_of(&a), 1);
         q.connect(&a).unwrap();
-        q.open_session(&a, 60).unwrap();
+        let mut s3 = q.open_session(&a).unwrap();
+        assert!(s3.set_kv_bytes(11).is_err(), "s2's 90 bytes are still held");
+        s3.set_kv_bytes(10).unwrap();
     }
 }

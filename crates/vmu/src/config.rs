@@ -96,6 +96,23 @@ fn align_up(x: usize) -> usize {
 }
 
 /// Available RAM from /proc/meminfo (Linux), for the host swap default.
+/// Share of the host's available memory a server's host swap pools take by default, and the most.
+const HOST_SWAP_DEFAULT_DIVISOR: usize = 4;
+const HOST_SWAP_DEFAULT_MAX_BYTES: usize = 4096 * MIB;
+
+/// The default host swap pool of a server, over all its models: a quarter of the host's
+/// available memory at start-up (`MemAvailable`; 1 GiB assumed where unreadable), at most 4 GiB.
+/// Sized from the host, not from the KV capacity: the pool is where sessions go when the device
+/// is full, so it should be as large as the host can spare. On the CPU backend it is locked as
+/// it fills, not at start-up (see `CpuHostBuf`), so a large pool costs only what it holds.
+pub fn host_swap_default_bytes() -> usize {
+    host_swap_default_from(mem_available_bytes())
+}
+
+fn host_swap_default_from(mem_available: Option<usize>) -> usize {
+    (mem_available.unwrap_or(1024 * MIB) / HOST_SWAP_DEFAULT_DIVISOR).min(HOST_SWAP_DEFAULT_MAX_BYTES)
+}
+
 fn mem_available_bytes() -> Option<usize> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -197,6 +214,7 @@ impl RegionPlan {
 
 #[cfg(test)]
 mod tests {
+
     use djinn_backend::DType;
 
     use super::*;
@@ -268,5 +286,14 @@ mod tests {
         c.vmu_bytes = Some(64 * MIB);
         c.weights_bytes = 64 * MIB;
         assert!(matches!(RegionPlan::new(&c, &dev("cpu", 1 << 30)), Err(VmuError::Config(_))));
+    }
+
+    #[test]
+    fn host_swap_default_is_a_bounded_share_of_host_memory() {
+        assert_eq!(host_swap_default_from(Some(24 << 30)), 4 << 30, "capped");
+        assert_eq!(host_swap_default_from(Some(8 << 30)), 2 << 30, "a quarter");
+        assert_eq!(host_swap_default_from(None), 256 << 20, "1 GiB assumed");
+        let now = host_swap_default_bytes();
+        assert!(now > 0 && now <= 4 << 30);
     }
 }

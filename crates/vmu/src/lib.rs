@@ -28,7 +28,7 @@ mod vmu;
 mod weights;
 
 pub use alloc::{Allocation, OffsetAllocator, GRANULE_BYTES};
-pub use config::{RegionPlan, VmuConfig, MIB};
+pub use config::{host_swap_default_bytes, RegionPlan, VmuConfig, MIB};
 pub use error::{AllocError, ScratchFull, VmuError};
 pub use metrics::VmuMetrics;
 /// Re-exported so callers build the [`prometheus::Registry`] with the same version.

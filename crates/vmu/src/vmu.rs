@@ -308,6 +308,11 @@ impl<B: Backend> Vmu<B> {
         let m = self.block_tables().meta(id)?;
         Ok(if m.swapped { Residency::Swapped } else { Residency::Resident })
     }
+    /// When the session was last used (a step, a swap in), on the VMU's clock: the order of its
+    /// one victim policy (least recently used first), for swapping and for preemption alike.
+    pub fn last_used(&self, id: SessionId) -> Result<u64, VmuError> {
+        Ok(self.block_tables().meta(id)?.last_used)
+    }
     pub fn scratch_mut(&mut self) -> &mut ScratchArena {
         &mut self.scratch
     }
@@ -515,9 +520,10 @@ impl<B: Backend> Vmu<B> {
     }
 
     /// Shrinks the session back to its first `tokens` tokens and frees the blocks past them:
-    /// undoes the `append`s of a step that failed, so a failed step changes no session. The
-    /// kept positions are untouched; the tail of a shortened last block is never read. Resident
-    /// or swapped alike; `tokens` past the session's length is an error.
+    /// undoes the `append`s of a step that failed, so a failed step changes no session, and with
+    /// `tokens = 0` drops all of a preempted session's KV. The kept positions are untouched; the
+    /// tail of a shortened last block is never read. Resident or swapped alike; `tokens` past the
+    /// session's length is an error.
     pub fn truncate(&mut self, id: SessionId, tokens: usize) -> Result<(), VmuError> {
         let idx = self.lookup(id)?;
         let m = self.sessions[idx];
@@ -531,6 +537,10 @@ impl<B: Backend> Vmu<B> {
         }
         let keep = tokens.div_ceil(self.layout.block_tokens);
         let row = self.row(idx);
+        if !m.swapped && keep < m.blocks && self.ready[idx].take().is_some() {
+            // A prefetch may still be writing the blocks freed below (as in `close_session`).
+            self.compute_fence = Some(self.backend.record(&self.swap_stream)?);
+        }
         for i in (keep..m.blocks).rev() {
             let b = self.tables[row + i];
             if m.swapped {
@@ -543,6 +553,11 @@ impl<B: Backend> Vmu<B> {
         let meta = &mut self.sessions[idx];
         meta.blocks = keep.min(m.blocks);
         meta.tokens = tokens;
+        if m.swapped && meta.blocks == 0 {
+            // Nothing left in the host pool: an empty session is resident (it holds no block).
+            meta.swapped = false;
+            self.sessions_swapped -= 1;
+        }
         self.publish();
         Ok(())
     }
@@ -686,6 +701,39 @@ impl<B: Backend> Vmu<B> {
         self.poll_timings();
         let idx = self.lookup(for_session)?;
         self.make_room(need, idx)
+    }
+
+    /// Whether [`Self::make_room`] could make `need` device blocks free without swapping out a
+    /// session `keep` names: a dry run of the one victim policy (least recently used first,
+    /// whole sessions, each only if it fits in what is left of the host pool). Changes nothing.
+    pub fn room_possible(&self, need: usize, keep: impl Fn(SessionId) -> bool) -> bool {
+        let (mut free, mut host) = (self.free_blocks.len(), self.host_free.len());
+        // Candidates in make_room's order: (last_used, index) ascending. The host pool only
+        // shrinks, so a session too large for it now stays too large: one pass suffices.
+        let mut after: Option<(u64, usize)> = None;
+        while free < need {
+            let mut next: Option<(u64, usize)> = None;
+            for (i, m) in self.sessions.iter().enumerate() {
+                if !m.open || m.swapped || m.blocks == 0 || m.pinned_epoch == self.epoch || keep(self.id_of(i)) {
+                    continue;
+                }
+                let key = (m.last_used, i);
+                if after.is_some_and(|a| key <= a) || next.is_some_and(|n| n <= key) {
+                    continue;
+                }
+                next = Some(key);
+            }
+            let Some((_, v)) = next else { return false };
+            after = next;
+            let m = &self.sessions[v];
+            let row = self.row(v);
+            let unshared = self.tables[row..row + m.blocks].iter().filter(|&&b| self.refcount[b as usize] == 1).count();
+            if m.blocks <= host && unshared > 0 {
+                host -= m.blocks;
+                free += unshared;
+            }
+        }
+        true
     }
 
     /// Frees device blocks until `need` are free, swapping out least-recently-used sessions

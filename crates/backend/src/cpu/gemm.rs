@@ -1,7 +1,7 @@
 //! GEMM on the CPU.
 //!
 //! Two paths:
-//! - **GEMV** (`trans_b` and `m <= GEMV_M_MAX`, the decode shape): our own kernel reads each
+//! - **GEMV** (`trans_b`, every linear layer; `m` in chunks of `GEMV_M_MAX`): our own kernel reads each
 //!   weight row once, in its stored dtype (bf16/f16/f32), widens it to f32 in registers and
 //!   multiplies it against every activation row. Decode is bound by reading the weights, so this
 //!   never makes f32 copies of them. x86-64 with AVX-512F gets a 512-bit kernel, with
@@ -138,8 +138,15 @@ pub(crate) fn gemm(be: &CpuBackend, a: &Raw, b: &Raw, c: &Raw, g: &GemmArgs) -> 
         let (ab, bb, cb) = (a.sub(bi * g.stride_a, mk), b.sub(bi * g.stride_b, nk), c.sub(bi * g.stride_c, mn));
         if k == 0 {
             scale_c(&cb, g.beta);
-        } else if g.trans_b && m <= GEMV_M_MAX {
-            gemv(be, &ab, &bb, &cb, m, n, k, g.alpha, g.beta);
+        } else if g.trans_b {
+            // Every linear layer, whatever `m`, through the GEMV kernel in chunks of
+            // GEMV_M_MAX rows: each output row is then computed the same way whatever the batch
+            // (batch invariance: preemption by recomputation rebuilds a session's KV by a
+            // batched prefill and must get the bits its decode steps made).
+            for r0 in (0..m).step_by(GEMV_M_MAX) {
+                let mr = GEMV_M_MAX.min(m - r0);
+                gemv(be, &ab.sub(r0 * k, mr * k), &bb, &cb.sub(r0 * n, mr * n), mr, n, k, g.alpha, g.beta);
+            }
         } else {
             general(be, &ab, &bb, &cb, m, n, k, g.trans_b, g.alpha, g.beta);
         }
@@ -886,6 +893,33 @@ mod tests {
             vals.push(v);
         }
         (bytes, vals)
+    }
+
+    /// Batch invariance of the linear layers (`trans_b`, any `m`): row `r` of an `m`-row product
+    /// bit-equals the same row multiplied alone, so KV rebuilt by a batched prefill equals the
+    /// KV decode steps made (preemption by recomputation).
+    #[test]
+    fn linear_rows_are_batch_invariant() {
+        let be = CpuBackend::with_threads(2).unwrap();
+        let mut z = 11u64;
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            for (m, n, k) in [(37, 70, 577), (9, 130, 64), (20, 33, 1536)] {
+                let (mut wb, _) = weights(dtype, n, k, &mut z);
+                let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 4.0).collect();
+                let mut all = vec![0f32; m * n];
+                let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype, len: n * k };
+                let raw_x = Raw { ptr: x.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * k };
+                let raw_c = Raw { ptr: all.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * n };
+                gemm(&be, &raw_x, &raw_w, &raw_c, &GemmArgs::linear(m, n, k)).unwrap();
+                for r in 0..m {
+                    let mut one = vec![0f32; n];
+                    let raw_one = Raw { ptr: one.as_mut_ptr() as *mut u8, dtype: DType::F32, len: n };
+                    gemm(&be, &raw_x.sub(r * k, k), &raw_w, &raw_one, &GemmArgs::linear(1, n, k)).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&all[r * n..(r + 1) * n]), bits(&one), "{dtype} m={m} n={n} k={k}: row {r}");
+                }
+            }
+        }
     }
 
     /// Every GEMV kernel this machine can run (portable, AVX2, AVX-512) against an f64 product,

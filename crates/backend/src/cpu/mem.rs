@@ -160,12 +160,15 @@ impl std::fmt::Debug for CpuRegion {
 
 static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
 
-/// Page-locked host memory (best effort: `mlock` may be refused by `RLIMIT_MEMLOCK`, in which
-/// case the buffer is ordinary pageable memory and a warning is logged once per process).
+/// Page-locked host memory, as much as `RLIMIT_MEMLOCK` allows: pages are locked as they are
+/// first touched (`MLOCK_ONFAULT`), so a large buffer (the VMU's host swap pool) costs memory
+/// only as it fills, and locking it commits nothing. Where the limit is below the buffer, a
+/// prefix as long as the limit leaves is locked and the rest stays ordinary pageable memory; a
+/// warning says so once per process (raise `LimitMEMLOCK` / `ulimit -l` to lock it all).
 pub struct CpuHostBuf {
     map: Mapping,
     len: usize,
-    locked: bool,
+    locked_bytes: usize,
 }
 
 // SAFETY: the buffer exclusively owns its mapping; `&mut` access goes through `as_mut_slice`.
@@ -173,33 +176,78 @@ unsafe impl Send for CpuHostBuf {}
 // SAFETY: shared access only hands out `&[u8]`; mutation needs `&mut self`.
 unsafe impl Sync for CpuHostBuf {}
 
+/// Locks the first `len` bytes of `map` (on fault where the kernel can); whether it did.
+fn lock_prefix(map: &Mapping, len: usize) -> bool {
+    let p = map.ptr.as_ptr() as *const libc::c_void;
+    // SAFETY: locks pages of a mapping the caller owns (`len <= map_len`); no memory is accessed.
+    let rc = unsafe { libc::mlock2(p, len, libc::MLOCK_ONFAULT) };
+    if rc == 0 {
+        return true;
+    }
+    let e = std::io::Error::last_os_error().raw_os_error();
+    // Kernels before 4.4 have no mlock2: lock (and commit) the pages now.
+    // SAFETY: as above.
+    (e == Some(libc::ENOSYS) || e == Some(libc::EINVAL)) && unsafe { libc::mlock(p, len) } == 0
+}
+
+/// `RLIMIT_MEMLOCK`'s soft limit in bytes (`None` = unlimited or unreadable).
+fn memlock_limit_bytes() -> Option<usize> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit` into the struct it is given.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
+    (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then(|| usize::try_from(r.rlim_cur).unwrap_or(usize::MAX))
+}
+
+/// Bytes this process has locked already (`VmLck` of /proc/self/status; 0 if unreadable).
+fn locked_now_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmLck:")).and_then(|v| v.trim().strip_suffix("kB"));
+    kib.and_then(|v| v.trim().parse::<usize>().ok()).map_or(0, |k| k * 1024)
+}
+
 impl CpuHostBuf {
     pub(crate) fn new(bytes: usize) -> Result<CpuHostBuf> {
         let map = Mapping::new(bytes)?;
-        let mut locked = false;
+        let mut locked_bytes = 0;
         if map.map_len > 0 {
-            // SAFETY: locks pages of a mapping this function owns; no memory is accessed.
-            let rc = unsafe { libc::mlock(map.ptr.as_ptr() as *const libc::c_void, map.map_len) };
-            if rc == 0 {
-                locked = true;
-            } else if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    bytes,
-                    error = %std::io::Error::last_os_error(),
-                    "mlock refused (RLIMIT_MEMLOCK?): host buffers stay pageable"
-                );
+            if lock_prefix(&map, map.map_len) {
+                locked_bytes = bytes;
+            } else {
+                let error = std::io::Error::last_os_error();
+                // Size the lock to what the limit leaves (root with CAP_IPC_LOCK never gets here).
+                let limit = memlock_limit_bytes();
+                let room = limit.map_or(0, |l| l.saturating_sub(locked_now_bytes()));
+                let part = (room - room % page_size()).min(map.map_len);
+                if part > 0 && lock_prefix(&map, part) {
+                    locked_bytes = part.min(bytes);
+                }
+                if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        bytes,
+                        locked_bytes,
+                        memlock_limit_bytes = limit,
+                        %error,
+                        "mlock of a {bytes}-byte host buffer refused by RLIMIT_MEMLOCK: {locked_bytes} bytes locked, \
+                         the rest stays pageable (raise LimitMEMLOCK / ulimit -l to lock it all)"
+                    );
+                }
             }
         }
-        Ok(CpuHostBuf { map, len: bytes, locked })
+        Ok(CpuHostBuf { map, len: bytes, locked_bytes })
     }
 
     pub fn len_bytes(&self) -> usize {
         self.len
     }
 
-    /// Whether `mlock` succeeded.
+    /// Whether all of the buffer is locked.
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.locked_bytes == self.len
+    }
+
+    /// Bytes locked (a prefix of the buffer; all of it unless `RLIMIT_MEMLOCK` is lower).
+    pub fn locked_bytes(&self) -> usize {
+        self.locked_bytes
     }
 
     pub(crate) fn base(&self) -> *mut u8 {
@@ -221,7 +269,7 @@ impl HostBuf for CpuHostBuf {
 
 impl Drop for CpuHostBuf {
     fn drop(&mut self) {
-        if self.locked {
+        if self.locked_bytes > 0 {
             // SAFETY: unlocks the range locked in `new`; the mapping is still alive.
             unsafe { libc::munlock(self.map.ptr.as_ptr() as *const libc::c_void, self.map.map_len) };
         }

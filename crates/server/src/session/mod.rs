@@ -44,8 +44,6 @@ pub use chat::CONVERSATION_BYTES_MAX;
 const BLOCK_TOKENS: usize = 16;
 /// Logits rows of one chunk of a `Logits` request (bounds its logits buffer).
 const LOGITS_CHUNK_ROWS: usize = 64;
-/// Host swap pool when none is configured: as large as the KV capacity, at most this.
-const HOST_SWAP_DEFAULT_MAX_BYTES: usize = 4 << 30;
 /// KV capacity when none is configured: every session at full length, at most this.
 const KV_DEFAULT_MAX_BYTES: usize = 512 << 20;
 
@@ -195,6 +193,8 @@ impl SessionService {
     ) -> Result<Arc<SessionService>, SessionStartError> {
         let dtype = cfg.model_dtype().map_err(|e| SessionStartError::Config(e.to_string()))?;
         let mut models = Vec::with_capacity(cfg.models.len());
+        // Without --host-swap-mb: a bounded share of the host's memory, split between the models.
+        let host_default = djinn_model::host_swap_default_bytes() / cfg.models.len().max(1);
         let mut infos = Vec::with_capacity(cfg.models.len());
         for spec in &cfg.models {
             let t0 = Instant::now();
@@ -224,7 +224,7 @@ impl SessionService {
             }
             let host_bytes = match cfg.host_swap_mb {
                 Some(mb) => ServerConfig::mib_bytes(mb),
-                None => kv_bytes.min(HOST_SWAP_DEFAULT_MAX_BYTES),
+                None => host_default,
             };
             let opts = EngineOptions {
                 dtype,

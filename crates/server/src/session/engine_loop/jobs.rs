@@ -8,6 +8,12 @@ impl<B: Backend> EngineLoop<B> {
 
     pub(super) fn handle(&mut self, job: Job) {
         let (ans, req, tenant) = Answer::from_job(job, &self.metrics);
+        let session = match &req {
+            Request::Prefill(r) => Some(r.session),
+            Request::Append(r) => Some(r.session),
+            Request::Decode(r) => Some(r.session),
+            _ => None,
+        };
         let r = match req {
             Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens),
             Request::Attach(id) => self.attach(ans, &tenant, id),
@@ -24,6 +30,11 @@ impl<B: Backend> EngineLoop<B> {
         if let Err((ans, Refusal(status, msg))) = r {
             self.metrics.errors_total.with_label_values(&[status.name()]).inc();
             ans.err(status, msg);
+        }
+        // A request answered at once (or refused) leaves its session idle: it keeps the KV
+        // charge of what it holds, not of what the request reserved.
+        if let Some(id) = session.filter(|id| self.sessions.get(id).is_some_and(|s| !s.has_work())) {
+            self.settle_kv(id);
         }
     }
 
@@ -65,7 +76,7 @@ impl<B: Backend> EngineLoop<B> {
             return Err((ans, Refusal::new(Status::OutOfMemory, msg)));
         }
         let max_tokens = if max_tokens == 0 { max_ctx } else { (max_tokens as usize).min(max_ctx) };
-        let quota = match self.quotas.open_session(&tenant, kv_bytes(&self.models[m].engine, max_tokens)) {
+        let quota = match self.quotas.open_session(&tenant) {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.models[m].engine.close_session(vs);
@@ -88,7 +99,7 @@ impl<B: Backend> EngineLoop<B> {
                 work: Work::Idle,
                 cancel: false,
                 recomputable: true,
-                _quota: quota,
+                quota,
             },
         );
         tracing::debug!(session = id, model, tenant = %self.sessions[&id].tenant, "session open");
@@ -107,7 +118,8 @@ impl<B: Backend> EngineLoop<B> {
     /// Adds `new` tokens to the session and starts feeding them (or answers at once when there is
     /// nothing to feed yet: the last token stays pending).
     pub(super) fn start_feed(&mut self, ans: Answer, id: u64, new: &[u32]) -> Result<(), (Answer, Refusal)> {
-        let base = match self.add_tokens(id, new) {
+        let len = self.sessions[&id].tokens.len() + new.len();
+        let base = match self.reserve_kv(id, len).and_then(|()| self.add_tokens(id, new)) {
             Ok(b) => b,
             Err(r) => return Err((ans, r)),
         };
@@ -120,6 +132,25 @@ impl<B: Backend> EngineLoop<B> {
         s.work = Work::Feed { ans, added: new.len() as u32, base };
         self.order.push_back(id);
         Ok(())
+    }
+
+    /// Charges the session's tenant the KV of `tokens` tokens (whole blocks): what the session
+    /// holds plus what the request being accepted may add. Refused with the numbers when the
+    /// tenant's `kv_bytes_max` cannot take it; [`Self::settle_kv`] gives back what went unused.
+    pub(super) fn reserve_kv(&mut self, id: u64, tokens: usize) -> Result<(), Refusal> {
+        let s = self.sessions.get_mut(&id).expect("caller looked it up");
+        let bytes = kv_bytes(&self.models[s.model].engine, tokens);
+        s.quota.set_kv_bytes(bytes).map_err(|e| Refusal::new(e.status(), e.to_string()))
+    }
+
+    /// Resizes the session's KV charge to the tokens it holds (after its request ended).
+    pub(super) fn settle_kv(&mut self, id: u64) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            let bytes = kv_bytes(&self.models[s.model].engine, s.tokens.len());
+            if bytes < s.quota.kv_bytes() {
+                s.quota.set_kv_bytes(bytes).expect("shrinking a KV charge always succeeds");
+            }
+        }
     }
 
     pub(super) fn prefill(
@@ -217,6 +248,7 @@ impl<B: Backend> EngineLoop<B> {
                 );
                 return Err(Refusal::new(Status::OutOfMemory, msg));
             }
+            self.reserve_kv(r.session, ctx + gen)?;
             Ok(new)
         });
         if let Err(e) = new.and_then(|new| self.add_tokens(r.session, &new)) {

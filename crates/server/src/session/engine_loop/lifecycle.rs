@@ -66,6 +66,7 @@ impl<B: Backend> EngineLoop<B> {
             }
         }
         self.order.retain(|&o| o != id);
+        self.settle_kv(id);
     }
 
     /// Stops the decodes of closed connections, ends cancelled decodes, starts and ends leases.

@@ -3,15 +3,18 @@
 //! Modules, one concept each: [`session`] (a session's state and its work), [`answer`] (replies
 //! and refusals), [`jobs`] (turning requests into work), [`tokenize`] (input to token ids),
 //! [`schedule`] (forming and running a batched step), [`stream`] (token frames), [`lifecycle`]
-//! (ending work, leases, drain). This file holds the loop itself.
+//! (ending work, leases, drain), [`preempt`] (preemption by recomputation, the last resort for
+//! KV memory). This file holds the loop itself.
 //!
 //! Each iteration: take the queued jobs (open, prefill, decode, ... answered at once or turned
 //! into session work), end the work of closed connections and cancelled decodes, close sessions
 //! whose lease ran out, then for each model run ONE batched `Engine::step_sample` over every ready
 //! session's work in FCFS order — a decode step (one token) or a prefill chunk — within the step's
 //! token budget and the KV memory that fits now (`Engine::batch_fits`; sessions that do not fit
-//! wait their turn, idle ones are swapped out by the VMU, LRU). After the step it queues the token
-//! frames and replies. It parks on the queue's condvar only when no session can make progress.
+//! wait their turn, idle ones are swapped out by the VMU, LRU; when nothing fits and the host
+//! pool is full, one session's KV is dropped and later rebuilt from its tokens). After the step
+//! it queues the token frames and replies. It parks on the queue's condvar only when no session
+//! can make progress.
 //!
 //! Session token invariant: `tokens` holds every token of the session; the KV cache holds
 //! `tokens[..kv]`. At rest `tokens.len() - kv ≤ 1`: the last token stays pending until a decode
@@ -29,6 +32,7 @@ mod answer;
 mod breakpoint;
 mod jobs;
 mod lifecycle;
+mod preempt;
 mod schedule;
 mod session;
 mod stream;

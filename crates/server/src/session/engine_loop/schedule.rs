@@ -1,7 +1,8 @@
 //! Scheduling: one batch per model per iteration, first come first served within the step's token
 //! budget and the KV memory that fits now; decodes whose connection cannot take more frames wait
-//! (paused). A failed step changed no session (the engine rolls back), so the oldest is retried
-//! alone.
+//! (paused). When nothing can run for want of KV, one session is preempted by recomputation
+//! ([`super::preempt`]). A failed step changed no session (the engine rolls back), so the oldest
+//! is retried alone.
 
 use super::*;
 
@@ -65,16 +66,19 @@ impl<B: Backend> EngineLoop<B> {
         self.paused += paused;
         self.fit = fit;
         let progressed = if let Some(stuck) = stuck {
-            // Known limit: without preemption by recomputation, a session that cannot fit while
-            // every block is held by sessions that cannot move (host swap pool full) fails.
-            let st = self.models[m].engine.vmu().stats();
-            let msg = format!(
-                "out of KV memory: {} of {} device blocks and {} of {} host swap blocks free, all held by other \
-                 sessions (--kv-capacity-mb, --host-swap-mb)",
-                st.kv_blocks_free, st.kv_blocks_total, st.host_blocks_free, st.host_blocks_total
-            );
-            tracing::warn!(session = stuck, "{msg}");
-            self.end_work(stuck, Err((Status::OutOfMemory, &msg)), FinishWire::Cancelled);
+            // Nothing of this model can run: every block is held by sessions that cannot move
+            // (the host swap pool is full too). Last resort: preempt one by recomputation.
+            if !self.preempt_for(m, stuck) {
+                // Only sessions whose KV cannot be rebuilt hold the memory.
+                let st = self.models[m].engine.vmu().stats();
+                let msg = format!(
+                    "out of KV memory: {} of {} device blocks and {} of {} host swap blocks free, all held by \
+                     sessions that can be neither swapped nor recomputed (--kv-capacity-mb, --host-swap-mb)",
+                    st.kv_blocks_free, st.kv_blocks_total, st.host_blocks_free, st.host_blocks_total
+                );
+                tracing::warn!(session = stuck, "{msg}");
+                self.end_work(stuck, Err((Status::OutOfMemory, &msg)), FinishWire::Cancelled);
+            }
             true
         } else if !batch.is_empty() {
             self.step_batch(m, &mut batch);

@@ -49,11 +49,13 @@ pub(super) struct Session {
     pub(super) detached_at: Option<Instant>,
     pub(super) work: Work,
     pub(super) cancel: bool,
-    /// Whether the KV can be rebuilt from `tokens` (preemption by recomputation): false once
-    /// it came from a patched hidden state (breakpoints), which recomputing would lose.
+    /// Whether its KV may be dropped and rebuilt from `tokens` (preemption by recomputation):
+    /// true unless the KV holds something the tokens do not say (e.g. a patched hidden state),
+    /// which whoever patches it must clear.
     pub(super) recomputable: bool,
-    /// The tenant's quota this session holds (sessions_max, kv_bytes_max); given back on drop.
-    pub(super) _quota: crate::quota::Ticket,
+    /// The tenant's quota this session holds (sessions_max, and the KV bytes of its tokens plus
+    /// what its running request may add, against kv_bytes_max); given back on drop.
+    pub(super) quota: crate::quota::Ticket,
 }
 
 impl Session {
