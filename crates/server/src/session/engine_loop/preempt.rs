@@ -18,7 +18,7 @@
 //!   dropped one, so the session continues with exactly the tokens and logits of a run that was
 //!   never preempted (tests/server_preemption.rs).
 //! - A session whose KV did not come from its tokens alone (`recomputable` cleared, e.g. by a
-//!   patched hidden state) is never a victim.
+//!   patched hidden state) is never a victim, nor is one paused inside a breakpoint pass.
 //! - The tenant's KV charge (its quota) counts the session's tokens, preempted or not: it will
 //!   hold them again.
 
@@ -59,7 +59,8 @@ impl<B: Backend> EngineLoop<B> {
         let eng = &self.models[m].engine;
         let holds = |id: &u64| {
             let s = &self.sessions[id];
-            *id != stuck && s.model == m && s.recomputable && s.kv > 0
+            // A session mid-pass at a breakpoint is the engine's open transaction: never a victim.
+            *id != stuck && s.model == m && s.recomputable && s.kv > 0 && eng.pass_start(s.vs).is_none()
         };
         let idle = self
             .sessions
