@@ -71,6 +71,17 @@ pub struct Metrics {
     pub conn_outbound_frames: IntGauge,
     /// Sessions not stepped because their connection's outbound queue is full.
     pub sessions_paused_backpressure: IntGauge,
+    /// Decode request received to its first token frame, by model and QoS class.
+    pub sched_ttft_s: HistogramVec,
+    /// Time per output token (between consecutive token frames of a decode), by model and class.
+    pub sched_tpot_s: HistogramVec,
+    /// Sessions seated in the model's last step, by model and class.
+    pub sched_sessions_admitted: IntGaugeVec,
+    /// Sessions with work not seated in the model's last step, by model and class.
+    pub sched_sessions_waiting: IntGaugeVec,
+    /// Tokens of work waiting when the model's last step was formed (unfed input, one per
+    /// running decode), by model and class: the scheduler's queue depth.
+    pub sched_queued_tokens: IntGaugeVec,
     /// Further registries rendered with this one (each model's VMU metrics, labelled by model).
     extra: Arc<Mutex<Vec<Registry>>>,
 }
@@ -195,6 +206,46 @@ impl Metrics {
                 "Sessions paused because their connection's outbound queue is full",
             )
             .unwrap(),
+            sched_ttft_s: HistogramVec::new(
+                HistogramOpts::new(
+                    "scheduler_ttft_seconds",
+                    "Decode request received to its first token frame, by model and QoS class",
+                )
+                .buckets(LATENCY_BUCKETS_S.to_vec()),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_tpot_s: HistogramVec::new(
+                HistogramOpts::new(
+                    "scheduler_tpot_seconds",
+                    "Time per output token (between consecutive token frames of a decode), by model and QoS class",
+                )
+                .buckets(LATENCY_BUCKETS_S.to_vec()),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_sessions_admitted: IntGaugeVec::new(
+                Opts::new("scheduler_admitted_sessions", "Sessions seated in the model's last step, by QoS class"),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_sessions_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_waiting_sessions",
+                    "Sessions with work not seated in the model's last step, by QoS class",
+                ),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_queued_tokens: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_queued_tokens",
+                    "Tokens of work waiting when the model's last step was formed (unfed input, one per decode), by \
+                     QoS class",
+                ),
+                &["model", "class"],
+            )
+            .unwrap(),
             extra: Arc::new(Mutex::new(Vec::new())),
             registry,
         };
@@ -224,6 +275,11 @@ impl Metrics {
         r.register(Box::new(m.step_bytes.clone())).unwrap();
         r.register(Box::new(m.conn_outbound_frames.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
+        r.register(Box::new(m.sched_ttft_s.clone())).unwrap();
+        r.register(Box::new(m.sched_tpot_s.clone())).unwrap();
+        r.register(Box::new(m.sched_sessions_admitted.clone())).unwrap();
+        r.register(Box::new(m.sched_sessions_waiting.clone())).unwrap();
+        r.register(Box::new(m.sched_queued_tokens.clone())).unwrap();
         m
     }
 

@@ -28,6 +28,8 @@
 mod answer;
 mod jobs;
 mod lifecycle;
+mod logits;
+mod qos;
 mod schedule;
 mod session;
 mod stream;
@@ -55,7 +57,11 @@ use crate::auth::TenantId;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 
+pub(crate) use qos::QosPolicy;
+
 use answer::{kv_bytes, model_status, Answer, Refusal};
+use logits::LogitsJob;
+use qos::{Candidate, Class, Scheduler};
 use session::{DecodeState, Session, Work};
 use stream::f32_bytes;
 
@@ -75,6 +81,11 @@ pub(crate) struct EngineLoop<B: Backend> {
     sessions: HashMap<u64, Session>,
     /// Sessions with work, in arrival order of that work (FCFS).
     order: VecDeque<u64>,
+    /// The step scheduler and its QoS settings.
+    qos: QosPolicy,
+    /// `Logits` requests, fed a chunk per iteration between steps (the first one holds the
+    /// engine's spare session); at most `max_sessions`, more are refused `Busy`.
+    logits_jobs: VecDeque<LogitsJob>,
     max_sessions: usize,
     /// Per-tenant quotas, checked where a session is opened.
     quotas: Arc<crate::quota::Quotas>,
@@ -88,6 +99,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     // Per-step buffers, reused (capacity set at start-up).
     batch: Vec<(u64, usize)>,
     fit: Vec<(djinn_model::SessionId, usize)>,
+    cands: Vec<Candidate>,
+    grant: Vec<usize>,
     params: Vec<SampleParams>,
     meta: Vec<u8>,
     sampled: Vec<u32>,
@@ -99,6 +112,7 @@ impl<B: Backend> EngineLoop<B> {
         svc: Arc<SessionService>,
         models: Vec<LoadedModel<B>>,
         cfg: &ServerConfig,
+        qos: QosPolicy,
         metrics: Metrics,
     ) -> Self {
         EngineLoop {
@@ -106,6 +120,8 @@ impl<B: Backend> EngineLoop<B> {
             models,
             sessions: HashMap::with_capacity(cfg.max_sessions),
             order: VecDeque::with_capacity(cfg.max_sessions),
+            qos,
+            logits_jobs: VecDeque::with_capacity(cfg.max_sessions),
             max_sessions: cfg.max_sessions,
             quotas: crate::quota::Quotas::new(cfg),
             paused: 0,
@@ -116,6 +132,8 @@ impl<B: Backend> EngineLoop<B> {
             ids_next: 1,
             batch: Vec::with_capacity(cfg.max_sessions),
             fit: Vec::with_capacity(cfg.max_sessions),
+            cands: Vec::with_capacity(cfg.max_sessions),
+            grant: Vec::with_capacity(cfg.max_sessions),
             params: Vec::with_capacity(cfg.max_sessions),
             meta: Vec::with_capacity(256),
             sampled: Vec::with_capacity(cfg.max_sessions),
@@ -135,7 +153,7 @@ impl<B: Backend> EngineLoop<B> {
             }
             self.sweep();
             if let Some(deadline) = drain {
-                if self.order.is_empty() || Instant::now() >= deadline {
+                if (self.order.is_empty() && self.logits_jobs.is_empty()) || Instant::now() >= deadline {
                     self.drain();
                     self.svc.mark_stopped();
                     return;
@@ -145,6 +163,9 @@ impl<B: Backend> EngineLoop<B> {
             self.paused = 0;
             for m in 0..self.models.len() {
                 progressed |= self.step_model(m);
+                // A Logits request's next chunk between steps: it never holds the loop for
+                // more than one chunk.
+                progressed |= self.step_logits(m);
             }
             self.publish();
         }
@@ -154,10 +175,10 @@ impl<B: Backend> EngineLoop<B> {
     /// progress (none has work, or all wait for their connections to drain). Returns the drain
     /// deadline once the server drains.
     fn take_jobs(&mut self, into: &mut VecDeque<Job>, stalled: bool) -> Option<Instant> {
-        let idle = self.order.is_empty() || stalled;
+        let idle = (self.order.is_empty() && self.logits_jobs.is_empty()) || stalled;
         let deadline = self.next_deadline();
         let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let drained = q.drain_deadline.is_some() && self.order.is_empty();
+        let drained = q.drain_deadline.is_some() && self.order.is_empty() && self.logits_jobs.is_empty();
         if idle && q.jobs.is_empty() && !q.kicked && !drained {
             let deadline = match (deadline, q.drain_deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),

@@ -47,6 +47,10 @@ pub(super) struct Session {
     pub(super) detached_at: Option<Instant>,
     pub(super) work: Work,
     pub(super) cancel: bool,
+    /// Its QoS class (from the open's class and deadline).
+    pub(super) class: Class,
+    /// When its work was last seated in a step, or arrived: escalation and fairness.
+    pub(super) since: Instant,
     /// The tenant's quota this session holds (sessions_max, kv_bytes_max); given back on drop.
     pub(super) _quota: crate::quota::Ticket,
 }
