@@ -237,6 +237,12 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The session's swap-out rank: lower ranks are swapped out first when a step needs room,
+    /// then the least recently stepped (the server passes the QoS class).
+    pub fn set_swap_rank(&mut self, id: SessionId, rank: u8) -> Result<()> {
+        Ok(self.vmu.set_evict_rank(id, rank)?)
+    }
+
     pub fn session_tokens(&self, id: SessionId) -> Result<usize> {
         Ok(self.vmu.session_tokens(id)?)
     }
@@ -579,6 +585,32 @@ mod tests {
             a.step_logits(&[(sa, &[7])], LogitsMode::Last, &mut na).unwrap();
             b.step_logits(&[(sb, &[7])], LogitsMode::Last, &mut nb).unwrap();
             assert_eq!(bits(&na), bits(&nb), "{dtype:?}: the caches differ");
+        }
+    }
+
+    /// Swap victims by (rank, recency): a batch-ranked session is swapped out before a
+    /// realtime-ranked one that was stepped longer ago; with equal ranks, the least recent goes.
+    #[test]
+    fn swap_victims_by_rank_then_recency() {
+        use djinn_vmu::Residency;
+        for (rank_a, rank_b, swapped_is_a) in [(0, 2, true), (1, 1, false)] {
+            let block = engine(None).vmu().layout().block_bytes();
+            let mut eng = engine(Some(2 * block));
+            let (a, b, c) = (eng.open_session().unwrap(), eng.open_session().unwrap(), eng.open_session().unwrap());
+            eng.set_swap_rank(a, rank_a).unwrap();
+            eng.set_swap_rank(b, rank_b).unwrap();
+            let mut out = Vec::new();
+            // b stepped first (least recent), then a; each holds one of the two blocks.
+            eng.step_sample(&[(b, &[3])], &[GREEDY], &mut out).unwrap();
+            eng.step_sample(&[(a, &[4])], &[GREEDY], &mut out).unwrap();
+            eng.step_sample(&[(c, &[5])], &[GREEDY], &mut out).unwrap();
+            let (ra, rb) = (eng.vmu().residency(a).unwrap(), eng.vmu().residency(b).unwrap());
+            let want = if swapped_is_a {
+                (Residency::Swapped, Residency::Resident)
+            } else {
+                (Residency::Resident, Residency::Swapped)
+            };
+            assert_eq!((ra, rb), want, "ranks a={rank_a} b={rank_b}");
         }
     }
 }

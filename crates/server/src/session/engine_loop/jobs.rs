@@ -70,6 +70,13 @@ impl<B: Backend> EngineLoop<B> {
                 return Err((ans, Refusal::new(e.status(), e.to_string())));
             }
         };
+        // Swap victims by (class, recency): batch sessions go to host memory before interactive
+        // ones, realtime last.
+        let rank = (Class::Batch as u8) - (class as u8);
+        if let Err(e) = self.models[m].engine.set_swap_rank(vs, rank) {
+            let _ = self.models[m].engine.close_session(vs);
+            return Err((ans, Refusal::new(model_status(&e), e.to_string())));
+        }
         let id = self.new_id();
         self.sessions.insert(
             id,

@@ -2,16 +2,19 @@
 //!
 //! Modules, one concept each: [`session`] (a session's state and its work), [`answer`] (replies
 //! and refusals), [`jobs`] (turning requests into work), [`tokenize`] (input to token ids),
-//! [`schedule`] (forming and running a batched step), [`stream`] (token frames), [`lifecycle`]
-//! (ending work, leases, drain). This file holds the loop itself.
+//! [`qos`] (classes and the step policy), [`schedule`] (forming and running a batched step),
+//! [`logits`] (`Logits` requests fed in chunks between steps), [`stream`] (token frames),
+//! [`lifecycle`] (ending work, leases, drain). This file holds the loop itself.
 //!
 //! Each iteration: take the queued jobs (open, prefill, decode, ... answered at once or turned
 //! into session work), end the work of closed connections and cancelled decodes, close sessions
-//! whose lease ran out, then for each model run ONE batched `Engine::step_sample` over every ready
-//! session's work in FCFS order — a decode step (one token) or a prefill chunk — within the step's
-//! token budget and the KV memory that fits now (`Engine::batch_fits`; sessions that do not fit
-//! wait their turn, idle ones are swapped out by the VMU, LRU). After the step it queues the token
-//! frames and replies. It parks on the queue's condvar only when no session can make progress.
+//! whose lease ran out, then for each model run ONE batched `Engine::step_sample` over the ready
+//! sessions' work as the scheduler plans it (`qos`: decodes first, prompt chunks bounded per
+//! step, classes with shares; `fcfs`: arrival order) within the step's token budget and the KV
+//! memory that fits now (`Engine::batch_fits`; sessions that do not fit wait their turn, idle
+//! ones are swapped out by the VMU, LRU), then one chunk of the oldest `Logits` request. After
+//! the step it queues the token frames and replies. It parks on the queue's condvar only when no
+//! session can make progress.
 //!
 //! Session token invariant: `tokens` holds every token of the session; the KV cache holds
 //! `tokens[..kv]`. At rest `tokens.len() - kv ≤ 1`: the last token stays pending until a decode
@@ -101,6 +104,7 @@ pub(crate) struct EngineLoop<B: Backend> {
     fit: Vec<(djinn_model::SessionId, usize)>,
     cands: Vec<Candidate>,
     grant: Vec<usize>,
+    plan_scratch: Vec<usize>,
     params: Vec<SampleParams>,
     meta: Vec<u8>,
     sampled: Vec<u32>,
@@ -134,6 +138,7 @@ impl<B: Backend> EngineLoop<B> {
             fit: Vec::with_capacity(cfg.max_sessions),
             cands: Vec::with_capacity(cfg.max_sessions),
             grant: Vec::with_capacity(cfg.max_sessions),
+            plan_scratch: Vec::with_capacity(cfg.max_sessions),
             params: Vec::with_capacity(cfg.max_sessions),
             meta: Vec::with_capacity(256),
             sampled: Vec::with_capacity(cfg.max_sessions),

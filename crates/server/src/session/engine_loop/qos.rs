@@ -20,6 +20,8 @@
 //! - **Concurrency**: while another class has ready work, a class seats at most its
 //!   `qos_max_sessions` (default floor(share × max_sessions)) sessions in a step.
 //!
+//! Nothing here allocates per step: the caller's buffers are reused.
+//!
 //! Invariant: a plan never exceeds the budget, `seqs_max`, a candidate's need, or what `fits`
 //! admits (KV memory); every candidate's grant is a prefix of its need.
 
@@ -164,6 +166,7 @@ impl QosPolicy {
         step_tokens: usize,
         seqs_max: usize,
         grant: &mut Vec<usize>,
+        scratch: &mut Vec<usize>,
         mut fits: impl FnMut(&Candidate, usize) -> bool,
     ) {
         // Class, then decodes before prompts, then least recently served.
@@ -195,7 +198,8 @@ impl QosPolicy {
                 }
                 .min(budget);
                 let range = class_range(cands, class);
-                self.fill(&cands[range.clone()], &mut grant[range], limit, cap(class), seqs_max, &mut st, &mut fits);
+                let (cs, gs) = (&cands[range.clone()], &mut grant[range]);
+                self.fill(cs, gs, limit, cap(class), seqs_max, &mut st, scratch, &mut fits);
             }
         }
     }
@@ -211,6 +215,7 @@ impl QosPolicy {
         cap: usize,
         seqs_max: usize,
         st: &mut Plan,
+        idx: &mut Vec<usize>,
         fits: &mut impl FnMut(&Candidate, usize) -> bool,
     ) {
         let class = match cs.first() {
@@ -229,8 +234,9 @@ impl QosPolicy {
             }
         }
         // Prompt chunks: smallest remaining need first, each an even share of what is left.
-        let mut idx: Vec<usize> = (0..cs.len()).filter(|&i| !cs[i].decode && grant[i] < cs[i].need).collect();
-        idx.sort_by_key(|&i| cs[i].need - grant[i]);
+        idx.clear();
+        idx.extend((0..cs.len()).filter(|&i| !cs[i].decode && grant[i] < cs[i].need));
+        idx.sort_unstable_by_key(|&i| (cs[i].need - grant[i], i));
         let pool = (limit.saturating_sub(st.used)).min(self.prefill_chunk_tokens.saturating_sub(st.prefill_used));
         let mut left = pool;
         for (done, &i) in idx.iter().enumerate() {
@@ -314,7 +320,7 @@ mod tests {
         let mut cs = vec![cand(1, Class::Interactive, 4000, false, t), cand(2, Class::Interactive, 16, false, t)];
         cs.extend((10..20).map(|k| cand(k, Class::Interactive, 1, true, t)));
         let mut g = Vec::new();
-        p.plan(&mut cs, 256, 64, &mut g, |_, _| true);
+        p.plan(&mut cs, 256, 64, &mut g, &mut Vec::new(), |_, _| true);
         for k in 10..20 {
             assert_eq!(granted(&cs, &g, k), 1);
         }
@@ -331,19 +337,19 @@ mod tests {
         let mut cs = vec![cand(1, Class::Realtime, 1, true, t)];
         cs.extend((10..25).map(|k| cand(k, Class::Batch, 1, true, t + Duration::from_millis(k))));
         let mut g = Vec::new();
-        p.plan(&mut cs, 256, 64, &mut g, |_, _| true);
+        p.plan(&mut cs, 256, 64, &mut g, &mut Vec::new(), |_, _| true);
         assert_eq!(granted(&cs, &g, 1), 1);
         let batch: usize = (10..25).map(|k| granted(&cs, &g, k)).sum();
         assert_eq!(batch, 3, "a realtime step holds 4 tokens: one realtime, three batch");
         assert_eq!(granted(&cs, &g, 10), 1, "least recently served batch decode first");
         // Without realtime work, batch alone is not capped.
         let mut cs: Vec<Candidate> = (10..25).map(|k| cand(k, Class::Batch, 1, true, t)).collect();
-        p.plan(&mut cs, 256, 64, &mut g, |_, _| true);
+        p.plan(&mut cs, 256, 64, &mut g, &mut Vec::new(), |_, _| true);
         assert_eq!(g.iter().sum::<usize>(), 15);
         // Interactive beside batch: batch capped at floor(0.2 × 16) = 3 seats.
         let mut cs: Vec<Candidate> = (10..25).map(|k| cand(k, Class::Batch, 1, true, t)).collect();
         cs.push(cand(1, Class::Interactive, 1, true, t));
-        p.plan(&mut cs, 256, 64, &mut g, |_, _| true);
+        p.plan(&mut cs, 256, 64, &mut g, &mut Vec::new(), |_, _| true);
         assert_eq!(g.iter().sum::<usize>(), 4);
     }
 
@@ -358,7 +364,7 @@ mod tests {
             c.need = 1;
         }
         let mut g = Vec::new();
-        p.plan(&mut cs, 20, 8, &mut g, |c, _| c.key != 3);
+        p.plan(&mut cs, 20, 8, &mut g, &mut Vec::new(), |c, _| c.key != 3);
         assert!(g.iter().sum::<usize>() <= 20);
         assert!(g.iter().filter(|&&n| n > 0).count() <= 8);
         assert_eq!(granted(&cs, &g, 3), 0);

@@ -60,7 +60,8 @@ impl<B: Backend> EngineLoop<B> {
         let eng = &self.models[m].engine;
         let sessions = &self.sessions;
         let mut first_refused = None;
-        self.qos.plan(&mut cands, eng.max_step_tokens(), self.max_sessions, &mut grant, |c, n| {
+        let scratch = &mut self.plan_scratch;
+        self.qos.plan(&mut cands, eng.max_step_tokens(), self.max_sessions, &mut grant, scratch, |c, n| {
             let vs = sessions[&c.key].vs;
             let ok = match fit.iter().position(|f| f.0 == vs) {
                 Some(p) => {
