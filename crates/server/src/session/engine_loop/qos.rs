@@ -284,8 +284,7 @@ mod tests {
     use super::*;
 
     fn policy() -> QosPolicy {
-        let mut cfg = ServerConfig::default();
-        cfg.max_sessions = 16;
+        let cfg = ServerConfig { max_sessions: 16, ..ServerConfig::default() };
         QosPolicy::from_config(&cfg).unwrap()
     }
 
