@@ -8,9 +8,10 @@
 //!
 //! A step, planned by [`QosPolicy::plan`]:
 //! - **Budget**: `max_step_tokens`, or `qos_realtime_step_tokens` while realtime work is ready
-//!   (at least one token per realtime decode), so a realtime time per token stays near its
-//!   unloaded value whatever else is queued. Prompt tokens (prefill chunks) take at most
-//!   `prefill_chunk_tokens` of it: a long prompt is fed in chunks between decode steps.
+//!   (at least one token per realtime decode, plus a chunk for a realtime prompt), so a realtime
+//!   time per token stays near its unloaded value whatever else is queued. Prompt tokens (prefill
+//!   chunks) take at most `prefill_chunk_tokens` of it: a long prompt is fed in chunks between
+//!   decode steps.
 //! - **Minimum shares**: each class with ready work first gets up to `share × budget` tokens
 //!   (at least one), classes in priority order — so no class starves; then what is left goes by
 //!   strict priority (realtime > interactive > batch).
@@ -174,13 +175,16 @@ impl QosPolicy {
         grant.clear();
         grant.resize(cands.len(), 0);
         let mut demand = [false; 3];
-        let mut rt_decodes = 0;
+        let (mut rt_decodes, mut rt_prompt) = (0, false);
         for c in cands.iter() {
             demand[c.class as usize] = true;
             rt_decodes += usize::from(c.class == Class::Realtime && c.decode);
+            rt_prompt |= c.class == Class::Realtime && !c.decode;
         }
+        // A realtime prompt is fed a full chunk per step (it would crawl at a few tokens).
+        let rt_budget = rt_decodes + if rt_prompt { self.prefill_chunk_tokens } else { 0 };
         let budget = match demand[Class::Realtime as usize] {
-            true => self.realtime_step_tokens.max(rt_decodes).min(step_tokens),
+            true => self.realtime_step_tokens.max(rt_budget).min(step_tokens),
             false => step_tokens,
         };
         let mut st = Plan { used: 0, prefill_used: 0, seats: 0, class_seats: [0; 3] };
