@@ -258,6 +258,12 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The session's swap-out rank: lower ranks are swapped out first when a step needs room,
+    /// then the least recently stepped (the server passes the QoS class).
+    pub fn set_swap_rank(&mut self, id: SessionId, rank: u8) -> Result<()> {
+        Ok(self.vmu.set_evict_rank(id, rank)?)
+    }
+
     /// The session's committed length (a pass stopped at a breakpoint is not counted).
     pub fn session_tokens(&self, id: SessionId) -> Result<usize> {
         if let Some(start) = self.pass_start(id) {
@@ -623,6 +629,80 @@ mod tests {
         let want = run(None);
         for at in [0, 3] {
             assert_eq!(run(Some(at)), want, "failure injected at step {at}");
+        }
+    }
+
+    /// Batch invariance end to end (preemption by recomputation relies on it): a prompt fed as
+    /// one prefill and the same tokens fed one decode step at a time — each step batched beside
+    /// another session's prefill chunk — give bit-identical logits for every position, and the
+    /// next step over the two caches gives bit-identical logits (so the K/V it attends over are
+    /// the same bits). f32 and bf16 weights.
+    #[test]
+    fn prefill_and_decode_steps_give_identical_bits() {
+        for dtype in [None, Some(DType::BF16)] {
+            let mk = || {
+                let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/models/llama-gqa");
+                let be = Arc::new(CpuBackend::with_threads(2).unwrap());
+                let opts = EngineOptions {
+                    dtype,
+                    max_sessions: 4,
+                    max_step_tokens: 64,
+                    all_logits: true,
+                    ..Default::default()
+                };
+                Engine::load_dir(be, &dir, &opts).unwrap()
+            };
+            let toks: Vec<u32> = (0..37u32).map(|i| (i * 29 + 3) % 128).collect();
+            let (mut a, mut b) = (mk(), mk());
+            let sa = a.open_session().unwrap();
+            let mut la = Vec::new();
+            a.prefill(sa, &toks, true, &mut la).unwrap();
+            let (sb, other) = (b.open_session().unwrap(), b.open_session().unwrap());
+            let vocab = la.len() / toks.len();
+            let mut lb = Vec::new();
+            let mut row = Vec::new();
+            let filler: Vec<u32> = (0..20u32).map(|i| (i * 13 + 5) % 128).collect();
+            for (i, t) in toks.iter().enumerate() {
+                let seqs: Vec<(SessionId, &[u32])> = match i {
+                    // Beside another session's prefill chunk (different rows in the same GEMMs).
+                    0 | 5 | 11 => vec![(sb, std::slice::from_ref(t)), (other, &filler[..4])],
+                    _ => vec![(sb, std::slice::from_ref(t))],
+                };
+                b.step_logits(&seqs, LogitsMode::Last, &mut row).unwrap();
+                lb.extend_from_slice(&row[..vocab]);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&la), bits(&lb), "{dtype:?}: prefill and decode steps differ");
+            let (mut na, mut nb) = (Vec::new(), Vec::new());
+            a.step_logits(&[(sa, &[7])], LogitsMode::Last, &mut na).unwrap();
+            b.step_logits(&[(sb, &[7])], LogitsMode::Last, &mut nb).unwrap();
+            assert_eq!(bits(&na), bits(&nb), "{dtype:?}: the caches differ");
+        }
+    }
+
+    /// Swap victims by (rank, recency): a batch-ranked session is swapped out before a
+    /// realtime-ranked one that was stepped longer ago; with equal ranks, the least recent goes.
+    #[test]
+    fn swap_victims_by_rank_then_recency() {
+        use djinn_vmu::Residency;
+        for (rank_a, rank_b, swapped_is_a) in [(0, 2, true), (1, 1, false)] {
+            let block = engine(None).vmu().layout().block_bytes();
+            let mut eng = engine(Some(2 * block));
+            let (a, b, c) = (eng.open_session().unwrap(), eng.open_session().unwrap(), eng.open_session().unwrap());
+            eng.set_swap_rank(a, rank_a).unwrap();
+            eng.set_swap_rank(b, rank_b).unwrap();
+            let mut out = Vec::new();
+            // b stepped first (least recent), then a; each holds one of the two blocks.
+            eng.step_sample(&[(b, &[3])], &[GREEDY], &mut out).unwrap();
+            eng.step_sample(&[(a, &[4])], &[GREEDY], &mut out).unwrap();
+            eng.step_sample(&[(c, &[5])], &[GREEDY], &mut out).unwrap();
+            let (ra, rb) = (eng.vmu().residency(a).unwrap(), eng.vmu().residency(b).unwrap());
+            let want = if swapped_is_a {
+                (Residency::Swapped, Residency::Resident)
+            } else {
+                (Residency::Resident, Residency::Swapped)
+            };
+            assert_eq!((ra, rb), want, "ranks a={rank_a} b={rank_b}");
         }
     }
 }

@@ -202,6 +202,27 @@ crate::settings! {
     /// Milliseconds a session may stay paused at a breakpoint without a resume; then its request
     /// ends `Cancelled` and the session is as it was before the request.
     breakpoint_lease_ms: u64 = 60_000;
+    /// Step scheduler: `qos` (decode first, prompts fed in chunks between decode steps, classes
+    /// realtime > interactive > batch with minimum shares) or `fcfs` (first come first served
+    /// over `max_step_tokens`, the baseline).
+    scheduler: String = "qos".to_owned(), value = "qos|fcfs";
+    /// qos: prompt tokens one step feeds over all sessions, after its decodes (keeps a step short
+    /// so decodes and new prompts are not held behind a long prompt).
+    prefill_chunk_tokens: usize = 32;
+    /// qos: tokens of a step that seats realtime work (decodes and prompt tokens over all
+    /// classes), so realtime's time per token stays near its unloaded value.
+    qos_realtime_step_tokens: usize = 4;
+    /// qos: minimum share of each step's tokens kept for realtime work while it has any.
+    qos_share_realtime: f64 = 0.3;
+    /// qos: minimum share of each step's tokens kept for interactive work while it has any.
+    qos_share_interactive: f64 = 0.5;
+    /// qos: minimum share of each step's tokens kept for batch (and background) work.
+    qos_share_batch: f64 = 0.2;
+    /// qos: sessions of one class seated in a step while another class waits; 0 = floor(share ×
+    /// max_sessions). One value per class: realtime, interactive, batch.
+    qos_max_sessions: Vec<usize> = Vec::new(), value = "N";
+    /// qos: milliseconds a request waits unseated before it is promoted one class.
+    qos_escalation_ms: u64 = 800;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

@@ -78,6 +78,17 @@ pub struct Metrics {
     /// tokens dropped (each is recomputed when its session runs again).
     pub sessions_preempted_total: IntCounter,
     pub preempted_tokens_total: IntCounter,
+    /// Decode request received to its first token frame, by model and QoS class.
+    pub sched_ttft_s: HistogramVec,
+    /// Time per output token (between consecutive token frames of a decode), by model and class.
+    pub sched_tpot_s: HistogramVec,
+    /// Sessions seated in the model's last step, by model and class.
+    pub sched_sessions_admitted: IntGaugeVec,
+    /// Sessions with work not seated in the model's last step, by model and class.
+    pub sched_sessions_waiting: IntGaugeVec,
+    /// Tokens of work waiting when the model's last step was formed (unfed input, one per
+    /// running decode), by model and class: the scheduler's queue depth.
+    pub sched_queued_tokens: IntGaugeVec,
     /// Further registries rendered with this one (each model's VMU metrics, labelled by model).
     extra: Arc<Mutex<Vec<Registry>>>,
 }
@@ -222,6 +233,46 @@ impl Metrics {
                 "KV tokens dropped by preemption (each recomputed when its session runs again)",
             )
             .unwrap(),
+            sched_ttft_s: HistogramVec::new(
+                HistogramOpts::new(
+                    "scheduler_ttft_seconds",
+                    "Decode request received to its first token frame, by model and QoS class",
+                )
+                .buckets(LATENCY_BUCKETS_S.to_vec()),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_tpot_s: HistogramVec::new(
+                HistogramOpts::new(
+                    "scheduler_tpot_seconds",
+                    "Time per output token (between consecutive token frames of a decode), by model and QoS class",
+                )
+                .buckets(LATENCY_BUCKETS_S.to_vec()),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_sessions_admitted: IntGaugeVec::new(
+                Opts::new("scheduler_admitted_sessions", "Sessions seated in the model's last step, by QoS class"),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_sessions_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_waiting_sessions",
+                    "Sessions with work not seated in the model's last step, by QoS class",
+                ),
+                &["model", "class"],
+            )
+            .unwrap(),
+            sched_queued_tokens: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_queued_tokens",
+                    "Tokens of work waiting when the model's last step was formed (unfed input, one per decode), by \
+                     QoS class",
+                ),
+                &["model", "class"],
+            )
+            .unwrap(),
             extra: Arc::new(Mutex::new(Vec::new())),
             registry,
         };
@@ -255,6 +306,11 @@ impl Metrics {
         r.register(Box::new(m.breakpoint_held_bytes.clone())).unwrap();
         r.register(Box::new(m.sessions_preempted_total.clone())).unwrap();
         r.register(Box::new(m.preempted_tokens_total.clone())).unwrap();
+        r.register(Box::new(m.sched_ttft_s.clone())).unwrap();
+        r.register(Box::new(m.sched_tpot_s.clone())).unwrap();
+        r.register(Box::new(m.sched_sessions_admitted.clone())).unwrap();
+        r.register(Box::new(m.sched_sessions_waiting.clone())).unwrap();
+        r.register(Box::new(m.sched_queued_tokens.clone())).unwrap();
         m
     }
 

@@ -73,6 +73,9 @@ struct SessionMeta {
     blocks: usize,
     last_used: u64,
     pinned_epoch: u64,
+    /// Swap-out order: lower goes first (a QoS class: batch before interactive before
+    /// realtime); then least recently used. 0 for every session unless the caller sets it.
+    evict_rank: u8,
 }
 
 /// Read access to every session's block table, borrowable next to `&mut ScratchArena`.
@@ -304,6 +307,13 @@ impl<B: Backend> Vmu<B> {
     pub fn session_tokens(&self, id: SessionId) -> Result<usize, VmuError> {
         self.block_tables().tokens(id)
     }
+    /// Sets the session's swap-out rank: sessions of a lower rank are swapped out first, then
+    /// the least recently used (the one victim policy, [`Vmu::make_room_for_step`]).
+    pub fn set_evict_rank(&mut self, id: SessionId, rank: u8) -> Result<(), VmuError> {
+        let idx = self.lookup(id)?;
+        self.sessions[idx].evict_rank = rank;
+        Ok(())
+    }
     pub fn residency(&self, id: SessionId) -> Result<Residency, VmuError> {
         let m = self.block_tables().meta(id)?;
         Ok(if m.swapped { Residency::Swapped } else { Residency::Resident })
@@ -392,6 +402,7 @@ impl<B: Backend> Vmu<B> {
         self.tick += 1;
         m.last_used = self.tick;
         m.pinned_epoch = 0;
+        m.evict_rank = 0;
         self.sessions_open += 1;
         Ok(idx as usize)
     }
@@ -704,20 +715,21 @@ impl<B: Backend> Vmu<B> {
     }
 
     /// Whether [`Self::make_room`] could make `need` device blocks free without swapping out a
-    /// session `keep` names: a dry run of the one victim policy (least recently used first,
-    /// whole sessions, each only if it fits in what is left of the host pool). Changes nothing.
+    /// session `keep` names: a dry run of the one victim policy (lowest `evict_rank`, then least
+    /// recently used first, whole sessions, each only if it fits in what is left of the host
+    /// pool). Changes nothing.
     pub fn room_possible(&self, need: usize, keep: impl Fn(SessionId) -> bool) -> bool {
         let (mut free, mut host) = (self.free_blocks.len(), self.host_free.len());
-        // Candidates in make_room's order: (last_used, index) ascending. The host pool only
+        // Candidates in make_room's order: ((evict_rank, last_used), index) ascending. The host pool only
         // shrinks, so a session too large for it now stays too large: one pass suffices.
-        let mut after: Option<(u64, usize)> = None;
+        let mut after: Option<((u8, u64), usize)> = None;
         while free < need {
-            let mut next: Option<(u64, usize)> = None;
+            let mut next: Option<((u8, u64), usize)> = None;
             for (i, m) in self.sessions.iter().enumerate() {
                 if !m.open || m.swapped || m.blocks == 0 || m.pinned_epoch == self.epoch || keep(self.id_of(i)) {
                     continue;
                 }
-                let key = (m.last_used, i);
+                let key = ((m.evict_rank, m.last_used), i);
                 if after.is_some_and(|a| key <= a) || next.is_some_and(|n| n <= key) {
                     continue;
                 }
@@ -736,22 +748,24 @@ impl<B: Backend> Vmu<B> {
         true
     }
 
-    /// Frees device blocks until `need` are free, swapping out least-recently-used sessions
-    /// that are resident, unpinned, not `requester`, own at least one unshared block, and fit in
-    /// the host pool. The only swap victim policy: the engine's steps use it too.
+    /// Frees device blocks until `need` are free, swapping out sessions that are resident,
+    /// unpinned, not `requester`, own at least one unshared block, and fit in the host pool:
+    /// the lowest `evict_rank` first, then the least recently used. The only swap victim
+    /// policy: the engine's steps use it too.
     fn make_room(&mut self, need: usize, requester: usize) -> Result<(), VmuError> {
         while self.free_blocks.len() < need {
-            let mut victim: Option<(u64, usize)> = None;
+            let mut victim: Option<((u8, u64), usize)> = None;
             for (i, m) in self.sessions.iter().enumerate() {
                 if !m.open || m.swapped || i == requester || m.pinned_epoch == self.epoch || m.blocks == 0 {
                     continue;
                 }
-                if m.blocks > self.host_free.len() || victim.is_some_and(|(lu, _)| lu <= m.last_used) {
+                let key = (m.evict_rank, m.last_used);
+                if m.blocks > self.host_free.len() || victim.is_some_and(|(k, _)| k <= key) {
                     continue;
                 }
                 let row = self.row(i);
                 if self.tables[row..row + m.blocks].iter().any(|&b| self.refcount[b as usize] == 1) {
-                    victim = Some((m.last_used, i));
+                    victim = Some((key, i));
                 }
             }
             let Some((_, v)) = victim else {

@@ -192,6 +192,7 @@ impl SessionService {
         metrics: &Metrics,
     ) -> Result<Arc<SessionService>, SessionStartError> {
         let dtype = cfg.model_dtype().map_err(|e| SessionStartError::Config(e.to_string()))?;
+        let qos = engine_loop::QosPolicy::from_config(cfg).map_err(SessionStartError::Config)?;
         let mut models = Vec::with_capacity(cfg.models.len());
         // Without --host-swap-mb: a bounded share of the host's memory, split between the models.
         let host_default = djinn_model::host_swap_default_bytes() / cfg.models.len().max(1);
@@ -289,7 +290,7 @@ impl SessionService {
                 gauge: metrics.conn_outbound_frames.clone(),
             },
         });
-        let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, metrics.clone());
+        let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, qos, metrics.clone());
         let t = std::thread::Builder::new()
             .name("djinn-engine".into())
             .spawn(move || lp.run())

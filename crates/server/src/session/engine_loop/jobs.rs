@@ -15,14 +15,14 @@ impl<B: Backend> EngineLoop<B> {
             _ => None,
         };
         let r = match req {
-            Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens),
+            Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens, Class::of(r.qos, r.deadline_ms)),
             Request::Attach(id) => self.attach(ans, &tenant, id),
             Request::Prefill(r) => self.prefill(ans, &tenant, r.session, r.input),
             Request::Append(r) => self.append(ans, &tenant, r.session, &r.role, &r.text),
             Request::Decode(r) => self.decode(ans, &tenant, r),
             Request::Cancel(id) => self.cancel(ans, &tenant, id),
             Request::Close(id) => self.close(ans, &tenant, id),
-            Request::Logits(r) => self.logits(ans, &r.model, &r.ids),
+            Request::Logits(r) => self.logits(ans, &r.model, r.ids),
             Request::HiddenRead(r) => self.hidden_read(ans, &tenant, r),
             Request::HiddenWrite(r, bytes) => self.hidden_write(ans, &tenant, r, &bytes),
             Request::Resume(id) => self.resume(ans, &tenant, id),
@@ -53,6 +53,7 @@ impl<B: Backend> EngineLoop<B> {
         tenant: TenantId,
         model: &str,
         max_tokens: u32,
+        class: Class,
     ) -> Result<(), (Answer, Refusal)> {
         let m = match self.model_index(model) {
             Ok(m) => m,
@@ -83,6 +84,13 @@ impl<B: Backend> EngineLoop<B> {
                 return Err((ans, Refusal::new(e.status(), e.to_string())));
             }
         };
+        // Swap victims by (class, recency): batch sessions go to host memory before interactive
+        // ones, realtime last.
+        let rank = (Class::Batch as u8) - (class as u8);
+        if let Err(e) = self.models[m].engine.set_swap_rank(vs, rank) {
+            let _ = self.models[m].engine.close_session(vs);
+            return Err((ans, Refusal::new(model_status(&e), e.to_string())));
+        }
         let id = self.new_id();
         self.sessions.insert(
             id,
@@ -99,6 +107,8 @@ impl<B: Backend> EngineLoop<B> {
                 work: Work::Idle,
                 cancel: false,
                 recomputable: true,
+                class,
+                since: Instant::now(),
                 quota,
             },
         );
@@ -130,6 +140,7 @@ impl<B: Backend> EngineLoop<B> {
             return Ok(());
         }
         s.work = Work::Feed { ans, added: new.len() as u32, base };
+        s.since = Instant::now();
         self.order.push_back(id);
         Ok(())
     }
@@ -316,6 +327,7 @@ impl<B: Backend> EngineLoop<B> {
             return Ok(());
         }
         s.work = Work::Decode(Box::new(state));
+        s.since = Instant::now();
         self.order.push_back(r.session);
         Ok(())
     }
@@ -341,12 +353,12 @@ impl<B: Backend> EngineLoop<B> {
         Ok(())
     }
 
-    pub(super) fn logits(&mut self, ans: Answer, model: &str, ids: &[u32]) -> Result<(), (Answer, Refusal)> {
+    pub(super) fn logits(&mut self, ans: Answer, model: &str, ids: Vec<u32>) -> Result<(), (Answer, Refusal)> {
         let m = match self.model_index(model) {
             Ok(m) => m,
             Err(r) => return Err((ans, r)),
         };
-        let lm = &mut self.models[m];
+        let lm = &self.models[m];
         let vocab = lm.info.vocab as usize;
         let bytes = ids.len() as u64 * vocab as u64 * 4;
         let bad = if ids.is_empty() {
@@ -363,16 +375,11 @@ impl<B: Backend> EngineLoop<B> {
         if let Some(msg) = bad {
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
-        let r = lm.engine.open_session().and_then(|sid| {
-            let r = lm.engine.prefill(sid, ids, true, &mut self.logits);
-            let closed = lm.engine.close_session(sid);
-            r.and(closed)
-        });
-        if let Err(e) = r {
-            return Err((ans, Refusal::new(model_status(&e), e.to_string())));
+        if self.logits_jobs.len() >= self.max_sessions {
+            let msg = format!("{} Logits requests are waiting (max_sessions): retry later", self.logits_jobs.len());
+            return Err((ans, Refusal::new(Status::Busy, msg)));
         }
-        let meta = LogitsReply { rows: ids.len() as u32, vocab: vocab as u32 }.to_meta();
-        ans.ok(&meta, &[f32_bytes(&self.logits)]);
+        self.logits_jobs.push_back(LogitsJob::new(ans, m, ids));
         Ok(())
     }
 }

@@ -112,6 +112,7 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     pub(super) fn drain(&mut self) {
+        self.drain_logits();
         let ids: Vec<u64> = self.order.iter().copied().collect();
         for id in ids {
             self.end_work(id, Err((Status::ShuttingDown, "server is shutting down")), FinishWire::Cancelled);

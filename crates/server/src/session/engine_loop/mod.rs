@@ -2,19 +2,22 @@
 //!
 //! Modules, one concept each: [`session`] (a session's state and its work), [`answer`] (replies
 //! and refusals), [`jobs`] (turning requests into work), [`tokenize`] (input to token ids),
-//! [`schedule`] (forming and running a batched step), [`stream`] (token frames), [`lifecycle`]
-//! (ending work, leases, drain), [`preempt`] (preemption by recomputation, the last resort for
-//! KV memory). This file holds the loop itself.
+//! [`qos`] (classes and the step policy), [`schedule`] (forming and running a batched step),
+//! [`logits`] (`Logits` requests fed in chunks between steps), [`stream`] (token frames),
+//! [`lifecycle`] (ending work, leases, drain), [`preempt`] (preemption by recomputation, the last
+//! resort for KV memory), [`breakpoint`] (input passes paused at layers). This file holds the
+//! loop itself.
 //!
 //! Each iteration: take the queued jobs (open, prefill, decode, ... answered at once or turned
 //! into session work), end the work of closed connections and cancelled decodes, close sessions
-//! whose lease ran out, then for each model run ONE batched `Engine::step_sample` over every ready
-//! session's work in FCFS order — a decode step (one token) or a prefill chunk — within the step's
-//! token budget and the KV memory that fits now (`Engine::batch_fits`; sessions that do not fit
-//! wait their turn, idle ones are swapped out by the VMU, LRU; when nothing fits and the host
-//! pool is full, one session's KV is dropped and later rebuilt from its tokens). After the step
-//! it queues the token frames and replies. It parks on the queue's condvar only when no session
-//! can make progress.
+//! whose lease ran out, then for each model: the next part of any breakpoint pass, ONE batched
+//! `Engine::step_sample` over the ready sessions' work as the scheduler plans it (`qos`: decodes
+//! first, prompt chunks bounded per step, classes with shares; `fcfs`: arrival order) within the
+//! step's token budget and the KV memory that fits now (`Engine::batch_fits`; sessions that do
+//! not fit wait their turn, idle ones are swapped out by the VMU, lowest class then LRU; when
+//! nothing fits and the host pool is full, one session's KV is dropped and later rebuilt from its
+//! tokens), then one chunk of the oldest `Logits` request. After the step it queues the token
+//! frames and replies. It parks on the queue's condvar only when no session can make progress.
 //!
 //! Session token invariant: `tokens` holds every token of the session; the KV cache holds
 //! `tokens[..kv]`. At rest `tokens.len() - kv ≤ 1`: the last token stays pending until a decode
@@ -32,7 +35,9 @@ mod answer;
 mod breakpoint;
 mod jobs;
 mod lifecycle;
+mod logits;
 mod preempt;
+mod qos;
 mod schedule;
 mod session;
 mod stream;
@@ -60,7 +65,11 @@ use crate::auth::TenantId;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 
+pub(crate) use qos::QosPolicy;
+
 use answer::{kv_bytes, model_status, Answer, Refusal};
+use logits::LogitsJob;
+use qos::{Candidate, Class, Scheduler};
 use session::{DecodeState, Session, Work};
 use stream::f32_bytes;
 
@@ -80,6 +89,11 @@ pub(crate) struct EngineLoop<B: Backend> {
     sessions: HashMap<u64, Session>,
     /// Sessions with work, in arrival order of that work (FCFS).
     order: VecDeque<u64>,
+    /// The step scheduler and its QoS settings.
+    qos: QosPolicy,
+    /// `Logits` requests, fed a chunk per iteration between steps (the first one holds the
+    /// engine's spare session); at most `max_sessions`, more are refused `Busy`.
+    logits_jobs: VecDeque<LogitsJob>,
     max_sessions: usize,
     /// Per-tenant quotas, checked where a session is opened.
     quotas: Arc<crate::quota::Quotas>,
@@ -95,6 +109,9 @@ pub(crate) struct EngineLoop<B: Backend> {
     // Per-step buffers, reused (capacity set at start-up).
     batch: Vec<(u64, usize)>,
     fit: Vec<(djinn_model::SessionId, usize)>,
+    cands: Vec<Candidate>,
+    grant: Vec<usize>,
+    plan_scratch: Vec<usize>,
     params: Vec<SampleParams>,
     meta: Vec<u8>,
     sampled: Vec<u32>,
@@ -106,6 +123,7 @@ impl<B: Backend> EngineLoop<B> {
         svc: Arc<SessionService>,
         models: Vec<LoadedModel<B>>,
         cfg: &ServerConfig,
+        qos: QosPolicy,
         metrics: Metrics,
     ) -> Self {
         EngineLoop {
@@ -113,6 +131,8 @@ impl<B: Backend> EngineLoop<B> {
             models,
             sessions: HashMap::with_capacity(cfg.max_sessions),
             order: VecDeque::with_capacity(cfg.max_sessions),
+            qos,
+            logits_jobs: VecDeque::with_capacity(cfg.max_sessions),
             max_sessions: cfg.max_sessions,
             quotas: crate::quota::Quotas::new(cfg),
             paused: 0,
@@ -124,6 +144,9 @@ impl<B: Backend> EngineLoop<B> {
             ids_next: 1,
             batch: Vec::with_capacity(cfg.max_sessions),
             fit: Vec::with_capacity(cfg.max_sessions),
+            cands: Vec::with_capacity(cfg.max_sessions),
+            grant: Vec::with_capacity(cfg.max_sessions),
+            plan_scratch: Vec::with_capacity(cfg.max_sessions),
             params: Vec::with_capacity(cfg.max_sessions),
             meta: Vec::with_capacity(256),
             sampled: Vec::with_capacity(cfg.max_sessions),
@@ -143,7 +166,7 @@ impl<B: Backend> EngineLoop<B> {
             }
             self.sweep();
             if let Some(deadline) = drain {
-                if self.order.is_empty() || Instant::now() >= deadline {
+                if (self.order.is_empty() && self.logits_jobs.is_empty()) || Instant::now() >= deadline {
                     self.drain();
                     self.svc.mark_stopped();
                     return;
@@ -154,6 +177,9 @@ impl<B: Backend> EngineLoop<B> {
             for m in 0..self.models.len() {
                 progressed |= self.step_breakpoints(m);
                 progressed |= self.step_model(m);
+                // A Logits request's next chunk between steps: it never holds the loop for
+                // more than one chunk.
+                progressed |= self.step_logits(m);
             }
             self.publish();
         }
@@ -163,10 +189,10 @@ impl<B: Backend> EngineLoop<B> {
     /// progress (none has work, or all wait for their connections to drain). Returns the drain
     /// deadline once the server drains.
     fn take_jobs(&mut self, into: &mut VecDeque<Job>, stalled: bool) -> Option<Instant> {
-        let idle = self.order.is_empty() || stalled;
+        let idle = (self.order.is_empty() && self.logits_jobs.is_empty()) || stalled;
         let deadline = self.next_deadline();
         let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let drained = q.drain_deadline.is_some() && self.order.is_empty();
+        let drained = q.drain_deadline.is_some() && self.order.is_empty() && self.logits_jobs.is_empty();
         if idle && q.jobs.is_empty() && !q.kicked && !drained {
             let deadline = match (deadline, q.drain_deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),

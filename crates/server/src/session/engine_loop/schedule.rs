@@ -1,15 +1,128 @@
-//! Scheduling: one batch per model per iteration, first come first served within the step's token
-//! budget and the KV memory that fits now; decodes whose connection cannot take more frames wait
-//! (paused). When nothing can run for want of KV, one session is preempted by recomputation
-//! ([`super::preempt`]). A failed step changed no session (the engine rolls back), so the oldest
-//! is retried alone.
+//! Batch formation: one batch per model per iteration, planned by the scheduler in force — `qos`
+//! ([`super::qos`]: decode first, prompts in chunks, classes with shares) or `fcfs` (first come
+//! first served within the step's token budget) — within the KV memory that fits now; decodes
+//! whose connection cannot take more frames wait (paused). When nothing can run for want of KV,
+//! one session is preempted by recomputation ([`super::preempt`]). A failed step changed no
+//! session (the engine rolls back), so the first is retried alone.
 
 use super::*;
 
 impl<B: Backend> EngineLoop<B> {
+    /// Picks this model's batch with the scheduler in force. Returns the session that cannot
+    /// fit even alone (nothing else could be seated).
+    pub(super) fn form_batch(
+        &mut self,
+        m: usize,
+        batch: &mut Vec<(u64, usize)>,
+        fit: &mut Vec<(djinn_model::SessionId, usize)>,
+        paused: &mut usize,
+    ) -> Option<u64> {
+        match self.qos.scheduler {
+            Scheduler::Fcfs => self.form_batch_fcfs(m, batch, fit, paused),
+            Scheduler::Qos => self.form_batch_qos(m, batch, fit, paused),
+        }
+    }
+
+    /// The qos plan ([`QosPolicy::plan`]) over every session of model `m` with work.
+    fn form_batch_qos(
+        &mut self,
+        m: usize,
+        batch: &mut Vec<(u64, usize)>,
+        fit: &mut Vec<(djinn_model::SessionId, usize)>,
+        paused: &mut usize,
+    ) -> Option<u64> {
+        let now = Instant::now();
+        let (mut cands, mut grant) = (std::mem::take(&mut self.cands), std::mem::take(&mut self.grant));
+        cands.clear();
+        let mut queued = [0i64; 3];
+        for &id in &self.order {
+            let s = &self.sessions[&id];
+            if s.model != m {
+                continue;
+            }
+            let (need, decode) = match &s.work {
+                Work::Idle => continue,
+                // Its input pass runs alone, part by part ([`super::breakpoint`]).
+                Work::Decode(d) if d.brk.is_some() => continue,
+                Work::Decode(d) if d.ans.conn.out.is_full() => {
+                    *paused += 1;
+                    continue;
+                }
+                Work::Feed { .. } => (s.tokens.len() - 1 - s.kv, false),
+                Work::Decode(_) => {
+                    let left = s.tokens.len() - s.kv;
+                    (left, left == 1)
+                }
+            };
+            queued[s.class as usize] += need as i64;
+            let class = self.qos.effective(s.class, s.since, now);
+            cands.push(Candidate { key: id, class, need, decode, since: s.since });
+        }
+        batch.clear();
+        fit.clear();
+        let eng = &self.models[m].engine;
+        let sessions = &self.sessions;
+        let mut first_refused = None;
+        let scratch = &mut self.plan_scratch;
+        self.qos.plan(&mut cands, eng.max_step_tokens(), self.max_sessions, &mut grant, scratch, |c, n| {
+            let vs = sessions[&c.key].vs;
+            let ok = match fit.iter().position(|f| f.0 == vs) {
+                Some(p) => {
+                    let old = std::mem::replace(&mut fit[p].1, n);
+                    let ok = eng.batch_fits(fit);
+                    if !ok {
+                        fit[p].1 = old;
+                    }
+                    ok
+                }
+                None => {
+                    fit.push((vs, n));
+                    let ok = eng.batch_fits(fit);
+                    if !ok {
+                        fit.pop();
+                    }
+                    ok
+                }
+            };
+            if !ok {
+                first_refused.get_or_insert(c.key);
+            }
+            ok
+        });
+        let mut admitted = [0i64; 3];
+        let mut waiting = [0i64; 3];
+        for (c, &g) in cands.iter().zip(&grant) {
+            let class = self.sessions[&c.key].class as usize;
+            if g > 0 {
+                batch.push((c.key, g));
+                admitted[class] += 1;
+            } else {
+                waiting[class] += 1;
+            }
+        }
+        let model = self.models[m].info.name.as_str();
+        for class in Class::ALL {
+            let l = [model, class.name()];
+            self.metrics.sched_sessions_admitted.with_label_values(&l).set(admitted[class as usize]);
+            self.metrics.sched_sessions_waiting.with_label_values(&l).set(waiting[class as usize]);
+            self.metrics.sched_queued_tokens.with_label_values(&l).set(queued[class as usize]);
+        }
+        for &(id, _) in batch.iter() {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.since = now;
+            }
+        }
+        self.cands = cands;
+        self.grant = grant;
+        if batch.is_empty() {
+            return first_refused;
+        }
+        None
+    }
+
     /// Picks this model's batch: FCFS over sessions with work, within the step's token and
     /// sequence budgets and the KV memory that fits now.
-    pub(super) fn form_batch(
+    fn form_batch_fcfs(
         &self,
         m: usize,
         batch: &mut Vec<(u64, usize)>,

@@ -53,6 +53,10 @@ pub(super) struct Session {
     /// true unless the KV holds something the tokens do not say (e.g. a patched hidden state),
     /// which whoever patches it must clear.
     pub(super) recomputable: bool,
+    /// Its QoS class (from the open's class and deadline).
+    pub(super) class: Class,
+    /// When its work was last seated in a step, or arrived: escalation and fairness.
+    pub(super) since: Instant,
     /// The tenant's quota this session holds (sessions_max, and the KV bytes of its tokens plus
     /// what its running request may add, against kv_bytes_max); given back on drop.
     pub(super) quota: crate::quota::Ticket,

@@ -39,10 +39,15 @@ impl<B: Backend> EngineLoop<B> {
         let bytes = d.ans.send(Opcode::SessionToken, Status::Ok, w.as_bytes(), full);
         self.meta = w.finish();
         let now = Instant::now();
+        let labels = [self.models[m].info.name.as_str(), s.class.name()];
         if index == 0 {
-            self.metrics.ttft_s.observe(now.duration_since(d.ans.received).as_secs_f64());
+            let t = now.duration_since(d.ans.received).as_secs_f64();
+            self.metrics.ttft_s.observe(t);
+            self.metrics.sched_ttft_s.with_label_values(&labels).observe(t);
         } else {
-            self.metrics.token_latency_s.observe(now.duration_since(d.last).as_secs_f64());
+            let t = now.duration_since(d.last).as_secs_f64();
+            self.metrics.token_latency_s.observe(t);
+            self.metrics.sched_tpot_s.with_label_values(&labels).observe(t);
         }
         d.last = now;
         self.metrics.tokens_generated_total.with_label_values(&[&self.models[m].info.name]).inc();
