@@ -7,7 +7,7 @@
 //! [`settings`]), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
-//! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`watchdog`] (connection deadlines),
+//! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`openai`] (the OpenAI-compatible HTTP API), [`watchdog`] (connection deadlines),
 //! [`staging`] (the bounded staging pool), [`quota`] (per-tenant quotas), [`throttle`]
 //! (rate-limited logging).
 
@@ -17,6 +17,7 @@ mod conn;
 pub mod exec;
 pub mod http;
 pub mod metrics;
+pub mod openai;
 pub mod quota;
 pub mod server;
 pub mod session;
