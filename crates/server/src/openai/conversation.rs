@@ -29,6 +29,7 @@ use crate::session::{ConnLink, Request, SessionService};
 
 const RID_OPEN: u64 = 1;
 const RID_DECODE: u64 = 2;
+const RID_CLOSE: u64 = 3;
 
 /// Where an exchange is.
 #[derive(Debug, PartialEq, Eq)]
@@ -249,6 +250,10 @@ impl Exchange {
         let op = f.header.opcode.get();
         if status != Status::Ok {
             let msg = ErrorReply::decode_bytes(&f.meta).message;
+            if let (SessionMode::New, Some(id)) = (self.plan.session, self.session) {
+                // The client never learns the id of a session whose first request failed: close it.
+                let _ = self.submit(svc, RID_CLOSE, Opcode::SessionClose, Request::Close(id));
+            }
             self.fail(out, &ApiError::from_status(status, &msg), keep_alive);
             return;
         }

@@ -185,11 +185,11 @@ impl<B: Backend> Front<B> {
                 if c.out_pos < c.out.len() {
                     events |= libc::POLLOUT;
                 }
-                if c.ex.is_none() && !c.close_after {
-                    events |= libc::POLLIN;
-                } else {
-                    // Only to learn that the client went away.
+                if c.ex.is_some() {
+                    // Only to learn that the client went away (a request is not read meanwhile).
                     events |= libc::POLLRDHUP;
+                } else if !c.close_after {
+                    events |= libc::POLLIN;
                 }
                 fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
                 slots.push(i);
@@ -233,9 +233,11 @@ impl<B: Backend> Front<B> {
             }
             let now = Instant::now();
             for i in 0..cap {
-                let expired = self.conns[i].as_ref().is_some_and(|c| {
-                    c.dead || (c.ex.is_none() && c.out_pos >= c.out.len() && now.duration_since(c.since) > self.timeout)
-                });
+                // Between requests `since` is when the last answer was queued: idle, or an answer
+                // the client does not read, ends after the timeout.
+                let expired = self.conns[i]
+                    .as_ref()
+                    .is_some_and(|c| c.dead || (c.ex.is_none() && now.duration_since(c.since) > self.timeout));
                 if expired {
                     self.close(i);
                 }
