@@ -86,6 +86,9 @@ fn serve<B: djinn_backend::Backend>(cfg: ServerConfig, backend: B) -> anyhow::Re
         // One line per listener on stdout, so scripts and tests can find resolved ports.
         println!("listening {url}");
     }
+    if let Some(a) = server.http_api_addr() {
+        println!("http-api http://{a}");
+    }
     if let Some(a) = server.metrics_addr() {
         println!("metrics http://{a}");
     }

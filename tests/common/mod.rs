@@ -80,6 +80,8 @@ pub struct ServerProc {
     child: Option<Child>,
     pub urls: Vec<String>,
     pub metrics: Option<String>,
+    /// The OpenAI-compatible HTTP API's address (`--http-listen`).
+    pub http_api: Option<String>,
     stderr_path: PathBuf,
 }
 
@@ -103,6 +105,7 @@ impl ServerProc {
         configure(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| format!("spawning {BIN}: {e}"))?;
         let want_metrics = args.contains(&"--metrics-listen");
+        let want_api = args.contains(&"--http-listen");
         let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -114,9 +117,12 @@ impl ServerProc {
                 }
             }
         });
-        let mut proc = ServerProc { child: Some(child), urls: Vec::new(), metrics: None, stderr_path };
+        let mut proc = ServerProc { child: Some(child), urls: Vec::new(), metrics: None, http_api: None, stderr_path };
         let deadline = Instant::now() + START_TIMEOUT;
-        while proc.urls.len() < listeners || (want_metrics && proc.metrics.is_none()) {
+        while proc.urls.len() < listeners
+            || (want_metrics && proc.metrics.is_none())
+            || (want_api && proc.http_api.is_none())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
@@ -124,6 +130,8 @@ impl ServerProc {
                         proc.urls.push(u.trim().to_owned());
                     } else if let Some(m) = line.strip_prefix("metrics http://") {
                         proc.metrics = Some(m.trim().to_owned());
+                    } else if let Some(a) = line.strip_prefix("http-api http://") {
+                        proc.http_api = Some(a.trim().to_owned());
                     }
                 }
                 Err(_) => {

@@ -223,6 +223,19 @@ crate::settings! {
     qos_max_sessions: Vec<usize> = Vec::new(), value = "N";
     /// qos: milliseconds a request waits unseated before it is promoted one class.
     qos_escalation_ms: u64 = 800;
+    /// HOST:PORT of the OpenAI-compatible HTTP API (/v1/models, /v1/completions,
+    /// /v1/chat/completions, /healthz); without it there is none.
+    http_listen: Option<String> = None, value = "HOST:PORT";
+    /// HTTP API connections held at once (one thread serves them all); a new one beyond it closes
+    /// the oldest idle one, or is answered 429 when every one is serving a request.
+    http_api_conns_max: usize = 256;
+    /// HTTP API requests served at once over all clients; more are answered 429.
+    http_api_requests_max: usize = 64;
+    /// Largest HTTP API request body, bytes; larger ones are answered 413.
+    http_api_body_bytes_max: usize = 1 << 20, value = "BYTES";
+    /// Milliseconds an HTTP API connection may take to send a request, and may stay idle between
+    /// requests; then it is closed.
+    http_api_timeout_ms: u64 = 30_000;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

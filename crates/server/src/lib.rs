@@ -7,8 +7,9 @@
 //! [`settings`]), [`auth`] (tenants, tokens), [`server`] (start-up,
 //! accept, drain), `conn` (one connection's reader and dispatch), [`tensors`] (per-tenant handle
 //! tables and quotas), [`exec`] (op graphs through the backend), [`session`] (models, sessions,
-//! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`watchdog`] (connection deadlines),
-//! [`staging`] (the bounded staging pool), [`lanes`] (the backend handles Execs run on), [`quota`] (per-tenant quotas), [`throttle`]
+//! the engine loop), [`metrics`] (Prometheus), [`http`] (`/healthz`, `/metrics`), [`openai`] (the
+//! OpenAI-compatible HTTP API), [`watchdog`] (connection deadlines), [`staging`] (the bounded
+//! staging pool), [`lanes`] (the backend handles Execs run on), [`quota`] (per-tenant quotas), [`throttle`]
 //! (rate-limited logging).
 
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod exec;
 pub mod http;
 pub mod lanes;
 pub mod metrics;
+pub mod openai;
 pub mod quota;
 pub mod server;
 pub mod session;

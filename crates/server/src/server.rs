@@ -64,6 +64,8 @@ pub enum ServerError {
     Listen { url: String, source: TransportError },
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    HttpApi(#[from] crate::openai::HttpApiError),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
     #[error("installing signal handlers: {0}")]
@@ -115,6 +117,8 @@ pub struct Server<B: Backend> {
     shared: Arc<Shared<B>>,
     accepts: Vec<AcceptThread>,
     http: Option<HttpEndpoint>,
+    /// The OpenAI-compatible HTTP API (`http_listen`).
+    api: Option<crate::openai::HttpApi>,
     watchdog: WatchdogThread,
 }
 
@@ -203,7 +207,15 @@ impl<B: Backend> Server<B> {
             }
             None => None,
         };
-        let mut server = Server { shared: shared.clone(), accepts: Vec::new(), http, watchdog: watchdog_thread };
+        let api = match &shared.cfg.http_listen {
+            Some(addr) => {
+                let a = crate::openai::HttpApi::start(shared.clone(), addr)?;
+                tracing::info!(addr = %a.addr, "serving the OpenAI-compatible HTTP API");
+                Some(a)
+            }
+            None => None,
+        };
+        let mut server = Server { shared: shared.clone(), accepts: Vec::new(), http, api, watchdog: watchdog_thread };
         for mut l in listeners {
             let url = l.url();
             let stop = l.stopper();
@@ -224,6 +236,11 @@ impl<B: Backend> Server<B> {
     /// The URLs clients connect to (ports resolved when `:0` was asked for).
     pub fn urls(&self) -> Vec<String> {
         self.accepts.iter().map(|a| a.url.clone()).collect()
+    }
+
+    /// The bound address of the HTTP API, if any.
+    pub fn http_api_addr(&self) -> Option<String> {
+        self.api.as_ref().map(|a| a.addr.clone())
     }
 
     /// The bound address of the metrics endpoint, if any.
@@ -280,6 +297,9 @@ impl<B: Backend> Server<B> {
         }
         if let Some(h) = &mut self.http {
             h.stop();
+        }
+        if let Some(a) = &mut self.api {
+            a.stop();
         }
         self.watchdog.stop();
         tracing::info!(connections = sh.connections_active.load(Ordering::Relaxed), "drained");

@@ -49,10 +49,17 @@ impl Conversation {
     /// e.g. cut by a stop string) the text the template adds after the previous render is
     /// tokenized on its own.
     pub fn new_turn(&mut self, tok: &TextTokenizer, held: &[u32], role: &str, text: &str) -> Result<Vec<u32>, String> {
-        self.fits(text.len())?;
+        self.new_turns(tok, held, &[(role, text)])
+    }
+
+    /// [`Conversation::new_turn`] for several turns at once (the HTTP front's messages, assistant
+    /// turns of a history included), rendered together with one generation prompt after the last;
+    /// undone with [`Conversation::pop_turns`].
+    pub fn new_turns(&mut self, tok: &TextTokenizer, held: &[u32], turns: &[(&str, &str)]) -> Result<Vec<u32>, String> {
+        self.fits(turns.iter().map(|(_, t)| t.len()).sum())?;
         let prev: Vec<(&str, &str)> = self.turns.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
         let mut all = prev.clone();
-        all.push((role, text));
+        all.extend_from_slice(turns);
         let full = tok.apply_chat_messages(&all, true).map_err(|e| e.to_string())?;
         let ids = tok.encode(&full, false).map_err(|e| e.to_string())?;
         let new = if ids.starts_with(held) {
@@ -68,9 +75,18 @@ impl Conversation {
                 None => return Err("the chat template does not render the conversation incrementally".into()),
             }
         };
-        self.turns.push((role.to_owned(), text.to_owned()));
-        self.bytes += text.len();
+        for (role, text) in turns {
+            self.turns.push(((*role).to_owned(), (*text).to_owned()));
+            self.bytes += text.len();
+        }
         Ok(new)
+    }
+
+    /// Undoes the last `n` turns recorded (their tokens were refused).
+    pub fn pop_turns(&mut self, n: usize) {
+        for _ in 0..n {
+            self.pop_turn();
+        }
     }
 
     /// Undoes the last [`Conversation::new_turn`] (its tokens were refused).

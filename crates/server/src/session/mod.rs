@@ -18,7 +18,7 @@
 
 mod chat;
 mod engine_loop;
-mod outbound;
+pub(crate) mod outbound;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -57,11 +57,19 @@ pub enum SessionStartError {
     Thread(std::io::Error),
 }
 
+/// Who takes a connection's queued frames.
+pub enum Sink {
+    /// The connection's writer thread sends them on its transport.
+    Writer(ReplyTx),
+    /// The owner pulls them ([`outbound::Outbound::pop`]); called on every push and on close.
+    Pull(djinn_transport::ConnectionClose),
+}
+
 /// The sending side of one connection as sessions see it: its outbound queue, whether it is open,
 /// and how to close it.
 pub struct ConnLink {
     pub id: u64,
-    pub tx: ReplyTx,
+    pub sink: Sink,
     alive: AtomicBool,
     /// Requests of this connection in progress (the connection's `max_inflight_per_conn`).
     pub inflight: Arc<AtomicUsize>,
@@ -130,6 +138,9 @@ pub enum Request {
     Prefill(SessionPrefillReq),
     Append(SessionAppendReq),
     Decode(SessionDecodeReq),
+    /// A decode whose input is several chat turns (the HTTP front's messages; the request's own
+    /// feed is ignored): every turn is recorded, the generation prompt follows the last.
+    Chat(SessionDecodeReq, Vec<(String, String)>),
     Cancel(u64),
     Close(u64),
     Logits(LogitsReq),
@@ -304,11 +315,30 @@ impl SessionService {
         let closer = tx.lock().unwrap_or_else(|p| p.into_inner()).closer();
         Arc::new(ConnLink {
             id,
-            tx,
+            sink: Sink::Writer(tx),
             alive: AtomicBool::new(true),
             inflight,
             out: outbound::Outbound::new(self.outbound.clone()),
             closer,
+            svc: Arc::downgrade(self),
+        })
+    }
+
+    /// The session side of an in-process front (the HTTP front): frames are pulled by its owner,
+    /// and `wake` is called when one is queued or the link is closed from the engine side.
+    pub fn link_pull(
+        self: &Arc<Self>,
+        id: u64,
+        wake: djinn_transport::ConnectionClose,
+        inflight: Arc<AtomicUsize>,
+    ) -> Arc<ConnLink> {
+        Arc::new(ConnLink {
+            id,
+            sink: Sink::Pull(wake.clone()),
+            alive: AtomicBool::new(true),
+            inflight,
+            out: outbound::Outbound::new(self.outbound.clone()),
+            closer: Some(wake),
             svc: Arc::downgrade(self),
         })
     }

@@ -15,6 +15,9 @@
 //!   costs two copies of its bytes and no allocation.
 //! - The writer thread is started on the first frame and ends when the connection closes or a
 //!   send fails; it holds the connection's `ReplyTx` only while sending one frame.
+//! - A pull link (the HTTP front, [`crate::openai`]) has no writer thread: a push calls its
+//!   waker and the front takes frames with [`Outbound::pop`] from its own event loop, with the
+//!   same bounds, pause and stall rules.
 //! - `djinn_conn_outbound_frames` counts the frames queued over all connections.
 
 use std::collections::VecDeque;
@@ -49,10 +52,11 @@ pub enum PushError {
     Closed,
 }
 
-struct Frame {
-    header: FrameHeader,
-    meta: Vec<u8>,
-    data: Vec<u8>,
+/// One queued frame (a pull link reads it, then gives it back with [`Outbound::recycle`]).
+pub struct Frame {
+    pub header: FrameHeader,
+    pub meta: Vec<u8>,
+    pub data: Vec<u8>,
 }
 
 struct State {
@@ -141,6 +145,11 @@ impl Outbound {
         }
         st.queue.push_back(f);
         out.limits.gauge.inc();
+        if let super::Sink::Pull(wake) = &link.sink {
+            drop(st);
+            wake();
+            return Ok(());
+        }
         if !st.writer_started {
             st.writer_started = true;
             let l = link.clone();
@@ -173,6 +182,30 @@ impl Outbound {
     fn gauge_sub(&self, n: usize) {
         self.limits.gauge.sub(n as i64);
     }
+
+    /// A pull link's next frame (the front sends it, then calls [`Outbound::recycle`]). Counts
+    /// as progress: the stall clock restarts, and paused sessions resume below the mark.
+    pub(crate) fn pop(link: &ConnLink) -> Option<Frame> {
+        let out = &link.out;
+        let mut st = out.lock();
+        let f = st.queue.pop_front()?;
+        out.gauge_sub(1);
+        st.progress = Instant::now();
+        let resumed = st.queue.len() + 1 == out.limits.frames_max;
+        drop(st);
+        if resumed {
+            link.kick();
+        }
+        Some(f)
+    }
+
+    /// Gives a popped frame's buffers back for reuse.
+    pub(crate) fn recycle(&self, f: Frame) {
+        let mut st = self.lock();
+        if st.spare.len() < self.limits.frames_cap {
+            st.spare.push(f);
+        }
+    }
 }
 
 /// The writer thread of `link`: sends queued frames in order until the connection closes.
@@ -193,7 +226,8 @@ fn writer(link: &Arc<ConnLink>) {
         };
         let data: &[&[u8]] = &[&f.data];
         let frame = OutFrame { header: f.header, meta: &f.meta, data: if f.data.is_empty() { &[] } else { data } };
-        let r = link.tx.lock().unwrap_or_else(|p| p.into_inner()).send(&frame);
+        let super::Sink::Writer(tx) = &link.sink else { return };
+        let r = tx.lock().unwrap_or_else(|p| p.into_inner()).send(&frame);
         let mut st = out.lock();
         out.gauge_sub(1);
         if st.spare.len() < out.limits.frames_cap {

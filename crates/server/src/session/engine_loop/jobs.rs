@@ -19,7 +19,8 @@ impl<B: Backend> EngineLoop<B> {
             Request::Attach(id) => self.attach(ans, &tenant, id),
             Request::Prefill(r) => self.prefill(ans, &tenant, r.session, r.input),
             Request::Append(r) => self.append(ans, &tenant, r.session, &r.role, &r.text),
-            Request::Decode(r) => self.decode(ans, &tenant, r),
+            Request::Decode(r) => self.decode(ans, &tenant, r, None),
+            Request::Chat(r, turns) => self.decode(ans, &tenant, r, Some(turns)),
             Request::Cancel(id) => self.cancel(ans, &tenant, id),
             Request::Close(id) => self.close(ans, &tenant, id),
             Request::Logits(r) => self.logits(ans, &r.model, r.ids),
@@ -213,6 +214,7 @@ impl<B: Backend> EngineLoop<B> {
         ans: Answer,
         tenant: &TenantId,
         r: SessionDecodeReq,
+        turns: Option<Vec<(String, String)>>,
     ) -> Result<(), (Answer, Refusal)> {
         let s = match self.lookup_idle(tenant, r.session, &ans.conn) {
             Ok(s) => s,
@@ -223,13 +225,20 @@ impl<B: Backend> EngineLoop<B> {
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
         let (base, max_tokens, m) = (s.tokens.len(), s.max_tokens, s.model);
-        let is_turn = matches!(r.feed, DecodeFeed::Turn { .. });
+        let turns_added = match (&turns, &r.feed) {
+            (Some(t), _) => t.len(),
+            (None, DecodeFeed::Turn { .. }) => 1,
+            (None, _) => 0,
+        };
         let new = match &r.feed {
+            _ if turns.is_some() => self.tokenize_turns(r.session, turns.as_deref().unwrap_or_default()),
             DecodeFeed::None => Ok(Vec::new()),
             DecodeFeed::Ids(ids) => Ok(ids.clone()),
             DecodeFeed::Text(text) => self.tokenize_raw(r.session, text),
             DecodeFeed::Turn { role, text } => self.tokenize_turn(r.session, role, text),
         };
+        // Turns are recorded only when they tokenized; those are undone on a later refusal.
+        let recorded = if new.is_ok() { turns_added } else { 0 };
         // Input with no room to generate after it is refused rather than left unfed: the loop
         // feeds a decode's input only in the step that samples its first token.
         let new = new.and_then(|new| match new.is_empty() || (r.max_new_tokens > 0 && base + new.len() < max_tokens) {
@@ -263,11 +272,9 @@ impl<B: Backend> EngineLoop<B> {
             Ok(new)
         });
         if let Err(e) = new.and_then(|new| self.add_tokens(r.session, &new)) {
-            if is_turn {
-                // The turn was recorded before its tokens were refused.
-                if let Some(s) = self.sessions.get_mut(&r.session) {
-                    s.conv.pop_turn();
-                }
+            // The turns were recorded before their tokens were refused.
+            if let Some(s) = self.sessions.get_mut(&r.session) {
+                s.conv.pop_turns(recorded);
             }
             return Err((ans, e));
         }
@@ -276,19 +283,15 @@ impl<B: Backend> EngineLoop<B> {
             Err(e) => {
                 let s = self.sessions.get_mut(&r.session).expect("looked up above");
                 s.tokens.truncate(base);
-                if is_turn {
-                    s.conv.pop_turn();
-                }
+                s.conv.pop_turns(recorded);
                 return Err((ans, e));
             }
         };
         let s = self.sessions.get_mut(&r.session).expect("looked up above");
         let prompt_tokens = (s.tokens.len() - base) as u32;
         if s.tokens.len() == s.kv {
-            if is_turn {
-                // A turn that added no token leaves no trace either.
-                s.conv.pop_turn();
-            }
+            // A turn that added no token leaves no trace either.
+            s.conv.pop_turns(recorded);
             let msg = "nothing to decode from: prefill or append input first";
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
@@ -297,7 +300,7 @@ impl<B: Backend> EngineLoop<B> {
         let state = DecodeState {
             prompt_tokens,
             base,
-            turn: is_turn,
+            turns: turns_added,
             params: SampleParams {
                 temperature: r.temperature.max(0.0),
                 top_k: r.top_k,

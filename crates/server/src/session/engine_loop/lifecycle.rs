@@ -41,8 +41,8 @@ impl<B: Backend> EngineLoop<B> {
                 if d.produced == 0 {
                     // Undo what of the decode's own input was not fed (as a feed's undo does); a
                     // chat turn none of which was fed leaves the conversation too.
-                    if d.turn && s.kv <= d.base {
-                        s.conv.pop_turn();
+                    if d.turns > 0 && s.kv <= d.base {
+                        s.conv.pop_turns(d.turns);
                     }
                     s.tokens.truncate(d.base.max(s.kv));
                 }

@@ -10,8 +10,8 @@ pub(super) struct DecodeState {
     /// decode fails before anything of it was fed).
     pub(super) prompt_tokens: u32,
     pub(super) base: usize,
-    /// The input was a chat turn (recorded in the conversation).
-    pub(super) turn: bool,
+    /// Chat turns the input recorded in the conversation (0: not a chat turn).
+    pub(super) turns: usize,
     pub(super) params: SampleParams,
     pub(super) max_new: u32,
     pub(super) produced: u32,

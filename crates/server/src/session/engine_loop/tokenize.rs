@@ -64,4 +64,26 @@ impl<B: Backend> EngineLoop<B> {
         };
         s.conv.new_turn(tok, &s.tokens, role, text).map_err(|e| Refusal::new(Status::BadArgument, e))
     }
+
+    /// The tokens several chat turns feed (every role but the last may be "assistant": a history
+    /// sent whole); all are recorded (the caller pops them if the tokens are refused).
+    pub(super) fn tokenize_turns(&mut self, id: u64, turns: &[(String, String)]) -> Result<Vec<u32>, Refusal> {
+        let last = turns.len().checked_sub(1).ok_or_else(|| Refusal::new(Status::BadArgument, "no messages"))?;
+        for (i, (role, _)) in turns.iter().enumerate() {
+            let ok = matches!(role.as_str(), "user" | "system") || (role == "assistant" && i < last);
+            if !ok {
+                let msg = format!(
+                    "message {i}: role {role:?}; messages are \"system\", \"user\" or (before the last) \"assistant\""
+                );
+                return Err(Refusal::new(Status::BadArgument, msg));
+            }
+        }
+        let s = self.sessions.get_mut(&id).expect("caller looked it up");
+        let Some(tok) = self.models[s.model].tok.as_ref().filter(|t| t.has_chat_template()) else {
+            let msg = "this model has no tokenizer with a chat template: feed ids or text instead";
+            return Err(Refusal::new(Status::BadArgument, msg));
+        };
+        let turns: Vec<(&str, &str)> = turns.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
+        s.conv.new_turns(tok, &s.tokens, &turns).map_err(|e| Refusal::new(Status::BadArgument, e))
+    }
 }
