@@ -7,15 +7,19 @@ same GGUF files, in one run.
 2. Logits: for each file and each reference prompt, the last position's logits of both engines
    (same prompt ids): top-1 agreement and the max |difference| over the vocabulary.
 3. Batch-1 greedy decode tok/s of both engines on each file, interleaved rounds, `--threads`
-   threads each; best round of each, ratio ours / llama.cpp, and the load average.
+   threads each; the median round of each and their ratio ours / llama.cpp (the best rounds'
+   ratio beside it), and the load average.
 
 Setup: pip install llama-cpp-python (builds llama.cpp); scripts/fetch_smollm2.sh (the GGUF).
 Usage: scripts/bench_quant_vs_llamacpp.py [--tokens 128] [--threads 2] [--repeats 3]
-           [--bin target/release/djinn-dataplane]
+           [--bin target/release/djinn-dataplane] [--baseline-bin OLD_BINARY]
+--baseline-bin adds a third engine to every round (e.g. a build before a kernel change) and
+reports ours / it.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 
@@ -74,8 +78,8 @@ def our_logits(args, path, ids):
     return json.loads(out.strip().splitlines()[-1])["logits"][-1]
 
 
-def our_rate(args, path, ids):
-    cmd = [args.bin, "generate", "--model-dir", path, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens",
+def our_rate(args, path, ids, binary=None):
+    cmd = [binary or args.bin, "generate", "--model-dir", path, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens",
            str(args.tokens), "--ignore-eos", "--json", "--threads", str(args.threads), "--gpus", "cpu"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
@@ -99,6 +103,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "djinn-dataplane"))
+    ap.add_argument("--baseline-bin")
     args = ap.parse_args()
     files = {"Q4_1": SHIPPED, "Q4_K_M": make_q4_k_m()}
     for name, path in files.items():
@@ -117,22 +122,33 @@ def main():
             print(f"  {name} logits {p[:32]!r:36} top-1 ours {top_a} llama.cpp {top_b}, max |diff| {err:.4f}"
                   f" (max |logit| {max(abs(x) for x in b):.2f})")
         ids = llm.tokenize(DECODE_PROMPT.encode(), add_bos=False)
-        ours_best, theirs_best, loads = 0.0, 0.0, []
+        ours, theirs, base, loads = [], [], [], []
         for _ in range(args.repeats):
             r, _ = our_rate(args, path, ids)
-            ours_best = max(ours_best, r)
+            ours.append(r)
+            if args.baseline_bin:
+                r, _ = our_rate(args, path, ids, args.baseline_bin)
+                base.append(r)
             r, _ = llama_rate(llm, ids, args.tokens)
-            theirs_best = max(theirs_best, r)
+            theirs.append(r)
             loads.append(os.getloadavg()[0])
-        results[name] = (ours_best, theirs_best, worst, agree, loads)
+        results[name] = (ours, theirs, worst, agree, loads, base)
         del llm
-    print(f"\nbatch-1 greedy decode, {args.tokens} tokens, {args.threads} threads, best of {args.repeats} interleaved rounds")
-    print("| file | ours tok/s | llama.cpp tok/s | ratio | top-1 agree | max logit diff | load avg (1 min) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (o, t, w, a, loads) in results.items():
-        print(f"| {name} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {a}/{len(PROMPTS)} | {w:.4f} | "
-              f"{min(loads):.1f}-{max(loads):.1f} |")
-
+    print(f"\nbatch-1 greedy decode, {args.tokens} tokens, {args.threads} threads, {args.repeats} interleaved rounds")
+    print("| file | ours tok/s (median) | llama.cpp tok/s (median) | ratio of medians | ratio of best rounds |"
+          " top-1 agree | max logit diff | load avg (1 min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (o, t, w, a, loads, _) in results.items():
+        om, tm = statistics.median(o), statistics.median(t)
+        print(f"| {name} | {om:.1f} | {tm:.1f} | {om / tm:.2f}x | {max(o) / max(t):.2f}x | {a}/{len(PROMPTS)} | "
+              f"{w:.4f} | {min(loads):.1f}-{max(loads):.1f} |")
+    if args.baseline_bin:
+        print(f"\nagainst {args.baseline_bin} in the same rounds")
+        print("| file | baseline tok/s (median) | ours / baseline (medians) | baseline / llama.cpp (medians) |")
+        print("|---|---|---|---|")
+        for name, (o, t, _, _, _, b) in results.items():
+            bm = statistics.median(b)
+            print(f"| {name} | {bm:.1f} | {statistics.median(o) / bm:.2f}x | {bm / statistics.median(t):.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 //! `/metrics` after a real session: the exposition passes `promtool check metrics` (Debian's
 //! `prometheus` package; without promtool the trial is reported as ignored, with the reason),
 //! carries the session series (queue depth, prompt tokens, end-to-end latency, `model` labels),
-//! the node as one `djinn_target_info` series, and the renamed series under both names.
+//! the node as one `djinn_target_info` series, and the renamed series under both names, label
+//! values in snake_case beside the wire-cased series of the previous release.
 
 mod common;
 
@@ -36,7 +37,10 @@ fn series_are_there() {
     for (name, want) in [
         ("djinn_prompt_tokens_total{model=\"gqa\"}", Some(3.0)),
         ("djinn_tokens_generated_total{model=\"gqa\"}", Some(4.0)),
+        ("djinn_session_request_duration_seconds_count{opcode=\"session_decode\"}", Some(1.0)),
         ("djinn_session_request_duration_seconds_count{opcode=\"SessionDecode\"}", Some(1.0)),
+        ("djinn_requests_total{opcode=\"session_open\"}", Some(1.0)),
+        ("djinn_requests_total{opcode=\"SessionOpen\"}", Some(1.0)),
         ("djinn_session_queue_depth", None),
         ("djinn_target_info{node=\"djinn-0\"", Some(1.0)),
         ("djinn_kv_peak_used_bytes{model=\"gqa\"}", None),

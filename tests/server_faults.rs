@@ -358,8 +358,8 @@ fn healthz_and_metrics(t: Transport) {
     }
     assert!(body.contains("node=\"node-under-test\""));
     assert_eq!(metric(&body, "djinn_connections_active "), Some(1.0));
-    assert!(metric(&body, "djinn_requests_total{opcode=\"Ping\"").unwrap() >= 2000.0);
-    assert_eq!(metric(&body, "djinn_errors_total{kind=\"BadHandle\""), Some(1.0));
+    assert!(metric(&body, "djinn_requests_total{opcode=\"ping\"").unwrap() >= 2000.0);
+    assert_eq!(metric(&body, "djinn_errors_total{kind=\"bad_handle\""), Some(1.0));
     assert!(metric(&body, "djinn_bytes_received_total ").unwrap() > 2000.0 * HEADER_LEN as f64);
     assert_eq!(metric(&body, "djinn_tensors_live "), Some(1.0));
     // The server's own time for empty requests, from the histogram buckets (upper bound of the

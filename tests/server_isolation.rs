@@ -142,6 +142,8 @@ fn stalled_reader_pauses_only_itself(t: Transport) {
     let srv = server(
         t,
         &[
+            "--dtype",
+            "f32",
             "--model",
             &model_flag(),
             "--auth-token-file",
@@ -197,6 +199,8 @@ fn sigterm_ends_within_the_drain_deadline(t: Transport) {
     let srv = server(
         t,
         &[
+            "--dtype",
+            "f32",
             "--model",
             &model_flag(),
             "--auth-token-file",
@@ -250,8 +254,19 @@ fn sigterm_ends_within_the_drain_deadline(t: Transport) {
 /// on past the lease that exit starts, because the owner is still attached.
 fn lease_follows_every_attachment(t: Transport) {
     let tokens = tenants_file();
-    let srv =
-        server(t, &["--model", &model_flag(), "--auth-token-file", tokens.to_str().unwrap(), "--session-lease-s", "1"]);
+    let srv = server(
+        t,
+        &[
+            "--dtype",
+            "f32",
+            "--model",
+            &model_flag(),
+            "--auth-token-file",
+            tokens.to_str().unwrap(),
+            "--session-lease-s",
+            "1",
+        ],
+    );
     let mut owner = connect(srv.url(), "tok-alice");
     let s = owner.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(5, 4);
@@ -274,7 +289,7 @@ fn lease_follows_every_attachment(t: Transport) {
 /// tokens exceed 32; smaller requests are served.
 fn only_what_cannot_fit_is_refused(t: Transport) {
     // 2 layers × K,V × 2 kv heads × 16 tokens × 16 dims × 4 B = 8 KiB per block.
-    let srv = server(t, &["--model", &model_flag(), "--kv-capacity-mb", "0.015625"]);
+    let srv = server(t, &["--dtype", "f32", "--model", &model_flag(), "--kv-capacity-mb", "0.015625"]);
     let mut c = common::connect(srv.url());
     let mut opts = OpenOptions::new(MODEL);
     opts.max_tokens = 40;
@@ -293,7 +308,7 @@ fn only_what_cannot_fit_is_refused(t: Transport) {
 
 /// Temperature 1e-40 (its inverse overflows f32) decodes greedily, not a repeated last id.
 fn tiny_temperature_is_greedy(t: Transport) {
-    let srv = server(t, &["--model", &model_flag()]);
+    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
     let mut c = common::connect(srv.url());
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(7, 5);
@@ -493,6 +508,8 @@ fn chaos_run(t: Transport, c: &Chaos, tokens: &Path) -> (f64, Duration, u64) {
         url.as_str(),
         "--gpus",
         gpus.as_str(),
+        "--dtype",
+        "f32",
         "--model",
         flag.as_str(),
         "--auth-token-file",

@@ -105,6 +105,8 @@ fn decode_first(t: Transport) {
         &[
             "--model",
             &model_flag(),
+            "--dtype",
+            "f32",
             "--max-step-tokens",
             "256",
             "--prefill-chunk-tokens",
@@ -152,7 +154,7 @@ fn wait_feeding(metrics: &str) {
 /// 40 tokens while every batch session still has tokens to go, and every batch session made
 /// progress meanwhile (no class starves). Tokens equal the engine's.
 fn qos_realtime_over_batch(t: Transport) {
-    let srv = server(t, &["--model", &model_flag(), "--qos-realtime-step-tokens", "4"]);
+    let srv = server(t, &["--model", &model_flag(), "--dtype", "f32", "--qos-realtime-step-tokens", "4"]);
     let url = srv.url().to_owned();
     let batch_counts: Arc<Mutex<Vec<Vec<Instant>>>> = Arc::new(Mutex::new(vec![Vec::new(); 6]));
     let mut hs = Vec::new();
@@ -202,7 +204,7 @@ fn qos_realtime_over_batch(t: Transport) {
 /// A stream keeps producing tokens while a 2000-token Logits request is scored (in chunks
 /// between its steps), and the logits are the bits of one in-process prefill of every position.
 fn logits_batched_with_streams(t: Transport) {
-    let srv = server(t, &["--model", &model_flag(), "--prefill-chunk-tokens", "8"]);
+    let srv = server(t, &["--model", &model_flag(), "--dtype", "f32", "--prefill-chunk-tokens", "8"]);
     let url = srv.url().to_owned();
     let times = Arc::new(Mutex::new(Vec::new()));
     let stream = {
@@ -246,6 +248,8 @@ fn fcfs_still_works(t: Transport) {
         &[
             "--model",
             &model_flag(),
+            "--dtype",
+            "f32",
             "--scheduler",
             "fcfs",
             "--max-step-tokens",

@@ -126,7 +126,7 @@ fn prompt(seed: u32, n: usize) -> Vec<u32> {
 // ---- bodies ------------------------------------------------------------------------------------
 
 fn decode_matches_engine(t: Transport) {
-    let srv = server(t, &["--model", &model_flag()]);
+    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
     let mut c = connect(srv.url(), None);
     assert_eq!(c.capabilities().models, vec![MODEL.to_owned()]);
     let info = c.open_session(&OpenOptions::new(MODEL)).unwrap();
@@ -199,7 +199,7 @@ fn decode_matches_engine(t: Transport) {
 }
 
 fn streaming_cancel(t: Transport) {
-    let srv = server(t, &["--model", &model_flag()]);
+    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
     let mut c = connect(srv.url(), None);
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     c.prefill(s, Input::Ids(&prompt(2, 5))).unwrap();
@@ -235,7 +235,7 @@ fn streaming_cancel(t: Transport) {
 }
 
 fn multi_turn(t: Transport) {
-    let srv = server(t, &["--model", &model_flag()]);
+    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
     let mut c = connect(srv.url(), None);
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let r1 = c.append_turn(s, "user", "w10 w11 w12").unwrap();
@@ -261,7 +261,10 @@ fn multi_turn(t: Transport) {
 /// chunks, chat turns, and refusals that leave the session as it was.
 fn generate_in_one_request(t: Transport) {
     // A step budget of 4 tokens makes a 9-token prompt take three steps.
-    let srv = server(t, &["--model", &model_flag(), "--max-step-tokens", "4", "--metrics-listen", "127.0.0.1:0"]);
+    let srv = server(
+        t,
+        &["--dtype", "f32", "--model", &model_flag(), "--max-step-tokens", "4", "--metrics-listen", "127.0.0.1:0"],
+    );
     let steps_total = || {
         let (_, body) = http_get(srv.metrics.as_deref().unwrap(), "/metrics");
         metric(&body, "djinn_engine_steps_total").expect("djinn_engine_steps_total in /metrics")
@@ -323,7 +326,7 @@ fn generate_in_one_request(t: Transport) {
 
 fn attach_and_tenants(t: Transport) {
     let tokens = tenants_file();
-    let srv = server(t, &["--model", &model_flag(), "--auth-token-file", tokens.to_str().unwrap()]);
+    let srv = server(t, &["--dtype", "f32", "--model", &model_flag(), "--auth-token-file", tokens.to_str().unwrap()]);
     let mut a = connect(srv.url(), Some("tok-alice"));
     let s = a.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(3, 6);
@@ -349,6 +352,8 @@ fn faults(t: Transport) {
     let srv = server(
         t,
         &[
+            "--dtype",
+            "f32",
             "--model",
             &model_flag(),
             "--auth-token-file",
@@ -447,6 +452,8 @@ fn memory_pressure(t: Transport) {
     let srv = server(
         t,
         &[
+            "--dtype",
+            "f32",
             "--model",
             &model_flag(),
             "--kv-capacity-mb",

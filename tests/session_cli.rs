@@ -48,7 +48,7 @@ fn generate_matches_in_process(t: Transport) {
     let srv = model_server(t);
     let local = bin()
         .args(generate_args())
-        // The server computes in the stored dtype; in process `generate` would pick bf16.
+        // The server computes in f32 (`model_server`); in process `generate` would pick bf16.
         .args(["--gpus", "cpu", "--threads", "1", "--dtype", "stored", "--model-dir"])
         .arg(model_dir())
         .output()
@@ -112,7 +112,7 @@ fn text_and_chat_match_in_process(t: Transport) {
     let dir = std::env::temp_dir().join(common::unique_name("tiny"));
     tiny_model::write(&dir, 5).unwrap();
     let spec = format!("tiny={}", dir.display());
-    let srv = server(t, &["--model", &spec]);
+    let srv = server(t, &["--dtype", "f32", "--model", &spec]);
     for chat in [false, true] {
         let mut base = vec!["generate", "--json", "--prompt", "Hello there, data plane!", "--max-new-tokens", "16"];
         if chat {
@@ -227,8 +227,22 @@ fn logs_are_json_lines_with_one_line_per_request(t: Transport) {
     assert!(log.contains("server ready") && !log.contains('\x1b'), "ANSI escapes in a log file:\n{log}");
 }
 
+/// With no `--dtype`, `serve` computes as in-process `generate` does (bf16 for this f32
+/// checkpoint): the same greedy tokens, and the load log names the dtype.
+fn serve_defaults_to_generate_s_dtype(t: Transport) {
+    let srv = server(t, &["--model", &format!("{MODEL}={}", model_dir().display())]);
+    let local = bin().args(generate_args()).args(["--gpus", "cpu", "--model-dir"]).arg(model_dir()).output().unwrap();
+    let local = json_of("generate --model-dir", local);
+    let remote = bin().args(generate_args()).args(["--server", srv.url(), "--model", MODEL]).output().unwrap();
+    let remote = json_of("generate --server", remote);
+    assert_eq!(remote["tokens"], local["tokens"], "serve's default dtype vs generate's over {}", t.name());
+    let log = srv.stderr();
+    assert!(log.contains("dtype=bf16") || log.contains("\"dtype\":\"bf16\""), "no dtype=bf16 in the load log:\n{log}");
+}
+
 fn main() {
     common::run_trials(vec![
+        ("serve_defaults_to_generate_s_dtype", Some(Transport::Tcp), serve_defaults_to_generate_s_dtype),
         ("generate_matches_in_process", None, generate_matches_in_process),
         ("logits_match_in_process", None, logits_match_in_process),
         ("text_and_chat_match_in_process", None, text_and_chat_match_in_process),

@@ -121,7 +121,9 @@ def tokens_file(tmp_path_factory) -> Path:
 
 def start_server(tmp_path_factory, tiny_model: Path, *extra: str, listen: str = "tcp://127.0.0.1:0") -> Server:
     log = tmp_path_factory.mktemp("log") / "server.stderr"
-    return Server(["--model", f"tiny={tiny_model}", "--model", f"raw={SRC_MODEL}", *extra], log, listen)
+    # f32 as stored: the suite compares with transformers' f32 reference (serve defaults to bf16).
+    args = ["--dtype", "f32"] if "--dtype" not in extra else []
+    return Server([*args, "--model", f"tiny={tiny_model}", "--model", f"raw={SRC_MODEL}", *extra], log, listen)
 
 
 @pytest.fixture(scope="session")

@@ -114,9 +114,7 @@ pub fn parse_dtype(s: &Option<String>) -> anyhow::Result<Option<DType>> {
     })
 }
 
-/// `generate`'s compute dtype: the flag's, else bf16 for an f32 safetensors checkpoint (decode
-/// streams every weight once per token, so half the bytes is nearly twice the speed), else as
-/// stored. A GGUF file keeps its own path (its weights are converted when it is opened).
+/// `generate`'s compute dtype: the flag's, else [`djinn_model::fast_dtype`].
 pub fn generate_dtype(
     flag: &Option<String>,
     path: &std::path::Path,
@@ -125,8 +123,7 @@ pub fn generate_dtype(
     if flag.is_some() {
         return parse_dtype(flag);
     }
-    let all_f32 = ck.names().filter_map(|n| ck.get(n)).all(|t| t.dtype == DType::F32);
-    Ok((path.is_dir() && all_f32).then_some(DType::BF16))
+    Ok(djinn_model::fast_dtype(path, ck))
 }
 
 /// The sampling seed: `--seed`, else a random one.

@@ -200,9 +200,13 @@ pub fn test_backend_kind() -> &'static str {
 }
 
 /// A server serving the model directory `dir` under `name` (plus `extra` args), as [`server`].
+/// It computes in f32 (`serve` would pick bf16 for an f32 checkpoint), so its sessions can be
+/// compared with in-process f32 runs.
 pub fn model_server(t: Transport, name: &str, dir: &std::path::Path, extra: &[&str]) -> ServerProc {
     let spec = format!("{name}={}", dir.display());
-    let mut args = vec!["--model", spec.as_str()];
+    // f32 unless the test names a dtype: these servers are compared with in-process f32 runs.
+    let mut args = if extra.contains(&"--dtype") { vec![] } else { vec!["--dtype", "f32"] };
+    args.extend_from_slice(&["--model", spec.as_str()]);
     args.extend_from_slice(extra);
     server(t, &args)
 }

@@ -26,6 +26,6 @@ pub use djinn_vmu::{host_swap_default_bytes, SessionId, VmuError};
 pub use engine::{Engine, EngineOptions};
 pub use error::{ModelError, PassError, Result};
 pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
-pub use source::{open_model, ModelFiles};
+pub use source::{fast_dtype, open_model, ModelFiles};
 pub use tokenizer::{Detokenizer, StopStrings, TextTokenizer};
 pub use weights::WeightLayout;

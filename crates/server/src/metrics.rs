@@ -2,7 +2,9 @@
 //!
 //! Every metric is registered once at start-up in the server's own [`Registry`] (not the global
 //! one, so several servers in one process — tests, benches — do not collide). Label sets are
-//! closed: opcodes and error kinds come from fixed name tables, never from peer input.
+//! closed: opcodes and error kinds come from fixed name tables, never from peer input. Label
+//! values from those tables are snake_case in the exposition (`opcode="session_decode"`), made so
+//! at render time from the tables' wire names (see [`SNAKE_LABELS`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +17,26 @@ use prometheus::{
 /// release (the old one's help says so); drop this table in the next.
 const RENAMED: &[(&str, &str)] =
     &[("djinn_kv_used_bytes_peak", "djinn_kv_peak_used_bytes"), ("djinn_tensor_bytes_live", "djinn_tensor_live_bytes")];
+
+/// Labels whose values come from fixed name tables (opcodes, error kinds, statuses): rendered in
+/// snake_case. The wire-cased series of the previous release (`opcode="SessionDecode"`) are
+/// exported beside them for one release, like [`RENAMED`] (drop them with it): a query summing
+/// over the label counts both until then, so select one casing (`{opcode=~"[a-z_]+"}`).
+const SNAKE_LABELS: &[&str] = &["opcode", "kind"];
+
+/// `SessionDecode` → `session_decode`, `DTypeMismatch` → `dtype_mismatch`; snake_case stays.
+fn snake_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    let mut prev_lower = false;
+    for c in s.chars() {
+        if c.is_ascii_uppercase() && prev_lower {
+            out.push('_');
+        }
+        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
 
 /// Buckets for per-request times, in seconds: 1 µs … 10 s, dense at the low end where the
 /// server's own overhead lives.
@@ -335,6 +357,29 @@ impl Metrics {
                     Some(g) => g.mut_metric().extend(f.take_metric()),
                     None => families.push(f),
                 }
+            }
+        }
+        for f in families.iter_mut() {
+            let mut wire_cased = Vec::new();
+            for m in f.mut_metric().iter_mut() {
+                let old = m.clone();
+                let mut changed = false;
+                for l in m.mut_label().iter_mut().filter(|l| SNAKE_LABELS.contains(&l.name())) {
+                    let snake = snake_case(l.value());
+                    if snake != l.value() {
+                        l.set_value(snake);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    wire_cased.push(old);
+                }
+            }
+            if !wire_cased.is_empty() {
+                let help =
+                    format!("{} (label values snake_case; the wire-cased series go in the next release)", f.help());
+                f.set_help(help);
+                f.mut_metric().extend(wire_cased);
             }
         }
         let mut aliases = Vec::new();

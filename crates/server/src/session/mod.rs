@@ -202,7 +202,7 @@ impl SessionService {
         cfg: &ServerConfig,
         metrics: &Metrics,
     ) -> Result<Arc<SessionService>, SessionStartError> {
-        let dtype = cfg.model_dtype().map_err(|e| SessionStartError::Config(e.to_string()))?;
+        let dtype_choice = cfg.model_dtype().map_err(|e| SessionStartError::Config(e.to_string()))?;
         let qos = engine_loop::QosPolicy::from_config(cfg).map_err(SessionStartError::Config)?;
         let mut models = Vec::with_capacity(cfg.models.len());
         // Without --host-swap-mb: a bounded share of the host's memory, split between the models.
@@ -215,7 +215,8 @@ impl SessionService {
                 dir: spec.dir.display().to_string(),
                 source: Box::new(source),
             };
-            let files = open_model(&spec.dir, dtype).map_err(err)?;
+            let files = open_model(&spec.dir, None).map_err(err)?;
+            let dtype = dtype_choice.for_model(&spec.dir, &files.checkpoint);
             let mcfg = files.cfg.clone();
             let weights = djinn_model::WeightLayout::choose_dtype(&files.checkpoint, dtype).ok();
             let kv_dtype = kv_dtype(backend.info().kind, weights);
@@ -275,7 +276,8 @@ impl SessionService {
             metrics.model_weight_bytes.with_label_values(&[spec.name.as_str(), "file"]).set(file as i64);
             tracing::info!(
                 model = %spec.name, dir = %spec.dir.display(), ms = t0.elapsed().as_millis() as u64,
-                kv_bytes, host_bytes, weights_resident_bytes = resident, weights_file_bytes = file, "model loaded"
+                kv_bytes, host_bytes, weights_resident_bytes = resident, weights_file_bytes = file,
+                dtype = %dtype.map_or("stored".to_owned(), |d| format!("{d:?}").to_lowercase()), "model loaded"
             );
             models.push(engine_loop::LoadedModel { info: info.clone(), engine, tok, eos });
             infos.push(info);

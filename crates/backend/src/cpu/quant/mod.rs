@@ -15,6 +15,11 @@
 //! Parallelism: weight rows are split into chunks over the pool; each worker streams its rows
 //! once, sequentially, and computes all activation rows against each (four at a time, so the
 //! unpacked group is shared).
+//!
+//! Batch invariance: row `r` of an `m`-row product bit-equals the product of row `r` alone.
+//! Each activation row is quantized by itself, and a kernel performs the same operations, in the
+//! same order, for one row whatever the number of rows beside it; chunking splits weight rows,
+//! never a dot product. Preemption by recomputation relies on it.
 
 // Numeric kernels index several parallel arrays with one counter; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
@@ -31,17 +36,22 @@ use super::CpuBackend;
 use crate::quant::{dequantize_row, QuantType, GROUP};
 
 /// 32 activations quantized to `d · qs[i]`, with the sums of `qs` over each half (the kernels
-/// apply the block minimums with them).
+/// apply the block minimums with them: exactly in the portable kernel, as `ds = d · s` in f32
+/// in the vector ones).
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
 pub(crate) struct ActBlock {
     pub qs: [i16; 32],
     pub d: f32,
     pub s: [i32; 2],
+    pub ds: [f32; 2],
 }
 
 /// The largest activation integer.
 pub(crate) const ACT_MAX: f32 = 32767.0;
+
+/// 1.5 · 2^23: see [`quantize_acts`].
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Activation rows the kernels take per weight row.
 pub(crate) const ROWS_MAX: usize = 4;
@@ -56,12 +66,16 @@ pub(crate) fn quantize_acts(x: &[f32], out: &mut [ActBlock]) {
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut s = [0i32; 2];
         for (i, &v) in xb.iter().enumerate() {
-            let q = (v * id).round_ties_even() as i32;
+            // Round half to even without a libm call (`round_ties_even` is one on x86-64 without
+            // SSE4.1): |v · id| ≤ 32767 < 2^22, so adding 1.5 · 2^23 leaves a float whose unit is
+            // 1, and the addition rounds to nearest, ties to even, as `round_ties_even` would.
+            let q = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i32;
             o.qs[i] = q as i16;
             s[i / 16] += q;
         }
         o.d = d;
         o.s = s;
+        o.ds = [d * s[0] as f32, d * s[1] as f32];
     }
 }
 

@@ -71,6 +71,45 @@ fn every_quant_kernel_matches_the_scalar_reference() {
     }
 }
 
+/// Batch invariance (preemption by recomputation relies on it): row `r` of an `m`-row product
+/// bit-equals the product of that row alone, for every kernel, type and batch size.
+#[test]
+fn quant_gemm_rows_are_batch_invariant() {
+    let be = CpuBackend::with_threads(2).unwrap();
+    let mut z = 23u64;
+    let (n, k) = (70, 512);
+    for t in QuantType::ALL {
+        let wf: Vec<f32> = (0..n * k).map(|_| lcg(&mut z)).collect();
+        let mut wq = vec![0u8; n * t.row_bytes(k).unwrap()];
+        quantize_row(t, &wf, &mut wq);
+        let m = 9;
+        let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 3.0).collect();
+        for level in simd_levels_available() {
+            let mut alone = vec![0f32; m * n];
+            for r in 0..m {
+                let ra = Raw { ptr: x[r * k..].as_mut_ptr() as *mut u8, dtype: DType::F32, len: k };
+                let rc = Raw { ptr: alone[r * n..].as_mut_ptr() as *mut u8, dtype: DType::F32, len: n };
+                gemm_at(level, &be, &ra, wq.as_ptr(), t, &rc, 1, n, k);
+            }
+            for rows in 2..=m {
+                let mut c = vec![f32::NAN; rows * n];
+                let ra = Raw { ptr: x.as_mut_ptr() as *mut u8, dtype: DType::F32, len: rows * k };
+                let rc = Raw { ptr: c.as_mut_ptr() as *mut u8, dtype: DType::F32, len: rows * n };
+                gemm_at(level, &be, &ra, wq.as_ptr(), t, &rc, rows, n, k);
+                for (i, (a, b)) in c.iter().zip(&alone).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{level:?} {t} {rows} rows: [{}][{}] {a} vs alone {b}",
+                        i / n,
+                        i % n
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn quant_embedding_is_the_dequantized_row() {
     let mut z = 5u64;
