@@ -52,6 +52,20 @@ impl<B: Backend> EngineLoop<B> {
         }
     }
 
+    /// The oldest session of model `m` whose work could be stepped but for KV memory: not paused
+    /// by its connection's backpressure, not running a breakpoint pass (those run apart).
+    pub(super) fn oldest_waiting(&self, m: usize) -> Option<u64> {
+        self.order.iter().copied().find(|id| {
+            let s = &self.sessions[id];
+            s.model == m
+                && match &s.work {
+                    Work::Idle => false,
+                    Work::Feed { .. } => true,
+                    Work::Decode(d) => d.brk.is_none() && !d.ans.conn.out.is_full(),
+                }
+        })
+    }
+
     /// The session whose KV goes: the least recently used idle one, else the latest arrival
     /// among those with work that cannot run now. Only recomputable sessions of model `m` that
     /// hold KV, never `stuck`.

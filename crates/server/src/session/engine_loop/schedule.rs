@@ -180,7 +180,10 @@ impl<B: Backend> EngineLoop<B> {
         self.fit = fit;
         let progressed = if let Some(stuck) = stuck {
             // Nothing of this model can run: every block is held by sessions that cannot move
-            // (the host swap pool is full too). Last resort: preempt one by recomputation.
+            // (the host swap pool is full too). Last resort: preempt one by recomputation, on
+            // behalf of the oldest waiting session (whichever the scheduler tried first), so the
+            // oldest always makes progress.
+            let stuck = self.oldest_waiting(m).unwrap_or(stuck);
             if !self.preempt_for(m, stuck) {
                 // Only sessions whose KV cannot be rebuilt hold the memory.
                 let st = self.models[m].engine.vmu().stats();
