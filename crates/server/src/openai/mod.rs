@@ -14,7 +14,8 @@
 //! body at most `http_api_body_bytes_max`; requests in flight at most `http_api_requests_max`
 //! server-wide and the tenant's `connections_max` per tenant (429 beyond); a connection must
 //! send each request, and may stay idle between requests, for `http_api_timeout_ms`; bytes
-//! waiting for a socket are bounded by [`OUT_BYTES_MAX`] plus one frame's worth.
+//! waiting for a socket are bounded by [`OUT_BYTES_MAX`] plus one frame's worth, and the kernel holds at
+//! most `http_api_sndbuf_bytes` (SO_SNDBUF) of them, so a client that stops reading pauses soon.
 //!
 //! Modules: [`parse`] (HTTP head, JSON bodies), [`routes`], [`conversation`] (a request on a
 //! session), [`sse`] (answers and event streams), [`errors`] (OpenAI's error shape).
@@ -41,8 +42,9 @@ use crate::session::outbound::Outbound;
 pub use routes::ANONYMOUS_TENANT;
 
 /// Output bytes a connection may have waiting for its socket before this thread stops taking
-/// its frames (its session then pauses in the engine, by the outbound queue's bound).
-pub const OUT_BYTES_MAX: usize = 64 << 10;
+/// its frames (its session then pauses in the engine, by the outbound queue's bound). Small: the
+/// socket's send buffer (`http_api_sndbuf_bytes`) is the reservoir that keeps a reader fed.
+pub const OUT_BYTES_MAX: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP API on {addr}: {msg}")]
@@ -263,6 +265,7 @@ impl<B: Backend> Front<B> {
                 continue;
             }
             let _ = stream.set_nodelay(true);
+            set_sndbuf(&stream, self.sh.cfg.http_api_sndbuf_bytes);
             let slot = match self.conns.iter().position(|c| c.is_none()) {
                 Some(s) => Some(s),
                 None => {
@@ -469,6 +472,26 @@ impl<B: Backend> Front<B> {
             self.serve_input(i);
         }
     }
+}
+
+/// Caps the socket's send buffer at `bytes` (0: leave the kernel's autotuning), so a client that
+/// stops reading backs up into its own outbound queue after `bytes` and not megabytes.
+fn set_sndbuf(stream: &TcpStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    // The kernel doubles the value for its bookkeeping; ask for half to hold about `bytes`.
+    let v = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX).max(1);
+    // SAFETY: passes a pointer to a live local c_int and its size for a socket this stream owns.
+    let _ = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// Writes the connection's output without blocking; returns whether all of it went out.
