@@ -108,7 +108,14 @@ struct Conn {
     close_after: bool,
     /// Close now.
     dead: bool,
+    /// The answer is out and our side shut down: what the client still sends is read and dropped
+    /// until it closes (or [`LINGER`]), so closing with its unread bytes does not reset the
+    /// connection before it has read our answer (a 413 while it is still sending its body).
+    lingering: bool,
 }
+
+/// Longest a connection lingers after its last answer.
+const LINGER: Duration = Duration::from_secs(2);
 
 impl HttpApi {
     pub fn start<B: Backend>(sh: Arc<Shared<B>>, addr: &str) -> Result<HttpApi, HttpApiError> {
@@ -190,7 +197,7 @@ impl<B: Backend> Front<B> {
                 if c.ex.is_some() {
                     // Only to learn that the client went away (a request is not read meanwhile).
                     events |= libc::POLLRDHUP;
-                } else if !c.close_after {
+                } else if !c.close_after || c.lingering {
                     events |= libc::POLLIN;
                 }
                 fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
@@ -237,9 +244,10 @@ impl<B: Backend> Front<B> {
             for i in 0..cap {
                 // Between requests `since` is when the last answer was queued: idle, or an answer
                 // the client does not read, ends after the timeout.
-                let expired = self.conns[i]
-                    .as_ref()
-                    .is_some_and(|c| c.dead || (c.ex.is_none() && now.duration_since(c.since) > self.timeout));
+                let expired = self.conns[i].as_ref().is_some_and(|c| {
+                    let limit = if c.lingering { LINGER } else { self.timeout };
+                    c.dead || (c.ex.is_none() && now.duration_since(c.since) > limit)
+                });
                 if expired {
                     self.close(i);
                 }
@@ -304,6 +312,7 @@ impl<B: Backend> Front<B> {
                 keep_alive: true,
                 close_after: false,
                 dead: false,
+                lingering: false,
             });
         }
     }
@@ -322,6 +331,18 @@ impl<B: Backend> Front<B> {
         let max = parse::HEAD_BYTES_MAX + self.sh.cfg.http_api_body_bytes_max;
         let Some(c) = self.conns[i].as_mut() else { return };
         let mut chunk = [0u8; 16 << 10];
+        if c.lingering {
+            loop {
+                match c.stream.read(&mut chunk) {
+                    Ok(0) => break c.dead = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break c.dead = true,
+                }
+            }
+            return;
+        }
         loop {
             match c.stream.read(&mut chunk) {
                 Ok(0) => {
@@ -415,7 +436,7 @@ impl<B: Backend> Front<B> {
         if let Some(c) = self.conns[i].as_mut() {
             write_out(c);
             if c.close_after && c.out_pos >= c.out.len() {
-                c.dead = true;
+                linger(c);
             }
         }
     }
@@ -467,10 +488,23 @@ impl<B: Backend> Front<B> {
             return;
         }
         if c.close_after {
-            c.dead = true;
+            linger(c);
         } else if !c.inbuf.is_empty() {
             self.serve_input(i);
         }
+    }
+}
+
+/// The last answer is out: shut our side (the client sees the end of the answer) and linger.
+fn linger(c: &mut Conn) {
+    if c.lingering {
+        return;
+    }
+    c.inbuf.clear();
+    c.lingering = true;
+    c.since = Instant::now();
+    if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
+        c.dead = true;
     }
 }
 
