@@ -319,6 +319,124 @@ fn client_gone_ends_its_session() {
     }
 }
 
+/// `qos` (and `deadline_ms`) choose the class of the session a request opens: each class is
+/// served and shows up in the scheduler's per-class metrics; a bad value is a 400 naming it.
+fn qos_classes() {
+    let srv = start(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = srv.metrics.clone().unwrap();
+    // Requests served in `class` so far (its time-to-first-token histogram's count).
+    let served = |class: &str| {
+        let body = common::http_get(&metrics, "/metrics").1;
+        let want = format!("class=\"{class}\"");
+        body.lines()
+            .filter(|l| l.starts_with("djinn_scheduler_ttft_seconds_count") && l.contains(&want))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+    };
+    let mut c = api(&srv);
+    // Background is scheduled as batch; a short deadline serves a batch request as realtime.
+    let cases = [
+        ("realtime", None, "realtime"),
+        ("interactive", None, "interactive"),
+        ("batch", None, "batch"),
+        ("background", None, "batch"),
+        ("batch", Some(20), "realtime"),
+    ];
+    for (qos, deadline, class) in cases {
+        let before = served(class);
+        for stream in [false, true] {
+            let mut body: Value = serde_json::from_str(&chat_body("hi", 2, stream)).unwrap();
+            body["qos"] = json!(qos);
+            if let Some(d) = deadline {
+                body["deadline_ms"] = json!(d);
+            }
+            let r = c.post(CHAT, &body.to_string(), None);
+            assert_eq!(r.code, 200, "qos {qos}: {}", String::from_utf8_lossy(&r.body));
+        }
+        assert_eq!(served(class), before + 2.0, "qos {qos} deadline {deadline:?}: served as {class}");
+    }
+    for (param, v) in [("qos", json!("urgent")), ("qos", json!(3)), ("deadline_ms", json!(-5))] {
+        let mut body: Value = serde_json::from_str(&chat_body("hi", 2, false)).unwrap();
+        body[param] = v.clone();
+        let r = c.post(CHAT, &body.to_string(), None);
+        assert_eq!(r.code, 400, "{param} = {v}");
+        if param != "qos" || v.is_string() {
+            assert_eq!(r.json()["error"]["param"], param, "{param} = {v}");
+        }
+    }
+}
+
+/// A client that stops reading its stream slows nobody: its session pauses once its socket
+/// (`http_api_sndbuf_bytes`) and outbound queue are full, and a binary-protocol client decodes
+/// meanwhile at (about) its solo rate, measured in the same run before and after.
+fn slow_reader_slows_nobody() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let srv = start(&["--metrics-listen", "127.0.0.1:0", "--http-api-sndbuf-bytes", "8192"]);
+    let metrics = srv.metrics.clone().unwrap();
+    let paused = || {
+        common::metric(&common::http_get(&metrics, "/metrics").1, "djinn_sessions_paused_backpressure").unwrap_or(-1.0)
+    };
+    let mut bin = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
+    let sid = bin.open_session(&OpenOptions::new("smollm2")).unwrap().session;
+    bin.generate(
+        sid,
+        Feed::Text("Once upon a time"),
+        &DecodeOptions { max_new_tokens: 1, ..DecodeOptions::default() },
+        |_| true,
+    )
+    .unwrap();
+    let opts = DecodeOptions { max_new_tokens: 48, temperature: 0.0, ignore_eos: true, ..DecodeOptions::default() };
+    let mut rate = || {
+        let t0 = Instant::now();
+        let s = bin.decode(sid, &opts, |_| true).unwrap();
+        f64::from(s.tokens) / t0.elapsed().as_secs_f64()
+    };
+    let solo_before = rate();
+
+    // The slow reader: a tiny receive buffer, reads the response head, then stops reading.
+    let addr = srv.http_api.clone().unwrap();
+    let s = std::net::TcpStream::connect(&addr).unwrap();
+    let small: libc::c_int = 2048;
+    // SAFETY: a pointer to a live local c_int and its size, for a socket `s` owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let body = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    let mut s = s;
+    write!(s, "POST {COMPL} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut head = [0u8; 256];
+    assert!(s.read(&mut head).unwrap() > 0);
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let t0 = Instant::now();
+    while paused() < 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(25), "the stalled stream's session never paused");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let paused_after_s = t0.elapsed().as_secs_f64();
+    let stalled = rate();
+    assert!(paused() >= 1.0, "the stalled session resumed without a reader");
+    drop(s);
+    let solo_after = rate();
+    let solo = (solo_before + solo_after) / 2.0;
+    eprintln!(
+        "slow_reader_slows_nobody: solo {solo_before:.1}/{solo_after:.1} tok/s, beside a stalled stream \
+         {stalled:.1} tok/s ({:.2}x), paused after {:.1} s",
+        stalled / solo,
+        paused_after_s
+    );
+    assert!(stalled >= 0.8 * solo, "{stalled:.1} tok/s beside a stalled reader, {solo:.1} alone");
+}
+
 fn main() {
     let args = Arguments::from_args();
     let missing = (!model_dir().join("config.json").exists())
@@ -326,13 +444,15 @@ fn main() {
     if let Some(why) = &missing {
         eprintln!("NOTE: http_api trials ignored: {why}");
     }
-    let trials: [(&str, fn()); 6] = [
+    let trials: [(&str, fn()); 8] = [
         ("client_gone_ends_its_session", client_gone_ends_its_session),
         ("routes_and_framing", routes_and_framing),
         ("same_text_as_generate", same_text_as_generate),
         ("session_conversation", session_conversation),
         ("error_codes", error_codes),
         ("busy_is_429", busy_is_429),
+        ("qos_classes", qos_classes),
+        ("slow_reader_slows_nobody", slow_reader_slows_nobody),
     ];
     let out = trials
         .into_iter()

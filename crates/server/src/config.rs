@@ -239,6 +239,10 @@ crate::settings! {
     /// Milliseconds an HTTP API connection may take to send a request, and may stay idle between
     /// requests; then it is closed.
     http_api_timeout_ms: u64 = 30_000;
+    /// SO_SNDBUF of each HTTP API connection, bytes (0 = the kernel's autotuned size, which grows
+    /// to megabytes): bounds what a client that stops reading holds in the kernel, so its stream
+    /// backs up into its own outbound queue and its session pauses soon.
+    http_api_sndbuf_bytes: usize = 64 << 10, value = "BYTES";
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use djinn_proto::msg::ErrorReply;
 use djinn_proto::session::{
-    DecodeFeed, FinishWire, LogitsWire, QosWire, SessionDecodeReply, SessionDecodeReq, SessionInfoReply,
-    SessionOpenReq, SessionToken,
+    DecodeFeed, FinishWire, LogitsWire, SessionDecodeReply, SessionDecodeReq, SessionInfoReply, SessionOpenReq,
+    SessionToken,
 };
 use djinn_proto::{Meta, Opcode, Status};
 use serde::Serialize;
@@ -142,9 +142,9 @@ impl Exchange {
             SessionMode::Stateless | SessionMode::New => {
                 let req = SessionOpenReq {
                     model: ex.plan.model.clone(),
-                    qos: QosWire::Interactive,
+                    qos: ex.plan.qos,
                     max_tokens: 0,
-                    deadline_ms: 0,
+                    deadline_ms: ex.plan.deadline_ms,
                 };
                 ex.submit(svc, RID_OPEN, Opcode::SessionOpen, Request::Open(req))?;
             }
@@ -178,7 +178,7 @@ impl Exchange {
             top_k: p.top_k,
             top_p: p.top_p,
             seed: p.seed,
-            ignore_eos: false,
+            ignore_eos: p.ignore_eos,
             logits: LogitsWire::None,
             stop: p.stop.clone(),
             breakpoints: Vec::new(),

@@ -14,7 +14,8 @@
 //! body at most `http_api_body_bytes_max`; requests in flight at most `http_api_requests_max`
 //! server-wide and the tenant's `connections_max` per tenant (429 beyond); a connection must
 //! send each request, and may stay idle between requests, for `http_api_timeout_ms`; bytes
-//! waiting for a socket are bounded by [`OUT_BYTES_MAX`] plus one frame's worth.
+//! waiting for a socket are bounded by [`OUT_BYTES_MAX`] plus one frame's worth, and the kernel holds at
+//! most `http_api_sndbuf_bytes` (SO_SNDBUF) of them, so a client that stops reading pauses soon.
 //!
 //! Modules: [`parse`] (HTTP head, JSON bodies), [`routes`], [`conversation`] (a request on a
 //! session), [`sse`] (answers and event streams), [`errors`] (OpenAI's error shape).
@@ -41,8 +42,9 @@ use crate::session::outbound::Outbound;
 pub use routes::ANONYMOUS_TENANT;
 
 /// Output bytes a connection may have waiting for its socket before this thread stops taking
-/// its frames (its session then pauses in the engine, by the outbound queue's bound).
-pub const OUT_BYTES_MAX: usize = 64 << 10;
+/// its frames (its session then pauses in the engine, by the outbound queue's bound). Small: the
+/// socket's send buffer (`http_api_sndbuf_bytes`) is the reservoir that keeps a reader fed.
+pub const OUT_BYTES_MAX: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP API on {addr}: {msg}")]
@@ -106,7 +108,14 @@ struct Conn {
     close_after: bool,
     /// Close now.
     dead: bool,
+    /// The answer is out and our side shut down: what the client still sends is read and dropped
+    /// until it closes (or [`LINGER`]), so closing with its unread bytes does not reset the
+    /// connection before it has read our answer (a 413 while it is still sending its body).
+    lingering: bool,
 }
+
+/// Longest a connection lingers after its last answer.
+const LINGER: Duration = Duration::from_secs(2);
 
 impl HttpApi {
     pub fn start<B: Backend>(sh: Arc<Shared<B>>, addr: &str) -> Result<HttpApi, HttpApiError> {
@@ -188,7 +197,7 @@ impl<B: Backend> Front<B> {
                 if c.ex.is_some() {
                     // Only to learn that the client went away (a request is not read meanwhile).
                     events |= libc::POLLRDHUP;
-                } else if !c.close_after {
+                } else if !c.close_after || c.lingering {
                     events |= libc::POLLIN;
                 }
                 fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
@@ -235,9 +244,10 @@ impl<B: Backend> Front<B> {
             for i in 0..cap {
                 // Between requests `since` is when the last answer was queued: idle, or an answer
                 // the client does not read, ends after the timeout.
-                let expired = self.conns[i]
-                    .as_ref()
-                    .is_some_and(|c| c.dead || (c.ex.is_none() && now.duration_since(c.since) > self.timeout));
+                let expired = self.conns[i].as_ref().is_some_and(|c| {
+                    let limit = if c.lingering { LINGER } else { self.timeout };
+                    c.dead || (c.ex.is_none() && now.duration_since(c.since) > limit)
+                });
                 if expired {
                     self.close(i);
                 }
@@ -263,6 +273,7 @@ impl<B: Backend> Front<B> {
                 continue;
             }
             let _ = stream.set_nodelay(true);
+            set_sndbuf(&stream, self.sh.cfg.http_api_sndbuf_bytes);
             let slot = match self.conns.iter().position(|c| c.is_none()) {
                 Some(s) => Some(s),
                 None => {
@@ -301,6 +312,7 @@ impl<B: Backend> Front<B> {
                 keep_alive: true,
                 close_after: false,
                 dead: false,
+                lingering: false,
             });
         }
     }
@@ -319,6 +331,18 @@ impl<B: Backend> Front<B> {
         let max = parse::HEAD_BYTES_MAX + self.sh.cfg.http_api_body_bytes_max;
         let Some(c) = self.conns[i].as_mut() else { return };
         let mut chunk = [0u8; 16 << 10];
+        if c.lingering {
+            loop {
+                match c.stream.read(&mut chunk) {
+                    Ok(0) => break c.dead = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break c.dead = true,
+                }
+            }
+            return;
+        }
         loop {
             match c.stream.read(&mut chunk) {
                 Ok(0) => {
@@ -412,7 +436,7 @@ impl<B: Backend> Front<B> {
         if let Some(c) = self.conns[i].as_mut() {
             write_out(c);
             if c.close_after && c.out_pos >= c.out.len() {
-                c.dead = true;
+                linger(c);
             }
         }
     }
@@ -464,11 +488,44 @@ impl<B: Backend> Front<B> {
             return;
         }
         if c.close_after {
-            c.dead = true;
+            linger(c);
         } else if !c.inbuf.is_empty() {
             self.serve_input(i);
         }
     }
+}
+
+/// The last answer is out: shut our side (the client sees the end of the answer) and linger.
+fn linger(c: &mut Conn) {
+    if c.lingering {
+        return;
+    }
+    c.inbuf.clear();
+    c.lingering = true;
+    c.since = Instant::now();
+    if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
+        c.dead = true;
+    }
+}
+
+/// Caps the socket's send buffer at `bytes` (0: leave the kernel's autotuning), so a client that
+/// stops reading backs up into its own outbound queue after `bytes` and not megabytes.
+fn set_sndbuf(stream: &TcpStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    // The kernel doubles the value for its bookkeeping; ask for half to hold about `bytes`.
+    let v = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX).max(1);
+    // SAFETY: passes a pointer to a live local c_int and its size for a socket this stream owns.
+    let _ = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// Writes the connection's output without blocking; returns whether all of it went out.

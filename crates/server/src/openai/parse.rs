@@ -3,11 +3,12 @@
 //!
 //! Parameters: `max_tokens` (`max_completion_tokens` too), `temperature`, `top_p`, `top_k`,
 //! `seed`, `stop` (a string or up to 8 strings), `n` (only 1), `stream`,
-//! `stream_options.include_usage`, and our `session_id`. A parameter we cannot honour and whose
+//! `stream_options.include_usage`, our `session_id`, `qos` and `deadline_ms`, and vLLM's `ignore_eos`. A parameter we cannot honour and whose
 //! absence would change the answer (`n` > 1, `logprobs`, `tools`, `echo`, `best_of` > 1, `suffix`) is a 400
 //! naming it; the rest (penalties, `logit_bias`, `user`, ...) are ignored, as other
 //! OpenAI-compatible servers do.
 
+use djinn_proto::session::QosWire;
 use serde::Deserialize;
 
 use super::errors::ApiError;
@@ -158,6 +159,12 @@ struct Body {
     #[serde(default)]
     session_id: Option<String>,
     #[serde(default)]
+    qos: Option<String>,
+    #[serde(default)]
+    ignore_eos: Option<bool>,
+    #[serde(default)]
+    deadline_ms: Option<i64>,
+    #[serde(default)]
     logprobs: Option<serde_json::Value>,
     #[serde(default)]
     tools: Option<serde_json::Value>,
@@ -211,6 +218,14 @@ pub struct Plan {
     pub stream: bool,
     pub include_usage: bool,
     pub session: SessionMode,
+    /// QoS class of the session the request opens (stateless or `"new"`); an existing session
+    /// keeps the class it was opened with.
+    pub qos: QosWire,
+    /// Deadline per token of the session the request opens, ms (0 = none): a short one serves
+    /// the session in a more urgent class, as on the binary protocol.
+    pub deadline_ms: u32,
+    /// Decode past the end-of-sequence token (vLLM's extension): exactly `max_tokens` tokens.
+    pub ignore_eos: bool,
 }
 
 /// Default `max_tokens` of `/v1/completions` (OpenAI's); chat defaults to the room left.
@@ -276,6 +291,20 @@ pub fn body(kind: Kind, bytes: &[u8], seed: u64) -> Result<Plan, ApiError> {
                 return Err(ApiError::invalid(Some("session_id"), "session_id: \"new\" or an id this server returned"))
             }
         },
+    };
+    let qos = match b.qos.as_deref() {
+        None | Some("interactive") => QosWire::Interactive,
+        Some("realtime") => QosWire::Realtime,
+        Some("batch") => QosWire::Batch,
+        Some("background") => QosWire::Background,
+        Some(other) => {
+            let msg = format!("qos {other:?}: one of \"realtime\", \"interactive\", \"batch\", \"background\"");
+            return Err(ApiError::invalid(Some("qos"), msg));
+        }
+    };
+    let deadline_ms = match b.deadline_ms.unwrap_or(0) {
+        d if (0..=i64::from(u32::MAX)).contains(&d) => d as u32,
+        _ => return Err(ApiError::invalid(Some("deadline_ms"), "deadline_ms: milliseconds, 0 (none) or more")),
     };
     let input = match kind {
         Kind::Chat => {
@@ -349,6 +378,9 @@ pub fn body(kind: Kind, bytes: &[u8], seed: u64) -> Result<Plan, ApiError> {
         stream: b.stream.unwrap_or(false),
         include_usage: b.stream_options.unwrap_or_default().include_usage,
         session,
+        qos,
+        deadline_ms,
+        ignore_eos: b.ignore_eos.unwrap_or(false),
     })
 }
 
@@ -374,5 +406,12 @@ mod tests {
         let p =
             body(Kind::Completion, br#"{"model":"m","prompt":[1,2,3],"session_id":"00000000000000ff"}"#, 0).unwrap();
         assert_eq!((p.max_tokens, p.session), (16, SessionMode::Existing(255)));
+        assert_eq!((p.qos, p.deadline_ms), (QosWire::Interactive, 0));
+        let p = body(Kind::Completion, br#"{"model":"m","prompt":"x","qos":"realtime","deadline_ms":20}"#, 0).unwrap();
+        assert_eq!((p.qos, p.deadline_ms), (QosWire::Realtime, 20));
+        let e = body(Kind::Completion, br#"{"model":"m","prompt":"x","qos":"urgent"}"#, 0).unwrap_err();
+        assert_eq!((e.http, e.param), (400, Some("qos")));
+        let e = body(Kind::Completion, br#"{"model":"m","prompt":"x","deadline_ms":-1}"#, 0).unwrap_err();
+        assert_eq!((e.http, e.param), (400, Some("deadline_ms")));
     }
 }
