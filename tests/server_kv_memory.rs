@@ -102,22 +102,29 @@ fn concurrent_decodes_all_finish_exactly(t: Transport) {
     const SESSIONS: u32 = 6;
     const NEW: u32 = 40;
     let run = |url: &str, together: bool| -> Vec<Vec<u32>> {
-        let one = |url: String, i: u32| {
+        // Together, every session holds its prompt's KV before any decodes, so the memory is
+        // short whatever the threads' timing (the tiny model decodes in microseconds).
+        let ready = std::sync::Arc::new(std::sync::Barrier::new(SESSIONS as usize));
+        let one = move |url: String, i: u32, ready: Option<std::sync::Arc<std::sync::Barrier>>| {
             let mut c = connect(&url);
             let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
             c.prefill(s, Input::Ids(&prompt(10 + i, 8))).unwrap();
+            if let Some(b) = ready {
+                b.wait();
+            }
             let opts = DecodeOptions { max_new_tokens: NEW, ignore_eos: true, ..Default::default() };
             let (ids, _, sum) = c.decode_collect(s, &opts).unwrap();
             assert_eq!(sum.finish, FinishReason::Length, "session {i}");
             ids
         };
         if !together {
-            return (0..SESSIONS).map(|i| one(url.to_owned(), i)).collect();
+            return (0..SESSIONS).map(|i| one(url.to_owned(), i, None)).collect();
         }
         let hs: Vec<_> = (0..SESSIONS)
             .map(|i| {
                 let url = url.to_owned();
-                std::thread::spawn(move || one(url, i))
+                let ready = Some(ready.clone());
+                std::thread::spawn(move || one(url, i, ready))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
