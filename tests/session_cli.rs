@@ -196,6 +196,44 @@ fn models_chat_and_logits_text(t: Transport) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `chat --system TEXT`: the system turn goes up without the generation prompt, so the first reply
+/// is what the whole conversation (system, user, then the assistant's turn opened) templated in
+/// one piece generates — no stray assistant opening between the system and the user turn.
+fn chat_system_turn_then_user_turn(t: Transport) {
+    let dir = std::env::temp_dir().join(common::unique_name("tiny"));
+    tiny_model::write(&dir, 5).unwrap();
+    let srv = server(t, &["--model", &format!("tiny={}", dir.display())]);
+    let tok = djinn_model::TextTokenizer::load(&dir).unwrap().expect("the tiny model has a tokenizer");
+    let (system, user) = ("Be brief.", "Hello there");
+    let whole = tok.apply_chat_messages(&[("system", system), ("user", user)], true).unwrap();
+    let ids: Vec<String> = tok.encode(&whole, false).unwrap().iter().map(u32::to_string).collect();
+    let want = bin()
+        .args(["generate", "--server", srv.url(), "--model", "tiny", "--prompt-ids", &ids.join(",")])
+        .args(["--max-new-tokens", "12", "--json"])
+        .output()
+        .unwrap();
+    let want = json_of("generate --prompt-ids", want)["text"].as_str().unwrap().to_owned();
+    let mut chat = std::process::Command::new(common::BIN)
+        .args(["chat", "--server", srv.url(), "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
+        .args(["--system", system])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    chat.stdin.take().unwrap().write_all(format!("{user}\n").as_bytes()).unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{want}\n"),
+        "chat --system's reply vs the whole template's"
+    );
+    drop(srv);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `--log-format json`: every stderr line is one JSON object, and each finished session request
 /// has one line with its tenant, model, opcode, tokens, duration and status. Text logs written to
 /// a file carry no terminal colours.
@@ -249,6 +287,7 @@ fn main() {
         ("unknown_model_fails_with_a_message", Some(Transport::Tcp), unknown_model_fails_with_a_message),
         ("token_file_authenticates", Some(Transport::Tcp), token_file_authenticates),
         ("models_chat_and_logits_text", Some(Transport::Tcp), models_chat_and_logits_text),
+        ("chat_system_turn_then_user_turn", Some(Transport::Tcp), chat_system_turn_then_user_turn),
         (
             "logs_are_json_lines_with_one_line_per_request",
             Some(Transport::Tcp),
