@@ -122,7 +122,7 @@ fn prompt(seed: u32, n: usize) -> Vec<u32> {
 // ---- bodies ------------------------------------------------------------------------------------
 
 fn decode_matches_engine(t: Transport) {
-    let srv = model_server(t, MODEL, &model_dir(), &[]);
+    let srv = model_server(t, MODEL, model_dir(), &[]);
     let mut c = connect(srv.url(), None);
     assert_eq!(c.capabilities().models, vec![MODEL.to_owned()]);
     let info = c.open_session(&OpenOptions::new(MODEL)).unwrap();
@@ -195,7 +195,7 @@ fn decode_matches_engine(t: Transport) {
 }
 
 fn streaming_cancel(t: Transport) {
-    let srv = model_server(t, MODEL, &model_dir(), &[]);
+    let srv = model_server(t, MODEL, model_dir(), &[]);
     let mut c = connect(srv.url(), None);
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     c.prefill(s, Input::Ids(&prompt(2, 5))).unwrap();
@@ -231,7 +231,7 @@ fn streaming_cancel(t: Transport) {
 }
 
 fn multi_turn(t: Transport) {
-    let srv = model_server(t, MODEL, &model_dir(), &[]);
+    let srv = model_server(t, MODEL, model_dir(), &[]);
     let mut c = connect(srv.url(), None);
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let r1 = c.append_turn(s, "user", "w10 w11 w12").unwrap();
@@ -257,7 +257,7 @@ fn multi_turn(t: Transport) {
 /// chunks, chat turns, and refusals that leave the session as it was.
 fn generate_in_one_request(t: Transport) {
     // A step budget of 4 tokens makes a 9-token prompt take three steps.
-    let srv = model_server(t, MODEL, &model_dir(), &["--max-step-tokens", "4", "--metrics-listen", "127.0.0.1:0"]);
+    let srv = model_server(t, MODEL, model_dir(), &["--max-step-tokens", "4", "--metrics-listen", "127.0.0.1:0"]);
     let steps_total = || {
         let (_, body) = http_get(srv.metrics.as_deref().unwrap(), "/metrics");
         metric(&body, "djinn_engine_steps_total").expect("djinn_engine_steps_total in /metrics")
@@ -318,7 +318,7 @@ fn generate_in_one_request(t: Transport) {
 }
 
 fn attach_and_tenants(t: Transport) {
-    let srv = tenants_model_server(t, MODEL, &model_dir(), &[]);
+    let srv = tenants_model_server(t, MODEL, model_dir(), &[]);
     let mut a = connect(srv.url(), Some("tok-alice"));
     let s = a.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(3, 6);
@@ -342,7 +342,7 @@ fn faults(t: Transport) {
     let srv = tenants_model_server(
         t,
         MODEL,
-        &model_dir(),
+        model_dir(),
         &["--max-sessions", "3", "--session-lease-s", "1", "--metrics-listen", "127.0.0.1:0"],
     );
     let mut c = connect(srv.url(), Some("tok-alice"));
@@ -430,7 +430,7 @@ fn memory_pressure(t: Transport) {
     let srv = model_server(
         t,
         MODEL,
-        &model_dir(),
+        model_dir(),
         &[
             "--kv-capacity-mb",
             "0.0625",
