@@ -158,6 +158,24 @@ fn token_file_authenticates(t: Transport) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `chat` on the tiny model at `url` (greedy, 12 tokens a reply, plus `extra`) fed `input`; its
+/// stdout.
+fn chat(url: &str, extra: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut chat = bin()
+        .args(["chat", "--server", url, "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `models` lists the server's models; `chat` keeps the conversation on the server (its first
 /// reply is `generate --chat`'s); `logits` prints the top-k per position unless `--json`.
 fn models_chat_and_logits_text(t: Transport) {
@@ -174,18 +192,7 @@ fn models_chat_and_logits_text(t: Transport) {
         .output()
         .unwrap();
     let first = json_of("generate --chat", first)["text"].as_str().unwrap().to_owned();
-    let mut chat = std::process::Command::new(common::BIN)
-        .args(["chat", "--server", srv.url(), "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    chat.stdin.take().unwrap().write_all(b"Hello there\nAnd again?\n").unwrap();
-    let out = chat.wait_with_output().unwrap();
-    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = chat(srv.url(), &[], "Hello there\nAnd again?\n");
     assert!(said.starts_with(&format!("{first}\n")), "chat's first reply {said:?} is not generate's {first:?}");
     let logits = ["logits", "--server", srv.url(), "--model", "tiny", "--prompt-ids", "1,2,3", "--top-k", "3"];
     let out = bin().args(logits).output().unwrap();
@@ -213,23 +220,8 @@ fn chat_system_turn_then_user_turn(t: Transport) {
         .output()
         .unwrap();
     let want = json_of("generate --prompt-ids", want)["text"].as_str().unwrap().to_owned();
-    let mut chat = std::process::Command::new(common::BIN)
-        .args(["chat", "--server", srv.url(), "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
-        .args(["--system", system])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    chat.stdin.take().unwrap().write_all(format!("{user}\n").as_bytes()).unwrap();
-    let out = chat.wait_with_output().unwrap();
-    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{want}\n"),
-        "chat --system's reply vs the whole template's"
-    );
+    let said = chat(srv.url(), &["--system", system], &format!("{user}\n"));
+    assert_eq!(said, format!("{want}\n"), "chat --system's reply vs the whole template's");
     drop(srv);
     std::fs::remove_dir_all(&dir).unwrap();
 }
