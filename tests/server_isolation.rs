@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, run_trials, server, tenants_file, unique_name, Transport};
+use common::{http_get, metric, model_server, run_trials, tenants_model_server, unique_name, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, FinishReason, Input, OpenOptions};
@@ -30,10 +30,6 @@ const VOCAB: u32 = 128;
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(SRC_MODEL)
-}
-
-fn model_flag() -> String {
-    format!("{MODEL}={}", model_dir().display())
 }
 
 fn prompt(seed: u32, n: usize) -> Vec<u32> {
@@ -138,23 +134,11 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 /// with the tokens of a solo run; after the stall timeout its connection is closed and its
 /// session, kept for its lease, continues from a new connection.
 fn stalled_reader_pauses_only_itself(t: Transport) {
-    let tokens = tenants_file();
-    let srv = server(
+    let srv = tenants_model_server(
         t,
-        &[
-            "--dtype",
-            "f32",
-            "--model",
-            &model_flag(),
-            "--auth-token-file",
-            tokens.to_str().unwrap(),
-            "--conn-outbound-frames-max",
-            "4",
-            "--conn-stall-timeout-ms",
-            "3000",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
+        MODEL,
+        &model_dir(),
+        &["--conn-outbound-frames-max", "4", "--conn-stall-timeout-ms", "3000", "--metrics-listen", "127.0.0.1:0"],
     );
     let metrics = srv.metrics.clone().unwrap();
     let (stalled, stalled_sessions) = stalled_client(srv.url(), "tok-alice");
@@ -191,24 +175,18 @@ fn stalled_reader_pauses_only_itself(t: Transport) {
     let (ids, _, _) = again.decode_collect(stalled_session, &greedy(3)).unwrap();
     assert_eq!(ids.len(), 3);
     drop(stalled);
-    let _ = std::fs::remove_file(tokens);
 }
 
 /// SIGTERM with a stalled client and a running generation: the generation finishes (within the
 /// drain timeout), the stalled one ends, and the process exits within the deadline + 1 s.
 fn sigterm_ends_within_the_drain_deadline(t: Transport) {
-    let tokens = tenants_file();
     let drain_ms = 3000u64;
     let drain = drain_ms.to_string();
-    let srv = server(
+    let srv = tenants_model_server(
         t,
+        MODEL,
+        &model_dir(),
         &[
-            "--dtype",
-            "f32",
-            "--model",
-            &model_flag(),
-            "--auth-token-file",
-            tokens.to_str().unwrap(),
             "--drain-timeout-ms",
             &drain,
             "--conn-outbound-frames-max",
@@ -251,26 +229,12 @@ fn sigterm_ends_within_the_drain_deadline(t: Transport) {
     let (r, n) = slow.join().unwrap();
     assert_eq!(r.unwrap(), (40, FinishReason::Length), "a running generation finishes within the drain");
     assert_eq!(n, 40);
-    let _ = std::fs::remove_file(tokens);
 }
 
 /// Another connection of the same tenant uses the owner's session and leaves: the session lives
 /// on past the lease that exit starts, because the owner is still attached.
 fn lease_follows_every_attachment(t: Transport) {
-    let tokens = tenants_file();
-    let srv = server(
-        t,
-        &[
-            "--dtype",
-            "f32",
-            "--model",
-            &model_flag(),
-            "--auth-token-file",
-            tokens.to_str().unwrap(),
-            "--session-lease-s",
-            "1",
-        ],
-    );
+    let srv = tenants_model_server(t, MODEL, &model_dir(), &["--session-lease-s", "1"]);
     let mut owner = connect(srv.url(), "tok-alice");
     let s = owner.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(5, 4);
@@ -285,7 +249,6 @@ fn lease_follows_every_attachment(t: Transport) {
     std::thread::sleep(Duration::from_millis(2500));
     let (ids, _, _) = owner.decode_collect(s, &greedy(15)).expect("the owner's session outlives the other's exit");
     assert_eq!(ids, want[5..]);
-    let _ = std::fs::remove_file(tokens);
 }
 
 /// With KV for 32 tokens (two blocks of the tiny model), only what can never fit is refused, with
@@ -293,7 +256,7 @@ fn lease_follows_every_attachment(t: Transport) {
 /// tokens exceed 32; smaller requests are served.
 fn only_what_cannot_fit_is_refused(t: Transport) {
     // 2 layers × K,V × 2 kv heads × 16 tokens × 16 dims × 4 B = 8 KiB per block.
-    let srv = server(t, &["--dtype", "f32", "--model", &model_flag(), "--kv-capacity-mb", "0.015625"]);
+    let srv = model_server(t, MODEL, &model_dir(), &["--kv-capacity-mb", "0.015625"]);
     let mut c = common::connect(srv.url());
     let mut opts = OpenOptions::new(MODEL);
     opts.max_tokens = 40;
@@ -312,7 +275,7 @@ fn only_what_cannot_fit_is_refused(t: Transport) {
 
 /// Temperature 1e-40 (its inverse overflows f32) decodes greedily, not a repeated last id.
 fn tiny_temperature_is_greedy(t: Transport) {
-    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
+    let srv = model_server(t, MODEL, &model_dir(), &[]);
     let mut c = common::connect(srv.url());
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(7, 5);

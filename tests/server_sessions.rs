@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, run_trials, server, tenants_file, unique_name, Transport};
+use common::{http_get, metric, model_server, run_trials, tenants_model_server, unique_name, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, Feed, FinishReason, Input, LogitsRequest, OpenOptions};
@@ -73,10 +73,6 @@ fn model_dir() -> &'static Path {
     })
 }
 
-fn model_flag() -> String {
-    format!("{MODEL}={}", model_dir().display())
-}
-
 /// The in-process engine on the same model, driven like the server drives a session: the
 /// prompt but its last token fed in one step, then one decode step per token.
 fn engine() -> Engine<CpuBackend> {
@@ -126,7 +122,7 @@ fn prompt(seed: u32, n: usize) -> Vec<u32> {
 // ---- bodies ------------------------------------------------------------------------------------
 
 fn decode_matches_engine(t: Transport) {
-    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
+    let srv = model_server(t, MODEL, model_dir(), &[]);
     let mut c = connect(srv.url(), None);
     assert_eq!(c.capabilities().models, vec![MODEL.to_owned()]);
     let info = c.open_session(&OpenOptions::new(MODEL)).unwrap();
@@ -199,7 +195,7 @@ fn decode_matches_engine(t: Transport) {
 }
 
 fn streaming_cancel(t: Transport) {
-    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
+    let srv = model_server(t, MODEL, model_dir(), &[]);
     let mut c = connect(srv.url(), None);
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     c.prefill(s, Input::Ids(&prompt(2, 5))).unwrap();
@@ -235,7 +231,7 @@ fn streaming_cancel(t: Transport) {
 }
 
 fn multi_turn(t: Transport) {
-    let srv = server(t, &["--dtype", "f32", "--model", &model_flag()]);
+    let srv = model_server(t, MODEL, model_dir(), &[]);
     let mut c = connect(srv.url(), None);
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let r1 = c.append_turn(s, "user", "w10 w11 w12").unwrap();
@@ -261,10 +257,7 @@ fn multi_turn(t: Transport) {
 /// chunks, chat turns, and refusals that leave the session as it was.
 fn generate_in_one_request(t: Transport) {
     // A step budget of 4 tokens makes a 9-token prompt take three steps.
-    let srv = server(
-        t,
-        &["--dtype", "f32", "--model", &model_flag(), "--max-step-tokens", "4", "--metrics-listen", "127.0.0.1:0"],
-    );
+    let srv = model_server(t, MODEL, model_dir(), &["--max-step-tokens", "4", "--metrics-listen", "127.0.0.1:0"]);
     let steps_total = || {
         let (_, body) = http_get(srv.metrics.as_deref().unwrap(), "/metrics");
         metric(&body, "djinn_engine_steps_total").expect("djinn_engine_steps_total in /metrics")
@@ -325,8 +318,7 @@ fn generate_in_one_request(t: Transport) {
 }
 
 fn attach_and_tenants(t: Transport) {
-    let tokens = tenants_file();
-    let srv = server(t, &["--dtype", "f32", "--model", &model_flag(), "--auth-token-file", tokens.to_str().unwrap()]);
+    let srv = tenants_model_server(t, MODEL, model_dir(), &[]);
     let mut a = connect(srv.url(), Some("tok-alice"));
     let s = a.open_session(&OpenOptions::new(MODEL)).unwrap().session;
     let p = prompt(3, 6);
@@ -344,27 +336,14 @@ fn attach_and_tenants(t: Transport) {
     assert_eq!(status(b.prefill(s, Input::Ids(&[9]))), Status::UnknownSession);
     assert_eq!(status(b.close_session(s)), Status::UnknownSession);
     assert_eq!(a.attach_session(s).unwrap().context_tokens, 10);
-    let _ = std::fs::remove_file(tokens);
 }
 
 fn faults(t: Transport) {
-    let tokens = tenants_file();
-    let srv = server(
+    let srv = tenants_model_server(
         t,
-        &[
-            "--dtype",
-            "f32",
-            "--model",
-            &model_flag(),
-            "--auth-token-file",
-            tokens.to_str().unwrap(),
-            "--max-sessions",
-            "3",
-            "--session-lease-s",
-            "1",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
+        MODEL,
+        model_dir(),
+        &["--max-sessions", "3", "--session-lease-s", "1", "--metrics-listen", "127.0.0.1:0"],
     );
     let mut c = connect(srv.url(), Some("tok-alice"));
     assert_eq!(status(c.open_session(&OpenOptions::new("nope"))), Status::UnknownModel);
@@ -441,7 +420,6 @@ fn faults(t: Transport) {
     assert!(metric(&body, "djinn_tokens_generated_total").unwrap() >= 5.0);
     // SIGTERM with sessions open drains and exits cleanly.
     assert!(srv.terminate().success());
-    let _ = std::fs::remove_file(tokens);
 }
 
 fn memory_pressure(t: Transport) {
@@ -449,13 +427,11 @@ fn memory_pressure(t: Transport) {
     const NEW: u32 = 48;
     // llama-gqa: 2 layers × 2 KV heads × 16 dims × K,V × f32 = 512 B per token, 8 KiB per
     // 16-token block; a 56-token session takes 4 blocks: 64 KiB hold two sessions.
-    let srv = server(
+    let srv = model_server(
         t,
+        MODEL,
+        model_dir(),
         &[
-            "--dtype",
-            "f32",
-            "--model",
-            &model_flag(),
             "--kv-capacity-mb",
             "0.0625",
             "--host-swap-mb",

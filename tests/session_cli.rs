@@ -158,6 +158,24 @@ fn token_file_authenticates(t: Transport) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `chat` on the tiny model at `url` (greedy, 12 tokens a reply, plus `extra`) fed `input`; its
+/// stdout.
+fn chat(url: &str, extra: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut chat = bin()
+        .args(["chat", "--server", url, "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `models` lists the server's models; `chat` keeps the conversation on the server (its first
 /// reply is `generate --chat`'s); `logits` prints the top-k per position unless `--json`.
 fn models_chat_and_logits_text(t: Transport) {
@@ -174,24 +192,36 @@ fn models_chat_and_logits_text(t: Transport) {
         .output()
         .unwrap();
     let first = json_of("generate --chat", first)["text"].as_str().unwrap().to_owned();
-    let mut chat = std::process::Command::new(common::BIN)
-        .args(["chat", "--server", srv.url(), "--model", "tiny", "--temperature", "0", "--max-new-tokens", "12"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    chat.stdin.take().unwrap().write_all(b"Hello there\nAnd again?\n").unwrap();
-    let out = chat.wait_with_output().unwrap();
-    assert!(out.status.success(), "chat: {}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = chat(srv.url(), &[], "Hello there\nAnd again?\n");
     assert!(said.starts_with(&format!("{first}\n")), "chat's first reply {said:?} is not generate's {first:?}");
     let logits = ["logits", "--server", srv.url(), "--model", "tiny", "--prompt-ids", "1,2,3", "--top-k", "3"];
     let out = bin().args(logits).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.lines().count() == 3, "{text}");
     assert!(text.lines().all(|l| l.starts_with("position ") && l.matches(':').count() == 4), "{text}");
+    drop(srv);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `chat --system TEXT`: the system turn goes up without the generation prompt, so the first reply
+/// is what the whole conversation (system, user, then the assistant's turn opened) templated in
+/// one piece generates — no stray assistant opening between the system and the user turn.
+fn chat_system_turn_then_user_turn(t: Transport) {
+    let dir = std::env::temp_dir().join(common::unique_name("tiny"));
+    tiny_model::write(&dir, 5).unwrap();
+    let srv = server(t, &["--model", &format!("tiny={}", dir.display())]);
+    let tok = djinn_model::TextTokenizer::load(&dir).unwrap().expect("the tiny model has a tokenizer");
+    let (system, user) = ("Be brief.", "Hello there");
+    let whole = tok.apply_chat_messages(&[("system", system), ("user", user)], true).unwrap();
+    let ids: Vec<String> = tok.encode(&whole, false).unwrap().iter().map(u32::to_string).collect();
+    let want = bin()
+        .args(["generate", "--server", srv.url(), "--model", "tiny", "--prompt-ids", &ids.join(",")])
+        .args(["--max-new-tokens", "12", "--json"])
+        .output()
+        .unwrap();
+    let want = json_of("generate --prompt-ids", want)["text"].as_str().unwrap().to_owned();
+    let said = chat(srv.url(), &["--system", system], &format!("{user}\n"));
+    assert_eq!(said, format!("{want}\n"), "chat --system's reply vs the whole template's");
     drop(srv);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -249,6 +279,7 @@ fn main() {
         ("unknown_model_fails_with_a_message", Some(Transport::Tcp), unknown_model_fails_with_a_message),
         ("token_file_authenticates", Some(Transport::Tcp), token_file_authenticates),
         ("models_chat_and_logits_text", Some(Transport::Tcp), models_chat_and_logits_text),
+        ("chat_system_turn_then_user_turn", Some(Transport::Tcp), chat_system_turn_then_user_turn),
         (
             "logs_are_json_lines_with_one_line_per_request",
             Some(Transport::Tcp),

@@ -61,20 +61,9 @@ pub unsafe extern "C" fn djinn_generate_ids_breakpoints(
             unsafe { (std::slice::from_raw_parts(ids, n_ids), std::slice::from_raw_parts(layers, n_layers)) };
         // SAFETY: per this function's contract.
         let opts = unsafe { decode_options(params) }?;
-        let mut text_buf: Vec<u8> = Vec::with_capacity(64);
-        let (mut delivered, mut cancelled) = (0u32, false);
-        let on_token = |ev: &TokenEvent<'_>| {
-            delivered += 1;
-            let Some(f) = cb else { return true };
-            text_buf.clear();
-            text_buf.extend_from_slice(ev.text.as_bytes());
-            text_buf.push(0);
-            // SAFETY: as in `generate`: the caller vouches for `f` and `user`; the text is
-            // NUL-terminated and outlives the callback.
-            let rc = unsafe { f(user, ev.token, text_buf.as_ptr().cast(), ev.text.len()) };
-            cancelled = rc != 0;
-            !cancelled
-        };
+        // SAFETY: per this function's contract.
+        let mut fwd = unsafe { TokenForwarder::new(cb, user) };
+        let on_token = |ev: &TokenEvent<'_>| fwd.on_token(ev);
         let on_pause = |c: &mut Client, note: &djinn_proto::PausedNote| {
             let Some(f) = pause_cb else { return c.resume(session) };
             let mut pause =
@@ -90,16 +79,8 @@ pub unsafe extern "C" fn djinn_generate_ids_breakpoints(
         };
         let summary =
             client.generate_with_breakpoints(session, ClientFeed::Ids(ids), &opts, layers, on_token, on_pause)?;
-        if !out.is_null() {
-            let r = DjinnGenerateResult {
-                prompt_tokens: summary.prompt_tokens,
-                tokens: if cancelled { delivered } else { summary.tokens },
-                finish: if cancelled { DJINN_FINISH_CANCELLED } else { finish_to_c(summary.finish) },
-                context_tokens: summary.context_tokens,
-            };
-            // SAFETY: non-NULL and writable per the contract.
-            unsafe { out.write(r) };
-        }
+        // SAFETY: per this function's contract.
+        unsafe { fwd.write_result(&summary, out) };
         Ok(())
     })
 }

@@ -30,7 +30,9 @@ use djinn_client::{
 use djinn_transport::ByteCounters;
 
 mod breakpoint;
+mod forward;
 pub use breakpoint::{djinn_generate_ids_breakpoints, djinn_pause_read, djinn_pause_write, DjinnPause, DjinnPauseCb};
+use forward::TokenForwarder;
 
 /// Success.
 pub const DJINN_OK: c_int = 0;
@@ -354,23 +356,9 @@ unsafe fn generate(
         Feed::Raw(text) => Some(djinn_client::Feed::Text(text)),
         Feed::Chat(text) => Some(djinn_client::Feed::Turn { role: "user", text }),
     };
-    // One reused buffer gives the callback a NUL-terminated copy of each delta.
-    let mut text_buf: Vec<u8> = Vec::with_capacity(64);
-    // A cancel races with the server's own end: the callback's decision is what C sees.
-    let (mut delivered, mut cancelled) = (0u32, false);
-    let on_token = |ev: &TokenEvent<'_>| {
-        delivered += 1;
-        let Some(f) = cb else { return true };
-        text_buf.clear();
-        text_buf.extend_from_slice(ev.text.as_bytes());
-        text_buf.push(0);
-        // SAFETY: the caller vouches for `f` and `user`; `text_buf` is NUL-terminated, holds
-        // `ev.text.len()` bytes before the NUL and outlives the call (the header says the pointer is
-        // only valid during the callback).
-        let rc = unsafe { f(user, ev.token, text_buf.as_ptr().cast(), ev.text.len()) };
-        cancelled = rc != 0;
-        !cancelled
-    };
+    // SAFETY: per this function's contract.
+    let mut fwd = unsafe { TokenForwarder::new(cb, user) };
+    let on_token = |ev: &TokenEvent<'_>| fwd.on_token(ev);
     let summary: DecodeSummary = match feed {
         Some(feed) if opts.max_new_tokens > 0 => client.generate(session, feed, opts, on_token)?,
         Some(feed) => {
@@ -389,16 +377,8 @@ unsafe fn generate(
         }
         None => client.decode(session, opts, on_token)?,
     };
-    if !out.is_null() {
-        let r = DjinnGenerateResult {
-            prompt_tokens: summary.prompt_tokens,
-            tokens: if cancelled { delivered } else { summary.tokens },
-            finish: if cancelled { DJINN_FINISH_CANCELLED } else { finish_to_c(summary.finish) },
-            context_tokens: summary.context_tokens,
-        };
-        // SAFETY: non-NULL and writable per the caller's contract; write() needs no initialised value.
-        unsafe { out.write(r) };
-    }
+    // SAFETY: per this function's contract.
+    unsafe { fwd.write_result(&summary, out) };
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use djinn_client::{DecodeOptions, Feed, SessionInfo};
+use djinn_client::{Client, DecodeOptions, Feed, PrefillReply, SessionInfo};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
@@ -112,6 +112,18 @@ impl Session {
             prompt_tokens: s.prompt_tokens,
             context_tokens: s.context_tokens,
         })
+    }
+
+    /// One call that feeds the session without decoding (`f` gets the client and the session id);
+    /// returns `(prompt_tokens, context_tokens)`.
+    fn feed_only(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Client, u64) -> Res<PrefillReply> + Send,
+    ) -> PyResult<(u32, u32)> {
+        let sid = self.info.session;
+        let r = self.shared.with(py, move |c| f(c, sid))?;
+        Ok((r.prompt_tokens, r.context_tokens))
     }
 
     fn start(&self, py: Python<'_>, prompt: Prompt, opts: DecodeOptions) -> PyResult<TokenStream> {
@@ -227,16 +239,14 @@ impl Session {
     /// Feeds raw text (str) or token ids into the KV cache without generating; returns
     /// `(prompt_tokens, context_tokens)`.
     fn prefill(&self, py: Python<'_>, input: &Bound<'_, PyAny>) -> PyResult<(u32, u32)> {
-        let sid = self.info.session;
         let p = Prompt::from_py(Some(input))?;
-        let r = self.shared.with(py, move |c| {
+        self.feed_only(py, move |c, sid| {
             Ok(match &p {
                 Prompt::Text(t) => c.prefill(sid, djinn_client::Input::Text(t))?,
                 Prompt::Ids(ids) => c.prefill(sid, djinn_client::Input::Ids(ids))?,
                 _ => return Err(Error::Argument("prefill needs text or token ids".into())),
             })
-        })?;
-        Ok((r.prompt_tokens, r.context_tokens))
+        })
     }
 
     /// Adds a chat turn ("user" or "system") without answering it; returns
@@ -244,9 +254,8 @@ impl Session {
     #[pyo3(signature = (text, role="user"))]
     fn append(&self, py: Python<'_>, text: String, role: &str) -> PyResult<(u32, u32)> {
         check_role(role)?;
-        let (sid, role) = (self.info.session, role.to_owned());
-        let r = self.shared.with(py, move |c| Ok(c.append_turn(sid, &role, &text)?))?;
-        Ok((r.prompt_tokens, r.context_tokens))
+        let role = role.to_owned();
+        self.feed_only(py, move |c, sid| Ok(c.append_turn(sid, &role, &text)?))
     }
 
     /// Closes the session on the server and frees its KV cache (idempotent).

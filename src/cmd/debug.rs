@@ -12,15 +12,15 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
-use djinn_backend::{Backend, DType, SampleParams};
+use djinn_backend::{Backend, SampleParams};
 use djinn_dataplane::npy;
-use djinn_model::{Detokenizer, Engine, EngineOptions, ModelFiles};
+use djinn_model::{Detokenizer, Engine};
 
-use super::generate::{open, with_backend, BackendFn, ModelArgs};
+use super::generate::ModelArgs;
+use super::local::{self, EngineFn, EngineRun, EngineShape};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -62,20 +62,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.server.is_some() {
         return run_remote(&args);
     }
-    let ModelFiles { cfg, checkpoint, tokenizer } = open(&args.model)?;
-    let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let tok = tokenizer.as_ref().with_context(|| {
-                format!("{}: no tokenizer.json, so --prompt needs --prompt-ids instead", checkpoint.dir().display())
-            })?;
-            tok.encode(text, true)?
-        }
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
-    };
-    ensure!(!prompt.is_empty(), "the prompt is empty");
-    cfg.check_tokens(&prompt, 0)?;
-    let layers = cfg.layers;
+    let loaded = local::load(&args.model, &args.prompt_ids, &args.prompt, false)?;
+    let layers = loaded.cfg.layers;
     for (i, &n) in args.break_at.iter().enumerate() {
         ensure!(
             (1..=layers).contains(&n) && (i == 0 || n > args.break_at[i - 1]),
@@ -83,38 +71,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(&args.dump_dir).with_context(|| format!("creating {}", args.dump_dir.display()))?;
-    let mut eos: Vec<u32> = cfg.eos_token_ids.clone();
-    eos.extend(tokenizer.as_ref().and_then(|t| t.eos_id()));
-    let ctx = (prompt.len() + args.max_new_tokens).min(cfg.max_position_embeddings);
-    let dtype = super::generate::parse_dtype(&args.model.dtype)?;
-    struct Debug<'a> {
-        args: &'a Args,
-        files: (djinn_model::ModelConfig, djinn_model::Checkpoint),
-        tokenizer: Option<djinn_model::TextTokenizer>,
-        prompt: Vec<u32>,
-        ctx: usize,
-        eos: Vec<u32>,
-        dtype: Option<DType>,
+    let shape = EngineShape {
+        dtype: super::generate::parse_dtype(&args.model.dtype)?,
+        max_new_tokens: args.max_new_tokens,
+        // A pass with breakpoints feeds its input in one step.
+        max_step_tokens: loaded.prompt.len(),
+    };
+    local::run_engine(&args.model, loaded, shape, &args)
+}
+
+impl EngineFn<()> for &Args {
+    fn call<B: Backend>(self, r: EngineRun<'_, B>) -> anyhow::Result<()> {
+        debug(r.eng, self, r.tok, r.prompt, r.eos)
     }
-    impl BackendFn<()> for Debug<'_> {
-        fn call<B: Backend>(self, be: Arc<B>, kv_dtype: DType) -> anyhow::Result<()> {
-            let (cfg, ck) = self.files;
-            let opts = EngineOptions {
-                dtype: self.dtype,
-                kv_dtype,
-                max_context_tokens: Some(self.ctx),
-                max_sessions: 1,
-                // A pass with breakpoints feeds its input in one step.
-                max_step_tokens: self.prompt.len(),
-                ..EngineOptions::default()
-            };
-            let mut eng = Engine::from_checkpoint(be, &ck, cfg, &opts)?;
-            drop(ck);
-            debug(&mut eng, self.args, self.tokenizer.as_ref(), &self.prompt, &self.eos)
-        }
-    }
-    let d = Debug { args: &args, files: (cfg, checkpoint), tokenizer, prompt, ctx, eos, dtype };
-    with_backend(&args.model, d)
 }
 
 /// Writes the state to `DUMP_DIR/layer-N.npy` and returns the replacement from `PATCH_DIR`, if

@@ -16,9 +16,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use djinn_backend::{Backend, DType, SampleParams};
-use djinn_model::{open_model, Detokenizer, Engine, EngineOptions, ModelFiles, StopStrings};
+use djinn_model::{open_model, Detokenizer, Engine, ModelFiles, StopStrings};
 
 use super::device;
+use super::local::{self, EngineFn, EngineRun, EngineShape};
 
 /// Where and how the model is loaded (shared by `generate` and `logits`).
 #[derive(clap::Args, Clone, Debug)]
@@ -183,61 +184,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.server.is_some() {
         return super::remote::generate(&args);
     }
-    let files = open(&args.model)?;
-    let ModelFiles { cfg, checkpoint, tokenizer } = files;
-    let prompt: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let tok = tokenizer.as_ref().with_context(|| {
-                format!("{}: no tokenizer.json, so --prompt needs --prompt-ids instead", checkpoint.dir().display())
-            })?;
-            if args.chat {
-                tok.encode(&tok.apply_chat(text)?, false)?
-            } else {
-                tok.encode(text, true)?
-            }
-        }
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
-    };
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
+    let loaded = local::load(&args.model, &args.prompt_ids, &args.prompt, args.chat)?;
+    let dtype = generate_dtype(&args.model.dtype, loaded.checkpoint.dir(), &loaded.checkpoint)?;
+    let shape =
+        EngineShape { dtype, max_new_tokens: args.max_new_tokens, max_step_tokens: loaded.prompt.len().clamp(1, 512) };
+    local::run_engine(&args.model, loaded, shape, &args)
+}
+
+impl EngineFn<()> for &Args {
+    fn call<B: Backend>(self, r: EngineRun<'_, B>) -> anyhow::Result<()> {
+        generate(r.eng, self, r.tok, r.prompt, r.eos)
     }
-    cfg.check_tokens(&prompt, 0)?;
-    let ctx = (prompt.len() + args.max_new_tokens).min(cfg.max_position_embeddings);
-    let mut eos: Vec<u32> = cfg.eos_token_ids.clone();
-    if let Some(e) = tokenizer.as_ref().and_then(|t| t.eos_id()) {
-        if !eos.contains(&e) {
-            eos.push(e);
-        }
-    }
-    let dtype = generate_dtype(&args.model.dtype, checkpoint.dir(), &checkpoint)?;
-    struct Gen<'a> {
-        args: &'a Args,
-        files: (djinn_model::ModelConfig, djinn_model::Checkpoint),
-        tokenizer: Option<djinn_model::TextTokenizer>,
-        prompt: Vec<u32>,
-        ctx: usize,
-        eos: Vec<u32>,
-        dtype: Option<DType>,
-    }
-    impl BackendFn<()> for Gen<'_> {
-        fn call<B: Backend>(self, be: Arc<B>, kv_dtype: DType) -> anyhow::Result<()> {
-            let (cfg, ck) = self.files;
-            let opts = EngineOptions {
-                dtype: self.dtype,
-                kv_dtype,
-                max_context_tokens: Some(self.ctx),
-                max_sessions: 1,
-                max_step_tokens: self.prompt.len().clamp(1, 512),
-                ..EngineOptions::default()
-            };
-            let mut eng = Engine::from_checkpoint(be, &ck, cfg, &opts)?;
-            drop(ck);
-            generate(&mut eng, self.args, self.tokenizer.as_ref(), &self.prompt, &self.eos)
-        }
-    }
-    let g = Gen { args: &args, files: (cfg, checkpoint), tokenizer, prompt, ctx, eos, dtype };
-    with_backend(&args.model, g)
 }
 
 fn generate<B: Backend>(

@@ -7,6 +7,7 @@ pub mod debug;
 pub mod demo;
 pub mod device;
 pub mod generate;
+pub mod local;
 pub mod logits;
 pub mod models;
 pub mod ping;

@@ -83,6 +83,8 @@ pub struct ServerProc {
     /// The OpenAI-compatible HTTP API's address (`--http-listen`).
     pub http_api: Option<String>,
     stderr_path: PathBuf,
+    /// Files made for this server (a tenants file), removed with it.
+    files: Vec<PathBuf>,
 }
 
 impl ServerProc {
@@ -117,7 +119,14 @@ impl ServerProc {
                 }
             }
         });
-        let mut proc = ServerProc { child: Some(child), urls: Vec::new(), metrics: None, http_api: None, stderr_path };
+        let mut proc = ServerProc {
+            child: Some(child),
+            urls: Vec::new(),
+            metrics: None,
+            http_api: None,
+            stderr_path,
+            files: Vec::new(),
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         while proc.urls.len() < listeners
             || (want_metrics && proc.metrics.is_none())
@@ -182,6 +191,9 @@ impl Drop for ServerProc {
             let _ = c.wait();
         }
         let _ = std::fs::remove_file(&self.stderr_path);
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -209,6 +221,17 @@ pub fn model_server(t: Transport, name: &str, dir: &std::path::Path, extra: &[&s
     args.extend_from_slice(&["--model", spec.as_str()]);
     args.extend_from_slice(extra);
     server(t, &args)
+}
+
+/// [`model_server`] with the tenants of [`tenants_file`] (`--auth-token-file`), whose file goes
+/// with the server.
+pub fn tenants_model_server(t: Transport, name: &str, dir: &std::path::Path, extra: &[&str]) -> ServerProc {
+    let tokens = tenants_file();
+    let mut args = vec!["--auth-token-file", tokens.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut srv = model_server(t, name, dir, &args);
+    srv.files.push(tokens);
+    srv
 }
 
 /// A client with default options; panics naming the URL.

@@ -43,24 +43,40 @@ impl Conversation {
     }
 
     /// The tokens a new `role` turn feeds, given the ids the session holds (`held`), and the turn
-    /// recorded. The whole conversation is rendered with the generation prompt and tokenized; if
+    /// recorded. `reply`: the turn ends with the template's generation prompt (the assistant's
+    /// turn opened), as it must before a decode answers it; a system turn appended on its own has
+    /// none, or the prompt would stand stray before the user turn that follows it. The whole
+    /// conversation is rendered (with the generation prompt when `reply`) and tokenized; if
     /// the held ids are a prefix of that, the rest is fed — exactly what one prefill of the whole
     /// rendered conversation would hold. Otherwise (a reply that does not re-tokenize the same,
     /// e.g. cut by a stop string) the text the template adds after the previous render is
     /// tokenized on its own.
-    pub fn new_turn(&mut self, tok: &TextTokenizer, held: &[u32], role: &str, text: &str) -> Result<Vec<u32>, String> {
-        self.new_turns(tok, held, &[(role, text)])
+    pub fn new_turn(
+        &mut self,
+        tok: &TextTokenizer,
+        held: &[u32],
+        role: &str,
+        text: &str,
+        reply: bool,
+    ) -> Result<Vec<u32>, String> {
+        self.new_turns(tok, held, &[(role, text)], reply)
     }
 
     /// [`Conversation::new_turn`] for several turns at once (the HTTP front's messages, assistant
-    /// turns of a history included), rendered together with one generation prompt after the last;
-    /// undone with [`Conversation::pop_turns`].
-    pub fn new_turns(&mut self, tok: &TextTokenizer, held: &[u32], turns: &[(&str, &str)]) -> Result<Vec<u32>, String> {
+    /// turns of a history included), rendered together (with one generation prompt after the last
+    /// when `reply`); undone with [`Conversation::pop_turns`].
+    pub fn new_turns(
+        &mut self,
+        tok: &TextTokenizer,
+        held: &[u32],
+        turns: &[(&str, &str)],
+        reply: bool,
+    ) -> Result<Vec<u32>, String> {
         self.fits(turns.iter().map(|(_, t)| t.len()).sum())?;
         let prev: Vec<(&str, &str)> = self.turns.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
         let mut all = prev.clone();
         all.extend_from_slice(turns);
-        let full = tok.apply_chat_messages(&all, true).map_err(|e| e.to_string())?;
+        let full = tok.apply_chat_messages(&all, reply).map_err(|e| e.to_string())?;
         let ids = tok.encode(&full, false).map_err(|e| e.to_string())?;
         let new = if ids.starts_with(held) {
             ids[held.len()..].to_vec()

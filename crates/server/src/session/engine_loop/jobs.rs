@@ -196,7 +196,8 @@ impl<B: Backend> EngineLoop<B> {
         if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
             return Err((ans, r));
         }
-        let new = match self.tokenize_turn(id, role, text) {
+        // A user turn appended alone is answered by a later decode; a system turn is not.
+        let new = match self.tokenize_turn(id, role, text, role != "system") {
             Ok(n) => n,
             Err(r) => return Err((ans, r)),
         };
@@ -235,7 +236,7 @@ impl<B: Backend> EngineLoop<B> {
             DecodeFeed::None => Ok(Vec::new()),
             DecodeFeed::Ids(ids) => Ok(ids.clone()),
             DecodeFeed::Text(text) => self.tokenize_raw(r.session, text),
-            DecodeFeed::Turn { role, text } => self.tokenize_turn(r.session, role, text),
+            DecodeFeed::Turn { role, text } => self.tokenize_turn(r.session, role, text, true),
         };
         // Turns are recorded only when they tokenized; those are undone on a later refusal.
         let recorded = if new.is_ok() { turns_added } else { 0 };

@@ -50,9 +50,10 @@ impl<B: Backend> EngineLoop<B> {
         tok.encode(text, s.tokens.is_empty()).map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))
     }
 
-    /// The tokens one more chat turn feeds; the turn is recorded in the conversation (the caller
-    /// pops it if the tokens are refused).
-    pub(super) fn tokenize_turn(&mut self, id: u64, role: &str, text: &str) -> Result<Vec<u32>, Refusal> {
+    /// The tokens one more chat turn feeds (ending with the generation prompt when `reply`, see
+    /// [`crate::session::chat::Conversation::new_turn`]); the turn is recorded in the conversation
+    /// (the caller pops it if the tokens are refused).
+    pub(super) fn tokenize_turn(&mut self, id: u64, role: &str, text: &str, reply: bool) -> Result<Vec<u32>, Refusal> {
         if role != "user" && role != "system" {
             let msg = format!("role {role:?}: a turn is \"user\" or \"system\"");
             return Err(Refusal::new(Status::BadArgument, msg));
@@ -62,7 +63,7 @@ impl<B: Backend> EngineLoop<B> {
             let msg = "this model has no tokenizer with a chat template: feed ids or text instead";
             return Err(Refusal::new(Status::BadArgument, msg));
         };
-        s.conv.new_turn(tok, &s.tokens, role, text).map_err(|e| Refusal::new(Status::BadArgument, e))
+        s.conv.new_turn(tok, &s.tokens, role, text, reply).map_err(|e| Refusal::new(Status::BadArgument, e))
     }
 
     /// The tokens several chat turns feed (every role but the last may be "assistant": a history
@@ -84,6 +85,6 @@ impl<B: Backend> EngineLoop<B> {
             return Err(Refusal::new(Status::BadArgument, msg));
         };
         let turns: Vec<(&str, &str)> = turns.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
-        s.conv.new_turns(tok, &s.tokens, &turns).map_err(|e| Refusal::new(Status::BadArgument, e))
+        s.conv.new_turns(tok, &s.tokens, &turns, true).map_err(|e| Refusal::new(Status::BadArgument, e))
     }
 }
