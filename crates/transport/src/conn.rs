@@ -21,6 +21,9 @@ pub enum WaitMode {
 pub struct ByteCounters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
+    /// Of `received`, bulk bytes the peer placed straight in the destination buffer (rdma direct
+    /// grants); 0 on transports that copy them out of a ring or socket.
+    pub received_direct: AtomicU64,
 }
 
 impl ByteCounters {
@@ -29,6 +32,9 @@ impl ByteCounters {
     }
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+    pub fn received_direct(&self) -> u64 {
+        self.received_direct.load(Ordering::Relaxed)
     }
 }
 
@@ -146,6 +152,8 @@ pub struct TransportOptions {
     /// RDMA: bytes of this side's receive ring per connection (a server also refuses clients
     /// asking for more than its own).
     pub rdma_ring_bytes: usize,
+    /// RDMA: connections a listener holds at once; the next client is answered Busy.
+    pub rdma_connections_max: usize,
 }
 
 impl Default for TransportOptions {
@@ -166,6 +174,7 @@ impl Default for TransportOptions {
             spin_us: 50,
             rdma_device: None,
             rdma_ring_bytes: 4 * 1024 * 1024,
+            rdma_connections_max: 256,
         }
     }
 }
