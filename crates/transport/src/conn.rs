@@ -86,6 +86,13 @@ pub trait FrameTx: Send {
     }
 }
 
+/// Device memory exported as a dma-buf: the range starts `offset` bytes into the export.
+pub struct DmaBufDst<'a> {
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    pub offset: u64,
+    pub len: usize,
+}
+
 /// The receiving half of a connection.
 pub trait FrameRx: Send {
     /// Waits for the next frame and returns its validated header and metadata. The previous
@@ -95,6 +102,17 @@ pub trait FrameRx: Send {
     fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError>;
     /// Discards the next `len` bytes of the current frame's bulk data.
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError>;
+    /// Moves the next `dst.len` bytes of the current frame's bulk data straight into the device
+    /// memory `dst` exports (GPUDirect RDMA). `Ok(false)`: this transport, device or frame cannot
+    /// (nothing was consumed: receive into host staging instead).
+    ///
+    /// # Safety
+    /// Nothing else may read or write the exported range until the call returns: the NIC writes
+    /// it meanwhile.
+    unsafe fn recv_data_dmabuf(&mut self, dst: &DmaBufDst<'_>) -> Result<bool, TransportError> {
+        let _ = dst;
+        Ok(false)
+    }
     /// Busy-poll only: while `gate` is closed (false) this half waits as spin-then-park does —
     /// spins `spin_us`, then parks — so a connection with nothing in flight burns no CPU; while it
     /// is open, it never parks. Transports without busy-poll ignore it.

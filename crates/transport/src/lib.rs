@@ -16,8 +16,8 @@ pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, ConnectionClose, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead, SpinGate,
-    TransportError, TransportOptions, WaitMode,
+    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
+    SpinGate, TransportError, TransportOptions, WaitMode,
 };
 pub use recommended::{connect, listen};
 

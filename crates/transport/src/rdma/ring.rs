@@ -755,6 +755,17 @@ impl RdmaRx {
 }
 
 impl FrameRx for RdmaRx {
+    unsafe fn recv_data_dmabuf(&mut self, dst: &crate::DmaBufDst<'_>) -> Result<bool, TransportError> {
+        self.check()?;
+        // SAFETY: the caller's contract is this method's.
+        let taken = unsafe { self.read_granted_dmabuf(dst) }.map_err(|e| self.fail(e))?;
+        if taken {
+            self.pending_data -= dst.len as u64;
+            self.link.counters.received.fetch_add(dst.len as u64, Ordering::Relaxed);
+        }
+        Ok(taken)
+    }
+
     fn recv_head(&mut self) -> Result<RxHead, TransportError> {
         self.check()?;
         if self.pending_data != 0 {

@@ -710,6 +710,27 @@ impl<'a> LentMr<'a> {
         unsafe { Self::register(dev, bytes.as_mut_ptr(), bytes.len(), access.0 as i32) }
     }
 
+    /// Registers `len` bytes at `offset` of the dma-buf `fd` (device memory) for the peer to
+    /// RDMA-WRITE into, addressed from `iova`.
+    ///
+    /// # Safety
+    /// Nothing else may touch the exported range while the registration lives.
+    pub(crate) unsafe fn for_dmabuf(
+        dev: &Arc<Device>,
+        fd: std::os::fd::BorrowedFd<'a>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> io::Result<LentMr<'a>> {
+        use std::os::fd::AsRawFd;
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        // SAFETY: the descriptor is borrowed for `'a`, the registration dropped inside it; the
+        // caller keeps the memory to the NIC alone meanwhile.
+        let mr = unsafe { ibv_reg_dmabuf_mr(dev.pd.as_ptr(), offset, len, iova, fd.as_raw_fd(), access.0 as i32) };
+        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_dmabuf_mr"))?;
+        Ok(LentMr { mr, _mem: std::marker::PhantomData, _dev: dev.clone() })
+    }
+
     /// # Safety
     /// `ptr..+len` must stay valid (and, with write access, unaliased) for `'a`.
     unsafe fn register(dev: &Arc<Device>, ptr: *mut u8, len: usize, access: i32) -> io::Result<LentMr<'a>> {

@@ -26,6 +26,8 @@ pub(crate) const RENDEZVOUS_BYTES_MIN: u64 = 1 << 20;
 /// A receive of at least this many bytes is granted for a direct write; below it, copying out of
 /// the ring costs less than registering.
 const DIRECT_BYTES_MIN: u64 = 64 * 1024;
+/// Where a dma-buf registration's addresses start (any page-aligned non-zero value works).
+const DMABUF_IOVA_BASE: u64 = 1 << 40;
 /// Largest single RDMA WRITE of a direct transfer.
 const DIRECT_WR_BYTES: usize = 16 << 20;
 
@@ -180,7 +182,7 @@ impl RdmaRx {
             let dev = self.link.dev.clone();
             let addr = dst.as_ptr() as u64;
             match LentMr::for_remote_writing(&dev, dst) {
-                Ok(mr) => return self.receive_direct(&mr, addr, len),
+                Ok(mr) => return self.receive_direct(mr.rkey(), addr, len),
                 Err(e) => tracing::debug!(error = %e, len, "rdma: cannot register a receive buffer; using the ring"),
             }
         }
@@ -204,9 +206,34 @@ impl RdmaRx {
         Ok(())
     }
 
-    fn receive_direct(&mut self, mr: &LentMr<'_>, addr: u64, len: u64) -> Result<(), RingError> {
+    /// Receives into device memory exported as a dma-buf (GPUDirect RDMA); `Ok(false)` when it
+    /// cannot be registered or the frame's data does not move by grants (nothing consumed).
+    ///
+    /// # Safety
+    /// As [`crate::FrameRx::recv_data_dmabuf`].
+    pub(super) unsafe fn read_granted_dmabuf(&mut self, dst: &crate::DmaBufDst<'_>) -> Result<bool, RingError> {
+        let len = dst.len as u64;
+        if !self.rendezvous || len < DIRECT_BYTES_MIN || len > self.pending_data {
+            return Ok(false);
+        }
+        let dev = self.link.dev.clone();
+        // Remote addresses in the grant are offsets into the export, from a fixed non-zero base.
+        let iova = DMABUF_IOVA_BASE + dst.offset;
+        // SAFETY (caller): the range is the NIC's alone for this call.
+        let mr = match unsafe { LentMr::for_dmabuf(&dev, dst.fd, dst.offset, dst.len, iova) } {
+            Ok(mr) => mr,
+            Err(e) => {
+                tracing::debug!(error = %e, "rdma: cannot register device memory (no GPUDirect); staging instead");
+                return Ok(false);
+            }
+        };
+        self.receive_direct(mr.rkey(), iova, len)?;
+        Ok(true)
+    }
+
+    fn receive_direct(&mut self, rkey: u32, addr: u64, len: u64) -> Result<(), RingError> {
         self.grant_done = false;
-        self.send_grant(Grant::Direct { addr, rkey: mr.rkey(), len })?;
+        self.send_grant(Grant::Direct { addr, rkey, len })?;
         let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
         waiter.wait(&link, &cq, || {
             self.progress()?;
