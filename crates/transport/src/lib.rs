@@ -12,6 +12,7 @@ pub mod conn;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod recommended;
+mod ring_rx;
 pub mod shm;
 pub mod tcp;
 

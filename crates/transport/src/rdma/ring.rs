@@ -767,36 +767,42 @@ impl FrameRx for RdmaRx {
     }
 
     fn recv_head(&mut self) -> Result<RxHead, TransportError> {
-        self.check()?;
-        if self.pending_data != 0 {
-            return Err(TransportError::DataMisuse("previous frame's bulk data not consumed"));
-        }
-        self.next_head().map_err(|e| self.fail(e))
+        crate::ring_rx::recv_head(self)
     }
 
     fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
-        self.check()?;
-        let len = dst.len() as u64;
-        if len > self.pending_data {
-            return Err(TransportError::DataMisuse("recv_data past the end of the frame's bulk data"));
-        }
-        let r = if self.rendezvous { self.read_granted(dst) } else { self.read(Some(dst), len) };
-        r.map_err(|e| self.fail(e))?;
-        self.pending_data -= len;
-        self.link.counters.received.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        crate::ring_rx::recv_data(self, dst)
     }
 
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {
-        self.check()?;
-        if len > self.pending_data {
-            return Err(TransportError::DataMisuse("skip_data past the end of the frame's bulk data"));
+        crate::ring_rx::skip_data(self, len)
+    }
+}
+
+impl crate::ring_rx::RingRx for RdmaRx {
+    type Error = RingError;
+    fn check(&self) -> Result<(), TransportError> {
+        RdmaRx::check(self)
+    }
+    fn fail(&mut self, e: RingError) -> TransportError {
+        RdmaRx::fail(self, e)
+    }
+    fn next_head(&mut self) -> Result<RxHead, RingError> {
+        RdmaRx::next_head(self)
+    }
+    /// A rendezvous frame's data moves by grants; any other frame's through the ring.
+    fn take_data(&mut self, dst: Option<&mut [u8]>, len: u64) -> Result<(), RingError> {
+        match (self.rendezvous, dst) {
+            (true, Some(dst)) => self.read_granted(dst),
+            (true, None) => self.read_granted_skip(len),
+            (false, dst) => self.read(dst, len),
         }
-        let r = if self.rendezvous { self.read_granted_skip(len) } else { self.read(None, len) };
-        r.map_err(|e| self.fail(e))?;
-        self.pending_data -= len;
-        self.link.counters.received.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+    }
+    fn pending_data(&mut self) -> &mut u64 {
+        &mut self.pending_data
+    }
+    fn counters(&self) -> &ByteCounters {
+        &self.link.counters
     }
 }
 
