@@ -18,6 +18,9 @@ use djinn_proto::FrameHeader;
 use djinn_transport::{Connection, OutFrame, TransportOptions, WaitMode};
 use hdrhistogram::Histogram;
 
+mod transport_pair;
+use transport_pair::{us, Pair};
+
 const OP_ECHO: u16 = 1;
 const OP_PUT: u16 = 2;
 const OP_GET: u16 = 3;
@@ -49,40 +52,10 @@ fn serve(mut c: Connection) {
     }
 }
 
-struct Pair {
-    client: Option<Connection>,
-    server: Option<thread::JoinHandle<()>>,
-}
-
-impl Pair {
-    fn new(wait: WaitMode) -> Pair {
-        let opts = TransportOptions { wait, ..TransportOptions::default() };
-        let mut listener = djinn_transport::rdma::listen("127.0.0.1:0", &opts).expect("listen");
-        let url = djinn_transport::Listener::url(&listener);
-        let server = thread::spawn(move || serve(djinn_transport::Listener::accept(&mut listener).expect("accept")));
-        let client = djinn_transport::connect(&url, &opts).expect("connect");
-        Pair { client: Some(client), server: Some(server) }
-    }
-
-    fn round_trip(&mut self, op: u16, id: u64, src: &[u8], dst: &mut [u8]) -> Duration {
-        let c = self.client.as_mut().expect("open until drop");
-        let t0 = Instant::now();
-        let header = FrameHeader::new(op, 0, id, 0, src.len() as u64);
-        c.tx.send(&OutFrame { header, meta: &[], data: &[src] }).expect("send");
-        let head = c.rx.recv_head().expect("recv_head");
-        let len = head.header.data_len.get() as usize;
-        c.rx.recv_data(&mut dst[..len]).expect("recv_data");
-        t0.elapsed()
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        drop(self.client.take());
-        if let Some(t) = self.server.take() {
-            t.join().unwrap();
-        }
-    }
+fn pair(wait: WaitMode) -> Pair {
+    let opts = TransportOptions { wait, ..TransportOptions::default() };
+    let listener = djinn_transport::rdma::listen("127.0.0.1:0", &opts).expect("listen");
+    Pair::new(listener, serve, |url| djinn_transport::connect(url, &opts).expect("connect"))
 }
 
 /// Runs a perftest server and client on `dev` over 127.0.0.1; returns the client's result line
@@ -144,13 +117,9 @@ fn baseline(dev: &str, port: u16) -> Option<Baseline> {
     Some(b)
 }
 
-fn us(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1e3
-}
-
 /// 64 B p50 RTT (µs), put and get GB/s for one wait mode.
 fn run_mode(wait: WaitMode, src: &[u8], dst: &mut [u8]) -> (f64, f64, f64) {
-    let mut pair = Pair::new(wait);
+    let mut pair = pair(wait);
     let mut id = 0u64;
     let mut p50_64 = 0.0;
     for &size in &LAT_SIZES {

@@ -17,8 +17,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use djinn_proto::FrameHeader;
-use djinn_transport::{Connection, Listener, OutFrame, TransportOptions, WaitMode};
+use djinn_transport::{Connection, OutFrame, TransportOptions, WaitMode};
 use hdrhistogram::Histogram;
+
+mod transport_pair;
+use transport_pair::{us, Pair};
 
 const OP_ECHO: u16 = 1;
 const OP_SINK: u16 = 2;
@@ -150,43 +153,12 @@ fn serve(mut c: Connection) {
     }
 }
 
-struct Pair {
-    client: Option<Connection>,
-    server: Option<thread::JoinHandle<()>>,
-}
-
-impl Pair {
-    fn new(wait: WaitMode) -> Pair {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let name = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        let opts = TransportOptions { wait, ..TransportOptions::default() };
-        let mut listener = djinn_transport::shm::listen(&name, &opts).expect("listen");
-        let server = thread::spawn(move || serve(listener.accept().expect("accept")));
-        let client = djinn_transport::shm::connect(&name, &opts).expect("connect");
-        Pair { client: Some(client), server: Some(server) }
-    }
-
-    /// One request of `size` bytes and its reply; returns the elapsed time.
-    fn round_trip(&mut self, op: u16, id: u64, src: &[u8], dst: &mut [u8]) -> Duration {
-        let c = self.client.as_mut().expect("open until drop");
-        let t0 = Instant::now();
-        let header = FrameHeader::new(op, 0, id, 0, src.len() as u64);
-        c.tx.send(&OutFrame { header, meta: &[], data: &[src] }).expect("send");
-        let head = c.rx.recv_head().expect("recv_head");
-        let len = head.header.data_len.get() as usize;
-        c.rx.recv_data(&mut dst[..len]).expect("recv_data");
-        t0.elapsed()
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        // Dropping the client's halves closes the connection; the server thread then returns.
-        drop(self.client.take());
-        if let Some(t) = self.server.take() {
-            t.join().unwrap();
-        }
-    }
+fn pair(wait: WaitMode) -> Pair {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = format!("bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let opts = TransportOptions { wait, ..TransportOptions::default() };
+    let listener = djinn_transport::shm::listen(&name, &opts).expect("listen");
+    Pair::new(listener, serve, |_| djinn_transport::shm::connect(&name, &opts).expect("connect"))
 }
 
 struct Row {
@@ -197,12 +169,8 @@ struct Row {
     gbps: f64,
 }
 
-fn us(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1e3
-}
-
 fn run_mode(wait: WaitMode, src: &[u8], dst: &mut [u8]) -> Vec<Row> {
-    let mut pair = Pair::new(wait);
+    let mut pair = pair(wait);
     let mut rows = Vec::new();
     let mut id = 0u64;
     for &size in &SIZES {

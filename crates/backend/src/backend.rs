@@ -196,6 +196,15 @@ pub fn sample_uniform(seed: u64, step: u64) -> f32 {
     (r >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+/// A range of device memory exported as a dma-buf (see [`Backend::dmabuf`]): the requested range
+/// starts `offset` bytes into the export (exports cover whole pages) and is `len` bytes long.
+#[derive(Debug)]
+pub struct DmaBuf {
+    pub fd: std::os::fd::OwnedFd,
+    pub offset: u64,
+    pub len: usize,
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Region: RegionInfo + Send;
     type Stream: Send;
@@ -246,6 +255,16 @@ pub trait Backend: Send + Sync + 'static {
     /// range is out of bounds. Sound because the region is borrowed exclusively: no op can reach
     /// it while the slice lives.
     fn host_bytes_mut<'r>(&self, region: &'r mut Self::Region, offset: usize, len: usize) -> Option<&'r mut [u8]> {
+        let _ = (region, offset, len);
+        None
+    }
+
+    /// `region[offset..offset + len]` exported as a dma-buf that an RDMA NIC can register
+    /// (`ibv_reg_dmabuf_mr`) and write straight into: GPUDirect RDMA, no host staging. `None`
+    /// where the memory is host-addressable ([`Backend::host_bytes_mut`] is the way there), the
+    /// device or driver cannot export dma-bufs, or the range is out of bounds. The region is
+    /// borrowed exclusively, so no op reaches it while the returned export is in use.
+    fn dmabuf(&self, region: &mut Self::Region, offset: usize, len: usize) -> Option<DmaBuf> {
         let _ = (region, offset, len);
         None
     }

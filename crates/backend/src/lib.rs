@@ -17,8 +17,8 @@ pub mod cpu;
 pub mod cuda;
 
 pub use backend::{
-    sample_uniform, AttnBatch, Backend, BinaryOp, DeviceInfo, GemmArgs, HostBuf, KvCacheRef, RegionInfo, SampleParams,
-    UnaryOp, View,
+    sample_uniform, AttnBatch, Backend, BinaryOp, DeviceInfo, DmaBuf, GemmArgs, HostBuf, KvCacheRef, RegionInfo,
+    SampleParams, UnaryOp, View,
 };
 pub use dtype::DType;
 pub use error::BackendError;

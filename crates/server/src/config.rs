@@ -243,6 +243,9 @@ crate::settings! {
     /// to megabytes): bounds what a client that stops reading holds in the kernel, so its stream
     /// backs up into its own outbound queue and its session pauses soon.
     http_api_sndbuf_bytes: usize = 64 << 10, value = "BYTES";
+    /// RDMA connections held at once per `rdma://` listener (each holds two QPs, CQs and its
+    /// rings' registrations); a client beyond it is answered Busy at the rendezvous.
+    rdma_connections_max: usize = 256;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -510,6 +513,7 @@ impl ServerConfig {
         o.force_socket = self.force_socket;
         o.shm_data_bytes = self.shm_data_bytes;
         o.rdma_device = self.nic.clone();
+        o.rdma_connections_max = self.rdma_connections_max;
         o.limits.frame_bytes_max = self.frame_bytes_max;
         Ok(o)
     }

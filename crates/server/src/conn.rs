@@ -570,7 +570,7 @@ impl<B: Backend> Conn<B> {
                 self.rx.recv_data(dst).map_err(|e| self.transport_failed(e))?;
                 None
             }
-            None => self.recv_staged(&region, n)?,
+            None => self.recv_device(&mut region, n)?,
         };
         if let Some(rej) = write_err {
             return Ok(Outcome::Rejected(rej));
@@ -677,6 +677,23 @@ impl<B: Backend> Conn<B> {
     /// chunk of the staging pool), piece by piece (memory that is not host-addressable). Returns
     /// the backend's write failure or the pool's refusal, if any, after consuming all the data so
     /// framing survives.
+    /// Receives a tensor into device memory: straight from the NIC where the backend exports the
+    /// region as a dma-buf and the transport can register it (GPUDirect RDMA), else staged.
+    fn recv_device(&mut self, region: &mut B::Region, n: usize) -> Result<Option<Reject>, Fatal> {
+        if let Some(buf) = self.sh.backend.dmabuf(region, 0, n) {
+            use std::os::fd::AsFd;
+            let dst = djinn_transport::DmaBufDst { fd: buf.fd.as_fd(), offset: buf.offset, len: buf.len };
+            // SAFETY: the region is not published yet and is borrowed exclusively here, so no op,
+            // copy or reader reaches the exported range while the NIC writes it.
+            match unsafe { self.rx.recv_data_dmabuf(&dst) } {
+                Ok(true) => return Ok(None),
+                Ok(false) => {}
+                Err(e) => return Err(self.transport_failed(e)),
+            }
+        }
+        self.recv_staged(region, n)
+    }
+
     fn recv_staged(&mut self, region: &B::Region, n: usize) -> Result<Option<Reject>, Fatal> {
         if n == 0 {
             return Ok(None);

@@ -21,6 +21,9 @@ pub enum WaitMode {
 pub struct ByteCounters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
+    /// Of `received`, bulk bytes the peer placed straight in the destination buffer (rdma direct
+    /// grants); 0 on transports that copy them out of a ring or socket.
+    pub received_direct: AtomicU64,
 }
 
 impl ByteCounters {
@@ -29,6 +32,9 @@ impl ByteCounters {
     }
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+    pub fn received_direct(&self) -> u64 {
+        self.received_direct.load(Ordering::Relaxed)
     }
 }
 
@@ -80,6 +86,13 @@ pub trait FrameTx: Send {
     }
 }
 
+/// Device memory exported as a dma-buf: the range starts `offset` bytes into the export.
+pub struct DmaBufDst<'a> {
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    pub offset: u64,
+    pub len: usize,
+}
+
 /// The receiving half of a connection.
 pub trait FrameRx: Send {
     /// Waits for the next frame and returns its validated header and metadata. The previous
@@ -89,6 +102,17 @@ pub trait FrameRx: Send {
     fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError>;
     /// Discards the next `len` bytes of the current frame's bulk data.
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError>;
+    /// Moves the next `dst.len` bytes of the current frame's bulk data straight into the device
+    /// memory `dst` exports (GPUDirect RDMA). `Ok(false)`: this transport, device or frame cannot
+    /// (nothing was consumed: receive into host staging instead).
+    ///
+    /// # Safety
+    /// Nothing else may read or write the exported range until the call returns: the NIC writes
+    /// it meanwhile.
+    unsafe fn recv_data_dmabuf(&mut self, dst: &DmaBufDst<'_>) -> Result<bool, TransportError> {
+        let _ = dst;
+        Ok(false)
+    }
     /// Busy-poll only: while `gate` is closed (false) this half waits as spin-then-park does —
     /// spins `spin_us`, then parks — so a connection with nothing in flight burns no CPU; while it
     /// is open, it never parks. Transports without busy-poll ignore it.
@@ -146,6 +170,8 @@ pub struct TransportOptions {
     /// RDMA: bytes of this side's receive ring per connection (a server also refuses clients
     /// asking for more than its own).
     pub rdma_ring_bytes: usize,
+    /// RDMA: connections a listener holds at once; the next client is answered Busy.
+    pub rdma_connections_max: usize,
 }
 
 impl Default for TransportOptions {
@@ -166,6 +192,7 @@ impl Default for TransportOptions {
             spin_us: 50,
             rdma_device: None,
             rdma_ring_bytes: 4 * 1024 * 1024,
+            rdma_connections_max: 256,
         }
     }
 }

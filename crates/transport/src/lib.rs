@@ -12,12 +12,13 @@ pub mod conn;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod recommended;
+mod ring_rx;
 pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, ConnectionClose, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead, SpinGate,
-    TransportError, TransportOptions, WaitMode,
+    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
+    SpinGate, TransportError, TransportOptions, WaitMode,
 };
 pub use recommended::{connect, listen};
 

@@ -27,6 +27,12 @@ pub struct Fixture {
     pub raw_connect: Option<RawConnect>,
     /// `FrameTx::closer` returns a handle (tests that need one are ignored otherwise).
     pub has_closer: bool,
+    /// Connects a hostile peer to a listener URL that makes one write outside what it was granted
+    /// (`true`: past a direct grant, `false`: past its ring) and says whether it was refused.
+    /// `None`: the peer cannot write the receiver's memory on this transport.
+    pub write_out_of_bounds: Option<fn(&str, bool) -> bool>,
+    /// The listener holds at most `TransportOptions::rdma_connections_max` connections.
+    pub bounds_connections: bool,
 }
 
 type Setup = Result<Fixture, String>;
@@ -54,6 +60,8 @@ fn tcp_uring() -> Setup {
         transport: "tcp",
         raw_connect: Some(tcp_raw),
         has_closer: true,
+        write_out_of_bounds: None,
+        bounds_connections: false,
     })
 }
 
@@ -72,7 +80,15 @@ fn tcp_uring_busy() -> Setup {
 
 fn tcp_socket() -> Setup {
     let opts = TransportOptions { force_socket: true, ..TransportOptions::default() };
-    Ok(Fixture { listen_url: tcp_url, opts, transport: "tcp-socket", raw_connect: Some(tcp_raw), has_closer: true })
+    Ok(Fixture {
+        listen_url: tcp_url,
+        opts,
+        transport: "tcp-socket",
+        raw_connect: Some(tcp_raw),
+        has_closer: true,
+        write_out_of_bounds: None,
+        bounds_connections: false,
+    })
 }
 
 fn tcp_socket_busy() -> Setup {
@@ -87,7 +103,15 @@ fn shm() -> Setup {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         format!("shm://conformance-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     };
-    Ok(Fixture { listen_url, opts: TransportOptions::default(), transport: "shm", raw_connect: None, has_closer: true })
+    Ok(Fixture {
+        listen_url,
+        opts: TransportOptions::default(),
+        transport: "shm",
+        raw_connect: None,
+        has_closer: true,
+        write_out_of_bounds: None,
+        bounds_connections: false,
+    })
 }
 
 /// RDMA over whatever verbs device owns 127.0.0.1 (soft-RoCE `rxe0` on `lo` in the VM that
@@ -109,6 +133,8 @@ fn rdma() -> Setup {
             transport: "rdma",
             raw_connect: Some(rdma_raw),
             has_closer: true,
+            write_out_of_bounds: Some(rdma_out_of_bounds),
+            bounds_connections: true,
         })
     }
 }
@@ -140,6 +166,19 @@ fn rdma_raw(url: &str) -> Box<dyn Write + Send> {
     let connecting =
         thread::spawn(move || djinn_transport::rdma::RawClient::connect(&addr, 64 * 1024).expect("rdma raw connect"));
     Box::new(RdmaRaw { connecting: Some(connecting), client: None })
+}
+
+/// Past the ring: a plain write. Past a grant: sends the header of a 2 MiB frame, which the echo
+/// receives with one `recv_data` (a direct grant), then aims past that grant's end.
+#[cfg(feature = "rdma")]
+fn rdma_out_of_bounds(url: &str, past_grant: bool) -> bool {
+    use djinn_transport::rdma::{OutOfBounds, RawClient};
+    let mut c = RawClient::connect(url.strip_prefix("rdma://").unwrap(), 64 * 1024).expect("rdma raw connect");
+    if !past_grant {
+        return c.write_out_of_bounds(OutOfBounds::PastRing).expect("rogue write");
+    }
+    c.write_all(FrameHeader::new(2, 0, 1, 0, 2 << 20).as_bytes()).unwrap();
+    c.write_out_of_bounds(OutOfBounds::PastGrant).expect("rogue write")
 }
 
 fn rdma_busy() -> Setup {
@@ -270,6 +309,10 @@ fn round_trip_sizes(f: &Fixture) {
     let big = if f.opts.wait == WaitMode::BusyPoll { 1 << 20 } else { 64 << 20 };
     for (i, &len) in [0usize, 1, 8, 64, 4095, 16 * 1024 + 3, 256 * 1024, 1 << 20, big].iter().enumerate() {
         round_trip(&mut c, i as u64, i * 7, len);
+    }
+    if f.transport == "rdma" {
+        // The large replies were written straight into the receive buffers (direct grants).
+        assert!(c.counters.received_direct() >= 1 << 20, "direct bytes: {}", c.counters.received_direct());
     }
     drop(c);
     let ends = echo.finish();
@@ -459,6 +502,92 @@ fn data_misuse_and_skip(f: &Fixture) {
     round_trip(&mut c, 4, 1, 1);
 }
 
+/// Large frames read in pieces of every kind: big reads (rdma: direct writes into each piece),
+/// a small read (rdma: the rest comes through the ring), skips; vectored large data from many
+/// slices; a large frame skipped whole.
+fn large_frames_in_pieces(f: &Fixture) {
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    let data = pattern(3 << 20, 9);
+    send(&mut c, 2, 0, 1, b"m", &data).unwrap();
+    let head = c.rx.recv_head().unwrap();
+    assert_eq!(head.header.data_len.get(), 3 << 20);
+    let (mut a, mut b, mut small) = (vec![0u8; (1 << 20) + 3], vec![0u8; 512 * 1024], [0u8; 100]);
+    c.rx.recv_data(&mut a).unwrap();
+    c.rx.recv_data(&mut b).unwrap();
+    c.rx.recv_data(&mut small).unwrap();
+    let at = a.len() + b.len() + small.len();
+    c.rx.skip_data(1 << 20).unwrap();
+    let mut tail = vec![0u8; data.len() - at - (1 << 20)];
+    c.rx.recv_data(&mut tail).unwrap();
+    assert!(a == data[..a.len()] && b == data[a.len()..a.len() + b.len()], "direct pieces differ");
+    assert_eq!(&small[..], &data[a.len() + b.len()..at]);
+    assert!(tail == data[at + (1 << 20)..], "the piece after the skip differs");
+    // Many slices of one frame, some crossing any piece boundary the receiver picks.
+    let parts: Vec<Vec<u8>> = (0..9).map(|i| pattern(i * 300_001 + 7, i as u64)).collect();
+    let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    c.tx.send(&OutFrame { header: FrameHeader::new(2, 0, 2, 0, total as u64), meta: &[], data: &slices }).unwrap();
+    let (h, _, d) = recv(&mut c).unwrap();
+    assert!(h.request_id.get() == 2 && d == parts.concat(), "vectored large frame differs");
+    // Skipped whole, then the connection goes on.
+    send(&mut c, 2, 0, 3, b"", &pattern(2 << 20, 3)).unwrap();
+    let head = c.rx.recv_head().unwrap();
+    c.rx.skip_data(head.header.data_len.get()).unwrap();
+    round_trip(&mut c, 4, 1, 1 << 20);
+}
+
+/// A peer writing outside its ring or its grant is refused by the receiver's NIC and loses its
+/// connection; the receiver's other connections go on.
+fn writes_out_of_bounds_are_refused(f: &Fixture) {
+    let rogue = f.write_out_of_bounds.expect("trial runs only with a hostile peer");
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    round_trip(&mut c, 1, 3, 100);
+    for past_grant in [false, true] {
+        assert!(
+            rogue(&echo.url, past_grant),
+            "a write past the {} was not refused",
+            ["ring", "grant"][past_grant as usize]
+        );
+        round_trip(&mut c, 2 + past_grant as u64, 3, 2 << 20);
+    }
+    drop(c);
+    let ends = echo.finish();
+    assert_eq!(ends.len(), 3, "{ends:?}");
+}
+
+/// A client beyond the listener's connection bound is answered Busy at once; the connections held
+/// go on, and a slot given back is taken by the next client.
+fn connections_beyond_the_bound_are_busy(f: &Fixture) {
+    let mut f = f.clone();
+    f.opts.rdma_connections_max = 2;
+    let echo = Echo::start(&f);
+    let (mut a, mut b) = (echo.connect(&f), echo.connect(&f));
+    // The listener counts a connection from its rendezvous on, so `accept` need not have run.
+    match djinn_transport::connect(&echo.url, &f.opts) {
+        Err(TransportError::Other(why)) if why.contains("busy") => {}
+        Err(e) => panic!("third connection: expected busy, got {e}"),
+        Ok(_) => panic!("third connection accepted beyond a bound of 2"),
+    }
+    round_trip(&mut a, 1, 0, 10);
+    round_trip(&mut b, 2, 0, 10);
+    drop(a);
+    // The echo thread drops its side once it sees the hang-up; then the slot is free.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = loop {
+        match djinn_transport::connect(&echo.url, &f.opts) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.to_string().contains("busy"), "{e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("no slot came back: {e}"),
+        }
+    };
+    round_trip(&mut c, 3, 0, 10);
+}
+
 fn vectored_data_slices(f: &Fixture) {
     let echo = Echo::start(f);
     let mut c = echo.connect(f);
@@ -517,6 +646,8 @@ enum Needs {
     Nothing,
     RawBytes,
     Closer,
+    OneSided,
+    ConnectionBound,
 }
 use Needs::*;
 
@@ -531,6 +662,9 @@ const TESTS: &[(&str, Body, Needs)] = &[
     ("counters", counters, Nothing),
     ("data_misuse_and_skip", data_misuse_and_skip, Nothing),
     ("vectored_data_slices", vectored_data_slices, Nothing),
+    ("large_frames_in_pieces", large_frames_in_pieces, Nothing),
+    ("writes_out_of_bounds_are_refused", writes_out_of_bounds_are_refused, OneSided),
+    ("connections_beyond_the_bound_are_busy", connections_beyond_the_bound_are_busy, ConnectionBound),
     ("closer_unblocks_both_sides", closer_unblocks_both_sides, Closer),
     ("listener_stop", listener_stop, Nothing),
 ];
@@ -550,6 +684,12 @@ fn trials(name: &'static str, setup: Setup) -> Vec<Trial> {
                     Some("no raw byte path for this transport".into())
                 }
                 Ok(f) if needs == Closer && !f.has_closer => Some("no connection closer for this transport".into()),
+                Ok(f) if needs == ConnectionBound && !f.bounds_connections => {
+                    Some("this transport has no per-listener connection bound".into())
+                }
+                Ok(f) if needs == OneSided && f.write_out_of_bounds.is_none() => {
+                    Some("peers cannot write the receiver's memory on this transport".into())
+                }
                 Ok(_) => None,
             };
             let full = format!("{name}::{test}");

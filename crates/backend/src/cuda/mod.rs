@@ -442,6 +442,40 @@ impl Backend for CudaBackend {
         self.default.stream.synchronize().map_err(driver_err("cuStreamSynchronize"))
     }
 
+    fn dmabuf(&self, region: &mut Region, offset: usize, len: usize) -> Option<crate::backend::DmaBuf> {
+        Self::check_range("dmabuf", region, offset, len).ok()?;
+        self.bind().ok()?;
+        // Exports cover whole host pages: export the pages around the range, say where it starts.
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            p if p > 0 => p as u64,
+            _ => 4096,
+        };
+        let start = region.ptr + offset as u64;
+        let base = start & !(page - 1);
+        let end = (start + len as u64).next_multiple_of(page);
+        let mut fd: std::ffi::c_int = -1;
+        // SAFETY: the range lies in a live allocation of this context (checked, rounded to pages;
+        // a rounding past the allocation's end is refused by the driver and we return None); the
+        // driver writes one int.
+        let r = unsafe {
+            sys::cuMemGetHandleForAddressRange(
+                (&mut fd as *mut std::ffi::c_int).cast::<c_void>(),
+                base,
+                (end - base) as usize,
+                sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS || fd < 0 {
+            tracing::debug!(?r, "cuMemGetHandleForAddressRange: no dma-buf export (GPUDirect RDMA off)");
+            return None;
+        }
+        // SAFETY: the driver gave us this descriptor; we own it from here.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Some(crate::backend::DmaBuf { fd, offset: start - base, len })
+    }
+
     fn read(&self, region: &Region, offset: usize, dst: &mut [u8]) -> Result<()> {
         Self::check_range("read", region, offset, dst.len())?;
         if dst.is_empty() {

@@ -17,7 +17,10 @@ use crate::shm::sys::{poll_accept, EventFd};
 use crate::{Connection, Listener, ListenerStop, TransportError, TransportOptions};
 
 /// A client that connects but does not finish its half of the rendezvous is dropped after this.
-const SERVER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Generous: a client opens its device and registers its ring between its TCP connect and its
+/// hello, and 34 clients doing that at once in the TCG VM on a loaded host took more than 10 s.
+/// A silent client costs one of `HANDSHAKES_MAX` slots meanwhile, nothing else.
+const SERVER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rendezvous in progress at once; a client beyond it is disconnected at once (it sees `Closed`).
 const HANDSHAKES_MAX: usize = 64;
 /// Connections set up but not yet taken by `accept`.
@@ -33,6 +36,27 @@ struct Shared {
     ring_bytes: usize,
     opts: TransportOptions,
     handshakes: AtomicUsize,
+    /// Connections set up and not yet dropped (bounded by `opts.rdma_connections_max`).
+    live: Arc<AtomicUsize>,
+}
+
+/// One of a listener's `rdma_connections_max` connections, given back on drop.
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        if live.fetch_add(1, Ordering::AcqRel) >= max {
+            live.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(live.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A bound `rdma://ADDR:PORT` endpoint.
@@ -62,6 +86,7 @@ pub fn listen(addr: &str, opts: &TransportOptions) -> Result<RdmaListener, Trans
         ring_bytes,
         opts: opts.clone(),
         handshakes: AtomicUsize::new(0),
+        live: Arc::new(AtomicUsize::new(0)),
     });
     let (tx, ready) = sync_channel(READY_MAX);
     let sh = shared.clone();
@@ -128,6 +153,12 @@ fn setup(sh: &Shared, mut sock: TcpStream) -> Result<Halves, String> {
         let _ = sock.write_all(&Hello::busy(STATUS_REFUSED).encode());
         return Err(format!("asked for a ring of {} bytes", hello.ring_bytes));
     }
+    let Some(slot) = Slot::take(&sh.live, sh.opts.rdma_connections_max) else {
+        let _ = sock.write_all(&Hello::busy(STATUS_BUSY).encode());
+        let max = sh.opts.rdma_connections_max;
+        tracing::warn!(peer = %peer_addr, max, "rdma: rdma_connections_max reached; answered Busy");
+        return Err(format!("busy: {max} connections"));
+    };
     let side = match Side::new(&sh.dev, sh.ring_bytes) {
         Ok(s) => s,
         Err(e) => {
@@ -139,7 +170,7 @@ fn setup(sh: &Shared, mut sock: TcpStream) -> Result<Halves, String> {
     };
     let ours = side.hello();
     let halves = side
-        .finish(&hello, sock.try_clone().map_err(client)?, format!("rdma://{peer_addr}"), &sh.opts)
+        .finish(&hello, sock.try_clone().map_err(client)?, format!("rdma://{peer_addr}"), &sh.opts, Some(slot))
         .map_err(|e| e.to_string())?;
     sock.write_all(&ours.encode()).map_err(client)?;
     let mut ready = [0u8; 1];

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 pub use self::listener::{listen, RdmaListener};
 use self::ring::{Link, RemoteRing, CREDIT_BYTES, CREDIT_RECV_WR, DATA_RECV_WR, INLINE_BYTES, SEND_WR};
-pub use self::ring::{RdmaRx, RdmaTx};
+pub use self::ring::{OutOfBounds, RdmaRx, RdmaTx};
 pub use self::verbs::{device_names, DeviceError};
 use self::verbs::{Cq, Device, Mr, Qp, QpPeer, QpSizes};
 use crate::{ByteCounters, Connection, TransportError, TransportOptions};
@@ -42,7 +42,7 @@ use crate::{ByteCounters, Connection, TransportError, TransportOptions};
 const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest ring a client accepts from a server (bounds the staging buffer it allocates).
 const PEER_RING_BYTES_MAX: u64 = 1 << 30;
-const MAGIC: [u8; 8] = *b"DJNRDMA1";
+const MAGIC: [u8; 8] = *b"DJNRDMA2";
 const HELLO_BYTES: usize = 80;
 const STATUS_OK: u32 = 0;
 const STATUS_BUSY: u32 = 1;
@@ -172,6 +172,7 @@ impl Side {
         sock: TcpStream,
         peer_name: String,
         opts: &TransportOptions,
+        slot: Option<listener::Slot>,
     ) -> Result<Halves, TransportError> {
         let verbs_err = |what: &'static str| io_err(what);
         // Our tx QP talks to the peer's rx QP, and the reverse.
@@ -188,8 +189,22 @@ impl Side {
             peer: peer_name.clone(),
             counters: counters.clone(),
             closed: AtomicBool::new(false),
-            _dev: self.dev.clone(),
+            dev: self.dev.clone(),
+            _slot: slot,
         });
+        // A fatal event on either QP (the peer's NIC refused us, a retry ran out) closes this
+        // connection at once; the halves then answer `Closed`.
+        for qpn in [self.tx_qp.qpn(), self.rx_qp.qpn()] {
+            let weak = Arc::downgrade(&link);
+            self.dev.on_fatal(
+                qpn,
+                Arc::new(move || {
+                    if let Some(l) = weak.upgrade() {
+                        l.close();
+                    }
+                }),
+            );
+        }
         let remote = RemoteRing { addr: peer.ring_addr, rkey: peer.ring_rkey, bytes: peer.ring_bytes };
         let (tx, rx) = ring::halves(link, self.tx_qp, staging, self.credit_slots, remote, self.rx_qp, self.ring, opts);
         Ok(Halves { tx, rx, counters, peer: peer_name })
@@ -261,7 +276,7 @@ fn connect_halves(addr: &str, opts: &TransportOptions) -> Result<Halves, Transpo
         STATUS_OK => {}
         STATUS_BUSY => {
             return Err(TransportError::Other(format!(
-                "rdma://{addr}: server busy (out of queue pairs or registered memory); retry later"
+                "rdma://{addr}: server busy (at its rdma_connections_max, or out of queue pairs or registered memory); retry later"
             )))
         }
         _ => return Err(TransportError::Other(format!("rdma://{addr}: server refused our ring size"))),
@@ -273,7 +288,7 @@ fn connect_halves(addr: &str, opts: &TransportOptions) -> Result<Halves, Transpo
         )));
     }
     let halves =
-        side.finish(&peer, sock.try_clone().map_err(io_err("rdma: socket"))?, format!("rdma://{addr}"), opts)?;
+        side.finish(&peer, sock.try_clone().map_err(io_err("rdma: socket"))?, format!("rdma://{addr}"), opts, None)?;
     // Our receives are posted and our QPs are in RTS: the server may send.
     sock.write_all(&[1]).map_err(io_err("rdma: send ready"))?;
     tracing::debug!(addr, device = %dev.name, ring_bytes, "rdma connected");
@@ -294,6 +309,12 @@ impl RawClient {
         let opts = TransportOptions { rdma_ring_bytes: ring_bytes, ..TransportOptions::default() };
         let h = connect_halves(addr, &opts)?;
         Ok(RawClient { tx: h.tx, rx: h.rx })
+    }
+
+    /// Writes outside what the server granted (see [`OutOfBounds`]); `Ok(true)`: the server's NIC
+    /// refused the write (this connection is then dead, as the server's side of it).
+    pub fn write_out_of_bounds(&mut self, at: OutOfBounds) -> Result<bool, TransportError> {
+        self.tx.write_out_of_bounds(at).map_err(|e| e.into_transport("raw client"))
     }
 
     /// The receiving half, to read the server's replies as a normal client would.

@@ -22,6 +22,10 @@
 //! protocol errors (`Other`); headers and metadata are copied out of the ring into private memory
 //! before they are validated. The peer can write only this connection's ring (its own MR and rkey).
 
+mod rendezvous;
+
+pub use self::rendezvous::OutOfBounds;
+
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,12 +48,14 @@ pub(crate) const DATA_RECV_WR: u32 = 128;
 /// Credit receive slots the sender keeps posted. A credit reports at least one new immediate or a
 /// quarter of the ring, so there are never more in flight than immediates plus a few.
 pub(crate) const CREDIT_RECV_WR: u32 = 2 * DATA_RECV_WR + 16;
-/// Bytes of one credit message (and of its receive slot).
-pub(crate) const CREDIT_BYTES: usize = 24;
+/// Bytes of one credit message (and of its receive slot): credit, then an optional grant.
+pub(crate) const CREDIT_BYTES: usize = 40;
 /// Inline bytes asked of each QP (frames this small skip the NIC's read of staging).
 pub(crate) const INLINE_BYTES: u32 = 256;
 /// Immediate that says "the sending half closed"; never a chunk length.
 const CLOSE_IMM: u32 = u32::MAX;
+/// Immediate that says "the granted direct write is complete" (see `rendezvous`).
+pub(super) const GRANT_DONE_IMM: u32 = u32::MAX - 1;
 /// Spin-then-park spins without yielding this long before it yields between looks.
 const PURE_SPIN: Duration = Duration::from_micros(5);
 /// While busy-polling, check the peer's socket (and yield) at most this often.
@@ -70,7 +76,7 @@ pub(crate) enum RingError {
 }
 
 impl RingError {
-    fn into_transport(self, peer: &str) -> TransportError {
+    pub(crate) fn into_transport(self, peer: &str) -> TransportError {
         match self {
             RingError::PeerGone | RingError::LocalClosed => TransportError::Closed,
             RingError::Corrupt(what) => {
@@ -92,11 +98,13 @@ pub(crate) struct Link {
     pub(crate) peer: String,
     pub(crate) counters: Arc<ByteCounters>,
     pub(crate) closed: AtomicBool,
-    pub(crate) _dev: Arc<Device>,
+    pub(crate) dev: Arc<Device>,
+    /// The listener's count of live connections, given back when the connection goes.
+    pub(crate) _slot: Option<super::listener::Slot>,
 }
 
 impl Link {
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         // SAFETY: shutdown on a socket this link owns; it stays open (closed on drop).
         unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
@@ -110,28 +118,54 @@ impl Link {
     }
 }
 
-/// The credit message, little-endian: consumed bytes, consumed immediates, closed flag.
+/// The credit message, little-endian: consumed bytes, consumed immediates, closed flag, and the
+/// grant it carries (kind byte 17, rkey 20..24, address 24..32, length 32..40).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Credit {
-    head: u64,
-    imms: u64,
-    closed: bool,
+pub(super) struct Credit {
+    pub(super) head: u64,
+    pub(super) imms: u64,
+    pub(super) closed: bool,
+    pub(super) grant: Grant,
+}
+
+/// What the receiver lets the sender do with the next `len` bytes of a rendezvous frame's data.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) enum Grant {
+    #[default]
+    None,
+    /// Stream them through the ring as usual.
+    Ring { len: u64 },
+    /// RDMA-WRITE them to `addr..+len` under `rkey` (a registration of exactly that range).
+    Direct { addr: u64, rkey: u32, len: u64 },
 }
 
 impl Credit {
-    fn encode(&self) -> [u8; CREDIT_BYTES] {
+    pub(super) fn encode(&self) -> [u8; CREDIT_BYTES] {
         let mut b = [0u8; CREDIT_BYTES];
         b[0..8].copy_from_slice(&self.head.to_le_bytes());
         b[8..16].copy_from_slice(&self.imms.to_le_bytes());
         b[16] = self.closed as u8;
+        let (kind, rkey, addr, len) = match self.grant {
+            Grant::None => (0u8, 0u32, 0u64, 0u64),
+            Grant::Ring { len } => (1, 0, 0, len),
+            Grant::Direct { addr, rkey, len } => (2, rkey, addr, len),
+        };
+        b[17] = kind;
+        b[20..24].copy_from_slice(&rkey.to_le_bytes());
+        b[24..32].copy_from_slice(&addr.to_le_bytes());
+        b[32..40].copy_from_slice(&len.to_le_bytes());
         b
     }
-    fn decode(b: &[u8; CREDIT_BYTES]) -> Credit {
-        Credit {
-            head: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
-            imms: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
-            closed: b[16] != 0,
-        }
+    fn decode(b: &[u8; CREDIT_BYTES]) -> Option<Credit> {
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let (rkey, addr, len) = (u32::from_le_bytes(b[20..24].try_into().expect("4 bytes")), u64_at(24), u64_at(32));
+        let grant = match b[17] {
+            0 => Grant::None,
+            1 => Grant::Ring { len },
+            2 => Grant::Direct { addr, rkey, len },
+            _ => return None,
+        };
+        Some(Credit { head: u64_at(0), imms: u64_at(8), closed: b[16] != 0, grant })
     }
 }
 
@@ -257,6 +291,8 @@ pub struct RdmaTx {
     pending: u64,
     imms_sent: u64,
     credit: Credit,
+    /// The receiver's latest unused grant (rendezvous frames only).
+    grant: Grant,
     poisoned: Option<RingError>,
 }
 
@@ -275,6 +311,10 @@ pub struct RdmaRx {
     reported: Credit,
     peer_closed: bool,
     pending_data: u64,
+    /// The current frame's bulk data moves by grants (see `rendezvous`).
+    rendezvous: bool,
+    /// The sender said its direct write into the current grant is complete.
+    grant_done: bool,
     poisoned: Option<RingError>,
 }
 
@@ -306,6 +346,7 @@ pub(crate) fn halves(
         pending: 0,
         imms_sent: 0,
         credit: Credit::default(),
+        grant: Grant::None,
         poisoned: None,
     };
     let rx = RdmaRx {
@@ -322,6 +363,8 @@ pub(crate) fn halves(
         reported: Credit::default(),
         peer_closed: false,
         pending_data: 0,
+        rendezvous: false,
+        grant_done: false,
         poisoned: None,
     };
     (tx, rx)
@@ -373,7 +416,7 @@ impl RdmaTx {
                             CREDIT_BYTES,
                         )
                     };
-                    let c = Credit::decode(&raw);
+                    let c = Credit::decode(&raw).ok_or(RingError::Corrupt("credit message of an unknown kind"))?;
                     let posted = self.tail - self.pending;
                     if c.head < self.credit.head
                         || c.head > posted
@@ -382,7 +425,13 @@ impl RdmaTx {
                     {
                         return Err(RingError::Corrupt("credit beyond what was sent"));
                     }
-                    self.credit = Credit { closed: self.credit.closed || c.closed, ..c };
+                    if c.grant != Grant::None {
+                        if self.grant != Grant::None {
+                            return Err(RingError::Corrupt("a second grant before the first was used"));
+                        }
+                        self.grant = c.grant;
+                    }
+                    self.credit = Credit { closed: self.credit.closed || c.closed, grant: Grant::None, ..c };
                     // SAFETY: as in post_credit_recvs.
                     unsafe {
                         self.qp
@@ -409,7 +458,7 @@ impl RdmaTx {
     }
 
     /// Waits until `ok` holds (polling completions), failing once the receiver closed.
-    fn wait_for(&mut self, ok: fn(&RdmaTx) -> bool) -> Result<(), RingError> {
+    fn wait_for(&mut self, ok: impl Fn(&RdmaTx) -> bool) -> Result<(), RingError> {
         self.progress()?;
         if ok(self) {
             return Ok(());
@@ -493,6 +542,10 @@ impl RdmaTx {
     fn write_frame(&mut self, frame: &OutFrame<'_>) -> Result<(), RingError> {
         self.stream(zerocopy::IntoBytes::as_bytes(&frame.header))?;
         self.stream(frame.meta)?;
+        if frame.header.data_len.get() >= rendezvous::RENDEZVOUS_BYTES_MIN {
+            self.flush()?;
+            return self.send_granted(frame.data, frame.header.data_len.get());
+        }
         for seg in frame.data {
             self.stream(seg)?;
         }
@@ -578,6 +631,8 @@ impl RdmaRx {
                     let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
                     if imm == CLOSE_IMM {
                         self.peer_closed = true;
+                    } else if imm == GRANT_DONE_IMM {
+                        self.grant_done = true;
                     } else {
                         let tail = self.tail + imm as u64;
                         if imm as usize > CHUNK_BYTES || tail - self.head > self.size {
@@ -618,7 +673,7 @@ impl RdmaRx {
                 return Ok(());
             }
         }
-        let c = Credit { head: self.head, imms: self.imms, closed: false };
+        let c = Credit { head: self.head, imms: self.imms, closed: false, grant: Grant::None };
         let (wr_id, signaled) = self.sq.next();
         self.qp.post_send_inline(wr_id, &c.encode(), signaled).map_err(verbs)?;
         self.reported = c;
@@ -681,6 +736,7 @@ impl RdmaRx {
         let mut meta = vec![0u8; meta_len];
         self.read(Some(&mut meta), meta_len as u64)?;
         self.pending_data = header.data_len.get();
+        self.rendezvous = self.pending_data >= rendezvous::RENDEZVOUS_BYTES_MIN;
         self.link.counters.received.fetch_add((HEADER_LEN + meta_len) as u64, Ordering::Relaxed);
         Ok(RxHead { header, meta })
     }
@@ -699,35 +755,54 @@ impl RdmaRx {
 }
 
 impl FrameRx for RdmaRx {
-    fn recv_head(&mut self) -> Result<RxHead, TransportError> {
+    unsafe fn recv_data_dmabuf(&mut self, dst: &crate::DmaBufDst<'_>) -> Result<bool, TransportError> {
         self.check()?;
-        if self.pending_data != 0 {
-            return Err(TransportError::DataMisuse("previous frame's bulk data not consumed"));
+        // SAFETY: the caller's contract is this method's.
+        let taken = unsafe { self.read_granted_dmabuf(dst) }.map_err(|e| self.fail(e))?;
+        if taken {
+            self.pending_data -= dst.len as u64;
+            self.link.counters.received.fetch_add(dst.len as u64, Ordering::Relaxed);
         }
-        self.next_head().map_err(|e| self.fail(e))
+        Ok(taken)
+    }
+
+    fn recv_head(&mut self) -> Result<RxHead, TransportError> {
+        crate::ring_rx::recv_head(self)
     }
 
     fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
-        self.check()?;
-        let len = dst.len() as u64;
-        if len > self.pending_data {
-            return Err(TransportError::DataMisuse("recv_data past the end of the frame's bulk data"));
-        }
-        self.read(Some(dst), len).map_err(|e| self.fail(e))?;
-        self.pending_data -= len;
-        self.link.counters.received.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        crate::ring_rx::recv_data(self, dst)
     }
 
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {
-        self.check()?;
-        if len > self.pending_data {
-            return Err(TransportError::DataMisuse("skip_data past the end of the frame's bulk data"));
+        crate::ring_rx::skip_data(self, len)
+    }
+}
+
+impl crate::ring_rx::RingRx for RdmaRx {
+    type Error = RingError;
+    fn check(&self) -> Result<(), TransportError> {
+        RdmaRx::check(self)
+    }
+    fn fail(&mut self, e: RingError) -> TransportError {
+        RdmaRx::fail(self, e)
+    }
+    fn next_head(&mut self) -> Result<RxHead, RingError> {
+        RdmaRx::next_head(self)
+    }
+    /// A rendezvous frame's data moves by grants; any other frame's through the ring.
+    fn take_data(&mut self, dst: Option<&mut [u8]>, len: u64) -> Result<(), RingError> {
+        match (self.rendezvous, dst) {
+            (true, Some(dst)) => self.read_granted(dst),
+            (true, None) => self.read_granted_skip(len),
+            (false, dst) => self.read(dst, len),
         }
-        self.read(None, len).map_err(|e| self.fail(e))?;
-        self.pending_data -= len;
-        self.link.counters.received.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+    }
+    fn pending_data(&mut self) -> &mut u64 {
+        &mut self.pending_data
+    }
+    fn counters(&self) -> &ByteCounters {
+        &self.link.counters
     }
 }
 
@@ -738,7 +813,7 @@ impl Drop for RdmaRx {
         }
         // Best effort: a sender waiting for space learns we are gone without the socket's help.
         if !self.sq.full() {
-            let c = Credit { closed: true, ..self.reported };
+            let c = Credit { closed: true, grant: Grant::None, ..self.reported };
             let (wr_id, _) = self.sq.next();
             let _ = self.qp.post_send_inline(wr_id, &c.encode(), false);
         }

@@ -5,12 +5,15 @@
 //! Verbs calls on distinct objects are thread-safe (rdma-core documents it), which is what makes
 //! these types `Send`/`Sync`; each CQ and QP here is still used by one half of one connection.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::ptr::{self, NonNull};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use rdma_sys::*;
 
@@ -74,6 +77,9 @@ pub enum DeviceError {
     Io { name: String, source: io::Error },
 }
 
+/// What to do when a QP gets a fatal asynchronous event (close its connection).
+pub(crate) type OnFatal = Arc<dyn Fn() + Send + Sync>;
+
 /// An open device with its protection domain, the port's attributes and the GID used for `ip`.
 pub(crate) struct Device {
     ctx: NonNull<ibv_context>,
@@ -82,6 +88,95 @@ pub(crate) struct Device {
     pub(crate) gid: [u8; 16],
     pub(crate) gid_index: u8,
     pub(crate) active_mtu: u32,
+    /// QP number → what to do on its fatal event; entries live as long as their QP.
+    on_fatal: Arc<Mutex<HashMap<u32, OnFatal>>>,
+    events: Option<AsyncEvents>,
+}
+
+/// The thread that reads the context's asynchronous events (ibv_get_async_event) and acks each.
+struct AsyncEvents {
+    stop: Arc<AtomicBool>,
+    bell: Arc<crate::shm::sys::EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The context pointer, moved to the event thread (which the device joins before closing it).
+struct CtxPtr(NonNull<ibv_context>);
+// SAFETY: verbs contexts may be used from any thread; the device outlives the thread (joined in Drop).
+unsafe impl Send for CtxPtr {}
+
+impl AsyncEvents {
+    fn start(ctx: NonNull<ibv_context>, name: &str, on_fatal: Arc<Mutex<HashMap<u32, OnFatal>>>) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bell = Arc::new(crate::shm::sys::EventFd::new()?);
+        // SAFETY: ctx is open; the async fd is made non-blocking so the thread never sleeps in
+        // ibv_get_async_event itself (it sleeps in poll, where the stop bell reaches it).
+        let fd = unsafe {
+            let fd = ctx.as_ref().async_fd;
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            fd
+        };
+        let (stop2, bell2, ctx) = (stop.clone(), bell.clone(), CtxPtr(ctx));
+        let thread = std::thread::Builder::new().name(format!("rdma-events-{name}")).spawn(move || {
+            let ctx = ctx;
+            while !stop2.load(Ordering::Acquire) {
+                use std::os::fd::AsRawFd;
+                let mut fds = [
+                    libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: bell2.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                ];
+                // SAFETY: two live pollfd entries.
+                if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                    continue;
+                }
+                if fds[0].revents != 0 {
+                    take_async_events(ctx.0, &on_fatal);
+                }
+            }
+        })?;
+        Ok(AsyncEvents { stop, bell, thread: Some(thread) })
+    }
+}
+
+/// Reads every pending asynchronous event: a QP's fatal event closes its connection; each event is
+/// acknowledged (ibv_destroy_qp waits for that).
+fn take_async_events(ctx: NonNull<ibv_context>, on_fatal: &Mutex<HashMap<u32, OnFatal>>) {
+    loop {
+        // SAFETY: ctx is open (the device joins this thread before closing it); the event is
+        // plain data written by the call and acknowledged below.
+        let mut ev: ibv_async_event = unsafe { std::mem::zeroed() };
+        if unsafe { ibv_get_async_event(ctx.as_ptr(), &mut ev) } != 0 {
+            return;
+        }
+        // Read as a number: a newer rdma-core may report kinds this binding's enum lacks.
+        // SAFETY: the field is a C enum, 4 bytes.
+        let kind = unsafe { *(ptr::addr_of!(ev.event_type) as *const u32) };
+        let qp_fatal = [
+            ibv_event_type::IBV_EVENT_QP_FATAL as u32,
+            ibv_event_type::IBV_EVENT_QP_REQ_ERR as u32,
+            ibv_event_type::IBV_EVENT_QP_ACCESS_ERR as u32,
+            ibv_event_type::IBV_EVENT_PATH_MIG_ERR as u32,
+        ];
+        if qp_fatal.contains(&kind) {
+            // SAFETY: for QP events the element is the QP, which stays valid until the event is
+            // acknowledged (ibv_destroy_qp waits for it).
+            let qpn = unsafe { (*ev.element.qp).qp_num };
+            let f = on_fatal.lock().unwrap_or_else(|p| p.into_inner()).get(&qpn).cloned();
+            tracing::warn!(qpn, kind, "rdma: fatal queue-pair event; closing its connection");
+            if let Some(f) = f {
+                f();
+            }
+        } else if kind == ibv_event_type::IBV_EVENT_DEVICE_FATAL as u32 {
+            tracing::error!("rdma: device fatal event; every connection on it will fail");
+            let all: Vec<OnFatal> = on_fatal.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            all.iter().for_each(|f| f());
+        } else {
+            tracing::debug!(kind, "rdma: asynchronous event");
+        }
+        // SAFETY: acknowledges exactly the event got above.
+        unsafe { ibv_ack_async_event(&mut ev) };
+    }
 }
 
 // SAFETY: verbs objects may be used from any thread; the pointers are owned by this value.
@@ -167,8 +262,26 @@ impl Device {
         };
         // SAFETY: ctx is open; a null PD means failure (errno set).
         let pd = NonNull::new(unsafe { ibv_alloc_pd(ctx.as_ptr()) }).ok_or_else(|| io_err(last_os("ibv_alloc_pd")))?;
+        let on_fatal = Arc::new(Mutex::new(HashMap::new()));
+        let events = match AsyncEvents::start(ctx, name, on_fatal.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                // SAFETY: the PD was just allocated and nothing was created from it.
+                unsafe { ibv_dealloc_pd(pd.as_ptr()) };
+                return Err(io_err(e));
+            }
+        };
         std::mem::forget(guard);
-        Ok(Some(Device { ctx, pd, name: name.to_string(), gid: want, gid_index, active_mtu: port.active_mtu }))
+        Ok(Some(Device {
+            ctx,
+            pd,
+            name: name.to_string(),
+            gid: want,
+            gid_index,
+            active_mtu: port.active_mtu,
+            on_fatal,
+            events: Some(events),
+        }))
     }
 }
 
@@ -182,8 +295,22 @@ impl Drop for CtxGuard {
     }
 }
 
+impl Device {
+    /// Runs `f` when the QP numbered `qpn` gets a fatal asynchronous event (until its QP drops).
+    pub(crate) fn on_fatal(&self, qpn: u32, f: OnFatal) {
+        self.on_fatal.lock().unwrap_or_else(|p| p.into_inner()).insert(qpn, f);
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
+        if let Some(mut ev) = self.events.take() {
+            ev.stop.store(true, Ordering::Release);
+            ev.bell.ring();
+            if let Some(t) = ev.thread.take() {
+                let _ = t.join();
+            }
+        }
         // SAFETY: every QP, CQ and MR holds an Arc<Device>, so all are gone: PD then context.
         unsafe {
             ibv_dealloc_pd(self.pd.as_ptr());
@@ -542,6 +669,8 @@ impl Qp {
 
 impl Drop for Qp {
     fn drop(&mut self) {
+        let qpn = self.qpn();
+        self.dev.on_fatal.lock().unwrap_or_else(|p| p.into_inner()).remove(&qpn);
         // SAFETY: the QP is owned here; destroying it flushes its work requests, after which no
         // buffer of ours is touched by the NIC.
         unsafe { ibv_destroy_qp(self.qp.as_ptr()) };
@@ -555,3 +684,79 @@ pub(crate) fn empty_wc() -> ibv_wc {
 }
 
 pub(crate) use rdma_sys::{ibv_wc, ibv_wc_opcode, ibv_wc_status};
+
+/// A registration of memory the caller lends for `'a` (a frame's bulk data, a receive buffer):
+/// the borrow outlives the registration, which is dropped (deregistered) first, so the NIC can
+/// never touch the memory after it is given back. One per granted transfer (see `rendezvous`).
+pub(crate) struct LentMr<'a> {
+    mr: NonNull<ibv_mr>,
+    _mem: std::marker::PhantomData<&'a mut [u8]>,
+    _dev: Arc<Device>,
+}
+
+impl<'a> LentMr<'a> {
+    /// Registers `bytes` for the local NIC to read (the source of RDMA WRITEs). No remote access.
+    pub(crate) fn for_reading(dev: &Arc<Device>, bytes: &'a [u8]) -> io::Result<LentMr<'a>> {
+        // SAFETY: access 0: the NIC only reads the range, for as long as the borrow `'a` keeps it
+        // alive (the registration is dropped inside it).
+        unsafe { Self::register(dev, bytes.as_ptr() as *mut u8, bytes.len(), 0) }
+    }
+
+    /// Registers `bytes` for the peer to RDMA-WRITE into (exactly this range: its rkey is the grant).
+    pub(crate) fn for_remote_writing(dev: &Arc<Device>, bytes: &'a mut [u8]) -> io::Result<LentMr<'a>> {
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        // SAFETY: the range is borrowed mutably for `'a`, so nothing else reads or writes it while
+        // the peer may; the registration is dropped inside the borrow.
+        unsafe { Self::register(dev, bytes.as_mut_ptr(), bytes.len(), access.0 as i32) }
+    }
+
+    /// Registers `len` bytes at `offset` of the dma-buf `fd` (device memory) for the peer to
+    /// RDMA-WRITE into, addressed from `iova`.
+    ///
+    /// # Safety
+    /// Nothing else may touch the exported range while the registration lives.
+    pub(crate) unsafe fn for_dmabuf(
+        dev: &Arc<Device>,
+        fd: std::os::fd::BorrowedFd<'a>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> io::Result<LentMr<'a>> {
+        use std::os::fd::AsRawFd;
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        // SAFETY: the descriptor is borrowed for `'a`, the registration dropped inside it; the
+        // caller keeps the memory to the NIC alone meanwhile.
+        let mr = unsafe { ibv_reg_dmabuf_mr(dev.pd.as_ptr(), offset, len, iova, fd.as_raw_fd(), access.0 as i32) };
+        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_dmabuf_mr"))?;
+        Ok(LentMr { mr, _mem: std::marker::PhantomData, _dev: dev.clone() })
+    }
+
+    /// # Safety
+    /// `ptr..+len` must stay valid (and, with write access, unaliased) for `'a`.
+    unsafe fn register(dev: &Arc<Device>, ptr: *mut u8, len: usize, access: i32) -> io::Result<LentMr<'a>> {
+        // SAFETY (caller): the range is valid for the registration's life.
+        let mr = unsafe { ibv_reg_mr(dev.pd.as_ptr(), ptr.cast(), len, access) };
+        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_mr (lent buffer)"))?;
+        Ok(LentMr { mr, _mem: std::marker::PhantomData, _dev: dev.clone() })
+    }
+
+    pub(crate) fn lkey(&self) -> u32 {
+        // SAFETY: registered for self's life.
+        unsafe { self.mr.as_ref().lkey }
+    }
+    pub(crate) fn rkey(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { self.mr.as_ref().rkey }
+    }
+}
+
+impl Drop for LentMr<'_> {
+    fn drop(&mut self) {
+        // SAFETY: deregistering revokes the NIC's (and the peer's) access; the memory itself is
+        // still borrowed until after this returns.
+        unsafe { ibv_dereg_mr(self.mr.as_ptr()) };
+    }
+}
+
+// SAFETY: an owned registration; the memory it covers is borrowed by whoever holds it.
+unsafe impl Send for LentMr<'_> {}

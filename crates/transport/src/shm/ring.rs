@@ -595,25 +595,35 @@ impl ShmRx {
     }
 }
 
+impl crate::ring_rx::RingRx for ShmRx {
+    type Error = RingError;
+    fn check(&self) -> Result<(), TransportError> {
+        self.check_poison()
+    }
+    fn fail(&mut self, e: RingError) -> TransportError {
+        ShmRx::fail(self, e)
+    }
+    fn next_head(&mut self) -> Result<RxHead, RingError> {
+        ShmRx::next_head(self)
+    }
+    fn take_data(&mut self, dst: Option<&mut [u8]>, len: u64) -> Result<(), RingError> {
+        self.read_data(dst, len)
+    }
+    fn pending_data(&mut self) -> &mut u64 {
+        &mut self.pending_data
+    }
+    fn counters(&self) -> &ByteCounters {
+        &self.st.link.counters
+    }
+}
+
 impl FrameRx for ShmRx {
     fn recv_head(&mut self) -> Result<RxHead, TransportError> {
-        self.check_poison()?;
-        if self.pending_data != 0 {
-            return Err(TransportError::DataMisuse("previous frame's bulk data not consumed"));
-        }
-        self.next_head().map_err(|e| self.fail(e))
+        crate::ring_rx::recv_head(self)
     }
 
     fn recv_data(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
-        self.check_poison()?;
-        let len = dst.len() as u64;
-        if len > self.pending_data {
-            return Err(TransportError::DataMisuse("recv_data past the end of the frame's bulk data"));
-        }
-        self.read_data(Some(dst), len).map_err(|e| self.fail(e))?;
-        self.pending_data -= len;
-        self.st.link.counters.received.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        crate::ring_rx::recv_data(self, dst)
     }
 
     fn set_spin_gate(&mut self, gate: SpinGate) {
@@ -621,14 +631,7 @@ impl FrameRx for ShmRx {
     }
 
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {
-        self.check_poison()?;
-        if len > self.pending_data {
-            return Err(TransportError::DataMisuse("skip_data past the end of the frame's bulk data"));
-        }
-        self.read_data(None, len).map_err(|e| self.fail(e))?;
-        self.pending_data -= len;
-        self.st.link.counters.received.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        crate::ring_rx::skip_data(self, len)
     }
 }
 

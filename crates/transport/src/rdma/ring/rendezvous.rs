@@ -1,0 +1,308 @@
+//! Zero-copy bulk data: a frame whose data is at least [`RENDEZVOUS_BYTES_MIN`] sends its header
+//! and metadata through the ring as usual, then its data moves by *grants* the receiver sends
+//! back with its credit (one at a time, each for the next bytes it wants):
+//!
+//! - `Direct { addr, rkey, len }` for a `recv_data` of at least [`DIRECT_BYTES_MIN`]: the receiver
+//!   registers exactly its destination (the server's tensor, the client's reply buffer) for remote
+//!   write; the sender RDMA-WRITEs straight from its own buffers (registered for the transfer) and
+//!   ends with a zero-length WRITE_WITH_IMM ([`GRANT_DONE_IMM`]), which RC ordering places after
+//!   the data. The receiver then deregisters, so the rkey is dead before `recv_data` returns: a
+//!   peer can write only inside its ring and the one range granted to it for the one transfer.
+//! - `Ring { len }` for a smaller read, a skip, or a destination that could not be registered: the
+//!   rest of the frame streams through the ring as any small frame does.
+//!
+//! Registration is per transfer and scoped to the borrow of the buffer ([`LentMr`]): no cache keyed
+//! by address, because a freed and reallocated buffer at the same address would still be pinned to
+//! its old pages (no munmap hook here to invalidate it). A sender that cannot register its buffer
+//! (RLIMIT_MEMLOCK) bounces the bytes through its staging buffer, which is idle during a direct
+//! grant: the grant's credit covers every byte placed in the ring before it.
+
+use super::{Grant, RdmaRx, RdmaTx, RingError, CREDIT_BYTES, DATA_RECV_WR, GRANT_DONE_IMM};
+use crate::rdma::verbs::LentMr;
+
+/// Frames with at least this much bulk data move it by grants (both sides derive it from the
+/// header: it is part of the wire protocol).
+pub(crate) const RENDEZVOUS_BYTES_MIN: u64 = 1 << 20;
+/// A receive of at least this many bytes is granted for a direct write; below it, copying out of
+/// the ring costs less than registering.
+const DIRECT_BYTES_MIN: u64 = 64 * 1024;
+/// Where a dma-buf registration's addresses start (any page-aligned non-zero value works).
+const DMABUF_IOVA_BASE: u64 = 1 << 40;
+/// Largest single RDMA WRITE of a direct transfer.
+const DIRECT_WR_BYTES: usize = 16 << 20;
+
+const _: () = assert!(CREDIT_BYTES >= 40, "grants travel in credit messages");
+
+/// Walks a frame's data segments.
+struct Cursor<'a> {
+    segs: &'a [&'a [u8]],
+    i: usize,
+    off: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// The next at most `max` bytes, from one segment.
+    fn next(&mut self, max: u64) -> &'a [u8] {
+        while self.i < self.segs.len() && self.off == self.segs[self.i].len() {
+            self.i += 1;
+            self.off = 0;
+        }
+        let Some(seg) = self.segs.get(self.i) else { return &[] };
+        let n = (seg.len() - self.off).min(usize::try_from(max).unwrap_or(usize::MAX));
+        let piece = &seg[self.off..self.off + n];
+        self.off += n;
+        piece
+    }
+}
+
+impl RdmaTx {
+    /// Sends `total` bytes of `data` as the receiver grants them.
+    pub(super) fn send_granted(&mut self, data: &[&[u8]], total: u64) -> Result<(), RingError> {
+        let mut cur = Cursor { segs: data, i: 0, off: 0 };
+        let mut left = total;
+        while left > 0 {
+            self.wait_for(|s| s.grant != Grant::None)?;
+            match std::mem::take(&mut self.grant) {
+                Grant::Ring { len } if len > 0 && len <= left => {
+                    let mut n = len;
+                    while n > 0 {
+                        let piece = cur.next(n);
+                        self.stream(piece)?;
+                        n -= piece.len() as u64;
+                    }
+                    self.flush()?;
+                    left -= len;
+                }
+                Grant::Direct { addr, rkey, len } if len > 0 && len <= left => {
+                    self.write_direct(&mut cur, addr, rkey, len)?;
+                    left -= len;
+                }
+                _ => return Err(RingError::Corrupt("a grant of no bytes or beyond the frame's data")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the next `len` bytes of `cur` to the granted `addr..+len`, then says so.
+    fn write_direct(&mut self, cur: &mut Cursor<'_>, mut addr: u64, rkey: u32, len: u64) -> Result<(), RingError> {
+        let dev = self.link.dev.clone();
+        // Registrations live until the done-write completes (then the NIC has read every byte).
+        // Bounded by the frame's segment count.
+        let mut lent = Vec::new();
+        let mut left = len;
+        while left > 0 {
+            let piece = cur.next(left);
+            left -= piece.len() as u64;
+            let Ok(mr) = LentMr::for_reading(&dev, piece) else {
+                self.bounce(piece, &mut addr, rkey)?;
+                continue;
+            };
+            for part in piece.chunks(DIRECT_WR_BYTES) {
+                self.wait_for(|s| !s.sq.full())?;
+                let (wr_id, signaled) = self.sq.next();
+                // SAFETY: `part` is registered under `mr`, which is dropped only after the
+                // done-write below completed (or the QP failed); the remote range lies inside the
+                // grant (the parts add up to at most its `len`).
+                unsafe {
+                    self.qp
+                        .post_write(
+                            wr_id,
+                            part.as_ptr() as u64,
+                            part.len() as u32,
+                            mr.lkey(),
+                            addr,
+                            rkey,
+                            None,
+                            signaled,
+                        )
+                        .map_err(super::verbs)?
+                };
+                addr += part.len() as u64;
+            }
+            lent.push(mr);
+        }
+        self.wait_for(|s| !s.sq.full() && s.imms_sent - s.credit.imms < DATA_RECV_WR as u64)?;
+        self.sq.posted += 1;
+        let done = self.sq.posted;
+        // SAFETY: zero-length write: no local or remote memory is touched.
+        unsafe {
+            self.qp
+                .post_write(done, 0, 0, 0, self.remote.addr, self.remote.rkey, Some(GRANT_DONE_IMM), true)
+                .map_err(super::verbs)?
+        };
+        self.imms_sent += 1;
+        self.wait_for(move |s| s.sq.done >= done)?;
+        drop(lent);
+        Ok(())
+    }
+
+    /// Writes `piece` to `*addr` through the staging buffer, one staging-full at a time.
+    fn bounce(&mut self, piece: &[u8], addr: &mut u64, rkey: u32) -> Result<(), RingError> {
+        if self.credit.head != self.tail || self.pending != 0 {
+            return Err(RingError::Corrupt("a direct grant before the ring was consumed"));
+        }
+        for part in piece.chunks(self.staging.len()) {
+            self.wait_for(|s| !s.sq.full())?;
+            // SAFETY: part fits in staging, which no write is reading: every ring byte was
+            // consumed (checked above) and the previous bounce completed before this copy.
+            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), self.staging.ptr(), part.len()) };
+            self.sq.posted += 1;
+            let id = self.sq.posted;
+            // SAFETY: staging is registered for the connection's life; we wait for the write's
+            // completion before staging is touched again. The remote range lies in the grant.
+            unsafe {
+                self.qp
+                    .post_write(
+                        id,
+                        self.staging.addr(),
+                        part.len() as u32,
+                        self.staging.lkey(),
+                        *addr,
+                        rkey,
+                        None,
+                        true,
+                    )
+                    .map_err(super::verbs)?
+            };
+            self.wait_for(move |s| s.sq.done >= id)?;
+            *addr += part.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+impl RdmaRx {
+    /// Receives into `dst` by grant (see the module doc).
+    pub(super) fn read_granted(&mut self, dst: &mut [u8]) -> Result<(), RingError> {
+        let len = dst.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        if len >= DIRECT_BYTES_MIN {
+            let dev = self.link.dev.clone();
+            let addr = dst.as_ptr() as u64;
+            match LentMr::for_remote_writing(&dev, dst) {
+                Ok(mr) => return self.receive_direct(mr.rkey(), addr, len),
+                Err(e) => tracing::debug!(error = %e, len, "rdma: cannot register a receive buffer; using the ring"),
+            }
+        }
+        self.ring_rest()?;
+        self.read(Some(dst), len)
+    }
+
+    /// Skips `len` bytes of a rendezvous frame (they come through the ring).
+    pub(super) fn read_granted_skip(&mut self, len: u64) -> Result<(), RingError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.ring_rest()?;
+        self.read(None, len)
+    }
+
+    /// Grants the rest of the frame to the ring: one grant, then this frame reads as a small one.
+    fn ring_rest(&mut self) -> Result<(), RingError> {
+        self.send_grant(Grant::Ring { len: self.pending_data })?;
+        self.rendezvous = false;
+        Ok(())
+    }
+
+    /// Receives into device memory exported as a dma-buf (GPUDirect RDMA); `Ok(false)` when it
+    /// cannot be registered or the frame's data does not move by grants (nothing consumed).
+    ///
+    /// # Safety
+    /// As [`crate::FrameRx::recv_data_dmabuf`].
+    pub(super) unsafe fn read_granted_dmabuf(&mut self, dst: &crate::DmaBufDst<'_>) -> Result<bool, RingError> {
+        let len = dst.len as u64;
+        if !self.rendezvous || len < DIRECT_BYTES_MIN || len > self.pending_data {
+            return Ok(false);
+        }
+        let dev = self.link.dev.clone();
+        // Remote addresses in the grant are offsets into the export, from a fixed non-zero base.
+        let iova = DMABUF_IOVA_BASE + dst.offset;
+        // SAFETY (caller): the range is the NIC's alone for this call.
+        let mr = match unsafe { LentMr::for_dmabuf(&dev, dst.fd, dst.offset, dst.len, iova) } {
+            Ok(mr) => mr,
+            Err(e) => {
+                tracing::debug!(error = %e, "rdma: cannot register device memory (no GPUDirect); staging instead");
+                return Ok(false);
+            }
+        };
+        self.receive_direct(mr.rkey(), iova, len)?;
+        Ok(true)
+    }
+
+    fn receive_direct(&mut self, rkey: u32, addr: u64, len: u64) -> Result<(), RingError> {
+        self.grant_done = false;
+        self.send_grant(Grant::Direct { addr, rkey, len })?;
+        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+        waiter.wait(&link, &cq, || {
+            self.progress()?;
+            if self.grant_done {
+                Ok(Some(()))
+            } else if self.peer_closed {
+                Err(RingError::PeerGone)
+            } else {
+                Ok(None)
+            }
+        })?;
+        self.grant_done = false;
+        self.link.counters.received_direct.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        // The done immediate used a receive: report it when a quarter is due.
+        self.credit()
+    }
+
+    /// Sends `grant` with the current credit (so the grant also says every ring byte is consumed).
+    fn send_grant(&mut self, grant: Grant) -> Result<(), RingError> {
+        self.progress()?;
+        if self.sq.full() {
+            let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+            waiter.wait(&link, &cq, || {
+                self.progress()?;
+                Ok((!self.sq.full()).then_some(()))
+            })?;
+        }
+        let c = super::Credit { head: self.head, imms: self.imms, closed: false, grant };
+        let (wr_id, signaled) = self.sq.next();
+        self.qp.post_send_inline(wr_id, &c.encode(), signaled).map_err(super::verbs)?;
+        self.reported = super::Credit { grant: Grant::None, ..c };
+        Ok(())
+    }
+}
+
+/// Where a misbehaving peer aims a write (see `RawClient`).
+#[derive(Clone, Copy, Debug)]
+pub enum OutOfBounds {
+    /// Just past the end of the peer's ring.
+    PastRing,
+    /// Just past the end of the next direct grant.
+    PastGrant,
+}
+
+impl RdmaTx {
+    /// Posts one 8-byte RDMA WRITE outside what the peer granted; returns whether the peer's NIC
+    /// refused it (the completion failed). Plays a hostile peer in tests.
+    pub(crate) fn write_out_of_bounds(&mut self, at: OutOfBounds) -> Result<bool, RingError> {
+        let (addr, rkey) = match at {
+            OutOfBounds::PastRing => (self.remote.addr + self.remote.bytes, self.remote.rkey),
+            OutOfBounds::PastGrant => {
+                self.wait_for(|s| s.grant != Grant::None)?;
+                match std::mem::take(&mut self.grant) {
+                    Grant::Direct { addr, rkey, len } => (addr + len, rkey),
+                    _ => return Err(RingError::Corrupt("expected a direct grant")),
+                }
+            }
+        };
+        let bytes = *b"outside!";
+        self.wait_for(|s| !s.sq.full())?;
+        self.sq.posted += 1;
+        let id = self.sq.posted;
+        // SAFETY: inline (8 bytes, copied during the call); the remote range is deliberately
+        // outside the peer's grants: its NIC must refuse it.
+        unsafe { self.qp.post_write(id, bytes.as_ptr() as u64, 8, 0, addr, rkey, None, true).map_err(super::verbs)? };
+        match self.wait_for(move |s| s.sq.done >= id) {
+            Ok(()) => Ok(false),
+            Err(RingError::PeerGone) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+}
