@@ -243,6 +243,10 @@ crate::settings! {
     /// to megabytes): bounds what a client that stops reading holds in the kernel, so its stream
     /// backs up into its own outbound queue and its session pauses soon.
     http_api_sndbuf_bytes: usize = 64 << 10, value = "BYTES";
+    /// Threads that tokenize requests' text and chat turns off the engine loop.
+    tokenize_workers: usize = 1;
+    /// Tokenization jobs waiting for those threads; more are refused `Busy`.
+    tokenize_queue_max: usize = 64;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

@@ -41,7 +41,7 @@ impl<B: Backend> EngineLoop<B> {
                 continue;
             }
             let (need, decode) = match &s.work {
-                Work::Idle => continue,
+                Work::Idle | Work::Tokenizing(_) => continue,
                 // Its input pass runs alone, part by part ([`super::breakpoint`]).
                 Work::Decode(d) if d.brk.is_some() => continue,
                 Work::Decode(d) if d.ans.conn.out.is_full() => {
@@ -141,7 +141,7 @@ impl<B: Backend> EngineLoop<B> {
                 continue;
             }
             let n = match &s.work {
-                Work::Idle => continue,
+                Work::Idle | Work::Tokenizing(_) => continue,
                 // Its input pass runs alone, part by part ([`super::breakpoint`]).
                 Work::Decode(d) if d.brk.is_some() => continue,
                 // Its client does not read fast enough: not stepped (its KV stays, and may be
@@ -253,7 +253,7 @@ impl<B: Backend> EngineLoop<B> {
                     let t = self.sampled[i];
                     self.on_token(m, id, t, logits.get(i * vocab..(i + 1) * vocab));
                 }
-                Work::Idle => {}
+                Work::Idle | Work::Tokenizing(_) => {}
             }
         }
         self.logits = logits;
