@@ -123,6 +123,9 @@ pub(crate) struct EngineLoop<B: Backend> {
     tokenizing: usize,
     tok_ticket: u64,
     tok_done: Vec<crate::session::tokenizer_pool::TokenizeDone>,
+    /// Per model and class: the admitted, waiting and queued-token gauges, looked up once (a
+    /// labelled lookup per gauge per step cost a hash and a lock each).
+    sched_gauges: Vec<[[prometheus::IntGauge; 3]; 3]>,
 }
 
 impl<B: Backend> EngineLoop<B> {
@@ -134,6 +137,19 @@ impl<B: Backend> EngineLoop<B> {
         metrics: Metrics,
         tok_pool: crate::session::tokenizer_pool::TokenizerPool,
     ) -> Self {
+        let sched_gauges = models
+            .iter()
+            .map(|lm| {
+                Class::ALL.map(|class| {
+                    let l = [lm.info.name.as_str(), class.name()];
+                    [
+                        metrics.sched_sessions_admitted.with_label_values(&l),
+                        metrics.sched_sessions_waiting.with_label_values(&l),
+                        metrics.sched_queued_tokens.with_label_values(&l),
+                    ]
+                })
+            })
+            .collect();
         EngineLoop {
             svc,
             models,
@@ -160,6 +176,7 @@ impl<B: Backend> EngineLoop<B> {
             sampled: Vec::with_capacity(cfg.max_sessions),
             logits: Vec::new(),
             tok_done: Vec::with_capacity(tok_pool.queue_max()),
+            sched_gauges,
             tok_pool,
             tokenizing: 0,
             tok_ticket: 0,

@@ -100,12 +100,10 @@ impl<B: Backend> EngineLoop<B> {
                 waiting[class] += 1;
             }
         }
-        let model = self.models[m].info.name.as_str();
-        for class in Class::ALL {
-            let l = [model, class.name()];
-            self.metrics.sched_sessions_admitted.with_label_values(&l).set(admitted[class as usize]);
-            self.metrics.sched_sessions_waiting.with_label_values(&l).set(waiting[class as usize]);
-            self.metrics.sched_queued_tokens.with_label_values(&l).set(queued[class as usize]);
+        for (class, [a, w, q]) in self.sched_gauges[m].iter().enumerate() {
+            a.set(admitted[class]);
+            w.set(waiting[class]);
+            q.set(queued[class]);
         }
         for &(id, _) in batch.iter() {
             if let Some(s) = self.sessions.get_mut(&id) {
