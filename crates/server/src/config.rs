@@ -246,6 +246,10 @@ crate::settings! {
     /// RDMA connections held at once per `rdma://` listener (each holds two QPs, CQs and its
     /// rings' registrations); a client beyond it is answered Busy at the rendezvous.
     rdma_connections_max: usize = 256;
+    /// Threads that tokenize requests' text and chat turns off the engine loop.
+    tokenize_workers: usize = 1;
+    /// Tokenization jobs waiting for those threads; more are refused `Busy`.
+    tokenize_queue_max: usize = 64;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

@@ -19,6 +19,7 @@
 mod chat;
 mod engine_loop;
 pub(crate) mod outbound;
+mod tokenizer_pool;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -178,6 +179,8 @@ struct Queue {
     kicked: bool,
     /// Drain: no new jobs; running work may finish until this deadline.
     drain_deadline: Option<Instant>,
+    /// Tokenizer results for the loop (at most `tokenize_queue_max` + `tokenize_workers`).
+    tokenized: Vec<tokenizer_pool::TokenizeDone>,
 }
 
 /// The connection threads' handle on sessions.
@@ -255,7 +258,7 @@ impl SessionService {
             };
             let engine =
                 Engine::from_checkpoint(backend.clone(), &files.checkpoint, mcfg.clone(), &opts).map_err(err)?;
-            let tok = files.tokenizer;
+            let tok = files.tokenizer.map(Arc::new);
             let mut eos = mcfg.eos_token_ids.clone();
             if let Some(e) = tok.as_ref().and_then(|t| t.eos_id()) {
                 if !eos.contains(&e) {
@@ -287,6 +290,7 @@ impl SessionService {
                 jobs: VecDeque::with_capacity(cfg.session_queue_max),
                 kicked: false,
                 drain_deadline: None,
+                tokenized: Vec::with_capacity(cfg.tokenize_queue_max + cfg.tokenize_workers.max(1)),
             }),
             wake: Condvar::new(),
             queue_max: cfg.session_queue_max,
@@ -303,7 +307,10 @@ impl SessionService {
                 gauge: metrics.conn_outbound_frames.clone(),
             },
         });
-        let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, qos, metrics.clone());
+        let pool =
+            tokenizer_pool::TokenizerPool::start(cfg.tokenize_workers, cfg.tokenize_queue_max, Arc::downgrade(&svc))
+                .map_err(SessionStartError::Thread)?;
+        let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, qos, metrics.clone(), pool);
         let t = std::thread::Builder::new()
             .name("djinn-engine".into())
             .spawn(move || lp.run())
@@ -343,6 +350,12 @@ impl SessionService {
             closer: Some(wake),
             svc: Arc::downgrade(self),
         })
+    }
+
+    /// A tokenizer worker's result: queued for the loop, which is woken.
+    fn tokenized(&self, done: tokenizer_pool::TokenizeDone) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).tokenized.push(done);
+        self.wake.notify_one();
     }
 
     /// Wakes the engine loop to look at connections again.

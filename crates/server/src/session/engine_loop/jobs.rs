@@ -18,9 +18,9 @@ impl<B: Backend> EngineLoop<B> {
             Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens, Class::of(r.qos, r.deadline_ms)),
             Request::Attach(id) => self.attach(ans, &tenant, id),
             Request::Prefill(r) => self.prefill(ans, &tenant, r.session, r.input),
-            Request::Append(r) => self.append(ans, &tenant, r.session, &r.role, &r.text),
-            Request::Decode(r) => self.decode(ans, &tenant, r, None),
-            Request::Chat(r, turns) => self.decode(ans, &tenant, r, Some(turns)),
+            Request::Append(r) => self.append(ans, &tenant, r.session, r.role, r.text),
+            Request::Decode(r) => self.decode(ans, &tenant, Box::new(r), None),
+            Request::Chat(r, turns) => self.decode(ans, &tenant, Box::new(r), Some(turns)),
             Request::Cancel(id) => self.cancel(ans, &tenant, id),
             Request::Close(id) => self.close(ans, &tenant, id),
             Request::Logits(r) => self.logits(ans, &r.model, r.ids),
@@ -28,12 +28,16 @@ impl<B: Backend> EngineLoop<B> {
             Request::HiddenWrite(r, bytes) => self.hidden_write(ans, &tenant, r, &bytes),
             Request::Resume(id) => self.resume(ans, &tenant, id),
         };
+        self.finish_handling(session, r);
+    }
+
+    /// Answers a refusal; a request answered at once (or refused) leaves its session idle: it
+    /// keeps the KV charge of what it holds, not of what the request reserved.
+    pub(super) fn finish_handling(&mut self, session: Option<u64>, r: Result<(), (Answer, Refusal)>) {
         if let Err((ans, Refusal(status, msg))) = r {
             self.metrics.errors_total.with_label_values(&[status.name()]).inc();
             ans.err(status, msg);
         }
-        // A request answered at once (or refused) leaves its session idle: it keeps the KV
-        // charge of what it holds, not of what the request reserved.
         if let Some(id) = session.filter(|id| self.sessions.get(id).is_some_and(|s| !s.has_work())) {
             self.settle_kv(id);
         }
@@ -175,14 +179,10 @@ impl<B: Backend> EngineLoop<B> {
         if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
             return Err((ans, r));
         }
-        let ids = match input {
-            PrefillInput::Ids(ids) => ids,
-            PrefillInput::Text(text) => match self.tokenize_raw(id, &text) {
-                Ok(ids) => ids,
-                Err(r) => return Err((ans, r)),
-            },
-        };
-        self.start_feed(ans, id, &ids)
+        match input {
+            PrefillInput::Ids(ids) => self.start_feed(ans, id, &ids),
+            PrefillInput::Text(text) => self.tokenize_raw(ans, id, text, Then::Prefill),
+        }
     }
 
     pub(super) fn append(
@@ -190,56 +190,60 @@ impl<B: Backend> EngineLoop<B> {
         ans: Answer,
         tenant: &TenantId,
         id: u64,
-        role: &str,
-        text: &str,
+        role: String,
+        text: String,
     ) -> Result<(), (Answer, Refusal)> {
         if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
             return Err((ans, r));
         }
-        // A user turn appended alone is answered by a later decode; a system turn is not.
-        let new = match self.tokenize_turn(id, role, text, role != "system") {
-            Ok(n) => n,
-            Err(r) => return Err((ans, r)),
-        };
-        let r = self.start_feed(ans, id, &new);
-        if r.is_err() {
-            if let Some(s) = self.sessions.get_mut(&id) {
-                s.conv.pop_turn();
-            }
-        }
-        r
+        self.tokenize_turns(ans, id, vec![(role, text)], Then::Append)
     }
 
+    /// A decode: its text input (raw text, a turn, the HTTP front's messages) goes to the
+    /// tokenizer pool first; ids go straight on ([`Self::decode_ids`]).
     pub(super) fn decode(
         &mut self,
         ans: Answer,
         tenant: &TenantId,
-        r: SessionDecodeReq,
+        mut r: Box<SessionDecodeReq>,
         turns: Option<Vec<(String, String)>>,
     ) -> Result<(), (Answer, Refusal)> {
-        let s = match self.lookup_idle(tenant, r.session, &ans.conn) {
-            Ok(s) => s,
-            Err(e) => return Err((ans, e)),
-        };
+        if let Err(e) = self.lookup_idle(tenant, r.session, &ans.conn) {
+            return Err((ans, e));
+        }
         if !(0.0..=1.0).contains(&r.top_p) || r.temperature < 0.0 {
             let msg = format!("temperature {} (≥ 0) / top_p {} (0..=1)", r.temperature, r.top_p);
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
+        let id = r.session;
+        if let Some(turns) = turns {
+            r.feed = DecodeFeed::None;
+            return self.tokenize_turns(ans, id, turns, Then::Decode(r));
+        }
+        match std::mem::take(&mut r.feed) {
+            DecodeFeed::Text(text) => self.tokenize_raw(ans, id, text, Then::Decode(r)),
+            DecodeFeed::Turn { role, text } => self.tokenize_turns(ans, id, vec![(role, text)], Then::Decode(r)),
+            feed => {
+                r.feed = feed;
+                self.decode_ids(ans, *r, 0)
+            }
+        }
+    }
+
+    /// A decode whose input is ids (or none); `recorded`: chat turns its input recorded in the
+    /// conversation (undone if it is refused or none of it is fed).
+    pub(super) fn decode_ids(
+        &mut self,
+        ans: Answer,
+        mut r: SessionDecodeReq,
+        recorded: usize,
+    ) -> Result<(), (Answer, Refusal)> {
+        let s = &self.sessions[&r.session];
         let (base, max_tokens, m) = (s.tokens.len(), s.max_tokens, s.model);
-        let turns_added = match (&turns, &r.feed) {
-            (Some(t), _) => t.len(),
-            (None, DecodeFeed::Turn { .. }) => 1,
-            (None, _) => 0,
+        let new: Result<Vec<u32>, Refusal> = match std::mem::take(&mut r.feed) {
+            DecodeFeed::Ids(ids) => Ok(ids),
+            _ => Ok(Vec::new()),
         };
-        let new = match &r.feed {
-            _ if turns.is_some() => self.tokenize_turns(r.session, turns.as_deref().unwrap_or_default()),
-            DecodeFeed::None => Ok(Vec::new()),
-            DecodeFeed::Ids(ids) => Ok(ids.clone()),
-            DecodeFeed::Text(text) => self.tokenize_raw(r.session, text),
-            DecodeFeed::Turn { role, text } => self.tokenize_turn(r.session, role, text, true),
-        };
-        // Turns are recorded only when they tokenized; those are undone on a later refusal.
-        let recorded = if new.is_ok() { turns_added } else { 0 };
         // Input with no room to generate after it is refused rather than left unfed: the loop
         // feeds a decode's input only in the step that samples its first token.
         let new = new.and_then(|new| match new.is_empty() || (r.max_new_tokens > 0 && base + new.len() < max_tokens) {
@@ -301,7 +305,7 @@ impl<B: Backend> EngineLoop<B> {
         let state = DecodeState {
             prompt_tokens,
             base,
-            turns: turns_added,
+            turns: recorded,
             params: SampleParams {
                 temperature: r.temperature.max(0.0),
                 top_k: r.top_k,

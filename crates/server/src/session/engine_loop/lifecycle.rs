@@ -32,6 +32,16 @@ impl<B: Backend> EngineLoop<B> {
         s.cancel = false;
         match work {
             Work::Idle => return,
+            Work::Tokenizing(mut t) => {
+                // Answered now; the session stays busy until the job (and the conversation with
+                // it) is back.
+                if let Some(ans) = t.ans.take() {
+                    let (status, msg) = err.err().unwrap_or((Status::Cancelled, "cancelled"));
+                    ans.err(status, msg);
+                }
+                s.work = Work::Tokenizing(t);
+                return;
+            }
             Work::Feed { ans, base, .. } => {
                 s.tokens.truncate(base.max(s.kv));
                 let (status, msg) = err.err().unwrap_or((Status::Cancelled, "cancelled"));
@@ -113,7 +123,8 @@ impl<B: Backend> EngineLoop<B> {
 
     pub(super) fn drain(&mut self) {
         self.drain_logits();
-        let ids: Vec<u64> = self.order.iter().copied().collect();
+        let mut ids: Vec<u64> = self.order.iter().copied().collect();
+        ids.extend(self.sessions.iter().filter(|(_, s)| matches!(s.work, Work::Tokenizing(_))).map(|(&id, _)| id));
         for id in ids {
             self.end_work(id, Err((Status::ShuttingDown, "server is shutting down")), FinishWire::Cancelled);
         }

@@ -72,6 +72,7 @@ use logits::LogitsJob;
 use qos::{Candidate, Class, Scheduler};
 use session::{DecodeState, Session, Work};
 use stream::f32_bytes;
+use tokenize::{Then, Tokenizing};
 
 /// Longest the loop parks without a wake-up (a safety net: wake-ups come from the condvar).
 const PARK_MAX: Duration = Duration::from_secs(1);
@@ -79,7 +80,7 @@ const PARK_MAX: Duration = Duration::from_secs(1);
 pub(crate) struct LoadedModel<B: Backend> {
     pub info: ModelInfo,
     pub engine: Engine<B>,
-    pub tok: Option<TextTokenizer>,
+    pub tok: Option<Arc<TextTokenizer>>,
     pub eos: Vec<u32>,
 }
 
@@ -116,6 +117,15 @@ pub(crate) struct EngineLoop<B: Backend> {
     meta: Vec<u8>,
     sampled: Vec<u32>,
     logits: Vec<f32>,
+    /// Tokenization off the loop: the pool, jobs out (at most `tokenize_queue_max`), the last
+    /// job's ticket, and the results taken from the queue (reused).
+    tok_pool: crate::session::tokenizer_pool::TokenizerPool,
+    tokenizing: usize,
+    tok_ticket: u64,
+    tok_done: Vec<crate::session::tokenizer_pool::TokenizeDone>,
+    /// Per model and class: the admitted, waiting and queued-token gauges, looked up once (a
+    /// labelled lookup per gauge per step cost a hash and a lock each).
+    sched_gauges: Vec<[[prometheus::IntGauge; 3]; 3]>,
 }
 
 impl<B: Backend> EngineLoop<B> {
@@ -125,7 +135,21 @@ impl<B: Backend> EngineLoop<B> {
         cfg: &ServerConfig,
         qos: QosPolicy,
         metrics: Metrics,
+        tok_pool: crate::session::tokenizer_pool::TokenizerPool,
     ) -> Self {
+        let sched_gauges = models
+            .iter()
+            .map(|lm| {
+                Class::ALL.map(|class| {
+                    let l = [lm.info.name.as_str(), class.name()];
+                    [
+                        metrics.sched_sessions_admitted.with_label_values(&l),
+                        metrics.sched_sessions_waiting.with_label_values(&l),
+                        metrics.sched_queued_tokens.with_label_values(&l),
+                    ]
+                })
+            })
+            .collect();
         EngineLoop {
             svc,
             models,
@@ -151,6 +175,11 @@ impl<B: Backend> EngineLoop<B> {
             meta: Vec::with_capacity(256),
             sampled: Vec::with_capacity(cfg.max_sessions),
             logits: Vec::new(),
+            tok_done: Vec::with_capacity(tok_pool.queue_max()),
+            sched_gauges,
+            tok_pool,
+            tokenizing: 0,
+            tok_ticket: 0,
         }
     }
 
@@ -160,13 +189,19 @@ impl<B: Backend> EngineLoop<B> {
         let mut progressed = true;
         loop {
             let drain = self.take_jobs(&mut jobs, !progressed);
+            let mut done = std::mem::take(&mut self.tok_done);
+            for d in done.drain(..) {
+                self.tokenized(d);
+            }
+            self.tok_done = done;
             // Jobs queued before the drain began were accepted: they are served like the rest.
             while let Some(job) = jobs.pop_front() {
                 self.handle(job);
             }
             self.sweep();
             if let Some(deadline) = drain {
-                if (self.order.is_empty() && self.logits_jobs.is_empty()) || Instant::now() >= deadline {
+                let idle = self.order.is_empty() && self.logits_jobs.is_empty() && self.tokenizing == 0;
+                if idle || Instant::now() >= deadline {
                     self.drain();
                     self.svc.mark_stopped();
                     return;
@@ -192,8 +227,9 @@ impl<B: Backend> EngineLoop<B> {
         let idle = (self.order.is_empty() && self.logits_jobs.is_empty()) || stalled;
         let deadline = self.next_deadline();
         let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let drained = q.drain_deadline.is_some() && self.order.is_empty() && self.logits_jobs.is_empty();
-        if idle && q.jobs.is_empty() && !q.kicked && !drained {
+        let drained =
+            q.drain_deadline.is_some() && self.order.is_empty() && self.logits_jobs.is_empty() && self.tokenizing == 0;
+        if idle && q.jobs.is_empty() && q.tokenized.is_empty() && !q.kicked && !drained {
             let deadline = match (deadline, q.drain_deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -204,6 +240,7 @@ impl<B: Backend> EngineLoop<B> {
         q.kicked = false;
         self.metrics.session_queue_depth.set(q.jobs.len() as i64);
         std::mem::swap(&mut q.jobs, into);
+        std::mem::swap(&mut q.tokenized, &mut self.tok_done);
         q.drain_deadline
     }
 

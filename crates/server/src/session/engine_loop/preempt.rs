@@ -59,7 +59,7 @@ impl<B: Backend> EngineLoop<B> {
             let s = &self.sessions[id];
             s.model == m
                 && match &s.work {
-                    Work::Idle => false,
+                    Work::Idle | Work::Tokenizing(_) => false,
                     Work::Feed { .. } => true,
                     Work::Decode(d) => d.brk.is_none() && !d.ans.conn.out.is_full(),
                 }

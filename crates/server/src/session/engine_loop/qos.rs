@@ -187,7 +187,7 @@ impl QosPolicy {
             true => self.realtime_step_tokens.max(rt_budget).min(step_tokens),
             false => step_tokens,
         };
-        let mut st = Plan { used: 0, prefill_used: 0, seats: 0, class_seats: [0; 3] };
+        let mut st = Plan { used: 0, prefill_used: 0, seats: 0, class_seats: [0; 3], short_class: 3 };
         let classes_waiting = demand.iter().filter(|&&d| d).count();
         let cap = |c: Class| if classes_waiting > 1 { self.max_sessions[c as usize] } else { usize::MAX };
         // Minimum shares, in priority order; then what is left, by strict priority.
@@ -241,6 +241,19 @@ impl QosPolicy {
         idx.clear();
         idx.extend((0..cs.len()).filter(|&i| !cs[i].decode && grant[i] < cs[i].need));
         idx.sort_unstable_by_key(|&i| (cs[i].need - grant[i], i));
+        // Short prompts (a chunk or less left) go ahead of long ones: while one is in the step a
+        // long prompt sits it out, so a short prompt's first token costs a step of its own size
+        // (its solo time to first token), not one shared with a long prompt's chunk. A long
+        // prompt deferred this way waits unseated and escalates like any waiting work, which
+        // bounds the deferral (`qos_escalation_ms` per class); one more urgent than every short
+        // prompt is not deferred.
+        let chunk = self.prefill_chunk_tokens;
+        if idx.first().is_some_and(|&i| cs[i].need - grant[i] <= chunk) {
+            st.short_class = st.short_class.min(class);
+        }
+        if st.short_class <= class {
+            idx.retain(|&i| cs[i].need - grant[i] <= chunk);
+        }
         let pool = (limit.saturating_sub(st.used)).min(self.prefill_chunk_tokens.saturating_sub(st.prefill_used));
         let mut left = pool;
         for (done, &i) in idx.iter().enumerate() {
@@ -274,6 +287,9 @@ struct Plan {
     prefill_used: usize,
     seats: usize,
     class_seats: [usize; 3],
+    /// The most urgent class with a prompt of at most a chunk left (3: none); long prompts of
+    /// that class and less urgent ones sit the step out.
+    short_class: usize,
 }
 
 /// The candidates of `class` in `cands` (sorted by class).
@@ -314,8 +330,8 @@ mod tests {
         assert_eq!(p.effective(Class::Batch, t, t + Duration::from_secs(10)), Class::Realtime);
     }
 
-    /// Every decode is seated; prompts share the chunk budget, a short one fed whole beside a
-    /// long one.
+    /// Every decode is seated; prompts share the chunk budget; a short one is fed whole and a
+    /// long one sits that step out.
     #[test]
     fn decodes_first_and_prompts_in_chunks() {
         let p = policy();
@@ -328,7 +344,17 @@ mod tests {
             assert_eq!(granted(&cs, &g, k), 1);
         }
         assert_eq!(granted(&cs, &g, 2), 16, "the short prompt is fed whole");
-        assert_eq!(granted(&cs, &g, 1), 32 - 16, "the long prompt takes the rest of the chunk budget");
+        assert_eq!(granted(&cs, &g, 1), 0, "the long prompt waits for the short one's step");
+        // Alone, or with short ones of another class, the long prompt gets the chunk budget.
+        let mut cs = vec![cand(1, Class::Interactive, 4000, false, t), cand(3, Class::Interactive, 100, false, t)];
+        p.plan(&mut cs, 256, 64, &mut g, &mut Vec::new(), |_, _| true);
+        assert_eq!((granted(&cs, &g, 3), granted(&cs, &g, 1)), (16, 16), "two long prompts share the chunk");
+        // Two short prompts share it; then a long one escalated past them is fed first.
+        let mut cs = vec![cand(2, Class::Batch, 16, false, t), cand(4, Class::Batch, 20, false, t)];
+        cs.push(cand(1, Class::Realtime, 4000, false, t));
+        p.plan(&mut cs, 256, 64, &mut g, &mut Vec::new(), |_, _| true);
+        assert_eq!(granted(&cs, &g, 1), 32 - 6, "the escalated long prompt takes all but batch's share");
+        assert_eq!(granted(&cs, &g, 2) + granted(&cs, &g, 4), 6);
     }
 
     /// Realtime work keeps steps short; batch still gets its share, and a class seats at most

@@ -41,7 +41,7 @@ impl<B: Backend> EngineLoop<B> {
                 continue;
             }
             let (need, decode) = match &s.work {
-                Work::Idle => continue,
+                Work::Idle | Work::Tokenizing(_) => continue,
                 // Its input pass runs alone, part by part ([`super::breakpoint`]).
                 Work::Decode(d) if d.brk.is_some() => continue,
                 Work::Decode(d) if d.ans.conn.out.is_full() => {
@@ -100,12 +100,10 @@ impl<B: Backend> EngineLoop<B> {
                 waiting[class] += 1;
             }
         }
-        let model = self.models[m].info.name.as_str();
-        for class in Class::ALL {
-            let l = [model, class.name()];
-            self.metrics.sched_sessions_admitted.with_label_values(&l).set(admitted[class as usize]);
-            self.metrics.sched_sessions_waiting.with_label_values(&l).set(waiting[class as usize]);
-            self.metrics.sched_queued_tokens.with_label_values(&l).set(queued[class as usize]);
+        for (class, [a, w, q]) in self.sched_gauges[m].iter().enumerate() {
+            a.set(admitted[class]);
+            w.set(waiting[class]);
+            q.set(queued[class]);
         }
         for &(id, _) in batch.iter() {
             if let Some(s) = self.sessions.get_mut(&id) {
@@ -141,7 +139,7 @@ impl<B: Backend> EngineLoop<B> {
                 continue;
             }
             let n = match &s.work {
-                Work::Idle => continue,
+                Work::Idle | Work::Tokenizing(_) => continue,
                 // Its input pass runs alone, part by part ([`super::breakpoint`]).
                 Work::Decode(d) if d.brk.is_some() => continue,
                 // Its client does not read fast enough: not stepped (its KV stays, and may be
@@ -253,7 +251,7 @@ impl<B: Backend> EngineLoop<B> {
                     let t = self.sampled[i];
                     self.on_token(m, id, t, logits.get(i * vocab..(i + 1) * vocab));
                 }
-                Work::Idle => {}
+                Work::Idle | Work::Tokenizing(_) => {}
             }
         }
         self.logits = logits;

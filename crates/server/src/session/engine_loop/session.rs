@@ -33,6 +33,8 @@ pub(super) enum Work {
         base: usize,
     },
     Decode(Box<DecodeState>),
+    /// Its request's text is with the tokenizer pool ([`super::tokenize`]).
+    Tokenizing(Box<Tokenizing>),
 }
 
 pub(super) struct Session {
@@ -73,6 +75,7 @@ impl Session {
             Work::Idle => true,
             Work::Feed { ans, .. } => ans.conn.is_alive(),
             Work::Decode(d) => d.ans.conn.is_alive(),
+            Work::Tokenizing(t) => t.ans.as_ref().is_none_or(|a| a.conn.is_alive()),
         }
     }
 }

@@ -1,7 +1,33 @@
-//! Input to token ids: ids checked against the vocabulary and the session's length, raw text,
-//! and chat turns through the model's template.
+//! Input to token ids: ids checked against the vocabulary and the session's length; raw text and
+//! chat turns go to the tokenizer pool ([`crate::session::tokenizer_pool`]) and come back as ids,
+//! so the loop never tokenizes.
+//!
+//! While its text is tokenized a session's work is [`Work::Tokenizing`]: it takes no other
+//! request (`Busy`), its conversation is with the job, and the request waits in the work. The
+//! result continues the request as if it had come with ids (prefill, append, decode). Work ended
+//! meanwhile (drain, close) is answered at once; the session stays busy until the job is back.
 
 use super::*;
+use crate::session::chat::TurnIds;
+use crate::session::tokenizer_pool::{PoolFull, TextInput, TokenizeDone, TokenizeJob};
+
+/// The request a session's text belongs to, continued with its ids.
+pub(super) enum Then {
+    Prefill,
+    Append,
+    Decode(Box<SessionDecodeReq>),
+}
+
+pub(super) struct Tokenizing {
+    /// `None` once the request was answered (drain, close) before its ids came back.
+    pub(super) ans: Option<Answer>,
+    pub(super) ticket: u64,
+    pub(super) then: Then,
+}
+
+fn no_template() -> Refusal {
+    Refusal::new(Status::BadArgument, "this model has no tokenizer with a chat template: feed ids or text instead")
+}
 
 impl<B: Backend> EngineLoop<B> {
     /// Checks `new` tokens against the vocabulary and the session's length and adds them (not
@@ -37,54 +63,119 @@ impl<B: Backend> EngineLoop<B> {
         Ok(base)
     }
 
-    /// Raw text (no chat template) as the session's next tokens.
-    pub(super) fn tokenize_raw(&self, id: u64, text: &str) -> Result<Vec<u32>, Refusal> {
+    /// Raw text (no chat template) as the session's next tokens: tokenized off the loop, then
+    /// `then` continues.
+    pub(super) fn tokenize_raw(
+        &mut self,
+        ans: Answer,
+        id: u64,
+        text: String,
+        then: Then,
+    ) -> Result<(), (Answer, Refusal)> {
         let s = &self.sessions[&id];
-        let Some(tok) = self.models[s.model].tok.as_ref() else {
-            return Err(Refusal::new(
-                Status::BadArgument,
-                "this model has no tokenizer: feed token ids instead of text",
-            ));
-        };
-        // The tokenizer's own BOS/EOS post-processing only at the start of a session.
-        tok.encode(text, s.tokens.is_empty()).map_err(|e| Refusal::new(Status::BadArgument, e.to_string()))
-    }
-
-    /// The tokens one more chat turn feeds (ending with the generation prompt when `reply`, see
-    /// [`crate::session::chat::Conversation::new_turn`]); the turn is recorded in the conversation
-    /// (the caller pops it if the tokens are refused).
-    pub(super) fn tokenize_turn(&mut self, id: u64, role: &str, text: &str, reply: bool) -> Result<Vec<u32>, Refusal> {
-        if role != "user" && role != "system" {
-            let msg = format!("role {role:?}: a turn is \"user\" or \"system\"");
-            return Err(Refusal::new(Status::BadArgument, msg));
+        if self.models[s.model].tok.is_none() {
+            let msg = "this model has no tokenizer: feed token ids instead of text";
+            return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
-        let s = self.sessions.get_mut(&id).expect("caller looked it up");
-        let Some(tok) = self.models[s.model].tok.as_ref().filter(|t| t.has_chat_template()) else {
-            let msg = "this model has no tokenizer with a chat template: feed ids or text instead";
-            return Err(Refusal::new(Status::BadArgument, msg));
-        };
-        s.conv.new_turn(tok, &s.tokens, role, text, reply).map_err(|e| Refusal::new(Status::BadArgument, e))
+        // The tokenizer's own BOS/EOS post-processing only at the start of a session.
+        let special = s.tokens.is_empty();
+        self.submit_tokenize(ans, id, TextInput::Raw { text, special }, then)
     }
 
-    /// The tokens several chat turns feed (every role but the last may be "assistant": a history
-    /// sent whole); all are recorded (the caller pops them if the tokens are refused).
-    pub(super) fn tokenize_turns(&mut self, id: u64, turns: &[(String, String)]) -> Result<Vec<u32>, Refusal> {
-        let last = turns.len().checked_sub(1).ok_or_else(|| Refusal::new(Status::BadArgument, "no messages"))?;
+    /// Chat turns (every role but the last may be "assistant": a history sent whole; the last is
+    /// "user" or "system"): rendered and tokenized off the loop, recorded in the conversation,
+    /// then `then` continues.
+    pub(super) fn tokenize_turns(
+        &mut self,
+        ans: Answer,
+        id: u64,
+        turns: Vec<(String, String)>,
+        then: Then,
+    ) -> Result<(), (Answer, Refusal)> {
+        let Some(last) = turns.len().checked_sub(1) else {
+            return Err((ans, Refusal::new(Status::BadArgument, "no messages")));
+        };
         for (i, (role, _)) in turns.iter().enumerate() {
             let ok = matches!(role.as_str(), "user" | "system") || (role == "assistant" && i < last);
             if !ok {
-                let msg = format!(
-                    "message {i}: role {role:?}; messages are \"system\", \"user\" or (before the last) \"assistant\""
-                );
-                return Err(Refusal::new(Status::BadArgument, msg));
+                let msg = match turns.len() {
+                    1 => format!("role {role:?}: a turn is \"user\" or \"system\""),
+                    _ => format!(
+                        "message {i}: role {role:?}; messages are \"system\", \"user\" or (before the last) \"assistant\""
+                    ),
+                };
+                return Err((ans, Refusal::new(Status::BadArgument, msg)));
             }
         }
+        let s = &self.sessions[&id];
+        if !self.models[s.model].tok.as_ref().is_some_and(|t| t.has_chat_template()) {
+            return Err((ans, no_template()));
+        }
+        // A user turn appended alone is answered by a later decode; a system turn is not.
+        let reply = !(matches!(then, Then::Append) && turns[last].0 == "system");
+        self.submit_tokenize(ans, id, TextInput::Turns { turns, reply }, then)
+    }
+
+    fn submit_tokenize(&mut self, ans: Answer, id: u64, input: TextInput, then: Then) -> Result<(), (Answer, Refusal)> {
+        let max = self.tok_pool.queue_max();
+        if self.tokenizing >= max {
+            let msg = format!("{max} requests wait for tokenization (tokenize_queue_max): retry later");
+            return Err((ans, Refusal::new(Status::Busy, msg)));
+        }
+        self.tok_ticket += 1;
+        let ticket = self.tok_ticket;
         let s = self.sessions.get_mut(&id).expect("caller looked it up");
-        let Some(tok) = self.models[s.model].tok.as_ref().filter(|t| t.has_chat_template()) else {
-            let msg = "this model has no tokenizer with a chat template: feed ids or text instead";
-            return Err(Refusal::new(Status::BadArgument, msg));
+        let tok = self.models[s.model].tok.clone().expect("callers checked for a tokenizer");
+        let job =
+            TokenizeJob { session: id, ticket, tok, input, conv: std::mem::take(&mut s.conv), held: s.tokens.clone() };
+        if let Err(PoolFull(job)) = self.tok_pool.submit(job) {
+            s.conv = job.conv;
+            let msg = format!("the tokenizer queue is full (tokenize_queue_max {max}): retry later");
+            return Err((ans, Refusal::new(Status::Busy, msg)));
+        }
+        self.tokenizing += 1;
+        s.work = Work::Tokenizing(Box::new(Tokenizing { ans: Some(ans), ticket, then }));
+        Ok(())
+    }
+
+    /// A tokenizer job is back: the conversation returns to its session and the request
+    /// continues with the ids (or is refused with why they could not be made).
+    pub(super) fn tokenized(&mut self, done: TokenizeDone) {
+        self.tokenizing -= 1;
+        let TokenizeDone { session: id, ticket, conv, result } = done;
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let Work::Tokenizing(t) = &s.work else { return };
+        if t.ticket != ticket {
+            return;
+        }
+        let Work::Tokenizing(t) = std::mem::replace(&mut s.work, Work::Idle) else { unreachable!() };
+        s.conv = conv;
+        let Some(ans) = t.ans else {
+            // Answered already: nothing of it stays.
+            if let Ok(r) = &result {
+                s.conv.pop_turns(r.turns);
+            }
+            return;
         };
-        let turns: Vec<(&str, &str)> = turns.iter().map(|(r, t)| (r.as_str(), t.as_str())).collect();
-        s.conv.new_turns(tok, &s.tokens, &turns, true).map_err(|e| Refusal::new(Status::BadArgument, e))
+        let r = match result {
+            Err(e) => Err((ans, Refusal::new(Status::BadArgument, e))),
+            Ok(TurnIds { ids, turns }) => match t.then {
+                Then::Prefill => self.start_feed(ans, id, &ids),
+                Then::Append => {
+                    let r = self.start_feed(ans, id, &ids);
+                    if r.is_err() {
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            s.conv.pop_turns(turns);
+                        }
+                    }
+                    r
+                }
+                Then::Decode(mut req) => {
+                    req.feed = DecodeFeed::Ids(ids);
+                    self.decode_ids(ans, *req, turns)
+                }
+            },
+        };
+        self.finish_handling(Some(id), r);
     }
 }
