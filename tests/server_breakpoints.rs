@@ -150,15 +150,72 @@ fn bad_input_typed_session_intact(t: Transport) {
     assert_eq!(got, rec.greedy, "the session was intact after the refusals and the rollback");
 }
 
-/// A pause nobody resumes ends at its lease: the request is `Cancelled` and rolled back.
+/// A pause nobody resumes ends at its lease — at its deadline, not at the loop's next 1 s park
+/// wake-up: the request is `Cancelled` and rolled back.
 fn pause_lease_rolls_back(t: Transport) {
     let (dir, rec) = record();
-    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "200"]);
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "100"]);
     let mut c = connect(srv.url());
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
-    let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[1], |_| true, |_, _| Ok(()));
+    let mut paused_at = None;
+    let r = c.generate_with_breakpoints(
+        s,
+        Feed::Ids(&rec.prompt),
+        &opts(&rec),
+        &[1],
+        |_| true,
+        |_, _| {
+            paused_at = Some(std::time::Instant::now());
+            Ok(())
+        },
+    );
+    let held = paused_at.expect("paused").elapsed();
     assert_eq!(status_of(r), Status::Cancelled);
+    assert!(held >= std::time::Duration::from_millis(100), "ended before its lease: {held:?}");
+    assert!(held < std::time::Duration::from_millis(700), "the lease ended {held:?} after the pause (100 ms lease)");
     assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
+}
+
+/// Sessions paused at every layer and resumed at once (each waits for the others at every
+/// pause): their parts run batched where they meet, and every one gets the tokens of an
+/// uninterrupted run. Every pass's parts are counted in the batched-part counters.
+fn resumed_together_batched(t: Transport) {
+    const SESSIONS: usize = 4;
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--metrics-listen", "127.0.0.1:0"]);
+    let all: Vec<u32> = (1..=rec.layers as u32).collect();
+    let gate = std::sync::Barrier::new(SESSIONS);
+    std::thread::scope(|sc| {
+        for _ in 0..SESSIONS {
+            sc.spawn(|| {
+                let mut c = connect(srv.url());
+                let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+                let mut got = Vec::new();
+                c.generate_with_breakpoints(
+                    s,
+                    Feed::Ids(&rec.prompt),
+                    &opts(&rec),
+                    &all,
+                    |ev| {
+                        got.push(ev.token);
+                        true
+                    },
+                    |c, _| {
+                        gate.wait();
+                        c.resume(s)
+                    },
+                )
+                .unwrap();
+                assert_eq!(got, rec.greedy, "resumed together");
+            });
+        }
+    });
+    let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
+    let parts = metric(&m, "djinn_breakpoint_parts_total").unwrap();
+    let passes = metric(&m, "djinn_breakpoint_part_passes_total").unwrap();
+    assert_eq!(passes as usize, SESSIONS * (all.len() + 1), "each pass: a part per breakpoint and one to the end");
+    assert!(parts >= 1.0 && parts <= passes, "{parts} parts for {passes} passes");
+    eprintln!("resumed_together_batched: {passes} passes in {parts} batched parts");
 }
 
 /// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.
@@ -228,5 +285,6 @@ fn main() {
         ("pause_read_patch_resume", None, pause_read_patch_resume),
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),
+        ("resumed_together_batched", None, resumed_together_batched),
     ]);
 }

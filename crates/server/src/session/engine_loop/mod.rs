@@ -207,15 +207,15 @@ impl<B: Backend> EngineLoop<B> {
         q.drain_deadline
     }
 
-    /// The next time the loop must look without a wake-up: a lease ends, or a paused
-    /// connection counts as stalled.
+    /// The next time the loop must look without a wake-up: a lease ends, a paused
+    /// connection counts as stalled, or a breakpoint's pause runs out.
     fn next_deadline(&self) -> Option<Instant> {
         let lease = self.sessions.values().filter_map(|s| s.detached_at.map(|t| t + self.lease));
         let stall = self.sessions.values().filter_map(|s| match &s.work {
             Work::Decode(d) => d.ans.conn.out.stall_deadline(),
             _ => None,
         });
-        lease.chain(stall).min()
+        lease.chain(stall).chain(self.pause_deadline()).min()
     }
 
     /// Tokens the whole KV capacity of model `m` holds (every block, one sequence).
