@@ -13,7 +13,9 @@
 //! uninterrupted (`input_pass_ms`, the baseline's time to first token). Swap latencies and memory come from the server's
 //! `/metrics` (`--metrics HOST:PORT`): swap p50/p99 are the upper bounds of the histogram's
 //! buckets holding those quantiles; `paused_bytes_peak` is the largest
-//! `djinn_breakpoint_held_bytes` sampled every 20 ms.
+//! `djinn_breakpoint_held_bytes` sampled every 20 ms; `breakpoint_parts` / `breakpoint_part_passes`
+//! count the batched parts the server ran and the passes they carried (their ratio,
+//! `mean_part_passes`, is how many sessions resumed together shared a part).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -153,6 +155,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let kv_peak = sample(&after, "djinn_kv_used_bytes_peak").unwrap_or(0.0);
     let swaps_out =
         sample(&after, "djinn_swap_out_total").unwrap_or(0.0) - sample(&before, "djinn_swap_out_total").unwrap_or(0.0);
+    let delta = |name: &str| sample(&after, name).unwrap_or(0.0) - sample(&before, name).unwrap_or(0.0);
+    let (parts, part_passes) = (delta("djinn_breakpoint_parts_total"), delta("djinn_breakpoint_part_passes_total"));
     let resume: Vec<f64> = results.iter().flat_map(|r| r.pauses.iter().map(|p| p.2)).collect();
     let pause: Vec<f64> = results.iter().flat_map(|r| r.pauses.iter().map(|p| p.1)).collect();
     let decode_step_ms = percentile(&step_ms, 0.5);
@@ -163,7 +167,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pass = completed == args.sessions && tokens_match && capacity_ok;
     let verdict = format!(
         "{}: {completed}/{} sessions completed, tokens {}, KV peak {:.1} of {:.1} MiB, {} swap-outs; resume p50 {:.1} ms \
-         (p99 {:.1}) vs one decode step {:.1} ms and the uninterrupted input pass {:.1} ms",
+         (p99 {:.1}) vs one decode step {:.1} ms and the uninterrupted input pass {:.1} ms; {} passes in {} batched \
+         parts",
         if pass { "PASS" } else { "FAIL" },
         args.sessions,
         if tokens_match { "match the uninterrupted runs" } else { "DIFFER from the uninterrupted runs" },
@@ -173,7 +178,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         percentile(&resume, 0.5),
         percentile(&resume, 0.99),
         decode_step_ms,
-        input_pass_ms
+        input_pass_ms,
+        part_passes,
+        parts
     );
     let q = |xs: &[f64]| serde_json::json!({"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)});
     let json = serde_json::json!({
@@ -196,6 +203,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "resume_ms": q(&resume),
         "decode_step_ms": decode_step_ms,
         "input_pass_ms": input_pass_ms,
+        "resume_p50_over_decode_step": percentile(&resume, 0.5) / decode_step_ms.max(f64::MIN_POSITIVE),
+        "breakpoint_parts": parts,
+        "breakpoint_part_passes": part_passes,
+        "mean_part_passes": if parts > 0.0 { part_passes / parts } else { 0.0 },
         "sessions": results.iter().map(|r| serde_json::json!({
             "pauses": r.pauses.iter().map(|p| serde_json::json!({"layer": p.0, "pause_ms": p.1, "resume_ms": p.2})).collect::<Vec<_>>(),
             "finish_ms": r.finish_ms,
