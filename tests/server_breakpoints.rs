@@ -169,9 +169,9 @@ fn pause_lease_rolls_back(t: Transport) {
             Ok(())
         },
     );
+    // From the client's sight of the pause (after the server's): at most the lease plus slack.
     let held = paused_at.expect("paused").elapsed();
     assert_eq!(status_of(r), Status::Cancelled);
-    assert!(held >= std::time::Duration::from_millis(100), "ended before its lease: {held:?}");
     assert!(held < std::time::Duration::from_millis(700), "the lease ended {held:?} after the pause (100 ms lease)");
     assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
 }
@@ -274,7 +274,12 @@ fn bench_breakpoints_passes(t: Transport) {
     for k in ["swap_out_ms", "swap_in_ms", "resume_ms", "pause_ms"] {
         assert!(r[k]["p50"].is_number() && r[k]["p99"].is_number(), "{k}: {}", r[k]);
     }
-    assert_eq!(r["sessions"].as_array().unwrap().len(), 8);
+    let sessions = r["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 8);
+    let swaps: u64 = sessions.iter().map(|s| s["swaps"].as_u64().unwrap()).sum();
+    assert!(swaps > 0, "paused sessions were swapped out");
+    assert_eq!(r["paused_swaps_total"].as_u64(), Some(swaps));
+    assert!(sessions.iter().all(|s| s["pauses"].as_array().unwrap().len() == 3));
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 

@@ -7,6 +7,9 @@
 //! verdict: pass when every session finished with the baseline's tokens and KV never exceeded
 //! its capacity.
 //!
+//! Per session, `results.json` lists its pauses, `swaps` (pauses during which its KV was swapped
+//! out, from the server's resume replies) and its finish time.
+//!
 //! Timings on this host: `pause_ms` from the request (or resume) to the pause notice;
 //! `resume_ms` from sending Resume to the next pause notice or the first token (the compute of
 //! the layers in between included), beside one decode step and the whole input pass run
@@ -60,6 +63,8 @@ type PauseTimes = (u32, f64, f64);
 #[derive(Default, Clone)]
 struct SessionResult {
     pauses: Vec<PauseTimes>,
+    /// Pauses during which the session's KV was swapped out (the server's resume replies).
+    swaps: u32,
     tokens: Vec<u32>,
     finish_ms: f64,
     error: Option<String>,
@@ -197,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "kv_used_bytes_peak": kv_peak,
         "paused_bytes_peak": held_peak.load(Ordering::Relaxed),
         "swap_out_total": swaps_out,
+        "paused_swaps_total": results.iter().map(|r| r.swaps).sum::<u32>(),
         "swap_out_ms": hist_quantiles(&before, &after, "out"),
         "swap_in_ms": hist_quantiles(&before, &after, "in"),
         "pause_ms": q(&pause),
@@ -209,6 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "mean_part_passes": if parts > 0.0 { part_passes / parts } else { 0.0 },
         "sessions": results.iter().map(|r| serde_json::json!({
             "pauses": r.pauses.iter().map(|p| serde_json::json!({"layer": p.0, "pause_ms": p.1, "resume_ms": p.2})).collect::<Vec<_>>(),
+            "swaps": r.swaps,
             "finish_ms": r.finish_ms,
             "error": r.error,
         })).collect::<Vec<_>>(),
@@ -234,6 +241,7 @@ fn one_session(
     t0: Instant,
 ) -> SessionResult {
     let mut r = SessionResult::default();
+    let swaps = std::cell::Cell::new(0u32);
     let run = || -> anyhow::Result<(Vec<PauseTimes>, Vec<u32>)> {
         let mut c = Client::connect(url)?;
         let s = c.open_session(&OpenOptions::new(model.to_owned()))?.session;
@@ -265,7 +273,8 @@ fn one_session(
                 c.read_hidden_f32(s)?;
                 std::thread::sleep(Duration::from_millis(hold_ms));
                 t.set(Instant::now());
-                c.resume(s)
+                swaps.set(c.resume_reply(s)?.swaps);
+                Ok(())
             },
         )?;
         c.close_session(s)?;
@@ -275,6 +284,7 @@ fn one_session(
         Ok((p, toks)) => (r.pauses, r.tokens) = (p, toks),
         Err(e) => r.error = Some(super::super::error_text(&e)),
     }
+    r.swaps = swaps.get();
     r.finish_ms = t0.elapsed().as_secs_f64() * 1e3;
     r
 }

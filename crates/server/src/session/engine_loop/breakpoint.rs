@@ -22,7 +22,8 @@
 //! - A session whose KV came from a patched state is marked not `recomputable`.
 
 use djinn_model::PassSeq;
-use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote};
+use djinn_model::Residency;
+use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, ResumeReply};
 
 use super::*;
 
@@ -38,6 +39,8 @@ pub(super) struct BreakState {
     /// Set while paused: the client has not resumed yet.
     paused_since: Option<Instant>,
     patched: bool,
+    /// Pauses of this pass during which its KV was swapped out to host memory.
+    swaps: u32,
 }
 
 /// Where a running pass is: the layer its next part resumes after (0: not started) and the
@@ -97,6 +100,7 @@ impl<B: Backend> EngineLoop<B> {
             hidden: Vec::new(),
             paused_since: None,
             patched: false,
+            swaps: 0,
         })))
     }
 
@@ -386,11 +390,17 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     pub(super) fn resume(&mut self, ans: Answer, tenant: &TenantId, id: u64) -> Result<(), (Answer, Refusal)> {
-        match self.paused(tenant, id, &ans.conn) {
-            Ok((_, b)) => b.paused_since = None,
+        let m = match self.paused(tenant, id, &ans.conn) {
+            Ok((m, _)) => m,
             Err(e) => return Err((ans, e)),
-        }
-        ans.ok(&[], &[]);
+        };
+        // Only the pass's own next part swaps its KV back in: swapped now = swapped this pause.
+        let vs = self.sessions[&id].vs;
+        let swapped = self.models[m].engine.vmu().residency(vs).is_ok_and(|r| r == Residency::Swapped);
+        let Ok((_, b)) = self.paused(tenant, id, &ans.conn) else { unreachable!("looked up above") };
+        b.paused_since = None;
+        b.swaps += u32::from(swapped);
+        ans.ok(&ResumeReply { swaps: b.swaps }.to_meta(), &[]);
         Ok(())
     }
 
