@@ -180,9 +180,21 @@ fn pause_lease_rolls_back(t: Transport) {
 /// pause): their parts run batched where they meet, and every one gets the tokens of an
 /// uninterrupted run. Every pass's parts are counted in the batched-part counters.
 fn resumed_together_batched(t: Transport) {
+    let parts = resumed_together(t, &[]);
+    assert!(parts.0 >= 1.0 && parts.0 <= parts.1, "{} parts for {} passes", parts.0, parts.1);
+    eprintln!("resumed_together_batched: {} passes in {} batched parts", parts.1, parts.0);
+    // The unbatched baseline: each part runs alone.
+    let parts = resumed_together(t, &["--breakpoint-part-passes-max", "1"]);
+    assert_eq!(parts.0, parts.1, "--breakpoint-part-passes-max 1");
+}
+
+/// Runs 4 sessions paused at every layer and resumed together on a server started with `args`;
+/// returns (batched parts, passes they carried).
+fn resumed_together(t: Transport, args: &[&str]) -> (f64, f64) {
     const SESSIONS: usize = 4;
     let (dir, rec) = record();
-    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--metrics-listen", "127.0.0.1:0"]);
+    let args = [&["--dtype", "f32", "--metrics-listen", "127.0.0.1:0"], args].concat();
+    let srv = model_server(t, MODEL, &dir, &args);
     let all: Vec<u32> = (1..=rec.layers as u32).collect();
     let gate = std::sync::Barrier::new(SESSIONS);
     std::thread::scope(|sc| {
@@ -214,8 +226,7 @@ fn resumed_together_batched(t: Transport) {
     let parts = metric(&m, "djinn_breakpoint_parts_total").unwrap();
     let passes = metric(&m, "djinn_breakpoint_part_passes_total").unwrap();
     assert_eq!(passes as usize, SESSIONS * (all.len() + 1), "each pass: a part per breakpoint and one to the end");
-    assert!(parts >= 1.0 && parts <= passes, "{parts} parts for {passes} passes");
-    eprintln!("resumed_together_batched: {passes} passes in {parts} batched parts");
+    (parts, passes)
 }
 
 /// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.

@@ -243,6 +243,9 @@ crate::settings! {
     /// to megabytes): bounds what a client that stops reading holds in the kernel, so its stream
     /// backs up into its own outbound queue and its session pauses soon.
     http_api_sndbuf_bytes: usize = 64 << 10, value = "BYTES";
+    /// Breakpoint passes one batched part runs at most (passes at the same layer run together;
+    /// 1 runs each alone, the unbatched baseline `bench breakpoints` compares against).
+    breakpoint_part_passes_max: usize = 64;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -390,6 +393,7 @@ impl ServerConfig {
             ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
             ("exec_streams", self.exec_streams as u64),
             ("breakpoint_lease_ms", self.breakpoint_lease_ms),
+            ("breakpoint_part_passes_max", self.breakpoint_part_passes_max as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -134,24 +134,34 @@ impl<B: Backend> EngineLoop<B> {
         // Arrival order within each point (a stable sort keeps `order`'s).
         run.sort_by_key(|&(p, _)| p);
         let mut batch = Vec::new();
+        let mut rest = Vec::new();
         for group in run.chunk_by(|a, b| a.0 == b.0) {
-            batch.clear();
-            self.form_part(m, group.iter().map(|&(_, id)| id), &mut batch);
-            if !batch.is_empty() {
+            // Every pass of the point gets its part this iteration, in as few parts as fit.
+            rest.clear();
+            rest.extend(group.iter().map(|&(_, id)| id));
+            while !rest.is_empty() {
+                batch.clear();
+                self.form_part(m, &rest, &mut batch);
+                if batch.is_empty() {
+                    break; // none fits now: they wait, as a step's sessions would
+                }
                 progressed |= self.run_parts(m, group[0].0, &batch);
+                rest.retain(|id| !batch.contains(id));
             }
         }
         progressed
     }
 
     /// The sessions of `ids` (at one point) that one batched part takes, in order: within the
-    /// step's token budget and the KV memory that fits now; the rest wait for a later part.
-    fn form_part(&self, m: usize, ids: impl Iterator<Item = u64>, into: &mut Vec<u64>) {
+    /// step's token budget, `breakpoint_part_passes_max` and the KV memory that fits now; the
+    /// rest wait for a later part.
+    fn form_part(&self, m: usize, ids: &[u64], into: &mut Vec<u64>) {
         let eng = &self.models[m].engine;
-        let (budget, seats) = (eng.max_step_tokens(), eng.model().scratch.limits().max_seqs);
+        let seats = eng.model().scratch.limits().max_seqs.min(self.part_passes_max);
+        let budget = eng.max_step_tokens();
         let (mut tokens, mut fits) = (0usize, Vec::new());
-        for id in ids {
-            let s = &self.sessions[&id];
+        for &id in ids {
+            let Some(s) = self.sessions.get(&id) else { continue };
             let Work::Decode(d) = &s.work else { continue };
             let Some(b) = d.brk.as_deref() else { continue };
             let feed = s.tokens.len() - s.kv;

@@ -102,6 +102,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     lease: Duration,
     /// How long a session may stay paused at a breakpoint (`breakpoint_lease_ms`).
     pause_lease: Duration,
+    /// Breakpoint passes one batched part runs at most (`breakpoint_part_passes_max`).
+    part_passes_max: usize,
     frame_bytes_max: u64,
     metrics: Metrics,
     ids_key: std::collections::hash_map::RandomState,
@@ -138,6 +140,7 @@ impl<B: Backend> EngineLoop<B> {
             paused: 0,
             lease: Duration::from_secs(cfg.session_lease_s),
             pause_lease: Duration::from_millis(cfg.breakpoint_lease_ms),
+            part_passes_max: cfg.breakpoint_part_passes_max,
             frame_bytes_max: cfg.frame_bytes_max,
             metrics,
             ids_key: std::collections::hash_map::RandomState::new(),
