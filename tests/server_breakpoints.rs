@@ -188,44 +188,69 @@ fn resumed_together_batched(t: Transport) {
     assert_eq!(parts.0, parts.1, "--breakpoint-part-passes-max 1");
 }
 
-/// Runs 4 sessions paused at every layer and resumed together on a server started with `args`;
-/// returns (batched parts, passes they carried).
+/// Runs 4 sessions paused at every layer and resumed together on a server started with `args`:
+/// session 0 cancels at layer 2 (rolled back, the others go on), session 1 replaces its state
+/// at a recorded patch's layer (transformers' tokens for that patch), the others resume
+/// unmodified (the uninterrupted tokens). Returns (batched parts, passes they carried).
 fn resumed_together(t: Transport, args: &[&str]) -> (f64, f64) {
     const SESSIONS: usize = 4;
     let (dir, rec) = record();
     let args = [&["--dtype", "f32", "--metrics-listen", "127.0.0.1:0"], args].concat();
     let srv = model_server(t, MODEL, &dir, &args);
     let all: Vec<u32> = (1..=rec.layers as u32).collect();
-    let gate = std::sync::Barrier::new(SESSIONS);
+    let patch = &rec.patches[0];
+    let values: Vec<f32> = patch.hidden.iter().flatten().map(|&x| x as f32).collect();
+    // Every session meets at layers 1 and 2; the three that go on meet after.
+    let (gate_all, gate_rest) = (std::sync::Barrier::new(SESSIONS), std::sync::Barrier::new(SESSIONS - 1));
     std::thread::scope(|sc| {
-        for _ in 0..SESSIONS {
-            sc.spawn(|| {
-                let mut c = connect(srv.url());
+        for i in 0..SESSIONS {
+            let (rec, values, gate_all, gate_rest, all, url) = (&rec, &values, &gate_all, &gate_rest, &all, srv.url());
+            sc.spawn(move || {
+                let mut c = connect(url);
                 let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
                 let mut got = Vec::new();
-                c.generate_with_breakpoints(
-                    s,
-                    Feed::Ids(&rec.prompt),
-                    &opts(&rec),
-                    &all,
-                    |ev| {
-                        got.push(ev.token);
-                        true
-                    },
-                    |c, _| {
-                        gate.wait();
-                        c.resume(s)
-                    },
-                )
-                .unwrap();
-                assert_eq!(got, rec.greedy, "resumed together");
+                let sum = c
+                    .generate_with_breakpoints(
+                        s,
+                        Feed::Ids(&rec.prompt),
+                        &opts(rec),
+                        all,
+                        |ev| {
+                            got.push(ev.token);
+                            true
+                        },
+                        |c, note| {
+                            if note.layer <= 2 {
+                                gate_all.wait();
+                            } else {
+                                gate_rest.wait();
+                            }
+                            if i == 0 && note.layer == 2 {
+                                return c.cancel(s);
+                            }
+                            if i == 1 && note.layer as usize == patch.layer {
+                                c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, values)?;
+                            }
+                            c.resume(s)
+                        },
+                    )
+                    .unwrap();
+                match i {
+                    0 => {
+                        assert_eq!(sum.finish, FinishReason::Cancelled);
+                        assert_eq!(c.attach_session(s).unwrap().context_tokens, 0, "rolled back");
+                    }
+                    1 => assert_eq!(got, patch.greedy, "patched at layer {} beside the others", patch.layer),
+                    _ => assert_eq!(got, rec.greedy, "resumed together"),
+                }
             });
         }
     });
     let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
     let parts = metric(&m, "djinn_breakpoint_parts_total").unwrap();
     let passes = metric(&m, "djinn_breakpoint_part_passes_total").unwrap();
-    assert_eq!(passes as usize, SESSIONS * (all.len() + 1), "each pass: a part per breakpoint and one to the end");
+    // A part per breakpoint and one to the end; the cancelled pass ran two.
+    assert_eq!(passes as usize, (SESSIONS - 1) * (all.len() + 1) + 2);
     (parts, passes)
 }
 
