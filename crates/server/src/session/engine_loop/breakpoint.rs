@@ -2,11 +2,12 @@
 //! input in one pass that runs part by part (`Engine::passes_to_layer`), outside the decode
 //! batches; at each breakpoint the session pauses and its client is told (`SessionPaused`).
 //! Passes at the same point (resuming after the same layer, stopping at the same next one) run
-//! their part as one batched pass, as decode rows are batched: sessions resumed together cost
-//! about one part, not one part each. While paused, the client reads the hidden state (f32 or
-//! the model's dtype), writes a replacement of the same shape, and resumes; `SessionCancel` — or
-//! the pause's lease (`breakpoint_lease_ms`) running out — ends the request `Cancelled` and
-//! rolls the pass back.
+//! their part as one batched pass, as decode rows are batched (one pass over the layers for
+//! all of them, the weights read once; `breakpoint_part_passes_max` bounds it). While paused,
+//! the client reads the hidden state (f32 or the model's dtype), writes a replacement of the
+//! same shape, and resumes; `SessionCancel` — or the pause's lease (`breakpoint_lease_ms`)
+//! running out — ends the request `Cancelled` and rolls the pass back; the loop's wait wakes at
+//! the first lease's deadline.
 //!
 //! Invariants:
 //! - The paused pass is the engine's transaction: committed when the last part samples the first
@@ -21,8 +22,7 @@
 //!   session's one pending token when an earlier prefill left one.
 //! - A session whose KV came from a patched state is marked not `recomputable`.
 
-use djinn_model::PassSeq;
-use djinn_model::Residency;
+use djinn_model::{PassSeq, Residency};
 use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, ResumeReply};
 
 use super::*;
