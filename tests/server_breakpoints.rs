@@ -304,7 +304,11 @@ fn bench_breakpoints_passes(t: Transport) {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
     assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(8), Some(true)));
+    // KV and the paused states charged in KV blocks together within capacity; under this
+    // pressure states are charged in the host swap pool too.
     assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
+    assert!(r["paused_kv_charged_bytes_peak"].as_f64() <= r["kv_used_bytes_peak"].as_f64());
+    assert!(r["paused_host_charged_bytes_peak"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["swap_out_total"].as_f64().unwrap() > 0.0, "swapping was forced");
     assert!(r["verdict"].as_str().unwrap().starts_with("PASS"));
     for k in ["swap_out_ms", "swap_in_ms", "resume_ms", "pause_ms"] {

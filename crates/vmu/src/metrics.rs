@@ -39,7 +39,8 @@ struct Resolved {
     weights_fragmentation: Gauge,
 }
 
-const REGIONS: [&str; 4] = ["weights", "kv", "scratch", "host_swap"];
+// "paused" / "paused_host": paused states charged to the KV blocks (inside "kv") / host pool.
+const REGIONS: [&str; 6] = ["weights", "kv", "scratch", "host_swap", "paused", "paused_host"];
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> Result<T, VmuError> {
     r.register(Box::new(m.clone())).map_err(|e| VmuError::Config(format!("registering VMU metrics: {e}")))?;

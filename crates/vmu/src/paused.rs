@@ -3,7 +3,8 @@
 //!
 //! A session holds at most one paused state ([`Vmu::hold_paused`] replaces it). It is charged
 //! on the device (blocks taken off the free list: `kv_used_bytes` counts them, admission and
-//! `batch_fits` see fewer free blocks) when they are free, else in the host swap pool (slots
+//! `batch_fits` see fewer free blocks) when that leaves the caller's `keep_free` blocks free
+//! (what the step producing the state will append), else in the host swap pool (slots
 //! taken off its free list), else refused ([`VmuError::PausedNoRoom`]: nothing changed, the
 //! caller waits). It moves with the session: swapping the session out moves a device charge to
 //! the host pool (when the pool has room for it too), closing the session releases it.
@@ -25,15 +26,16 @@ pub(crate) struct PausedHold {
 
 impl<B: Backend> Vmu<B> {
     /// Charges `bytes` of paused state to session `id` (rounded up to whole KV blocks),
-    /// replacing what it held: on the device when blocks are free, else in the host swap pool.
-    /// Returns where it is charged. `PausedNoRoom` when neither has room: nothing changed.
-    pub fn hold_paused(&mut self, id: SessionId, bytes: usize) -> Result<Residency, VmuError> {
+    /// replacing what it held: on the device when `keep_free` blocks stay free after it, else in
+    /// the host swap pool. Returns where it is charged. `PausedNoRoom` when neither has room:
+    /// nothing changed.
+    pub fn hold_paused(&mut self, id: SessionId, bytes: usize, keep_free: usize) -> Result<Residency, VmuError> {
         let idx = self.lookup_open(id)?;
         let n = bytes.div_ceil(self.plan().block_bytes);
         let held = self.paused[idx].device.len() + self.paused[idx].host.len();
         // What the session holds now counts as free for its replacement.
         let (dev_free, host_free) = (self.free_block_count(), self.host_free_count());
-        let fits_dev = n <= dev_free + self.paused[idx].device.len();
+        let fits_dev = n + keep_free <= dev_free + self.paused[idx].device.len();
         let fits_host = n <= host_free + self.paused[idx].host.len();
         if !fits_dev && !fits_host {
             return Err(VmuError::PausedNoRoom {
@@ -92,6 +94,9 @@ impl<B: Backend> Vmu<B> {
         }
         for &h in p.host.iter().rev() {
             self.give_back_host_slot(h);
+        }
+        if !p.device.is_empty() || !p.host.is_empty() {
+            self.publish_paused();
         }
     }
 

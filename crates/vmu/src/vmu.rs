@@ -1063,6 +1063,9 @@ impl<B: Backend> Vmu<B> {
     }
     pub(crate) fn publish_paused(&mut self) {
         self.publish();
+        let ((dev, host), bb) = (self.paused_blocks(), self.plan.block_bytes);
+        self.metrics.set_region("paused", dev * bb, self.free_blocks.len() * bb);
+        self.metrics.set_region("paused_host", host * bb, self.host_free.len() * bb);
     }
 
     /// Asserts every invariant in the module docs (tests; O(sessions × blocks)).

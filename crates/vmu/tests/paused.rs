@@ -34,12 +34,14 @@ fn paused_state_is_charged_with_kv_within_capacity() {
     let mut slots = Vec::new();
     v.append(a, 32, &mut slots).unwrap(); // 2 blocks of KV
                                           // 1.5 blocks of state: 2 whole blocks on the device, counted as used KV.
-    assert_eq!(v.hold_paused(a, bb + bb / 2).unwrap(), Residency::Resident);
+    assert_eq!(v.hold_paused(a, bb + bb / 2, 0).unwrap(), Residency::Resident);
     assert_eq!(v.paused_blocks(), (2, 0));
     assert_eq!(v.stats().kv_used_bytes, 4 * bb);
     v.check_invariants();
+    // Keeping blocks free for a step sends a state to the host pool, even with room on the device.
+    assert_eq!(v.hold_paused(b, 1, 1).unwrap(), Residency::Swapped);
     // The device is full: b's state goes to the host pool.
-    assert_eq!(v.hold_paused(b, 1).unwrap(), Residency::Swapped);
+    assert_eq!(v.hold_paused(b, 1, 0).unwrap(), Residency::Swapped);
     assert_eq!(v.paused_blocks(), (2, 1));
     // Swapping a out takes its state to the host pool too: 2 KV + 2 state + 1 = all 5 slots.
     v.end_step();
@@ -54,13 +56,13 @@ fn paused_state_is_charged_with_kv_within_capacity() {
     // Admission sees the held state: nothing is free for a new session.
     assert!(matches!(v.open_session(), Err(VmuError::AdmissionRefused { .. })));
     // Neither has room now: refused, typed, nothing changed.
-    match v.hold_paused(c, 2 * bb) {
+    match v.hold_paused(c, 2 * bb, 0) {
         Err(VmuError::PausedNoRoom { needed_blocks: 2, free_device_blocks: 0, .. }) => {}
         other => panic!("expected PausedNoRoom, got {other:?}"),
     }
     assert_eq!(v.paused_blocks(), (0, 3));
     // Replacing a charge counts the old one as free; releasing and closing give it back.
-    assert_eq!(v.hold_paused(a, 2 * bb).unwrap(), Residency::Swapped);
+    assert_eq!(v.hold_paused(a, 2 * bb, 0).unwrap(), Residency::Swapped);
     v.release_paused(b).unwrap();
     assert_eq!(v.paused_residency(b).unwrap(), None);
     v.close_session(a).unwrap();

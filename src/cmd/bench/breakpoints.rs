@@ -16,7 +16,12 @@
 //! uninterrupted (`input_pass_ms`, the baseline's time to first token). Swap latencies and memory come from the server's
 //! `/metrics` (`--metrics HOST:PORT`): swap p50/p99 are the upper bounds of the histogram's
 //! buckets holding those quantiles; `paused_bytes_peak` is the largest
-//! `djinn_breakpoint_held_bytes` sampled every 20 ms; `breakpoint_parts` / `breakpoint_part_passes`
+//! `djinn_breakpoint_held_bytes` sampled every 20 ms. Paused states are charged to the VMU in
+//! whole KV blocks (else in the host swap pool): `kv_used_bytes_peak` includes the blocks they
+//! were charged, so `kv_used_bytes_peak <= kv_capacity_bytes` is KV and paused state together
+//! within capacity; `paused_kv_charged_bytes_peak` / `paused_host_charged_bytes_peak` are the
+//! peaks of that charge (`djinn_vmu_region_used_bytes{region="paused"|"paused_host"}`);
+//! `breakpoint_parts` / `breakpoint_part_passes`
 //! count the batched parts the server ran and the passes they carried (their ratio,
 //! `mean_part_passes`, is how many sessions resumed together shared a part).
 
@@ -118,13 +123,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let before = scrape(&args.metrics)?;
     let stop = Arc::new(AtomicBool::new(false));
     let held_peak = Arc::new(AtomicU64::new(0));
+    // Peaks of the paused states' VMU charge: in KV blocks (inside kv_used) and in the host pool.
+    let charged_peak = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let sampler = {
         let (stop, peak, addr) = (stop.clone(), held_peak.clone(), args.metrics.clone());
+        let charged = charged_peak.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(m) = scrape(&addr) {
                     let v = sample(&m, "djinn_breakpoint_held_bytes").unwrap_or(0.0) as u64;
                     peak.fetch_max(v, Ordering::Relaxed);
+                    charged.0.fetch_max(region_used(&m, "paused") as u64, Ordering::Relaxed);
+                    charged.1.fetch_max(region_used(&m, "paused_host") as u64, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -201,6 +211,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "kv_capacity_bytes": kv_capacity,
         "kv_used_bytes_peak": kv_peak,
         "paused_bytes_peak": held_peak.load(Ordering::Relaxed),
+        "paused_kv_charged_bytes_peak": charged_peak.0.load(Ordering::Relaxed),
+        "paused_host_charged_bytes_peak": charged_peak.1.load(Ordering::Relaxed),
         "swap_out_total": swaps_out,
         "paused_swaps_total": results.iter().map(|r| r.swaps).sum::<u32>(),
         "swap_out_ms": hist_quantiles(&before, &after, "out"),
@@ -310,6 +322,15 @@ fn scrape(addr: &str) -> anyhow::Result<String> {
 }
 
 /// Sum of the samples of metric `name` (any labels).
+/// `djinn_vmu_region_used_bytes` of `region`, summed over models.
+fn region_used(body: &str, region: &str) -> f64 {
+    let label = format!("region=\"{region}\"");
+    body.lines()
+        .filter(|l| l.starts_with("djinn_vmu_region_used_bytes{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn sample(body: &str, name: &str) -> Option<f64> {
     let vals: Vec<f64> = body
         .lines()

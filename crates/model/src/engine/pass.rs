@@ -16,7 +16,7 @@
 //!   read, with the same operands.
 
 use djinn_backend::{Backend, SampleParams};
-use djinn_vmu::SessionId;
+use djinn_vmu::{Residency, SessionId};
 
 use super::Engine;
 use crate::error::{ModelError, PassError, Result};
@@ -146,12 +146,29 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// Rolls a pending pass back: the session is as it was before the pass.
+    /// Rolls a pending pass back: the session is as it was before the pass (its paused state's
+    /// charge released).
     pub fn cancel_pass(&mut self, id: SessionId) -> Result<()> {
         let i = self.pending.iter().position(|p| p.id == id).ok_or(PassError::NotPaused)?;
         let p = self.pending.swap_remove(i);
         self.vmu.truncate(id, p.start)?;
+        self.vmu.release_paused(id)?;
         Ok(())
+    }
+
+    /// Charges `bytes` of paused state (a pass's hidden state while it is paused) to session
+    /// `id` in the VMU, replacing its previous charge: against the KV capacity in whole blocks
+    /// when `keep_free` blocks stay free (what the part producing it appends), else in the host
+    /// swap pool; moved to the host pool when
+    /// the session is swapped out. `VmuError::PausedNoRoom` when neither has room (nothing
+    /// changed: the caller waits).
+    pub fn hold_paused_state(&mut self, id: SessionId, bytes: usize, keep_free: usize) -> Result<Residency> {
+        Ok(self.vmu.hold_paused(id, bytes, keep_free)?)
+    }
+
+    /// Releases session `id`'s paused-state charge (none held: nothing).
+    pub fn release_paused_state(&mut self, id: SessionId) -> Result<()> {
+        Ok(self.vmu.release_paused(id)?)
     }
 
     /// Checks one pass of a part: its length before the pass (new passes are not pending yet).

@@ -16,8 +16,13 @@
 //!   attention is per sequence) nor the transactions: a batched part that fails is retried pass
 //!   by pass, so one pass's bad input or failure ends only its own request.
 //! - A paused session holds no pinned device memory: its KV is swappable like an idle session's
-//!   (the VMU's LRU victim policy); its hidden state is host memory here, counted in
-//!   `djinn_breakpoint_held_bytes` (not in the VMU's KV capacity).
+//!   (the VMU's LRU victim policy). Its hidden state (`[tokens, hidden]` f32, kept here) is
+//!   charged to the VMU (`Engine::hold_paused_state`) before the part that produces it runs:
+//!   against the KV capacity in whole blocks, else in the host swap pool, moving there when the
+//!   session is swapped out; so KV and paused state together never exceed the capacity. With no
+//!   room in either, the pass waits at the layer it resumes after (running, not paused) until
+//!   another pause or session ends; the charge is released when its last part starts, or when
+//!   the pass is rolled back. `djinn_breakpoint_held_bytes` counts the bytes themselves.
 //! - The state's rows are the tokens the pass feeds: the decode's input, preceded by the
 //!   session's one pending token when an earlier prefill left one.
 //! - A session whose KV came from a patched state is marked not `recomputable`.
@@ -185,6 +190,10 @@ impl<B: Backend> EngineLoop<B> {
     /// nothing; a failure while running rolls every pass of the part back), so one bad pass
     /// fails alone.
     fn run_parts(&mut self, m: usize, point: Point, ids: &[u64]) -> bool {
+        let ids = &self.charge_states(m, point, ids)[..];
+        if ids.is_empty() {
+            return false;
+        }
         let lm = &mut self.models[m];
         let (h, layers) = (lm.engine.config().hidden_size, lm.engine.config().layers);
         let mut seqs = Vec::with_capacity(ids.len());
@@ -274,10 +283,42 @@ impl<B: Backend> EngineLoop<B> {
         true
     }
 
+    /// Charges the states the part of `ids` will leave paused (at `point`'s stop) to the VMU, or
+    /// releases their charge when the part ends the passes; returns the passes that may run:
+    /// those with no room for their state wait for a later part.
+    fn charge_states(&mut self, m: usize, point: Point, ids: &[u64]) -> Vec<u64> {
+        let h = self.models[m].engine.config().hidden_size;
+        let bt = self.models[m].engine.model().block_tokens();
+        // Blocks the part may append into: every pass's whole KV (a swapped one comes back).
+        let keep: usize = ids.iter().filter_map(|id| self.sessions.get(id)).map(|s| s.tokens.len().div_ceil(bt)).sum();
+        let mut run = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let s = &self.sessions[&id];
+            let (vs, feed) = (s.vs, s.tokens.len() - s.kv);
+            let eng = &mut self.models[m].engine;
+            let charged = match point.1 {
+                Some(_) => eng.hold_paused_state(vs, feed * h * 4, keep).map(drop),
+                None => eng.release_paused_state(vs),
+            };
+            match charged {
+                Ok(()) => run.push(id),
+                Err(ModelError::Vmu(VmuError::PausedNoRoom { .. })) => {
+                    tracing::debug!(session = id, "no room for the paused state: the pass waits");
+                }
+                Err(e) => self.fail_part(m, id, &e),
+            }
+        }
+        run
+    }
+
     /// A part of a pass failed: the request ends with the error, and the pass is rolled back
     /// (by the engine already when the part ran, in `end_work` when it was refused).
     fn fail_part(&mut self, m: usize, id: u64, e: &ModelError) {
         tracing::warn!(session = id, error = %e, "breakpoint pass failed");
+        if let Some(s) = self.sessions.get(&id) {
+            // A pass rolled back holds no state (a no-op when the rollback released it already).
+            let _ = self.models[m].engine.release_paused_state(s.vs);
+        }
         let pending = self.sessions.get(&id).is_some_and(|s| self.models[m].engine.pass_start(s.vs).is_some());
         if let Some(Work::Decode(d)) = self.sessions.get_mut(&id).map(|s| &mut s.work) {
             if let Some(b) = d.brk.as_mut() {
