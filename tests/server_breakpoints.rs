@@ -323,9 +323,37 @@ fn bench_breakpoints_passes(t: Transport) {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
+/// `bench breakpoints` with KV for the 4 sessions' KV but not their paused states beside it and a
+/// one-block host swap pool: a pass with no room for its state waits (running, not paused) and
+/// every session still finishes with its uninterrupted tokens, KV and paused states within
+/// capacity.
+fn paused_state_waits_for_room(t: Transport) {
+    let (dir, _) = record();
+    // 16 KiB blocks (4 layers × K/V × 2 heads × 16 dims × f32 × 16 tokens): 6 on the device, 1 host.
+    let args = ["--dtype", "f32", "--kv-capacity-mb", "0.09375", "--host-swap-mb", "0.015625"];
+    let srv = model_server(t, MODEL, &dir, &[&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat());
+    let out_dir = std::env::temp_dir().join(common::unique_name("bench-brk-wait"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL, "--sessions", "4"])
+        .args(["--break-at", "1,3", "--hold-ms", "20", "--metrics", srv.metrics.as_deref().unwrap()])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(4), Some(true)), "{r}");
+    assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
+    assert!(r["paused_kv_charged_bytes_peak"].as_f64().unwrap() > 0.0, "{r}");
+    let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
+    assert!(metric(&m, "djinn_vmu_paused_refused_total").unwrap() > 0.0, "a pass waited for room");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
 fn main() {
     run_trials(vec![
         ("bench_breakpoints_passes", Some(Transport::Tcp), bench_breakpoints_passes),
+        ("paused_state_waits_for_room", Some(Transport::Tcp), paused_state_waits_for_room),
         ("debug_cli_remote", None, debug_cli_remote),
         ("pause_read_patch_resume", None, pause_read_patch_resume),
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),

@@ -26,6 +26,8 @@ pub struct VmuMetrics {
     pub sessions_open: IntGauge,
     pub sessions_swapped: IntGauge,
     pub admission_refused_total: IntCounter,
+    /// Paused states refused a charge (`Vmu::hold_paused`: no room on the device or the host pool).
+    pub paused_refused_total: IntCounter,
     /// Label values resolved once: `with_label_values` hashes and locks, too slow per append.
     resolved: Resolved,
 }
@@ -96,6 +98,7 @@ impl VmuMetrics {
             sessions_open: g("djinn_vmu_sessions_open", "sessions holding KV state")?,
             sessions_swapped: g("djinn_vmu_sessions_swapped", "sessions whose KV lives in the host pool")?,
             admission_refused_total: c("djinn_vmu_admission_refused_total", "new sessions refused: KV and swap full")?,
+            paused_refused_total: c("djinn_vmu_paused_refused_total", "paused states refused: KV and swap full")?,
             resolved: Resolved {
                 swap_out: Histogram::with_opts(HistogramOpts::new("unused", "unused")).expect("static opts"),
                 swap_in: Histogram::with_opts(HistogramOpts::new("unused", "unused")).expect("static opts"),

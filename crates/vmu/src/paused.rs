@@ -38,6 +38,7 @@ impl<B: Backend> Vmu<B> {
         let fits_dev = n + keep_free <= dev_free + self.paused[idx].device.len();
         let fits_host = n <= host_free + self.paused[idx].host.len();
         if !fits_dev && !fits_host {
+            self.metrics().paused_refused_total.inc();
             return Err(VmuError::PausedNoRoom {
                 session: id,
                 needed_blocks: n,

@@ -20,9 +20,10 @@
 //!   charged to the VMU (`Engine::hold_paused_state`) before the part that produces it runs:
 //!   against the KV capacity in whole blocks, else in the host swap pool, moving there when the
 //!   session is swapped out; so KV and paused state together never exceed the capacity. With no
-//!   room in either, the pass waits at the layer it resumes after (running, not paused) until
-//!   another pause or session ends; the charge is released when its last part starts, or when
-//!   the pass is rolled back. `djinn_breakpoint_held_bytes` counts the bytes themselves.
+//!   room in either (or none left for the part's KV beside it), a new pass waits before its
+//!   first part (running, not paused) until another pause or session ends; a paused pass's next
+//!   state replaces its charge (same size: it never waits). The charge is released when its
+//!   last part starts, or when the pass is rolled back. `djinn_breakpoint_held_bytes` counts the bytes themselves.
 //! - The state's rows are the tokens the pass feeds: the decode's input, preceded by the
 //!   session's one pending token when an earlier prefill left one.
 //! - A session whose KV came from a patched state is marked not `recomputable`.
@@ -285,23 +286,37 @@ impl<B: Backend> EngineLoop<B> {
 
     /// Charges the states the part of `ids` will leave paused (at `point`'s stop) to the VMU, or
     /// releases their charge when the part ends the passes; returns the passes that may run:
-    /// those with no room for their state wait for a later part.
+    /// a new pass with no room for its state, or whose charge leaves the part's KV no room
+    /// (`batch_fits` again, the charge counted), waits for a later part, uncharged.
     fn charge_states(&mut self, m: usize, point: Point, ids: &[u64]) -> Vec<u64> {
         let h = self.models[m].engine.config().hidden_size;
         let bt = self.models[m].engine.model().block_tokens();
         // Blocks the part may append into: every pass's whole KV (a swapped one comes back).
         let keep: usize = ids.iter().filter_map(|id| self.sessions.get(id)).map(|s| s.tokens.len().div_ceil(bt)).sum();
-        let mut run = Vec::with_capacity(ids.len());
+        let (mut run, mut fits) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
         for &id in ids {
             let s = &self.sessions[&id];
             let (vs, feed) = (s.vs, s.tokens.len() - s.kv);
+            let fresh = matches!(&s.work, Work::Decode(d) if d.brk.as_ref().is_some_and(|b| !b.started()));
             let eng = &mut self.models[m].engine;
             let charged = match point.1 {
                 Some(_) => eng.hold_paused_state(vs, feed * h * 4, keep).map(drop),
                 None => eng.release_paused_state(vs),
             };
             match charged {
-                Ok(()) => run.push(id),
+                Ok(()) => {
+                    // The first part grows the session by the input; later ones only need it
+                    // resident (and already fitted with the same charge).
+                    fits.push((vs, if fresh { feed } else { 0 }));
+                    if fresh && !eng.batch_fits(&fits) {
+                        fits.pop();
+                        if let Err(e) = eng.release_paused_state(vs) {
+                            self.fail_part(m, id, &e);
+                        }
+                        continue;
+                    }
+                    run.push(id);
+                }
                 Err(ModelError::Vmu(VmuError::PausedNoRoom { .. })) => {
                     tracing::debug!(session = id, "no room for the paused state: the pass waits");
                 }
