@@ -150,15 +150,108 @@ fn bad_input_typed_session_intact(t: Transport) {
     assert_eq!(got, rec.greedy, "the session was intact after the refusals and the rollback");
 }
 
-/// A pause nobody resumes ends at its lease: the request is `Cancelled` and rolled back.
+/// A pause nobody resumes ends at its lease — at its deadline, not at the loop's next 1 s park
+/// wake-up: the request is `Cancelled` and rolled back.
 fn pause_lease_rolls_back(t: Transport) {
     let (dir, rec) = record();
-    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "200"]);
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "100"]);
     let mut c = connect(srv.url());
     let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
-    let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[1], |_| true, |_, _| Ok(()));
+    let mut paused_at = None;
+    let r = c.generate_with_breakpoints(
+        s,
+        Feed::Ids(&rec.prompt),
+        &opts(&rec),
+        &[1],
+        |_| true,
+        |_, _| {
+            paused_at = Some(std::time::Instant::now());
+            Ok(())
+        },
+    );
+    // From the client's sight of the pause (after the server's): at most the lease plus slack.
+    let held = paused_at.expect("paused").elapsed();
     assert_eq!(status_of(r), Status::Cancelled);
+    assert!(held < std::time::Duration::from_millis(700), "the lease ended {held:?} after the pause (100 ms lease)");
     assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
+}
+
+/// Sessions paused at every layer and resumed at once (each waits for the others at every
+/// pause): their parts run batched where they meet, and every one gets the tokens of an
+/// uninterrupted run. Every pass's parts are counted in the batched-part counters.
+fn resumed_together_batched(t: Transport) {
+    let parts = resumed_together(t, &[]);
+    assert!(parts.0 >= 1.0 && parts.0 <= parts.1, "{} parts for {} passes", parts.0, parts.1);
+    eprintln!("resumed_together_batched: {} passes in {} batched parts", parts.1, parts.0);
+    // The unbatched baseline: each part runs alone.
+    let parts = resumed_together(t, &["--breakpoint-part-passes-max", "1"]);
+    assert_eq!(parts.0, parts.1, "--breakpoint-part-passes-max 1");
+}
+
+/// Runs 4 sessions paused at every layer and resumed together on a server started with `args`:
+/// session 0 cancels at layer 2 (rolled back, the others go on), session 1 replaces its state
+/// at a recorded patch's layer (transformers' tokens for that patch), the others resume
+/// unmodified (the uninterrupted tokens). Returns (batched parts, passes they carried).
+fn resumed_together(t: Transport, args: &[&str]) -> (f64, f64) {
+    const SESSIONS: usize = 4;
+    let (dir, rec) = record();
+    let args = [&["--dtype", "f32", "--metrics-listen", "127.0.0.1:0"], args].concat();
+    let srv = model_server(t, MODEL, &dir, &args);
+    let all: Vec<u32> = (1..=rec.layers as u32).collect();
+    let patch = &rec.patches[0];
+    let values: Vec<f32> = patch.hidden.iter().flatten().map(|&x| x as f32).collect();
+    // Every session meets at layers 1 and 2; the three that go on meet after.
+    let (gate_all, gate_rest) = (std::sync::Barrier::new(SESSIONS), std::sync::Barrier::new(SESSIONS - 1));
+    std::thread::scope(|sc| {
+        for i in 0..SESSIONS {
+            let (rec, values, gate_all, gate_rest, all, url) = (&rec, &values, &gate_all, &gate_rest, &all, srv.url());
+            sc.spawn(move || {
+                let mut c = connect(url);
+                let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+                let mut got = Vec::new();
+                let sum = c
+                    .generate_with_breakpoints(
+                        s,
+                        Feed::Ids(&rec.prompt),
+                        &opts(rec),
+                        all,
+                        |ev| {
+                            got.push(ev.token);
+                            true
+                        },
+                        |c, note| {
+                            if note.layer <= 2 {
+                                gate_all.wait();
+                            } else {
+                                gate_rest.wait();
+                            }
+                            if i == 0 && note.layer == 2 {
+                                return c.cancel(s);
+                            }
+                            if i == 1 && note.layer as usize == patch.layer {
+                                c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, values)?;
+                            }
+                            c.resume(s)
+                        },
+                    )
+                    .unwrap();
+                match i {
+                    0 => {
+                        assert_eq!(sum.finish, FinishReason::Cancelled);
+                        assert_eq!(c.attach_session(s).unwrap().context_tokens, 0, "rolled back");
+                    }
+                    1 => assert_eq!(got, patch.greedy, "patched at layer {} beside the others", patch.layer),
+                    _ => assert_eq!(got, rec.greedy, "resumed together"),
+                }
+            });
+        }
+    });
+    let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
+    let parts = metric(&m, "djinn_breakpoint_parts_total").unwrap();
+    let passes = metric(&m, "djinn_breakpoint_part_passes_total").unwrap();
+    // A part per breakpoint and one to the end; the cancelled pass ran two.
+    assert_eq!(passes as usize, (SESSIONS - 1) * (all.len() + 1) + 2);
+    (parts, passes)
 }
 
 /// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.
@@ -211,22 +304,60 @@ fn bench_breakpoints_passes(t: Transport) {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
     assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(8), Some(true)));
+    // KV and the paused states charged in KV blocks together within capacity; under this
+    // pressure states are charged in the host swap pool too.
     assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
+    assert!(r["paused_kv_charged_bytes_peak"].as_f64() <= r["kv_used_bytes_peak"].as_f64());
+    assert!(r["paused_host_charged_bytes_peak"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["swap_out_total"].as_f64().unwrap() > 0.0, "swapping was forced");
     assert!(r["verdict"].as_str().unwrap().starts_with("PASS"));
     for k in ["swap_out_ms", "swap_in_ms", "resume_ms", "pause_ms"] {
         assert!(r[k]["p50"].is_number() && r[k]["p99"].is_number(), "{k}: {}", r[k]);
     }
-    assert_eq!(r["sessions"].as_array().unwrap().len(), 8);
+    let sessions = r["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 8);
+    let swaps: u64 = sessions.iter().map(|s| s["swaps"].as_u64().unwrap()).sum();
+    assert!(swaps > 0, "paused sessions were swapped out");
+    assert_eq!(r["paused_swaps_total"].as_u64(), Some(swaps));
+    assert!(sessions.iter().all(|s| s["pauses"].as_array().unwrap().len() == 3));
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// `bench breakpoints` with KV for the 4 sessions' KV but not their paused states beside it and a
+/// one-block host swap pool: a pass with no room for its state waits (running, not paused) and
+/// every session still finishes with its uninterrupted tokens, KV and paused states within
+/// capacity.
+fn paused_state_waits_for_room(t: Transport) {
+    let (dir, _) = record();
+    // 16 KiB blocks (4 layers × K/V × 2 heads × 16 dims × f32 × 16 tokens): 6 on the device, 1 host.
+    let args = ["--dtype", "f32", "--kv-capacity-mb", "0.09375", "--host-swap-mb", "0.015625"];
+    let srv = model_server(t, MODEL, &dir, &[&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat());
+    let out_dir = std::env::temp_dir().join(common::unique_name("bench-brk-wait"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL, "--sessions", "4"])
+        .args(["--break-at", "1,3", "--hold-ms", "20", "--metrics", srv.metrics.as_deref().unwrap()])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(4), Some(true)), "{r}");
+    assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
+    assert!(r["paused_kv_charged_bytes_peak"].as_f64().unwrap() > 0.0, "{r}");
+    let m = common::http_get(srv.metrics.as_deref().unwrap(), "/metrics").1;
+    assert!(metric(&m, "djinn_vmu_paused_refused_total").unwrap() > 0.0, "a pass waited for room");
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
 fn main() {
     run_trials(vec![
         ("bench_breakpoints_passes", Some(Transport::Tcp), bench_breakpoints_passes),
+        ("paused_state_waits_for_room", Some(Transport::Tcp), paused_state_waits_for_room),
         ("debug_cli_remote", None, debug_cli_remote),
         ("pause_read_patch_resume", None, pause_read_patch_resume),
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),
+        ("resumed_together_batched", None, resumed_together_batched),
     ]);
 }

@@ -11,7 +11,7 @@ use djinn_proto::session::{
     LogitsReply, LogitsReq, PrefillInput, PrefillReply as PrefillWire, QosWire, SessionAppendReq, SessionInfoReply,
     SessionOpenReq, SessionPrefillReq, SessionReq,
 };
-use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, Meta, Opcode, PausedNote};
+use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, Meta, Opcode, PausedNote, ResumeReply};
 
 use crate::stream::{DecodeStream, StreamEvent};
 use crate::{decode, Client, ClientError, Result};
@@ -311,8 +311,15 @@ impl Client {
 
     /// Resumes the paused session's pass (from the state it holds now).
     pub fn resume(&mut self, session: SessionId) -> Result<()> {
-        self.call(Opcode::SessionResume, &SessionReq { session }.to_meta(), &[])?;
+        self.resume_reply(session)?;
         Ok(())
+    }
+
+    /// [`Client::resume`], with the server's reply: how often the pass's KV was swapped out to
+    /// host memory while paused, this pause included.
+    pub fn resume_reply(&mut self, session: SessionId) -> Result<ResumeReply> {
+        let r = self.call(Opcode::SessionResume, &SessionReq { session }.to_meta(), &[])?;
+        decode(Opcode::SessionResume, &r.meta)
     }
 
     /// Reads a started decode to its end, handing each token to `on_token` and each breakpoint

@@ -14,10 +14,10 @@
 //! | SessionPaused | (server → client, FLAG_REPLY, the paused request's id) `PausedNote` | — |
 //! | SessionHiddenRead | `HiddenReadReq`: u64 session, u8 dtype | `HiddenDesc` / the state's bytes |
 //! | SessionHiddenWrite | `HiddenDesc`-shaped `HiddenWriteReq` / the new state's bytes | empty |
-//! | SessionResume | `SessionReq` | empty (the paused request goes on) |
+//! | SessionResume | `SessionReq` | `ResumeReply` (the paused request goes on) |
 //!
 //! `PausedNote` = u64 session, u32 layer, u32 layers, u32 tokens, u32 hidden, u8 model dtype,
-//! u32 lease_ms. `HiddenDesc` = u32 layer, u32 tokens, u32 hidden, u8 dtype. A hidden state is
+//! u32 lease_ms. `ResumeReply` = u32 swaps. `HiddenDesc` = u32 layer, u32 tokens, u32 hidden, u8 dtype. A hidden state is
 //! `[tokens, hidden]` row-major, little-endian, in f32 or the model's dtype ([`HiddenDType`]).
 
 use crate::meta::{Meta, MetaError, MetaReader, MetaWriter};
@@ -201,8 +201,25 @@ impl Meta for HiddenWriteReq {
 }
 
 /// Runs every breakpoint decoder over `meta` (fuzzing): how many accepted it.
+/// The reply to `SessionResume`: how often the paused pass's KV was swapped out to host memory
+/// while paused, this pause included (each such pause swaps it back in before the next part).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResumeReply {
+    pub swaps: u32,
+}
+
+impl Meta for ResumeReply {
+    fn encode(&self, w: &mut MetaWriter) {
+        w.put_u32(self.swaps);
+    }
+    fn decode(r: &mut MetaReader<'_>) -> Result<Self, MetaError> {
+        Ok(ResumeReply { swaps: r.get_u32("swaps")? })
+    }
+}
+
 pub fn decode_all_breakpoint_meta(meta: &[u8]) -> usize {
     [
+        ResumeReply::from_meta(meta).is_ok(),
         PausedNote::from_meta(meta).is_ok(),
         HiddenReadReq::from_meta(meta).is_ok(),
         HiddenDesc::from_meta(meta).is_ok(),
@@ -236,6 +253,7 @@ mod tests {
         round_trip(&HiddenReadReq { session: 3, dtype: HiddenDType::F32 });
         round_trip(&desc());
         round_trip(&HiddenWriteReq { session: 3, desc: desc() });
+        round_trip(&ResumeReply { swaps: 2 });
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub mod msg;
 pub mod session;
 pub mod tensor;
 
-pub use breakpoint::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, BREAKPOINTS_MAX};
+pub use breakpoint::{
+    HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, ResumeReply, BREAKPOINTS_MAX,
+};
 pub use codes::{Opcode, Status, UnknownCode};
 pub use header::{FrameHeader, HeaderError, Limits, FLAG_REPLY, HEADER_LEN, MAGIC, VERSION};
 pub use meta::{Meta, MetaError, MetaReader, MetaWriter};

@@ -250,6 +250,9 @@ crate::settings! {
     tokenize_workers: usize = 1;
     /// Tokenization jobs waiting for those threads; more are refused `Busy`.
     tokenize_queue_max: usize = 64;
+    /// Breakpoint passes one batched part runs at most (passes at the same layer run together;
+    /// 1 runs each alone, the unbatched baseline `bench breakpoints` compares against).
+    breakpoint_part_passes_max: usize = 64;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -397,6 +400,7 @@ impl ServerConfig {
             ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
             ("exec_streams", self.exec_streams as u64),
             ("breakpoint_lease_ms", self.breakpoint_lease_ms),
+            ("breakpoint_part_passes_max", self.breakpoint_part_passes_max as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -96,6 +96,10 @@ pub struct Metrics {
     /// Sessions paused at a breakpoint, and the bytes of hidden state they hold.
     pub sessions_paused_breakpoint: IntGauge,
     pub breakpoint_held_bytes: IntGauge,
+    /// Batched parts of breakpoint passes run, and the passes they carried (their ratio is the
+    /// mean batch of sessions resumed together).
+    pub breakpoint_parts_total: IntCounter,
+    pub breakpoint_part_passes_total: IntCounter,
     /// Sessions whose KV was dropped to make room (preemption by recomputation), and the KV
     /// tokens dropped (each is recomputed when its session runs again).
     pub sessions_preempted_total: IntCounter,
@@ -245,6 +249,16 @@ impl Metrics {
                 "Bytes of hidden state held for sessions paused at a breakpoint (host memory)",
             )
             .unwrap(),
+            breakpoint_parts_total: IntCounter::new(
+                "breakpoint_parts_total",
+                "Batched parts of breakpoint passes run (each runs the passes at one point together)",
+            )
+            .unwrap(),
+            breakpoint_part_passes_total: IntCounter::new(
+                "breakpoint_part_passes_total",
+                "Breakpoint passes carried by those parts (passes / parts = mean batch)",
+            )
+            .unwrap(),
             sessions_preempted_total: IntCounter::new(
                 "sessions_preempted_total",
                 "Sessions whose KV was dropped when device and host swap were full (rebuilt from their tokens)",
@@ -326,6 +340,8 @@ impl Metrics {
         r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_breakpoint.clone())).unwrap();
         r.register(Box::new(m.breakpoint_held_bytes.clone())).unwrap();
+        r.register(Box::new(m.breakpoint_parts_total.clone())).unwrap();
+        r.register(Box::new(m.breakpoint_part_passes_total.clone())).unwrap();
         r.register(Box::new(m.sessions_preempted_total.clone())).unwrap();
         r.register(Box::new(m.preempted_tokens_total.clone())).unwrap();
         r.register(Box::new(m.sched_ttft_s.clone())).unwrap();

@@ -23,6 +23,7 @@ mod alloc;
 mod config;
 mod error;
 mod metrics;
+mod paused;
 mod scratch;
 mod vmu;
 mod weights;

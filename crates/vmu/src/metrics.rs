@@ -26,6 +26,8 @@ pub struct VmuMetrics {
     pub sessions_open: IntGauge,
     pub sessions_swapped: IntGauge,
     pub admission_refused_total: IntCounter,
+    /// Paused states refused a charge (`Vmu::hold_paused`: no room on the device or the host pool).
+    pub paused_refused_total: IntCounter,
     /// Label values resolved once: `with_label_values` hashes and locks, too slow per append.
     resolved: Resolved,
 }
@@ -39,7 +41,8 @@ struct Resolved {
     weights_fragmentation: Gauge,
 }
 
-const REGIONS: [&str; 4] = ["weights", "kv", "scratch", "host_swap"];
+// "paused" / "paused_host": paused states charged to the KV blocks (inside "kv") / host pool.
+const REGIONS: [&str; 6] = ["weights", "kv", "scratch", "host_swap", "paused", "paused_host"];
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> Result<T, VmuError> {
     r.register(Box::new(m.clone())).map_err(|e| VmuError::Config(format!("registering VMU metrics: {e}")))?;
@@ -95,6 +98,7 @@ impl VmuMetrics {
             sessions_open: g("djinn_vmu_sessions_open", "sessions holding KV state")?,
             sessions_swapped: g("djinn_vmu_sessions_swapped", "sessions whose KV lives in the host pool")?,
             admission_refused_total: c("djinn_vmu_admission_refused_total", "new sessions refused: KV and swap full")?,
+            paused_refused_total: c("djinn_vmu_paused_refused_total", "paused states refused: KV and swap full")?,
             resolved: Resolved {
                 swap_out: Histogram::with_opts(HistogramOpts::new("unused", "unused")).expect("static opts"),
                 swap_in: Histogram::with_opts(HistogramOpts::new("unused", "unused")).expect("static opts"),

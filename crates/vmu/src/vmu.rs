@@ -31,6 +31,7 @@ use prometheus::Registry;
 use crate::config::{RegionPlan, VmuConfig};
 use crate::error::VmuError;
 use crate::metrics::VmuMetrics;
+use crate::paused::PausedHold;
 use crate::scratch::ScratchArena;
 use crate::weights::{self, PersistentLease, Shared, WeightsLease};
 
@@ -190,6 +191,8 @@ pub struct Vmu<B: Backend> {
     dev_ids: Vec<i32>,
     index_bytes: Vec<u8>,
     metrics: VmuMetrics,
+    /// Per session slot: its paused state's charge (see `paused.rs`).
+    pub(crate) paused: Vec<PausedHold>,
 }
 
 impl<B: Backend> std::fmt::Debug for Vmu<B> {
@@ -255,6 +258,7 @@ impl<B: Backend> Vmu<B> {
             persistent,
             metrics,
             plan,
+            paused: vec![PausedHold::default(); cfg.max_sessions],
         };
         vmu.publish();
         tracing::info!(
@@ -464,6 +468,7 @@ impl<B: Backend> Vmu<B> {
             }
         }
         self.tables[row..row + m.blocks].fill(-1);
+        self.release_paused_idx(idx);
         let meta = &mut self.sessions[idx];
         *meta = SessionMeta { generation: m.generation.wrapping_add(1), ..SessionMeta::default() };
         self.free_sessions.push(idx as u32);
@@ -856,6 +861,7 @@ impl<B: Backend> Vmu<B> {
         self.metrics.swap_out_total.inc();
         self.metrics.swap_out_bytes_total.inc_by((n * bb) as u64);
         self.track(true, start, done);
+        self.swap_paused_out(idx);
         self.publish();
         tracing::debug!(session = %self.id_of(idx), blocks = n, "swapped out");
         Ok(())
@@ -1032,6 +1038,36 @@ impl<B: Backend> Vmu<B> {
         self.metrics.sessions_swapped.set(self.sessions_swapped as i64);
     }
 
+    // ---- helpers for the paused-state charge (paused.rs) ------------------------------------
+
+    pub(crate) fn lookup_open(&self, id: SessionId) -> Result<usize, VmuError> {
+        self.lookup(id)
+    }
+    pub(crate) fn free_block_count(&self) -> usize {
+        self.free_blocks.len()
+    }
+    pub(crate) fn host_free_count(&self) -> usize {
+        self.host_free.len()
+    }
+    pub(crate) fn take_free_block(&mut self) -> u32 {
+        self.take_block()
+    }
+    pub(crate) fn give_back_block(&mut self, b: u32) {
+        self.release_block(b as usize);
+    }
+    pub(crate) fn take_host_slot(&mut self) -> u32 {
+        self.host_free.pop().expect("checked by caller")
+    }
+    pub(crate) fn give_back_host_slot(&mut self, h: u32) {
+        self.host_free.push(h);
+    }
+    pub(crate) fn publish_paused(&mut self) {
+        self.publish();
+        let ((dev, host), bb) = (self.paused_blocks(), self.plan.block_bytes);
+        self.metrics.set_region("paused", dev * bb, self.free_blocks.len() * bb);
+        self.metrics.set_region("paused_host", host * bb, self.host_free.len() * bb);
+    }
+
     /// Asserts every invariant in the module docs (tests; O(sessions × blocks)).
     pub fn check_invariants(&self) {
         let mut refs = vec![0u32; self.plan.kv_blocks];
@@ -1053,6 +1089,14 @@ impl<B: Backend> Vmu<B> {
                 }
             }
             swapped += m.swapped as usize;
+        }
+        for p in &self.paused {
+            for &b in &p.device {
+                refs[b as usize] += 1;
+            }
+            for &h in &p.host {
+                assert!(!std::mem::replace(&mut host_owner[h as usize], true), "paused host slot {h} owned twice");
+            }
         }
         assert_eq!(refs, self.refcount, "refcounts disagree with block tables");
         let mut free = vec![false; self.plan.kv_blocks];

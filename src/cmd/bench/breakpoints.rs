@@ -7,13 +7,23 @@
 //! verdict: pass when every session finished with the baseline's tokens and KV never exceeded
 //! its capacity.
 //!
+//! Per session, `results.json` lists its pauses, `swaps` (pauses during which its KV was swapped
+//! out, from the server's resume replies) and its finish time.
+//!
 //! Timings on this host: `pause_ms` from the request (or resume) to the pause notice;
 //! `resume_ms` from sending Resume to the next pause notice or the first token (the compute of
 //! the layers in between included), beside one decode step and the whole input pass run
 //! uninterrupted (`input_pass_ms`, the baseline's time to first token). Swap latencies and memory come from the server's
 //! `/metrics` (`--metrics HOST:PORT`): swap p50/p99 are the upper bounds of the histogram's
 //! buckets holding those quantiles; `paused_bytes_peak` is the largest
-//! `djinn_breakpoint_held_bytes` sampled every 20 ms.
+//! `djinn_breakpoint_held_bytes` sampled every 20 ms. Paused states are charged to the VMU in
+//! whole KV blocks (else in the host swap pool): `kv_used_bytes_peak` includes the blocks they
+//! were charged, so `kv_used_bytes_peak <= kv_capacity_bytes` is KV and paused state together
+//! within capacity; `paused_kv_charged_bytes_peak` / `paused_host_charged_bytes_peak` are the
+//! peaks of that charge (`djinn_vmu_region_used_bytes{region="paused"|"paused_host"}`);
+//! `breakpoint_parts` / `breakpoint_part_passes`
+//! count the batched parts the server ran and the passes they carried (their ratio,
+//! `mean_part_passes`, is how many sessions resumed together shared a part).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -58,6 +68,8 @@ type PauseTimes = (u32, f64, f64);
 #[derive(Default, Clone)]
 struct SessionResult {
     pauses: Vec<PauseTimes>,
+    /// Pauses during which the session's KV was swapped out (the server's resume replies).
+    swaps: u32,
     tokens: Vec<u32>,
     finish_ms: f64,
     error: Option<String>,
@@ -111,13 +123,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let before = scrape(&args.metrics)?;
     let stop = Arc::new(AtomicBool::new(false));
     let held_peak = Arc::new(AtomicU64::new(0));
+    // Peaks of the paused states' VMU charge: in KV blocks (inside kv_used) and in the host pool.
+    let charged_peak = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let sampler = {
         let (stop, peak, addr) = (stop.clone(), held_peak.clone(), args.metrics.clone());
+        let charged = charged_peak.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(m) = scrape(&addr) {
                     let v = sample(&m, "djinn_breakpoint_held_bytes").unwrap_or(0.0) as u64;
                     peak.fetch_max(v, Ordering::Relaxed);
+                    charged.0.fetch_max(region_used(&m, "paused") as u64, Ordering::Relaxed);
+                    charged.1.fetch_max(region_used(&m, "paused_host") as u64, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -153,6 +170,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let kv_peak = sample(&after, "djinn_kv_used_bytes_peak").unwrap_or(0.0);
     let swaps_out =
         sample(&after, "djinn_swap_out_total").unwrap_or(0.0) - sample(&before, "djinn_swap_out_total").unwrap_or(0.0);
+    let delta = |name: &str| sample(&after, name).unwrap_or(0.0) - sample(&before, name).unwrap_or(0.0);
+    let (parts, part_passes) = (delta("djinn_breakpoint_parts_total"), delta("djinn_breakpoint_part_passes_total"));
     let resume: Vec<f64> = results.iter().flat_map(|r| r.pauses.iter().map(|p| p.2)).collect();
     let pause: Vec<f64> = results.iter().flat_map(|r| r.pauses.iter().map(|p| p.1)).collect();
     let decode_step_ms = percentile(&step_ms, 0.5);
@@ -163,7 +182,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pass = completed == args.sessions && tokens_match && capacity_ok;
     let verdict = format!(
         "{}: {completed}/{} sessions completed, tokens {}, KV peak {:.1} of {:.1} MiB, {} swap-outs; resume p50 {:.1} ms \
-         (p99 {:.1}) vs one decode step {:.1} ms and the uninterrupted input pass {:.1} ms",
+         (p99 {:.1}) vs one decode step {:.1} ms and the uninterrupted input pass {:.1} ms; {} passes in {} batched \
+         parts",
         if pass { "PASS" } else { "FAIL" },
         args.sessions,
         if tokens_match { "match the uninterrupted runs" } else { "DIFFER from the uninterrupted runs" },
@@ -173,7 +193,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         percentile(&resume, 0.5),
         percentile(&resume, 0.99),
         decode_step_ms,
-        input_pass_ms
+        input_pass_ms,
+        part_passes,
+        parts
     );
     let q = |xs: &[f64]| serde_json::json!({"p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)});
     let json = serde_json::json!({
@@ -189,15 +211,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "kv_capacity_bytes": kv_capacity,
         "kv_used_bytes_peak": kv_peak,
         "paused_bytes_peak": held_peak.load(Ordering::Relaxed),
+        "paused_kv_charged_bytes_peak": charged_peak.0.load(Ordering::Relaxed),
+        "paused_host_charged_bytes_peak": charged_peak.1.load(Ordering::Relaxed),
         "swap_out_total": swaps_out,
+        "paused_swaps_total": results.iter().map(|r| r.swaps).sum::<u32>(),
         "swap_out_ms": hist_quantiles(&before, &after, "out"),
         "swap_in_ms": hist_quantiles(&before, &after, "in"),
         "pause_ms": q(&pause),
         "resume_ms": q(&resume),
         "decode_step_ms": decode_step_ms,
         "input_pass_ms": input_pass_ms,
+        "resume_p50_over_decode_step": percentile(&resume, 0.5) / decode_step_ms.max(f64::MIN_POSITIVE),
+        "breakpoint_parts": parts,
+        "breakpoint_part_passes": part_passes,
+        "mean_part_passes": if parts > 0.0 { part_passes / parts } else { 0.0 },
         "sessions": results.iter().map(|r| serde_json::json!({
             "pauses": r.pauses.iter().map(|p| serde_json::json!({"layer": p.0, "pause_ms": p.1, "resume_ms": p.2})).collect::<Vec<_>>(),
+            "swaps": r.swaps,
             "finish_ms": r.finish_ms,
             "error": r.error,
         })).collect::<Vec<_>>(),
@@ -223,6 +253,7 @@ fn one_session(
     t0: Instant,
 ) -> SessionResult {
     let mut r = SessionResult::default();
+    let swaps = std::cell::Cell::new(0u32);
     let run = || -> anyhow::Result<(Vec<PauseTimes>, Vec<u32>)> {
         let mut c = Client::connect(url)?;
         let s = c.open_session(&OpenOptions::new(model.to_owned()))?.session;
@@ -254,7 +285,8 @@ fn one_session(
                 c.read_hidden_f32(s)?;
                 std::thread::sleep(Duration::from_millis(hold_ms));
                 t.set(Instant::now());
-                c.resume(s)
+                swaps.set(c.resume_reply(s)?.swaps);
+                Ok(())
             },
         )?;
         c.close_session(s)?;
@@ -264,6 +296,7 @@ fn one_session(
         Ok((p, toks)) => (r.pauses, r.tokens) = (p, toks),
         Err(e) => r.error = Some(super::super::error_text(&e)),
     }
+    r.swaps = swaps.get();
     r.finish_ms = t0.elapsed().as_secs_f64() * 1e3;
     r
 }
@@ -289,6 +322,15 @@ fn scrape(addr: &str) -> anyhow::Result<String> {
 }
 
 /// Sum of the samples of metric `name` (any labels).
+/// `djinn_vmu_region_used_bytes` of `region`, summed over models.
+fn region_used(body: &str, region: &str) -> f64 {
+    let label = format!("region=\"{region}\"");
+    body.lines()
+        .filter(|l| l.starts_with("djinn_vmu_region_used_bytes{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn sample(body: &str, name: &str) -> Option<f64> {
     let vals: Vec<f64> = body
         .lines()

@@ -16,7 +16,7 @@
 //!   read, with the same operands.
 
 use djinn_backend::{Backend, SampleParams};
-use djinn_vmu::SessionId;
+use djinn_vmu::{Residency, SessionId};
 
 use super::Engine;
 use crate::error::{ModelError, PassError, Result};
@@ -28,6 +28,17 @@ pub(super) struct Pending {
     pub id: SessionId,
     pub start: usize,
     pub tokens: usize,
+}
+
+/// One session's share of a batched part of input passes ([`Engine::passes_to_layer`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PassSeq<'a> {
+    pub id: SessionId,
+    /// The pass's input tokens (the same at every part).
+    pub tokens: &'a [u32],
+    /// The state to resume from (`[tokens, hidden]` f32, after the part's `after` layers);
+    /// `None` for a pass's first part (`after = 0`).
+    pub hidden: Option<&'a [f32]>,
 }
 
 /// Where a part of a pass stops.
@@ -62,7 +73,24 @@ impl<B: Backend> Engine<B> {
         layer: usize,
         hidden: &mut Vec<f32>,
     ) -> Result<()> {
-        self.pass_part(id, tokens, from, Stop::Layer(layer, hidden), |_, _, _, _| Ok(()))
+        let seq = PassSeq { id, tokens, hidden: from.map(|f| f.1) };
+        self.passes_to_layer(&[seq], from.map_or(0, |f| f.0), layer, hidden)
+    }
+
+    /// [`Engine::pass_to_layer`] for several sessions' passes at once, in one batched part: every
+    /// one starts (`after = 0`, no hidden state) or resumes after the same `after` layers and
+    /// stops after `layer`; `hidden` receives their states one after the other, in `seqs` order.
+    /// Each row's result is the one its pass alone gives where the backend's kernels are batch
+    /// invariant (the CPU backend's are). Bad input changes nothing; a failure while running
+    /// rolls back every pass of the batch (all-or-nothing, as a step).
+    pub fn passes_to_layer(
+        &mut self,
+        seqs: &[PassSeq<'_>],
+        after: usize,
+        layer: usize,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.pass_part(seqs, after, Stop::Layer(layer, hidden), |_, _, _, _| Ok(()))
     }
 
     /// Finishes a pending pass from the hidden state after `from.0` layers and copies its
@@ -75,9 +103,8 @@ impl<B: Backend> Engine<B> {
         mode: LogitsMode,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        self.pass_part(id, tokens, Some(from), Stop::End(mode), |model, be, mem, st| {
-            model.read_logits(be, mem, st, out)
-        })
+        let seq = PassSeq { id, tokens, hidden: Some(from.1) };
+        self.pass_part(&[seq], from.0, Stop::End(mode), |model, be, mem, st| model.read_logits(be, mem, st, out))
     }
 
     /// Finishes a pending pass and samples the next token (`logits`, if given, receives the
@@ -91,46 +118,70 @@ impl<B: Backend> Engine<B> {
         logits: Option<&mut Vec<f32>>,
     ) -> Result<u32> {
         let mut out = Vec::with_capacity(1);
-        self.pass_part(id, tokens, Some(from), Stop::End(LogitsMode::Last), |model, be, mem, st| {
-            if let Some(l) = logits {
-                model.read_logits(be, mem, st, l)?;
-            }
-            model.sample(be, mem, st, &[params], &mut out)
-        })?;
+        let seq = PassSeq { id, tokens, hidden: Some(from.1) };
+        self.passes_finish_sample(&[seq], from.0, &[params], logits, &mut out)?;
         Ok(out[0])
     }
 
-    /// Rolls a pending pass back: the session is as it was before the pass.
+    /// Finishes several pending passes that stopped after the same `after` layers in one
+    /// batched part, and samples each one's next token (`params` per pass) into `out`;
+    /// `logits`, if given, receives each pass's last-position logits first (`[seqs × vocab]`).
+    /// The passes commit together; a failure rolls every one back.
+    pub fn passes_finish_sample(
+        &mut self,
+        seqs: &[PassSeq<'_>],
+        after: usize,
+        params: &[SampleParams],
+        logits: Option<&mut Vec<f32>>,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        if params.len() != seqs.len() {
+            return Err(ModelError::Batch(format!("{} sampling parameters for {} passes", params.len(), seqs.len())));
+        }
+        self.pass_part(seqs, after, Stop::End(LogitsMode::Last), |model, be, mem, st| {
+            if let Some(l) = logits {
+                model.read_logits(be, mem, st, l)?;
+            }
+            model.sample(be, mem, st, params, out)
+        })
+    }
+
+    /// Rolls a pending pass back: the session is as it was before the pass (its paused state's
+    /// charge released).
     pub fn cancel_pass(&mut self, id: SessionId) -> Result<()> {
         let i = self.pending.iter().position(|p| p.id == id).ok_or(PassError::NotPaused)?;
         let p = self.pending.swap_remove(i);
         self.vmu.truncate(id, p.start)?;
+        self.vmu.release_paused(id)?;
         Ok(())
     }
 
-    fn pass_part<R>(
-        &mut self,
-        id: SessionId,
-        toks: &[u32],
-        from: Option<(usize, &[f32])>,
-        stop: Stop<'_>,
-        then: impl FnOnce(&Model, &B, &StepMemory<'_, B>, &StepState) -> Result<R>,
-    ) -> Result<R> {
-        let layers = self.model.cfg.layers;
-        let h = self.model.cfg.hidden_size;
-        if let Stop::Layer(n, _) = stop {
-            let after = from.map_or(0, |f| f.0);
-            if n == 0 || n > layers || n <= after {
-                return Err(PassError::Layer { layer: n, layers, after }.into());
-            }
-        }
-        let pending = self.pending.iter().position(|p| p.id == id);
-        let start = match (from, pending) {
-            (None, Some(_)) => return Err(PassError::Paused.into()),
-            (Some(_), None) => return Err(PassError::NotPaused.into()),
-            (Some((after, hid)), Some(i)) => {
-                let p = self.pending[i];
-                if toks.len() != p.tokens || after == 0 || after > layers || hid.len() != toks.len() * h {
+    /// Charges `bytes` of paused state (a pass's hidden state while it is paused) to session
+    /// `id` in the VMU, replacing its previous charge: against the KV capacity in whole blocks
+    /// when `keep_free` blocks stay free (what the part producing it appends), else in the host
+    /// swap pool; moved to the host pool when
+    /// the session is swapped out. `VmuError::PausedNoRoom` when neither has room (nothing
+    /// changed: the caller waits).
+    pub fn hold_paused_state(&mut self, id: SessionId, bytes: usize, keep_free: usize) -> Result<Residency> {
+        Ok(self.vmu.hold_paused(id, bytes, keep_free)?)
+    }
+
+    /// Releases session `id`'s paused-state charge (none held: nothing).
+    pub fn release_paused_state(&mut self, id: SessionId) -> Result<()> {
+        Ok(self.vmu.release_paused(id)?)
+    }
+
+    /// Checks one pass of a part: its length before the pass (new passes are not pending yet).
+    fn check_seq(&self, seq: &PassSeq<'_>, after: usize) -> Result<usize> {
+        let (layers, h) = (self.model.cfg.layers, self.model.cfg.hidden_size);
+        let toks = seq.tokens;
+        match (seq.hidden, self.pending.iter().find(|p| p.id == seq.id)) {
+            (None, Some(_)) => Err(PassError::Paused.into()),
+            (Some(_), None) => Err(PassError::NotPaused.into()),
+            (None, None) if after > 0 => Err(PassError::NotPaused.into()),
+            (Some(_), Some(_)) if after == 0 => Err(PassError::Paused.into()),
+            (Some(hid), Some(p)) => {
+                if toks.len() != p.tokens || after > layers || hid.len() != toks.len() * h {
                     return Err(PassError::Shape {
                         values: hid.len(),
                         tokens: toks.len(),
@@ -139,10 +190,10 @@ impl<B: Backend> Engine<B> {
                     }
                     .into());
                 }
-                p.start
+                Ok(p.start)
             }
             (None, None) => {
-                let start = self.vmu.session_tokens(id)?;
+                let start = self.vmu.session_tokens(seq.id)?;
                 if toks.len() > self.max_step_tokens() {
                     return Err(PassError::TooManyTokens { tokens: toks.len(), max: self.max_step_tokens() }.into());
                 }
@@ -150,28 +201,86 @@ impl<B: Backend> Engine<B> {
                     return Err(ModelError::TooLong { tokens: start + toks.len(), max: self.max_context_tokens });
                 }
                 self.model.cfg.check_tokens(toks, start)?;
-                if self.pending.len() == self.pending.capacity() {
-                    return Err(PassError::Full { max: self.pending.capacity() }.into());
-                }
-                start
+                Ok(start)
             }
-        };
-        // Residency and room first, as in an ordinary step.
+        }
+    }
+
+    /// Rolls back the passes of `seqs` that are pending (a failed part: all-or-nothing).
+    fn roll_back_part(&mut self, seqs: &[PassSeq<'_>]) {
+        for seq in seqs {
+            if let Some(i) = self.pending.iter().position(|p| p.id == seq.id) {
+                let p = self.pending.swap_remove(i);
+                if let Err(e) = self.vmu.truncate(p.id, p.start) {
+                    panic!("rolling back the pass of session {:?} to {} tokens: {e}", p.id, p.start);
+                }
+            }
+        }
+    }
+
+    fn pass_part<R>(
+        &mut self,
+        seqs: &[PassSeq<'_>],
+        after: usize,
+        stop: Stop<'_>,
+        then: impl FnOnce(&Model, &B, &StepMemory<'_, B>, &StepState) -> Result<R>,
+    ) -> Result<R> {
+        let layers = self.model.cfg.layers;
+        if let Stop::Layer(n, _) = stop {
+            if n == 0 || n > layers || n <= after {
+                return Err(PassError::Layer { layer: n, layers, after }.into());
+            }
+        }
+        if seqs.is_empty() || seqs.len() > self.model.scratch.limits().max_seqs {
+            let max = self.model.scratch.limits().max_seqs;
+            return Err(ModelError::Batch(format!("{} passes in one part (1..={max} allowed)", seqs.len())));
+        }
+        // Bad input first, before the VMU changes anything.
+        self.starts.clear();
+        self.ids.clear();
+        let mut total = 0usize;
+        for (i, seq) in seqs.iter().enumerate() {
+            let start = self.check_seq(seq, after)?;
+            if seqs[..i].iter().any(|s| s.id == seq.id) {
+                return Err(ModelError::Batch(format!("session {:?} twice in one part", seq.id)));
+            }
+            total += seq.tokens.len();
+            self.starts.push(start);
+            self.ids.push(seq.id);
+        }
+        if total > self.max_step_tokens() {
+            return Err(ModelError::Batch(format!("{total} tokens exceed the step limit {}", self.max_step_tokens())));
+        }
+        let fresh = after == 0;
+        if fresh && self.pending.len() + seqs.len() > self.pending.capacity() {
+            return Err(PassError::Full { max: self.pending.capacity() }.into());
+        }
+        // Residency and room, as in an ordinary step.
         let bt = self.model.block_tokens();
-        let need = if from.is_none() { (start + toks.len()).div_ceil(bt) - start.div_ceil(bt) } else { 0 };
+        let need: usize = if fresh {
+            seqs.iter().zip(&self.starts).map(|(q, &s)| (s + q.tokens.len()).div_ceil(bt) - s.div_ceil(bt)).sum()
+        } else {
+            0
+        };
+        let ids = std::mem::take(&mut self.ids);
         let prepared =
-            self.vmu.ensure_resident(&[id]).map_err(ModelError::from).and_then(|()| self.free_blocks_for(need, &[id]));
+            self.vmu.ensure_resident(&ids).map_err(ModelError::from).and_then(|()| self.free_blocks_for(need, &ids));
+        self.ids = ids;
         if let Err(e) = prepared {
+            self.roll_back_part(seqs);
             self.vmu.end_step();
             return Err(e);
         }
-        if from.is_none() {
-            self.slots.clear();
-            if let Err(e) = self.vmu.append(id, toks.len(), &mut self.slots) {
-                self.vmu.end_step();
-                return Err(e.into());
+        if fresh {
+            for (i, seq) in seqs.iter().enumerate() {
+                self.slots.clear();
+                if let Err(e) = self.vmu.append(seq.id, seq.tokens.len(), &mut self.slots) {
+                    self.roll_back_part(seqs);
+                    self.vmu.end_step();
+                    return Err(e.into());
+                }
+                self.pending.push(Pending { id: seq.id, start: self.starts[i], tokens: seq.tokens.len() });
             }
-            self.pending.push(Pending { id, start, tokens: toks.len() });
         }
         let finishes = matches!(stop, Stop::End(_));
         let result = (|| {
@@ -179,7 +288,14 @@ impl<B: Backend> Engine<B> {
             let parts = self.vmu.step_parts();
             let scratch_base =
                 parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
-            let steps = [SeqStep { tokens: toks, start_pos: start, block_table: parts.tables.get(id)? }];
+            let mut steps = Vec::with_capacity(seqs.len());
+            for (i, seq) in seqs.iter().enumerate() {
+                steps.push(SeqStep {
+                    tokens: seq.tokens,
+                    start_pos: self.starts[i],
+                    block_table: parts.tables.get(seq.id)?,
+                });
+            }
             let mem = StepMemory {
                 stream: parts.backend.default_stream(),
                 weights: parts.region,
@@ -193,8 +309,20 @@ impl<B: Backend> Engine<B> {
                 Stop::End(mode) => mode,
                 Stop::Layer(..) => LogitsMode::Last,
             };
-            let mut st = model.begin_at(be, &mem, &steps, mode, from.map_or(0, |f| f.0))?;
-            if let Some((_, hid)) = from {
+            let mut st = model.begin_at(be, &mem, &steps, mode, after)?;
+            if !fresh {
+                // The states side by side, as the step's rows are.
+                let mut all;
+                let hid = match seqs {
+                    [one] => one.hidden.unwrap_or_default(),
+                    _ => {
+                        all = Vec::with_capacity(total * model.cfg.hidden_size);
+                        for seq in seqs {
+                            all.extend_from_slice(seq.hidden.unwrap_or_default());
+                        }
+                        &all[..]
+                    }
+                };
                 model.write_hidden(be, &mem, &mut st, hid)?;
             }
             match stop {
@@ -213,15 +341,11 @@ impl<B: Backend> Engine<B> {
             }
             then(model, be, &mem, &st)
         })();
-        if result.is_err() || finishes {
-            // Failure rolls the whole pass back; the end of the pass commits it.
-            let i = self.pending.iter().position(|p| p.id == id).expect("the pass is pending");
-            self.pending.swap_remove(i);
-            if result.is_err() {
-                if let Err(e) = self.vmu.truncate(id, start) {
-                    panic!("rolling back the pass of session {id:?} to {start} tokens: {e}");
-                }
-            }
+        if result.is_err() {
+            self.roll_back_part(seqs);
+        } else if finishes {
+            // The end of the pass commits it.
+            self.pending.retain(|p| !seqs.iter().any(|s| s.id == p.id));
         }
         self.vmu.end_step();
         result
@@ -370,6 +494,104 @@ mod tests {
         let mut got = Vec::new();
         eng.prefill(id, &PROMPT, false, &mut got).unwrap();
         assert_eq!(decode(&mut eng, id, &got, 5).0, want);
+    }
+
+    /// Passes of several sessions (different lengths, some with earlier context) run as one
+    /// batched part per layer give each session's hidden states, logits and tokens of its pass
+    /// run alone, bit for bit; a bad member refuses the batch without changing any pass.
+    #[test]
+    fn batched_parts_are_bit_identical_to_single_passes() {
+        let feeds: [(&[u32], &[u32]); 3] = [(&PROMPT[..3], &PROMPT[3..]), (&[], &PROMPT[..5]), (&PROMPT[..1], &[42])];
+        let mut alone = engine();
+        let layers = alone.config().layers;
+        let (mut want_hid, mut want_tok, mut want_lg) = (Vec::new(), Vec::new(), Vec::new());
+        for (pre, feed) in feeds {
+            let id = alone.open_session().unwrap();
+            if !pre.is_empty() {
+                alone.prefill(id, pre, false, &mut Vec::new()).unwrap();
+            }
+            let mut hid = Vec::new();
+            alone.pass_to_layer(id, feed, None, 1, &mut hid).unwrap();
+            let mut per = vec![hid.clone()];
+            for n in 2..=layers {
+                let prev = std::mem::take(&mut hid);
+                alone.pass_to_layer(id, feed, Some((n - 1, &prev)), n, &mut hid).unwrap();
+                per.push(hid.clone());
+            }
+            let mut lg = Vec::new();
+            want_tok.push(alone.pass_finish_sample(id, feed, (layers, &hid), GREEDY, Some(&mut lg)).unwrap());
+            want_hid.push(per);
+            want_lg.push(lg);
+        }
+
+        let mut eng = engine();
+        let h = eng.config().hidden_size;
+        let ids: Vec<SessionId> = feeds
+            .iter()
+            .map(|(pre, _)| {
+                let id = eng.open_session().unwrap();
+                if !pre.is_empty() {
+                    eng.prefill(id, pre, false, &mut Vec::new()).unwrap();
+                }
+                id
+            })
+            .collect();
+        let mut hid = Vec::new();
+        let seqs: Vec<PassSeq> =
+            ids.iter().zip(feeds).map(|(&id, (_, feed))| PassSeq { id, tokens: feed, hidden: None }).collect();
+        eng.passes_to_layer(&seqs, 0, 1, &mut hid).unwrap();
+        for n in 1..=layers {
+            let mut row = 0;
+            for (i, (_, feed)) in feeds.iter().enumerate() {
+                let mine = &hid[row * h..(row + feed.len()) * h];
+                assert_eq!(bits(mine), bits(&want_hid[i][n - 1]), "session {i} after layer {n}");
+                row += feed.len();
+            }
+            if n == layers {
+                break;
+            }
+            let prev = std::mem::take(&mut hid);
+            let mut row = 0;
+            let seqs: Vec<PassSeq> = ids
+                .iter()
+                .zip(feeds)
+                .map(|(&id, (_, feed))| {
+                    let s = PassSeq { id, tokens: feed, hidden: Some(&prev[row * h..(row + feed.len()) * h]) };
+                    row += feed.len();
+                    s
+                })
+                .collect();
+            if n == 1 {
+                // A member with a state of the wrong shape refuses the whole part; nothing changes.
+                let mut bad = seqs.clone();
+                bad[1].hidden = Some(&prev[..h]);
+                assert!(matches!(
+                    eng.passes_to_layer(&bad, 1, 2, &mut Vec::new()),
+                    Err(ModelError::Pass(PassError::Shape { .. }))
+                ));
+                assert!(ids.iter().all(|&id| eng.pass_start(id).is_some()));
+            }
+            eng.passes_to_layer(&seqs, n, n + 1, &mut hid).unwrap();
+        }
+        let mut row = 0;
+        let seqs: Vec<PassSeq> = ids
+            .iter()
+            .zip(feeds)
+            .map(|(&id, (_, feed))| {
+                let s = PassSeq { id, tokens: feed, hidden: Some(&hid[row * h..(row + feed.len()) * h]) };
+                row += feed.len();
+                s
+            })
+            .collect();
+        let (mut toks, mut lg) = (Vec::new(), Vec::new());
+        eng.passes_finish_sample(&seqs, layers, &[GREEDY; 3], Some(&mut lg), &mut toks).unwrap();
+        assert_eq!(toks, want_tok);
+        assert_eq!(bits(&lg), bits(&want_lg.concat()));
+        for (&id, (pre, feed)) in ids.iter().zip(feeds) {
+            assert_eq!(eng.session_tokens(id).unwrap(), pre.len() + feed.len());
+            assert_eq!(eng.pass_start(id), None);
+        }
+        eng.vmu().check_invariants();
     }
 
     /// A pass that finishes with a sampled token commits like a step: the session grows by the

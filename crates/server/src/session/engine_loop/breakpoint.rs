@@ -1,22 +1,35 @@
 //! Breakpoints in the engine loop: a decode whose request carries breakpoint layers feeds its
-//! input in one pass that runs alone, part by part (`Engine::pass_to_layer`), outside the
+//! input in one pass that runs part by part (`Engine::passes_to_layer`), outside the decode
 //! batches; at each breakpoint the session pauses and its client is told (`SessionPaused`).
-//! While paused, the client reads the hidden state (f32 or the model's dtype), writes a
-//! replacement of the same shape, and resumes; `SessionCancel` — or the pause's lease
-//! (`breakpoint_lease_ms`) running out — ends the request `Cancelled` and rolls the pass back.
+//! Passes at the same point (resuming after the same layer, stopping at the same next one) run
+//! their part as one batched pass, as decode rows are batched (one pass over the layers for
+//! all of them, the weights read once; `breakpoint_part_passes_max` bounds it). While paused,
+//! the client reads the hidden state (f32 or the model's dtype), writes a replacement of the
+//! same shape, and resumes; `SessionCancel` — or the pause's lease (`breakpoint_lease_ms`)
+//! running out — ends the request `Cancelled` and rolls the pass back; the loop's wait wakes at
+//! the first lease's deadline.
 //!
 //! Invariants:
 //! - The paused pass is the engine's transaction: committed when the last part samples the first
 //!   token, rolled back (`Engine::cancel_pass`, in `end_work`) otherwise, so the session is as
-//!   before the request.
+//!   before the request. Batching changes neither the bits (the CPU kernels are batch invariant,
+//!   attention is per sequence) nor the transactions: a batched part that fails is retried pass
+//!   by pass, so one pass's bad input or failure ends only its own request.
 //! - A paused session holds no pinned device memory: its KV is swappable like an idle session's
-//!   (the VMU's LRU victim policy); its hidden state is host memory here, counted in
-//!   `djinn_breakpoint_held_bytes` (not in the VMU's KV capacity).
+//!   (the VMU's LRU victim policy). Its hidden state (`[tokens, hidden]` f32, kept here) is
+//!   charged to the VMU (`Engine::hold_paused_state`) before the part that produces it runs:
+//!   against the KV capacity in whole blocks, else in the host swap pool, moving there when the
+//!   session is swapped out; so KV and paused state together never exceed the capacity. With no
+//!   room in either (or none left for the part's KV beside it), a new pass waits before its
+//!   first part (running, not paused) until another pause or session ends; a paused pass's next
+//!   state replaces its charge (same size: it never waits). The charge is released when its
+//!   last part starts, or when the pass is rolled back. `djinn_breakpoint_held_bytes` counts the bytes themselves.
 //! - The state's rows are the tokens the pass feeds: the decode's input, preceded by the
 //!   session's one pending token when an earlier prefill left one.
 //! - A session whose KV came from a patched state is marked not `recomputable`.
 
-use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote};
+use djinn_model::{PassSeq, Residency};
+use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, ResumeReply};
 
 use super::*;
 
@@ -32,12 +45,22 @@ pub(super) struct BreakState {
     /// Set while paused: the client has not resumed yet.
     paused_since: Option<Instant>,
     patched: bool,
+    /// Pauses of this pass during which its KV was swapped out to host memory.
+    swaps: u32,
 }
+
+/// Where a running pass is: the layer its next part resumes after (0: not started) and the
+/// layer it stops at next (`None`: the end). Passes at one point run as one batched part.
+type Point = (u32, Option<u32>);
 
 impl BreakState {
     /// Whether the engine holds a pending pass for it (to roll back when the request ends).
     pub(super) fn started(&self) -> bool {
         self.at.is_some()
+    }
+
+    fn point(&self) -> Point {
+        (self.at.unwrap_or(0) as u32, self.layers.get(self.next).copied())
     }
 }
 
@@ -83,14 +106,17 @@ impl<B: Backend> EngineLoop<B> {
             hidden: Vec::new(),
             paused_since: None,
             patched: false,
+            swaps: 0,
         })))
     }
 
     /// Runs one part of every running (not paused) breakpoint pass of model `m`, and ends the
-    /// pauses whose lease ran out. Returns whether anything changed.
+    /// pauses whose lease ran out. Passes at the same point (resuming after the same layer and
+    /// stopping at the same next one, or finishing) run as one batched part, within the step's
+    /// token budget and the KV memory that fits now. Returns whether anything changed.
     pub(super) fn step_breakpoints(&mut self, m: usize) -> bool {
         let now = Instant::now();
-        let mut run = Vec::new();
+        let mut run: Vec<(Point, u64)> = Vec::new();
         let mut expired = Vec::new();
         for &id in &self.order {
             let s = &self.sessions[&id];
@@ -100,7 +126,7 @@ impl<B: Backend> EngineLoop<B> {
                     Some(t) if now.duration_since(t) >= self.pause_lease => expired.push(id),
                     Some(_) => {}
                     None if d.ans.conn.out.is_full() => {}
-                    None => run.push(id),
+                    None => run.push((b.point(), id)),
                 },
                 _ => {}
             }
@@ -111,76 +137,209 @@ impl<B: Backend> EngineLoop<B> {
             let msg = "the pause's lease (breakpoint_lease_ms) ran out; the request was rolled back";
             self.end_work(id, Err((Status::Cancelled, msg)), FinishWire::Cancelled);
         }
-        for id in run {
-            progressed |= self.run_part(m, id);
+        // Arrival order within each point (a stable sort keeps `order`'s).
+        run.sort_by_key(|&(p, _)| p);
+        let mut batch = Vec::new();
+        let mut rest = Vec::new();
+        for group in run.chunk_by(|a, b| a.0 == b.0) {
+            // Every pass of the point gets its part this iteration, in as few parts as fit.
+            rest.clear();
+            rest.extend(group.iter().map(|&(_, id)| id));
+            while !rest.is_empty() {
+                batch.clear();
+                self.form_part(m, &rest, &mut batch);
+                if batch.is_empty() {
+                    break; // none fits now: they wait, as a step's sessions would
+                }
+                progressed |= self.run_parts(m, group[0].0, &batch);
+                rest.retain(|id| !batch.contains(id));
+            }
         }
         progressed
     }
 
-    /// Runs session `id`'s pass to its next breakpoint (pausing there) or to its end; waits (runs
-    /// nothing) while its KV does not fit, as a batched step's session would.
-    fn run_part(&mut self, m: usize, id: u64) -> bool {
-        let lm = &mut self.models[m];
-        let s = self.sessions.get_mut(&id).expect("listed sessions exist");
-        let Work::Decode(d) = &mut s.work else { return false };
-        let b = d.brk.as_mut().expect("listed with breakpoints");
-        let toks = &s.tokens[s.kv..];
-        // The first part grows the session by the input; later ones only need it resident.
-        let grow = if b.at.is_none() { toks.len() } else { 0 };
-        if !lm.engine.batch_fits(&[(s.vs, grow)]) {
+    /// The sessions of `ids` (at one point) that one batched part takes, in order: within the
+    /// step's token budget, `breakpoint_part_passes_max` and the KV memory that fits now; the
+    /// rest wait for a later part.
+    fn form_part(&self, m: usize, ids: &[u64], into: &mut Vec<u64>) {
+        let eng = &self.models[m].engine;
+        let seats = eng.model().scratch.limits().max_seqs.min(self.part_passes_max);
+        let budget = eng.max_step_tokens();
+        let (mut tokens, mut fits) = (0usize, Vec::new());
+        for &id in ids {
+            let Some(s) = self.sessions.get(&id) else { continue };
+            let Work::Decode(d) = &s.work else { continue };
+            let Some(b) = d.brk.as_deref() else { continue };
+            let feed = s.tokens.len() - s.kv;
+            if tokens + feed > budget || into.len() == seats {
+                break;
+            }
+            // The first part grows the session by the input; later ones only need it resident.
+            fits.push((s.vs, if b.at.is_none() { feed } else { 0 }));
+            if !eng.batch_fits(&fits) {
+                fits.pop();
+                continue;
+            }
+            tokens += feed;
+            into.push(id);
+        }
+    }
+
+    /// Runs one batched part of the passes of `ids` (all at `point`): to their next breakpoint
+    /// (each pauses there) or to their end (each samples its first token). A refused or failed
+    /// part of several passes is retried pass by pass where the pass survived (bad input changes
+    /// nothing; a failure while running rolls every pass of the part back), so one bad pass
+    /// fails alone.
+    fn run_parts(&mut self, m: usize, point: Point, ids: &[u64]) -> bool {
+        let ids = &self.charge_states(m, point, ids)[..];
+        if ids.is_empty() {
             return false;
         }
-        let from = b.at.map(|l| (l, b.hidden.as_slice()));
-        if b.next < b.layers.len() {
-            let layer = b.layers[b.next] as usize;
-            let mut out = Vec::with_capacity(toks.len() * lm.engine.config().hidden_size);
-            match lm.engine.pass_to_layer(s.vs, toks, from, layer, &mut out) {
-                Ok(()) => {
-                    b.hidden = out;
-                    b.at = Some(layer);
+        let lm = &mut self.models[m];
+        let (h, layers) = (lm.engine.config().hidden_size, lm.engine.config().layers);
+        let mut seqs = Vec::with_capacity(ids.len());
+        let mut params = Vec::with_capacity(ids.len());
+        let mut want_logits = false;
+        for id in ids {
+            let s = &self.sessions[id];
+            let Work::Decode(d) = &s.work else { unreachable!("formed from decodes") };
+            let b = d.brk.as_deref().expect("formed from breakpoint passes");
+            let hidden = b.at.map(|_| b.hidden.as_slice());
+            seqs.push(PassSeq { id: s.vs, tokens: &s.tokens[s.kv..], hidden });
+            params.push(SampleParams { step: 0, ..d.params });
+            want_logits |= d.logits != LogitsWire::None;
+        }
+        let (after, stop) = point;
+        let mut hidden = Vec::new();
+        let mut sampled = Vec::new();
+        let mut logits = Vec::new();
+        let ran = match stop {
+            Some(layer) => lm.engine.passes_to_layer(&seqs, after as usize, layer as usize, &mut hidden),
+            None => {
+                let want = want_logits.then_some(&mut logits);
+                lm.engine.passes_finish_sample(&seqs, after as usize, &params, want, &mut sampled)
+            }
+        };
+        drop(seqs);
+        if ran.is_ok() {
+            self.metrics.breakpoint_parts_total.inc();
+            self.metrics.breakpoint_part_passes_total.inc_by(ids.len() as u64);
+        }
+        if let Err(e) = ran {
+            if ids.len() == 1 {
+                self.fail_part(m, ids[0], &e);
+                return true;
+            }
+            tracing::debug!(error = %e, passes = ids.len(), "batched breakpoint part refused or failed: retrying pass by pass");
+            for &id in ids {
+                let vs = self.sessions[&id].vs;
+                let fresh = point.0 == 0;
+                if fresh || self.models[m].engine.pass_start(vs).is_some() {
+                    self.run_parts(m, point, &[id]);
+                } else {
+                    self.fail_part(m, id, &e);
+                }
+            }
+            return true;
+        }
+        let vocab = self.models[m].engine.config().vocab_size;
+        let dtype = model_dtype(self.models[m].engine.model().weights.dtype);
+        let lease_ms = self.pause_lease.as_millis().min(u32::MAX as u128) as u32;
+        let mut row = 0usize;
+        for (i, &id) in ids.iter().enumerate() {
+            let s = self.sessions.get_mut(&id).expect("formed from sessions");
+            let Work::Decode(d) = &mut s.work else { unreachable!("formed from decodes") };
+            let b = d.brk.as_mut().expect("formed from breakpoint passes");
+            let feed = s.tokens.len() - s.kv;
+            match stop {
+                Some(layer) => {
+                    b.hidden.clear();
+                    b.hidden.extend_from_slice(&hidden[row * h..(row + feed) * h]);
+                    row += feed;
+                    b.at = Some(layer as usize);
                     b.next += 1;
                     b.paused_since = Some(Instant::now());
                     let note = PausedNote {
                         session: id,
-                        layer: layer as u32,
-                        layers: lm.engine.config().layers as u32,
-                        tokens: toks.len() as u32,
-                        hidden: lm.engine.config().hidden_size as u32,
-                        model_dtype: model_dtype(lm.engine.model().weights.dtype),
-                        lease_ms: self.pause_lease.as_millis().min(u32::MAX as u128) as u32,
+                        layer,
+                        layers: layers as u32,
+                        tokens: feed as u32,
+                        hidden: h as u32,
+                        model_dtype: dtype,
+                        lease_ms,
                     };
                     d.ans.send(Opcode::SessionPaused, Status::Ok, &note.to_meta(), &[]);
                 }
-                Err(e) => self.fail_part(id, &e),
-            }
-            return true;
-        }
-        let (after, hidden) = (b.at.unwrap_or(0), std::mem::take(&mut b.hidden));
-        let patched = b.patched;
-        let params = SampleParams { step: 0, ..d.params };
-        let mut logits = Vec::new();
-        let want = (d.logits != LogitsWire::None).then_some(&mut logits);
-        match lm.engine.pass_finish_sample(s.vs, toks, (after, &hidden), params, want) {
-            Ok(t) => {
-                s.kv = s.tokens.len();
-                d.brk = None;
-                if patched {
-                    s.recomputable = false;
+                None => {
+                    s.kv = s.tokens.len();
+                    if b.patched {
+                        s.recomputable = false;
+                    }
+                    d.brk = None;
+                    let row = (!logits.is_empty()).then(|| &logits[i * vocab..(i + 1) * vocab]);
+                    self.on_token(m, id, sampled[i], row);
                 }
-                let row = (!logits.is_empty()).then_some(&logits[..]);
-                self.on_token(m, id, t, row);
             }
-            Err(e) => self.fail_part(id, &e),
         }
         true
     }
 
-    /// A part of a pass failed: the engine rolled the pass back; the request ends with the error.
-    fn fail_part(&mut self, id: u64, e: &ModelError) {
+    /// Charges the states the part of `ids` will leave paused (at `point`'s stop) to the VMU, or
+    /// releases their charge when the part ends the passes; returns the passes that may run:
+    /// a new pass with no room for its state, or whose charge leaves the part's KV no room
+    /// (`batch_fits` again, the charge counted), waits for a later part, uncharged.
+    fn charge_states(&mut self, m: usize, point: Point, ids: &[u64]) -> Vec<u64> {
+        let h = self.models[m].engine.config().hidden_size;
+        let bt = self.models[m].engine.model().block_tokens();
+        // Blocks the part may append into: every pass's whole KV (a swapped one comes back).
+        let keep: usize = ids.iter().filter_map(|id| self.sessions.get(id)).map(|s| s.tokens.len().div_ceil(bt)).sum();
+        let (mut run, mut fits) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
+        for &id in ids {
+            let s = &self.sessions[&id];
+            let (vs, feed) = (s.vs, s.tokens.len() - s.kv);
+            let fresh = matches!(&s.work, Work::Decode(d) if d.brk.as_ref().is_some_and(|b| !b.started()));
+            let eng = &mut self.models[m].engine;
+            let charged = match point.1 {
+                Some(_) => eng.hold_paused_state(vs, feed * h * 4, keep).map(drop),
+                None => eng.release_paused_state(vs),
+            };
+            match charged {
+                Ok(()) => {
+                    // The first part grows the session by the input; later ones only need it
+                    // resident (and already fitted with the same charge).
+                    fits.push((vs, if fresh { feed } else { 0 }));
+                    if fresh && !eng.batch_fits(&fits) {
+                        fits.pop();
+                        if let Err(e) = eng.release_paused_state(vs) {
+                            self.fail_part(m, id, &e);
+                        }
+                        continue;
+                    }
+                    run.push(id);
+                }
+                Err(ModelError::Vmu(VmuError::PausedNoRoom { .. })) => {
+                    tracing::debug!(session = id, "no room for the paused state: the pass waits");
+                }
+                Err(e) => self.fail_part(m, id, &e),
+            }
+        }
+        run
+    }
+
+    /// A part of a pass failed: the request ends with the error, and the pass is rolled back
+    /// (by the engine already when the part ran, in `end_work` when it was refused).
+    fn fail_part(&mut self, m: usize, id: u64, e: &ModelError) {
         tracing::warn!(session = id, error = %e, "breakpoint pass failed");
+        if let Some(s) = self.sessions.get(&id) {
+            // A pass rolled back holds no state (a no-op when the rollback released it already).
+            let _ = self.models[m].engine.release_paused_state(s.vs);
+        }
+        let pending = self.sessions.get(&id).is_some_and(|s| self.models[m].engine.pass_start(s.vs).is_some());
         if let Some(Work::Decode(d)) = self.sessions.get_mut(&id).map(|s| &mut s.work) {
             if let Some(b) = d.brk.as_mut() {
-                b.at = None; // already rolled back by the engine
+                if !pending {
+                    b.at = None;
+                }
             }
         }
         self.end_work(id, Err((model_status(e), &e.to_string())), FinishWire::Cancelled);
@@ -297,12 +456,28 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     pub(super) fn resume(&mut self, ans: Answer, tenant: &TenantId, id: u64) -> Result<(), (Answer, Refusal)> {
-        match self.paused(tenant, id, &ans.conn) {
-            Ok((_, b)) => b.paused_since = None,
+        let m = match self.paused(tenant, id, &ans.conn) {
+            Ok((m, _)) => m,
             Err(e) => return Err((ans, e)),
-        }
-        ans.ok(&[], &[]);
+        };
+        // Only the pass's own next part swaps its KV back in: swapped now = swapped this pause.
+        let vs = self.sessions[&id].vs;
+        let swapped = self.models[m].engine.vmu().residency(vs).is_ok_and(|r| r == Residency::Swapped);
+        let Ok((_, b)) = self.paused(tenant, id, &ans.conn) else { unreachable!("looked up above") };
+        b.paused_since = None;
+        b.swaps += u32::from(swapped);
+        ans.ok(&ResumeReply { swaps: b.swaps }.to_meta(), &[]);
         Ok(())
+    }
+
+    /// When the first pause's lease runs out: the loop's park wakes then, so a pause ends at
+    /// its deadline, not at the next wake-up.
+    pub(super) fn pause_deadline(&self) -> Option<Instant> {
+        let paused = self.sessions.values().filter_map(|s| match &s.work {
+            Work::Decode(d) => d.brk.as_deref().and_then(|b| b.paused_since),
+            _ => None,
+        });
+        paused.min().map(|t| t + self.pause_lease)
     }
 
     /// The breakpoint gauges: sessions paused, and the hidden-state bytes they hold.

@@ -103,6 +103,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     lease: Duration,
     /// How long a session may stay paused at a breakpoint (`breakpoint_lease_ms`).
     pause_lease: Duration,
+    /// Breakpoint passes one batched part runs at most (`breakpoint_part_passes_max`).
+    part_passes_max: usize,
     frame_bytes_max: u64,
     metrics: Metrics,
     ids_key: std::collections::hash_map::RandomState,
@@ -162,6 +164,7 @@ impl<B: Backend> EngineLoop<B> {
             paused: 0,
             lease: Duration::from_secs(cfg.session_lease_s),
             pause_lease: Duration::from_millis(cfg.breakpoint_lease_ms),
+            part_passes_max: cfg.breakpoint_part_passes_max,
             frame_bytes_max: cfg.frame_bytes_max,
             metrics,
             ids_key: std::collections::hash_map::RandomState::new(),
@@ -244,15 +247,15 @@ impl<B: Backend> EngineLoop<B> {
         q.drain_deadline
     }
 
-    /// The next time the loop must look without a wake-up: a lease ends, or a paused
-    /// connection counts as stalled.
+    /// The next time the loop must look without a wake-up: a lease ends, a paused
+    /// connection counts as stalled, or a breakpoint's pause runs out.
     fn next_deadline(&self) -> Option<Instant> {
         let lease = self.sessions.values().filter_map(|s| s.detached_at.map(|t| t + self.lease));
         let stall = self.sessions.values().filter_map(|s| match &s.work {
             Work::Decode(d) => d.ans.conn.out.stall_deadline(),
             _ => None,
         });
-        lease.chain(stall).min()
+        lease.chain(stall).chain(self.pause_deadline()).min()
     }
 
     /// Tokens the whole KV capacity of model `m` holds (every block, one sequence).
