@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{connect, metric, model_server, run_trials, status_of, Transport};
+use common::{connect, metric, model_server, run_trials, status_of, ServerProc, Transport};
 use djinn_client::{DecodeOptions, Feed, FinishReason, OpenOptions};
 use djinn_model::testing::{reference_root, Breakpoints, BREAKPOINT_MODEL};
 use djinn_proto::{HiddenDType, Meta, Opcode, PrefillInput, SessionPrefillReq, SessionReq, Status};
@@ -286,6 +286,23 @@ fn debug_cli_remote(t: Transport) {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// Runs `bench breakpoints` against `srv` (20 ms holds), asserts it exited 0, and returns its
+/// output folder and parsed results.json.
+fn run_bench_breakpoints(srv: &ServerProc, name: &str, sessions: u32, break_at: &str) -> (std::path::PathBuf, serde_json::Value) {
+    let out_dir = std::env::temp_dir().join(common::unique_name(name));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL])
+        .args(["--sessions", &sessions.to_string(), "--break-at", break_at, "--hold-ms", "20"])
+        .args(["--metrics", srv.metrics.as_deref().unwrap()])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    (out_dir, r)
+}
+
 /// `bench breakpoints` at a small scale: 8 sessions paused at once with KV for 2 of them, so
 /// paused sessions are swapped; every one must finish with its uninterrupted tokens (exit 0).
 fn bench_breakpoints_passes(t: Transport) {
@@ -293,16 +310,7 @@ fn bench_breakpoints_passes(t: Transport) {
     let args =
         ["--dtype", "f32", "--kv-capacity-mb", "0.0625", "--host-swap-mb", "1", "--metrics-listen", "127.0.0.1:0"];
     let srv = model_server(t, MODEL, &dir, &args);
-    let out_dir = std::env::temp_dir().join(common::unique_name("bench-brk"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
-        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL, "--sessions", "8"])
-        .args(["--break-at", "1,2,4", "--hold-ms", "20", "--metrics", srv.metrics.as_deref().unwrap()])
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    let (out_dir, r) = run_bench_breakpoints(&srv, "bench-brk", 8, "1,2,4");
     assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(8), Some(true)));
     // KV and the paused states charged in KV blocks together within capacity; under this
     // pressure states are charged in the host swap pool too.
@@ -332,16 +340,7 @@ fn paused_state_waits_for_room(t: Transport) {
     // 16 KiB blocks (4 layers × K/V × 2 heads × 16 dims × f32 × 16 tokens): 6 on the device, 1 host.
     let args = ["--dtype", "f32", "--kv-capacity-mb", "0.09375", "--host-swap-mb", "0.015625"];
     let srv = model_server(t, MODEL, &dir, &[&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat());
-    let out_dir = std::env::temp_dir().join(common::unique_name("bench-brk-wait"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
-        .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL, "--sessions", "4"])
-        .args(["--break-at", "1,3", "--hold-ms", "20", "--metrics", srv.metrics.as_deref().unwrap()])
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    let (out_dir, r) = run_bench_breakpoints(&srv, "bench-brk-wait", 4, "1,3");
     assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(4), Some(true)), "{r}");
     assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
     assert!(r["paused_kv_charged_bytes_peak"].as_f64().unwrap() > 0.0, "{r}");
