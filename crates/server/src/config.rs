@@ -243,6 +243,15 @@ crate::settings! {
     /// to megabytes): bounds what a client that stops reading holds in the kernel, so its stream
     /// backs up into its own outbound queue and its session pauses soon.
     http_api_sndbuf_bytes: usize = 64 << 10, value = "BYTES";
+    /// Milliseconds an Exec waits for a free lane (`exec_streams`) when every one is running
+    /// another Exec; then it is answered `Busy`, so a connection never waits on others' work
+    /// without limit.
+    exec_lane_wait_ms: u64 = 2_000;
+    /// Bytes one connection's client may leave unread — its outbound queue plus what the
+    /// transport holds (the shm ring's fill, the tcp send queue) — before its sessions pause as
+    /// at `conn_outbound_frames_max`: bounds the work a client that asks for full logits and
+    /// stops reading gets (its large frames fit in the transport, so its frame count never rises).
+    conn_outbound_bytes_max: u64 = 2 << 20, value = "BYTES";
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -390,6 +399,8 @@ impl ServerConfig {
             ("conn_stall_timeout_ms", self.conn_stall_timeout_ms),
             ("exec_streams", self.exec_streams as u64),
             ("breakpoint_lease_ms", self.breakpoint_lease_ms),
+            ("exec_lane_wait_ms", self.exec_lane_wait_ms),
+            ("conn_outbound_bytes_max", self.conn_outbound_bytes_max),
         ];
         for (name, v) in positive {
             if v == 0 {

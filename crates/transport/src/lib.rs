@@ -17,7 +17,7 @@ pub mod tcp;
 
 pub use conn::{
     ByteCounters, Connection, ConnectionClose, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead, SpinGate,
-    TransportError, TransportOptions, WaitMode,
+    TransportError, TransportOptions, UnreadProbe, WaitMode,
 };
 pub use recommended::{connect, listen};
 

@@ -24,6 +24,7 @@ mod config;
 mod error;
 mod metrics;
 mod scratch;
+mod victims;
 mod vmu;
 mod weights;
 
