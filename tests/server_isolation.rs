@@ -464,8 +464,9 @@ struct Chaos {
     /// Victim tokens/s ÷ solo tokens/s (median over runs) that must be reached; 0 = report only.
     ratio_min: f64,
     // Diagnostics: DJINN_CHAOS_ATTACKERS (bit mask: 1 stop-readers, 2 mid-request disconnects,
-    // 4 garbage, 8 oversize headers + idle connections; default all) and DJINN_CHAOS_LOG (print
-    // the server's warnings).
+    // 4 garbage, 8 oversize headers + idle connections; default all), DJINN_CHAOS_LOG (print
+    // the server's warnings) and DJINN_CHAOS_SERVER_ARGS (more server flags, space-separated,
+    // for A/B runs of a setting).
 }
 
 impl Chaos {
@@ -663,6 +664,8 @@ fn chaos_run(t: Transport, c: &Chaos, tokens: &Path) -> (f64, Duration, u64) {
     if t == Transport::Shm {
         args.extend(["--listen", "tcp://127.0.0.1:0"]);
     }
+    let extra = std::env::var("DJINN_CHAOS_SERVER_ARGS").unwrap_or_default();
+    args.extend(extra.split_whitespace());
     let srv = common::ServerProc::start(&args);
     let victim_url = srv.urls[0].clone();
     let tcp_url = srv.urls.iter().find(|u| u.starts_with("tcp://")).unwrap().clone();
