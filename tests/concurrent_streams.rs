@@ -143,7 +143,8 @@ fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
 /// server `Store` on `be` with its Exec lanes; returns each round's output.
 fn exec_rounds<B: Backend>(be: Arc<B>) -> R<Vec<Vec<f32>>> {
     let cfg = ServerConfig::default();
-    let lanes = ExecLanes::new(&be, 2).map_err(|e| failed("lanes", e))?;
+    let lanes = ExecLanes::new(&be, 2, std::time::Duration::from_millis(cfg.exec_lane_wait_ms))
+        .map_err(|e| failed("lanes", e))?;
     let store = Store::new(be.clone(), lanes, Quotas::new(&cfg), 1 << 30, Metrics::new("test"));
     let tenant = TenantId::Named("t".into());
     let inputs = [

@@ -138,7 +138,17 @@ fn stalled_reader_pauses_only_itself(t: Transport) {
         t,
         MODEL,
         &model_dir(),
-        &["--conn-outbound-frames-max", "4", "--conn-stall-timeout-ms", "3000", "--metrics-listen", "127.0.0.1:0"],
+        &[
+            "--conn-outbound-frames-max",
+            "4",
+            // This body pins the frame mark (the byte mark has its own test below).
+            "--conn-outbound-bytes-max",
+            "1000000000000",
+            "--conn-stall-timeout-ms",
+            "3000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
     let metrics = srv.metrics.clone().unwrap();
     let (stalled, stalled_sessions) = stalled_client(srv.url(), "tok-alice");
@@ -285,6 +295,131 @@ fn tiny_temperature_is_greedy(t: Transport) {
     assert_eq!(ids, reference_greedy(&p, 12));
 }
 
+/// Sessions of the full-logits client below: 4 × 55 frames stay under a shm ring's 256 slots,
+/// so its frame count never reaches `--conn-outbound-frames-max` on shm.
+const LOGITS_SESSIONS: usize = 4;
+
+/// A client that asks for full logits on every step and never reads a byte: its frames fit in the
+/// transport (the shm ring, the kernel's socket buffers), so only the byte mark
+/// (`--conn-outbound-bytes-max`, counting what the transport holds unread) pauses it. Its sessions
+/// pause (counted) with fewer frames queued than the frame mark, and a victim beside it keeps its
+/// solo rate (same server, measured just before).
+fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
+    let srv = server(
+        t,
+        &[
+            "--dtype",
+            "f32",
+            "--model",
+            &model_flag(),
+            "--conn-outbound-bytes-max",
+            "8192",
+            "--conn-stall-timeout-ms",
+            "60000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = srv.metrics.clone().unwrap();
+    let p = prompt(3, 6);
+    let want = reference_greedy(&p, 40);
+    let victim = |url: &str| {
+        // The tiny model decodes 40 tokens in a few ms: many runs, so one preemption of the
+        // test process on a loaded machine does not decide the median.
+        let mut tps = Vec::new();
+        for _ in 0..11 {
+            let (ids, r) = victim_once_as(url, "", &p, 40).unwrap();
+            assert_eq!(ids, want, "a victim's tokens");
+            tps.push(r);
+        }
+        median(&mut tps)
+    };
+    let solo = victim(srv.url());
+    let mut c = common::connect(srv.url());
+    for i in 0..LOGITS_SESSIONS {
+        let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+        c.prefill(s, Input::Ids(&prompt(20 + i as u32, 4))).unwrap();
+        c.submit(Opcode::SessionDecode, &decode_req(s, 55, LogitsWire::Full).to_meta(), &[]).unwrap();
+    }
+    wait_for("the full-logits client's sessions pause", Duration::from_secs(20), || {
+        metric_of(&metrics, "djinn_sessions_paused_backpressure") >= 1.0
+    });
+    let frames = metric_of(&metrics, "djinn_conn_outbound_frames");
+    assert!(frames < 64.0, "paused by the byte mark, not the frame mark ({frames} frames queued)");
+    let beside = victim(srv.url());
+    eprintln!("{}: victim tokens/s solo {solo:.0}, beside a paused full-logits client {beside:.0}", t.name());
+    assert!(beside >= 0.5 * solo, "victim at {beside:.0} tokens/s beside the paused client, {solo:.0} solo");
+    // Still paused: the engine did not go on computing for it.
+    assert!(metric_of(&metrics, "djinn_sessions_paused_backpressure") >= 1.0, "the client's sessions resumed unread");
+    drop(c);
+}
+
+/// With one Exec lane and a short `--exec-lane-wait-ms`, concurrent long Execs: those that find
+/// the lane taken past the wait are answered `Busy` (naming the settings) promptly, the others
+/// succeed, and every connection serves its next Exec.
+fn exec_waits_for_a_lane_with_a_deadline(t: Transport) {
+    use djinn_proto::{ExecInput, ExecNode, ExecOp, ExecReq, Status};
+    const N: usize = 384;
+    const CLIENTS: usize = 3;
+    let srv = server(t, &["--exec-streams", "1", "--exec-lane-wait-ms", "20"]);
+    // A chain of matmuls, long enough (tens of ms or more) to hold the lane past the wait.
+    let chain = |a: u64| ExecReq {
+        nodes: (0..8)
+            .map(|i| {
+                let x = if i == 0 { ExecInput::Handle(a) } else { ExecInput::Node(i - 1) };
+                ExecNode::new(ExecOp::MatMul, &[x, ExecInput::Handle(a)])
+            })
+            .collect(),
+        outputs: vec![7],
+    };
+    let a_vals: Vec<f32> = (0..N * N).map(|i| ((i % 7) as f32 - 3.0) * 1e-2).collect();
+    let mut busy = 0;
+    for _round in 0..5 {
+        let barrier = Arc::new(std::sync::Barrier::new(CLIENTS));
+        let threads: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (url, barrier, a_vals) = (srv.url().to_owned(), barrier.clone(), a_vals.clone());
+                std::thread::spawn(move || {
+                    let mut c = common::connect(&url);
+                    let a = c.put_f32(&[N as u64, N as u64], &a_vals).unwrap();
+                    let req = chain(a);
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let r = c.exec(&req);
+                    let took = t0.elapsed();
+                    let busy = match r {
+                        Ok(out) => {
+                            assert_eq!(out.len(), 1);
+                            false
+                        }
+                        Err(e) => {
+                            assert_eq!(e.status(), Some(Status::Busy), "{e}");
+                            assert!(e.to_string().contains("exec_streams"), "{e}");
+                            assert!(took < Duration::from_secs(10), "a Busy answer took {took:?}");
+                            true
+                        }
+                    };
+                    // The connection serves its next Exec once the lane is free.
+                    let mut again = c.exec(&req);
+                    for _ in 0..50 {
+                        match &again {
+                            Err(e) if e.status() == Some(Status::Busy) => again = c.exec(&req),
+                            _ => break,
+                        }
+                    }
+                    again.expect("an Exec after a Busy answer");
+                    busy
+                })
+            })
+            .collect();
+        busy += threads.into_iter().map(|t| t.join().unwrap() as usize).sum::<usize>();
+        if busy > 0 {
+            break;
+        }
+    }
+    assert!(busy > 0, "with one lane and a 20 ms wait, some of {CLIENTS} concurrent long Execs must be answered Busy");
+}
+
 // ---- chaos ---------------------------------------------------------------------------------------
 
 /// The chaos run's knobs, from the environment (CI runs the short default; the README figure
@@ -299,8 +434,9 @@ struct Chaos {
     /// Victim tokens/s ÷ solo tokens/s (median over runs) that must be reached; 0 = report only.
     ratio_min: f64,
     // Diagnostics: DJINN_CHAOS_ATTACKERS (bit mask: 1 stop-readers, 2 mid-request disconnects,
-    // 4 garbage, 8 oversize headers + idle connections; default all) and DJINN_CHAOS_LOG (print
-    // the server's warnings).
+    // 4 garbage, 8 oversize headers + idle connections; default all), DJINN_CHAOS_LOG (print
+    // the server's warnings) and DJINN_CHAOS_SERVER_ARGS (more server flags, space-separated,
+    // for A/B runs of a setting).
 }
 
 impl Chaos {
@@ -318,7 +454,12 @@ impl Chaos {
 
 /// One victim decode on a fresh session: its tokens and tokens/s (decode request to final frame).
 fn victim_once(url: &str, p: &[u32], n: u32) -> djinn_client::Result<(Vec<u32>, f64)> {
-    let mut v = connect(url, "tok-alice");
+    victim_once_as(url, "tok-alice", p, n)
+}
+
+/// [`victim_once`] with `token` ("": anonymous).
+fn victim_once_as(url: &str, token: &str, p: &[u32], n: u32) -> djinn_client::Result<(Vec<u32>, f64)> {
+    let mut v = if token.is_empty() { Client::connect(url)? } else { connect(url, token) };
     let s = v.open_session(&OpenOptions::new(MODEL))?.session;
     v.prefill(s, Input::Ids(p))?;
     let t0 = Instant::now();
@@ -493,6 +634,8 @@ fn chaos_run(t: Transport, c: &Chaos, tokens: &Path) -> (f64, Duration, u64) {
     if t == Transport::Shm {
         args.extend(["--listen", "tcp://127.0.0.1:0"]);
     }
+    let extra = std::env::var("DJINN_CHAOS_SERVER_ARGS").unwrap_or_default();
+    args.extend(extra.split_whitespace());
     let srv = common::ServerProc::start(&args);
     let victim_url = srv.urls[0].clone();
     let tcp_url = srv.urls.iter().find(|u| u.starts_with("tcp://")).unwrap().clone();
@@ -587,6 +730,8 @@ fn main() {
         ("lease_follows_every_attachment", None, lease_follows_every_attachment),
         ("tiny_temperature_is_greedy", None, tiny_temperature_is_greedy),
         ("only_what_cannot_fit_is_refused", None, only_what_cannot_fit_is_refused),
+        ("full_logits_reader_that_stops_is_paused_by_bytes", None, full_logits_reader_that_stops_is_paused_by_bytes),
+        ("exec_waits_for_a_lane_with_a_deadline", None, exec_waits_for_a_lane_with_a_deadline),
         ("chaos", None, chaos),
     ])
 }

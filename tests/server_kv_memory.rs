@@ -5,6 +5,8 @@
 //!   bit) of a server that never ran short;
 //! - sessions decoding at once, needing three times the KV there is with a one-block host pool,
 //!   all finish with the tokens of a solo run (preempting sessions that have work);
+//! - a one-shot `Logits` request goes through the same admission and preemption, and is refused
+//!   only when it cannot fit in the whole capacity;
 //! - the default host swap pool is sized from host memory, and a server under a low
 //!   `RLIMIT_MEMLOCK` (no `CAP_IPC_LOCK`) starts anyway, locking what the limit allows.
 
@@ -138,6 +140,37 @@ fn concurrent_decodes_all_finish_exactly(t: Transport) {
     assert!(metric(&body, "djinn_sessions_preempted_total").unwrap() >= 1.0, "no preemption");
 }
 
+/// A one-shot `Logits` request when every block is held by an idle session the one-block host
+/// pool cannot take: it preempts that session (as a session's step would) instead of failing,
+/// with the logits of a server that never ran short; the preempted session continues exactly. A
+/// request larger than the whole capacity is refused `OutOfMemory`, naming both numbers.
+fn logits_request_preempts_instead_of_failing(t: Transport) {
+    let run = |url: &str| -> (Vec<u32>, Decoded, Decoded) {
+        let mut c = connect(url);
+        let a = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+        c.prefill(a, Input::Ids(&prompt(1, 20))).unwrap();
+        let first = decode_full(&mut c, a, 20); // a: 40 tokens, 3 blocks: all of the KV
+        let (rows, vocab, logits) = c.logits(MODEL, &prompt(5, 30)).expect("a Logits request that fits the capacity");
+        assert_eq!((rows, vocab), (30, VOCAB));
+        let after = decode_full(&mut c, a, 8); // a rebuilt from its tokens
+        (logits.iter().map(|f| f.to_bits()).collect(), first, after)
+    };
+    let reference = server(t, &["--model", &model_flag()]);
+    let want = run(reference.url());
+    let tight = tight_server(t, 3);
+    let got = run(tight.url());
+    assert!(got.0 == want.0, "Logits bits differ from a server that never ran short");
+    assert_eq!((got.1 .0, got.2 .0), (want.1 .0, want.2 .0), "the preempted session's tokens");
+    assert!(got.2 .1 == want.2 .1, "the preempted session's logits bits");
+    let (_, body) = http_get(tight.metrics.as_deref().unwrap(), "/metrics");
+    assert!(metric(&body, "djinn_sessions_preempted_total").unwrap() >= 1.0, "no preemption");
+    // 50 ids fit the model's 64 positions but not the 48 tokens of KV there are.
+    let mut c = connect(tight.url());
+    let e = c.logits(MODEL, &prompt(6, 50)).expect_err("50 tokens cannot fit in 48 tokens of KV");
+    assert_eq!(e.status(), Some(djinn_proto::Status::OutOfMemory), "{e}");
+    assert!(e.to_string().contains("50") && e.to_string().contains("48"), "{e}");
+}
+
 /// Without `--host-swap-mb` the pool is a share of the host's memory (not of the KV capacity),
 /// and a low `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK` neither stops the server nor fails it later:
 /// it locks what the limit allows, says so, and serves.
@@ -199,5 +232,6 @@ fn main() {
         ("preempted_session_continues_exactly", None, preempted_session_continues_exactly),
         ("concurrent_decodes_all_finish_exactly", None, concurrent_decodes_all_finish_exactly),
         ("host_swap_default_under_a_low_memlock_limit", None, host_swap_default_under_a_low_memlock_limit),
+        ("logits_request_preempts_instead_of_failing", None, logits_request_preempts_instead_of_failing),
     ]);
 }

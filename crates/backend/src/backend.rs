@@ -226,6 +226,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Page-locked host memory.
     fn alloc_host(&self, bytes: usize) -> Result<Self::Host>;
     fn new_stream(&self) -> Result<Self::Stream>;
+    /// A stream for copies, events and waits only (the VMU's swap stream): on CUDA it has no
+    /// workspace or cuBLAS handle, so it costs no device memory beyond the stream; a compute op
+    /// issued on it is refused (`Unsupported`). Backends whose streams keep no state return a
+    /// plain stream.
+    fn new_copy_stream(&self) -> Result<Self::Stream> {
+        self.new_stream()
+    }
     /// The handle's own stream: [`Backend::write`] and [`Backend::read`] are ordered on it.
     fn default_stream(&self) -> &Self::Stream;
 

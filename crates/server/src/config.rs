@@ -253,6 +253,15 @@ crate::settings! {
     /// Breakpoint passes one batched part runs at most (passes at the same layer run together;
     /// 1 runs each alone, the unbatched baseline `bench breakpoints` compares against).
     breakpoint_part_passes_max: usize = 64;
+    /// Milliseconds an Exec waits for a free lane (`exec_streams`) when every one is running
+    /// another Exec; then it is answered `Busy`, so a connection never waits on others' work
+    /// without limit.
+    exec_lane_wait_ms: u64 = 2_000;
+    /// Bytes one connection's client may leave unread — its outbound queue plus what the
+    /// transport holds (the shm ring's fill, the tcp send queue) — before its sessions pause as
+    /// at `conn_outbound_frames_max`: bounds the work a client that asks for full logits and
+    /// stops reading gets (its large frames fit in the transport, so its frame count never rises).
+    conn_outbound_bytes_max: u64 = 2 << 20, value = "BYTES";
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
@@ -401,6 +410,8 @@ impl ServerConfig {
             ("exec_streams", self.exec_streams as u64),
             ("breakpoint_lease_ms", self.breakpoint_lease_ms),
             ("breakpoint_part_passes_max", self.breakpoint_part_passes_max as u64),
+            ("exec_lane_wait_ms", self.exec_lane_wait_ms),
+            ("conn_outbound_bytes_max", self.conn_outbound_bytes_max),
         ];
         for (name, v) in positive {
             if v == 0 {

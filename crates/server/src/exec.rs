@@ -816,7 +816,7 @@ pub fn exec<B: Backend>(
         for d in &descs {
             outs.push(Tensor { desc: *d, region: store.alloc(d)? });
         }
-        let lane = store.exec_lane();
+        let lane = store.exec_lane().map_err(|e| ExecError { status: Status::Busy, message: e.to_string() })?;
         let backend = &*lane;
         // Dropped only after the stream is synchronised: the device may still read them.
         let mut temps: Vec<B::Region> = Vec::new();

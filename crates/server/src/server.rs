@@ -148,7 +148,9 @@ impl<B: Backend> Server<B> {
             }
         }
         let quotas = Quotas::new(&cfg);
-        let lanes = crate::lanes::ExecLanes::new(&backend, cfg.exec_streams).map_err(ServerError::Backend)?;
+        let lanes =
+            crate::lanes::ExecLanes::new(&backend, cfg.exec_streams, Duration::from_millis(cfg.exec_lane_wait_ms))
+                .map_err(ServerError::Backend)?;
         let store = Store::new(backend.clone(), lanes, quotas.clone(), cfg.tensor_bytes_max, metrics.clone());
         let timeouts = Timeouts {
             handshake: Duration::from_millis(cfg.handshake_timeout_ms),

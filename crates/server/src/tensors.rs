@@ -24,7 +24,7 @@ use djinn_backend::Backend;
 use djinn_proto::{DType as WireDType, Status, TensorDesc};
 
 use crate::auth::TenantId;
-use crate::lanes::{ExecLanes, Lane};
+use crate::lanes::{ExecLanes, Lane, LanesBusy};
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
 
@@ -193,8 +193,9 @@ impl<B: Backend> Store<B> {
         &self.backend
     }
 
-    /// A backend handle of its own for one Exec request, held until dropped (see [`ExecLanes`]).
-    pub fn exec_lane(&self) -> Lane<'_, B> {
+    /// A backend handle of its own for one Exec request, held until dropped (see [`ExecLanes`]);
+    /// refused when every lane stays taken for the pool's bounded wait.
+    pub fn exec_lane(&self) -> Result<Lane<'_, B>, LanesBusy> {
         self.lanes.take()
     }
 

@@ -84,6 +84,14 @@ pub trait FrameTx: Send {
     fn closer(&self) -> Option<ConnectionClose> {
         None
     }
+
+    /// A reading of how many bytes this half has handed to the transport that the peer has not
+    /// read yet (shm: the ring's unconsumed data; tcp: the socket's send queue), callable from
+    /// any thread while a `send` blocks. Lets a sender bound what a client that stops reading
+    /// holds, where the bytes actually wait. `None`: the transport cannot tell.
+    fn unread_probe(&self) -> Option<UnreadProbe> {
+        None
+    }
 }
 
 /// Device memory exported as a dma-buf: the range starts `offset` bytes into the export.
@@ -92,6 +100,9 @@ pub struct DmaBufDst<'a> {
     pub offset: u64,
     pub len: usize,
 }
+
+/// See [`FrameTx::unread_probe`]; reads 0 once the connection is gone.
+pub type UnreadProbe = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The receiving half of a connection.
 pub trait FrameRx: Send {

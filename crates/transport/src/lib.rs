@@ -18,7 +18,7 @@ pub mod tcp;
 
 pub use conn::{
     ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
-    SpinGate, TransportError, TransportOptions, WaitMode,
+    SpinGate, TransportError, TransportOptions, UnreadProbe, WaitMode,
 };
 pub use recommended::{connect, listen};
 

@@ -25,6 +25,7 @@ mod error;
 mod metrics;
 mod paused;
 mod scratch;
+mod victims;
 mod vmu;
 mod weights;
 

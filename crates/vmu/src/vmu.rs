@@ -33,6 +33,7 @@ use crate::error::VmuError;
 use crate::metrics::VmuMetrics;
 use crate::paused::PausedHold;
 use crate::scratch::ScratchArena;
+use crate::victims;
 use crate::weights::{self, PersistentLease, Shared, WeightsLease};
 
 /// A session handle: slot index plus generation, so a stale id never names a reused slot.
@@ -217,7 +218,7 @@ impl<B: Backend> Vmu<B> {
         let metrics = VmuMetrics::new(registry)?;
         let region = backend.reserve(plan.total_bytes)?;
         let host = Box::new(backend.alloc_host((plan.host_swap_blocks * plan.block_bytes).max(1))?);
-        let swap_stream = backend.new_stream()?;
+        let swap_stream = backend.new_copy_stream()?;
         let persistent = weights::new_shared(
             plan.weights_offset,
             plan.weights_bytes,
@@ -722,35 +723,21 @@ impl<B: Backend> Vmu<B> {
     /// Whether [`Self::make_room`] could make `need` device blocks free without swapping out a
     /// session `keep` names: a dry run of the one victim policy (lowest `evict_rank`, then least
     /// recently used first, whole sessions, each only if it fits in what is left of the host
-    /// pool). Changes nothing.
+    /// pool). Changes nothing; O(sessions log sessions) plus the blocks of the sessions reached.
     pub fn room_possible(&self, need: usize, keep: impl Fn(SessionId) -> bool) -> bool {
-        let (mut free, mut host) = (self.free_blocks.len(), self.host_free.len());
-        // Candidates in make_room's order: ((evict_rank, last_used), index) ascending. The host pool only
-        // shrinks, so a session too large for it now stays too large: one pass suffices.
-        let mut after: Option<((u8, u64), usize)> = None;
-        while free < need {
-            let mut next: Option<((u8, u64), usize)> = None;
-            for (i, m) in self.sessions.iter().enumerate() {
-                if !m.open || m.swapped || m.blocks == 0 || m.pinned_epoch == self.epoch || keep(self.id_of(i)) {
-                    continue;
-                }
-                let key = ((m.evict_rank, m.last_used), i);
-                if after.is_some_and(|a| key <= a) || next.is_some_and(|n| n <= key) {
-                    continue;
-                }
-                next = Some(key);
-            }
-            let Some((_, v)) = next else { return false };
-            after = next;
-            let m = &self.sessions[v];
-            let row = self.row(v);
-            let unshared = self.tables[row..row + m.blocks].iter().filter(|&&b| self.refcount[b as usize] == 1).count();
-            if m.blocks <= host && unshared > 0 {
-                host -= m.blocks;
-                free += unshared;
-            }
+        if self.free_blocks.len() >= need {
+            return true;
         }
-        true
+        let cands = (self.sessions.iter().enumerate())
+            .filter(|&(i, m)| {
+                m.open && !m.swapped && m.blocks > 0 && m.pinned_epoch != self.epoch && !keep(self.id_of(i))
+            })
+            .map(|(i, m)| victims::Candidate { key: ((m.evict_rank, m.last_used), i), blocks: m.blocks })
+            .collect();
+        victims::room_possible(self.free_blocks.len(), self.host_free.len(), need, cands, |i| {
+            let row = self.row(i);
+            self.tables[row..row + self.sessions[i].blocks].iter().filter(|&&b| self.refcount[b as usize] == 1).count()
+        })
     }
 
     /// Frees device blocks until `need` are free, swapping out sessions that are resident,

@@ -207,10 +207,11 @@ impl Drop for Blas {
     }
 }
 
-/// A CUDA stream with its cuBLAS handle, workspace ([`Scratch`]) and error word.
+/// A CUDA stream with its cuBLAS handle, workspace ([`Scratch`]) and error word. A copy-only
+/// stream ([`Backend::new_copy_stream`]) has no scratch: copies, events and waits only.
 pub struct Stream {
     // Field order is drop order: the cuBLAS handle (in `scratch`) goes before the stream.
-    scratch: Mutex<Scratch>,
+    scratch: Mutex<Option<Scratch>>,
     err: Arc<ErrWord>,
     stream: Arc<CudaStream>,
 }
@@ -223,14 +224,33 @@ impl Stream {
     /// The stream's scratch, held exclusively until the guard drops (see [`Scratch`]). A stream
     /// belongs to one thread at a time: finding it borrowed means two threads share a handle,
     /// which is refused (the module docs say why) instead of serialised.
-    pub(crate) fn scratch(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, Scratch>> {
-        match self.scratch.try_lock() {
-            Ok(g) => Ok(g),
+    pub(crate) fn scratch(&self, op: &'static str) -> Result<ScratchGuard<'_>> {
+        let g = match self.scratch.try_lock() {
+            Ok(g) => g,
             // A panic inside an op left no launch half-issued that matters: the next op on the
             // stream runs after whatever was issued, in stream order.
-            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => Err(BackendError::StreamShared { op }),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(BackendError::StreamShared { op }),
+        };
+        if g.is_none() {
+            return Err(BackendError::Unsupported {
+                op,
+                why: "a copy-only stream (new_copy_stream) has no workspace or cuBLAS handle; launch compute on a \
+                      stream from new_stream or a handle's default stream"
+                    .into(),
+            });
         }
+        Ok(ScratchGuard(g))
+    }
+}
+
+/// A stream's [`Scratch`], borrowed exclusively (see [`Stream::scratch`]); never empty.
+pub(crate) struct ScratchGuard<'a>(std::sync::MutexGuard<'a, Option<Scratch>>);
+
+impl std::ops::Deref for ScratchGuard<'_> {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        self.0.as_ref().expect("Stream::scratch checked the stream has scratch")
     }
 }
 
@@ -283,7 +303,7 @@ impl CudaBackend {
             .map_err(driver_err("multiprocessor count"))? as u32;
         let name = ctx.name().map_err(driver_err("device name"))?;
         let kernels = kernels::Kernels::load(&ctx, kernels, arch)?;
-        let default = Self::make_stream(&ctx)?;
+        let default = Self::make_stream(&ctx, true)?;
         tracing::info!(ordinal, %name, arch, sm_count, "cuda backend ready");
         let dev = Arc::new(Device { ctx, kernels, name, arch, sm_count, attn_counters: Default::default() });
         Ok(CudaBackend { default, dev })
@@ -330,8 +350,13 @@ impl CudaBackend {
         Ok(Region { ptr, len: bytes, ctx: ctx.clone() })
     }
 
-    fn make_stream(ctx: &Arc<CudaContext>) -> Result<Stream> {
+    /// A stream with its scratch (`compute`: cuBLAS handle and workspace) or without (copies).
+    fn make_stream(ctx: &Arc<CudaContext>, compute: bool) -> Result<Stream> {
         let stream = ctx.new_stream().map_err(driver_err("cuStreamCreate"))?;
+        let err = Arc::new(ErrWord::new(ctx)?);
+        if !compute {
+            return Ok(Stream { scratch: Mutex::new(None), err, stream });
+        }
         let handle = cudarc::cublas::result::create_handle()
             .map_err(|e| BackendError::Driver { op: "cublasCreate", msg: e.to_string() })?;
         let blas = Blas(handle);
@@ -339,8 +364,7 @@ impl CudaBackend {
         unsafe { cudarc::cublas::result::set_stream(blas.0, stream.cu_stream() as _) }
             .map_err(|e| BackendError::Driver { op: "cublasSetStream", msg: e.to_string() })?;
         let workspace = Self::alloc(ctx, ATTN_WORKSPACE_BYTES)?;
-        let err = Arc::new(ErrWord::new(ctx)?);
-        Ok(Stream { scratch: Mutex::new(Scratch { blas, workspace }), err, stream })
+        Ok(Stream { scratch: Mutex::new(Some(Scratch { blas, workspace })), err, stream })
     }
 
     fn check_range(op: &'static str, region: &Region, offset: usize, bytes: usize) -> Result<()> {
@@ -362,7 +386,7 @@ impl Backend for CudaBackend {
     }
 
     fn handle(self: &Arc<Self>) -> Result<Arc<Self>> {
-        Ok(Arc::new(CudaBackend { default: Self::make_stream(&self.dev.ctx)?, dev: self.dev.clone() }))
+        Ok(Arc::new(CudaBackend { default: Self::make_stream(&self.dev.ctx, true)?, dev: self.dev.clone() }))
     }
 
     fn info(&self) -> DeviceInfo {
@@ -394,7 +418,11 @@ impl Backend for CudaBackend {
     }
 
     fn new_stream(&self) -> Result<Stream> {
-        Self::make_stream(&self.dev.ctx)
+        Self::make_stream(&self.dev.ctx, true)
+    }
+
+    fn new_copy_stream(&self) -> Result<Stream> {
+        Self::make_stream(&self.dev.ctx, false)
     }
 
     fn default_stream(&self) -> &Stream {

@@ -301,6 +301,7 @@ impl SessionService {
             stopped_cv: Condvar::new(),
             outbound: outbound::OutboundLimits {
                 frames_max: cfg.conn_outbound_frames_max,
+                bytes_max: cfg.conn_outbound_bytes_max,
                 // Every in-flight job may add its last token frame and its final frame at once.
                 frames_cap: cfg.conn_outbound_frames_max + 2 * cfg.max_inflight_per_conn,
                 stall: std::time::Duration::from_millis(cfg.conn_stall_timeout_ms),
@@ -321,13 +322,16 @@ impl SessionService {
 
     /// The session side of a new connection (its replies go through `tx`).
     pub fn link(self: &Arc<Self>, id: u64, tx: ReplyTx, inflight: Arc<AtomicUsize>) -> Arc<ConnLink> {
-        let closer = tx.lock().unwrap_or_else(|p| p.into_inner()).closer();
+        let (closer, probe) = {
+            let t = tx.lock().unwrap_or_else(|p| p.into_inner());
+            (t.closer(), t.unread_probe())
+        };
         Arc::new(ConnLink {
             id,
             sink: Sink::Writer(tx),
             alive: AtomicBool::new(true),
             inflight,
-            out: outbound::Outbound::new(self.outbound.clone()),
+            out: outbound::Outbound::new(self.outbound.clone(), probe),
             closer,
             svc: Arc::downgrade(self),
         })
@@ -346,7 +350,7 @@ impl SessionService {
             sink: Sink::Pull(wake.clone()),
             alive: AtomicBool::new(true),
             inflight,
-            out: outbound::Outbound::new(self.outbound.clone()),
+            out: outbound::Outbound::new(self.outbound.clone(), None),
             closer: Some(wake),
             svc: Arc::downgrade(self),
         })

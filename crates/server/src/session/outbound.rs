@@ -5,8 +5,13 @@
 //! reading blocks only its writer.
 //!
 //! Invariants:
-//! - The queue is bounded. `frames_max` is the backpressure mark: while a connection holds that
-//!   many frames its sessions are not stepped ([`Outbound::is_full`]). A step adds at most one
+//! - The queue is bounded. Two backpressure marks: `frames_max` frames queued, or `bytes_max`
+//!   bytes its client has not read — counted where they wait: this queue, the frame the writer is
+//!   sending, and what the transport still holds unread ([`djinn_transport::FrameTx::unread_probe`]:
+//!   the shm ring's fill, the tcp send queue). While a connection is past either mark its sessions
+//!   are not stepped ([`Outbound::is_full`]); the byte mark is what stops a client that asks for
+//!   full logits and stops reading, whose large frames fit in the transport's buffers so its
+//!   frame count never rises. A step adds at most one
 //!   token frame per decode and one final frame per job, and a connection has at most
 //!   `max_inflight_per_conn` jobs, so the queue never holds more than `frames_max + 2 ×
 //!   max_inflight_per_conn` frames; a push past that hard bound is refused (the caller closes
@@ -19,13 +24,16 @@
 //!   waker and the front takes frames with [`Outbound::pop`] from its own event loop, with the
 //!   same bounds, pause and stall rules.
 //! - `djinn_conn_outbound_frames` counts the frames queued over all connections.
+//! - Nothing wakes the engine when a client reads from the transport, so while a connection is
+//!   past the byte mark its [`Outbound::stall_deadline`] asks the loop to look again within
+//!   [`BYTES_POLL`].
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use djinn_proto::FrameHeader;
-use djinn_transport::OutFrame;
+use djinn_proto::{FrameHeader, HEADER_LEN};
+use djinn_transport::{OutFrame, UnreadProbe};
 use prometheus::IntGauge;
 
 use super::ConnLink;
@@ -35,6 +43,8 @@ use super::ConnLink;
 pub struct OutboundLimits {
     /// Frames at which the connection's sessions pause (`conn_outbound_frames_max`).
     pub frames_max: usize,
+    /// Unread bytes at which the connection's sessions pause (`conn_outbound_bytes_max`).
+    pub bytes_max: u64,
     /// Frames the queue holds at most (`frames_max` plus the answers of every in-flight job).
     pub frames_cap: usize,
     /// A full queue that sends nothing this long closes the connection (`conn_stall_timeout_ms`).
@@ -43,6 +53,10 @@ pub struct OutboundLimits {
     pub gauge: IntGauge,
 }
 
+/// How soon the engine looks again at a connection paused by the byte mark (its client's reads
+/// are not signalled).
+pub const BYTES_POLL: Duration = Duration::from_millis(2);
+
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushError {
@@ -50,6 +64,12 @@ pub enum PushError {
     Full,
     /// The connection is closed or its writer could not start.
     Closed,
+}
+
+#[derive(Clone, Copy)]
+enum Mark {
+    Frames,
+    Bytes,
 }
 
 /// One queued frame (a pull link reads it, then gives it back with [`Outbound::recycle`]).
@@ -64,8 +84,18 @@ struct State {
     spare: Vec<Frame>,
     writer_started: bool,
     closed: bool,
-    /// When the writer last sent a frame, or the queue last became non-empty.
+    /// When the writer last sent a frame, the queue last became non-empty, or the client was
+    /// last seen reading (its unread bytes fell).
     progress: Instant,
+    /// Bytes of the frames in `queue`, and of the frame the writer is sending.
+    queued_bytes: u64,
+    sending_bytes: u64,
+    /// Unread bytes at the last look (a fall is progress).
+    unread_last: u64,
+    /// The transport's unread bytes at `held_at` (read at most once per [`BYTES_POLL`]: the
+    /// engine asks several times a step, and on tcp each reading is a system call).
+    held: u64,
+    held_at: Option<Instant>,
 }
 
 /// One connection's queue (see the module docs).
@@ -73,10 +103,16 @@ pub struct Outbound {
     st: Mutex<State>,
     cv: Condvar,
     limits: OutboundLimits,
+    /// What the transport holds unread; `None`: only this queue counts.
+    probe: Option<UnreadProbe>,
+}
+
+fn frame_bytes(f: &Frame) -> u64 {
+    (HEADER_LEN + f.meta.len() + f.data.len()) as u64
 }
 
 impl Outbound {
-    pub fn new(limits: OutboundLimits) -> Outbound {
+    pub fn new(limits: OutboundLimits, probe: Option<UnreadProbe>) -> Outbound {
         Outbound {
             st: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -84,9 +120,15 @@ impl Outbound {
                 writer_started: false,
                 closed: false,
                 progress: Instant::now(),
+                queued_bytes: 0,
+                sending_bytes: 0,
+                unread_last: 0,
+                held: 0,
+                held_at: None,
             }),
             cv: Condvar::new(),
             limits,
+            probe,
         }
     }
 
@@ -99,21 +141,60 @@ impl Outbound {
         self.lock().queue.len()
     }
 
-    /// Whether the connection's sessions must pause (the backpressure mark is reached).
+    /// Bytes the client has not read: queued, being sent, and held by the transport.
+    pub fn unread_bytes(&self) -> u64 {
+        self.unread(&mut self.lock())
+    }
+
+    fn unread(&self, st: &mut State) -> u64 {
+        if let Some(p) = &self.probe {
+            let now = Instant::now();
+            if st.held_at.is_none_or(|t| now.duration_since(t) >= BYTES_POLL) {
+                st.held = p();
+                st.held_at = Some(now);
+            }
+        }
+        let n = st.queued_bytes + st.sending_bytes + st.held;
+        if n < st.unread_last {
+            st.progress = Instant::now();
+        }
+        st.unread_last = n;
+        n
+    }
+
+    /// Which mark the connection is past, if any.
+    fn mark(&self, st: &mut State) -> Option<Mark> {
+        if st.queue.len() >= self.limits.frames_max {
+            Some(Mark::Frames)
+        } else if self.unread(st) >= self.limits.bytes_max {
+            Some(Mark::Bytes)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the connection's sessions must pause (a backpressure mark is reached).
     pub fn is_full(&self) -> bool {
-        self.lock().queue.len() >= self.limits.frames_max
+        self.mark(&mut self.lock()).is_some()
     }
 
-    /// The queue has been full with nothing sent for longer than the stall timeout.
+    /// The connection has been past a mark with no progress (nothing sent, nothing read) for
+    /// longer than the stall timeout.
     pub fn stalled(&self, now: Instant) -> bool {
-        let st = self.lock();
-        st.queue.len() >= self.limits.frames_max && now.duration_since(st.progress) >= self.limits.stall
+        let mut st = self.lock();
+        self.mark(&mut st).is_some() && now.duration_since(st.progress) >= self.limits.stall
     }
 
-    /// When a full queue that sends nothing more will count as stalled.
+    /// When the loop must look at this connection again without a wake-up: when a connection
+    /// past a mark would count as stalled, or soon if it is past the byte mark (the client's
+    /// reads from the transport wake nobody).
     pub fn stall_deadline(&self) -> Option<Instant> {
-        let st = self.lock();
-        (st.queue.len() >= self.limits.frames_max).then(|| st.progress + self.limits.stall)
+        let mut st = self.lock();
+        let stall = st.progress + self.limits.stall;
+        match self.mark(&mut st)? {
+            Mark::Frames => Some(stall),
+            Mark::Bytes => Some(stall.min(Instant::now() + BYTES_POLL)),
+        }
     }
 
     /// Copies one frame into the queue of `link` and starts its writer if needed. Never blocks
@@ -143,6 +224,7 @@ impl Outbound {
         if st.queue.is_empty() {
             st.progress = Instant::now();
         }
+        st.queued_bytes += frame_bytes(&f);
         st.queue.push_back(f);
         out.limits.gauge.inc();
         if let super::Sink::Pull(wake) = &link.sink {
@@ -159,6 +241,7 @@ impl Outbound {
                 tracing::warn!(conn = link.id, error = %e, "cannot start the connection's writer thread");
                 out.gauge_sub(st.queue.len());
                 st.queue.clear();
+                st.queued_bytes = 0;
                 st.closed = true;
                 return Err(PushError::Closed);
             }
@@ -174,6 +257,7 @@ impl Outbound {
         st.closed = true;
         let n = st.queue.len();
         st.queue.clear();
+        st.queued_bytes = 0;
         self.gauge_sub(n);
         drop(st);
         self.cv.notify_all();
@@ -189,6 +273,7 @@ impl Outbound {
         let out = &link.out;
         let mut st = out.lock();
         let f = st.queue.pop_front()?;
+        st.queued_bytes -= frame_bytes(&f);
         out.gauge_sub(1);
         st.progress = Instant::now();
         let resumed = st.queue.len() + 1 == out.limits.frames_max;
@@ -219,6 +304,9 @@ fn writer(link: &Arc<ConnLink>) {
                     return;
                 }
                 if let Some(f) = st.queue.pop_front() {
+                    let n = frame_bytes(&f);
+                    st.queued_bytes -= n;
+                    st.sending_bytes = n;
                     break f;
                 }
                 st = out.cv.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -229,6 +317,7 @@ fn writer(link: &Arc<ConnLink>) {
         let super::Sink::Writer(tx) = &link.sink else { return };
         let r = tx.lock().unwrap_or_else(|p| p.into_inner()).send(&frame);
         let mut st = out.lock();
+        st.sending_bytes = 0;
         out.gauge_sub(1);
         if st.spare.len() < out.limits.frames_cap {
             st.spare.push(f);

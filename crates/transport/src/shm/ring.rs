@@ -41,7 +41,9 @@ use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 use super::region::{DirOffsets, Region, SLOT_BYTES, SLOT_META_INLINE_MAX};
 use super::sys::{self, EventFd};
 use crate::conn::spins_unbounded;
-use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, WaitMode};
+use crate::{
+    ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, UnreadProbe, WaitMode,
+};
 
 /// The sender publishes (and may ring) at least this often while streaming a large frame, so the
 /// receiver copies out one chunk while the next is being copied in. A streaming frame may fill the
@@ -472,6 +474,19 @@ impl FrameTx for ShmTx {
             if let Some(link) = link.upgrade() {
                 link.close();
             }
+        }))
+    }
+
+    fn unread_probe(&self) -> Option<UnreadProbe> {
+        let link = Arc::downgrade(&self.st.link);
+        let (off, size) = (self.st.off, self.st.data_bytes);
+        Some(Arc::new(move || {
+            let Some(link) = link.upgrade() else { return 0 };
+            // Our published tail and the peer's head (untrusted: a hostile value is clamped to
+            // the ring's size, which only makes its own connection pause sooner).
+            let tail = link.region.u64_at(off.tail_data).load(Ordering::Acquire);
+            let head = link.region.u64_at(off.head_data).load(Ordering::Acquire);
+            tail.wrapping_sub(head).min(size)
         }))
     }
 }

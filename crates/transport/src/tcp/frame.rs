@@ -15,7 +15,7 @@ use std::sync::Arc;
 use djinn_proto::{FrameHeader, Limits, HEADER_LEN};
 use zerocopy::IntoBytes;
 
-use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError};
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, UnreadProbe};
 
 /// Bytes of the receive staging buffer. Small frames (header + meta + small data) arrive in one
 /// receive; larger data bypasses it.
@@ -118,6 +118,24 @@ impl<I: StreamIo> FrameTx for StreamTx<I> {
             // SAFETY: `fd` keeps the socket open while this closure lives; shutdown(2) only changes
             // the connection's state, waking blocked receives (EOF) and failing later sends.
             unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }))
+    }
+
+    fn unread_probe(&self) -> Option<UnreadProbe> {
+        // Weak: a probe kept after both halves are gone must not keep the socket open.
+        let fd = Arc::downgrade(self.io.socket());
+        Some(Arc::new(move || {
+            let Some(fd) = fd.upgrade() else { return 0 };
+            let mut queued: libc::c_int = 0;
+            // SAFETY: `fd` is an open socket while the upgraded Arc lives; TIOCOUTQ (= SIOCOUTQ)
+            // writes one int: the bytes in the send queue not yet acknowledged by the peer. What
+            // the peer's kernel holds unread is not visible from here.
+            let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+            if r == 0 {
+                queued.max(0) as u64
+            } else {
+                0
+            }
         }))
     }
 }

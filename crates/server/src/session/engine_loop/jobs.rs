@@ -383,6 +383,18 @@ impl<B: Backend> EngineLoop<B> {
         if let Some(msg) = bad {
             return Err((ans, Refusal::new(Status::BadArgument, msg)));
         }
+        // Refused only when it cannot fit in the whole KV capacity; anything smaller waits for
+        // memory as a session's step does (swap, then preemption: [`super::logits`]).
+        let cap = self.kv_capacity_tokens(m);
+        if ids.len() > cap {
+            let msg = format!(
+                "{} tokens of Logits input need {} tokens of KV; the model's whole KV capacity holds {cap} \
+                 (--kv-capacity-mb): send fewer ids",
+                ids.len(),
+                ids.len()
+            );
+            return Err((ans, Refusal::new(Status::OutOfMemory, msg)));
+        }
         if self.logits_jobs.len() >= self.max_sessions {
             let msg = format!("{} Logits requests are waiting (max_sessions): retry later", self.logits_jobs.len());
             return Err((ans, Refusal::new(Status::Busy, msg)));

@@ -3,6 +3,14 @@
 //! long prompt never holds every stream still. The request at the head of the queue holds the
 //! engine's spare session (the VMU has one more than `max_sessions` for it); the rest wait with
 //! only their ids.
+//!
+//! KV memory: a chunk runs only when it fits (`Engine::batch_fits`: idle sessions are swapped to
+//! the host pool as for any step). When it does not, the request waits like the latest arrival
+//! among sessions — while the model's sessions step — and when nothing of the model ran, it
+//! preempts one session by recomputation ([`super::preempt`]) on its own behalf. It is refused
+//! with the numbers only when nothing may be preempted (every block is held by sessions that can
+//! be neither swapped nor rebuilt); one that cannot fit in the whole capacity was refused when
+//! it arrived.
 
 use super::*;
 
@@ -28,8 +36,9 @@ impl LogitsJob {
 
 impl<B: Backend> EngineLoop<B> {
     /// Feeds the next chunk of the head `Logits` request if it is for model `m`; answers it when
-    /// its last chunk is fed. Returns whether anything ran.
-    pub(super) fn step_logits(&mut self, m: usize) -> bool {
+    /// its last chunk is fed. `stepped`: the model's sessions made progress this iteration (then
+    /// a chunk that does not fit waits; else it preempts). Returns whether anything changed.
+    pub(super) fn step_logits(&mut self, m: usize, stepped: bool) -> bool {
         // A request whose client is gone is dropped before it costs a step.
         while self.logits_jobs.front().is_some_and(|j| !j.ans.conn.is_alive()) {
             let j = self.logits_jobs.pop_front().expect("checked");
@@ -49,6 +58,37 @@ impl<B: Backend> EngineLoop<B> {
             // The baseline feeds the whole request at once, as it always did.
             Scheduler::Fcfs => j.ids.len(),
         };
+        if let Ok(sid) = r {
+            let n = chunk.min(j.ids.len() - j.fed);
+            if !lm.engine.batch_fits(&[(sid, n)]) {
+                if stepped {
+                    return false;
+                }
+                // Nothing of the model ran: the memory is held by sessions that cannot move.
+                // 0 names no session (session ids are never 0): every session may be the victim
+                // but the oldest with work, as for the latest arrival.
+                if self.preempt_for(m, 0) {
+                    return true;
+                }
+                let st = self.models[m].engine.vmu().stats();
+                let msg = format!(
+                    "out of KV memory: {} of {} device blocks and {} of {} host swap blocks free, all held by \
+                     sessions that can be neither swapped nor recomputed (--kv-capacity-mb, --host-swap-mb)",
+                    st.kv_blocks_free, st.kv_blocks_total, st.host_blocks_free, st.host_blocks_total
+                );
+                tracing::warn!("Logits request refused: {msg}");
+                let j = self.logits_jobs.pop_front().expect("checked");
+                self.metrics.errors_total.with_label_values(&[Status::OutOfMemory.name()]).inc();
+                let engine = &mut self.models[j.model].engine;
+                if let Some(sid) = j.sid {
+                    let _ = engine.close_session(sid);
+                }
+                j.ans.err(Status::OutOfMemory, msg);
+                return true;
+            }
+        }
+        let j = self.logits_jobs.front_mut().expect("checked");
+        let lm = &mut self.models[m];
         let r = r.and_then(|sid| {
             let n = chunk.min(j.ids.len() - j.fed);
             let mut buf = std::mem::take(&mut self.logits);

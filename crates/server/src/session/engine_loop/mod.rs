@@ -213,11 +213,11 @@ impl<B: Backend> EngineLoop<B> {
             progressed = false;
             self.paused = 0;
             for m in 0..self.models.len() {
-                progressed |= self.step_breakpoints(m);
-                progressed |= self.step_model(m);
+                let stepped = self.step_breakpoints(m) | self.step_model(m);
+                progressed |= stepped;
                 // A Logits request's next chunk between steps: it never holds the loop for
                 // more than one chunk.
-                progressed |= self.step_logits(m);
+                progressed |= self.step_logits(m, stepped);
             }
             self.publish();
         }
