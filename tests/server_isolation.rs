@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, model_server, run_trials, tenants_model_server, unique_name, Transport};
+use common::{http_get, metric, model_server, run_trials, server, tenants_model_server, unique_name, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, FinishReason, Input, OpenOptions};
@@ -305,13 +305,11 @@ const LOGITS_SESSIONS: usize = 4;
 /// pause (counted) with fewer frames queued than the frame mark, and a victim beside it keeps its
 /// solo rate (same server, measured just before).
 fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
-    let srv = server(
+    let srv = model_server(
         t,
+        MODEL,
+        &model_dir(),
         &[
-            "--dtype",
-            "f32",
-            "--model",
-            &model_flag(),
             "--conn-outbound-bytes-max",
             "8192",
             "--conn-stall-timeout-ms",
