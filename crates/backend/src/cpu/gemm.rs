@@ -12,6 +12,11 @@
 //!   is exact (bf16 is a shift or a mask, f16 `vcvtph2ps`) and every product is an f32 FMA, so
 //!   all levels agree with the f32 reference to rounding. Each worker's rows are read as a few
 //!   long sequential streams (see the note below [`GEMV_CHUNK_MIN`]).
+//!   On CPUs with AVX512_BF16, bf16 weights instead go through `vdpbf16ps` (module `dpbf16`):
+//!   the activations are rounded to bf16 once per call (as a bf16 model multiplies them in
+//!   transformers), products of two bf16 values are exact, accumulation stays f32; twice the
+//!   multiply rate of widening to f32, which is what bounds a batched decode step.
+//!   `DJINN_CPU_SIMD=avx512f` turns it off (to compare).
 //!
 //!   **Batch invariance** (a contract: preemption by recomputation rebuilds a session's KV by a
 //!   batched prefill and must get the bits its decode steps made): each output element is one
@@ -36,6 +41,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::raw::{load, store, with_f32, with_scratch, Raw};
+
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 use super::CpuBackend;
 use crate::backend::GemmArgs;
 use crate::error::{BackendError, Result};
@@ -100,7 +108,8 @@ pub fn simd_levels_available() -> Vec<SimdLevel> {
 }
 
 /// The level the kernels use on this machine (cached): the best available, capped by
-/// `DJINN_CPU_SIMD` = `portable` | `avx2` (to test or compare the lower levels).
+/// `DJINN_CPU_SIMD` = `portable` | `avx2` (to test or compare the lower levels; `avx512f` keeps
+/// AVX-512 but turns off the `vdpbf16ps` bf16 GEMV, see [`bf16_dot`]).
 pub fn simd_level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -118,6 +127,22 @@ pub fn simd_level() -> SimdLevel {
         };
         avail.into_iter().find(|l| rank(*l) <= rank(cap)).unwrap_or(SimdLevel::Portable)
     })
+}
+
+/// Whether the bf16-weight GEMV at `level` runs `vdpbf16ps` (activations rounded to bf16, see
+/// `dpbf16`): on AVX-512 CPUs with AVX512_BF16 unless `DJINN_CPU_SIMD=avx512f` (cached).
+fn bf16_dot(level: SimdLevel) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: OnceLock<bool> = OnceLock::new();
+        level == SimdLevel::Avx512
+            && *ON.get_or_init(|| dpbf16::available() && std::env::var("DJINN_CPU_SIMD").as_deref() != Ok("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        false
+    }
 }
 
 fn need(op_len: usize, name: &'static str, batch: usize, stride: usize, per: usize) -> Result<()> {
@@ -214,13 +239,16 @@ fn dot_fn(dtype: DType) -> DotFn {
 
 #[allow(clippy::too_many_arguments)]
 fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
-    gemv_at(simd_level(), be, a, w, c, m, n, k, alpha, beta)
+    let level = simd_level();
+    gemv_at(level, bf16_dot(level), be, a, w, c, m, n, k, alpha, beta)
 }
 
-/// The GEMV with the kernels of `level`, which must be one of [`simd_levels_available`].
+/// The GEMV with the kernels of `level`, which must be one of [`simd_levels_available`]; `dot`
+/// picks the `vdpbf16ps` kernel for bf16 weights at AVX-512 (only where `dpbf16::available`).
 #[allow(clippy::too_many_arguments)]
 fn gemv_at(
     level: SimdLevel,
+    dot: bool,
     be: &CpuBackend,
     a: &Raw,
     w: &Raw,
@@ -233,9 +261,9 @@ fn gemv_at(
 ) {
     #[cfg(target_arch = "x86_64")]
     if level.has_avx2() {
-        return gemv_simd(level, be, a, w, c, m, n, k, alpha, beta);
+        return gemv_simd(level, dot, be, a, w, c, m, n, k, alpha, beta);
     }
-    let _ = level;
+    let _ = (level, dot);
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
     let run = |x: &[f32]| {
@@ -281,6 +309,7 @@ fn gemv_at(
 #[allow(clippy::too_many_arguments)]
 fn gemv_simd(
     level: SimdLevel,
+    dot: bool,
     be: &CpuBackend,
     a: &Raw,
     w: &Raw,
@@ -292,6 +321,8 @@ fn gemv_simd(
     beta: f32,
 ) {
     let wide = level == SimdLevel::Avx512;
+    // bf16 weights by bf16-rounded activations, `vdpbf16ps` (same step as AVX-512F).
+    let dot = dot && wide && w.dtype == DType::BF16;
     // Elements per kernel step: the kernels cover `kb` (a multiple of the step), the rest is a
     // scalar tail.
     let step = if wide { avx512::STEP } else { avx2::STEP };
@@ -299,6 +330,7 @@ fn gemv_simd(
     let row_bytes = k * w.dtype.size_bytes();
     type RunFn = unsafe fn(*const u8, usize, usize, *const f32, usize, usize, *mut f32, usize);
     let run_fn: RunFn = match (wide, w.dtype) {
+        (true, DType::BF16) if dot => dpbf16::run,
         (true, DType::BF16) => avx512::run::<{ avx512::BF16 }>,
         (true, DType::F16) => avx512::run::<{ avx512::F16 }>,
         (true, _) => avx512::run::<{ avx512::F32 }>,
@@ -308,12 +340,16 @@ fn gemv_simd(
     };
     // The kernels read activation rows `kb` apart, reordered for bf16; f16/f32 weights with no
     // tail use the rows as they are.
+    // With `dot` they are bf16, two per f32 slot: a row is `kb / 2` slots.
     let direct = w.dtype != DType::BF16 && kb == k;
+    let x_row = if dot { kb / 2 } else { kb };
     let run = |x: &[f32]| {
-        with_scratch(if direct { 0 } else { m * kb }, |xbuf| {
+        with_scratch(if direct { 0 } else { m * x_row }, |xbuf| {
             for r in (0..m).filter(|_| !direct) {
-                let (src, dst) = (&x[r * k..r * k + kb], &mut xbuf[r * kb..(r + 1) * kb]);
+                let (src, dst) = (&x[r * k..r * k + kb], &mut xbuf[r * x_row..(r + 1) * x_row]);
                 match (wide, w.dtype) {
+                    // SAFETY: AVX512_BF16 was detected (`dot` is only set where it was).
+                    (true, DType::BF16) if dot => unsafe { dpbf16::round_to_bf16(src, dst) },
                     // SAFETY: AVX-512F was detected (`wide`).
                     (true, DType::BF16) => unsafe { avx512::split_even_odd(src, dst) },
                     (false, DType::BF16) => avx2::permute_for_bf16(src, dst),
@@ -341,7 +377,7 @@ fn gemv_simd(
                                 w.ptr.add(jt * row_bytes),
                                 row_bytes,
                                 nt,
-                                xp.as_ptr().add(r0 * kb),
+                                xp.as_ptr().add(r0 * x_row),
                                 kb,
                                 ma,
                                 acc[0].as_mut_ptr(),
@@ -355,7 +391,9 @@ fn gemv_simd(
                                 unsafe { load(w, (jt + j) * k + kb, &mut tail[..k - kb]) };
                                 for r in 0..ma {
                                     let xr = &x[(r0 + r) * k + kb..(r0 + r + 1) * k];
-                                    acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+                                    // The `vdpbf16ps` path rounds the tail's activations too.
+                                    let xv = |v: f32| if dot { bf16::from_f32(v).to_f32() } else { v };
+                                    acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * xv(*b)).sum::<f32>();
                                 }
                             }
                         }
@@ -937,13 +975,26 @@ mod tests {
         }
     }
 
-    /// Every GEMV kernel this machine can run (portable, AVX2, AVX-512) against an f64 product,
-    /// over odd shapes, every weight dtype, 1..=8 activation rows and alpha/beta.
+    /// Every GEMV kernel this machine runs: each SIMD level, and AVX-512 with `vdpbf16ps` for
+    /// bf16 weights (`true`) where the CPU has AVX512_BF16.
+    fn gemv_kernels() -> Vec<(SimdLevel, bool)> {
+        let mut v: Vec<(SimdLevel, bool)> = simd_levels_available().into_iter().map(|l| (l, false)).collect();
+        #[cfg(target_arch = "x86_64")]
+        if v[0].0 == SimdLevel::Avx512 && dpbf16::available() {
+            v.insert(0, (SimdLevel::Avx512, true));
+        }
+        v
+    }
+
+    /// Every GEMV kernel this machine can run (portable, AVX2, AVX-512, `vdpbf16ps`) against an
+    /// f64 product, over odd shapes, every weight dtype, 1..=8 activation rows and alpha/beta.
+    /// The `vdpbf16ps` kernel multiplies bf16-rounded activations, so its product is taken with
+    /// those.
     #[test]
     fn every_gemv_kernel_matches_the_f64_product() {
         let be = CpuBackend::with_threads(2).unwrap();
         let mut z = 7u64;
-        for level in simd_levels_available() {
+        for (level, dot) in gemv_kernels() {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 for (n, k) in [(1, 1), (5, 31), (7, 33), (13, 64), (70, 100), (130, 577), (9, 1536), (37, 2081)] {
                     for (m, alpha, beta) in [(1, 1.0, 0.0), (2, 0.5, 0.0), (3, 1.0, 1.0), (4, 2.0, 0.5), (8, 1.0, 0.0)]
@@ -957,22 +1008,23 @@ mod tests {
                         let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype, len: n * k };
                         let raw_x = Raw { ptr: xs.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * k };
                         let raw_c = Raw { ptr: c.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * n };
-                        gemv_at(level, &be, &raw_x, &raw_w, &raw_c, m, n, k, alpha, beta);
+                        gemv_at(level, dot, &be, &raw_x, &raw_w, &raw_c, m, n, k, alpha, beta);
+                        let xv = |v: f32| if dot && dtype == DType::BF16 { bf16::from_f32(v).to_f32() } else { v };
                         for r in 0..m {
                             for j in 0..n {
-                                let (mut dot, mut mag) = (0f64, 0f64);
+                                let (mut sum, mut mag) = (0f64, 0f64);
                                 for i in 0..k {
-                                    let p = wf[j * k + i] as f64 * x[r * k + i] as f64;
-                                    dot += p;
+                                    let p = wf[j * k + i] as f64 * xv(x[r * k + i]) as f64;
+                                    sum += p;
                                     mag += p.abs();
                                 }
-                                let want = alpha as f64 * dot + beta as f64 * c0[r * n + j] as f64;
+                                let want = alpha as f64 * sum + beta as f64 * c0[r * n + j] as f64;
                                 let tol =
                                     1e-5 * (alpha as f64 * mag + (beta as f64 * c0[r * n + j] as f64).abs() + 1e-6);
                                 let got = c[r * n + j] as f64;
                                 assert!(
                                     (got - want).abs() <= tol,
-                                    "{level:?} {dtype} n={n} k={k} m={m}: c[{r}][{j}] = {got}, want {want}"
+                                    "{level:?} dot={dot} {dtype} n={n} k={k} m={m}: c[{r}][{j}] = {got}, want {want}"
                                 );
                             }
                         }
@@ -987,14 +1039,14 @@ mod tests {
     }
 
     /// Batch invariance (the contract in the module docs): row `r` of an m = 37 product
-    /// bit-equals the m = 1 product of that row alone, for every weight dtype, every SIMD level
-    /// this machine runs, with and without a k tail and with `beta`.
+    /// bit-equals the m = 1 product of that row alone, for every weight dtype, every GEMV kernel
+    /// this machine runs (`vdpbf16ps` included), with and without a k tail and with `beta`.
     #[test]
     fn trans_b_rows_are_batch_invariant() {
         let be = CpuBackend::with_threads(2).unwrap();
         let mut z = 11u64;
         let m = 37;
-        for level in simd_levels_available() {
+        for (level, dot) in gemv_kernels() {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 for (n, k, beta) in [(70, 576, 0.0), (300, 100, 0.0), (33, 1536, 0.5), (5, 31, 1.0)] {
                     let (mut wb, _) = weights(dtype, n, k, &mut z);
@@ -1002,18 +1054,80 @@ mod tests {
                     let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 4.0).collect();
                     let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut z)).collect();
                     let mut c = c0.clone();
-                    gemv_at(level, &be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut c), m, n, k, 1.0, beta);
+                    gemv_at(level, dot, &be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut c), m, n, k, 1.0, beta);
                     for r in 0..m {
                         let mut xr = x[r * k..(r + 1) * k].to_vec();
                         let mut cr = c0[r * n..(r + 1) * n].to_vec();
-                        gemv_at(level, &be, &raw_f32(&mut xr), &raw_w, &raw_f32(&mut cr), 1, n, k, 1.0, beta);
+                        gemv_at(level, dot, &be, &raw_f32(&mut xr), &raw_w, &raw_f32(&mut cr), 1, n, k, 1.0, beta);
                         for j in 0..n {
                             assert_eq!(
                                 c[r * n + j].to_bits(),
                                 cr[j].to_bits(),
-                                "{level:?} {dtype} n={n} k={k}: row {r} col {j} differs from its m=1 product"
+                                "{level:?} dot={dot} {dtype} n={n} k={k}: row {r} col {j} differs from its m=1 product"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `vdpbf16ps` GEMV bit-equals a scalar reference that computes the same sums in f32 in
+    /// the same order: activations rounded to bf16 (nearest even); per 32-element step, lane `l`
+    /// adds the exact product of elements `2l + 1` then `2l`; the 16 lanes reduced in
+    /// `dpbf16::hsum`'s tree; the k tail summed on its own and added; then alpha/beta. Every m
+    /// from 1 to 6 and 16 (so every activation group size), with and without a tail, long rows.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn dpbf16_gemv_equals_the_scalar_reference() {
+        if !dpbf16::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let be = CpuBackend::with_threads(2).unwrap();
+        let mut z = 5u64;
+        for (n, k) in [(70, 576), (37, 1536), (300, 100), (9, 31), (21, 2048 + 64 + 7)] {
+            for (m, alpha, beta) in [
+                (1, 1.0, 0.0),
+                (2, 0.5, 0.0),
+                (3, 1.0, 1.0),
+                (4, 1.0, 0.0),
+                (5, 2.0, 0.5),
+                (6, 1.0, 0.0),
+                (16, 1.0, 0.0),
+            ] {
+                let (mut wb, wf) = weights(DType::BF16, n, k, &mut z);
+                let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype: DType::BF16, len: n * k };
+                let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 4.0).collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut z)).collect();
+                let mut c = c0.clone();
+                gemv_at(SimdLevel::Avx512, true, &be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut c), m, n, k, alpha, beta);
+                let kb = k - k % dpbf16::STEP;
+                for r in 0..m {
+                    let xr: Vec<f32> = x[r * k..(r + 1) * k].iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+                    for j in 0..n {
+                        let wr = &wf[j * k..(j + 1) * k];
+                        let mut lane = [0f32; 16];
+                        for s in (0..kb).step_by(dpbf16::STEP) {
+                            for l in 0..16 {
+                                lane[l] += wr[s + 2 * l + 1] * xr[s + 2 * l + 1];
+                                lane[l] += wr[s + 2 * l] * xr[s + 2 * l];
+                            }
+                        }
+                        let t: Vec<f32> = (0..8).map(|i| lane[i] + lane[i + 8]).collect();
+                        let u: Vec<f32> = (0..4).map(|i| t[i] + t[i + 4]).collect();
+                        let mut want = (u[0] + u[2]) + (u[1] + u[3]);
+                        if k > kb {
+                            want += (kb..k).map(|i| wr[i] * xr[i]).sum::<f32>();
+                        }
+                        let old = c0[r * n + j];
+                        let want = if beta != 0.0 { alpha * want + beta * old } else { want * alpha };
+                        assert_eq!(
+                            c[r * n + j].to_bits(),
+                            want.to_bits(),
+                            "n={n} k={k} m={m}: c[{r}][{j}] = {}, reference {want}",
+                            c[r * n + j]
+                        );
                     }
                 }
             }
