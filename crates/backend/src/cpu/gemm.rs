@@ -58,8 +58,9 @@ const ACT_GROUP: usize = 4;
 const GEMV_J_TILE: usize = 256;
 /// Minimum weight rows per GEMV parallel chunk.
 const GEMV_CHUNK_MIN: usize = 16;
-/// Minimum weight bytes per GEMV parallel chunk: handing a worker less costs more than it saves
-/// (the small projections of a tiny model run on the calling thread alone).
+/// Minimum work per GEMV parallel chunk, in weight bytes times activation rows: handing a worker
+/// less costs more than it saves (the small projections of a tiny model run on the calling
+/// thread alone at m = 1; a batch's rows are as much work again each).
 const GEMV_CHUNK_BYTES_MIN: usize = 64 * 1024;
 // How the GEMV kernels stream the weights: a kernel step multiplies R rows at once (sharing each
 // activation load, which is what bounds it in cache). Neighbouring rows read in lockstep are, for
@@ -219,11 +220,20 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
     store(c, first, acc);
 }
 
-/// Weight rows per parallel GEMV chunk: a few chunks per worker (so a preempted worker's share
-/// is picked up by the others), a multiple of 4 (the kernel's row group).
-fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize) -> usize {
-    let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1)));
-    be.chunk_for(n, min).next_multiple_of(4)
+/// Weight rows per parallel GEMV chunk for `m` activation rows: a few chunks per worker (so a
+/// preempted worker's share is picked up by the others), as many chunks as a multiple of the
+/// threads, of equal size, so the threads finish together (a 192-row projection was cut
+/// 60/60/60/12 rows: one of two threads did 120, the other waited), a multiple of 4 rows.
+fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize, m: usize) -> usize {
+    gemv_chunk_for(be.threads, n, row_bytes, m)
+}
+
+fn gemv_chunk_for(threads: usize, n: usize, row_bytes: usize, m: usize) -> usize {
+    let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1) * m.max(1)));
+    let threads = threads.max(1);
+    let target = n.div_ceil(threads * 4).max(min);
+    let chunks = n.div_ceil(target).next_multiple_of(threads);
+    n.div_ceil(chunks).next_multiple_of(4)
 }
 
 /// One weight row's dot products with `m` activation rows: `out[r] = w · x[r*k..(r+1)*k]`.
@@ -267,7 +277,7 @@ fn gemv_at(
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
     let run = |x: &[f32]| {
-        be.for_chunks(n, gemv_chunk(be, n, row_bytes), |j0, nj| {
+        be.for_chunks(n, gemv_chunk(be, n, row_bytes, m), |j0, nj| {
             let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
             let mut jt = j0;
             while jt < j0 + nj {
@@ -357,7 +367,7 @@ fn gemv_simd(
                 }
             }
             let xp: &[f32] = if direct { x } else { xbuf };
-            be.for_chunks(n, gemv_chunk(be, n, row_bytes), |j0, nj| {
+            be.for_chunks(n, gemv_chunk(be, n, row_bytes, m), |j0, nj| {
                 let mut acc = [[0f32; GEMV_J_TILE]; ACT_GROUP];
                 let mut jt = j0;
                 while jt < j0 + nj {
@@ -1130,6 +1140,19 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// At SmolLM2-135M's shapes the GEMV's chunks are equal and come in a multiple of the
+    /// threads, so two threads finish an op together (claimed one at a time, in turn).
+    #[test]
+    fn gemv_chunks_are_even_across_threads() {
+        for m in [1, 4, 16, 64] {
+            for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)] {
+                let c = gemv_chunk_for(2, n, k * 2, m);
+                let count = n.div_ceil(c);
+                assert!(n % c == 0 && count % 2 == 0, "m={m} n={n} k={k}: chunk {c} rows, {count} chunks");
             }
         }
     }
