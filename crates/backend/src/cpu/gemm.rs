@@ -1157,6 +1157,52 @@ mod tests {
         }
     }
 
+    /// Timing, not a check: the bf16 GEMV with `vdpbf16ps` against widening to f32 (AVX-512F),
+    /// interleaved, over one SmolLM2-135M layer's linear shapes, at m = 1, 4, 16. Run with
+    /// `cargo test --release -p djinn-backend --lib bf16_gemv_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run by hand in release"]
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_gemv_timing() {
+        if !(simd_level() == SimdLevel::Avx512 && dpbf16::available()) {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let be = CpuBackend::new().unwrap();
+        let mut z = 3u64;
+        let shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+        let mut ws: Vec<Vec<u8>> = shapes.iter().map(|&(n, k)| weights(DType::BF16, n, k, &mut z).0).collect();
+        for m in [1usize, 4, 16] {
+            let mut x: Vec<f32> = (0..m * 1536).map(|_| lcg(&mut z)).collect();
+            let mut c = vec![0f32; m * 1536];
+            let mut t = [0f64; 2];
+            let reps = 200;
+            // Interleaved in rounds so drift in the machine's load hits both alike.
+            for round in 0..11 {
+                for (dot, t_dot) in [(false, 0), (true, 1)] {
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..reps / 10 {
+                        for (&(n, k), wb) in shapes.iter().zip(ws.iter_mut()) {
+                            let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype: DType::BF16, len: n * k };
+                            let (rx, rc) = (raw_f32(&mut x[..m * k]), raw_f32(&mut c[..m * n]));
+                            gemv_at(SimdLevel::Avx512, dot, &be, &rx, &raw_w, &rc, m, n, k, 1.0, 0.0);
+                        }
+                    }
+                    if round > 0 {
+                        t[t_dot] += t0.elapsed().as_secs_f64();
+                    }
+                }
+            }
+            let (f32w, dp) = (t[0] / reps as f64, t[1] / reps as f64);
+            println!(
+                "m={m:2}: one layer's linears: widen+f32 FMA {:.1} us, vdpbf16ps {:.1} us, speedup {:.2}x",
+                f32w * 1e6,
+                dp * 1e6,
+                f32w / dp
+            );
+        }
+    }
+
     /// Timing, not a check: the GEMV path against the `gemm` crate path for SmolLM2-135M's
     /// shapes with bf16 weights, from decode batches to prefill chunks. Run with
     /// `cargo test --release -p djinn-backend --lib gemm_paths_timing -- --ignored --nocapture`.
