@@ -12,6 +12,12 @@
 //!   is exact (bf16 is a shift or a mask, f16 `vcvtph2ps`) and every product is an f32 FMA, so
 //!   all levels agree with the f32 reference to rounding. Each worker's rows are read as a few
 //!   long sequential streams (see the note below [`GEMV_CHUNK_MIN`]).
+//!   On CPUs with AVX512_BF16, bf16 weights instead go through `vdpbf16ps` (module `dpbf16`):
+//!   the activations are rounded to bf16 once per call (as a bf16 model multiplies them in
+//!   transformers), products of two bf16 values are exact, accumulation stays f32; twice the
+//!   multiply rate of widening to f32, which is what bounds a batched decode step. Opt-in with
+//!   `DJINN_CPU_BF16_DOT=1` for now: the rounding moves a bf16 GGUF's logits 0.006 of the largest
+//!   from its f32-dequantized reference, past the 0.002 that `gguf_quant` allows.
 //!
 //!   **Batch invariance** (a contract: preemption by recomputation rebuilds a session's KV by a
 //!   batched prefill and must get the bits its decode steps made): each output element is one
@@ -36,6 +42,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::raw::{load, store, with_f32, with_scratch, Raw};
+
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 use super::CpuBackend;
 use crate::backend::GemmArgs;
 use crate::error::{BackendError, Result};
@@ -50,8 +59,9 @@ const ACT_GROUP: usize = 4;
 const GEMV_J_TILE: usize = 256;
 /// Minimum weight rows per GEMV parallel chunk.
 const GEMV_CHUNK_MIN: usize = 16;
-/// Minimum weight bytes per GEMV parallel chunk: handing a worker less costs more than it saves
-/// (the small projections of a tiny model run on the calling thread alone).
+/// Minimum work per GEMV parallel chunk, in weight bytes times activation rows: handing a worker
+/// less costs more than it saves (the small projections of a tiny model run on the calling
+/// thread alone at m = 1; a batch's rows are as much work again each).
 const GEMV_CHUNK_BYTES_MIN: usize = 64 * 1024;
 // How the GEMV kernels stream the weights: a kernel step multiplies R rows at once (sharing each
 // activation load, which is what bounds it in cache). Neighbouring rows read in lockstep are, for
@@ -118,6 +128,23 @@ pub fn simd_level() -> SimdLevel {
         };
         avail.into_iter().find(|l| rank(*l) <= rank(cap)).unwrap_or(SimdLevel::Portable)
     })
+}
+
+/// Whether the bf16-weight GEMV at `level` runs `vdpbf16ps` (activations rounded to bf16, see
+/// `dpbf16`): on AVX-512 CPUs with AVX512_BF16 when `DJINN_CPU_BF16_DOT=1` (cached; opt-in while
+/// the activation rounding is past a test's bound, see the module docs).
+fn bf16_dot(level: SimdLevel) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: OnceLock<bool> = OnceLock::new();
+        level == SimdLevel::Avx512
+            && *ON.get_or_init(|| dpbf16::available() && std::env::var("DJINN_CPU_BF16_DOT").as_deref() == Ok("1"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        false
+    }
 }
 
 fn need(op_len: usize, name: &'static str, batch: usize, stride: usize, per: usize) -> Result<()> {
@@ -194,11 +221,20 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
     store(c, first, acc);
 }
 
-/// Weight rows per parallel GEMV chunk: a few chunks per worker (so a preempted worker's share
-/// is picked up by the others), a multiple of 4 (the kernel's row group).
-fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize) -> usize {
-    let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1)));
-    be.chunk_for(n, min).next_multiple_of(4)
+/// Weight rows per parallel GEMV chunk for `m` activation rows: a few chunks per worker (so a
+/// preempted worker's share is picked up by the others), as many chunks as a multiple of the
+/// threads, of equal size, so the threads finish together (a 192-row projection was cut
+/// 60/60/60/12 rows: one of two threads did 120, the other waited), a multiple of 4 rows.
+fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize, m: usize) -> usize {
+    gemv_chunk_for(be.threads, n, row_bytes, m)
+}
+
+fn gemv_chunk_for(threads: usize, n: usize, row_bytes: usize, m: usize) -> usize {
+    let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1) * m.max(1)));
+    let threads = threads.max(1);
+    let target = n.div_ceil(threads * 4).max(min);
+    let chunks = n.div_ceil(target).next_multiple_of(threads);
+    n.div_ceil(chunks).next_multiple_of(4)
 }
 
 /// One weight row's dot products with `m` activation rows: `out[r] = w · x[r*k..(r+1)*k]`.
@@ -214,13 +250,16 @@ fn dot_fn(dtype: DType) -> DotFn {
 
 #[allow(clippy::too_many_arguments)]
 fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
-    gemv_at(simd_level(), be, a, w, c, m, n, k, alpha, beta)
+    let level = simd_level();
+    gemv_at(level, bf16_dot(level), be, a, w, c, m, n, k, alpha, beta)
 }
 
-/// The GEMV with the kernels of `level`, which must be one of [`simd_levels_available`].
+/// The GEMV with the kernels of `level`, which must be one of [`simd_levels_available`]; `dot`
+/// picks the `vdpbf16ps` kernel for bf16 weights at AVX-512 (only where `dpbf16::available`).
 #[allow(clippy::too_many_arguments)]
 fn gemv_at(
     level: SimdLevel,
+    dot: bool,
     be: &CpuBackend,
     a: &Raw,
     w: &Raw,
@@ -233,13 +272,13 @@ fn gemv_at(
 ) {
     #[cfg(target_arch = "x86_64")]
     if level.has_avx2() {
-        return gemv_simd(level, be, a, w, c, m, n, k, alpha, beta);
+        return gemv_simd(level, dot, be, a, w, c, m, n, k, alpha, beta);
     }
-    let _ = level;
+    let _ = (level, dot);
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
     let run = |x: &[f32]| {
-        be.for_chunks(n, gemv_chunk(be, n, row_bytes), |j0, nj| {
+        be.for_chunks(n, gemv_chunk(be, n, row_bytes, m), |j0, nj| {
             let mut acc = [[0f32; GEMV_J_TILE]; GEMV_M_MAX];
             let mut jt = j0;
             while jt < j0 + nj {
@@ -281,6 +320,7 @@ fn gemv_at(
 #[allow(clippy::too_many_arguments)]
 fn gemv_simd(
     level: SimdLevel,
+    dot: bool,
     be: &CpuBackend,
     a: &Raw,
     w: &Raw,
@@ -292,6 +332,8 @@ fn gemv_simd(
     beta: f32,
 ) {
     let wide = level == SimdLevel::Avx512;
+    // bf16 weights by bf16-rounded activations, `vdpbf16ps` (same step as AVX-512F).
+    let dot = dot && wide && w.dtype == DType::BF16;
     // Elements per kernel step: the kernels cover `kb` (a multiple of the step), the rest is a
     // scalar tail.
     let step = if wide { avx512::STEP } else { avx2::STEP };
@@ -299,6 +341,7 @@ fn gemv_simd(
     let row_bytes = k * w.dtype.size_bytes();
     type RunFn = unsafe fn(*const u8, usize, usize, *const f32, usize, usize, *mut f32, usize);
     let run_fn: RunFn = match (wide, w.dtype) {
+        (true, DType::BF16) if dot => dpbf16::run,
         (true, DType::BF16) => avx512::run::<{ avx512::BF16 }>,
         (true, DType::F16) => avx512::run::<{ avx512::F16 }>,
         (true, _) => avx512::run::<{ avx512::F32 }>,
@@ -308,12 +351,16 @@ fn gemv_simd(
     };
     // The kernels read activation rows `kb` apart, reordered for bf16; f16/f32 weights with no
     // tail use the rows as they are.
+    // With `dot` they are bf16, two per f32 slot: a row is `kb / 2` slots.
     let direct = w.dtype != DType::BF16 && kb == k;
+    let x_row = if dot { kb / 2 } else { kb };
     let run = |x: &[f32]| {
-        with_scratch(if direct { 0 } else { m * kb }, |xbuf| {
+        with_scratch(if direct { 0 } else { m * x_row }, |xbuf| {
             for r in (0..m).filter(|_| !direct) {
-                let (src, dst) = (&x[r * k..r * k + kb], &mut xbuf[r * kb..(r + 1) * kb]);
+                let (src, dst) = (&x[r * k..r * k + kb], &mut xbuf[r * x_row..(r + 1) * x_row]);
                 match (wide, w.dtype) {
+                    // SAFETY: AVX512_BF16 was detected (`dot` is only set where it was).
+                    (true, DType::BF16) if dot => unsafe { dpbf16::round_to_bf16(src, dst) },
                     // SAFETY: AVX-512F was detected (`wide`).
                     (true, DType::BF16) => unsafe { avx512::split_even_odd(src, dst) },
                     (false, DType::BF16) => avx2::permute_for_bf16(src, dst),
@@ -321,7 +368,7 @@ fn gemv_simd(
                 }
             }
             let xp: &[f32] = if direct { x } else { xbuf };
-            be.for_chunks(n, gemv_chunk(be, n, row_bytes), |j0, nj| {
+            be.for_chunks(n, gemv_chunk(be, n, row_bytes, m), |j0, nj| {
                 let mut acc = [[0f32; GEMV_J_TILE]; ACT_GROUP];
                 let mut jt = j0;
                 while jt < j0 + nj {
@@ -341,7 +388,7 @@ fn gemv_simd(
                                 w.ptr.add(jt * row_bytes),
                                 row_bytes,
                                 nt,
-                                xp.as_ptr().add(r0 * kb),
+                                xp.as_ptr().add(r0 * x_row),
                                 kb,
                                 ma,
                                 acc[0].as_mut_ptr(),
@@ -355,7 +402,9 @@ fn gemv_simd(
                                 unsafe { load(w, (jt + j) * k + kb, &mut tail[..k - kb]) };
                                 for r in 0..ma {
                                     let xr = &x[(r0 + r) * k + kb..(r0 + r + 1) * k];
-                                    acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+                                    // The `vdpbf16ps` path rounds the tail's activations too.
+                                    let xv = |v: f32| if dot { bf16::from_f32(v).to_f32() } else { v };
+                                    acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * xv(*b)).sum::<f32>();
                                 }
                             }
                         }
@@ -937,13 +986,26 @@ mod tests {
         }
     }
 
-    /// Every GEMV kernel this machine can run (portable, AVX2, AVX-512) against an f64 product,
-    /// over odd shapes, every weight dtype, 1..=8 activation rows and alpha/beta.
+    /// Every GEMV kernel this machine runs: each SIMD level, and AVX-512 with `vdpbf16ps` for
+    /// bf16 weights (`true`) where the CPU has AVX512_BF16.
+    fn gemv_kernels() -> Vec<(SimdLevel, bool)> {
+        let mut v: Vec<(SimdLevel, bool)> = simd_levels_available().into_iter().map(|l| (l, false)).collect();
+        #[cfg(target_arch = "x86_64")]
+        if v[0].0 == SimdLevel::Avx512 && dpbf16::available() {
+            v.insert(0, (SimdLevel::Avx512, true));
+        }
+        v
+    }
+
+    /// Every GEMV kernel this machine can run (portable, AVX2, AVX-512, `vdpbf16ps`) against an
+    /// f64 product, over odd shapes, every weight dtype, 1..=8 activation rows and alpha/beta.
+    /// The `vdpbf16ps` kernel multiplies bf16-rounded activations, so its product is taken with
+    /// those.
     #[test]
     fn every_gemv_kernel_matches_the_f64_product() {
         let be = CpuBackend::with_threads(2).unwrap();
         let mut z = 7u64;
-        for level in simd_levels_available() {
+        for (level, dot) in gemv_kernels() {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 for (n, k) in [(1, 1), (5, 31), (7, 33), (13, 64), (70, 100), (130, 577), (9, 1536), (37, 2081)] {
                     for (m, alpha, beta) in [(1, 1.0, 0.0), (2, 0.5, 0.0), (3, 1.0, 1.0), (4, 2.0, 0.5), (8, 1.0, 0.0)]
@@ -957,22 +1019,23 @@ mod tests {
                         let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype, len: n * k };
                         let raw_x = Raw { ptr: xs.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * k };
                         let raw_c = Raw { ptr: c.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * n };
-                        gemv_at(level, &be, &raw_x, &raw_w, &raw_c, m, n, k, alpha, beta);
+                        gemv_at(level, dot, &be, &raw_x, &raw_w, &raw_c, m, n, k, alpha, beta);
+                        let xv = |v: f32| if dot && dtype == DType::BF16 { bf16::from_f32(v).to_f32() } else { v };
                         for r in 0..m {
                             for j in 0..n {
-                                let (mut dot, mut mag) = (0f64, 0f64);
+                                let (mut sum, mut mag) = (0f64, 0f64);
                                 for i in 0..k {
-                                    let p = wf[j * k + i] as f64 * x[r * k + i] as f64;
-                                    dot += p;
+                                    let p = wf[j * k + i] as f64 * xv(x[r * k + i]) as f64;
+                                    sum += p;
                                     mag += p.abs();
                                 }
-                                let want = alpha as f64 * dot + beta as f64 * c0[r * n + j] as f64;
+                                let want = alpha as f64 * sum + beta as f64 * c0[r * n + j] as f64;
                                 let tol =
                                     1e-5 * (alpha as f64 * mag + (beta as f64 * c0[r * n + j] as f64).abs() + 1e-6);
                                 let got = c[r * n + j] as f64;
                                 assert!(
                                     (got - want).abs() <= tol,
-                                    "{level:?} {dtype} n={n} k={k} m={m}: c[{r}][{j}] = {got}, want {want}"
+                                    "{level:?} dot={dot} {dtype} n={n} k={k} m={m}: c[{r}][{j}] = {got}, want {want}"
                                 );
                             }
                         }
@@ -987,14 +1050,14 @@ mod tests {
     }
 
     /// Batch invariance (the contract in the module docs): row `r` of an m = 37 product
-    /// bit-equals the m = 1 product of that row alone, for every weight dtype, every SIMD level
-    /// this machine runs, with and without a k tail and with `beta`.
+    /// bit-equals the m = 1 product of that row alone, for every weight dtype, every GEMV kernel
+    /// this machine runs (`vdpbf16ps` included), with and without a k tail and with `beta`.
     #[test]
     fn trans_b_rows_are_batch_invariant() {
         let be = CpuBackend::with_threads(2).unwrap();
         let mut z = 11u64;
         let m = 37;
-        for level in simd_levels_available() {
+        for (level, dot) in gemv_kernels() {
             for dtype in [DType::BF16, DType::F16, DType::F32] {
                 for (n, k, beta) in [(70, 576, 0.0), (300, 100, 0.0), (33, 1536, 0.5), (5, 31, 1.0)] {
                     let (mut wb, _) = weights(dtype, n, k, &mut z);
@@ -1002,21 +1065,142 @@ mod tests {
                     let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 4.0).collect();
                     let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut z)).collect();
                     let mut c = c0.clone();
-                    gemv_at(level, &be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut c), m, n, k, 1.0, beta);
+                    gemv_at(level, dot, &be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut c), m, n, k, 1.0, beta);
                     for r in 0..m {
                         let mut xr = x[r * k..(r + 1) * k].to_vec();
                         let mut cr = c0[r * n..(r + 1) * n].to_vec();
-                        gemv_at(level, &be, &raw_f32(&mut xr), &raw_w, &raw_f32(&mut cr), 1, n, k, 1.0, beta);
+                        gemv_at(level, dot, &be, &raw_f32(&mut xr), &raw_w, &raw_f32(&mut cr), 1, n, k, 1.0, beta);
                         for j in 0..n {
                             assert_eq!(
                                 c[r * n + j].to_bits(),
                                 cr[j].to_bits(),
-                                "{level:?} {dtype} n={n} k={k}: row {r} col {j} differs from its m=1 product"
+                                "{level:?} dot={dot} {dtype} n={n} k={k}: row {r} col {j} differs from its m=1 product"
                             );
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// The `vdpbf16ps` GEMV bit-equals a scalar reference that computes the same sums in f32 in
+    /// the same order: activations rounded to bf16 (nearest even); per 32-element step, lane `l`
+    /// adds the exact product of elements `2l + 1` then `2l`; the 16 lanes reduced in
+    /// `dpbf16::hsum`'s tree; the k tail summed on its own and added; then alpha/beta. Every m
+    /// from 1 to 6 and 16 (so every activation group size), with and without a tail, long rows.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn dpbf16_gemv_equals_the_scalar_reference() {
+        if !dpbf16::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let be = CpuBackend::with_threads(2).unwrap();
+        let mut z = 5u64;
+        for (n, k) in [(70, 576), (37, 1536), (300, 100), (9, 31), (21, 2048 + 64 + 7)] {
+            for (m, alpha, beta) in [
+                (1, 1.0, 0.0),
+                (2, 0.5, 0.0),
+                (3, 1.0, 1.0),
+                (4, 1.0, 0.0),
+                (5, 2.0, 0.5),
+                (6, 1.0, 0.0),
+                (16, 1.0, 0.0),
+            ] {
+                let (mut wb, wf) = weights(DType::BF16, n, k, &mut z);
+                let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype: DType::BF16, len: n * k };
+                let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 4.0).collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut z)).collect();
+                let mut c = c0.clone();
+                gemv_at(SimdLevel::Avx512, true, &be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut c), m, n, k, alpha, beta);
+                let kb = k - k % dpbf16::STEP;
+                for r in 0..m {
+                    let xr: Vec<f32> = x[r * k..(r + 1) * k].iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+                    for j in 0..n {
+                        let wr = &wf[j * k..(j + 1) * k];
+                        let mut lane = [0f32; 16];
+                        for s in (0..kb).step_by(dpbf16::STEP) {
+                            for l in 0..16 {
+                                lane[l] += wr[s + 2 * l + 1] * xr[s + 2 * l + 1];
+                                lane[l] += wr[s + 2 * l] * xr[s + 2 * l];
+                            }
+                        }
+                        let t: Vec<f32> = (0..8).map(|i| lane[i] + lane[i + 8]).collect();
+                        let u: Vec<f32> = (0..4).map(|i| t[i] + t[i + 4]).collect();
+                        let mut want = (u[0] + u[2]) + (u[1] + u[3]);
+                        if k > kb {
+                            want += (kb..k).map(|i| wr[i] * xr[i]).sum::<f32>();
+                        }
+                        let old = c0[r * n + j];
+                        let want = if beta != 0.0 { alpha * want + beta * old } else { want * alpha };
+                        assert_eq!(
+                            c[r * n + j].to_bits(),
+                            want.to_bits(),
+                            "n={n} k={k} m={m}: c[{r}][{j}] = {}, reference {want}",
+                            c[r * n + j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// At SmolLM2-135M's shapes the GEMV's chunks are equal and come in a multiple of the
+    /// threads, so two threads finish an op together (claimed one at a time, in turn).
+    #[test]
+    fn gemv_chunks_are_even_across_threads() {
+        for m in [1, 4, 16, 64] {
+            for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)] {
+                let c = gemv_chunk_for(2, n, k * 2, m);
+                let count = n.div_ceil(c);
+                assert!(n % c == 0 && count % 2 == 0, "m={m} n={n} k={k}: chunk {c} rows, {count} chunks");
+            }
+        }
+    }
+
+    /// Timing, not a check: the bf16 GEMV with `vdpbf16ps` against widening to f32 (AVX-512F),
+    /// interleaved, over one SmolLM2-135M layer's linear shapes, at m = 1, 4, 16. Run with
+    /// `cargo test --release -p djinn-backend --lib bf16_gemv_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run by hand in release"]
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_gemv_timing() {
+        if !(simd_level() == SimdLevel::Avx512 && dpbf16::available()) {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let be = CpuBackend::new().unwrap();
+        let mut z = 3u64;
+        let shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+        let mut ws: Vec<Vec<u8>> = shapes.iter().map(|&(n, k)| weights(DType::BF16, n, k, &mut z).0).collect();
+        for m in [1usize, 4, 16] {
+            let mut x: Vec<f32> = (0..m * 1536).map(|_| lcg(&mut z)).collect();
+            let mut c = vec![0f32; m * 1536];
+            let mut t = [0f64; 2];
+            let reps = 200;
+            // Interleaved in rounds so drift in the machine's load hits both alike.
+            for round in 0..11 {
+                for (dot, t_dot) in [(false, 0), (true, 1)] {
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..reps / 10 {
+                        for (&(n, k), wb) in shapes.iter().zip(ws.iter_mut()) {
+                            let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype: DType::BF16, len: n * k };
+                            let (rx, rc) = (raw_f32(&mut x[..m * k]), raw_f32(&mut c[..m * n]));
+                            gemv_at(SimdLevel::Avx512, dot, &be, &rx, &raw_w, &rc, m, n, k, 1.0, 0.0);
+                        }
+                    }
+                    if round > 0 {
+                        t[t_dot] += t0.elapsed().as_secs_f64();
+                    }
+                }
+            }
+            let (f32w, dp) = (t[0] / reps as f64, t[1] / reps as f64);
+            println!(
+                "m={m:2}: one layer's linears: widen+f32 FMA {:.1} us, vdpbf16ps {:.1} us, speedup {:.2}x",
+                f32w * 1e6,
+                dp * 1e6,
+                f32w / dp
+            );
         }
     }
 
