@@ -122,6 +122,11 @@ fn tmp(test: &str) -> PathBuf {
 }
 
 fn check(label: &str, file: &Path) {
+    check_within(label, file, 0.002)
+}
+
+/// [`check`] with the bound on the max logit error (of the largest logit).
+fn check_within(label: &str, file: &Path, bound: f32) {
     let prompt: Vec<u32> = (0..24).map(|i| (i * 37 % VOCAB) as u32).collect();
     let q = open_model(file, None).unwrap();
     let (got, resident, source) = logits(&q.checkpoint, q.cfg, &prompt);
@@ -146,7 +151,7 @@ fn check(label: &str, file: &Path) {
     }
     let rows = got.len() / VOCAB;
     // 16-bit activations: a few ten-thousandths of the largest logit (0.0001 measured).
-    assert!(worst <= 0.002, "{label}: max logit error {worst} of the largest logit");
+    assert!(worst <= bound, "{label}: max logit error {worst} of the largest logit (bound {bound})");
     assert_eq!(top1, clear, "{label}: top-1 agrees on {top1} of {clear} clear rows ({rows} rows)");
     let ratio = resident as f64 / source as f64;
     assert!((0.95..=1.05).contains(&ratio), "{label}: resident {resident} vs file tensors {source}");
@@ -165,7 +170,12 @@ fn every_type_loads_quantized_and_matches_its_dequantized_reference() {
     for t in types {
         let f = dir.join(format!("tiny-{}.gguf", t.name()));
         write_gguf(&f, |_| t);
-        check(t.name(), &f);
+        // BF16 weights on AVX512_BF16 CPUs multiply activations rounded to bf16 (`vdpbf16ps`, as
+        // transformers multiplies a bf16 model's): 0.006 of the largest logit measured against the
+        // f32 reference; that kernel itself is checked bit for bit against a scalar reference in
+        // the backend's tests.
+        let bound = if t == GgmlType::BF16 { 0.01 } else { 0.002 };
+        check_within(t.name(), &f, bound);
     }
     // A llama.cpp-style mix (Q4_K_M keeps some tensors in Q6_K, Q5_0, Q8_0): q, k and v of
     // different types exercise the unfused paths.

@@ -15,9 +15,9 @@
 //!   On CPUs with AVX512_BF16, bf16 weights instead go through `vdpbf16ps` (module `dpbf16`):
 //!   the activations are rounded to bf16 once per call (as a bf16 model multiplies them in
 //!   transformers), products of two bf16 values are exact, accumulation stays f32; twice the
-//!   multiply rate of widening to f32, which is what bounds a batched decode step. Opt-in with
-//!   `DJINN_CPU_BF16_DOT=1` for now: the rounding moves a bf16 GGUF's logits 0.006 of the largest
-//!   from its f32-dequantized reference, past the 0.002 that `gguf_quant` allows.
+//!   multiply rate of widening to f32, which is what bounds a batched decode step. On by default;
+//!   `DJINN_CPU_BF16_DOT=0` widens to f32 instead (f32 activations: a bf16 GGUF's logits move
+//!   0.0001 of the largest from its f32-dequantized reference instead of 0.006).
 //!
 //!   **Batch invariance** (a contract: preemption by recomputation rebuilds a session's KV by a
 //!   batched prefill and must get the bits its decode steps made): each output element is one
@@ -131,14 +131,14 @@ pub fn simd_level() -> SimdLevel {
 }
 
 /// Whether the bf16-weight GEMV at `level` runs `vdpbf16ps` (activations rounded to bf16, see
-/// `dpbf16`): on AVX-512 CPUs with AVX512_BF16 when `DJINN_CPU_BF16_DOT=1` (cached; opt-in while
-/// the activation rounding is past a test's bound, see the module docs).
+/// `dpbf16`): on AVX-512 CPUs with AVX512_BF16 unless `DJINN_CPU_BF16_DOT=0` (cached; see the
+/// module docs).
 fn bf16_dot(level: SimdLevel) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static ON: OnceLock<bool> = OnceLock::new();
         level == SimdLevel::Avx512
-            && *ON.get_or_init(|| dpbf16::available() && std::env::var("DJINN_CPU_BF16_DOT").as_deref() == Ok("1"))
+            && *ON.get_or_init(|| dpbf16::available() && std::env::var("DJINN_CPU_BF16_DOT").as_deref() != Ok("0"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
