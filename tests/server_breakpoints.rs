@@ -288,7 +288,12 @@ fn debug_cli_remote(t: Transport) {
 
 /// Runs `bench breakpoints` against `srv` (20 ms holds), asserts it exited 0, and returns its
 /// output folder and parsed results.json.
-fn run_bench_breakpoints(srv: &ServerProc, name: &str, sessions: u32, break_at: &str) -> (std::path::PathBuf, serde_json::Value) {
+fn run_bench_breakpoints(
+    srv: &ServerProc,
+    name: &str,
+    sessions: u32,
+    break_at: &str,
+) -> (std::path::PathBuf, serde_json::Value) {
     let out_dir = std::env::temp_dir().join(common::unique_name(name));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
         .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL])

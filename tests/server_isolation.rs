@@ -309,14 +309,7 @@ fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
         t,
         MODEL,
         &model_dir(),
-        &[
-            "--conn-outbound-bytes-max",
-            "8192",
-            "--conn-stall-timeout-ms",
-            "60000",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
+        &["--conn-outbound-bytes-max", "8192", "--conn-stall-timeout-ms", "60000", "--metrics-listen", "127.0.0.1:0"],
     );
     let metrics = srv.metrics.clone().unwrap();
     let p = prompt(3, 6);
