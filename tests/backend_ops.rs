@@ -443,7 +443,19 @@ fn gemm_test<B: Backend>(be: &B, want: Want) -> R {
         };
         // Batched entries at padded strides.
         let (sa, sb, sc) = if batch > 1 { (m * k + 3, n * k + 5, m * n + 7) } else { (0, 0, 0) };
-        let args = GemmArgs { m, n, k, trans_b, batch, stride_a: sa, stride_b: sb, stride_c: sc, alpha, beta };
+        let args = GemmArgs {
+            m,
+            n,
+            k,
+            trans_b,
+            batch,
+            stride_a: sa,
+            stride_b: sb,
+            stride_c: sc,
+            alpha,
+            beta,
+            bf16_activations: false,
+        };
         let la = (batch - 1) * sa + m * k;
         let lb = (batch - 1) * sb + n * k;
         let lc = (batch - 1) * sc + m * n;

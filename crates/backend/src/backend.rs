@@ -95,12 +95,34 @@ pub struct GemmArgs {
     pub stride_c: usize,
     pub alpha: f32,
     pub beta: f32,
+    /// With bf16 `b`, `a` may be rounded to bf16 before multiplying (a model's projections, as
+    /// transformers multiplies a bf16 model's activations; the CPU backend then runs `vdpbf16ps`
+    /// where the CPU has it). False for generic tensor ops: their f32 operands stay f32.
+    pub bf16_activations: bool,
 }
 
 impl GemmArgs {
-    /// One `[m,k] · [n,k]ᵀ` product, the shape of every projection.
+    /// One `[m,k] · [n,k]ᵀ` product, the shape of every projection; operands keep their precision.
     pub fn linear(m: usize, n: usize, k: usize) -> Self {
-        GemmArgs { m, n, k, trans_b: true, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0, alpha: 1.0, beta: 0.0 }
+        GemmArgs {
+            m,
+            n,
+            k,
+            trans_b: true,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            alpha: 1.0,
+            beta: 0.0,
+            bf16_activations: false,
+        }
+    }
+
+    /// A model's projection: [`GemmArgs::linear`] whose activations may be rounded to bf16 when
+    /// the weights are bf16 (see [`GemmArgs::bf16_activations`]).
+    pub fn model_linear(m: usize, n: usize, k: usize) -> Self {
+        GemmArgs { bf16_activations: true, ..GemmArgs::linear(m, n, k) }
     }
 }
 

@@ -409,7 +409,7 @@ impl Model {
         let wv = self.mat(m, w, n, k);
         match w.quant {
             Some(q) => be.gemm_quant(m.stream, a, wv, q, c, rows, n, k)?,
-            None => be.gemm(m.stream, a, wv, c, &GemmArgs::linear(rows, n, k))?,
+            None => be.gemm(m.stream, a, wv, c, &GemmArgs::model_linear(rows, n, k))?,
         }
         if let Some(b) = bias {
             be.binary(m.stream, djinn_backend::BinaryOp::Add, c, self.w(m, b, n), c)?;

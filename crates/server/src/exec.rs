@@ -591,6 +591,7 @@ fn run_node<B: Backend>(
                 stride_c: m * n,
                 alpha: 1.0,
                 beta: 0.0,
+                bf16_activations: false,
             };
             b.gemm(s, view(ins[0]), view(ins[1]), o, &args).map_err(bk)
         }

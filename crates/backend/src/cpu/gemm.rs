@@ -179,7 +179,7 @@ pub(crate) fn gemm(be: &CpuBackend, a: &Raw, b: &Raw, c: &Raw, g: &GemmArgs) -> 
         } else if g.trans_b {
             // Every linear layer, whatever `m`: one kernel whose rows do not depend on each
             // other (batch invariance, see the module docs).
-            gemv(be, &ab, &bb, &cb, m, n, k, g.alpha, g.beta);
+            gemv(be, &ab, &bb, &cb, m, n, k, g.alpha, g.beta, g.bf16_activations);
         } else {
             general(be, &ab, &bb, &cb, m, n, k, g.trans_b, g.alpha, g.beta);
         }
@@ -249,9 +249,20 @@ fn dot_fn(dtype: DType) -> DotFn {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemv(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+fn gemv(
+    be: &CpuBackend,
+    a: &Raw,
+    w: &Raw,
+    c: &Raw,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+    bf16_activations: bool,
+) {
     let level = simd_level();
-    gemv_at(level, bf16_dot(level), be, a, w, c, m, n, k, alpha, beta)
+    gemv_at(level, bf16_activations && bf16_dot(level), be, a, w, c, m, n, k, alpha, beta)
 }
 
 /// The GEMV with the kernels of `level`, which must be one of [`simd_levels_available`]; `dot`
@@ -974,11 +985,11 @@ mod tests {
                 let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype, len: n * k };
                 let raw_x = Raw { ptr: x.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * k };
                 let raw_c = Raw { ptr: all.as_mut_ptr() as *mut u8, dtype: DType::F32, len: m * n };
-                gemm(&be, &raw_x, &raw_w, &raw_c, &GemmArgs::linear(m, n, k)).unwrap();
+                gemm(&be, &raw_x, &raw_w, &raw_c, &GemmArgs::model_linear(m, n, k)).unwrap();
                 for r in 0..m {
                     let mut one = vec![0f32; n];
                     let raw_one = Raw { ptr: one.as_mut_ptr() as *mut u8, dtype: DType::F32, len: n };
-                    gemm(&be, &raw_x.sub(r * k, k), &raw_w, &raw_one, &GemmArgs::linear(1, n, k)).unwrap();
+                    gemm(&be, &raw_x.sub(r * k, k), &raw_w, &raw_one, &GemmArgs::model_linear(1, n, k)).unwrap();
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&all[r * n..(r + 1) * n]), bits(&one), "{dtype} m={m} n={n} k={k}: row {r}");
                 }
@@ -1228,7 +1239,7 @@ mod tests {
                         for _ in 0..if timed { reps } else { 1 } {
                             let (rx, rc) = (raw_f32(&mut x), raw_f32(&mut c));
                             if path == 0 {
-                                gemv(&be, &rx, &raw_w, &rc, m, n, k, 1.0, 0.0);
+                                gemv(&be, &rx, &raw_w, &rc, m, n, k, 1.0, 0.0, true);
                             } else {
                                 general(&be, &rx, &raw_w, &rc, m, n, k, true, 1.0, 0.0);
                             }

@@ -134,7 +134,7 @@ impl CudaBackend {
         if !c_ok {
             return Err(BackendError::Unsupported { op: OP, why: format!("b {} with c {}", b.dtype, c.dtype) });
         }
-        let GemmArgs { m, n, k, trans_b, batch, stride_a, stride_b, stride_c, alpha, beta } = *args;
+        let GemmArgs { m, n, k, trans_b, batch, stride_a, stride_b, stride_c, alpha, beta, .. } = *args;
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
