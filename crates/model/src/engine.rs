@@ -41,7 +41,7 @@ use crate::forward::{LogitsMode, Model, SeqStep, StepLimits, StepMemory};
 use crate::weights::WeightLayout;
 
 mod pass;
-pub use pass::PassSeq;
+pub use pass::{HeldRow, PassSeq};
 
 /// Start-up bounds and choices. Every bound sizes a preallocated structure.
 #[derive(Clone, Debug)]

@@ -23,7 +23,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 /// The VMU types the engine's API carries (a session's KV handle, memory errors), so callers above
 /// the model need not depend on the VMU crate.
 pub use djinn_vmu::{host_swap_default_bytes, Residency, SessionId, VmuError};
-pub use engine::{Engine, EngineOptions, PassSeq};
+pub use engine::{Engine, EngineOptions, HeldRow, PassSeq};
 pub use error::{ModelError, PassError, Result};
 pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
 pub use source::{fast_dtype, open_model, ModelFiles};

@@ -14,6 +14,11 @@
 //! - Resuming with the hidden state that was read gives bit for bit what an uninterrupted pass
 //!   gives: the add an uninterrupted pass fuses into the next norm is done when the state is
 //!   read, with the same operands.
+//! - A prefill's pass commits without sampling ([`Engine::commit_pass`]) once every layer ran:
+//!   its KV holds every input token, and the caller keeps the last row's state after L layers;
+//!   [`Engine::sample_held`] later samples the next token from that row (final norm, LM head)
+//!   without feeding anything, bit for bit what a decode step over the held-back last token
+//!   gives (the CPU kernels are batch invariant; the norm's fused add was done at the read).
 
 use djinn_backend::{Backend, SampleParams};
 use djinn_vmu::{Residency, SessionId};
@@ -28,6 +33,18 @@ pub(super) struct Pending {
     pub id: SessionId,
     pub start: usize,
     pub tokens: usize,
+    /// Layers whose KV the pass has written for its tokens (where it stopped last).
+    pub layer: usize,
+}
+
+/// One session's share of [`Engine::sample_held`]: the held-back state of its last token.
+#[derive(Clone, Copy, Debug)]
+pub struct HeldRow<'a> {
+    pub id: SessionId,
+    /// The session's last token (in its KV already).
+    pub token: u32,
+    /// Its state after every layer, before the final norm (`hidden` f32).
+    pub hidden: &'a [f32],
 }
 
 /// One session's share of a batched part of input passes ([`Engine::passes_to_layer`]).
@@ -144,6 +161,105 @@ impl<B: Backend> Engine<B> {
             }
             model.sample(be, mem, st, params, out)
         })
+    }
+
+    /// Commits a pending pass that stopped after the last layer (its state read by
+    /// [`Engine::passes_to_layer`] to L) without sampling: the session grows by its input, and
+    /// its paused-state charge is released. The caller keeps the last row's state for
+    /// [`Engine::sample_held`]. `PassError::NotPaused` when no pass is pending, `Layer` when it
+    /// stopped before L (its KV is not complete).
+    pub fn commit_pass(&mut self, id: SessionId) -> Result<()> {
+        let layers = self.model.cfg.layers;
+        let i = self.pending.iter().position(|p| p.id == id).ok_or(PassError::NotPaused)?;
+        let p = self.pending[i];
+        if p.layer != layers {
+            return Err(PassError::Layer { layer: layers, layers, after: p.layer }.into());
+        }
+        self.pending.swap_remove(i);
+        self.vmu.release_paused(id)?;
+        Ok(())
+    }
+
+    /// Samples each row's next token (`params` per row) into `out` from its held-back state
+    /// after every layer (final norm and LM head only; nothing is fed, no KV changes);
+    /// `logits`, if given, receives each row's logits first (`[rows × vocab]`). The sessions
+    /// must be committed (no pass pending) and are made resident as for a step (the step that
+    /// follows needs their KV).
+    pub fn sample_held(
+        &mut self,
+        rows: &[HeldRow<'_>],
+        params: &[SampleParams],
+        logits: Option<&mut Vec<f32>>,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let (layers, h) = (self.model.cfg.layers, self.model.cfg.hidden_size);
+        let max = self.model.scratch.limits().max_seqs;
+        if rows.is_empty() || rows.len() > max || params.len() != rows.len() {
+            let msg = format!("{} held rows with {} sampling parameters (1..={max} rows)", rows.len(), params.len());
+            return Err(ModelError::Batch(msg));
+        }
+        self.starts.clear();
+        self.ids.clear();
+        for (i, r) in rows.iter().enumerate() {
+            if self.pass_start(r.id).is_some() {
+                return Err(PassError::Paused.into());
+            }
+            if rows[..i].iter().any(|o| o.id == r.id) {
+                return Err(ModelError::Batch(format!("session {:?} twice in one part", r.id)));
+            }
+            let len = self.vmu.session_tokens(r.id)?;
+            if len == 0 || r.hidden.len() != h {
+                return Err(
+                    PassError::Shape { values: r.hidden.len(), tokens: 1, hidden: h, pending_tokens: len }.into()
+                );
+            }
+            self.starts.push(len - 1);
+            self.ids.push(r.id);
+        }
+        let ids = std::mem::take(&mut self.ids);
+        let prepared =
+            self.vmu.ensure_resident(&ids).map_err(ModelError::from).and_then(|()| self.free_blocks_for(0, &ids));
+        self.ids = ids;
+        let result = prepared.and_then(|()| {
+            let weights_base = self.lease.offset();
+            let parts = self.vmu.step_parts();
+            let scratch_base =
+                parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
+            let mut steps = Vec::with_capacity(rows.len());
+            for (i, r) in rows.iter().enumerate() {
+                steps.push(SeqStep {
+                    tokens: std::slice::from_ref(&r.token),
+                    start_pos: self.starts[i],
+                    block_table: parts.tables.get(r.id)?,
+                });
+            }
+            let mem = StepMemory {
+                stream: parts.backend.default_stream(),
+                weights: parts.region,
+                weights_base,
+                kv: parts.kv,
+                scratch: parts.region,
+                scratch_base,
+            };
+            let (be, model) = (parts.backend, &self.model);
+            let mut st = model.begin_at(be, &mem, &steps, LogitsMode::Last, layers)?;
+            let all: Vec<f32>;
+            let hid = match rows {
+                [one] => one.hidden,
+                _ => {
+                    all = rows.iter().flat_map(|r| r.hidden.iter().copied()).collect();
+                    &all[..]
+                }
+            };
+            model.write_hidden(be, &mem, &mut st, hid)?;
+            model.finish(be, &mem, &st)?;
+            if let Some(l) = logits {
+                model.read_logits(be, &mem, &st, l)?;
+            }
+            model.sample(be, &mem, &st, params, out)
+        });
+        self.vmu.end_step();
+        result
     }
 
     /// Rolls a pending pass back: the session is as it was before the pass (its paused state's
@@ -279,10 +395,14 @@ impl<B: Backend> Engine<B> {
                     self.vmu.end_step();
                     return Err(e.into());
                 }
-                self.pending.push(Pending { id: seq.id, start: self.starts[i], tokens: seq.tokens.len() });
+                self.pending.push(Pending { id: seq.id, start: self.starts[i], tokens: seq.tokens.len(), layer: 0 });
             }
         }
         let finishes = matches!(stop, Stop::End(_));
+        let stop_at = match &stop {
+            Stop::Layer(n, _) => Some(*n),
+            Stop::End(_) => None,
+        };
         let result = (|| {
             let weights_base = self.lease.offset();
             let parts = self.vmu.step_parts();
@@ -343,6 +463,10 @@ impl<B: Backend> Engine<B> {
         })();
         if result.is_err() {
             self.roll_back_part(seqs);
+        } else if let Some(n) = stop_at {
+            for p in self.pending.iter_mut().filter(|p| seqs.iter().any(|s| s.id == p.id)) {
+                p.layer = n;
+            }
         } else if finishes {
             // The end of the pass commits it.
             self.pending.retain(|p| !seqs.iter().any(|s| s.id == p.id));
@@ -591,6 +715,54 @@ mod tests {
             assert_eq!(eng.session_tokens(id).unwrap(), pre.len() + feed.len());
             assert_eq!(eng.pass_start(id), None);
         }
+        eng.vmu().check_invariants();
+    }
+
+    /// A prefill's pass over all its tokens, committed after the last layer, then sampled from
+    /// the held last row (with the session swapped out in between), gives the logits and tokens
+    /// of an uninterrupted prefill of all but the last token and a decode step over it, bit for
+    /// bit; a pass stopped short of L does not commit, and a cancelled one leaves the session
+    /// as it was.
+    #[test]
+    fn committed_prefill_pass_samples_from_the_held_row() {
+        let p = PROMPT.len();
+        let mut plain = engine();
+        let a = plain.open_session().unwrap();
+        plain.prefill(a, &PROMPT[..p - 1], false, &mut Vec::new()).unwrap();
+        let (mut out, mut want_lg) = (Vec::new(), Vec::new());
+        plain.step_sample_logits(&[(a, &PROMPT[p - 1..])], &[GREEDY], &mut out, &mut want_lg).unwrap();
+        let want = decode(&mut plain, a, &want_lg, 5);
+
+        let mut eng = engine();
+        let (layers, h) = (eng.config().layers, eng.config().hidden_size);
+        let id = eng.open_session().unwrap();
+        let mut hid = Vec::new();
+        eng.pass_to_layer(id, &PROMPT, None, 1, &mut hid).unwrap();
+        assert!(matches!(eng.commit_pass(id), Err(ModelError::Pass(PassError::Layer { .. }))));
+        let prev = std::mem::take(&mut hid);
+        eng.pass_to_layer(id, &PROMPT, Some((1, &prev)), layers, &mut hid).unwrap();
+        assert_eq!(hid.len(), p * h);
+        eng.commit_pass(id).unwrap();
+        assert_eq!(eng.session_tokens(id).unwrap(), p);
+        assert_eq!(eng.pass_start(id), None);
+        eng.vmu.swap_out(&[id]).unwrap();
+        let last = &hid[(p - 1) * h..];
+        let row = HeldRow { id, token: PROMPT[p - 1], hidden: last };
+        let (mut toks, mut lg) = (Vec::new(), Vec::new());
+        eng.sample_held(&[row], &[GREEDY], Some(&mut lg), &mut toks).unwrap();
+        assert_eq!(bits(&lg), bits(&want_lg));
+        assert_eq!(toks[0], want.0[0]);
+        assert_eq!(eng.session_tokens(id).unwrap(), p, "sampling from a held row feeds nothing");
+        let got = decode(&mut eng, id, &lg, 5);
+        assert_eq!(got.0, want.0);
+        assert_eq!(bits(&got.1), bits(&want.1));
+        // A short row is refused; a second prefill pass cancelled leaves the session intact.
+        let bad = HeldRow { id, token: 1, hidden: &last[1..] };
+        assert!(matches!(eng.sample_held(&[bad], &[GREEDY], None, &mut toks), Err(ModelError::Pass(_))));
+        let before = eng.session_tokens(id).unwrap();
+        eng.pass_to_layer(id, &PROMPT[..4], None, layers, &mut hid).unwrap();
+        eng.cancel_pass(id).unwrap();
+        assert_eq!(eng.session_tokens(id).unwrap(), before);
         eng.vmu().check_invariants();
     }
 
