@@ -3,14 +3,17 @@
 //! - a decode paused after every layer: each state read equals transformers' within 1e-4 of its
 //!   largest value, and resuming gives transformers' greedy tokens;
 //! - a state replaced at a pause gives what transformers gives with the same replacement;
-//! - bad input (a layer past L, a prefill with breakpoints, resume/read of a session that is not
-//!   paused, a state of the wrong shape or dtype, another connection's anonymous session) gets a
+//! - a prefill paused after every layer (its pass feeds every token, the last included): the
+//!   states equal transformers', and the decode that follows samples from the state the pass
+//!   kept — the tokens and logits of an uninterrupted prefill + decode, bit for bit; patched,
+//!   transformers' tokens for the patch; cancelled, the session (and a state it held) intact;
+//! - bad input (a layer past L, resume/read of a session that is not paused, a state of the wrong shape or dtype, another connection's anonymous session) gets a
 //!   typed error and the session is intact; a cancelled pause rolls the request back.
 
 mod common;
 
 use common::{connect, metric, model_server, run_trials, status_of, ServerProc, Transport};
-use djinn_client::{DecodeOptions, Feed, FinishReason, OpenOptions};
+use djinn_client::{Client, DecodeOptions, Feed, FinishReason, Input, LogitsRequest, OpenOptions, SessionId};
 use djinn_model::testing::{reference_root, Breakpoints, BREAKPOINT_MODEL};
 use djinn_proto::{HiddenDType, Meta, Opcode, PrefillInput, SessionPrefillReq, SessionReq, Status};
 
@@ -104,8 +107,8 @@ fn bad_input_typed_session_intact(t: Transport) {
     assert_eq!(status_of(c.read_hidden_f32(s)), Status::NotPaused);
     let r = c.generate_with_breakpoints(s, Feed::Ids(&rec.prompt), &opts(&rec), &[5], |_| true, |_, _| Ok(()));
     assert_eq!(status_of(r), Status::BadArgument, "layer past L");
-    let prefill = SessionPrefillReq { session: s, input: PrefillInput::Ids(rec.prompt.clone()), breakpoints: vec![2] };
-    assert_eq!(status_of(c.call(Opcode::SessionPrefill, &prefill.to_meta(), &[])), Status::Unsupported);
+    let prefill = SessionPrefillReq { session: s, input: PrefillInput::Ids(rec.prompt.clone()), breakpoints: vec![5] };
+    assert_eq!(status_of(c.call(Opcode::SessionPrefill, &prefill.to_meta(), &[])), Status::BadArgument);
     assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
 
     // At a pause: wrong shape, wrong dtype, another (anonymous) connection; then cancel.
@@ -254,6 +257,92 @@ fn resumed_together(t: Transport, args: &[&str]) -> (f64, f64) {
     (parts, passes)
 }
 
+/// Decodes `n` tokens of `s` (no input) with their full logits.
+fn decode_logits(c: &mut Client, s: SessionId, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let o =
+        DecodeOptions { max_new_tokens: n as u32, ignore_eos: true, logits: LogitsRequest::Full, ..Default::default() };
+    let (mut toks, mut bits) = (Vec::new(), Vec::new());
+    c.decode(s, &o, |ev| {
+        toks.push(ev.token);
+        bits.extend(ev.logits.unwrap().iter().map(|x| x.to_bits()));
+        true
+    })
+    .unwrap();
+    (toks, bits)
+}
+
+/// A prefill with breakpoints: paused after every layer, its states (every input token, the
+/// last included) equal transformers'; the decode after it samples from the state the pass kept
+/// and gives an uninterrupted prefill + decode's tokens and logits bit for bit. A pending token
+/// left by an earlier prefill leads the pass's rows. Patched, transformers' tokens for the
+/// patch. Cancelled, the session is as before — a state it held from an earlier prefill pass
+/// included. A decode with breakpoints but nothing left to feed is refused, the session intact.
+fn prefill_breakpoints(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "f32"]);
+    let mut c = connect(srv.url());
+    let (p, n) = (rec.prompt.len(), rec.greedy.len());
+    let open = |c: &mut Client| c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let plain = open(&mut c);
+    c.prefill(plain, Input::Ids(&rec.prompt)).unwrap();
+    let want = decode_logits(&mut c, plain, n);
+    assert_eq!(want.0, rec.greedy);
+
+    let all: Vec<u32> = (1..=rec.layers as u32).collect();
+    for lead in [0, 3] {
+        // `lead` tokens prefilled plainly first: the last of them is pending and leads the pass.
+        let s = open(&mut c);
+        if lead > 0 {
+            c.prefill(s, Input::Ids(&rec.prompt[..lead])).unwrap();
+        }
+        let first = lead.saturating_sub(1);
+        let mut pauses = Vec::new();
+        let r = c
+            .prefill_with_breakpoints(s, Input::Ids(&rec.prompt[lead..]), &all, |c, note| {
+                assert_eq!((note.session, note.tokens as usize), (s, p - first));
+                let (_, hidden) = c.read_hidden_f32(s)?;
+                let want = rec.hidden.iter().find(|h| h.layer == note.layer as usize).unwrap().hidden[first..].concat();
+                let err = rel_err(&hidden, &want);
+                assert!(err <= 1e-4, "lead {lead}, layer {}: error {err}", note.layer);
+                pauses.push(note.layer);
+                c.resume(s)
+            })
+            .unwrap();
+        assert_eq!(pauses, all);
+        assert_eq!((r.prompt_tokens as usize, r.context_tokens as usize), (p - lead, p));
+        assert_eq!(c.attach_session(s).unwrap().context_tokens as usize, p);
+        assert_eq!(decode_logits(&mut c, s, n), want, "lead {lead}: bit-identical to prefill + decode");
+    }
+
+    for patch in &rec.patches {
+        let s = open(&mut c);
+        let values: Vec<f32> = patch.hidden.iter().flatten().map(|&x| x as f32).collect();
+        c.prefill_with_breakpoints(s, Input::Ids(&rec.prompt), &[patch.layer as u32], |c, note| {
+            c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, &values)?;
+            c.resume(s)
+        })
+        .unwrap();
+        assert_eq!(decode_logits(&mut c, s, n).0, patch.greedy, "prefill patched at layer {}", patch.layer);
+    }
+
+    // Rolled back: a fresh session, then one holding an earlier pass's state (kept as it was).
+    let s = open(&mut c);
+    for (held, input) in [(0, &rec.prompt[..]), (p, &rec.prompt[..2])] {
+        let r = c.prefill_with_breakpoints(s, Input::Ids(input), &[1, 2], |c, note| match note.layer {
+            1 => c.resume(s),
+            _ => c.cancel(s),
+        });
+        assert_eq!(status_of(r), Status::Cancelled);
+        assert_eq!(c.attach_session(s).unwrap().context_tokens as usize, held, "rolled back");
+        if held == 0 {
+            c.prefill_with_breakpoints(s, Input::Ids(&rec.prompt), &[2], |c, _| c.resume(s)).unwrap();
+        }
+    }
+    let r = c.generate_with_breakpoints(s, Feed::Ids(&[]), &opts(&rec), &[1], |_| true, |_, _| Ok(()));
+    assert_eq!(status_of(r), Status::BadArgument, "nothing left to feed");
+    assert_eq!(decode_logits(&mut c, s, n), want, "the held state survived the rollback and the refusal");
+}
+
 /// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.
 fn debug_cli_remote(t: Transport) {
     let (dir, rec) = record();
@@ -360,6 +449,7 @@ fn main() {
         ("paused_state_waits_for_room", Some(Transport::Tcp), paused_state_waits_for_room),
         ("debug_cli_remote", None, debug_cli_remote),
         ("pause_read_patch_resume", None, pause_read_patch_resume),
+        ("prefill_breakpoints", None, prefill_breakpoints),
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),
         ("resumed_together_batched", None, resumed_together_batched),

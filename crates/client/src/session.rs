@@ -228,6 +228,52 @@ impl Client {
         prefill_reply(Opcode::SessionPrefill, &r.meta)
     }
 
+    /// [`Client::prefill`] whose input pass pauses after each of `breakpoints` (layers 1..=L,
+    /// increasing; the input is fed in one pass). Unlike a plain prefill the pass feeds every
+    /// token, the last included — a paused state is `[tokens, hidden]` over the session's
+    /// pending token (if an earlier request left one) and `input` — and the session keeps the
+    /// last token's state, from which the next [`Client::decode`] samples its first token.
+    /// `on_pause` runs at each pause as for [`Client::generate_with_breakpoints`]; a cancel or
+    /// the pause's lease ends the prefill `Cancelled`, rolled back.
+    pub fn prefill_with_breakpoints(
+        &mut self,
+        session: SessionId,
+        input: Input<'_>,
+        breakpoints: &[u32],
+        mut on_pause: impl FnMut(&mut Client, &PausedNote) -> Result<()>,
+    ) -> Result<PrefillReply> {
+        let input = match input {
+            Input::Ids(ids) => PrefillInput::Ids(ids.to_vec()),
+            Input::Text(t) => PrefillInput::Text(t.to_owned()),
+        };
+        let req = SessionPrefillReq { session, input, breakpoints: breakpoints.to_vec() };
+        let id = self.submit(Opcode::SessionPrefill, &req.to_meta(), &[])?;
+        let paused_op = Opcode::SessionPaused.as_u16();
+        loop {
+            // A reply read while `on_pause` waited for its own calls is buffered.
+            let (rid, r) = match self.ready.remove(&id) {
+                Some(r) => (id, r),
+                None => self.recv_reply(None)?,
+            };
+            // Request id 0 is an unsolicited error that concerns the whole connection.
+            if rid != id && rid != 0 {
+                self.buffer_reply(rid, r)?;
+                continue;
+            }
+            let reply = match r {
+                Ok(reply) if reply.header.opcode.get() == paused_op => {
+                    let note = PausedNote::from_meta(&reply.meta)
+                        .map_err(|e| ClientError::Protocol { opcode: "SessionPaused", why: e.to_string() })?;
+                    on_pause(self, &note)?;
+                    continue;
+                }
+                r => r,
+            };
+            self.pending.remove(&id);
+            return prefill_reply(Opcode::SessionPrefill, &reply?.meta);
+        }
+    }
+
     /// Adds one chat turn (`role` "user" or "system"); the server applies the chat template over
     /// the conversation it keeps and feeds only the new tokens.
     pub fn append_turn(&mut self, session: SessionId, role: &str, text: &str) -> Result<PrefillReply> {

@@ -48,10 +48,6 @@ use crate::staging::{Lease, StagingError, CHUNK_BYTES};
 use crate::tensors::{Tensor, TensorError};
 use crate::watchdog::{ConnClock, Phase, Slot};
 
-/// Why a prefill with breakpoints is refused (a decode carries them).
-const BREAKPOINTS_ON_PREFILL: &str =
-    "breakpoints on a prefill are not served: send the input as a decode's feed with the breakpoints";
-
 /// Bulk data of a staged put moves through pinned staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
 /// Oldest protocol version this server still speaks.
@@ -394,9 +390,6 @@ impl<B: Backend> Conn<B> {
             Ok(r) => r,
             Err(e) => return Outcome::Rejected(e.into()),
         };
-        if matches!(&req, Request::Prefill(r) if !r.breakpoints.is_empty()) {
-            return Outcome::Rejected(Reject::new(Status::Unsupported, BREAKPOINTS_ON_PREFILL));
-        }
         self.submit_session(opcode, head, req)
     }
 

@@ -1,6 +1,6 @@
-//! Breakpoints in the engine loop: a decode whose request carries breakpoint layers feeds its
-//! input in one pass that runs part by part (`Engine::passes_to_layer`), outside the decode
-//! batches; at each breakpoint the session pauses and its client is told (`SessionPaused`).
+//! Breakpoints in the engine loop: a decode or prefill whose request carries breakpoint layers
+//! feeds its input in one pass that runs part by part (`Engine::passes_to_layer`), outside the
+//! decode batches; at each breakpoint the session pauses and its client is told (`SessionPaused`).
 //! Passes at the same point (resuming after the same layer, stopping at the same next one) run
 //! their part as one batched pass, as decode rows are batched (one pass over the layers for
 //! all of them, the weights read once; `breakpoint_part_passes_max` bounds it). While paused,
@@ -24,11 +24,18 @@
 //!   first part (running, not paused) until another pause or session ends; a paused pass's next
 //!   state replaces its charge (same size: it never waits). The charge is released when its
 //!   last part starts, or when the pass is rolled back. `djinn_breakpoint_held_bytes` counts the bytes themselves.
-//! - The state's rows are the tokens the pass feeds: the decode's input, preceded by the
+//! - The state's rows are the tokens the pass feeds: the request's input, preceded by the
 //!   session's one pending token when an earlier prefill left one.
+//! - A prefill's pass feeds every token, the last included (an ordinary prefill holds the last
+//!   back for the decode that samples): after its last breakpoint it runs to layer L and
+//!   commits (`Engine::commit_pass`), answering `PrefillReply`; the session keeps the last
+//!   row's state after L layers (`Session::held`), from which the next decode without input
+//!   samples its first token (`Engine::sample_held`, batched, outside the decode steps) —
+//!   bit for bit the token an uninterrupted prefill + decode gives, or, patched, the one the
+//!   patch leads to. Rolled back, the session keeps what it held before (tokens, KV, row).
 //! - A session whose KV came from a patched state is marked not `recomputable`.
 
-use djinn_model::{PassSeq, Residency};
+use djinn_model::{HeldRow, PassSeq, Residency};
 use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, ResumeReply};
 
 use super::*;
@@ -47,6 +54,10 @@ pub(super) struct BreakState {
     patched: bool,
     /// Pauses of this pass during which its KV was swapped out to host memory.
     swaps: u32,
+    /// A prefill's pass: the layer after which it commits (L) once past its breakpoints.
+    end: Option<u32>,
+    /// Not a pass: a decode's first token sampled from the session's held row (`hidden`).
+    from_held: bool,
 }
 
 /// Where a running pass is: the layer its next part resumes after (0: not started) and the
@@ -56,11 +67,21 @@ type Point = (u32, Option<u32>);
 impl BreakState {
     /// Whether the engine holds a pending pass for it (to roll back when the request ends).
     pub(super) fn started(&self) -> bool {
-        self.at.is_some()
+        self.at.is_some() && !self.from_held
     }
 
     fn point(&self) -> Point {
-        (self.at.unwrap_or(0) as u32, self.layers.get(self.next).copied())
+        (self.at.unwrap_or(0) as u32, self.layers.get(self.next).copied().or(self.end))
+    }
+
+    /// Whether the pass's next part ends in a pause (else it finishes or commits).
+    fn pauses_next(&self) -> bool {
+        self.next < self.layers.len()
+    }
+
+    /// A prefill's pass paused after its last layer, resumed: it commits with no part to run.
+    fn commits_now(&self) -> bool {
+        !self.pauses_next() && self.end.is_some() && self.at.map(|a| a as u32) == self.end
     }
 }
 
@@ -74,13 +95,14 @@ fn model_dtype(d: djinn_backend::DType) -> HiddenDType {
 }
 
 impl<B: Backend> EngineLoop<B> {
-    /// Checks a decode's breakpoints against model `m` and the input it feeds (already added to
-    /// session `id`); `None` without breakpoints.
+    /// Checks a decode's (`prefill`: a prefill's) breakpoints against model `m` and the input it
+    /// feeds (already added to session `id`); `None` without breakpoints.
     pub(super) fn check_breakpoints(
         &self,
         m: usize,
         id: u64,
         layers: &[u32],
+        prefill: bool,
     ) -> Result<Option<Box<BreakState>>, Refusal> {
         if layers.is_empty() {
             return Ok(None);
@@ -92,6 +114,11 @@ impl<B: Backend> EngineLoop<B> {
         }
         let s = &self.sessions[&id];
         let feed = s.tokens.len() - s.kv;
+        if feed == 0 {
+            let msg = "nothing to feed: a prefill's pass with breakpoints fed every token already (send input \
+                       with the breakpoints, or decode without them)";
+            return Err(Refusal::new(Status::BadArgument, msg));
+        }
         if feed > eng.max_step_tokens() {
             let msg = format!(
                 "input of {feed} tokens with breakpoints must run in one pass of at most {} (--max-step-tokens)",
@@ -107,7 +134,27 @@ impl<B: Backend> EngineLoop<B> {
             paused_since: None,
             patched: false,
             swaps: 0,
+            end: prefill.then_some(l as u32),
+            from_held: false,
         })))
+    }
+
+    /// For a decode with no input on session `id`: the session's held row as its first
+    /// token's source, when it holds a valid one.
+    pub(super) fn held_start(&self, id: u64) -> Option<Box<BreakState>> {
+        let s = &self.sessions[&id];
+        let row = s.held_row()?;
+        Some(Box::new(BreakState {
+            layers: Vec::new(),
+            next: 0,
+            at: Some(self.models[s.model].engine.config().layers),
+            hidden: row.to_vec(),
+            paused_since: None,
+            patched: false,
+            swaps: 0,
+            end: None,
+            from_held: true,
+        }))
     }
 
     /// Runs one part of every running (not paused) breakpoint pass of model `m`, and ends the
@@ -117,7 +164,7 @@ impl<B: Backend> EngineLoop<B> {
     pub(super) fn step_breakpoints(&mut self, m: usize) -> bool {
         let now = Instant::now();
         let mut run: Vec<(Point, u64)> = Vec::new();
-        let mut expired = Vec::new();
+        let (mut expired, mut held, mut commit) = (Vec::new(), Vec::new(), Vec::new());
         for &id in &self.order {
             let s = &self.sessions[&id];
             let Work::Decode(d) = &s.work else { continue };
@@ -126,12 +173,20 @@ impl<B: Backend> EngineLoop<B> {
                     Some(t) if now.duration_since(t) >= self.pause_lease => expired.push(id),
                     Some(_) => {}
                     None if d.ans.conn.out.is_full() => {}
+                    None if b.from_held => held.push(id),
+                    None if b.commits_now() => commit.push(id),
                     None => run.push((b.point(), id)),
                 },
                 _ => {}
             }
         }
-        let mut progressed = !expired.is_empty();
+        let mut progressed = !expired.is_empty() || !commit.is_empty();
+        for id in commit {
+            self.commit_prefill(m, id, None);
+        }
+        if !held.is_empty() {
+            progressed |= self.sample_held(m, &held);
+        }
         for id in expired {
             tracing::info!(session = id, "breakpoint lease over: rolling the request back");
             let msg = "the pause's lease (breakpoint_lease_ms) ran out; the request was rolled back";
@@ -191,7 +246,7 @@ impl<B: Backend> EngineLoop<B> {
     /// nothing; a failure while running rolls every pass of the part back), so one bad pass
     /// fails alone.
     fn run_parts(&mut self, m: usize, point: Point, ids: &[u64]) -> bool {
-        let ids = &self.charge_states(m, point, ids)[..];
+        let ids = &self.charge_states(m, ids)[..];
         if ids.is_empty() {
             return false;
         }
@@ -251,6 +306,13 @@ impl<B: Backend> EngineLoop<B> {
             let Work::Decode(d) = &mut s.work else { unreachable!("formed from decodes") };
             let b = d.brk.as_mut().expect("formed from breakpoint passes");
             let feed = s.tokens.len() - s.kv;
+            if stop.is_some() && !b.pauses_next() {
+                // A prefill's pass past its breakpoints ran to layer L: it commits.
+                let last = hidden[(row + feed - 1) * h..(row + feed) * h].to_vec();
+                row += feed;
+                self.commit_prefill(m, id, Some(last));
+                continue;
+            }
             match stop {
                 Some(layer) => {
                     b.hidden.clear();
@@ -288,7 +350,7 @@ impl<B: Backend> EngineLoop<B> {
     /// releases their charge when the part ends the passes; returns the passes that may run:
     /// a new pass with no room for its state, or whose charge leaves the part's KV no room
     /// (`batch_fits` again, the charge counted), waits for a later part, uncharged.
-    fn charge_states(&mut self, m: usize, point: Point, ids: &[u64]) -> Vec<u64> {
+    fn charge_states(&mut self, m: usize, ids: &[u64]) -> Vec<u64> {
         let h = self.models[m].engine.config().hidden_size;
         let bt = self.models[m].engine.model().block_tokens();
         // Blocks the part may append into: every pass's whole KV (a swapped one comes back).
@@ -297,11 +359,14 @@ impl<B: Backend> EngineLoop<B> {
         for &id in ids {
             let s = &self.sessions[&id];
             let (vs, feed) = (s.vs, s.tokens.len() - s.kv);
-            let fresh = matches!(&s.work, Work::Decode(d) if d.brk.as_ref().is_some_and(|b| !b.started()));
+            let (fresh, pauses) = match &s.work {
+                Work::Decode(d) => d.brk.as_ref().map_or((false, false), |b| (!b.started(), b.pauses_next())),
+                _ => (false, false),
+            };
             let eng = &mut self.models[m].engine;
-            let charged = match point.1 {
-                Some(_) => eng.hold_paused_state(vs, feed * h * 4, keep).map(drop),
-                None => eng.release_paused_state(vs),
+            let charged = match pauses {
+                true => eng.hold_paused_state(vs, feed * h * 4, keep).map(drop),
+                false => eng.release_paused_state(vs),
             };
             match charged {
                 Ok(()) => {
@@ -324,6 +389,90 @@ impl<B: Backend> EngineLoop<B> {
             }
         }
         run
+    }
+
+    /// Commits the prefill pass of session `id` that ran every layer (`last`: its last row's
+    /// state after L layers, else the state it paused with at L): the session keeps that row
+    /// for the next decode, and the prefill is answered.
+    fn commit_prefill(&mut self, m: usize, id: u64, last: Option<Vec<f32>>) {
+        let h = self.models[m].engine.config().hidden_size;
+        let vs = self.sessions[&id].vs;
+        if let Err(e) = self.models[m].engine.commit_pass(vs) {
+            self.fail_part(m, id, &e);
+            return;
+        }
+        let s = self.sessions.get_mut(&id).expect("a pass's session exists");
+        let Work::Decode(d) = std::mem::replace(&mut s.work, Work::Idle) else { unreachable!("a prefill's pass") };
+        let b = d.brk.as_deref().expect("a prefill's pass");
+        let row = last.unwrap_or_else(|| b.hidden[b.hidden.len() - h..].to_vec());
+        s.kv = s.tokens.len();
+        s.held = Some((s.kv, row.into_boxed_slice()));
+        if b.patched {
+            s.recomputable = false;
+        }
+        s.cancel = false;
+        let r = PrefillReply { prompt_tokens: d.prompt_tokens, context_tokens: s.tokens.len() as u32 };
+        d.ans.ok(&r.to_meta(), &[]);
+        self.order.retain(|&o| o != id);
+        self.settle_kv(id);
+    }
+
+    /// Samples the first token of the decodes of `ids` from their sessions' held rows, in
+    /// batched parts within `breakpoint_part_passes_max` and the KV that fits now; a session
+    /// whose KV was dropped since (preempted) decodes as usual instead (its tokens re-fed).
+    fn sample_held(&mut self, m: usize, ids: &[u64]) -> bool {
+        let eng = &self.models[m].engine;
+        let seats = eng.model().scratch.limits().max_seqs.min(self.part_passes_max);
+        let (mut batch, mut fits) = (Vec::new(), Vec::new());
+        let mut progressed = false;
+        for &id in ids {
+            let s = self.sessions.get_mut(&id).expect("listed from sessions");
+            let valid = s.held_row().is_some();
+            let Work::Decode(d) = &mut s.work else { continue };
+            if !valid {
+                d.brk = None;
+                progressed = true;
+                continue;
+            }
+            fits.push((s.vs, 0));
+            if batch.len() == seats || !self.models[m].engine.batch_fits(&fits) {
+                fits.pop();
+                continue;
+            }
+            batch.push(id);
+        }
+        if batch.is_empty() {
+            return progressed;
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut params = Vec::with_capacity(batch.len());
+        let mut want_logits = false;
+        for id in &batch {
+            let s = &self.sessions[id];
+            let Work::Decode(d) = &s.work else { unreachable!("listed from decodes") };
+            let b = d.brk.as_deref().expect("listed from held decodes");
+            rows.push(HeldRow { id: s.vs, token: s.tokens[s.tokens.len() - 1], hidden: &b.hidden });
+            params.push(SampleParams { step: 0, ..d.params });
+            want_logits |= d.logits != LogitsWire::None;
+        }
+        let (mut sampled, mut logits) = (Vec::new(), Vec::new());
+        let want = want_logits.then_some(&mut logits);
+        let ran = self.models[m].engine.sample_held(&rows, &params, want, &mut sampled);
+        drop(rows);
+        let vocab = self.models[m].engine.config().vocab_size;
+        for (i, &id) in batch.iter().enumerate() {
+            if let Err(e) = &ran {
+                tracing::warn!(session = id, error = %e, "sampling from the held row failed");
+                self.end_work(id, Err((model_status(e), &e.to_string())), FinishWire::Cancelled);
+                continue;
+            }
+            if let Some(Work::Decode(d)) = self.sessions.get_mut(&id).map(|s| &mut s.work) {
+                d.brk = None;
+            }
+            let row = (!logits.is_empty()).then(|| &logits[i * vocab..(i + 1) * vocab]);
+            self.on_token(m, id, sampled[i], row);
+        }
+        true
     }
 
     /// A part of a pass failed: the request ends with the error, and the pass is rolled back

@@ -17,7 +17,7 @@ impl<B: Backend> EngineLoop<B> {
         let r = match req {
             Request::Open(r) => self.open(ans, tenant, &r.model, r.max_tokens, Class::of(r.qos, r.deadline_ms)),
             Request::Attach(id) => self.attach(ans, &tenant, id),
-            Request::Prefill(r) => self.prefill(ans, &tenant, r.session, r.input),
+            Request::Prefill(r) => self.prefill(ans, &tenant, r.session, r.input, r.breakpoints),
             Request::Append(r) => self.append(ans, &tenant, r.session, r.role, r.text),
             Request::Decode(r) => self.decode(ans, &tenant, Box::new(r), None),
             Request::Chat(r, turns) => self.decode(ans, &tenant, Box::new(r), Some(turns)),
@@ -112,6 +112,7 @@ impl<B: Backend> EngineLoop<B> {
                 work: Work::Idle,
                 cancel: false,
                 recomputable: true,
+                held: None,
                 class,
                 since: Instant::now(),
                 quota,
@@ -175,14 +176,73 @@ impl<B: Backend> EngineLoop<B> {
         tenant: &TenantId,
         id: u64,
         input: PrefillInput,
+        breakpoints: Vec<u32>,
     ) -> Result<(), (Answer, Refusal)> {
         if let Err(r) = self.lookup_idle(tenant, id, &ans.conn) {
             return Err((ans, r));
         }
         match input {
-            PrefillInput::Ids(ids) => self.start_feed(ans, id, &ids),
-            PrefillInput::Text(text) => self.tokenize_raw(ans, id, text, Then::Prefill),
+            PrefillInput::Ids(ids) => self.start_prefill(ans, id, &ids, breakpoints),
+            PrefillInput::Text(text) => self.tokenize_raw(ans, id, text, Then::Prefill(breakpoints)),
         }
+    }
+
+    /// A prefill of `new`: fed as a feed without breakpoints; with them, every token the
+    /// session has not fed (the pending one and `new`) in one pass that pauses at each layer
+    /// and commits after the last, keeping the last token's state for the next decode
+    /// ([`super::breakpoint`]).
+    pub(super) fn start_prefill(
+        &mut self,
+        ans: Answer,
+        id: u64,
+        new: &[u32],
+        layers: Vec<u32>,
+    ) -> Result<(), (Answer, Refusal)> {
+        if layers.is_empty() {
+            return self.start_feed(ans, id, new);
+        }
+        let m = self.sessions[&id].model;
+        let len = self.sessions[&id].tokens.len() + new.len();
+        let base = match self.reserve_kv(id, len).and_then(|()| self.add_tokens(id, new)) {
+            Ok(b) => b,
+            Err(r) => return Err((ans, r)),
+        };
+        let s = &self.sessions[&id];
+        if s.tokens.len() == s.kv {
+            // Nothing unfed (no input after a pass that fed everything): nothing to pause in.
+            let r = PrefillReply { prompt_tokens: 0, context_tokens: s.tokens.len() as u32 };
+            ans.ok(&r.to_meta(), &[]);
+            return Ok(());
+        }
+        let brk = match self.check_breakpoints(m, id, &layers, true) {
+            Ok(b) => b,
+            Err(e) => {
+                self.sessions.get_mut(&id).expect("looked up above").tokens.truncate(base);
+                return Err((ans, e));
+            }
+        };
+        let state = DecodeState {
+            prompt_tokens: new.len() as u32,
+            base,
+            turns: 0,
+            params: SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, step: 0 },
+            max_new: 0,
+            produced: 0,
+            ignore_eos: false,
+            logits: LogitsWire::None,
+            detok: Detokenizer::new(),
+            stops: StopStrings::new(Vec::new()),
+            last: ans.received,
+            brk,
+            prefill: true,
+            ans,
+        };
+        let s = self.sessions.get_mut(&id).expect("looked up above");
+        s.cancel = false;
+        s.work = Work::Decode(Box::new(state));
+        s.since = Instant::now();
+        self.order.push_back(id);
+        Ok(())
     }
 
     pub(super) fn append(
@@ -283,7 +343,7 @@ impl<B: Backend> EngineLoop<B> {
             }
             return Err((ans, e));
         }
-        let brk = match self.check_breakpoints(m, r.session, &r.breakpoints) {
+        let brk = match self.check_breakpoints(m, r.session, &r.breakpoints, false) {
             Ok(b) => b,
             Err(e) => {
                 let s = self.sessions.get_mut(&r.session).expect("looked up above");
@@ -292,9 +352,15 @@ impl<B: Backend> EngineLoop<B> {
                 return Err((ans, e));
             }
         };
+        // Nothing to feed after a prefill's pass that fed every token: the first token comes
+        // from the state it held back.
+        let brk = match brk {
+            None => self.held_start(r.session),
+            b => b,
+        };
         let s = self.sessions.get_mut(&r.session).expect("looked up above");
         let prompt_tokens = (s.tokens.len() - base) as u32;
-        if s.tokens.len() == s.kv {
+        if s.tokens.len() == s.kv && brk.is_none() {
             // A turn that added no token leaves no trace either.
             s.conv.pop_turns(recorded);
             let msg = "nothing to decode from: prefill or append input first";
@@ -321,6 +387,7 @@ impl<B: Backend> EngineLoop<B> {
             stops: StopStrings::new(r.stop),
             last: ans.received,
             brk,
+            prefill: false,
             ans,
         };
         s.cancel = false;

@@ -56,11 +56,13 @@ impl<B: Backend> EngineLoop<B> {
                     }
                     s.tokens.truncate(d.base.max(s.kv));
                 }
-                if !s.conv.is_empty() {
+                if !s.conv.is_empty() && !d.prefill {
                     s.conv.push_assistant(d.stops.text());
                 }
                 match err {
                     Err((status, msg)) => d.ans.err(status, msg),
+                    // A prefill's pass that did not commit was rolled back above.
+                    Ok(()) if d.prefill => d.ans.err(Status::Cancelled, "the prefill was cancelled and rolled back"),
                     Ok(()) => {
                         let r = SessionDecodeReply {
                             tokens: d.produced,

@@ -20,8 +20,12 @@ pub(super) struct DecodeState {
     pub(super) detok: Detokenizer,
     pub(super) stops: StopStrings,
     pub(super) last: Instant,
-    /// The input pass's breakpoints, while it has not finished ([`super::breakpoint`]).
+    /// The input pass's breakpoints, while it has not finished ([`super::breakpoint`]); for a
+    /// decode that samples its first token from the session's held row, that row.
     pub(super) brk: Option<Box<super::breakpoint::BreakState>>,
+    /// A prefill's pass with breakpoints, not a decode: it samples nothing and ends with a
+    /// `PrefillReply` when it commits ([`super::breakpoint`]).
+    pub(super) prefill: bool,
 }
 
 pub(super) enum Work {
@@ -55,6 +59,11 @@ pub(super) struct Session {
     /// true unless the KV holds something the tokens do not say (e.g. a patched hidden state),
     /// which whoever patches it must clear.
     pub(super) recomputable: bool,
+    /// The state after every layer (before the final norm) of the last token, which a prefill's
+    /// breakpoint pass fed with the rest (`hidden` f32): the next decode samples from it.
+    /// Valid only while the KV holds every token and there are `held.0` of them (anything that
+    /// adds, drops or rolls back tokens makes it stale without touching it).
+    pub(super) held: Option<(usize, Box<[f32]>)>,
     /// Its QoS class (from the open's class and deadline).
     pub(super) class: Class,
     /// When its work was last seated in a step, or arrived: escalation and fairness.
@@ -65,6 +74,14 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// The held row of the last token, while it is valid.
+    pub(super) fn held_row(&self) -> Option<&[f32]> {
+        match &self.held {
+            Some((n, row)) if *n == self.tokens.len() && self.kv == *n => Some(row),
+            _ => None,
+        }
+    }
+
     pub(super) fn has_work(&self) -> bool {
         !matches!(self.work, Work::Idle)
     }

@@ -13,7 +13,8 @@ use crate::session::tokenizer_pool::{PoolFull, TextInput, TokenizeDone, Tokenize
 
 /// The request a session's text belongs to, continued with its ids.
 pub(super) enum Then {
-    Prefill,
+    /// A prefill, with its breakpoint layers (empty: none).
+    Prefill(Vec<u32>),
     Append,
     Decode(Box<SessionDecodeReq>),
 }
@@ -160,7 +161,7 @@ impl<B: Backend> EngineLoop<B> {
         let r = match result {
             Err(e) => Err((ans, Refusal::new(Status::BadArgument, e))),
             Ok(TurnIds { ids, turns }) => match t.then {
-                Then::Prefill => self.start_feed(ans, id, &ids),
+                Then::Prefill(layers) => self.start_prefill(ans, id, &ids, layers),
                 Then::Append => {
                     let r = self.start_feed(ans, id, &ids);
                     if r.is_err() {
