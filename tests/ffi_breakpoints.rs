@@ -1,7 +1,8 @@
 //! Breakpoints through the C ABI: `ffi/examples/breakpoints.c` compiled with `cc` against
 //! `djinn.h` and the built `libdjinn.so`, run against a real server over tcp and shm on the
 //! 4-layer reference checkpoint: it pauses after every layer (reading each state), optionally
-//! writes the state back, and must generate transformers' greedy tokens.
+//! writes the state back, and must generate transformers' greedy tokens — with the pauses in a
+//! decode's input pass, and (`-p`) in a prefill's whose kept state the decode samples from.
 
 mod common;
 
@@ -49,8 +50,11 @@ fn c_example_pauses_and_resumes(t: Transport) {
     let ids: Vec<String> = rec.prompt.iter().map(u32::to_string).collect();
     let layers: Vec<String> = (1..=rec.layers).map(|n| n.to_string()).collect();
     let want: Vec<String> = rec.greedy.iter().map(u32::to_string).collect();
-    for patch in [None, Some("1.0")] {
+    for (prefill, patch) in [(false, None), (false, Some("1.0")), (true, None), (true, Some("1.0"))] {
         let mut cmd = Command::new(&exe);
+        if prefill {
+            cmd.arg("-p");
+        }
         if let Some(s) = patch {
             cmd.args(["-s", s]);
         }
@@ -73,7 +77,7 @@ fn c_example_pauses_and_resumes(t: Transport) {
             assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "layer {n}: sum {got} vs {want}");
         }
         let ids_line = stdout.lines().find_map(|l| l.strip_prefix("ids:")).expect("an ids line");
-        assert_eq!(ids_line.split_whitespace().collect::<Vec<_>>(), want, "patch {patch:?}");
+        assert_eq!(ids_line.split_whitespace().collect::<Vec<_>>(), want, "prefill {prefill}, patch {patch:?}");
     }
     let _ = std::fs::remove_file(&exe);
 }

@@ -2,7 +2,10 @@
  * breakpoints.c: pause a session's input pass after some layers, read (and optionally scale)
  * the hidden state, resume, and print the generated ids.
  *
- *   ./breakpoints [-s SCALE] URL MODEL LAYERS IDS MAX_NEW_TOKENS
+ *   ./breakpoints [-p] [-s SCALE] URL MODEL LAYERS IDS MAX_NEW_TOKENS
+ *
+ * With -p the pauses are in a prefill of IDS (djinn_prefill_ids_breakpoints), and the tokens
+ * come from a generate without input after it, sampled from the state the prefill kept.
  *
  * LAYERS and IDS are comma-separated (`1,2,4`, `5,17,99`). At each pause it prints one line
  * `pause LAYER TOKENS HIDDEN SUM` (SUM = the sum of the state read); with -s it multiplies the
@@ -85,14 +88,19 @@ int main(int argc, char **argv) {
     djinn_decode_params params;
     djinn_generate_result res;
     size_t n_ids, n_layers, i;
-    int a = 1, rc;
-    if (argc > 2 && strcmp(argv[1], "-s") == 0) {
+    int a = 1, rc, prefill = 0;
+    uint32_t context = 0;
+    if (argc > 1 && strcmp(argv[1], "-p") == 0) {
+        prefill = 1;
+        a = 2;
+    }
+    if (argc > a + 1 && strcmp(argv[a], "-s") == 0) {
         r.patch = 1;
-        r.scale = (float)atof(argv[2]);
-        a = 3;
+        r.scale = (float)atof(argv[a + 1]);
+        a += 2;
     }
     if (argc - a != 5) {
-        fprintf(stderr, "usage: %s [-s SCALE] URL MODEL LAYERS IDS MAX_NEW_TOKENS\n", argv[0]);
+        fprintf(stderr, "usage: %s [-p] [-s SCALE] URL MODEL LAYERS IDS MAX_NEW_TOKENS\n", argv[0]);
         return 2;
     }
     n_layers = parse_list(argv[a + 2], layers, LAYERS_MAX);
@@ -109,8 +117,17 @@ int main(int argc, char **argv) {
     djinn_decode_params_default(&params);
     params.max_new_tokens = (uint32_t)atoi(argv[a + 4]);
     params.ignore_eos = 1;
-    rc = djinn_generate_ids_breakpoints(client, info.session, ids, n_ids, layers, n_layers, &params, on_token,
-                                        on_pause, &r, &res);
+    if (prefill) {
+        rc = djinn_prefill_ids_breakpoints(client, info.session, ids, n_ids, layers, n_layers, on_pause, &r, &context);
+        if (rc != DJINN_OK || context != n_ids) {
+            fprintf(stderr, "prefill: %s (%s), %u tokens\n", djinn_last_error(), djinn_code_name(rc), context);
+            return 1;
+        }
+        rc = djinn_generate_ids(client, info.session, NULL, 0, &params, on_token, &r, &res);
+    } else {
+        rc = djinn_generate_ids_breakpoints(client, info.session, ids, n_ids, layers, n_layers, &params, on_token,
+                                            on_pause, &r, &res);
+    }
     if (rc != DJINN_OK) {
         fprintf(stderr, "generate: %s (%s)\n", djinn_last_error(), djinn_code_name(rc));
         return 1;

@@ -216,6 +216,16 @@ int djinn_generate_ids_breakpoints(djinn_client *client, uint64_t session, const
                                    djinn_token_cb cb, djinn_pause_cb pause_cb, void *user,
                                    djinn_generate_result *out);
 
+/* A prefill of the n_ids ids (at least one) whose pass pauses after each of the n_layers
+ * increasing `layers`, as djinn_generate_ids_breakpoints. Its pass feeds every id, the last
+ * included (states are [tokens, hidden] over all of them, led by a token an earlier call left
+ * pending), and the session keeps the last token's state: the next djinn_generate_ids with no
+ * ids samples its first token from it. *context_tokens (may be NULL) receives the session's
+ * length after the prefill. A cancel rolls the prefill back (DJINN_E_CANCELLED). */
+int djinn_prefill_ids_breakpoints(djinn_client *client, uint64_t session, const uint32_t *ids, size_t n_ids,
+                                  const uint32_t *layers, size_t n_layers, djinn_pause_cb pause_cb, void *user,
+                                  uint32_t *context_tokens);
+
 /* Copies the paused hidden state into out (n = tokens * hidden floats). */
 int djinn_pause_read(djinn_pause *pause, float *out, size_t n);
 

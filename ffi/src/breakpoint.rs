@@ -3,6 +3,8 @@
 //! `djinn_pause` handle, valid only during that callback, through which it reads
 //! ([`djinn_pause_read`]) or replaces ([`djinn_pause_write`]) the hidden state; returning 0
 //! resumes, non-zero cancels (the request ends cancelled and the session is as before it).
+//! [`djinn_prefill_ids_breakpoints`] does the same for a prefill: its pass feeds every id, and
+//! the next generate without input samples its first token from the state the pass kept.
 //!
 //! The client stays leased for the whole call; the handle reaches it through a raw pointer that
 //! is only dereferenced while the callback runs, when the Rust side does not touch the client.
@@ -64,25 +66,76 @@ pub unsafe extern "C" fn djinn_generate_ids_breakpoints(
         // SAFETY: per this function's contract.
         let mut fwd = unsafe { TokenForwarder::new(cb, user) };
         let on_token = |ev: &TokenEvent<'_>| fwd.on_token(ev);
-        let on_pause = |c: &mut Client, note: &djinn_proto::PausedNote| {
-            let Some(f) = pause_cb else { return c.resume(session) };
-            let mut pause =
-                DjinnPause { client: c, session, layer: note.layer, tokens: note.tokens, hidden: note.hidden };
-            // SAFETY: the caller vouches for `f` and `user`; `pause` lives across the call and
-            // its client pointer is used only by `djinn_pause_*` during it.
-            let rc = unsafe { f(user, &mut pause, note.layer, note.tokens, note.hidden) };
-            if rc == 0 {
-                c.resume(session)
-            } else {
-                c.cancel(session)
-            }
-        };
+        let on_pause =
+            |c: &mut Client, note: &djinn_proto::PausedNote| pause_callback(pause_cb, user, c, session, note);
         let summary =
             client.generate_with_breakpoints(session, ClientFeed::Ids(ids), &opts, layers, on_token, on_pause)?;
         // SAFETY: per this function's contract.
         unsafe { fwd.write_result(&summary, out) };
         Ok(())
     })
+}
+
+/// See `djinn.h`.
+///
+/// # Safety
+/// `client` as in [`djinn_generate_ids`]; `ids` readable for `n_ids` u32, `layers` for
+/// `n_layers`; `pause_cb` NULL or callable with `user` during the call; `context_tokens` NULL or
+/// writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn djinn_prefill_ids_breakpoints(
+    client: *mut DjinnClient,
+    session: u64,
+    ids: *const u32,
+    n_ids: usize,
+    layers: *const u32,
+    n_layers: usize,
+    pause_cb: DjinnPauseCb,
+    user: *mut c_void,
+    context_tokens: *mut u32,
+) -> c_int {
+    guard("djinn_prefill_ids_breakpoints", || {
+        // SAFETY: per this function's contract.
+        let mut client = unsafe { client_arg(client) }?;
+        if ids.is_null() || n_ids == 0 {
+            return Err(FfiError::new(DJINN_E_NULL_ARG, "ids: a pass with breakpoints needs input ids"));
+        }
+        if layers.is_null() || n_layers == 0 || n_layers > BREAKPOINTS_MAX {
+            return Err(FfiError::new(DJINN_E_INVALID_ARG, format!("layers: 1..={BREAKPOINTS_MAX} layers needed")));
+        }
+        // SAFETY: non-NULL, readable for the call per this function's contract.
+        let (ids, layers) =
+            unsafe { (std::slice::from_raw_parts(ids, n_ids), std::slice::from_raw_parts(layers, n_layers)) };
+        let on_pause =
+            |c: &mut Client, note: &djinn_proto::PausedNote| pause_callback(pause_cb, user, c, session, note);
+        let r = client.prefill_with_breakpoints(session, djinn_client::Input::Ids(ids), layers, on_pause)?;
+        // SAFETY: NULL or writable per this function's contract.
+        if let Some(out) = unsafe { context_tokens.as_mut() } {
+            *out = r.context_tokens;
+        }
+        Ok(())
+    })
+}
+
+/// Runs the caller's pause callback (NULL: resume at once) and resumes or cancels as it says.
+fn pause_callback(
+    pause_cb: DjinnPauseCb,
+    user: *mut c_void,
+    c: &mut Client,
+    session: u64,
+    note: &djinn_proto::PausedNote,
+) -> djinn_client::Result<()> {
+    let Some(f) = pause_cb else { return c.resume(session) };
+    let mut pause = DjinnPause { client: c, session, layer: note.layer, tokens: note.tokens, hidden: note.hidden };
+    // SAFETY: the caller vouched for `f` and `user` for the call; `pause` lives across the call
+    // and its client pointer is used only by `djinn_pause_*` during it.
+    let rc = unsafe { f(user, &mut pause, note.layer, note.tokens, note.hidden) };
+    if rc == 0 {
+        c.resume(session)
+    } else {
+        c.cancel(session)
+    }
 }
 
 /// The pause behind a handle.

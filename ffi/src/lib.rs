@@ -31,7 +31,10 @@ use djinn_transport::ByteCounters;
 
 mod breakpoint;
 mod forward;
-pub use breakpoint::{djinn_generate_ids_breakpoints, djinn_pause_read, djinn_pause_write, DjinnPause, DjinnPauseCb};
+pub use breakpoint::{
+    djinn_generate_ids_breakpoints, djinn_pause_read, djinn_pause_write, djinn_prefill_ids_breakpoints, DjinnPause,
+    DjinnPauseCb,
+};
 use forward::TokenForwarder;
 
 /// Success.
