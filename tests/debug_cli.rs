@@ -1,6 +1,7 @@
 //! `djinn-dataplane debug` as a user runs it: the real binary on the committed 4-layer reference
 //! checkpoint, checked against what transformers recorded (`breakpoints.json`): the dumped
-//! hidden states, the unpatched continuation, a patched one, and a refused layer.
+//! hidden states, the unpatched continuation, a patched one (both also with the pauses in a
+//! prefill, `--prefill`), and a refused layer.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,6 +47,8 @@ fn dumps_match_transformers_and_resume_continues() {
     let out = debug(&model, &rec, &["--break-at", &all.join(","), "--dump-dir", dump.to_str().unwrap()]);
     let (toks, v) = tokens(&out);
     assert_eq!(toks, rec.greedy);
+    let pre = debug(&model, &rec, &["--prefill", "--break-at", "2", "--dump-dir", dump.to_str().unwrap()]);
+    assert_eq!(tokens(&pre).0, rec.greedy, "--prefill");
     let pauses = v["pauses"].as_array().unwrap();
     assert_eq!(pauses.len(), rec.layers);
     for (p, n) in pauses.iter().zip(1..) {
@@ -84,6 +87,11 @@ fn patch_dir_replaces_the_state() {
             ],
         );
         assert_eq!(tokens(&out).0, p.greedy, "patch at layer {}", p.layer);
+        // The same patch in a prefill's pass: the decode after it samples from the kept state.
+        let layer = p.layer.to_string();
+        let (d, q) = (dump.to_str().unwrap(), patches.to_str().unwrap());
+        let out = debug(&model, &rec, &["--prefill", "--break-at", &layer, "--dump-dir", d, "--patch-dir", q]);
+        assert_eq!(tokens(&out).0, p.greedy, "prefill patched at layer {}", p.layer);
         std::fs::remove_file(patches.join(format!("layer-{}.npy", p.layer))).unwrap();
     }
     // A patch of the wrong shape is refused, naming the file.

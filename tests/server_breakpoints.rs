@@ -355,23 +355,27 @@ fn debug_cli_remote(t: Transport) {
     djinn_dataplane::npy::write_f32(&patches.join("layer-2.npy"), &[p.hidden.len(), p.hidden[0].len()], &values)
         .unwrap();
     let ids: Vec<String> = rec.prompt.iter().map(u32::to_string).collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
-        .args(["debug", "--server", srv.url(), "--model", MODEL, "--json", "--ignore-eos", "--break-at", "1,2"])
-        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &rec.greedy.len().to_string()])
-        .arg("--dump-dir")
-        .arg(&dump)
-        .arg("--patch-dir")
-        .arg(&patches)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let toks: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
-    assert_eq!(toks, p.greedy);
-    assert_eq!(v["pauses"].as_array().unwrap().len(), 2);
-    let (shape, l1) = djinn_dataplane::npy::read_f32(&dump.join("layer-1.npy")).unwrap();
-    assert_eq!(shape, [rec.prompt.len(), p.hidden[0].len()]);
-    assert!(rel_err(&l1, &rec.hidden[0].hidden.concat()) <= 1e-4);
+    // The pauses in the decode's input pass, then (`--prefill`) in a prefill's.
+    for mode in [&[][..], &["--prefill"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
+            .args(["debug", "--server", srv.url(), "--model", MODEL, "--json", "--ignore-eos", "--break-at", "1,2"])
+            .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &rec.greedy.len().to_string()])
+            .args(mode)
+            .arg("--dump-dir")
+            .arg(&dump)
+            .arg("--patch-dir")
+            .arg(&patches)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let toks: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+        assert_eq!(toks, p.greedy, "{mode:?}");
+        assert_eq!(v["pauses"].as_array().unwrap().len(), 2);
+        let (shape, l1) = djinn_dataplane::npy::read_f32(&dump.join("layer-1.npy")).unwrap();
+        assert_eq!(shape, [rec.prompt.len(), p.hidden[0].len()]);
+        assert!(rel_err(&l1, &rec.hidden[0].hidden.concat()) <= 1e-4);
+    }
     std::fs::remove_dir_all(&base).unwrap();
 }
 

@@ -6,6 +6,10 @@
 //! With `--server URL --model NAME` the same runs in a session on the server (a decode with
 //! breakpoints; the states travel as f32), timed on this host.
 //!
+//! With `--prefill` the breakpoints are on a prefill of the prompt (its pass feeds every token,
+//! the last included, and commits after the last layer); the decode that follows feeds nothing
+//! and samples its first token from the state the prefill kept. The tokens are the same.
+//!
 //! `pause_ms` is the compute from the start of the pass (or the previous resume) to the pause,
 //! reading the state included; `resume_ms` runs from resuming to the next pause or the first
 //! sampled token. `--prompt` is tokenized as `generate --prompt` does (no chat template).
@@ -49,6 +53,10 @@ pub struct Args {
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Pause in a prefill of the prompt, then decode from the state it kept (else the pauses
+    /// are in the decode's input pass).
+    #[arg(long)]
+    pub prefill: bool,
 }
 
 /// One breakpoint's timings.
@@ -132,42 +140,46 @@ fn run_remote(args: &Args) -> anyhow::Result<()> {
     let pauses: std::cell::RefCell<Vec<Pause>> = Default::default();
     let t = std::cell::Cell::new(Instant::now());
     let mut failed: Option<anyhow::Error> = None;
-    let r = client.generate_with_breakpoints(
-        sid,
-        feed,
-        &opts,
-        &layers,
-        |ev| {
-            if tokens.is_empty() {
-                if let Some(p) = pauses.borrow_mut().last_mut() {
-                    p.resume_ms = t.get().elapsed().as_secs_f64() * 1e3;
-                }
+    let on_token = |ev: &djinn_client::TokenEvent<'_>| {
+        if tokens.is_empty() {
+            if let Some(p) = pauses.borrow_mut().last_mut() {
+                p.resume_ms = t.get().elapsed().as_secs_f64() * 1e3;
             }
-            tokens.push(ev.token);
-            text.push_str(ev.text);
-            true
-        },
-        |c, note| {
-            let ms = t.get().elapsed().as_secs_f64() * 1e3;
-            let mut pauses = pauses.borrow_mut();
-            if let Some(p) = pauses.last_mut() {
-                p.resume_ms = ms;
+        }
+        tokens.push(ev.token);
+        text.push_str(ev.text);
+        true
+    };
+    let on_pause = |c: &mut djinn_client::Client, note: &djinn_proto::PausedNote| {
+        let ms = t.get().elapsed().as_secs_f64() * 1e3;
+        let mut pauses = pauses.borrow_mut();
+        if let Some(p) = pauses.last_mut() {
+            p.resume_ms = ms;
+        }
+        pauses.push(Pause { layer: note.layer as usize, pause_ms: ms, resume_ms: 0.0 });
+        let (desc, hidden) = c.read_hidden_f32(sid)?;
+        let shape = [desc.tokens as usize, desc.hidden as usize];
+        match dump_and_patch(args, note.layer as usize, shape, &hidden) {
+            Ok(Some(patch)) => c.write_hidden_f32(sid, desc.layer, desc.tokens, desc.hidden, &patch)?,
+            Ok(None) => {}
+            Err(e) => {
+                failed = Some(e);
+                return c.cancel(sid);
             }
-            pauses.push(Pause { layer: note.layer as usize, pause_ms: ms, resume_ms: 0.0 });
-            let (desc, hidden) = c.read_hidden_f32(sid)?;
-            let shape = [desc.tokens as usize, desc.hidden as usize];
-            match dump_and_patch(args, note.layer as usize, shape, &hidden) {
-                Ok(Some(patch)) => c.write_hidden_f32(sid, desc.layer, desc.tokens, desc.hidden, &patch)?,
-                Ok(None) => {}
-                Err(e) => {
-                    failed = Some(e);
-                    return c.cancel(sid);
-                }
-            }
-            t.set(Instant::now());
-            c.resume(sid)
-        },
-    );
+        }
+        t.set(Instant::now());
+        c.resume(sid)
+    };
+    let r = if args.prefill {
+        let input = match feed {
+            djinn_client::Feed::Ids(ids) => djinn_client::Input::Ids(ids),
+            djinn_client::Feed::Text(text) => djinn_client::Input::Text(text),
+            djinn_client::Feed::Turn { .. } => unreachable!("the prompt is ids or text"),
+        };
+        client.prefill_with_breakpoints(sid, input, &layers, on_pause).and_then(|_| client.decode(sid, &opts, on_token))
+    } else {
+        client.generate_with_breakpoints(sid, feed, &opts, &layers, on_token, on_pause)
+    };
     let closed = client.close_session(sid);
     if let Some(e) = failed {
         return Err(e);
@@ -207,8 +219,28 @@ fn debug<B: Backend>(
     }
     let max_new = args.max_new_tokens.min(eng.max_context_tokens().saturating_sub(prompt.len()));
     let mut tokens: Vec<u32> = Vec::with_capacity(max_new);
+    if args.prefill {
+        // The prefill's pass runs to the last layer and commits, keeping the last row.
+        let layers = eng.config().layers;
+        if from != Some(layers) {
+            eng.pass_to_layer(sid, prompt, from.map(|l| (l, state.as_slice())), layers, &mut hidden)?;
+            std::mem::swap(&mut state, &mut hidden);
+        }
+        eng.commit_pass(sid)?;
+    }
     if max_new > 0 {
-        let first = eng.pass_finish_sample(sid, prompt, (from.unwrap_or(0), &state), greedy, None)?;
+        let first = if args.prefill {
+            let row = djinn_model::HeldRow {
+                id: sid,
+                token: prompt[prompt.len() - 1],
+                hidden: &state[state.len() - hidden_size..],
+            };
+            let mut out = Vec::with_capacity(1);
+            eng.sample_held(&[row], &[greedy], None, &mut out)?;
+            out[0]
+        } else {
+            eng.pass_finish_sample(sid, prompt, (from.unwrap_or(0), &state), greedy, None)?
+        };
         if let Some(p) = pauses.last_mut() {
             p.resume_ms = t.elapsed().as_secs_f64() * 1e3;
         }
@@ -225,7 +257,7 @@ fn debug<B: Backend>(
             eng.step_sample(&[(sid, &[next])], &[greedy], &mut ids)?;
             next = ids[0];
         }
-    } else {
+    } else if !args.prefill {
         eng.cancel_pass(sid)?;
     }
     eng.close_session(sid)?;
