@@ -386,12 +386,14 @@ fn run_bench_breakpoints(
     name: &str,
     sessions: u32,
     break_at: &str,
+    extra: &[&str],
 ) -> (std::path::PathBuf, serde_json::Value) {
     let out_dir = std::env::temp_dir().join(common::unique_name(name));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_djinn-dataplane"))
         .args(["bench", "breakpoints", "--server", srv.url(), "--model", MODEL])
         .args(["--sessions", &sessions.to_string(), "--break-at", break_at, "--hold-ms", "20"])
         .args(["--metrics", srv.metrics.as_deref().unwrap()])
+        .args(extra)
         .arg("--out")
         .arg(&out_dir)
         .output()
@@ -408,7 +410,7 @@ fn bench_breakpoints_passes(t: Transport) {
     let args =
         ["--dtype", "f32", "--kv-capacity-mb", "0.0625", "--host-swap-mb", "1", "--metrics-listen", "127.0.0.1:0"];
     let srv = model_server(t, MODEL, &dir, &args);
-    let (out_dir, r) = run_bench_breakpoints(&srv, "bench-brk", 8, "1,2,4");
+    let (out_dir, r) = run_bench_breakpoints(&srv, "bench-brk", 8, "1,2,4", &[]);
     assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(8), Some(true)));
     // KV and the paused states charged in KV blocks together within capacity; under this
     // pressure states are charged in the host swap pool too.
@@ -429,16 +431,16 @@ fn bench_breakpoints_passes(t: Transport) {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
-/// `bench breakpoints` with KV for the 4 sessions' KV but not their paused states beside it and a
-/// one-block host swap pool: a pass with no room for its state waits (running, not paused) and
-/// every session still finishes with its uninterrupted tokens, KV and paused states within
-/// capacity.
+/// `bench breakpoints` with KV for 2 of the 4 sessions (48-token prompts: 3 blocks of KV and a
+/// 12 KiB state each, so the states' shared pool needs a block per 1.3 states) and a one-block
+/// host swap pool: a pass with no room for its state waits (running, not paused) and every
+/// session still finishes with its uninterrupted tokens, KV and paused states within capacity.
 fn paused_state_waits_for_room(t: Transport) {
     let (dir, _) = record();
     // 16 KiB blocks (4 layers × K/V × 2 heads × 16 dims × f32 × 16 tokens): 6 on the device, 1 host.
     let args = ["--dtype", "f32", "--kv-capacity-mb", "0.09375", "--host-swap-mb", "0.015625"];
     let srv = model_server(t, MODEL, &dir, &[&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat());
-    let (out_dir, r) = run_bench_breakpoints(&srv, "bench-brk-wait", 4, "1,3");
+    let (out_dir, r) = run_bench_breakpoints(&srv, "bench-brk-wait", 4, "1,3", &["--prompt-tokens", "48"]);
     assert_eq!((r["sessions_completed"].as_u64(), r["tokens_match"].as_bool()), (Some(4), Some(true)), "{r}");
     assert!(r["kv_used_bytes_peak"].as_f64() <= r["kv_capacity_bytes"].as_f64());
     assert!(r["paused_kv_charged_bytes_peak"].as_f64().unwrap() > 0.0, "{r}");

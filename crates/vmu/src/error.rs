@@ -63,18 +63,19 @@ pub enum VmuError {
         free_host_blocks: usize,
         pinned_sessions: usize,
     },
-    /// No room for a paused state: neither the device KV blocks nor the host swap pool have
-    /// `needed_blocks` free. Nothing was changed; retry when others resume or end.
+    /// No room for a paused state: neither the device KV blocks nor the host swap pool can take
+    /// `needed_bytes` more into the paused states' pool. Nothing was changed; retry when others
+    /// resume or end.
     #[error(
-        "session {session}: no room for its paused state: {needed_blocks} blocks needed, {free_device_blocks} free \
-         on device, {free_host_blocks} free in the host swap pool ({held_blocks} held by it already)"
+        "session {session}: no room for its paused state of {needed_bytes} bytes: {free_device_blocks} KV blocks \
+         free on device, {free_host_blocks} free in the host swap pool ({held_bytes} bytes held by it already)"
     )]
     PausedNoRoom {
         session: SessionId,
-        needed_blocks: usize,
+        needed_bytes: usize,
         free_device_blocks: usize,
         free_host_blocks: usize,
-        held_blocks: usize,
+        held_bytes: usize,
     },
     #[error("session {0} is swapped out: call ensure_resident first")]
     NotResident(SessionId),

@@ -31,7 +31,7 @@ use prometheus::Registry;
 use crate::config::{RegionPlan, VmuConfig};
 use crate::error::VmuError;
 use crate::metrics::VmuMetrics;
-use crate::paused::PausedHold;
+use crate::paused::{PausedHold, PausedPool};
 use crate::scratch::ScratchArena;
 use crate::victims;
 use crate::weights::{self, PersistentLease, Shared, WeightsLease};
@@ -194,6 +194,8 @@ pub struct Vmu<B: Backend> {
     metrics: VmuMetrics,
     /// Per session slot: its paused state's charge (see `paused.rs`).
     pub(crate) paused: Vec<PausedHold>,
+    /// The blocks the paused states share (see `paused.rs`).
+    pub(crate) paused_pool: PausedPool,
 }
 
 impl<B: Backend> std::fmt::Debug for Vmu<B> {
@@ -260,6 +262,7 @@ impl<B: Backend> Vmu<B> {
             metrics,
             plan,
             paused: vec![PausedHold::default(); cfg.max_sessions],
+            paused_pool: PausedPool::default(),
         };
         vmu.publish();
         tracing::info!(
@@ -1077,14 +1080,7 @@ impl<B: Backend> Vmu<B> {
             }
             swapped += m.swapped as usize;
         }
-        for p in &self.paused {
-            for &b in &p.device {
-                refs[b as usize] += 1;
-            }
-            for &h in &p.host {
-                assert!(!std::mem::replace(&mut host_owner[h as usize], true), "paused host slot {h} owned twice");
-            }
-        }
+        self.check_paused(&mut refs, &mut host_owner);
         assert_eq!(refs, self.refcount, "refcounts disagree with block tables");
         let mut free = vec![false; self.plan.kv_blocks];
         for &b in &self.free_blocks {

@@ -273,9 +273,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Charges `bytes` of paused state (a pass's hidden state while it is paused) to session
-    /// `id` in the VMU, replacing its previous charge: against the KV capacity in whole blocks
-    /// when `keep_free` blocks stay free (what the part producing it appends), else in the host
-    /// swap pool; moved to the host pool when
+    /// `id` in the VMU, replacing its previous charge: against the KV capacity (bytes in a pool of
+    /// whole blocks the paused states share) when `keep_free` blocks stay free (what the part
+    /// producing it appends), else in the host swap pool; moved to the host pool when
     /// the session is swapped out. `VmuError::PausedNoRoom` when neither has room (nothing
     /// changed: the caller waits).
     pub fn hold_paused_state(&mut self, id: SessionId, bytes: usize, keep_free: usize) -> Result<Residency> {

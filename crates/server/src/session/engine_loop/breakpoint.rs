@@ -18,8 +18,8 @@
 //! - A paused session holds no pinned device memory: its KV is swappable like an idle session's
 //!   (the VMU's LRU victim policy). Its hidden state (`[tokens, hidden]` f32, kept here) is
 //!   charged to the VMU (`Engine::hold_paused_state`) before the part that produces it runs:
-//!   against the KV capacity in whole blocks, else in the host swap pool, moving there when the
-//!   session is swapped out; so KV and paused state together never exceed the capacity. With no
+//!   against the KV capacity, byte-accounted in a pool of whole blocks the paused states share,
+//!   else in the host swap pool, moving there when the session is swapped out; so KV and paused state together never exceed the capacity. With no
 //!   room in either (or none left for the part's KV beside it), a new pass waits before its
 //!   first part (running, not paused) until another pause or session ends; a paused pass's next
 //!   state replaces its charge (same size: it never waits). The charge is released when its
