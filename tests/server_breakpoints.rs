@@ -154,7 +154,8 @@ fn bad_input_typed_session_intact(t: Transport) {
 }
 
 /// A pause nobody resumes ends at its lease — at its deadline, not at the loop's next 1 s park
-/// wake-up: the request is `Cancelled` and rolled back.
+/// wake-up: the request is `Cancelled` and rolled back (a decode's, and a prefill's on a session
+/// holding an earlier prefill's state).
 fn pause_lease_rolls_back(t: Transport) {
     let (dir, rec) = record();
     let srv = model_server(t, MODEL, &dir, &["--dtype", "f32", "--breakpoint-lease-ms", "100"]);
@@ -177,6 +178,12 @@ fn pause_lease_rolls_back(t: Transport) {
     assert_eq!(status_of(r), Status::Cancelled);
     assert!(held < std::time::Duration::from_millis(700), "the lease ended {held:?} after the pause (100 ms lease)");
     assert_eq!(c.attach_session(s).unwrap().context_tokens, 0);
+    // A prefill's pause too: the session keeps the state an earlier prefill pass left it.
+    c.prefill_with_breakpoints(s, Input::Ids(&rec.prompt), &[1], |c, _| c.resume(s)).unwrap();
+    let r = c.prefill_with_breakpoints(s, Input::Ids(&rec.prompt[..2]), &[1], |_, _| Ok(()));
+    assert_eq!(status_of(r), Status::Cancelled);
+    assert_eq!(c.attach_session(s).unwrap().context_tokens as usize, rec.prompt.len());
+    assert_eq!(decode_logits(&mut c, s, rec.greedy.len()).0, rec.greedy);
 }
 
 /// Sessions paused at every layer and resumed at once (each waits for the others at every
