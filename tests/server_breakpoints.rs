@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{connect, metric, model_server, run_trials, status_of, ServerProc, Transport};
+use common::{connect, metric, model_server, status_of, ServerProc, Transport};
 use djinn_client::{Client, DecodeOptions, Feed, FinishReason, Input, LogitsRequest, OpenOptions, SessionId};
 use djinn_model::testing::{reference_root, Breakpoints, BREAKPOINT_MODEL};
 use djinn_proto::{HiddenDType, Meta, Opcode, PrefillInput, SessionPrefillReq, SessionReq, Status};
@@ -350,6 +350,34 @@ fn prefill_breakpoints(t: Transport) {
     assert_eq!(decode_logits(&mut c, s, n), want, "the held state survived the rollback and the refusal");
 }
 
+/// SmolLM2 (tokenizer, 30 layers), fetched by scripts/fetch_smollm2.sh; its trials are ignored,
+/// with the reason, where it is missing.
+const SMOLLM2_DIR: &str = "models/smollm2-bf16";
+
+/// A text prefill with breakpoints (tokenized off the loop, then one pass over every token) and
+/// the decode after it give a plain text prefill + decode's tokens and logits, bit for bit.
+fn prefill_text_breakpoints(t: Transport) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2_DIR);
+    let srv = model_server(t, "smollm2", &dir, &[]);
+    let mut c = connect(srv.url());
+    let text = "The capital of France is";
+    let open = |c: &mut Client| c.open_session(&OpenOptions::new("smollm2")).unwrap().session;
+    let plain = open(&mut c);
+    let fed = c.prefill(plain, Input::Text(text)).unwrap().prompt_tokens;
+    let want = decode_logits(&mut c, plain, 6);
+    let s = open(&mut c);
+    let mut pauses = Vec::new();
+    let r = c
+        .prefill_with_breakpoints(s, Input::Text(text), &[10, 30], |c, note| {
+            assert_eq!((note.tokens, note.layers), (fed, 30));
+            pauses.push(note.layer);
+            c.resume(s)
+        })
+        .unwrap();
+    assert_eq!((pauses, r.prompt_tokens), (vec![10, 30], fed));
+    assert_eq!(decode_logits(&mut c, s, 6), want, "bit-identical to prefill + decode");
+}
+
 /// `djinn-dataplane debug --server`: the same dumps and patches as in process, on the server.
 fn debug_cli_remote(t: Transport) {
     let (dir, rec) = record();
@@ -457,7 +485,23 @@ fn paused_state_waits_for_room(t: Transport) {
 }
 
 fn main() {
-    run_trials(vec![
+    let smollm2: Vec<common::TrialSpec> = vec![("prefill_text_breakpoints", None, prefill_text_breakpoints)];
+    let mut ignored = Vec::new();
+    let mut trials: Vec<common::TrialSpec> = Vec::new();
+    if std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM2_DIR).join("config.json").exists() {
+        trials.extend(smollm2);
+    } else {
+        eprintln!(
+            "NOTE: SmolLM2 trials ignored: {SMOLLM2_DIR} not fetched (scripts/fetch_smollm2.sh {SMOLLM2_DIR} bf16)"
+        );
+        ignored.extend(
+            smollm2
+                .iter()
+                .flat_map(|(name, _, _)| Transport::ALL.iter().map(move |t| format!("{name}_{}", t.name())))
+                .map(|n| libtest_mimic::Trial::test(n, || Ok(())).with_ignored_flag(true)),
+        );
+    }
+    let rest: Vec<common::TrialSpec> = vec![
         ("bench_breakpoints_passes", Some(Transport::Tcp), bench_breakpoints_passes),
         ("paused_state_waits_for_room", Some(Transport::Tcp), paused_state_waits_for_room),
         ("debug_cli_remote", None, debug_cli_remote),
@@ -466,5 +510,7 @@ fn main() {
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),
         ("resumed_together_batched", None, resumed_together_batched),
-    ]);
+    ];
+    trials.extend(rest);
+    common::run_trials_and(trials, ignored);
 }
