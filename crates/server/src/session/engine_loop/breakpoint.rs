@@ -33,6 +33,7 @@
 //!   samples its first token (`Engine::sample_held`, batched, outside the decode steps) —
 //!   bit for bit the token an uninterrupted prefill + decode gives, or, patched, the one the
 //!   patch leads to. Rolled back, the session keeps what it held before (tokens, KV, row).
+//!   The commit and the held row are [`held`]'s.
 //! - A session whose KV came from a patched state is marked not `recomputable`.
 
 use djinn_model::{PassSeq, Residency};
