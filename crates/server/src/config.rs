@@ -262,6 +262,11 @@ crate::settings! {
     /// at `conn_outbound_frames_max`: bounds the work a client that asks for full logits and
     /// stops reading gets (its large frames fit in the transport, so its frame count never rises).
     conn_outbound_bytes_max: u64 = 2 << 20, value = "BYTES";
+    /// qos: a prompt fed while nothing else has work takes chunks larger than
+    /// `prefill_chunk_tokens` (up to `max_step_tokens`), sized by the measured prefill rate so a
+    /// step takes about this many milliseconds (what a request arriving meanwhile waits at most
+    /// for that step); 0 = always `prefill_chunk_tokens`.
+    prefill_alone_step_ms: u64 = 40;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.
