@@ -267,6 +267,11 @@ crate::settings! {
     /// step takes about this many milliseconds (what a request arriving meanwhile waits at most
     /// for that step); 0 = always `prefill_chunk_tokens`.
     prefill_alone_step_ms: u64 = 40;
+    /// Milliseconds a connection may hold at least 64 KiB its client has not read (counted as
+    /// for `conn_outbound_bytes_max`) without reading any of it; then its sessions pause until it
+    /// reads (0 = only the byte and frame marks): a client that stops reading stops costing
+    /// engine work within this time, well before 2 MiB of large frames pile up.
+    conn_unread_pause_ms: u64 = 50;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

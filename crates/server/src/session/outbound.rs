@@ -30,9 +30,13 @@
 //!   waker and the front takes frames with [`Outbound::pop`] from its own event loop, with the
 //!   same bounds, pause and stall rules.
 //! - `djinn_conn_outbound_frames` counts the frames queued over all connections.
+//! - A third mark is time: a connection holding at least [`UNREAD_PAUSE_BYTES_MIN`] unread
+//!   bytes whose transport-held bytes have not fallen (its client read nothing) for
+//!   `unread_pause` pauses too, so a client that stops reading stops costing engine work within
+//!   that time, not only once megabytes of large frames piled up.
 //! - Nothing wakes the engine when a client reads from the transport, so while a connection is
-//!   past the byte mark its [`Outbound::stall_deadline`] asks the loop to look again within
-//!   [`BYTES_POLL`].
+//!   past the byte or time mark its [`Outbound::stall_deadline`] asks the loop to look again
+//!   within [`BYTES_POLL`].
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -55,6 +59,9 @@ pub struct OutboundLimits {
     pub frames_cap: usize,
     /// A full queue that sends nothing this long closes the connection (`conn_stall_timeout_ms`).
     pub stall: Duration,
+    /// At least [`UNREAD_PAUSE_BYTES_MIN`] unread bytes, none read for this long: the sessions
+    /// pause (`conn_unread_pause_ms`; zero: never by time).
+    pub unread_pause: Duration,
     /// Frames queued over all connections (`djinn_conn_outbound_frames`).
     pub gauge: IntGauge,
 }
@@ -62,6 +69,10 @@ pub struct OutboundLimits {
 /// How soon the engine looks again at a connection paused by the byte mark (its client's reads
 /// are not signalled).
 pub const BYTES_POLL: Duration = Duration::from_millis(2);
+
+/// Unread bytes below which a client counts as keeping up (no pause by time): a few token
+/// frames, or part of one full-logits frame.
+pub const UNREAD_PAUSE_BYTES_MIN: u64 = 64 << 10;
 
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +87,8 @@ pub enum PushError {
 enum Mark {
     Frames,
     Bytes,
+    /// The client has not read for `unread_pause` while holding much unread.
+    Unread,
 }
 
 /// One queued frame (a pull link reads it, then gives it back with [`Outbound::recycle`]).
@@ -101,6 +114,9 @@ struct State {
     sending_bytes: u64,
     /// Unread bytes at the last look (a fall is progress).
     unread_last: u64,
+    /// When the client was last seen keeping up: what the transport holds for it fell, or its
+    /// unread bytes were below [`UNREAD_PAUSE_BYTES_MIN`].
+    read_at: Instant,
     /// The transport's unread bytes at `held_at` (read at most once per [`BYTES_POLL`]: the
     /// engine asks several times a step, and on tcp each reading is a system call).
     held: u64,
@@ -133,6 +149,7 @@ impl Outbound {
                 queued_bytes: 0,
                 sending_bytes: 0,
                 unread_last: 0,
+                read_at: Instant::now(),
                 held: 0,
                 held_at: None,
             }),
@@ -160,13 +177,22 @@ impl Outbound {
         if let Some(p) = &self.probe {
             let now = Instant::now();
             if st.held_at.is_none_or(|t| now.duration_since(t) >= BYTES_POLL) {
-                st.held = p();
+                let held = p();
+                // What the transport holds fell: the client read (a frame moving from the
+                // queue into the transport is not a read).
+                if held < st.held {
+                    st.read_at = now;
+                }
+                st.held = held;
                 st.held_at = Some(now);
             }
         }
         let n = st.queued_bytes + st.sending_bytes + st.held;
         if n < st.unread_last {
             st.progress = Instant::now();
+        }
+        if n < UNREAD_PAUSE_BYTES_MIN {
+            st.read_at = Instant::now();
         }
         st.unread_last = n;
         n
@@ -178,6 +204,8 @@ impl Outbound {
             Some(Mark::Frames)
         } else if self.unread(st) >= self.limits.bytes_max {
             Some(Mark::Bytes)
+        } else if !self.limits.unread_pause.is_zero() && st.read_at.elapsed() >= self.limits.unread_pause {
+            Some(Mark::Unread)
         } else {
             None
         }
@@ -203,7 +231,7 @@ impl Outbound {
         let stall = st.progress + self.limits.stall;
         match self.mark(&mut st)? {
             Mark::Frames => Some(stall),
-            Mark::Bytes => Some(stall.min(Instant::now() + BYTES_POLL)),
+            Mark::Bytes | Mark::Unread => Some(stall.min(Instant::now() + BYTES_POLL)),
         }
     }
 
