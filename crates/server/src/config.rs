@@ -266,7 +266,7 @@ crate::settings! {
     /// `prefill_chunk_tokens` (up to `max_step_tokens`), sized by the measured prefill rate so a
     /// step takes about this many milliseconds (what a request arriving meanwhile waits at most
     /// for that step); 0 = always `prefill_chunk_tokens`.
-    prefill_alone_step_ms: u64 = 40;
+    prefill_alone_step_ms: u64 = 20;
     /// Milliseconds a connection may hold at least 64 KiB its client has not read (counted as
     /// for `conn_outbound_bytes_max`) without reading any of it; then its sessions pause until it
     /// reads (0 = only the byte and frame marks): a client that stops reading stops costing
