@@ -262,6 +262,16 @@ crate::settings! {
     /// at `conn_outbound_frames_max`: bounds the work a client that asks for full logits and
     /// stops reading gets (its large frames fit in the transport, so its frame count never rises).
     conn_outbound_bytes_max: u64 = 2 << 20, value = "BYTES";
+    /// qos: a prompt fed while nothing else has work takes chunks larger than
+    /// `prefill_chunk_tokens` (up to `max_step_tokens`), sized by the measured prefill rate so a
+    /// step takes about this many milliseconds (what a request arriving meanwhile waits at most
+    /// for that step); 0 = always `prefill_chunk_tokens`.
+    prefill_alone_step_ms: u64 = 20;
+    /// Milliseconds a connection may hold at least 64 KiB its client has not read (counted as
+    /// for `conn_outbound_bytes_max`) without reading any of it; then its sessions pause until it
+    /// reads (0 = only the byte and frame marks): a client that stops reading stops costing
+    /// engine work within this time, well before 2 MiB of large frames pile up.
+    conn_unread_pause_ms: u64 = 50;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

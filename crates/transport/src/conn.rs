@@ -72,11 +72,39 @@ pub enum TransportError {
     Other(String),
 }
 
+/// What [`FrameTx::try_send`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrySend {
+    /// The whole frame was handed to the transport.
+    Sent,
+    /// Nothing was sent (no room now, too large to try, or the transport cannot send without
+    /// waiting): send it with [`FrameTx::send`], e.g. from a thread that may wait.
+    WouldBlock,
+    /// The transport took part of the frame and keeps the remaining bytes (this many) itself: a
+    /// [`FrameTx::flush`] or the next `send` must run before the peer sees the whole frame.
+    Partly(usize),
+}
+
 /// The sending half of a connection.
 pub trait FrameTx: Send {
     /// Sends one whole frame. Blocks (according to the connection's `WaitMode`) while the peer's
-    /// receive space is full; never buffers without bound.
+    /// receive space is full; never buffers without bound. Sends first what a
+    /// [`FrameTx::try_send`] left over.
     fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError>;
+
+    /// Sends one frame only as far as it can go without waiting: lets a thread that must never
+    /// wait on one peer (the server's engine loop) skip a hand-off to a sending thread when the
+    /// connection has room. A frame is never left half-sent without its rest kept ([`TrySend`]).
+    /// The default (transports without a non-blocking send) sends nothing.
+    fn try_send(&mut self, _frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        Ok(TrySend::WouldBlock)
+    }
+
+    /// Sends, waiting as `send` does, what a [`FrameTx::try_send`] left over (nothing to do if it
+    /// left nothing).
+    fn flush(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
 
     /// A handle that closes the connection from any thread: a blocked or later `recv_head`,
     /// `recv_data` or `send` on either half returns `Closed` (or an I/O error), and the peer sees

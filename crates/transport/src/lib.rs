@@ -18,7 +18,7 @@ pub mod tcp;
 
 pub use conn::{
     ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
-    SpinGate, TransportError, TransportOptions, UnreadProbe, WaitMode,
+    SpinGate, TransportError, TransportOptions, TrySend, UnreadProbe, WaitMode,
 };
 pub use recommended::{connect, listen};
 

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use djinn_proto::{FrameHeader, HEADER_LEN, VERSION};
-use djinn_transport::{Connection, ListenerStop, OutFrame, TransportError, TransportOptions, WaitMode};
+use djinn_transport::{Connection, ListenerStop, OutFrame, TransportError, TransportOptions, TrySend, WaitMode};
 use libtest_mimic::{Arguments, Failed, Trial};
 use zerocopy::IntoBytes;
 
@@ -626,6 +626,51 @@ fn closer_unblocks_both_sides(f: &Fixture) {
     assert!(matches!(ends[0].error, TransportError::Closed), "server saw {:?}", ends[0].error);
 }
 
+/// `try_send` never waits and never leaves part of a frame unaccounted: against a peer that reads
+/// nothing it sends until the transport is full (or, on a transport without a non-blocking send,
+/// sends nothing), and once the peer reads, every frame arrives whole and in order, the one a
+/// partial `try_send` kept included (flushed by the next `send`).
+fn try_send_whole_frames(f: &Fixture) {
+    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
+    let url = listener.url();
+    let accept = thread::spawn(move || listener.accept().expect("accept"));
+    let mut c = djinn_transport::connect(&url, &f.opts).expect("connect");
+    let mut server = accept.join().unwrap();
+    let (mut sent, mut partly) = (0u64, false);
+    let t0 = Instant::now();
+    while sent < 1_000_000 {
+        let data = pattern(1000, sent);
+        let header = FrameHeader::new(2, 0, sent, 0, data.len() as u64);
+        match c.tx.try_send(&OutFrame { header, meta: &[], data: &[&data] }).expect("try_send") {
+            TrySend::Sent => sent += 1,
+            TrySend::Partly(rest) => {
+                assert!(rest > 0 && rest < HEADER_LEN + 1000, "kept {rest} bytes");
+                sent += 1;
+                partly = true;
+                break;
+            }
+            TrySend::WouldBlock => break,
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "try_send waited");
+    if f.transport.starts_with("tcp") {
+        assert!(sent > 0 && sent < 1_000_000, "tcp sent {sent} frames without a reader");
+    }
+    let last = sent;
+    let reader = thread::spawn(move || {
+        for id in 0..=last {
+            let (h, _, d) = recv(&mut server).expect("recv");
+            assert_eq!(h.request_id.get(), id);
+            assert!(d == pattern(1000, id), "frame {id} differs");
+        }
+    });
+    // A `send` first sends what a partial `try_send` kept.
+    let data = pattern(1000, last);
+    send(&mut c, 2, 0, last, &[], &data).expect("send after try_send");
+    reader.join().unwrap();
+    eprintln!("{}: {sent} frames by try_send (last partly: {partly})", f.transport);
+}
+
 fn listener_stop(f: &Fixture) {
     let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
     let stop = listener.stopper();
@@ -667,6 +712,7 @@ const TESTS: &[(&str, Body, Needs)] = &[
     ("connections_beyond_the_bound_are_busy", connections_beyond_the_bound_are_busy, ConnectionBound),
     ("closer_unblocks_both_sides", closer_unblocks_both_sides, Closer),
     ("listener_stop", listener_stop, Nothing),
+    ("try_send_whole_frames", try_send_whole_frames, Nothing),
 ];
 
 /// Busy-poll fixtures burn a core per waiting side; on a 2-core machine only the cheap tests run.

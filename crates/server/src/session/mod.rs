@@ -305,6 +305,7 @@ impl SessionService {
                 // Every in-flight job may add its last token frame and its final frame at once.
                 frames_cap: cfg.conn_outbound_frames_max + 2 * cfg.max_inflight_per_conn,
                 stall: std::time::Duration::from_millis(cfg.conn_stall_timeout_ms),
+                unread_pause: std::time::Duration::from_millis(cfg.conn_unread_pause_ms),
                 gauge: metrics.conn_outbound_frames.clone(),
             },
         });

@@ -1,8 +1,10 @@
 //! A connection's outbound queue of session frames, and the writer thread that drains it.
 //!
-//! The engine loop never sends on a connection: it copies each session frame (token, reply)
-//! into this queue and the connection's own writer thread sends it, so a client that stops
-//! reading blocks only its writer.
+//! The engine loop never waits on a connection: when the connection's queue is empty and its
+//! sending half is free it sends a session frame (token, reply) itself with a non-blocking send
+//! ([`djinn_transport::FrameTx::try_send`]; a tcp token then costs one `sendmsg` and no thread
+//! wake-up); otherwise it copies the frame into this queue and the connection's own writer
+//! thread sends it, so a client that stops reading blocks only its writer.
 //!
 //! Invariants:
 //! - The queue is bounded. Two backpressure marks: `frames_max` frames queued, or `bytes_max`
@@ -18,22 +20,30 @@
 //!   the connection), never grown.
 //! - Frame buffers are recycled (a spare list as long as the hard bound): at steady state a frame
 //!   costs two copies of its bytes and no allocation.
-//! - The writer thread is started on the first frame and ends when the connection closes or a
-//!   send fails; it holds the connection's `ReplyTx` only while sending one frame.
+//! - Frames go out in order: a direct send happens only with the queue empty, no frame being
+//!   sent and no tail of one pending (a direct send the transport took only part of leaves the
+//!   rest to the writer, which sends it before any queued frame).
+//! - The writer thread is started on the first queued frame (a connection whose client keeps up
+//!   may never need one) and ends when the connection closes or a send fails; it holds the
+//!   connection's `ReplyTx` only while sending one frame.
 //! - A pull link (the HTTP front, [`crate::openai`]) has no writer thread: a push calls its
 //!   waker and the front takes frames with [`Outbound::pop`] from its own event loop, with the
 //!   same bounds, pause and stall rules.
 //! - `djinn_conn_outbound_frames` counts the frames queued over all connections.
+//! - A third mark is time: a connection holding at least [`UNREAD_PAUSE_BYTES_MIN`] unread
+//!   bytes whose transport-held bytes have not fallen (its client read nothing) for
+//!   `unread_pause` pauses too, so a client that stops reading stops costing engine work within
+//!   that time, not only once megabytes of large frames piled up.
 //! - Nothing wakes the engine when a client reads from the transport, so while a connection is
-//!   past the byte mark its [`Outbound::stall_deadline`] asks the loop to look again within
-//!   [`BYTES_POLL`].
+//!   past the byte or time mark its [`Outbound::stall_deadline`] asks the loop to look again
+//!   within [`BYTES_POLL`].
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use djinn_proto::{FrameHeader, HEADER_LEN};
-use djinn_transport::{OutFrame, UnreadProbe};
+use djinn_transport::{OutFrame, TrySend, UnreadProbe};
 use prometheus::IntGauge;
 
 use super::ConnLink;
@@ -49,6 +59,9 @@ pub struct OutboundLimits {
     pub frames_cap: usize,
     /// A full queue that sends nothing this long closes the connection (`conn_stall_timeout_ms`).
     pub stall: Duration,
+    /// At least [`UNREAD_PAUSE_BYTES_MIN`] unread bytes, none read for this long: the sessions
+    /// pause (`conn_unread_pause_ms`; zero: never by time).
+    pub unread_pause: Duration,
     /// Frames queued over all connections (`djinn_conn_outbound_frames`).
     pub gauge: IntGauge,
 }
@@ -56,6 +69,10 @@ pub struct OutboundLimits {
 /// How soon the engine looks again at a connection paused by the byte mark (its client's reads
 /// are not signalled).
 pub const BYTES_POLL: Duration = Duration::from_millis(2);
+
+/// Unread bytes below which a client counts as keeping up (no pause by time): a few token
+/// frames, or part of one full-logits frame.
+pub const UNREAD_PAUSE_BYTES_MIN: u64 = 64 << 10;
 
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
@@ -70,6 +87,8 @@ pub enum PushError {
 enum Mark {
     Frames,
     Bytes,
+    /// The client has not read for `unread_pause` while holding much unread.
+    Unread,
 }
 
 /// One queued frame (a pull link reads it, then gives it back with [`Outbound::recycle`]).
@@ -87,11 +106,17 @@ struct State {
     /// When the writer last sent a frame, the queue last became non-empty, or the client was
     /// last seen reading (its unread bytes fell).
     progress: Instant,
-    /// Bytes of the frames in `queue`, and of the frame the writer is sending.
+    /// A direct send left part of a frame in the transport ([`TrySend::Partly`]): the writer
+    /// sends it before anything else, and no direct send is tried until it has.
+    tail_pending: bool,
+    /// Bytes of the frames in `queue`, and of the frame (or tail) the writer is sending.
     queued_bytes: u64,
     sending_bytes: u64,
     /// Unread bytes at the last look (a fall is progress).
     unread_last: u64,
+    /// When the client was last seen keeping up: what the transport holds for it fell, or its
+    /// unread bytes were below [`UNREAD_PAUSE_BYTES_MIN`].
+    read_at: Instant,
     /// The transport's unread bytes at `held_at` (read at most once per [`BYTES_POLL`]: the
     /// engine asks several times a step, and on tcp each reading is a system call).
     held: u64,
@@ -119,10 +144,12 @@ impl Outbound {
                 spare: Vec::new(),
                 writer_started: false,
                 closed: false,
+                tail_pending: false,
                 progress: Instant::now(),
                 queued_bytes: 0,
                 sending_bytes: 0,
                 unread_last: 0,
+                read_at: Instant::now(),
                 held: 0,
                 held_at: None,
             }),
@@ -150,13 +177,22 @@ impl Outbound {
         if let Some(p) = &self.probe {
             let now = Instant::now();
             if st.held_at.is_none_or(|t| now.duration_since(t) >= BYTES_POLL) {
-                st.held = p();
+                let held = p();
+                // What the transport holds fell: the client read (a frame moving from the
+                // queue into the transport is not a read).
+                if held < st.held {
+                    st.read_at = now;
+                }
+                st.held = held;
                 st.held_at = Some(now);
             }
         }
         let n = st.queued_bytes + st.sending_bytes + st.held;
         if n < st.unread_last {
             st.progress = Instant::now();
+        }
+        if n < UNREAD_PAUSE_BYTES_MIN {
+            st.read_at = Instant::now();
         }
         st.unread_last = n;
         n
@@ -168,6 +204,8 @@ impl Outbound {
             Some(Mark::Frames)
         } else if self.unread(st) >= self.limits.bytes_max {
             Some(Mark::Bytes)
+        } else if !self.limits.unread_pause.is_zero() && st.read_at.elapsed() >= self.limits.unread_pause {
+            Some(Mark::Unread)
         } else {
             None
         }
@@ -193,12 +231,13 @@ impl Outbound {
         let stall = st.progress + self.limits.stall;
         match self.mark(&mut st)? {
             Mark::Frames => Some(stall),
-            Mark::Bytes => Some(stall.min(Instant::now() + BYTES_POLL)),
+            Mark::Bytes | Mark::Unread => Some(stall.min(Instant::now() + BYTES_POLL)),
         }
     }
 
-    /// Copies one frame into the queue of `link` and starts its writer if needed. Never blocks
-    /// on the peer.
+    /// Sends one frame of `link`, or copies it into its queue and starts its writer if needed.
+    /// Never blocks on the peer: the frame is sent directly only when nothing of the connection
+    /// waits before it and the transport takes it without waiting.
     pub(crate) fn push(
         link: &Arc<ConnLink>,
         header: FrameHeader,
@@ -209,6 +248,11 @@ impl Outbound {
         let mut st = out.lock();
         if st.closed {
             return Err(PushError::Closed);
+        }
+        let (st_back, sent) = Self::try_direct(link, st, header, meta, data)?;
+        st = st_back;
+        if sent {
+            return Ok(());
         }
         if st.queue.len() >= out.limits.frames_cap {
             return Err(PushError::Full);
@@ -232,6 +276,12 @@ impl Outbound {
             wake();
             return Ok(());
         }
+        Self::wake_writer(link, st)
+    }
+
+    /// Starts the writer of `link` if needed and wakes it.
+    fn wake_writer(link: &Arc<ConnLink>, mut st: MutexGuard<'_, State>) -> Result<(), PushError> {
+        let out = &link.out;
         if !st.writer_started {
             st.writer_started = true;
             let l = link.clone();
@@ -249,6 +299,49 @@ impl Outbound {
         drop(st);
         out.cv.notify_one();
         Ok(())
+    }
+
+    /// Sends the frame on the caller's thread when the connection's writer has nothing queued,
+    /// is not sending, and the transport's sending half is free: saves the writer a wake-up per
+    /// frame. `true`: sent (wholly, or its tail handed to the writer). Never waits: a busy
+    /// sending half or a transport without room leaves the frame for the queue.
+    fn try_direct<'a>(
+        link: &'a Arc<ConnLink>,
+        mut st: MutexGuard<'a, State>,
+        header: FrameHeader,
+        meta: &[u8],
+        data: &[&[u8]],
+    ) -> Result<(MutexGuard<'a, State>, bool), PushError> {
+        let super::Sink::Writer(tx) = &link.sink else { return Ok((st, false)) };
+        if !st.queue.is_empty() || st.sending_bytes > 0 || st.tail_pending {
+            return Ok((st, false));
+        }
+        // Never wait for the half: the connection's reader may be sending a reply on it.
+        let Ok(mut tx) = tx.try_lock() else { return Ok((st, false)) };
+        let r = tx.try_send(&OutFrame { header, meta, data });
+        drop(tx);
+        match r {
+            Ok(TrySend::Sent) => {
+                st.progress = Instant::now();
+                Ok((st, true))
+            }
+            Ok(TrySend::WouldBlock) => Ok((st, false)),
+            Ok(TrySend::Partly(rest)) => {
+                st.progress = Instant::now();
+                st.tail_pending = true;
+                st.sending_bytes = rest as u64;
+                Self::wake_writer(link, st)?;
+                Ok((link.out.lock(), true))
+            }
+            Err(e) => {
+                tracing::debug!(conn = link.id, error = %e, "session frame not delivered; closing");
+                drop(st);
+                link.out.close();
+                link.mark_closed();
+                link.kick();
+                Err(PushError::Closed)
+            }
+        }
     }
 
     /// The connection is gone: queued frames are dropped and the writer ends.
@@ -303,24 +396,39 @@ fn writer(link: &Arc<ConnLink>) {
                 if st.closed {
                     return;
                 }
+                if st.tail_pending {
+                    break None;
+                }
                 if let Some(f) = st.queue.pop_front() {
                     let n = frame_bytes(&f);
                     st.queued_bytes -= n;
                     st.sending_bytes = n;
-                    break f;
+                    break Some(f);
                 }
                 st = out.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let data: &[&[u8]] = &[&f.data];
-        let frame = OutFrame { header: f.header, meta: &f.meta, data: if f.data.is_empty() { &[] } else { data } };
         let super::Sink::Writer(tx) = &link.sink else { return };
-        let r = tx.lock().unwrap_or_else(|p| p.into_inner()).send(&frame);
+        let r = match &f {
+            Some(f) => {
+                let data: &[&[u8]] = &[&f.data];
+                let frame =
+                    OutFrame { header: f.header, meta: &f.meta, data: if f.data.is_empty() { &[] } else { data } };
+                tx.lock().unwrap_or_else(|p| p.into_inner()).send(&frame)
+            }
+            // What a direct send left in the transport.
+            None => tx.lock().unwrap_or_else(|p| p.into_inner()).flush(),
+        };
         let mut st = out.lock();
         st.sending_bytes = 0;
-        out.gauge_sub(1);
-        if st.spare.len() < out.limits.frames_cap {
-            st.spare.push(f);
+        match f {
+            Some(f) => {
+                out.gauge_sub(1);
+                if st.spare.len() < out.limits.frames_cap {
+                    st.spare.push(f);
+                }
+            }
+            None => st.tail_pending = false,
         }
         if let Err(e) = r {
             tracing::debug!(conn = link.id, error = %e, "session frame not delivered; closing");

@@ -15,13 +15,18 @@ use std::sync::Arc;
 use djinn_proto::{FrameHeader, Limits, HEADER_LEN};
 use zerocopy::IntoBytes;
 
-use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, UnreadProbe};
+use crate::{
+    ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, TrySend, UnreadProbe,
+};
 
 /// Bytes of the receive staging buffer. Small frames (header + meta + small data) arrive in one
 /// receive; larger data bypasses it.
 pub(crate) const STAGE_BYTES: usize = 16 * 1024;
 /// Most data slices in one frame (IOV_MAX = 1024 on Linux, minus header and metadata).
 pub(crate) const DATA_SLICES_MAX: usize = 1022;
+/// Largest frame [`FrameTx::try_send`] tries to send: the most it may have to keep when the
+/// socket takes only part of it (token frames are tens of bytes; larger ones go to `send`).
+pub(crate) const TRY_SEND_BYTES_MAX: usize = 16 * 1024;
 
 /// One engine (io_uring or plain socket) moving bytes on one half of a connection. Both calls wait
 /// according to the connection's `WaitMode`.
@@ -53,6 +58,9 @@ pub(crate) struct StreamTx<I> {
     counters: Arc<ByteCounters>,
     /// Reused across sends so a send allocates nothing. Holds raw pointers only during `send`.
     iov: Vec<libc::iovec>,
+    /// What a `try_send` could not send: the tail of one frame (at most [`TRY_SEND_BYTES_MAX`];
+    /// allocated on the first partial send, then reused). Sent before anything else.
+    tail: Vec<u8>,
 }
 
 // SAFETY: `iov` only holds pointers while `send` runs (it is cleared before returning); between
@@ -61,10 +69,11 @@ unsafe impl<I: Send> Send for StreamTx<I> {}
 
 impl<I: StreamIo> StreamTx<I> {
     pub(crate) fn new(io: I, counters: Arc<ByteCounters>) -> Self {
-        StreamTx { io, counters, iov: Vec::with_capacity(DATA_SLICES_MAX + 2) }
+        StreamTx { io, counters, iov: Vec::with_capacity(DATA_SLICES_MAX + 2), tail: Vec::new() }
     }
 
-    fn send_inner(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+    /// Checks `frame` and fills `self.iov` with its parts; returns its wire bytes.
+    fn gather(&mut self, frame: &OutFrame<'_>, header: &FrameHeader) -> Result<usize, TransportError> {
         let data_len: u64 = frame.data.iter().map(|d| d.len() as u64).sum();
         if data_len != frame.header.data_len.get() || frame.meta.len() as u64 != frame.header.meta_len.get() as u64 {
             return Err(TransportError::DataMisuse("header lengths differ from the meta/data slices"));
@@ -72,36 +81,109 @@ impl<I: StreamIo> StreamTx<I> {
         if frame.data.len() > DATA_SLICES_MAX {
             return Err(TransportError::DataMisuse("more than 1022 data slices in one frame"));
         }
-        let header = frame.header;
         let parts =
             std::iter::once(header.as_bytes()).chain(std::iter::once(frame.meta)).chain(frame.data.iter().copied());
         for p in parts.filter(|p| !p.is_empty()) {
             self.iov.push(libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
         }
-        let mut total = HEADER_LEN + frame.meta.len() + data_len as usize;
-        let mut first = 0;
+        Ok(HEADER_LEN + frame.meta.len() + data_len as usize)
+    }
+
+    /// Drops the first `sent` bytes from `self.iov[*first..]`: past fully sent slices, then into a
+    /// partly sent one.
+    fn advance(&mut self, first: &mut usize, sent: usize) {
+        let mut left = sent;
+        while left > 0 {
+            let v = &mut self.iov[*first];
+            if left >= v.iov_len {
+                left -= v.iov_len;
+                *first += 1;
+            } else {
+                // SAFETY: `left < iov_len`, so the advanced pointer stays inside the slice.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
+                v.iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+
+    /// Sends everything `self.iov[first..]` describes (`total` bytes), waiting as the engine waits.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for reads for the whole call.
+    unsafe fn send_all(&mut self, mut first: usize, mut total: usize) -> Result<(), TransportError> {
         while total > 0 {
-            // SAFETY: the iovecs point into `header` (a local), `frame.meta` and `frame.data`, all
-            // borrowed for this whole call.
+            // SAFETY: the caller's contract.
             let sent = unsafe { self.io.send_iov(&self.iov[first..], total) }.map_err(|e| io_err("tcp send", e))?;
             self.counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
             total -= sent;
-            // Advance past fully sent slices, then into a partly sent one.
-            let mut left = sent;
-            while left > 0 {
-                let v = &mut self.iov[first];
-                if left >= v.iov_len {
-                    left -= v.iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: `left < iov_len`, so the advanced pointer stays inside the slice.
-                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) } as *mut libc::c_void;
-                    v.iov_len -= left;
-                    left = 0;
-                }
-            }
+            self.advance(&mut first, sent);
         }
         Ok(())
+    }
+
+    fn send_inner(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+        self.flush_tail()?;
+        let header = frame.header;
+        let total = self.gather(frame, &header)?;
+        // SAFETY: the iovecs point into `header` (a local), `frame.meta` and `frame.data`, all
+        // borrowed for this whole call.
+        unsafe { self.send_all(0, total) }
+    }
+
+    fn flush_tail(&mut self) -> Result<(), TransportError> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        self.iov.clear();
+        self.iov.push(libc::iovec { iov_base: self.tail.as_ptr() as *mut libc::c_void, iov_len: self.tail.len() });
+        // SAFETY: the one iovec points into `self.tail`, which nothing touches until the call ends.
+        let r = unsafe { self.send_all(0, self.tail.len()) };
+        self.iov.clear();
+        // Sent, or the connection failed: either way the tail is not sent again.
+        self.tail.clear();
+        r
+    }
+
+    fn try_send_inner(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        if !self.tail.is_empty() {
+            return Ok(TrySend::WouldBlock);
+        }
+        let header = frame.header;
+        let total = self.gather(frame, &header)?;
+        if total > TRY_SEND_BYTES_MAX {
+            return Ok(TrySend::WouldBlock);
+        }
+        // Straight on the socket, whichever engine sends otherwise: the caller holds this half,
+        // so no send of the engine is in flight, and the bytes go in order.
+        // SAFETY: an all-zero msghdr is valid; it points at our iovecs, which point into `header`
+        // (a local), `frame.meta` and `frame.data`, readable for this call.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = self.iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = self.iov.len() as _;
+            libc::sendmsg(self.io.socket().as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if sent < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(TrySend::WouldBlock),
+                _ => Err(io_err("tcp send", e)),
+            };
+        }
+        let sent = sent as usize;
+        self.counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
+        if sent == total {
+            return Ok(TrySend::Sent);
+        }
+        // The socket took a prefix: keep the rest, so the frame is never left half-sent.
+        let mut first = 0;
+        self.advance(&mut first, sent);
+        for v in &self.iov[first..] {
+            // SAFETY: each iovec still describes readable memory of the frame (see above).
+            self.tail.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+        }
+        Ok(TrySend::Partly(total - sent))
     }
 }
 
@@ -110,6 +192,16 @@ impl<I: StreamIo> FrameTx for StreamTx<I> {
         let r = self.send_inner(frame);
         self.iov.clear();
         r
+    }
+
+    fn try_send(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        let r = self.try_send_inner(frame);
+        self.iov.clear();
+        r
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.flush_tail()
     }
 
     fn closer(&self) -> Option<ConnectionClose> {

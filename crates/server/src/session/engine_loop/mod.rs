@@ -33,6 +33,7 @@
 
 mod answer;
 mod breakpoint;
+mod chunk;
 mod jobs;
 mod lifecycle;
 mod logits;
@@ -92,6 +93,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     order: VecDeque<u64>,
     /// The step scheduler and its QoS settings.
     qos: QosPolicy,
+    /// Per model: the prompt tokens a step may feed ([`chunk::ChunkSizer`]).
+    chunks: Vec<chunk::ChunkSizer>,
     /// `Logits` requests, fed a chunk per iteration between steps (the first one holds the
     /// engine's spare session); at most `max_sessions`, more are refused `Busy`.
     logits_jobs: VecDeque<LogitsJob>,
@@ -152,8 +155,15 @@ impl<B: Backend> EngineLoop<B> {
                 })
             })
             .collect();
+        let chunks = models
+            .iter()
+            .map(|_| {
+                chunk::ChunkSizer::new(qos.prefill_chunk_tokens(), Duration::from_millis(cfg.prefill_alone_step_ms))
+            })
+            .collect();
         EngineLoop {
             svc,
+            chunks,
             models,
             sessions: HashMap::with_capacity(cfg.max_sessions),
             order: VecDeque::with_capacity(cfg.max_sessions),

@@ -161,8 +161,26 @@ impl QosPolicy {
     /// Plans one step over `cands` (reordered): `grant[i]` tokens for `cands[i]` (0 = not
     /// seated). `fits(i, n)` says whether the step still fits in KV memory with `cands[i]`
     /// taking `n` tokens in all (it records the grant when it says yes).
+    #[cfg(test)]
     pub(crate) fn plan(
         &self,
+        cands: &mut [Candidate],
+        step_tokens: usize,
+        seqs_max: usize,
+        grant: &mut Vec<usize>,
+        scratch: &mut Vec<usize>,
+        fits: impl FnMut(&Candidate, usize) -> bool,
+    ) {
+        self.plan_chunk(self.prefill_chunk_tokens, cands, step_tokens, seqs_max, grant, scratch, fits)
+    }
+
+    /// [`QosPolicy::plan`] with `prefill_tokens` (at least `prefill_chunk_tokens`) as the step's
+    /// prompt-token budget: the loop grows it for a prompt that runs alone
+    /// ([`super::chunk::ChunkSizer`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plan_chunk(
+        &self,
+        prefill_tokens: usize,
         cands: &mut [Candidate],
         step_tokens: usize,
         seqs_max: usize,
@@ -187,7 +205,8 @@ impl QosPolicy {
             true => self.realtime_step_tokens.max(rt_budget).min(step_tokens),
             false => step_tokens,
         };
-        let mut st = Plan { used: 0, prefill_used: 0, seats: 0, class_seats: [0; 3], short_class: 3 };
+        let prefill_max = prefill_tokens.max(self.prefill_chunk_tokens);
+        let mut st = Plan { used: 0, prefill_used: 0, prefill_max, seats: 0, class_seats: [0; 3], short_class: 3 };
         let classes_waiting = demand.iter().filter(|&&d| d).count();
         let cap = |c: Class| if classes_waiting > 1 { self.max_sessions[c as usize] } else { usize::MAX };
         // Minimum shares, in priority order; then what is left, by strict priority.
@@ -254,7 +273,7 @@ impl QosPolicy {
         if st.short_class <= class {
             idx.retain(|&i| cs[i].need - grant[i] <= chunk);
         }
-        let pool = (limit.saturating_sub(st.used)).min(self.prefill_chunk_tokens.saturating_sub(st.prefill_used));
+        let pool = (limit.saturating_sub(st.used)).min(st.prefill_max.saturating_sub(st.prefill_used));
         let mut left = pool;
         for (done, &i) in idx.iter().enumerate() {
             if left == 0 {
@@ -285,6 +304,8 @@ impl QosPolicy {
 struct Plan {
     used: usize,
     prefill_used: usize,
+    /// Prompt tokens the step may take (`prefill_chunk_tokens`, or more for a lone prompt).
+    prefill_max: usize,
     seats: usize,
     class_seats: [usize; 3],
     /// The most urgent class with a prompt of at most a chunk left (3: none); long prompts of

@@ -35,9 +35,13 @@ impl<B: Backend> EngineLoop<B> {
         let (mut cands, mut grant) = (std::mem::take(&mut self.cands), std::mem::take(&mut self.grant));
         cands.clear();
         let mut queued = [0i64; 3];
+        // Work of other models waits for this step too (a lone prompt's chunk grows only when
+        // nothing else waits).
+        let mut others = !self.logits_jobs.is_empty();
         for &id in &self.order {
             let s = &self.sessions[&id];
             if s.model != m {
+                others |= !matches!(s.work, Work::Idle);
                 continue;
             }
             let (need, decode) = match &s.work {
@@ -64,7 +68,10 @@ impl<B: Backend> EngineLoop<B> {
         let sessions = &self.sessions;
         let mut first_refused = None;
         let scratch = &mut self.plan_scratch;
-        self.qos.plan(&mut cands, eng.max_step_tokens(), self.max_sessions, &mut grant, scratch, |c, n| {
+        let alone = !others && cands.len() == 1 && !cands[0].decode;
+        let prefill = self.chunks[m].chunk(alone, eng.max_step_tokens());
+        let step = eng.max_step_tokens();
+        self.qos.plan_chunk(prefill, &mut cands, step, self.max_sessions, &mut grant, scratch, |c, n| {
             let vs = sessions[&c.key].vs;
             let ok = match fit.iter().position(|f| f.0 == vs) {
                 Some(p) => {
@@ -206,7 +213,15 @@ impl<B: Backend> EngineLoop<B> {
 
     /// Runs one formed batch and hands out its results.
     pub(super) fn step_batch(&mut self, m: usize, batch: &mut Vec<(u64, usize)>) {
+        let t0 = Instant::now();
         let mut r = self.run_step(m, batch);
+        if r.is_ok() {
+            // The prefill rate a lone prompt's chunk is sized by (rows of one token count as
+            // decodes).
+            let decodes = batch.iter().filter(|b| b.1 == 1).count();
+            let prompt: usize = batch.iter().map(|b| b.1).sum::<usize>() - decodes;
+            self.chunks[m].observe(prompt, decodes, t0.elapsed());
+        }
         if r.is_err() && batch.len() > 1 {
             // A failed step changed no session (the engine rolls back every session's growth):
             // retry the oldest alone, so one session's failure does not stop the others.
