@@ -183,6 +183,24 @@ pub(crate) fn attention(
     Ok(())
 }
 
+/// `buf.len()` elements of `cache` from `first` as f32: borrowed in place from an f32 cache (a
+/// decode step attends over every sequence's whole context, and copying each slab first was a
+/// tenth of a 16-sequence step), else widened into `buf`.
+///
+/// # Safety
+/// The range must lie inside `cache` and no thread may write it while the result lives.
+#[inline(always)]
+unsafe fn slab_f32<'a>(cache: &Raw, first: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    if cache.dtype == crate::DType::F32 {
+        // SAFETY: the caller's range, f32 elements, read-only meanwhile.
+        unsafe { cache.sub(first, buf.len()).slice::<f32>() }
+    } else {
+        // SAFETY: as above.
+        unsafe { load(cache, first, buf) };
+        buf
+    }
+}
+
 /// Everything one attention work item needs (shared, read-only).
 struct Job<'a> {
     q: &'a Raw,
@@ -244,10 +262,12 @@ fn attend(job: &Job<'_>, item: usize, buf: &mut [f32]) {
         let valid = bt.min(last_pos + 1 - blk * bt);
         // SAFETY: `id` < num_blocks (checked); the slabs are inside the cache, which this
         // op only reads.
-        unsafe {
-            load(cache, l.elem_offset(id, layer, 0, h, 0), &mut kb[..valid * hd]);
-            load(cache, l.elem_offset(id, layer, 1, h, 0), &mut vb[..valid * hd]);
-        }
+        let (kb, vb) = unsafe {
+            (
+                slab_f32(cache, l.elem_offset(id, layer, 0, h, 0), &mut kb[..valid * hd]),
+                slab_f32(cache, l.elem_offset(id, layer, 1, h, 0), &mut vb[..valid * hd]),
+            )
+        };
         for j in 0..nr {
             let pos = first_pos + j;
             if pos < blk * bt {
