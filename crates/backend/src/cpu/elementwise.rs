@@ -15,6 +15,10 @@ use crate::backend::{BinaryOp, UnaryOp};
 const TILE: usize = 1024;
 /// Minimum elements per parallel chunk of an elementwise op (smaller work stays on the caller).
 const EW_CHUNK_MIN: usize = 32 * 1024;
+/// The same for ops that cost several times a plain add per element (silu·mul's exp and divide,
+/// a row's norm, RoPE's rotations): a batched decode step's (16 rows of 1536) ran on the caller
+/// alone while the other worker waited.
+const EW_HEAVY_CHUNK_MIN: usize = 4 * 1024;
 /// Minimum bytes per parallel chunk of a copy.
 const COPY_CHUNK_MIN: usize = 1 << 20;
 
@@ -189,7 +193,7 @@ pub(crate) fn cast(be: &CpuBackend, x: &Raw, out: &Raw) {
 }
 
 pub(crate) fn silu_mul(be: &CpuBackend, g: &Raw, u: &Raw, out: &Raw) {
-    be.for_chunks(out.len, be.chunk_for(out.len, EW_CHUNK_MIN), |start, len| {
+    be.for_chunks(out.len, be.chunk_for(out.len, EW_HEAVY_CHUNK_MIN), |start, len| {
         let (mut xg, mut xu) = ([0f32; TILE], [0f32; TILE]);
         tiles(start, len, |i, n| {
             let (xg, xu) = (&mut xg[..n], &mut xu[..n]);
@@ -247,7 +251,7 @@ pub(crate) fn softmax(be: &CpuBackend, x: &Raw, out: &Raw, cols: usize) {
 
 pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out: &Raw, hidden: usize, eps: f32) {
     let rows = x.len / hidden;
-    be.for_chunks(rows, rows_chunk(be, rows, hidden, 16 * 1024), |r0, nr| {
+    be.for_chunks(rows, rows_chunk(be, rows, hidden, EW_HEAVY_CHUNK_MIN), |r0, nr| {
         with_scratch(2 * hidden, |buf| {
             let (h, wt) = buf.split_at_mut(hidden);
             // SAFETY: `weight` is read-only in this op and has `hidden` elements.
@@ -283,7 +287,7 @@ pub(crate) fn rope(be: &CpuBackend, x: &Raw, pos: &Raw, inv_freq: &Raw, heads: u
     let tokens = pos.len;
     let half = head_dim / 2;
     let row = heads * head_dim;
-    be.for_chunks(tokens, rows_chunk(be, tokens, row, 16 * 1024), |t0, nt| {
+    be.for_chunks(tokens, rows_chunk(be, tokens, row, EW_HEAVY_CHUNK_MIN), |t0, nt| {
         with_scratch(2 * half + head_dim, |buf| {
             let (cs, rest) = buf.split_at_mut(half);
             let (sn, h) = rest.split_at_mut(half);
