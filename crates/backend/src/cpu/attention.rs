@@ -75,8 +75,15 @@ pub(crate) fn kv_append(
                         // SAFETY: the slot is inside the cache (checked); the head's slab belongs
                         // to this worker; sources are disjoint from the cache (checked).
                         unsafe {
-                            load(src, (t * l.kv_heads + h) * hd, buf);
-                            store(&cache, at, buf);
+                            let from = (t * l.kv_heads + h) * hd;
+                            if src.dtype == cache.dtype {
+                                // The same dtype: the bytes as they are (no f32 round trip).
+                                let (s, d) = (src.sub(from, hd), cache.sub(at, hd));
+                                std::ptr::copy_nonoverlapping(s.ptr, d.ptr, s.bytes());
+                            } else {
+                                load(src, from, buf);
+                                store(&cache, at, buf);
+                            }
                         }
                     }
                 }

@@ -10,6 +10,7 @@
 use super::raw::{load, round_to, store, with_scratch, Raw};
 use super::CpuBackend;
 use crate::backend::{BinaryOp, UnaryOp};
+use crate::DType;
 
 /// Elements per stack tile.
 const TILE: usize = 1024;
@@ -157,8 +158,8 @@ multiversion! {
 }
 
 multiversion! {
-    fn silu_mul_tile(g: &mut [f32], u: &[f32]) {
-        g.iter_mut().zip(u.iter()).for_each(|(a, b)| *a = silu(*a) * *b)
+    fn silu_mul_tile(g: &[f32], u: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(g.iter().zip(u.iter())).for_each(|(o, (a, b))| *o = silu(*a) * *b)
     }
 }
 
@@ -193,18 +194,28 @@ pub(crate) fn cast(be: &CpuBackend, x: &Raw, out: &Raw) {
 }
 
 pub(crate) fn silu_mul(be: &CpuBackend, g: &Raw, u: &Raw, out: &Raw) {
+    // f32 inputs (a model's activations) are read in place rather than copied to the stack first.
+    let direct = g.dtype == DType::F32 && u.dtype == DType::F32;
     be.for_chunks(out.len, be.chunk_for(out.len, EW_HEAVY_CHUNK_MIN), |start, len| {
-        let (mut xg, mut xu) = ([0f32; TILE], [0f32; TILE]);
+        let (mut xg, mut xu, mut xo) = ([0f32; TILE], [0f32; TILE], [0f32; TILE]);
         tiles(start, len, |i, n| {
-            let (xg, xu) = (&mut xg[..n], &mut xu[..n]);
-            // SAFETY: as in `binary`.
-            unsafe {
-                load(g, i, xg);
-                load(u, i, xu);
+            let xo = &mut xo[..n];
+            if direct {
+                // SAFETY: `i..i + n` lies in this worker's chunk of checked f32 operands; `out` is
+                // written below, after these borrows end (it may be identical to `g` or `u`).
+                let (sg, su) = unsafe { (g.sub(i, n).slice::<f32>(), u.sub(i, n).slice::<f32>()) };
+                silu_mul_tile(sg, su, xo);
+            } else {
+                let (xg, xu) = (&mut xg[..n], &mut xu[..n]);
+                // SAFETY: as in `binary`.
+                unsafe {
+                    load(g, i, xg);
+                    load(u, i, xu);
+                }
+                silu_mul_tile(xg, xu, xo);
             }
-            silu_mul_tile(xg, xu);
             // SAFETY: as in `binary`.
-            unsafe { store(out, i, xg) }
+            unsafe { store(out, i, xo) }
         });
     });
 }
