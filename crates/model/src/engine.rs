@@ -42,6 +42,8 @@ use crate::weights::WeightLayout;
 
 mod pass;
 pub use pass::{HeldRow, PassSeq};
+#[cfg(test)]
+mod step_timing;
 
 /// Start-up bounds and choices. Every bound sizes a preallocated structure.
 #[derive(Clone, Debug)]

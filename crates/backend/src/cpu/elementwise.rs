@@ -10,11 +10,16 @@
 use super::raw::{load, round_to, store, with_scratch, Raw};
 use super::CpuBackend;
 use crate::backend::{BinaryOp, UnaryOp};
+use crate::DType;
 
 /// Elements per stack tile.
 const TILE: usize = 1024;
 /// Minimum elements per parallel chunk of an elementwise op (smaller work stays on the caller).
 const EW_CHUNK_MIN: usize = 32 * 1024;
+/// The same for ops that cost several times a plain add per element (silu·mul's exp and divide,
+/// a row's norm, RoPE's rotations): a batched decode step's (16 rows of 1536) ran on the caller
+/// alone while the other worker waited.
+const EW_HEAVY_CHUNK_MIN: usize = 4 * 1024;
 /// Minimum bytes per parallel chunk of a copy.
 const COPY_CHUNK_MIN: usize = 1 << 20;
 
@@ -153,8 +158,8 @@ multiversion! {
 }
 
 multiversion! {
-    fn silu_mul_tile(g: &mut [f32], u: &[f32]) {
-        g.iter_mut().zip(u.iter()).for_each(|(a, b)| *a = silu(*a) * *b)
+    fn silu_mul_tile(g: &[f32], u: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(g.iter().zip(u.iter())).for_each(|(o, (a, b))| *o = silu(*a) * *b)
     }
 }
 
@@ -189,18 +194,28 @@ pub(crate) fn cast(be: &CpuBackend, x: &Raw, out: &Raw) {
 }
 
 pub(crate) fn silu_mul(be: &CpuBackend, g: &Raw, u: &Raw, out: &Raw) {
-    be.for_chunks(out.len, be.chunk_for(out.len, EW_CHUNK_MIN), |start, len| {
-        let (mut xg, mut xu) = ([0f32; TILE], [0f32; TILE]);
+    // f32 inputs (a model's activations) are read in place rather than copied to the stack first.
+    let direct = g.dtype == DType::F32 && u.dtype == DType::F32;
+    be.for_chunks(out.len, be.chunk_for(out.len, EW_HEAVY_CHUNK_MIN), |start, len| {
+        let (mut xg, mut xu, mut xo) = ([0f32; TILE], [0f32; TILE], [0f32; TILE]);
         tiles(start, len, |i, n| {
-            let (xg, xu) = (&mut xg[..n], &mut xu[..n]);
-            // SAFETY: as in `binary`.
-            unsafe {
-                load(g, i, xg);
-                load(u, i, xu);
+            let xo = &mut xo[..n];
+            if direct {
+                // SAFETY: `i..i + n` lies in this worker's chunk of checked f32 operands; `out` is
+                // written below, after these borrows end (it may be identical to `g` or `u`).
+                let (sg, su) = unsafe { (g.sub(i, n).slice::<f32>(), u.sub(i, n).slice::<f32>()) };
+                silu_mul_tile(sg, su, xo);
+            } else {
+                let (xg, xu) = (&mut xg[..n], &mut xu[..n]);
+                // SAFETY: as in `binary`.
+                unsafe {
+                    load(g, i, xg);
+                    load(u, i, xu);
+                }
+                silu_mul_tile(xg, xu, xo);
             }
-            silu_mul_tile(xg, xu);
             // SAFETY: as in `binary`.
-            unsafe { store(out, i, xg) }
+            unsafe { store(out, i, xo) }
         });
     });
 }
@@ -247,7 +262,7 @@ pub(crate) fn softmax(be: &CpuBackend, x: &Raw, out: &Raw, cols: usize) {
 
 pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out: &Raw, hidden: usize, eps: f32) {
     let rows = x.len / hidden;
-    be.for_chunks(rows, rows_chunk(be, rows, hidden, 16 * 1024), |r0, nr| {
+    be.for_chunks(rows, rows_chunk(be, rows, hidden, EW_HEAVY_CHUNK_MIN), |r0, nr| {
         with_scratch(2 * hidden, |buf| {
             let (h, wt) = buf.split_at_mut(hidden);
             // SAFETY: `weight` is read-only in this op and has `hidden` elements.
@@ -283,7 +298,7 @@ pub(crate) fn rope(be: &CpuBackend, x: &Raw, pos: &Raw, inv_freq: &Raw, heads: u
     let tokens = pos.len;
     let half = head_dim / 2;
     let row = heads * head_dim;
-    be.for_chunks(tokens, rows_chunk(be, tokens, row, 16 * 1024), |t0, nt| {
+    be.for_chunks(tokens, rows_chunk(be, tokens, row, EW_HEAVY_CHUNK_MIN), |t0, nt| {
         with_scratch(2 * half + head_dim, |buf| {
             let (cs, rest) = buf.split_at_mut(half);
             let (sn, h) = rest.split_at_mut(half);

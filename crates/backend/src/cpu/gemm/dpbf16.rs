@@ -66,16 +66,42 @@ pub(super) unsafe fn run(
     // Weight rows per step: one accumulator per (row, activation), enough of them in flight to
     // cover the instruction's latency, within 32 registers.
     match acts {
-        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        1 => run_rm::<4, 1>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        2 => run_rm::<4, 2>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        3 => run_rm::<4, 3>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        _ => run_rm::<4, 4>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        1 => run_rm::<4, 1, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        2 => run_rm::<4, 2, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        3 => run_rm::<4, 3, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        _ => run_rm::<4, 4, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
+    }
+}
+
+/// [`run`] reducing every accumulator on its own with [`hsum`] (the kernel before the
+/// transposed reduction): the same bits, kept to time the two against each other.
+///
+/// # Safety
+/// As for [`run`].
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn run_lane_by_lane(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    xb: *const f32,
+    kb: usize,
+    acts: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    match acts {
+        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        1 => run_rm::<4, 1, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        2 => run_rm::<4, 2, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        3 => run_rm::<4, 3, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        _ => run_rm::<4, 4, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn run_rm<const R: usize, const M: usize>(
+unsafe fn run_rm<const R: usize, const M: usize, const TREE: bool>(
     w: *const u8,
     row_bytes: usize,
     nrows: usize,
@@ -92,14 +118,14 @@ unsafe fn run_rm<const R: usize, const M: usize>(
         nrows,
         out,
         out_stride,
-        |w, stride, o| unsafe { rows_rm::<R, M>(w, stride, xb, kb, o) },
-        |w, stride, o| unsafe { rows_rm::<1, M>(w, stride, xb, kb, o) },
+        |w, stride, o| unsafe { rows_rm::<R, M, TREE>(w, stride, xb, kb, o) },
+        |w, stride, o| unsafe { rows_rm::<1, M, TREE>(w, stride, xb, kb, o) },
     )
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn rows_rm<const R: usize, const M: usize>(
+unsafe fn rows_rm<const R: usize, const M: usize, const TREE: bool>(
     w: *const u8,
     stride: usize,
     xb: *const f32,
@@ -122,9 +148,26 @@ unsafe fn rows_rm<const R: usize, const M: usize>(
         }
         i += STEP;
     }
-    for r in 0..R {
-        for a in 0..M {
-            out[r][a] = hsum(acc[r][a]);
+    if TREE && R * M > 1 {
+        // All accumulators reduced together (a fraction of the shuffles and adds of one
+        // reduction each; at k = 576 those were a sixth of the kernel's time at m = 16).
+        let mut v = [_mm512_setzero_ps(); 16];
+        for r in 0..R {
+            for a in 0..M {
+                v[r * M + a] = acc[r][a];
+            }
+        }
+        let s = hsums(&v, R * M);
+        for r in 0..R {
+            for a in 0..M {
+                out[r][a] = s[r * M + a];
+            }
+        }
+    } else {
+        for r in 0..R {
+            for a in 0..M {
+                out[r][a] = hsum(acc[r][a]);
+            }
         }
     }
 }
@@ -149,4 +192,152 @@ unsafe fn hsum(v: __m512) -> f32 {
     let s = _mm_add_ps(u, _mm_movehl_ps(u, u));
     let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
     _mm_cvtss_f32(s)
+}
+
+/// `out[i] = hsum(v[i])` for `i < n` (`n` ≤ 16; the rest is padding), bit for bit: a transposed
+/// butterfly in which every lane adds exactly the pair [`hsum`]'s tree adds for its accumulator
+/// (IEEE addition is commutative, so only the pairing matters), four levels of two shuffles and
+/// one add over several accumulators at once.
+/// - Level 1, pairs (A, B): blocks (A0, A1, B0, B1) + (A2, A3, B2, B3) (128-bit blocks) give
+///   `t` of A in blocks 0, 1 and of B in blocks 2, 3 (`t[i] = v[i] + v[i+8]`).
+/// - Level 2, pairs of those (P, Q): blocks (P0, P2, Q0, Q2) + (P1, P3, Q1, Q3): block `b` holds
+///   `u` of one accumulator (`u[i] = t[i] + t[i+4]`); vector `i` holds accumulators `4i..4i+4`.
+/// - Level 3, pairs (R, S), per block: (R0, R1, S0, S1) + (R2, R3, S2, S3): `s` of two.
+/// - Level 4: (T0, T2, U0, U2) + (T1, T3, U1, U3) per block: block `b`, lane `c` ends with
+///   accumulator `4c + b`'s sum.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn hsums(v: &[__m512; 16], n: usize) -> [f32; 16] {
+    let z = _mm512_setzero_ps();
+    // Vectors past the last that holds an accumulator stay zero and cost nothing where `n` is
+    // known (the callers inline this with constant `n`).
+    let (n1, n2, n3) = (n.div_ceil(2), n.div_ceil(4), n.div_ceil(8));
+    let mut p = [z; 8];
+    for i in 0..n1 {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        p[i] = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+    }
+    let mut q = [z; 4];
+    for i in 0..n2 {
+        let (a, b) = (p[2 * i], p[2 * i + 1]);
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+    }
+    let mut t = [z; 2];
+    for i in 0..n3 {
+        let (a, b) = (q[2 * i], q[2 * i + 1]);
+        t[i] = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+    }
+    let f = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(t[0], t[1]), _mm512_shuffle_ps::<0xDD>(t[0], t[1]));
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), f);
+    let mut out = [0f32; 16];
+    for (i, o) in out.iter_mut().enumerate().take(n) {
+        *o = lanes[4 * (i % 4) + i / 4];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The joint reduction gives every accumulator's [`hsum`] bit for bit, for every count of
+    /// accumulators the kernels use, over values whose sums round differently in any other
+    /// order (mixed magnitudes and signs, and zeros of both signs).
+    #[test]
+    fn hsums_equals_hsum_per_accumulator() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let mut z = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let e = ((z >> 40) % 40) as i32 - 20;
+            let v = ((z >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 2f32.powi(e);
+            match z % 17 {
+                0 => 0.0,
+                1 => -0.0,
+                _ => v,
+            }
+        };
+        for n in [2, 3, 4, 8, 12, 16] {
+            for _ in 0..200 {
+                let mut vals = [[0f32; 16]; 16];
+                vals.iter_mut().flatten().for_each(|x| *x = next());
+                // SAFETY: AVX-512F is available (checked above); arrays of 16 f32 are 64 bytes.
+                unsafe {
+                    let mut v = [_mm512_setzero_ps(); 16];
+                    for i in 0..n {
+                        v[i] = _mm512_loadu_ps(vals[i].as_ptr());
+                    }
+                    let got = hsums(&v, n);
+                    for i in 0..n {
+                        assert_eq!(got[i].to_bits(), hsum(v[i]).to_bits(), "n={n} accumulator {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Timing, not a check: the kernel with the joint reduction against reducing each
+    /// accumulator alone, one thread, interleaved, over one SmolLM2-135M layer's linear shapes
+    /// (bf16 weights) at m = 1, 4, 16. Run with `cargo test --release -p djinn-backend --lib
+    /// dpbf16_reduction_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run by hand in release"]
+    fn dpbf16_reduction_timing() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+        let ws: Vec<Vec<u16>> =
+            shapes.iter().map(|&(n, k)| (0..n * k).map(|i| 0x3c00 + (i % 251) as u16).collect()).collect();
+        for m in [1usize, 4, 16] {
+            let x: Vec<f32> = (0..m * 1536).map(|i| (i % 13) as f32 * 0.01).collect();
+            let mut xb = vec![0f32; m * 768];
+            let mut c = vec![0f32; m * 1536];
+            // Best round of each (the machine is shared: the minimum is the least disturbed).
+            let mut t = [f64::MAX; 2];
+            for _ in 0..30 {
+                for (tree, slot) in [(false, 0), (true, 1)] {
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..5 {
+                        for (&(n, k), w) in shapes.iter().zip(&ws) {
+                            // SAFETY: AVX512_BF16 is available; `w` holds n rows of k bf16, `xb`
+                            // m rows of k / 2 slots, `c` m rows of n.
+                            unsafe {
+                                for r in 0..m {
+                                    round_to_bf16(&x[r * k..(r + 1) * k], &mut xb[r * k / 2..(r + 1) * k / 2]);
+                                }
+                                let mut r0 = 0;
+                                while r0 < m {
+                                    let acts = (m - r0).min(4);
+                                    let (wp, xp, cp) = (
+                                        w.as_ptr() as *const u8,
+                                        xb.as_ptr().add(r0 * k / 2),
+                                        c.as_mut_ptr().add(r0 * n),
+                                    );
+                                    if tree {
+                                        run(wp, k * 2, n, xp, k, acts, cp, n);
+                                    } else {
+                                        run_lane_by_lane(wp, k * 2, n, xp, k, acts, cp, n);
+                                    }
+                                    r0 += acts;
+                                }
+                            }
+                        }
+                    }
+                    t[slot] = t[slot].min(t0.elapsed().as_secs_f64() / 5.0);
+                }
+            }
+            println!(
+                "m={m:2}: one layer's linears, one thread: per-accumulator hsum {:.1} us, joint reduction {:.1} us, speedup {:.3}x",
+                t[0] * 1e6,
+                t[1] * 1e6,
+                t[0] / t[1]
+            );
+        }
+    }
 }

@@ -1,0 +1,73 @@
+//! Timing, not a check: batched decode steps of SmolLM2-135M (bf16 weights, f32 KV) on the CPU
+//! backend with every core, in process, so a shared machine's load disturbs it less than a served
+//! benchmark: the best and the median of many steps. Run with `cargo test --release -p
+//! djinn-model --lib decode_step_timing -- --ignored --nocapture` (needs `models/smollm2-bf16`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use djinn_backend::cpu::CpuBackend;
+use djinn_backend::{DType, SampleParams};
+
+use super::{Engine, EngineOptions, SessionId};
+
+const GREEDY: SampleParams = SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, step: 0 };
+
+#[test]
+#[ignore = "timing; run by hand in release with the SmolLM2 checkpoint"]
+fn decode_step_timing() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-bf16");
+    if !dir.join("config.json").exists() {
+        eprintln!("skipped: no {}", dir.display());
+        return;
+    }
+    let be = Arc::new(CpuBackend::new().unwrap());
+    let opts = EngineOptions {
+        dtype: Some(DType::BF16),
+        max_sessions: 40,
+        max_step_tokens: 512,
+        max_context_tokens: Some(512),
+        ..EngineOptions::default()
+    };
+    let mut eng = Engine::load_dir(be, &dir, &opts).unwrap();
+    let prompt: Vec<u32> = (0..32u32).map(|i| (i * 7919 + 11) % 40000 + 100).collect();
+    // Batches as the load benchmark's steps hold them: one decode; 16 decodes; 16 decodes beside
+    // a 16-token prompt chunk (each output token there costs a prompt row too).
+    for (decodes, chunk) in [(1usize, 0usize), (16, 0), (16, 16)] {
+        let ids: Vec<SessionId> = (0..decodes).map(|_| eng.open_session().unwrap()).collect();
+        let mut out = Vec::new();
+        for &id in &ids {
+            eng.prefill(id, &prompt, false, &mut out).unwrap();
+        }
+        let mut next: Vec<u32> = vec![prompt[0]; decodes];
+        let mut times = Vec::new();
+        let params = vec![GREEDY; decodes + 1];
+        for step in 0..48 {
+            let extra = if chunk > 0 { Some(eng.open_session().unwrap()) } else { None };
+            let one: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut seqs: Vec<(SessionId, &[u32])> = ids.iter().zip(&one).map(|(&id, t)| (id, &t[..])).collect();
+            if let Some(e) = extra {
+                seqs.push((e, &prompt[..chunk]));
+            }
+            let mut toks = Vec::new();
+            let t0 = std::time::Instant::now();
+            eng.step_sample(&seqs, &params[..seqs.len()], &mut toks).unwrap();
+            if step >= 8 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            next.copy_from_slice(&toks[..decodes]);
+            if let Some(e) = extra {
+                eng.close_session(e).unwrap();
+            }
+        }
+        for id in ids {
+            eng.close_session(id).unwrap();
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{decodes:2} decode rows + {chunk:2} prompt rows: step best {:.2} ms, median {:.2} ms",
+            times[0] * 1e3,
+            times[times.len() / 2] * 1e3
+        );
+    }
+}
