@@ -168,6 +168,14 @@ pub struct KvCacheRef<'a, B: Backend + ?Sized> {
     pub layout: KvLayout,
 }
 
+// By hand: a derive would ask `B: Copy`, but only the reference is copied.
+impl<B: Backend + ?Sized> Clone for KvCacheRef<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for KvCacheRef<'_, B> {}
+
 /// Per-row sampling parameters. Temperature 0 means greedy.
 ///
 /// The contract every backend follows (the CPU backend is its reference):

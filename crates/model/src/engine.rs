@@ -345,21 +345,12 @@ impl<B: Backend> Engine<B> {
         }
         let result = (|| {
             let weights_base = self.lease.offset();
-            let parts = self.vmu.step_parts();
-            let scratch_base =
-                parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
+            let mut parts = self.vmu.step_parts();
+            let mem = step_memory(&mut parts, weights_base, self.model.scratch.bytes())?;
             let mut steps = Vec::with_capacity(seqs.len());
             for (i, &(id, toks)) in seqs.iter().enumerate() {
                 steps.push(SeqStep { tokens: toks, start_pos: self.starts[i], block_table: parts.tables.get(id)? });
             }
-            let mem = StepMemory {
-                stream: parts.backend.default_stream(),
-                weights: parts.region,
-                weights_base,
-                kv: parts.kv,
-                scratch: parts.region,
-                scratch_base,
-            };
             let st = self.model.forward(parts.backend, &mem, &steps, mode)?;
             then(&self.model, parts.backend, &mem, &st)
         })();
@@ -463,6 +454,24 @@ fn check_step_workspace(ws: Option<usize>, cfg: &ModelConfig, dtype: DType, max_
         )));
     }
     Ok(())
+}
+
+/// A step's memory: the weights at `weights_base` under the engine's lease, the paged KV cache,
+/// and `scratch_bytes` of scratch taken from this step's arena (released by `end_step`).
+fn step_memory<'p, B: Backend>(
+    parts: &mut djinn_vmu::StepParts<'p, B>,
+    weights_base: usize,
+    scratch_bytes: usize,
+) -> Result<StepMemory<'p, B>> {
+    let scratch_base = parts.scratch.alloc(scratch_bytes, 256).map_err(djinn_vmu::VmuError::from)?;
+    Ok(StepMemory {
+        stream: parts.backend.default_stream(),
+        weights: parts.region,
+        weights_base,
+        kv: parts.kv,
+        scratch: parts.region,
+        scratch_base,
+    })
 }
 
 #[cfg(test)]

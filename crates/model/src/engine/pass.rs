@@ -222,9 +222,8 @@ impl<B: Backend> Engine<B> {
         self.ids = ids;
         let result = prepared.and_then(|()| {
             let weights_base = self.lease.offset();
-            let parts = self.vmu.step_parts();
-            let scratch_base =
-                parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
+            let mut parts = self.vmu.step_parts();
+            let mem = super::step_memory(&mut parts, weights_base, self.model.scratch.bytes())?;
             let mut steps = Vec::with_capacity(rows.len());
             for (i, r) in rows.iter().enumerate() {
                 steps.push(SeqStep {
@@ -233,14 +232,6 @@ impl<B: Backend> Engine<B> {
                     block_table: parts.tables.get(r.id)?,
                 });
             }
-            let mem = StepMemory {
-                stream: parts.backend.default_stream(),
-                weights: parts.region,
-                weights_base,
-                kv: parts.kv,
-                scratch: parts.region,
-                scratch_base,
-            };
             let (be, model) = (parts.backend, &self.model);
             let mut st = model.begin_at(be, &mem, &steps, LogitsMode::Last, layers)?;
             let all: Vec<f32>;
@@ -405,9 +396,8 @@ impl<B: Backend> Engine<B> {
         };
         let result = (|| {
             let weights_base = self.lease.offset();
-            let parts = self.vmu.step_parts();
-            let scratch_base =
-                parts.scratch.alloc(self.model.scratch.bytes(), 256).map_err(djinn_vmu::VmuError::from)?;
+            let mut parts = self.vmu.step_parts();
+            let mem = super::step_memory(&mut parts, weights_base, self.model.scratch.bytes())?;
             let mut steps = Vec::with_capacity(seqs.len());
             for (i, seq) in seqs.iter().enumerate() {
                 steps.push(SeqStep {
@@ -416,14 +406,6 @@ impl<B: Backend> Engine<B> {
                     block_table: parts.tables.get(seq.id)?,
                 });
             }
-            let mem = StepMemory {
-                stream: parts.backend.default_stream(),
-                weights: parts.region,
-                weights_base,
-                kv: parts.kv,
-                scratch: parts.region,
-                scratch_base,
-            };
             let (be, model) = (parts.backend, &self.model);
             let mode = match stop {
                 Stop::End(mode) => mode,
