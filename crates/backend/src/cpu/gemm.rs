@@ -352,7 +352,7 @@ fn gemv_simd(
     let row_bytes = k * w.dtype.size_bytes();
     type RunFn = unsafe fn(*const u8, usize, usize, *const f32, usize, usize, *mut f32, usize);
     let run_fn: RunFn = match (wide, w.dtype) {
-        (true, DType::BF16) if dot => dpbf16::run,
+        (true, DType::BF16) if dot => dpbf16::run::<true>,
         (true, DType::BF16) => avx512::run::<{ avx512::BF16 }>,
         (true, DType::F16) => avx512::run::<{ avx512::F16 }>,
         (true, _) => avx512::run::<{ avx512::F32 }>,

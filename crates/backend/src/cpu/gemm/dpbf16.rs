@@ -52,8 +52,11 @@ pub(super) unsafe fn round_to_bf16(x: &[f32], xb: &mut [f32]) {
 /// AVX-512F and AVX512_BF16 must be available; the weight rows must hold `kb` readable values,
 /// `xb` `acts * kb / 2` slots and `out` room for `acts` rows of `nrows` at `out_stride`; `kb`
 /// must be a multiple of [`STEP`].
+///
+/// `JOINT` reduces a call's accumulators together (the transposed butterfly of [`hsums`]);
+/// `false` reduces each on its own with [`hsum`] — the same bits, kept to time the two.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn run(
+pub(super) unsafe fn run<const JOINT: bool>(
     w: *const u8,
     row_bytes: usize,
     nrows: usize,
@@ -66,37 +69,11 @@ pub(super) unsafe fn run(
     // Weight rows per step: one accumulator per (row, activation), enough of them in flight to
     // cover the instruction's latency, within 32 registers.
     match acts {
-        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        1 => run_rm::<4, 1, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        2 => run_rm::<4, 2, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        3 => run_rm::<4, 3, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        _ => run_rm::<4, 4, true>(w, row_bytes, nrows, xb, kb, out, out_stride),
-    }
-}
-
-/// [`run`] reducing every accumulator on its own with [`hsum`] (the kernel before the
-/// transposed reduction): the same bits, kept to time the two against each other.
-///
-/// # Safety
-/// As for [`run`].
-#[cfg(test)]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn run_lane_by_lane(
-    w: *const u8,
-    row_bytes: usize,
-    nrows: usize,
-    xb: *const f32,
-    kb: usize,
-    acts: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    match acts {
-        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        1 => run_rm::<4, 1, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        2 => run_rm::<4, 2, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        3 => run_rm::<4, 3, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        _ => run_rm::<4, 4, false>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        1 => run_rm::<4, 1, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        2 => run_rm::<4, 2, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        3 => run_rm::<4, 3, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        _ => run_rm::<4, 4, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
     }
 }
 
@@ -320,9 +297,9 @@ mod tests {
                                         c.as_mut_ptr().add(r0 * n),
                                     );
                                     if tree {
-                                        run(wp, k * 2, n, xp, k, acts, cp, n);
+                                        run::<true>(wp, k * 2, n, xp, k, acts, cp, n);
                                     } else {
-                                        run_lane_by_lane(wp, k * 2, n, xp, k, acts, cp, n);
+                                        run::<false>(wp, k * 2, n, xp, k, acts, cp, n);
                                     }
                                     r0 += acts;
                                 }
