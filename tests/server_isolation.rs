@@ -16,7 +16,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, model_server, run_trials, server, tenants_model_server, unique_name, Transport};
+use common::{
+    http_get, metric, model_server, model_with_context, run_trials, server, tenants_model_server, unique_name,
+    Transport,
+};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{Client, ClientOptions, DecodeOptions, FinishReason, Input, OpenOptions};
@@ -363,19 +366,7 @@ fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
 /// decode can run long enough to fill a socket's buffers.
 fn long_model_dir() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("isolation-long-model"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = model_dir();
-        for f in ["generation_config.json", "model.safetensors"] {
-            std::fs::copy(src.join(f), dir.join(f)).unwrap();
-        }
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-        cfg["max_position_embeddings"] = 4096.into();
-        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-        dir
-    })
+    DIR.get_or_init(|| model_with_context(&model_dir(), 4096, "isolation-long-model"))
 }
 
 /// A client that asks for full logits and stops reading is paused by time

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{connect, http_get, metric, run_trials, server, unique_name, Transport};
+use common::{connect, http_get, metric, model_with_context, run_trials, server, Transport};
 use djinn_backend::cpu::CpuBackend;
 use djinn_backend::SampleParams;
 use djinn_client::{DecodeOptions, Feed, OpenOptions, Qos};
@@ -28,17 +28,7 @@ const LONG: usize = 4000;
 fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("scheduling-model"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(SRC_MODEL);
-        for f in ["generation_config.json", "model.safetensors"] {
-            std::fs::copy(src.join(f), dir.join(f)).unwrap();
-        }
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-        cfg["max_position_embeddings"] = 4096.into();
-        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-        dir
+        model_with_context(&Path::new(env!("CARGO_MANIFEST_DIR")).join(SRC_MODEL), 4096, "scheduling-model")
     })
 }
 

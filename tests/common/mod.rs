@@ -235,6 +235,23 @@ pub fn tenants_model_server(t: Transport, name: &str, dir: &std::path::Path, ext
 }
 
 /// A client with default options; panics naming the URL.
+/// A copy of the checkpoint in `src` (a directory with `config.json`, `generation_config.json`
+/// and `model.safetensors`) whose config allows `max_positions` positions — the weights do not
+/// depend on it — so a test can run a long context on a committed tiny model. Made once per
+/// test binary under `CARGO_TARGET_TMPDIR`.
+pub fn model_with_context(src: &std::path::Path, max_positions: usize, what: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name(what));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["generation_config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = max_positions.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
 pub fn connect(url: &str) -> djinn_client::Client {
     djinn_client::Client::connect_with(url, &djinn_client::ClientOptions::default())
         .unwrap_or_else(|e| panic!("connect {url}: {e}"))
