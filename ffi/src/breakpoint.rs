@@ -52,15 +52,8 @@ pub unsafe extern "C" fn djinn_generate_ids_breakpoints(
     guard("djinn_generate_ids_breakpoints", || {
         // SAFETY: per this function's contract.
         let mut client = unsafe { client_arg(client) }?;
-        if ids.is_null() || n_ids == 0 {
-            return Err(FfiError::new(DJINN_E_NULL_ARG, "ids: a pass with breakpoints needs input ids"));
-        }
-        if layers.is_null() || n_layers == 0 || n_layers > BREAKPOINTS_MAX {
-            return Err(FfiError::new(DJINN_E_INVALID_ARG, format!("layers: 1..={BREAKPOINTS_MAX} layers needed")));
-        }
-        // SAFETY: non-NULL, readable for the call per this function's contract.
-        let (ids, layers) =
-            unsafe { (std::slice::from_raw_parts(ids, n_ids), std::slice::from_raw_parts(layers, n_layers)) };
+        // SAFETY: per this function's contract.
+        let (ids, layers) = unsafe { pass_args(ids, n_ids, layers, n_layers) }?;
         // SAFETY: per this function's contract.
         let opts = unsafe { decode_options(params) }?;
         // SAFETY: per this function's contract.
@@ -98,15 +91,8 @@ pub unsafe extern "C" fn djinn_prefill_ids_breakpoints(
     guard("djinn_prefill_ids_breakpoints", || {
         // SAFETY: per this function's contract.
         let mut client = unsafe { client_arg(client) }?;
-        if ids.is_null() || n_ids == 0 {
-            return Err(FfiError::new(DJINN_E_NULL_ARG, "ids: a pass with breakpoints needs input ids"));
-        }
-        if layers.is_null() || n_layers == 0 || n_layers > BREAKPOINTS_MAX {
-            return Err(FfiError::new(DJINN_E_INVALID_ARG, format!("layers: 1..={BREAKPOINTS_MAX} layers needed")));
-        }
-        // SAFETY: non-NULL, readable for the call per this function's contract.
-        let (ids, layers) =
-            unsafe { (std::slice::from_raw_parts(ids, n_ids), std::slice::from_raw_parts(layers, n_layers)) };
+        // SAFETY: per this function's contract.
+        let (ids, layers) = unsafe { pass_args(ids, n_ids, layers, n_layers) }?;
         let on_pause =
             |c: &mut Client, note: &djinn_proto::PausedNote| pause_callback(pause_cb, user, c, session, note);
         let r = client.prefill_with_breakpoints(session, djinn_client::Input::Ids(ids), layers, on_pause)?;
@@ -193,4 +179,25 @@ pub unsafe extern "C" fn djinn_pause_write(pause: *mut DjinnPause, values: *cons
         client.write_hidden_f32(p.session, p.layer, tokens, p.hidden, v)?;
         Ok(())
     })
+}
+
+/// The input ids and breakpoint layers of a pass, checked: ids present, 1..=`BREAKPOINTS_MAX`
+/// layers.
+///
+/// # Safety
+/// Non-NULL `ids` / `layers` must be readable for `n_ids` / `n_layers` values for `'a`.
+unsafe fn pass_args<'a>(
+    ids: *const u32,
+    n_ids: usize,
+    layers: *const u32,
+    n_layers: usize,
+) -> Result<(&'a [u32], &'a [u32]), FfiError> {
+    if ids.is_null() || n_ids == 0 {
+        return Err(FfiError::new(DJINN_E_NULL_ARG, "ids: a pass with breakpoints needs input ids"));
+    }
+    if layers.is_null() || n_layers == 0 || n_layers > BREAKPOINTS_MAX {
+        return Err(FfiError::new(DJINN_E_INVALID_ARG, format!("layers: 1..={BREAKPOINTS_MAX} layers needed")));
+    }
+    // SAFETY: non-NULL and readable for the lengths, per this function's contract.
+    Ok(unsafe { (std::slice::from_raw_parts(ids, n_ids), std::slice::from_raw_parts(layers, n_layers)) })
 }
