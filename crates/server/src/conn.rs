@@ -502,7 +502,13 @@ impl<B: Backend> Conn<B> {
             };
             self.rx.recv_data(&mut buf[..len]).map_err(|e| self.transport_failed(e))?;
             got += len as u64;
+            // `frame_data_timeout_ms` bounds a stall, not the whole echo: each chunk that arrives
+            // starts it afresh (a 64 MiB ping on a slow link took longer than the deadline and
+            // was closed mid-transfer).
+            self.clock.enter(Phase::Serving);
         }
+        // The data is in; sending the echo is bounded by the transport's backpressure.
+        self.clock.enter(Phase::Busy);
         self.send_ok(head, &[], &lease.slices(n as usize), None)?;
         Ok(Outcome::Sent)
     }

@@ -186,6 +186,24 @@ pub trait Listener: Send {
     fn url(&self) -> String;
     /// A handle that makes a blocked (or later) `accept` return `Closed`.
     fn stopper(&self) -> ListenerStop;
+    /// Registers `mem` once, at start-up, for every connection this listener accepts: bulk data
+    /// received into it or sent from it then moves without registering anything on the request
+    /// path (rdma: a peer may still write only the one range granted to it, through a memory
+    /// window). `Ok(false)`: this transport has nothing to register (tcp, shm).
+    fn register_host_memory(&mut self, mem: Arc<dyn PinnedHost>) -> Result<bool, TransportError> {
+        let _ = mem;
+        Ok(false)
+    }
+}
+
+/// Host memory a transport may register once for zero-copy bulk data (the server's staging pool).
+///
+/// # Safety
+/// `ptr()..+len_bytes()` must be one allocation that stays valid, at the same address, for as long as
+/// the value lives (a transport keeps an `Arc` of it beside its registration).
+pub unsafe trait PinnedHost: Send + Sync {
+    fn ptr(&self) -> *mut u8;
+    fn len_bytes(&self) -> usize;
 }
 
 /// Settings every transport reads, fixed at start-up.
@@ -211,6 +229,10 @@ pub struct TransportOptions {
     pub rdma_ring_bytes: usize,
     /// RDMA: connections a listener holds at once; the next client is answered Busy.
     pub rdma_connections_max: usize,
+    /// RDMA, tests only: grant through memory windows even where the device does not hold a
+    /// window's writes to its range (soft-RoCE), so the bind/invalidate path runs in the VM.
+    /// Isolation then rests on the registered region: never set it in a server.
+    pub rdma_windows_unchecked: bool,
 }
 
 impl Default for TransportOptions {
@@ -232,6 +254,7 @@ impl Default for TransportOptions {
             rdma_device: None,
             rdma_ring_bytes: 4 * 1024 * 1024,
             rdma_connections_max: 256,
+            rdma_windows_unchecked: false,
         }
     }
 }

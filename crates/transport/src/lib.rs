@@ -17,8 +17,8 @@ pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame, RxHead,
-    SpinGate, TransportError, TransportOptions, TrySend, UnreadProbe, WaitMode,
+    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame,
+    PinnedHost, RxHead, SpinGate, TransportError, TransportOptions, TrySend, UnreadProbe, WaitMode,
 };
 pub use recommended::{connect, listen};
 

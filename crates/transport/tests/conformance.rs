@@ -28,14 +28,28 @@ pub struct Fixture {
     /// `FrameTx::closer` returns a handle (tests that need one are ignored otherwise).
     pub has_closer: bool,
     /// Connects a hostile peer to a listener URL that makes one write outside what it was granted
-    /// (`true`: past a direct grant, `false`: past its ring) and says whether it was refused.
+    /// (see [`Aim`]) and says whether it was refused.
     /// `None`: the peer cannot write the receiver's memory on this transport.
-    pub write_out_of_bounds: Option<fn(&str, bool) -> bool>,
+    pub write_out_of_bounds: Option<fn(&str, Aim) -> bool>,
+    /// The echo registers a host arena with its listener at start and receives bulk data into it
+    /// (`Listener::register_host_memory`; rdma then grants through memory windows).
+    pub host_arena: bool,
     /// The listener holds at most `TransportOptions::rdma_connections_max` connections.
     pub bounds_connections: bool,
 }
 
 type Setup = Result<Fixture, String>;
+
+/// Where a hostile peer aims its write.
+#[derive(Clone, Copy, Debug)]
+pub enum Aim {
+    /// Just past its ring.
+    PastRing,
+    /// Just past a direct grant.
+    PastGrant,
+    /// Inside a direct grant whose transfer is over (its frame was answered).
+    StaleGrant,
+}
 /// Opens a raw byte stream to a listener URL.
 pub type RawConnect = fn(&str) -> Box<dyn Write + Send>;
 
@@ -62,6 +76,7 @@ fn tcp_uring() -> Setup {
         has_closer: true,
         write_out_of_bounds: None,
         bounds_connections: false,
+        host_arena: false,
     })
 }
 
@@ -88,6 +103,7 @@ fn tcp_socket() -> Setup {
         has_closer: true,
         write_out_of_bounds: None,
         bounds_connections: false,
+        host_arena: false,
     })
 }
 
@@ -111,6 +127,7 @@ fn shm() -> Setup {
         has_closer: true,
         write_out_of_bounds: None,
         bounds_connections: false,
+        host_arena: false,
     })
 }
 
@@ -135,6 +152,7 @@ fn rdma() -> Setup {
             has_closer: true,
             write_out_of_bounds: Some(rdma_out_of_bounds),
             bounds_connections: true,
+            host_arena: false,
         })
     }
 }
@@ -169,16 +187,40 @@ fn rdma_raw(url: &str) -> Box<dyn Write + Send> {
 }
 
 /// Past the ring: a plain write. Past a grant: sends the header of a 2 MiB frame, which the echo
-/// receives with one `recv_data` (a direct grant), then aims past that grant's end.
+/// receives with one `recv_data` (a direct grant), then aims past that grant's end. A stale grant:
+/// a whole 2 MiB frame, its echo read, then a write through the grant it used.
 #[cfg(feature = "rdma")]
-fn rdma_out_of_bounds(url: &str, past_grant: bool) -> bool {
+fn rdma_out_of_bounds(url: &str, aim: Aim) -> bool {
     use djinn_transport::rdma::{OutOfBounds, RawClient};
     let mut c = RawClient::connect(url.strip_prefix("rdma://").unwrap(), 64 * 1024).expect("rdma raw connect");
-    if !past_grant {
-        return c.write_out_of_bounds(OutOfBounds::PastRing).expect("rogue write");
+    let header = FrameHeader::new(2, 0, 1, 0, 2 << 20);
+    match aim {
+        Aim::PastRing => c.write_out_of_bounds(OutOfBounds::PastRing).expect("rogue write"),
+        Aim::PastGrant => {
+            c.write_all(header.as_bytes()).unwrap();
+            c.write_out_of_bounds(OutOfBounds::PastGrant).expect("rogue write")
+        }
+        Aim::StaleGrant => c.stale_grant(header.as_bytes(), 2 << 20).expect("rogue write"),
     }
-    c.write_all(FrameHeader::new(2, 0, 1, 0, 2 << 20).as_bytes()).unwrap();
-    c.write_out_of_bounds(OutOfBounds::PastGrant).expect("rogue write")
+}
+
+/// rdma with the echo's receive buffers in a host arena registered at start: grants are memory
+/// windows over the arena, bound per transfer and invalidated after it, where the device holds a
+/// window's writes to its range (probed at start-up); elsewhere (soft-RoCE) they register each
+/// destination as without the arena.
+fn rdma_windows() -> Setup {
+    let mut f = rdma()?;
+    f.host_arena = true;
+    Ok(f)
+}
+
+/// As `rdma_windows`, with windows used even where the device does not bound them, so that the
+/// bind, grant and invalidate path runs on soft-RoCE (a write past a window is then not refused
+/// by rxe: that one check is left out, see `writes_out_of_bounds_are_refused`).
+fn rdma_windows_unchecked() -> Setup {
+    let mut f = rdma_windows()?;
+    f.opts.rdma_windows_unchecked = true;
+    Ok(f)
 }
 
 fn rdma_busy() -> Setup {
@@ -236,13 +278,21 @@ struct ConnEnd {
 impl Echo {
     fn start(f: &Fixture) -> Echo {
         let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
+        let arena = f.host_arena.then(|| {
+            let a = Arc::new(Arena::new());
+            assert!(listener.register_host_memory(a.clone()).expect("register the arena"), "nothing registered");
+            a
+        });
         let url = listener.url();
         let stop = listener.stopper();
         let conn_threads = Arc::new(std::sync::Mutex::new(Vec::new()));
         let threads = conn_threads.clone();
         let accept_thread = thread::spawn(move || loop {
             match listener.accept() {
-                Ok(c) => threads.lock().unwrap().push(thread::spawn(move || echo_conn(c))),
+                Ok(c) => {
+                    let arena = arena.clone();
+                    threads.lock().unwrap().push(thread::spawn(move || echo_conn(c, arena)))
+                }
                 Err(TransportError::Closed) => return,
                 Err(e) => panic!("accept: {e}"),
             }
@@ -274,9 +324,13 @@ impl Drop for Echo {
     }
 }
 
-fn echo_conn(mut c: Connection) -> ConnEnd {
+fn echo_conn(mut c: Connection, arena: Option<Arc<Arena>>) -> ConnEnd {
     let error = loop {
-        match recv(&mut c) {
+        let got = match &arena {
+            Some(a) => recv_into_arena(&mut c, a),
+            None => recv(&mut c).map(|(h, meta, data)| (h, meta, Buf::Heap(data))),
+        };
+        match got {
             Ok((h, meta, data)) => {
                 let reply = FrameHeader::reply_to(&h, meta.len() as u32, data.len() as u64);
                 if let Err(e) = c.tx.send(&OutFrame { header: reply, meta: &meta, data: &[&data] }) {
@@ -287,6 +341,91 @@ fn echo_conn(mut c: Connection) -> ConnEnd {
         }
     };
     ConnEnd { transport: c.transport, error, sent: c.counters.sent(), received: c.counters.received() }
+}
+
+/// Host memory registered with a listener at start: [`ARENA_SLOTS`] slots of [`ARENA_SLOT_BYTES`].
+struct Arena {
+    base: *mut u8,
+    _mem: Box<[u8]>,
+    free: std::sync::Mutex<Vec<usize>>,
+}
+
+const ARENA_SLOTS: usize = 2;
+const ARENA_SLOT_BYTES: usize = 64 << 20;
+
+// SAFETY: `base` points into `_mem`, owned for the arena's life; a slot's bytes are reached only
+// through the one `Buf::Arena` that took its index from the free list.
+unsafe impl Send for Arena {}
+// SAFETY: as above; the free list is behind a mutex.
+unsafe impl Sync for Arena {}
+
+// SAFETY: one boxed allocation, never moved or freed while the arena lives.
+unsafe impl djinn_transport::PinnedHost for Arena {
+    fn ptr(&self) -> *mut u8 {
+        self.base
+    }
+    fn len_bytes(&self) -> usize {
+        self._mem.len()
+    }
+}
+
+impl Arena {
+    fn new() -> Arena {
+        let mut mem = vec![0u8; ARENA_SLOTS * ARENA_SLOT_BYTES].into_boxed_slice();
+        Arena { base: mem.as_mut_ptr(), _mem: mem, free: std::sync::Mutex::new((0..ARENA_SLOTS).collect()) }
+    }
+}
+
+/// A frame's data: in an arena slot (given back on drop) or, where none is free or it is too
+/// large, on the heap.
+enum Buf {
+    Heap(Vec<u8>),
+    Arena { arena: Arc<Arena>, slot: usize, len: usize },
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Buf::Heap(v) => v,
+            // SAFETY: the slot is held by this value alone (see `Arena`).
+            Buf::Arena { arena, slot, len } => unsafe {
+                std::slice::from_raw_parts(arena.base.add(slot * ARENA_SLOT_BYTES), *len)
+            },
+        }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Heap(v) => v,
+            // SAFETY: as in `deref`; `&mut self` makes the borrow exclusive.
+            Buf::Arena { arena, slot, len } => unsafe {
+                std::slice::from_raw_parts_mut(arena.base.add(*slot * ARENA_SLOT_BYTES), *len)
+            },
+        }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Buf::Arena { arena, slot, .. } = self {
+            arena.free.lock().unwrap().push(*slot);
+        }
+    }
+}
+
+fn recv_into_arena(c: &mut Connection, arena: &Arc<Arena>) -> Result<(FrameHeader, Vec<u8>, Buf), TransportError> {
+    let head = c.rx.recv_head()?;
+    let len = head.header.data_len.get() as usize;
+    let slot = if len <= ARENA_SLOT_BYTES { arena.free.lock().unwrap().pop() } else { None };
+    let mut data = match slot {
+        Some(slot) => Buf::Arena { arena: arena.clone(), slot, len },
+        None => Buf::Heap(vec![0u8; len]),
+    };
+    c.rx.recv_data(&mut data)?;
+    Ok((head.header, head.meta, data))
 }
 
 fn round_trip(c: &mut Connection, id: u64, meta_len: usize, data_len: usize) {
@@ -544,17 +683,19 @@ fn writes_out_of_bounds_are_refused(f: &Fixture) {
     let echo = Echo::start(f);
     let mut c = echo.connect(f);
     round_trip(&mut c, 1, 3, 100);
-    for past_grant in [false, true] {
-        assert!(
-            rogue(&echo.url, past_grant),
-            "a write past the {} was not refused",
-            ["ring", "grant"][past_grant as usize]
-        );
-        round_trip(&mut c, 2 + past_grant as u64, 3, 2 << 20);
+    let mut conns = 1;
+    for (i, aim) in [Aim::PastRing, Aim::PastGrant, Aim::StaleGrant].into_iter().enumerate() {
+        // Windows forced onto a device that does not bound them: only their lifetime is checked.
+        if matches!(aim, Aim::PastGrant) && f.opts.rdma_windows_unchecked {
+            continue;
+        }
+        assert!(rogue(&echo.url, aim), "a write {aim:?} was not refused");
+        conns += 1;
+        round_trip(&mut c, 2 + i as u64, 3, 2 << 20);
     }
     drop(c);
     let ends = echo.finish();
-    assert_eq!(ends.len(), 3, "{ends:?}");
+    assert_eq!(ends.len(), conns, "{ends:?}");
 }
 
 /// A client beyond the listener's connection bound is answered Busy at once; the connections held
@@ -762,7 +903,18 @@ macro_rules! conformance {
     };
 }
 
-conformance!(tcp_uring, tcp_uring_zc, tcp_uring_busy, tcp_socket, tcp_socket_busy, shm, rdma, rdma_busy);
+conformance!(
+    tcp_uring,
+    tcp_uring_zc,
+    tcp_uring_busy,
+    tcp_socket,
+    tcp_socket_busy,
+    shm,
+    rdma,
+    rdma_busy,
+    rdma_windows,
+    rdma_windows_unchecked
+);
 
 fn main() {
     let args = Arguments::from_args();

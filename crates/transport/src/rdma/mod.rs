@@ -22,6 +22,7 @@
 mod listener;
 mod ring;
 pub mod verbs;
+mod windows;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
@@ -315,6 +316,20 @@ impl RawClient {
     /// refused the write (this connection is then dead, as the server's side of it).
     pub fn write_out_of_bounds(&mut self, at: OutOfBounds) -> Result<bool, TransportError> {
         self.tx.write_out_of_bounds(at).map_err(|e| e.into_transport("raw client"))
+    }
+
+    /// Sends a frame of `data_len` bytes of zeros (moved by a direct grant when large), reads
+    /// the reply, then writes through that grant's key again ([`OutOfBounds::StaleGrant`]);
+    /// `Ok(true)`: refused.
+    pub fn stale_grant(&mut self, header: &[u8], data_len: usize) -> Result<bool, TransportError> {
+        let err = |e: ring::RingError| e.into_transport("raw client");
+        self.tx.write_raw(header)?;
+        let data = vec![0u8; data_len];
+        self.tx.send_granted(&[&data], data_len as u64).map_err(err)?;
+        let head = crate::FrameRx::recv_head(&mut self.rx)?;
+        let mut reply = vec![0u8; head.header.data_len.get() as usize];
+        crate::FrameRx::recv_data(&mut self.rx, &mut reply)?;
+        self.tx.write_out_of_bounds(OutOfBounds::StaleGrant).map_err(err)
     }
 
     /// The receiving half, to read the server's replies as a normal client would.

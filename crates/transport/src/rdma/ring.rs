@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 
-use super::verbs::{empty_wc, ibv_wc, ibv_wc_opcode, ibv_wc_status, Cq, Device, Mr, Qp};
+use super::verbs::{empty_wc, ibv_wc, ibv_wc_opcode, ibv_wc_status, Cq, Device, Mr, Mw, Qp};
 use crate::shm::sys::peer_gone_now;
 use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError, WaitMode};
 
@@ -245,6 +245,18 @@ impl Waiter {
     }
 }
 
+/// Says why a connection ends on a failed completion: a flush is the echo of an earlier failure
+/// (or of our own close), anything else names the cause (a peer that died shows as a retry
+/// exhausted, a refused write as a remote access error).
+fn failed_completion(link: &Link, wc: &ibv_wc, half: &str) {
+    let (status, opcode, vendor) = (wc.status, wc.opcode, wc.vendor_err);
+    if wc.status == ibv_wc_status::IBV_WC_WR_FLUSH_ERR || link.closed.load(Ordering::Acquire) {
+        tracing::debug!(peer = %link.peer, half, status, opcode, "rdma: work request flushed");
+    } else {
+        tracing::warn!(peer = %link.peer, half, status, opcode, vendor, "rdma: work completion failed; closing the connection");
+    }
+}
+
 /// Send-queue accounting shared by both halves' QPs: posted and known-complete counts.
 #[derive(Default)]
 struct SendQueue {
@@ -293,12 +305,17 @@ pub struct RdmaTx {
     credit: Credit,
     /// The receiver's latest unused grant (rendezvous frames only).
     grant: Grant,
+    /// Address and key of the last direct grant used (for `OutOfBounds::StaleGrant`).
+    stale: Option<(u64, u32)>,
     poisoned: Option<RingError>,
 }
 
 /// The receiving half.
 pub struct RdmaRx {
     qp: Qp,
+    /// Bound over one granted range of a start-up host region per transfer (`rendezvous`);
+    /// `None` where the device has no memory windows (then grants register their range).
+    window: Option<Mw>,
     ring: Mr,
     link: Arc<Link>,
     waiter: Waiter,
@@ -347,10 +364,19 @@ pub(crate) fn halves(
         imms_sent: 0,
         credit: Credit::default(),
         grant: Grant::None,
+        stale: None,
         poisoned: None,
+    };
+    let window = match Mw::new(&link.dev) {
+        Ok(mw) => Some(mw),
+        Err(e) => {
+            tracing::debug!(error = %e, "rdma: no memory window; grants register their range");
+            None
+        }
     };
     let rx = RdmaRx {
         qp: rx_qp,
+        window,
         ring,
         link,
         waiter: Waiter { mode: opts.wait, spin },
@@ -399,6 +425,7 @@ impl RdmaTx {
             for wc in &wcs[..n] {
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
                     // A flushed or failed request: the QP is in error, the peer is gone.
+                    failed_completion(&self.link, wc, "send");
                     return Err(RingError::PeerGone);
                 }
                 if wc.opcode == ibv_wc_opcode::IBV_WC_RECV {
@@ -624,6 +651,7 @@ impl RdmaRx {
             let n = self.qp.cq.poll(&mut wcs).map_err(verbs)?;
             for wc in &wcs[..n] {
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                    failed_completion(&self.link, wc, "receive");
                     return Err(RingError::PeerGone);
                 }
                 if wc.opcode == ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM {

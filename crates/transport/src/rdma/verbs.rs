@@ -91,6 +91,32 @@ pub(crate) struct Device {
     /// QP number → what to do on its fatal event; entries live as long as their QP.
     on_fatal: Arc<Mutex<HashMap<u32, OnFatal>>>,
     events: Option<AsyncEvents>,
+    /// Host memory registered once for the device's life (see [`HostMr`]); at most
+    /// [`HOST_REGIONS_MAX`], never removed, deregistered in `Drop` before the PD goes.
+    host: std::sync::RwLock<Vec<HostMr>>,
+    /// Whether a peer's write through a memory window is held to the window's range (probed
+    /// once, see `windows`); grants use windows only where it is.
+    pub(crate) windows_bounded: std::sync::OnceLock<bool>,
+}
+
+/// Host regions one device registers at most (start-up arenas: a handful).
+pub(crate) const HOST_REGIONS_MAX: usize = 8;
+
+/// A start-up registration of host memory someone else owns ([`crate::PinnedHost`]), kept alive
+/// by the registration itself. Its own rkey grants nothing: access is `LOCAL_WRITE | MW_BIND`, so
+/// the NIC may read it as a send source and write it on the local side, and a peer may write it
+/// only through a memory window bound over one granted range (see `rendezvous`).
+struct HostMr {
+    mr: NonNull<ibv_mr>,
+    mem: Arc<dyn crate::PinnedHost>,
+}
+
+/// What a transfer needs of the host region that covers its buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct HostRegion {
+    /// The registration (valid while the device is: regions are never removed).
+    pub(crate) mr: *mut ibv_mr,
+    pub(crate) lkey: u32,
 }
 
 /// The thread that reads the context's asynchronous events (ibv_get_async_event) and acks each.
@@ -281,6 +307,8 @@ impl Device {
             active_mtu: port.active_mtu,
             on_fatal,
             events: Some(events),
+            host: std::sync::RwLock::new(Vec::new()),
+            windows_bounded: std::sync::OnceLock::new(),
         }))
     }
 }
@@ -302,8 +330,45 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Registers `mem` for the device's life (bounded by [`HOST_REGIONS_MAX`]).
+    pub(crate) fn register_host(&self, mem: Arc<dyn crate::PinnedHost>) -> io::Result<()> {
+        let mut host = self.host.write().unwrap_or_else(|p| p.into_inner());
+        if host.len() >= HOST_REGIONS_MAX {
+            return Err(io::Error::other(format!("a device registers at most {HOST_REGIONS_MAX} host regions")));
+        }
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
+        // SAFETY: `PinnedHost` promises the range stays valid at a fixed address while `mem`
+        // lives; `mem` is kept with the registration, which is dropped (deregistered) first.
+        let mr = unsafe { ibv_reg_mr(self.pd.as_ptr(), mem.ptr().cast(), mem.len_bytes(), access.0 as i32) };
+        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_mr (host region)"))?;
+        host.push(HostMr { mr, mem });
+        Ok(())
+    }
+
+    /// The start-up region that covers `addr..+len`, if any.
+    pub(crate) fn host_region(&self, addr: u64, len: u64) -> Option<HostRegion> {
+        let host = self.host.read().unwrap_or_else(|p| p.into_inner());
+        host.iter().find_map(|h| {
+            let start = h.mem.ptr() as u64;
+            let end = start + h.mem.len_bytes() as u64;
+            (addr >= start && addr.checked_add(len)? <= end).then_some(HostRegion {
+                mr: h.mr.as_ptr(),
+                // SAFETY: registered for the device's life.
+                lkey: unsafe { h.mr.as_ref().lkey },
+            })
+        })
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
+        for h in self.host.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            // SAFETY: every QP holds an Arc<Device>, so none is left to use the registration;
+            // `h.mem` (the memory) is dropped only after this.
+            unsafe { ibv_dereg_mr(h.mr.as_ptr()) };
+            drop(h.mem);
+        }
         if let Some(mut ev) = self.events.take() {
             ev.stop.store(true, Ordering::Release);
             ev.bell.ring();
@@ -416,11 +481,16 @@ unsafe impl Sync for Mr {}
 impl Mr {
     /// Allocates `len` bytes and registers them; `remote_write`: the peer may RDMA-write them.
     pub(crate) fn new(dev: &Arc<Device>, len: usize, remote_write: bool) -> io::Result<Mr> {
-        let mut map = memmap2::MmapMut::map_anon(len.max(1))?;
         let mut access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
         if remote_write {
             access |= ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
         }
+        Self::with_access(dev, len, access)
+    }
+
+    /// Allocates `len` bytes and registers them with `access`.
+    pub(crate) fn with_access(dev: &Arc<Device>, len: usize, access: ibv_access_flags) -> io::Result<Mr> {
+        let mut map = memmap2::MmapMut::map_anon(len.max(1))?;
         // SAFETY: the mapping outlives the registration (both owned here; the MR is deregistered
         // first in Drop) and is not unmapped or remapped while registered.
         let mr = unsafe { ibv_reg_mr(dev.pd.as_ptr(), map.as_mut_ptr().cast(), map.len(), access.0 as i32) };
@@ -430,6 +500,9 @@ impl Mr {
 
     pub(crate) fn addr(&self) -> u64 {
         self.map.as_ptr() as u64
+    }
+    pub(crate) fn raw(&self) -> *mut ibv_mr {
+        self.mr.as_ptr()
     }
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.map.as_ptr() as *mut u8
@@ -561,7 +634,11 @@ impl Qp {
             ret("ibv_modify_qp(RTR)", ibv_modify_qp(self.qp.as_ptr(), &mut a, mask.0 as i32))?;
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTS;
-            a.timeout = 14;
+            // 4.096 µs × 2^17 ≈ 0.54 s per try, 7 retries: a 16 MiB write on soft-RoCE in a TCG
+            // VM on a loaded host can go unacknowledged for longer than 2^14's 67 ms, and a
+            // retry count run out closes the connection (`Closed`). A dead peer is still seen at
+            // once through the rendezvous socket.
+            a.timeout = 17;
             a.retry_cnt = 7;
             // 7: retry receiver-not-ready forever; the credit protocol keeps receives posted, so
             // an RNR is only ever a peer that is slow to repost, never a lost message.
@@ -627,6 +704,76 @@ impl Qp {
         }
     }
 
+    /// Moves the QP to the error state: it takes no more incoming writes and flushes its queues.
+    pub(crate) fn to_error(&self) {
+        // SAFETY: attr is plain data; the mask names the one field set.
+        unsafe {
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_ERR;
+            ibv_modify_qp(self.qp.as_ptr(), &mut a, ibv_qp_attr_mask::IBV_QP_STATE.0 as i32);
+        }
+    }
+
+    /// Posts a type-2 bind of `mw` over `addr..+len` of the host region `region`, for remote
+    /// writes, under the key `rkey` (the window's next key: [`Mw::next_rkey`]).
+    ///
+    /// # Safety
+    /// Until the window is invalidated (a later [`Qp::post_local_inv`] completed) or the QP is
+    /// destroyed, the peer may write `addr..+len`: it must be memory nothing else reads or writes
+    /// meanwhile, inside `region`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn post_bind_mw(
+        &self,
+        wr_id: u64,
+        mw: &mut Mw,
+        rkey: u32,
+        region: HostRegion,
+        addr: u64,
+        len: u64,
+        signaled: bool,
+    ) -> io::Result<()> {
+        // SAFETY (caller): the range is the peer's alone until invalidated; wr lives across the call.
+        unsafe {
+            let mut wr: ibv_send_wr = std::mem::zeroed();
+            wr.wr_id = wr_id;
+            wr.opcode = ibv_wr_opcode::IBV_WR_BIND_MW;
+            wr.send_flags = if signaled { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
+            wr.bind_mw_tso_union.bind_mw = bind_mw_t {
+                mw: mw.mw.as_ptr(),
+                rkey,
+                bind_info: ibv_mw_bind_info {
+                    mr: region.mr,
+                    addr,
+                    length: len,
+                    mw_access_flags: (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                        | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+                        .0,
+                },
+            };
+            let mut bad = ptr::null_mut();
+            ret("ibv_post_send(bind_mw)", ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad))?;
+            // The provider names the window by the key it holds now (the kernel checks it), and
+            // only a type-1 bind updates it: the next bind or invalidation uses the new key.
+            (*mw.mw.as_ptr()).rkey = rkey;
+        }
+        Ok(())
+    }
+
+    /// Posts a local invalidate of `rkey` (a window bound by [`Qp::post_bind_mw`]): once it
+    /// completes, the peer's writes under that key are refused.
+    pub(crate) fn post_local_inv(&self, wr_id: u64, rkey: u32) -> io::Result<()> {
+        // SAFETY: touches no memory; wr lives across the call.
+        unsafe {
+            let mut wr: ibv_send_wr = std::mem::zeroed();
+            wr.wr_id = wr_id;
+            wr.opcode = ibv_wr_opcode::IBV_WR_LOCAL_INV;
+            wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+            wr.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+            let mut bad = ptr::null_mut();
+            ret("ibv_post_send(local_inv)", ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad))
+        }
+    }
+
     /// Posts one SEND of `bytes`, inline (the bytes are copied during the call), with no buffer
     /// to keep alive. `bytes.len()` must not exceed `max_inline`.
     pub(crate) fn post_send_inline(&self, wr_id: u64, bytes: &[u8], signaled: bool) -> io::Result<()> {
@@ -677,13 +824,52 @@ impl Drop for Qp {
     }
 }
 
+/// A type-2 memory window: bound by its QP over one granted range of a host region, then
+/// invalidated, so a peer's access lasts exactly one transfer without registering anything.
+pub(crate) struct Mw {
+    mw: NonNull<ibv_mw>,
+    /// The key of the current (or last) binding; each bind takes the next.
+    rkey: u32,
+    _dev: Arc<Device>,
+}
+
+// SAFETY: owned handle to a thread-safe verbs object.
+unsafe impl Send for Mw {}
+
+impl Mw {
+    /// Allocates a type-2 window; an error where the device or provider has none.
+    pub(crate) fn new(dev: &Arc<Device>) -> io::Result<Mw> {
+        // SAFETY: the PD is live (the window holds its device).
+        let mw = unsafe { ibv_alloc_mw(dev.pd.as_ptr(), ibv_mw_type::IBV_MW_TYPE_2) }
+            .ok_or_else(|| io::Error::other("the provider has no memory windows"))?;
+        let mw = NonNull::new(mw).ok_or_else(|| last_os("ibv_alloc_mw"))?;
+        // SAFETY: just allocated.
+        let rkey = unsafe { mw.as_ref().rkey };
+        Ok(Mw { mw, rkey, _dev: dev.clone() })
+    }
+
+    /// Takes the key for the next binding (same index, next 8-bit tag, as `ibv_inc_rkey`), so a
+    /// key from an earlier grant never matches again until the tag wraps.
+    pub(crate) fn next_rkey(&mut self) -> u32 {
+        self.rkey = (self.rkey & 0xffff_ff00) | (self.rkey.wrapping_add(1) & 0xff);
+        self.rkey
+    }
+}
+
+impl Drop for Mw {
+    fn drop(&mut self) {
+        // SAFETY: owned; the QP it was bound through is dropped first (owner's field order).
+        unsafe { ibv_dealloc_mw(self.mw.as_ptr()) };
+    }
+}
+
 /// An empty work completion, to size poll arrays.
 pub(crate) fn empty_wc() -> ibv_wc {
     // SAFETY: ibv_wc is plain data; all-zero is a valid (meaningless) value.
     unsafe { std::mem::zeroed() }
 }
 
-pub(crate) use rdma_sys::{ibv_wc, ibv_wc_opcode, ibv_wc_status};
+pub(crate) use rdma_sys::{ibv_access_flags, ibv_wc, ibv_wc_opcode, ibv_wc_status};
 
 /// A registration of memory the caller lends for `'a` (a frame's bulk data, a receive buffer):
 /// the borrow outlives the registration, which is dropped (deregistered) first, so the NIC can

@@ -3,22 +3,30 @@
 //! back with its credit (one at a time, each for the next bytes it wants):
 //!
 //! - `Direct { addr, rkey, len }` for a `recv_data` of at least [`DIRECT_BYTES_MIN`]: the receiver
-//!   registers exactly its destination (the server's tensor, the client's reply buffer) for remote
-//!   write; the sender RDMA-WRITEs straight from its own buffers (registered for the transfer) and
-//!   ends with a zero-length WRITE_WITH_IMM ([`GRANT_DONE_IMM`]), which RC ordering places after
-//!   the data. The receiver then deregisters, so the rkey is dead before `recv_data` returns: a
-//!   peer can write only inside its ring and the one range granted to it for the one transfer.
+//!   opens exactly its destination for remote write; the sender RDMA-WRITEs straight from its own
+//!   buffers and ends with a zero-length WRITE_WITH_IMM ([`GRANT_DONE_IMM`]), which RC ordering
+//!   places after the data. The receiver then closes the range again, so the key is dead before
+//!   `recv_data` returns: a peer can write only inside its ring and the one range granted to it
+//!   for the one transfer. How the range is opened:
+//!   - inside a host region registered at start-up (`Listener::register_host_memory`: the
+//!     server's staging pool), on a device that holds window writes to the window
+//!     (`rdma::windows`): this connection's type-2 memory window is bound over the range (a work
+//!     request on its own QP, so only this connection can use the key) and invalidated after;
+//!     nothing is registered;
+//!   - otherwise the range itself is registered for the transfer ([`LentMr`], scoped to the
+//!     borrow of the buffer).
 //! - `Ring { len }` for a smaller read, a skip, or a destination that could not be registered: the
 //!   rest of the frame streams through the ring as any small frame does.
 //!
-//! Registration is per transfer and scoped to the borrow of the buffer ([`LentMr`]): no cache keyed
-//! by address, because a freed and reallocated buffer at the same address would still be pinned to
-//! its old pages (no munmap hook here to invalidate it). A sender that cannot register its buffer
-//! (RLIMIT_MEMLOCK) bounces the bytes through its staging buffer, which is idle during a direct
-//! grant: the grant's credit covers every byte placed in the ring before it.
+//! The sender reads a start-up region under its registration's local key and registers any other
+//! buffer for the transfer. No registration is cached by address: a freed and reallocated buffer at
+//! the same address would still be pinned to its old pages (no munmap hook here to invalidate it);
+//! start-up regions are owned memory that lives as long as its registration. A sender that cannot
+//! register its buffer (RLIMIT_MEMLOCK) bounces the bytes through its staging buffer, which is
+//! idle during a direct grant: the grant's credit covers every byte placed in the ring before it.
 
 use super::{Grant, RdmaRx, RdmaTx, RingError, CREDIT_BYTES, DATA_RECV_WR, GRANT_DONE_IMM};
-use crate::rdma::verbs::LentMr;
+use crate::rdma::verbs::{HostRegion, LentMr};
 
 /// Frames with at least this much bulk data move it by grants (both sides derive it from the
 /// header: it is part of the wire protocol).
@@ -28,6 +36,9 @@ pub(crate) const RENDEZVOUS_BYTES_MIN: u64 = 1 << 20;
 const DIRECT_BYTES_MIN: u64 = 64 * 1024;
 /// Where a dma-buf registration's addresses start (any page-aligned non-zero value works).
 const DMABUF_IOVA_BASE: u64 = 1 << 40;
+/// Looks at the CQ at most this often for a window's invalidation (a local operation: it
+/// completes at once unless the QP broke) before stopping the QP instead.
+const INVALIDATE_POLLS_MAX: u32 = 1_000_000;
 /// Largest single RDMA WRITE of a direct transfer.
 const DIRECT_WR_BYTES: usize = 16 << 20;
 
@@ -57,7 +68,7 @@ impl<'a> Cursor<'a> {
 
 impl RdmaTx {
     /// Sends `total` bytes of `data` as the receiver grants them.
-    pub(super) fn send_granted(&mut self, data: &[&[u8]], total: u64) -> Result<(), RingError> {
+    pub(crate) fn send_granted(&mut self, data: &[&[u8]], total: u64) -> Result<(), RingError> {
         let mut cur = Cursor { segs: data, i: 0, off: 0 };
         let mut left = total;
         while left > 0 {
@@ -74,6 +85,7 @@ impl RdmaTx {
                     left -= len;
                 }
                 Grant::Direct { addr, rkey, len } if len > 0 && len <= left => {
+                    self.stale = Some((addr, rkey));
                     self.write_direct(&mut cur, addr, rkey, len)?;
                     left -= len;
                 }
@@ -93,33 +105,34 @@ impl RdmaTx {
         while left > 0 {
             let piece = cur.next(left);
             left -= piece.len() as u64;
-            let Ok(mr) = LentMr::for_reading(&dev, piece) else {
-                self.bounce(piece, &mut addr, rkey)?;
-                continue;
+            // A start-up region needs no registration here.
+            let lkey = match dev.host_region(piece.as_ptr() as u64, piece.len() as u64) {
+                Some(region) => region.lkey,
+                None => match LentMr::for_reading(&dev, piece) {
+                    Ok(mr) => {
+                        let lkey = mr.lkey();
+                        lent.push(mr);
+                        lkey
+                    }
+                    Err(_) => {
+                        self.bounce(piece, &mut addr, rkey)?;
+                        continue;
+                    }
+                },
             };
             for part in piece.chunks(DIRECT_WR_BYTES) {
                 self.wait_for(|s| !s.sq.full())?;
                 let (wr_id, signaled) = self.sq.next();
-                // SAFETY: `part` is registered under `mr`, which is dropped only after the
-                // done-write below completed (or the QP failed); the remote range lies inside the
-                // grant (the parts add up to at most its `len`).
+                // SAFETY: `part` is registered under `lkey` (a start-up region, or a registration
+                // in `lent`, dropped only after the done-write below completed or the QP failed);
+                // the remote range lies inside the grant (the parts add up to at most its `len`).
                 unsafe {
                     self.qp
-                        .post_write(
-                            wr_id,
-                            part.as_ptr() as u64,
-                            part.len() as u32,
-                            mr.lkey(),
-                            addr,
-                            rkey,
-                            None,
-                            signaled,
-                        )
+                        .post_write(wr_id, part.as_ptr() as u64, part.len() as u32, lkey, addr, rkey, None, signaled)
                         .map_err(super::verbs)?
                 };
                 addr += part.len() as u64;
             }
-            lent.push(mr);
         }
         self.wait_for(|s| !s.sq.full() && s.imms_sent - s.credit.imms < DATA_RECV_WR as u64)?;
         self.sq.posted += 1;
@@ -181,6 +194,11 @@ impl RdmaRx {
         if len >= DIRECT_BYTES_MIN {
             let dev = self.link.dev.clone();
             let addr = dst.as_ptr() as u64;
+            if self.window.is_some() {
+                if let Some(region) = dev.host_region(addr, len).filter(|_| crate::rdma::windows::bounded(&dev)) {
+                    return self.receive_windowed(region, dst);
+                }
+            }
             match LentMr::for_remote_writing(&dev, dst) {
                 Ok(mr) => return self.receive_direct(mr.rkey(), addr, len),
                 Err(e) => tracing::debug!(error = %e, len, "rdma: cannot register a receive buffer; using the ring"),
@@ -231,6 +249,63 @@ impl RdmaRx {
         Ok(true)
     }
 
+    /// Receives into `dst`, which lies in the start-up region `region`: binds this connection's
+    /// window over exactly `dst`, grants it, and invalidates it once the data is in, so no
+    /// registration happens here and the key is dead before this returns, on error too.
+    fn receive_windowed(&mut self, region: HostRegion, dst: &mut [u8]) -> Result<(), RingError> {
+        let (addr, len) = (dst.as_mut_ptr() as u64, dst.len() as u64);
+        self.wait_sq_room()?;
+        let mw = self.window.as_mut().expect("checked by the caller");
+        let rkey = mw.next_rkey();
+        let (wr_id, signaled) = self.sq.next();
+        // SAFETY: `dst` is borrowed mutably until this returns, and the window is invalidated
+        // (or the QP is in error and takes no more writes) before then; it lies in `region`.
+        unsafe { self.qp.post_bind_mw(wr_id, mw, rkey, region, addr, len, signaled).map_err(super::verbs)? };
+        let got = self.receive_direct(rkey, addr, len);
+        let dead = self.invalidate(rkey);
+        got.and(dead)
+    }
+
+    /// Invalidates the window key `rkey` and waits until that completed; where it cannot, moves
+    /// the QP to the error state, which refuses every later write.
+    fn invalidate(&mut self, rkey: u32) -> Result<(), RingError> {
+        let posted = self.wait_sq_room().and_then(|()| {
+            self.sq.posted += 1;
+            let id = self.sq.posted;
+            self.qp.post_local_inv(id, rkey).map_err(super::verbs)?;
+            Ok(id)
+        });
+        // Busy-poll: a local operation completes at once, and a closed link must not stop it.
+        let done = posted.and_then(|id| {
+            for _ in 0..INVALIDATE_POLLS_MAX {
+                self.progress()?;
+                if self.sq.done >= id {
+                    return Ok(());
+                }
+                std::thread::yield_now();
+            }
+            Err(RingError::Verbs("the window's invalidation did not complete".into()))
+        });
+        if let Err(e) = &done {
+            tracing::warn!(error = ?e, "rdma: window not invalidated; stopping the queue pair");
+            self.qp.to_error();
+        }
+        done
+    }
+
+    /// Waits until the send queue has room for one more work request.
+    fn wait_sq_room(&mut self) -> Result<(), RingError> {
+        self.progress()?;
+        if self.sq.full() {
+            let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+            waiter.wait(&link, &cq, || {
+                self.progress()?;
+                Ok((!self.sq.full()).then_some(()))
+            })?;
+        }
+        Ok(())
+    }
+
     fn receive_direct(&mut self, rkey: u32, addr: u64, len: u64) -> Result<(), RingError> {
         self.grant_done = false;
         self.send_grant(Grant::Direct { addr, rkey, len })?;
@@ -253,14 +328,7 @@ impl RdmaRx {
 
     /// Sends `grant` with the current credit (so the grant also says every ring byte is consumed).
     fn send_grant(&mut self, grant: Grant) -> Result<(), RingError> {
-        self.progress()?;
-        if self.sq.full() {
-            let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
-            waiter.wait(&link, &cq, || {
-                self.progress()?;
-                Ok((!self.sq.full()).then_some(()))
-            })?;
-        }
+        self.wait_sq_room()?;
         let c = super::Credit { head: self.head, imms: self.imms, closed: false, grant };
         let (wr_id, signaled) = self.sq.next();
         self.qp.post_send_inline(wr_id, &c.encode(), signaled).map_err(super::verbs)?;
@@ -276,6 +344,10 @@ pub enum OutOfBounds {
     PastRing,
     /// Just past the end of the next direct grant.
     PastGrant,
+    /// Inside the next direct grant, but after the transfer it was for: the data is written and
+    /// announced as usual, the receiver's reply awaited (`RawClient::stale_grant`), then the
+    /// grant's key is used again.
+    StaleGrant,
 }
 
 impl RdmaTx {
@@ -291,6 +363,7 @@ impl RdmaTx {
                     _ => return Err(RingError::Corrupt("expected a direct grant")),
                 }
             }
+            OutOfBounds::StaleGrant => self.stale.ok_or(RingError::Corrupt("no earlier direct grant"))?,
         };
         let bytes = *b"outside!";
         self.wait_for(|s| !s.sq.full())?;
