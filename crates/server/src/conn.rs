@@ -122,7 +122,13 @@ struct Conn<B: Backend> {
     link: Arc<ConnLink>,
     seen_sent: u64,
     seen_received: u64,
+    /// This connection's `requests_total` and `request_duration_s` series per opcode (indexed by
+    /// its wire value), looked up on first use: a request at line rate does no label hashing.
+    op_series: Vec<Option<OpSeries>>,
 }
+
+/// One opcode's request counter and duration histogram.
+type OpSeries = (prometheus::IntCounter, prometheus::Histogram);
 
 /// What the accept path set up for a connection's deadlines (see [`crate::watchdog`]).
 pub(crate) struct Watch {
@@ -157,6 +163,7 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         inflight,
         seen_sent: 0,
         seen_received: 0,
+        op_series: vec![None; Opcode::ALL.iter().map(|o| o.as_u16() as usize + 1).max().unwrap_or(0)],
     };
     c.run();
     // Running decodes stop at their next step; the sessions' leases start.
@@ -230,6 +237,15 @@ impl<B: Backend> Conn<B> {
         self.seen_received = r;
     }
 
+    /// The opcode's series (`None` for an opcode without a slot, which `Opcode::ALL` rules out).
+    fn op_series(&mut self, op: Opcode) -> Option<&OpSeries> {
+        let m = &self.sh.metrics;
+        let slot = self.op_series.get_mut(op.as_u16() as usize)?;
+        Some(slot.get_or_insert_with(|| {
+            (m.requests_total.with_label_values(&[op.name()]), m.request_duration_s.with_label_values(&[op.name()]))
+        }))
+    }
+
     fn handle(&mut self, head: RxHead, t0: Instant) -> Result<(), Fatal> {
         let h = head.header;
         let rid = h.request_id.get();
@@ -250,7 +266,10 @@ impl<B: Backend> Conn<B> {
             }
         };
         let label = opcode.name();
-        self.sh.metrics.requests_total.with_label_values(&[label]).inc();
+        match self.op_series(opcode) {
+            Some((requests, _)) => requests.inc(),
+            None => self.sh.metrics.requests_total.with_label_values(&[label]).inc(),
+        }
 
         let precheck = if h.flags.get() & FLAG_REPLY != 0 {
             Some(Reject::new(Status::BadFrame, "a client may not send reply frames"))
@@ -302,7 +321,11 @@ impl<B: Backend> Conn<B> {
             tracing::debug!(conn = self.id, opcode = label, status = rej.status.name(), msg = %rej.message, "request rejected");
             self.send_error(op_raw, rid, rej.status, &rej.message)?;
         }
-        self.sh.metrics.request_duration_s.with_label_values(&[label]).observe(t0.elapsed().as_secs_f64());
+        let took_s = t0.elapsed().as_secs_f64();
+        match Opcode::try_from(op_raw).ok().and_then(|op| self.op_series(op)) {
+            Some((_, duration)) => duration.observe(took_s),
+            None => self.sh.metrics.request_duration_s.with_label_values(&[label]).observe(took_s),
+        }
         Ok(())
     }
 
