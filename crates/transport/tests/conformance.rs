@@ -748,13 +748,18 @@ fn closer_unblocks_both_sides(f: &Fixture) {
     let close = tx.closer().expect("fixture says this transport has a closer");
     let header = FrameHeader::new(2, 0, 1, 0, 3);
     tx.send(&OutFrame { header, meta: &[], data: &[b"abc"] }).unwrap();
+    let (echoed_tx, echoed) = std::sync::mpsc::channel();
     let reader = thread::spawn(move || {
         let mut d = [0u8; 3];
         let head = rx.recv_head().unwrap();
         rx.recv_data(&mut d[..head.header.data_len.get() as usize]).unwrap();
+        echoed_tx.send(()).unwrap();
         // Nothing more comes: this receive blocks until the closer runs.
         rx.recv_head()
     });
+    // Close only once the echo is in (under the VM's emulation it can take longer than any fixed
+    // sleep), then give the reader time to block in its second receive.
+    echoed.recv_timeout(Duration::from_secs(30)).expect("the echo came back");
     thread::sleep(Duration::from_millis(50));
     close();
     match reader.join().unwrap() {

@@ -634,11 +634,12 @@ impl Qp {
             ret("ibv_modify_qp(RTR)", ibv_modify_qp(self.qp.as_ptr(), &mut a, mask.0 as i32))?;
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTS;
-            // 4.096 µs × 2^17 ≈ 0.54 s per try, 7 retries: a 16 MiB write on soft-RoCE in a TCG
-            // VM on a loaded host can go unacknowledged for longer than 2^14's 67 ms, and a
-            // retry count run out closes the connection (`Closed`). A dead peer is still seen at
-            // once through the rendezvous socket.
-            a.timeout = 17;
+            // 4.096 µs × 2^14 ≈ 67 ms per try, 7 retries (~0.5 s before a connection fails). A
+            // longer try (2^17, 0.54 s) was tried for long writes on a loaded soft-RoCE VM, but
+            // then a lost packet stalls its connection half a second (suspected when `server_sessions
+            // faults_rdma` ran out its 1 s lease between reconnects). A dead peer is seen at once
+            // through the rendezvous socket either way.
+            a.timeout = 14;
             a.retry_cnt = 7;
             // 7: retry receiver-not-ready forever; the credit protocol keeps receives posted, so
             // an RNR is only ever a peer that is slow to repost, never a lost message.
