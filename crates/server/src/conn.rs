@@ -259,7 +259,7 @@ impl<B: Backend> Conn<B> {
                 return self.finish(
                     op_raw,
                     rid,
-                    "unknown",
+                    None,
                     t0,
                     Outcome::Rejected(Reject::new(Status::UnknownOpcode, e.to_string())),
                 );
@@ -284,7 +284,7 @@ impl<B: Backend> Conn<B> {
         };
         if let Some(rej) = precheck {
             self.rx_skip(data_len)?;
-            return self.finish(op_raw, rid, label, t0, Outcome::Rejected(rej));
+            return self.finish(op_raw, rid, Some(opcode), t0, Outcome::Rejected(rej));
         }
 
         self.inflight.fetch_add(1, Ordering::AcqRel);
@@ -292,7 +292,7 @@ impl<B: Backend> Conn<B> {
         self.inflight.fetch_sub(1, Ordering::AcqRel);
         let outcome = outcome?;
         let close_after = opcode == Opcode::Hello && self.tenant.is_none();
-        self.finish(op_raw, rid, label, t0, outcome)?;
+        self.finish(op_raw, rid, Some(opcode), t0, outcome)?;
         if close_after {
             // Failed handshake: one try per connection, so tokens cannot be guessed at line rate.
             return Err(Fatal);
@@ -301,7 +301,16 @@ impl<B: Backend> Conn<B> {
     }
 
     /// Sends a rejection if there is one and records the request's duration.
-    fn finish(&mut self, op_raw: u16, rid: u64, label: &str, t0: Instant, outcome: Outcome) -> Result<(), Fatal> {
+    /// `opcode` is `None` for an opcode this server does not know (labelled `unknown`).
+    fn finish(
+        &mut self,
+        op_raw: u16,
+        rid: u64,
+        opcode: Option<Opcode>,
+        t0: Instant,
+        outcome: Outcome,
+    ) -> Result<(), Fatal> {
+        let label = opcode.map_or("unknown", Opcode::name);
         // A queued session request logs its line when the engine loop answers it; the others here,
         // at debug level (pings and tensor ops run at line rate).
         let status = match &outcome {
@@ -322,7 +331,7 @@ impl<B: Backend> Conn<B> {
             self.send_error(op_raw, rid, rej.status, &rej.message)?;
         }
         let took_s = t0.elapsed().as_secs_f64();
-        match Opcode::try_from(op_raw).ok().and_then(|op| self.op_series(op)) {
+        match opcode.and_then(|op| self.op_series(op)) {
             Some((_, duration)) => duration.observe(took_s),
             None => self.sh.metrics.request_duration_s.with_label_values(&[label]).observe(took_s),
         }
