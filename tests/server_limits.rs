@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::raw::{header, hello, raw, RawPeer};
-use common::{http_get, run_trials, server, status_of, unique_name, Transport};
+use common::{http_get, run_trials_with, server, status_of, unique_name, Transport};
 use djinn_client::{Client, ClientOptions, DecodeOptions, Input, OpenOptions};
 use djinn_proto::{ExecInput, ExecNode, ExecOp, ExecReq, Opcode, Status};
 
@@ -388,22 +388,27 @@ fn victim_decode_keeps_its_speed_beside_idle_connections(t: Transport) {
 }
 
 fn main() {
-    run_trials(vec![
-        ("announced_data_that_never_comes_pins_nothing", None, announced_data_that_never_comes_pins_nothing),
-        ("idle_connections_are_closed", None, idle_connections_are_closed),
-        ("silent_flood_does_not_fail_logins", Some(Transport::Tcp), silent_flood_does_not_fail_logins),
-        ("tenant_connections_max_is_per_tenant", None, tenant_connections_max_is_per_tenant),
-        ("session_quotas_are_per_tenant", None, session_quotas_are_per_tenant),
-        ("kv_quota_counts_blocks_in_use", None, kv_quota_counts_blocks_in_use),
-        ("oversize_get_is_refused_typed", None, oversize_get_is_refused_typed),
-        ("stats_show_only_the_tenants_own", None, stats_show_only_the_tenants_own),
-        ("refused_clients_read_busy_and_are_logged_once", None, refused_clients_read_busy_and_are_logged_once),
-        ("idle_http_clients_do_not_block_healthz", Some(Transport::Tcp), idle_http_clients_do_not_block_healthz),
-        ("idle_busy_poll_connections_burn_no_cpu", None, idle_busy_poll_connections_burn_no_cpu),
-        (
-            "victim_decode_keeps_its_speed_beside_idle_connections",
-            None,
-            victim_decode_keeps_its_speed_beside_idle_connections,
-        ),
-    ])
+    // Trials that compare a rate measured in the same trial run by themselves.
+    run_trials_with(
+        vec![
+            ("announced_data_that_never_comes_pins_nothing", None, announced_data_that_never_comes_pins_nothing),
+            ("idle_connections_are_closed", None, idle_connections_are_closed),
+            ("silent_flood_does_not_fail_logins", Some(Transport::Tcp), silent_flood_does_not_fail_logins),
+            ("tenant_connections_max_is_per_tenant", None, tenant_connections_max_is_per_tenant),
+            ("session_quotas_are_per_tenant", None, session_quotas_are_per_tenant),
+            ("kv_quota_counts_blocks_in_use", None, kv_quota_counts_blocks_in_use),
+            ("oversize_get_is_refused_typed", None, oversize_get_is_refused_typed),
+            ("stats_show_only_the_tenants_own", None, stats_show_only_the_tenants_own),
+            ("refused_clients_read_busy_and_are_logged_once", None, refused_clients_read_busy_and_are_logged_once),
+            ("idle_http_clients_do_not_block_healthz", Some(Transport::Tcp), idle_http_clients_do_not_block_healthz),
+            ("idle_busy_poll_connections_burn_no_cpu", None, idle_busy_poll_connections_burn_no_cpu),
+            (
+                "victim_decode_keeps_its_speed_beside_idle_connections",
+                None,
+                victim_decode_keeps_its_speed_beside_idle_connections,
+            ),
+        ],
+        &["idle_busy_poll_connections_burn_no_cpu", "victim_decode_keeps_its_speed_beside_idle_connections"],
+        Vec::new(),
+    )
 }

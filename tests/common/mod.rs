@@ -320,11 +320,36 @@ pub type TrialSpec = (&'static str, Option<Transport>, fn(Transport));
 /// Runs libtest-mimic trials; trials whose transport is unavailable are reported as ignored with
 /// the reason printed.
 pub fn run_trials(trials: Vec<TrialSpec>) -> ! {
-    run_trials_and(trials, Vec::new())
+    run_trials_with(trials, &[], Vec::new())
 }
 
 /// [`run_trials`] plus ready-made trials (e.g. one ignored with its reason where a GPU is absent).
 pub fn run_trials_and(trials: Vec<TrialSpec>, extra: Vec<libtest_mimic::Trial>) -> ! {
+    run_trials_with(trials, &[], extra)
+}
+
+/// Trials run side by side (libtest's threads, one per core), and each takes this lock shared; a
+/// trial that compares a rate or a latency with one measured earlier in the same trial takes it
+/// exclusively, so no other trial of the binary (cargo runs binaries one at a time) changes the
+/// machine between its two measurements. A CI run on two cores measured a victim at 0.43× its
+/// "solo" rate because a full-logits trial started between the two.
+static TRIALS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Runs `body` as one of the trials that share the machine.
+pub fn shared_trial<T>(body: impl FnOnce() -> T) -> T {
+    let _g = TRIALS.read().unwrap_or_else(|p| p.into_inner());
+    body()
+}
+
+/// Runs `body` with no other trial of this binary running (see [`TRIALS`]).
+pub fn alone_trial<T>(body: impl FnOnce() -> T) -> T {
+    let _g = TRIALS.write().unwrap_or_else(|p| p.into_inner());
+    body()
+}
+
+/// [`run_trials_and`], where the trials named in `alone` (names without the transport suffix)
+/// run with no other trial beside them ([`alone_trial`]).
+pub fn run_trials_with(trials: Vec<TrialSpec>, alone: &[&str], extra: Vec<libtest_mimic::Trial>) -> ! {
     let args = libtest_mimic::Arguments::from_args();
     let mut out = extra;
     let missing: Vec<(Transport, Option<String>)> = Transport::ALL.iter().map(|&t| (t, t.unavailable())).collect();
@@ -341,9 +366,14 @@ pub fn run_trials_and(trials: Vec<TrialSpec>, extra: Vec<libtest_mimic::Trial>) 
         for t in transports {
             let full = format!("{name}_{}", t.name());
             let ignored = missing.iter().any(|(m, why)| *m == t && why.is_some());
+            let by_itself = alone.contains(&name);
             out.push(
                 libtest_mimic::Trial::test(full, move || {
-                    body(t);
+                    if by_itself {
+                        alone_trial(|| body(t));
+                    } else {
+                        shared_trial(|| body(t));
+                    }
                     Ok(())
                 })
                 .with_ignored_flag(ignored),
