@@ -57,6 +57,7 @@ fn part1() {
         decode_tokens: 32,
         calls: if quick() { 20 } else { CALLS },
         threads: threads(),
+        busy_poll: false,
     };
     println!(
         "part 1: fixed overhead per call and per decode step, generated tiny model, {} paired calls per row",
@@ -80,7 +81,8 @@ fn smollm2() {
     // runs), so drift in the machine's load falls on both alike.
     let mut eng = overhead::load_engine(&dir, threads(), MAX_STEP_TOKENS, Some(1024)).unwrap();
     let srv =
-        overhead::start_server(std::path::Path::new(EXE), Transport::Tcp, &dir, threads(), MAX_STEP_TOKENS).unwrap();
+        overhead::start_server(std::path::Path::new(EXE), Transport::Tcp, &dir, threads(), MAX_STEP_TOKENS, false)
+            .unwrap();
     let mut client = Client::connect(srv.url()).unwrap();
     in_process(&mut eng, &prompt, 4, 1).unwrap(); // warm-up
     remote(&mut client, "bench", &prompt, 4, 1).unwrap();

@@ -117,6 +117,9 @@ pub struct Options {
     pub calls: usize,
     /// CPU threads of each side.
     pub threads: usize,
+    /// Both sides busy-poll (`serve --wait busy-poll`, a busy-poll client): what a
+    /// latency-critical service chooses, one core per waiting side. Default: spin-then-park.
+    pub busy_poll: bool,
 }
 
 /// One measured row.
@@ -150,6 +153,8 @@ impl Row {
 pub struct Report {
     pub calls: usize,
     pub threads: usize,
+    /// "spin-then-park" or "busy-poll" (both sides).
+    pub wait: &'static str,
     pub rows: Vec<Row>,
     /// Transports that could not run here, and why.
     pub skipped: Vec<(&'static str, String)>,
@@ -286,8 +291,9 @@ pub fn start_server(
     dir: &Path,
     threads: usize,
     max_step_tokens: usize,
+    busy_poll: bool,
 ) -> anyhow::Result<ServeChild> {
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--gpus",
         "cpu",
         "--listen",
@@ -302,6 +308,9 @@ pub fn start_server(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if busy_poll {
+        args.extend(["--wait".to_owned(), "busy-poll".to_owned()]);
+    }
     ServeChild::start(exe, &args)
 }
 
@@ -319,7 +328,8 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
     );
     let max_step_tokens = longest.max(4);
     let mut eng = load_engine(&opts.model_dir, opts.threads, max_step_tokens, None)?;
-    let mut report = Report { calls: opts.calls, threads: opts.threads, rows: Vec::new(), skipped: Vec::new() };
+    let wait = if opts.busy_poll { "busy-poll" } else { "spin-then-park" };
+    let mut report = Report { calls: opts.calls, threads: opts.threads, wait, rows: Vec::new(), skipped: Vec::new() };
     for &t in &opts.transports {
         if let Some(why) = t.unavailable() {
             progress(&format!("{}: skipped: {why}", t.name()));
@@ -327,8 +337,11 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
             continue;
         }
         progress(&format!("{}: starting the server", t.name()));
-        let srv = start_server(&opts.exe, t, &opts.model_dir, opts.threads, max_step_tokens)?;
-        let copts = ClientOptions { token: djinn_client::load_token(None)?, ..Default::default() };
+        let srv = start_server(&opts.exe, t, &opts.model_dir, opts.threads, max_step_tokens, opts.busy_poll)?;
+        let mut copts = ClientOptions { token: djinn_client::load_token(None)?, ..Default::default() };
+        if opts.busy_poll {
+            copts.transport.wait = djinn_transport::WaitMode::BusyPoll;
+        }
         let mut client = Client::connect_with(srv.url(), &copts)?;
         for &p in &opts.payload_tokens {
             progress(&format!("{}: calls with a {p}-token payload", t.name()));
@@ -383,7 +396,8 @@ fn row(t: Transport, kind: &'static str, payload_tokens: usize, local: &[RunStat
 impl Report {
     /// The table `bench overhead` prints.
     pub fn table(&self) -> String {
-        let mut s = format!(
+        let mut s = format!("waiting: {} (client and server)\n", self.wait);
+        s += &format!(
             "{:<5} {:<12} {:>8} {:>14} {:>11} {:>12} {:>8} {:>8} {:>8}  target\n",
             "trans", "kind", "payload", "in-process us", "remote us", "overhead us", "ratio", "B up", "B down"
         );

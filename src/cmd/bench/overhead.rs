@@ -28,6 +28,10 @@ pub struct Args {
     /// A Hugging Face model directory to use instead of the generated tiny model.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
+    /// Both sides busy-poll (`serve --wait busy-poll` and a busy-poll client) instead of
+    /// spin-then-park: the latency-critical setting, a core per waiting side.
+    #[arg(long)]
+    pub busy_poll: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         decode_tokens: args.decode_tokens,
         calls: args.calls,
         threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        busy_poll: args.busy_poll,
     };
     let report = overhead::measure(&opts, |line| eprintln!("bench overhead: {line}"))?;
     if args.json {

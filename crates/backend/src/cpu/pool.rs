@@ -28,6 +28,13 @@ use std::time::{Duration, Instant};
 /// consecutive ops of a decode step (a few µs) and than a token's host-side work, shorter than a
 /// scheduler tick, so an idle backend stops burning its cores almost at once.
 const SPIN_US: u64 = 300;
+/// Of that, how long a worker spins without giving its core away. Past it, it yields between
+/// looks: the ops of a step follow each other within a few µs, so a longer gap means the backend
+/// is between steps, and on a small host the threads it would keep off the core (a connection
+/// thread, a client on the same host, another process's pool) are what the next step waits for.
+/// A benchmark's in-process call left its worker spinning without yielding for 300 µs through
+/// the remote call that followed it, which then measured 340 µs against 40.
+const PURE_SPIN_US: u64 = 20;
 /// Most chunks one job may have (the chunk fields of the job word are 16 bits).
 pub(crate) const CHUNKS_MAX: usize = 0xffff;
 
@@ -193,7 +200,9 @@ impl Pool {
 fn worker(sh: &Shared) {
     let mut seen = epoch_of(sh.word.load(Ordering::Acquire));
     loop {
-        let spin_until = Instant::now() + Duration::from_micros(SPIN_US);
+        let spin_from = Instant::now();
+        let (pure_until, spin_until) =
+            (spin_from + Duration::from_micros(PURE_SPIN_US), spin_from + Duration::from_micros(SPIN_US));
         let mut i = 0u32;
         let epoch = loop {
             let e = epoch_of(sh.word.load(Ordering::Acquire));
@@ -201,17 +210,23 @@ fn worker(sh: &Shared) {
                 break e;
             }
             i = i.wrapping_add(1);
-            if i.is_multiple_of(256) && Instant::now() >= spin_until {
-                let mut g = sh.park.lock().unwrap_or_else(|p| p.into_inner());
-                // SeqCst: either the publisher's `sleepers` load sees this increment (and it
-                // notifies under the lock, after this thread waits), or this load sees its job.
-                sh.sleepers.fetch_add(1, Ordering::SeqCst);
-                while epoch_of(sh.word.load(Ordering::SeqCst)) == seen && !sh.stop.load(Ordering::SeqCst) {
-                    g = sh.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+            if i.is_multiple_of(256) {
+                let now = Instant::now();
+                if now >= spin_until {
+                    let mut g = sh.park.lock().unwrap_or_else(|p| p.into_inner());
+                    // SeqCst: either the publisher's `sleepers` load sees this increment (and it
+                    // notifies under the lock, after this thread waits), or this load sees its job.
+                    sh.sleepers.fetch_add(1, Ordering::SeqCst);
+                    while epoch_of(sh.word.load(Ordering::SeqCst)) == seen && !sh.stop.load(Ordering::SeqCst) {
+                        g = sh.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                    sh.sleepers.fetch_sub(1, Ordering::SeqCst);
+                    drop(g);
+                    continue;
                 }
-                sh.sleepers.fetch_sub(1, Ordering::SeqCst);
-                drop(g);
-                continue;
+                if now >= pure_until {
+                    std::thread::yield_now();
+                }
             }
             std::hint::spin_loop();
         };

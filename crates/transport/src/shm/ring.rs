@@ -42,7 +42,8 @@ use super::region::{DirOffsets, Region, SLOT_BYTES, SLOT_META_INLINE_MAX};
 use super::sys::{self, EventFd};
 use crate::conn::spins_unbounded;
 use crate::{
-    ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, UnreadProbe, WaitMode,
+    ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, TrySend, UnreadProbe,
+    WaitMode,
 };
 
 /// The sender publishes (and may ring) at least this often while streaming a large frame, so the
@@ -440,8 +441,11 @@ impl ShmTx {
     }
 }
 
-impl FrameTx for ShmTx {
-    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+impl ShmTx {
+    /// What `send` and `try_send` refuse before touching the ring: a poisoned or closed ring, and
+    /// a frame whose header disagrees with its parts. Returns the bytes the frame takes in the
+    /// data ring (its bulk data, and its metadata when that does not fit in the slot).
+    fn check(&self, frame: &OutFrame<'_>) -> Result<u64, TransportError> {
         if let Some(p) = &self.poisoned {
             return Err(p.clone().into_transport(&self.st.link.peer));
         }
@@ -454,6 +458,14 @@ impl FrameTx for ShmTx {
         }
         // Our own mistake, caught before the peer would lose framing over it.
         frame.header.validate(&self.limits)?;
+        let streamed_meta = if frame.meta.len() <= SLOT_META_INLINE_MAX { 0 } else { frame.meta.len() as u64 };
+        Ok(data_len + streamed_meta)
+    }
+}
+
+impl FrameTx for ShmTx {
+    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+        self.check(frame)?;
         match self.write_frame(frame) {
             Ok(()) => {
                 self.st.link.counters.sent.fetch_add(frame.header.frame_len(), Ordering::Relaxed);
@@ -465,6 +477,24 @@ impl FrameTx for ShmTx {
                 Err(e.into_transport(&self.st.link.peer))
             }
         }
+    }
+
+    /// Sends the whole frame when one look at the receiver's counters shows a free slot and
+    /// room for its bytes (then `write_frame` never waits); otherwise nothing. A frame never goes
+    /// half-way: the ring has no tail to keep.
+    fn try_send(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        let bytes = self.check(frame)?;
+        let fits = |st: &TxState| st.free_slots() >= 1 && st.free_data() >= bytes;
+        if !fits(&self.st) {
+            if let Err(e) = self.st.refresh_heads() {
+                self.poisoned = Some(e.clone());
+                return Err(e.into_transport(&self.st.link.peer));
+            }
+            if !fits(&self.st) {
+                return Ok(TrySend::WouldBlock);
+            }
+        }
+        self.send(frame).map(|()| TrySend::Sent)
     }
 
     fn closer(&self) -> Option<ConnectionClose> {
