@@ -141,12 +141,17 @@ fn tiny_rings_wrap_and_stream() {
 fn parked_receiver_is_idle() {
     let opts = TransportOptions { spin_us: 50, ..TransportOptions::default() };
     let (mut c, mut server) = pair(&opts);
+    // The frame is sent 400 ms after the waiter started waiting, not after it was spawned: on a
+    // loaded host the thread may start late.
+    let (started_tx, started) = std::sync::mpsc::channel();
     let waiter = thread::spawn(move || {
         let cpu0 = thread_cpu();
         let t0 = Instant::now();
+        started_tx.send(()).unwrap();
         let head = server.rx.recv_head().unwrap();
         (thread_cpu() - cpu0, t0.elapsed(), head.header.request_id.get())
     });
+    started.recv().unwrap();
     thread::sleep(Duration::from_millis(400));
     send(&mut c, 7, b"", b"").unwrap();
     let (cpu, wall, id) = waiter.join().unwrap();
