@@ -4,7 +4,7 @@
 //! Per 16 tokens of the block, each token's score is one 16-lane FMA chain over the head dim
 //! (chunks in order), and the 16 chains are reduced together in a fixed butterfly ([`sum16`]),
 //! so a score costs a few vector ops instead of a scalar sum of 16 lanes. The weights are
-//! computed 16 at a time with [`exp16`] (the scalar `exp`'s formula, lane by lane), summed in a
+//! computed 16 at a time with `exp16` (the scalar `exp`'s formula, lane by lane), summed in a
 //! fixed tree, and V is accumulated token by token in registers.
 //!
 //! Batch invariance: a row's result depends only on its query, the tokens it may see (`upto`
@@ -12,6 +12,8 @@
 //! prefill row and the same row decoded alone give the same bits.
 
 use std::arch::x86_64::*;
+
+use super::super::elementwise::avx512::exp16;
 
 /// Largest head dim this kernel takes (16-lane chunks held in registers).
 pub(super) const HD_MAX: usize = 128;
@@ -210,55 +212,9 @@ unsafe fn sum16(d: &[__m512; T]) -> __m512 {
     _mm512_permutexvar_ps(order, f)
 }
 
-/// The scalar [`super::exp`] on 16 lanes: the same operations in the same order (so each lane
-/// equals it), −87.3 and below (−∞ included) exactly 0.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp16(x0: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x0, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.7));
-    let magic = _mm512_set1_ps(12_582_912.0);
-    let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic), magic);
-    let r = _mm512_sub_ps(
-        _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
-        _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
-    );
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-        p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
-    }
-    let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
-    let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
-    let e = _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
-    let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x0, _mm512_set1_ps(-87.3));
-    _mm512_mask_mov_ps(e, tiny, _mm512_setzero_ps())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `exp16` is the scalar `exp` lane by lane, bit for bit, over its whole range and the
-    /// clamps (−∞, below −87.3, above 88.7).
-    #[test]
-    fn exp16_equals_the_scalar_exp() {
-        if !is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: no AVX-512F");
-            return;
-        }
-        let mut xs: Vec<f32> = (-2000..2000).map(|i| i as f32 * 0.0467).collect();
-        xs.extend([f32::NEG_INFINITY, -1e30, -87.31, -87.3, -87.29, 88.69, 88.7, 1e30, 0.0, -0.0, 1e-30]);
-        while !xs.len().is_multiple_of(16) {
-            xs.push(0.5);
-        }
-        for c in xs.chunks_exact(16) {
-            let mut got = [0f32; 16];
-            // SAFETY: AVX-512F was detected; both arrays hold 16 values.
-            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp16(_mm512_loadu_ps(c.as_ptr()))) };
-            for (x, g) in c.iter().zip(got) {
-                assert_eq!(g.to_bits(), super::super::exp(*x).to_bits(), "exp({x})");
-            }
-        }
-    }
 
     /// `sum16` puts each vector's lane sum in its lane, with one fixed pairing per lane.
     #[test]
