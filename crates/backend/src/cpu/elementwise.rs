@@ -275,6 +275,23 @@ pub(crate) fn softmax(be: &CpuBackend, x: &Raw, out: &Raw, cols: usize) {
     });
 }
 
+/// `Σ x²` in 16 lanes (element `i` into lane `i % 16`, in order), the lanes then summed in
+/// order: a fixed order that vectorises (a plain iterator sum is one serial chain of adds).
+#[inline]
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for l in 0..16 {
+            lanes[l] += c[l] * c[l];
+        }
+    }
+    for (l, v) in it.remainder().iter().enumerate() {
+        lanes[l] += v * v;
+    }
+    lanes.iter().sum()
+}
+
 pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out: &Raw, hidden: usize, eps: f32) {
     let rows = x.len / hidden;
     be.for_chunks(rows, rows_chunk(be, rows, hidden, EW_HEAVY_CHUNK_MIN), |r0, nr| {
@@ -299,7 +316,7 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out
                         round_to(res.dtype, h);
                     }
                 }
-                let ss: f32 = h.iter().map(|v| v * v).sum();
+                let ss = sum_squares(h);
                 let inv = 1.0 / (ss / hidden as f32 + eps).sqrt();
                 h.iter_mut().zip(wt.iter()).for_each(|(v, g)| *v = *v * inv * *g);
                 // SAFETY: as above.

@@ -59,6 +59,8 @@ const ACT_GROUP: usize = 4;
 const GEMV_J_TILE: usize = 256;
 /// Minimum weight rows per GEMV parallel chunk.
 const GEMV_CHUNK_MIN: usize = 16;
+/// Activation rows from which the GEMV is cut into finer chunks (see `gemv_chunk`).
+const GEMV_FINE_M: usize = 4;
 /// Minimum work per GEMV parallel chunk, in weight bytes times activation rows: handing a worker
 /// less costs more than it saves (the small projections of a tiny model run on the calling
 /// thread alone at m = 1; a batch's rows are as much work again each).
@@ -235,6 +237,9 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
 /// preempted worker's share is picked up by the others), as many chunks as a multiple of the
 /// threads, of equal size, so the threads finish together (a 192-row projection was cut
 /// 60/60/60/12 rows: one of two threads did 120, the other waited), a multiple of 4 rows.
+/// A batch (`m` ≥ [`GEMV_FINE_M`]) is compute bound and gets twice as many chunks: the thread
+/// that finishes first then waits for half as long a last chunk; one row is bound by reading
+/// the weights and keeps its longer streams.
 fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize, m: usize) -> usize {
     gemv_chunk_for(be.threads, n, row_bytes, m)
 }
@@ -242,7 +247,8 @@ fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize, m: usize) -> usize {
 fn gemv_chunk_for(threads: usize, n: usize, row_bytes: usize, m: usize) -> usize {
     let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1) * m.max(1)));
     let threads = threads.max(1);
-    let target = n.div_ceil(threads * 4).max(min);
+    let per_thread = if m >= GEMV_FINE_M { 8 } else { 4 };
+    let target = n.div_ceil(threads * per_thread).max(min);
     let chunks = n.div_ceil(target).next_multiple_of(threads);
     n.div_ceil(chunks).next_multiple_of(4)
 }
