@@ -417,6 +417,41 @@ impl Model {
         Ok(())
     }
 
+    /// `c` = `parts` back-to-back `[rows, n]` outputs, part `i` = `a[rows, k] · w_iᵀ` where the
+    /// weights `w_i` (`n` rows of `k` each) lie back to back from `w` in one float dtype: one
+    /// batched GEMM over the shared activations (a backend may run it as one parallel region;
+    /// every element is computed as by [`Model::linear`] of its part). Biases are the caller's.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_group<B: Backend>(
+        &self,
+        be: &B,
+        m: &StepMemory<'_, B>,
+        a: View<'_, B>,
+        w: Mat,
+        parts: usize,
+        c: View<'_, B>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let wv = self.w(m, w.offset, parts * n * k);
+        let args = GemmArgs {
+            batch: parts,
+            stride_a: 0,
+            stride_b: n * k,
+            stride_c: rows * n,
+            ..GemmArgs::model_linear(rows, n, k)
+        };
+        be.gemm(m.stream, a, wv, c, &args)?;
+        Ok(())
+    }
+
+    /// Whether the equal row blocks `parts` (`n` rows of `k` each) can be multiplied as one
+    /// group ([`Model::linear_group`]): float weights, back to back (at most four parts).
+    fn grouped(&self, parts: &[Mat], n: usize, k: usize) -> bool {
+        parts.iter().all(|p| p.quant.is_none()) && self.fused(parts, &[n; 3], k)
+    }
+
     /// Whether the row blocks `parts` (of `rows[i]` rows of `k`) form one matrix: one storage
     /// type, back to back.
     fn fused(&self, parts: &[Mat], rows: &[usize], k: usize) -> bool {
@@ -471,8 +506,18 @@ impl Model {
             k = self.f32_view(m, sp.qkv + t * qd * 4, t * kvd);
             v = self.f32_view(m, sp.qkv + t * (qd + kvd) * 4, t * kvd);
             self.linear(be, m, xn, lw.qkv[0], bias(0), q, t, qd, h)?;
-            self.linear(be, m, xn, lw.qkv[1], bias(qd), k, t, kvd, h)?;
-            self.linear(be, m, xn, lw.qkv[2], bias(qd + kvd), v, t, kvd, h)?;
+            if self.grouped(&lw.qkv[1..], kvd, h) {
+                let kv = self.f32_view(m, sp.qkv + t * qd * 4, 2 * t * kvd);
+                self.linear_group(be, m, xn, lw.qkv[1], 2, kv, t, kvd, h)?;
+                for (i, out) in [(1, k), (2, v)] {
+                    if let Some(b) = bias(qd + (i - 1) * kvd) {
+                        be.binary(m.stream, djinn_backend::BinaryOp::Add, out, self.w(m, b, kvd), out)?;
+                    }
+                }
+            } else {
+                self.linear(be, m, xn, lw.qkv[1], bias(qd), k, t, kvd, h)?;
+                self.linear(be, m, xn, lw.qkv[2], bias(qd + kvd), v, t, kvd, h)?;
+            }
         }
         let positions = self.idx_view(m, sp.limits.max_tokens, t);
         let slots = self.idx_view(m, 2 * sp.limits.max_tokens, t);
@@ -513,8 +558,18 @@ impl Model {
         } else {
             gate = self.f32_view(m, sp.gate_up, t * inter);
             up = self.f32_view(m, sp.gate_up + t * inter * 4, t * inter);
-            self.linear(be, m, xn, lw.gate_up[0], bias(0), gate, t, inter, h)?;
-            self.linear(be, m, xn, lw.gate_up[1], bias(inter), up, t, inter, h)?;
+            if self.grouped(&lw.gate_up, inter, h) {
+                let gu = self.f32_view(m, sp.gate_up, 2 * t * inter);
+                self.linear_group(be, m, xn, lw.gate_up[0], 2, gu, t, inter, h)?;
+                for (i, out) in [(0, gate), (1, up)] {
+                    if let Some(b) = bias(i * inter) {
+                        be.binary(m.stream, djinn_backend::BinaryOp::Add, out, self.w(m, b, inter), out)?;
+                    }
+                }
+            } else {
+                self.linear(be, m, xn, lw.gate_up[0], bias(0), gate, t, inter, h)?;
+                self.linear(be, m, xn, lw.gate_up[1], bias(inter), up, t, inter, h)?;
+            }
         }
         let act = self.f32_view(m, sp.act, t * inter);
         be.silu_mul(m.stream, gate, up, act)?;

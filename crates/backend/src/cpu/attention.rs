@@ -8,6 +8,9 @@
 // Numeric kernels index several parallel arrays with one counter; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 use super::elementwise::{exp, multiversion};
 use super::raw::{self, ints, load, store, with_scratch, Raw};
 use super::CpuBackend;
@@ -243,8 +246,26 @@ pub(crate) fn attention(
     let slab = bt * hd;
     // State per (row, head of group): running max, running sum, accumulator; plus q, K, V, scores.
     let scratch = ROW_TILE * group * (hd + 2) + ROW_TILE * group * hd + 2 * slab + bt;
-    let job =
-        Job { q, cache: &cache, l, out, qs, ctx, tables, max_blocks: b.max_blocks, layer, heads, group, tiles, scale };
+    #[cfg(target_arch = "x86_64")]
+    let wide = avx512::handles(hd);
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    let job = Job {
+        q,
+        cache: &cache,
+        l,
+        out,
+        qs,
+        ctx,
+        tables,
+        max_blocks: b.max_blocks,
+        layer,
+        heads,
+        group,
+        tiles,
+        scale,
+        wide,
+    };
     // Items of a short context (a tiny model's) go to a worker only in chunks of ATTEND_BYTES_MIN
     // of K and V: a cross-core hand-off costs more than attending over a few KiB.
     let ctx_max = ctx[..b.seqs].iter().map(|&c| c as usize).max().unwrap_or(0);
@@ -290,6 +311,8 @@ struct Job<'a> {
     group: usize,
     tiles: usize,
     scale: f32,
+    /// Fold blocks with the AVX-512 kernel (`avx512::handles(head_dim)`).
+    wide: bool,
 }
 
 multiversion! {
@@ -348,6 +371,20 @@ fn attend(job: &Job<'_>, item: usize, buf: &mut [f32]) {
                 continue;
             }
             let upto = valid.min(pos + 1 - blk * bt);
+            #[cfg(target_arch = "x86_64")]
+            if job.wide {
+                let (i0, i1) = (j * group, (j + 1) * group);
+                let st = avx512::RowState {
+                    m: &mut m[i0..i1],
+                    lsum: &mut lsum[i0..i1],
+                    acc: &mut acc[i0 * hd..i1 * hd],
+                };
+                // SAFETY: `wide` means AVX-512F and a head dim the kernel takes; the row's
+                // `group` queries and states are `group × hd` long; `kb`/`vb` hold
+                // `valid >= upto` rows of `hd`.
+                unsafe { avx512::fold_block(&qv[i0 * hd..i1 * hd], hd, kb, vb, upto, st) };
+                continue;
+            }
             for g in 0..group {
                 let i = j * group + g;
                 let qi = &qv[i * hd..(i + 1) * hd];

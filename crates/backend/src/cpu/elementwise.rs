@@ -7,6 +7,9 @@
 // Numeric kernels index several parallel arrays with one counter; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+
 use super::raw::{load, round_to, store, with_scratch, Raw};
 use super::CpuBackend;
 use crate::backend::{BinaryOp, UnaryOp};
@@ -193,9 +196,21 @@ pub(crate) fn cast(be: &CpuBackend, x: &Raw, out: &Raw) {
     });
 }
 
+/// silu·mul of one tile: 16 lanes at a time on AVX-512 (the same bits as the scalar code).
+fn silu_mul_any(wide: bool, g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: `wide` is only set where AVX-512F was detected; the tiles have one length.
+        return unsafe { avx512::silu_mul(g, u, out) };
+    }
+    let _ = wide;
+    silu_mul_tile(g, u, out)
+}
+
 pub(crate) fn silu_mul(be: &CpuBackend, g: &Raw, u: &Raw, out: &Raw) {
     // f32 inputs (a model's activations) are read in place rather than copied to the stack first.
     let direct = g.dtype == DType::F32 && u.dtype == DType::F32;
+    let wide = super::simd_level() == super::SimdLevel::Avx512;
     be.for_chunks(out.len, be.chunk_for(out.len, EW_HEAVY_CHUNK_MIN), |start, len| {
         let (mut xg, mut xu, mut xo) = ([0f32; TILE], [0f32; TILE], [0f32; TILE]);
         tiles(start, len, |i, n| {
@@ -204,7 +219,7 @@ pub(crate) fn silu_mul(be: &CpuBackend, g: &Raw, u: &Raw, out: &Raw) {
                 // SAFETY: `i..i + n` lies in this worker's chunk of checked f32 operands; `out` is
                 // written below, after these borrows end (it may be identical to `g` or `u`).
                 let (sg, su) = unsafe { (g.sub(i, n).slice::<f32>(), u.sub(i, n).slice::<f32>()) };
-                silu_mul_tile(sg, su, xo);
+                silu_mul_any(wide, sg, su, xo);
             } else {
                 let (xg, xu) = (&mut xg[..n], &mut xu[..n]);
                 // SAFETY: as in `binary`.
@@ -212,7 +227,7 @@ pub(crate) fn silu_mul(be: &CpuBackend, g: &Raw, u: &Raw, out: &Raw) {
                     load(g, i, xg);
                     load(u, i, xu);
                 }
-                silu_mul_tile(xg, xu, xo);
+                silu_mul_any(wide, xg, xu, xo);
             }
             // SAFETY: as in `binary`.
             unsafe { store(out, i, xo) }
@@ -260,6 +275,23 @@ pub(crate) fn softmax(be: &CpuBackend, x: &Raw, out: &Raw, cols: usize) {
     });
 }
 
+/// `Σ x²` in 16 lanes (element `i` into lane `i % 16`, in order), the lanes then summed in
+/// order: a fixed order that vectorises (a plain iterator sum is one serial chain of adds).
+#[inline]
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for l in 0..16 {
+            lanes[l] += c[l] * c[l];
+        }
+    }
+    for (l, v) in it.remainder().iter().enumerate() {
+        lanes[l] += v * v;
+    }
+    lanes.iter().sum()
+}
+
 pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out: &Raw, hidden: usize, eps: f32) {
     let rows = x.len / hidden;
     be.for_chunks(rows, rows_chunk(be, rows, hidden, EW_HEAVY_CHUNK_MIN), |r0, nr| {
@@ -284,7 +316,7 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out
                         round_to(res.dtype, h);
                     }
                 }
-                let ss: f32 = h.iter().map(|v| v * v).sum();
+                let ss = sum_squares(h);
                 let inv = 1.0 / (ss / hidden as f32 + eps).sqrt();
                 h.iter_mut().zip(wt.iter()).for_each(|(v, g)| *v = *v * inv * *g);
                 // SAFETY: as above.

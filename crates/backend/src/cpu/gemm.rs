@@ -59,6 +59,8 @@ const ACT_GROUP: usize = 4;
 const GEMV_J_TILE: usize = 256;
 /// Minimum weight rows per GEMV parallel chunk.
 const GEMV_CHUNK_MIN: usize = 16;
+/// Activation rows from which the GEMV is cut into finer chunks (see `gemv_chunk`).
+const GEMV_FINE_M: usize = 4;
 /// Minimum work per GEMV parallel chunk, in weight bytes times activation rows: handing a worker
 /// less costs more than it saves (the small projections of a tiny model run on the calling
 /// thread alone at m = 1; a batch's rows are as much work again each).
@@ -172,6 +174,16 @@ pub(crate) fn gemm(be: &CpuBackend, a: &Raw, b: &Raw, c: &Raw, g: &GemmArgs) -> 
     need(a.len, "a", g.batch, g.stride_a, mk)?;
     need(b.len, "b", g.batch, g.stride_b, nk)?;
     need(c.len, "c", g.batch, g.stride_c, mn)?;
+    // Several weight matrices by one activation matrix (a model's k/v or gate/up projections):
+    // one parallel region over all their rows, the activations prepared once.
+    if g.trans_b && k > 0 && (2..=PARTS_MAX).contains(&g.batch) && g.stride_a == 0 && g.stride_c >= mn {
+        let mut parts = [Part { w: *b, c: *c, n }; PARTS_MAX];
+        for (bi, p) in parts.iter_mut().enumerate().take(g.batch) {
+            *p = Part { w: b.sub(bi * g.stride_b, nk), c: c.sub(bi * g.stride_c, mn), n };
+        }
+        gemv(be, &a.sub(0, mk), &parts[..g.batch], m, k, g.alpha, g.beta, g.bf16_activations);
+        return Ok(());
+    }
     for bi in 0..g.batch {
         let (ab, bb, cb) = (a.sub(bi * g.stride_a, mk), b.sub(bi * g.stride_b, nk), c.sub(bi * g.stride_c, mn));
         if k == 0 {
@@ -179,7 +191,7 @@ pub(crate) fn gemm(be: &CpuBackend, a: &Raw, b: &Raw, c: &Raw, g: &GemmArgs) -> 
         } else if g.trans_b {
             // Every linear layer, whatever `m`: one kernel whose rows do not depend on each
             // other (batch invariance, see the module docs).
-            gemv(be, &ab, &bb, &cb, m, n, k, g.alpha, g.beta, g.bf16_activations);
+            gemv(be, &ab, &[Part { w: bb, c: cb, n }], m, k, g.alpha, g.beta, g.bf16_activations);
         } else {
             general(be, &ab, &bb, &cb, m, n, k, g.trans_b, g.alpha, g.beta);
         }
@@ -225,6 +237,9 @@ unsafe fn finish(c: &Raw, first: usize, acc: &mut [f32], alpha: f32, beta: f32) 
 /// preempted worker's share is picked up by the others), as many chunks as a multiple of the
 /// threads, of equal size, so the threads finish together (a 192-row projection was cut
 /// 60/60/60/12 rows: one of two threads did 120, the other waited), a multiple of 4 rows.
+/// A batch (`m` ≥ [`GEMV_FINE_M`]) is compute bound and gets twice as many chunks: the thread
+/// that finishes first then waits for half as long a last chunk; one row is bound by reading
+/// the weights and keeps its longer streams.
 fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize, m: usize) -> usize {
     gemv_chunk_for(be.threads, n, row_bytes, m)
 }
@@ -232,7 +247,8 @@ fn gemv_chunk(be: &CpuBackend, n: usize, row_bytes: usize, m: usize) -> usize {
 fn gemv_chunk_for(threads: usize, n: usize, row_bytes: usize, m: usize) -> usize {
     let min = GEMV_CHUNK_MIN.max(GEMV_CHUNK_BYTES_MIN.div_ceil(row_bytes.max(1) * m.max(1)));
     let threads = threads.max(1);
-    let target = n.div_ceil(threads * 4).max(min);
+    let per_thread = if m >= GEMV_FINE_M { 8 } else { 4 };
+    let target = n.div_ceil(threads * per_thread).max(min);
     let chunks = n.div_ceil(target).next_multiple_of(threads);
     n.div_ceil(chunks).next_multiple_of(4)
 }
@@ -248,25 +264,25 @@ fn dot_fn(dtype: DType) -> DotFn {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemv(
-    be: &CpuBackend,
-    a: &Raw,
-    w: &Raw,
-    c: &Raw,
-    m: usize,
+/// One weight matrix of a (grouped) GEMV and its output: `c[m, n] = a · wᵀ` (`w` is `[n, k]`).
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    w: Raw,
+    c: Raw,
     n: usize,
-    k: usize,
-    alpha: f32,
-    beta: f32,
-    bf16_activations: bool,
-) {
-    let level = simd_level();
-    gemv_at(level, bf16_activations && bf16_dot(level), be, a, w, c, m, n, k, alpha, beta)
 }
 
-/// The GEMV with the kernels of `level`, which must be one of [`simd_levels_available`]; `dot`
-/// picks the `vdpbf16ps` kernel for bf16 weights at AVX-512 (only where `dpbf16::available`).
+/// Most weight matrices one grouped GEMV multiplies by the same activations.
+const PARTS_MAX: usize = 4;
+
+#[allow(clippy::too_many_arguments)]
+fn gemv(be: &CpuBackend, a: &Raw, parts: &[Part], m: usize, k: usize, alpha: f32, beta: f32, bf16_activations: bool) {
+    let level = simd_level();
+    gemv_parts_at(level, bf16_activations && bf16_dot(level), be, a, parts, m, k, alpha, beta)
+}
+
+/// The GEMV of one weight matrix with the kernels of `level` (see [`gemv_parts_at`]).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_at(
     level: SimdLevel,
@@ -281,11 +297,38 @@ fn gemv_at(
     alpha: f32,
     beta: f32,
 ) {
+    gemv_parts_at(level, dot, be, a, &[Part { w: *w, c: *c, n }], m, k, alpha, beta)
+}
+
+/// The GEMV of every part (weights of one dtype, at most [`PARTS_MAX`]) by the same `m × k`
+/// activations, with the kernels of `level`, which must be one of [`simd_levels_available`];
+/// `dot` picks the `vdpbf16ps` kernel for bf16 weights at AVX-512 (only where
+/// `dpbf16::available`). Each output element is computed exactly as in a GEMV of its part alone.
+#[allow(clippy::too_many_arguments)]
+fn gemv_parts_at(
+    level: SimdLevel,
+    dot: bool,
+    be: &CpuBackend,
+    a: &Raw,
+    parts: &[Part],
+    m: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    debug_assert!(parts.len() <= PARTS_MAX && parts.iter().all(|p| p.w.dtype == parts[0].w.dtype));
     #[cfg(target_arch = "x86_64")]
     if level.has_avx2() {
-        return gemv_simd(level, dot, be, a, w, c, m, n, k, alpha, beta);
+        return gemv_simd(level, dot, be, a, parts, m, k, alpha, beta);
     }
     let _ = (level, dot);
+    for p in parts {
+        gemv_portable(be, a, &p.w, &p.c, m, p.n, k, alpha, beta);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemv_portable(be: &CpuBackend, a: &Raw, w: &Raw, c: &Raw, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
     let dot = dot_fn(w.dtype);
     let row_bytes = k * w.dtype.size_bytes();
     let run = |x: &[f32]| {
@@ -323,10 +366,46 @@ fn gemv_at(
     unsafe { with_f32(a, m * k, run) }
 }
 
+/// How the rows of a grouped GEMV's parts are cut into parallel pieces: each part into pieces
+/// of equal size (a multiple of 4 rows, the last one shorter) about `chunk` rows long.
+#[derive(Clone, Copy, Debug)]
+struct Pieces {
+    /// Piece size of each part.
+    size: [usize; PARTS_MAX],
+    /// Index of each part's first piece; `first[parts]` is the number of pieces.
+    first: [usize; PARTS_MAX + 1],
+    parts: usize,
+}
+
+impl Pieces {
+    fn new(parts: &[Part], chunk: usize) -> Pieces {
+        let mut p = Pieces { size: [0; PARTS_MAX], first: [0; PARTS_MAX + 1], parts: parts.len() };
+        for (i, part) in parts.iter().enumerate() {
+            let count = part.n.div_ceil(chunk.max(1));
+            let size = part.n.div_ceil(count.max(1)).next_multiple_of(4);
+            p.size[i] = size;
+            p.first[i + 1] = p.first[i] + part.n.div_ceil(size.max(1));
+        }
+        p
+    }
+
+    fn count(&self) -> usize {
+        self.first[self.parts]
+    }
+
+    /// Piece `i` as (part, first row, rows).
+    fn get(&self, i: usize, parts: &[Part]) -> (usize, usize, usize) {
+        let p = (0..self.parts).find(|&p| i < self.first[p + 1]).unwrap_or(self.parts - 1);
+        let j0 = (i - self.first[p]) * self.size[p];
+        (p, j0, self.size[p].min(parts[p].n - j0))
+    }
+}
+
 /// The GEMV on AVX2 or AVX-512. Several weight rows share each activation load (load ports, not
 /// FMAs, are the limit in cache). For bf16 the activations are reordered once per call to match
 /// the lanes in which the kernel widens the weights (see `avx2::permute_for_bf16` and
-/// `avx512::split_even_odd`), so widening costs one or two cheap ops per vector.
+/// `avx512::split_even_odd`), so widening costs one or two cheap ops per vector. The parts'
+/// rows are cut into pieces spread over the workers in one parallel region.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn gemv_simd(
@@ -334,24 +413,23 @@ fn gemv_simd(
     dot: bool,
     be: &CpuBackend,
     a: &Raw,
-    w: &Raw,
-    c: &Raw,
+    parts: &[Part],
     m: usize,
-    n: usize,
     k: usize,
     alpha: f32,
     beta: f32,
 ) {
+    let wdt = parts[0].w.dtype;
     let wide = level == SimdLevel::Avx512;
     // bf16 weights by bf16-rounded activations, `vdpbf16ps` (same step as AVX-512F).
-    let dot = dot && wide && w.dtype == DType::BF16;
+    let dot = dot && wide && wdt == DType::BF16;
     // Elements per kernel step: the kernels cover `kb` (a multiple of the step), the rest is a
     // scalar tail.
     let step = if wide { avx512::STEP } else { avx2::STEP };
     let kb = k - k % step;
-    let row_bytes = k * w.dtype.size_bytes();
+    let row_bytes = k * wdt.size_bytes();
     type RunFn = unsafe fn(*const u8, usize, usize, *const f32, usize, usize, *mut f32, usize);
-    let run_fn: RunFn = match (wide, w.dtype) {
+    let run_fn: RunFn = match (wide, wdt) {
         (true, DType::BF16) if dot => dpbf16::run::<true>,
         (true, DType::BF16) => avx512::run::<{ avx512::BF16 }>,
         (true, DType::F16) => avx512::run::<{ avx512::F16 }>,
@@ -363,13 +441,17 @@ fn gemv_simd(
     // The kernels read activation rows `kb` apart, reordered for bf16; f16/f32 weights with no
     // tail use the rows as they are.
     // With `dot` they are bf16, two per f32 slot: a row is `kb / 2` slots.
-    let direct = w.dtype != DType::BF16 && kb == k;
+    let direct = wdt != DType::BF16 && kb == k;
     let x_row = if dot { kb / 2 } else { kb };
+    // Pieces sized as for the largest part alone: as many of them per part as its own GEMV
+    // would have chunks, so the workers finish the region as evenly as they would finish it.
+    let n_max = parts.iter().map(|p| p.n).max().unwrap_or(0);
+    let pieces = Pieces::new(parts, gemv_chunk(be, n_max, row_bytes, m));
     let run = |x: &[f32]| {
         with_scratch(if direct { 0 } else { m * x_row }, |xbuf| {
             for r in (0..m).filter(|_| !direct) {
                 let (src, dst) = (&x[r * k..r * k + kb], &mut xbuf[r * x_row..(r + 1) * x_row]);
-                match (wide, w.dtype) {
+                match (wide, wdt) {
                     // SAFETY: AVX512_BF16 was detected (`dot` is only set where it was).
                     (true, DType::BF16) if dot => unsafe { dpbf16::round_to_bf16(src, dst) },
                     // SAFETY: AVX-512F was detected (`wide`).
@@ -379,7 +461,12 @@ fn gemv_simd(
                 }
             }
             let xp: &[f32] = if direct { x } else { xbuf };
-            be.for_chunks(n, gemv_chunk(be, n, row_bytes, m), |j0, nj| {
+            be.parallel_for(pieces.count(), |i| {
+                let (p, j0, nj) = pieces.get(i, parts);
+                let (w, c, n) = (&parts[p].w, &parts[p].c, parts[p].n);
+                // The kernel writes straight into an f32 output when nothing is left to apply
+                // to its sums (no tail, alpha 1, beta 0): no pass through the stack.
+                let straight = k == kb && alpha == 1.0 && beta == 0.0 && c.dtype == DType::F32;
                 let mut acc = [[0f32; GEMV_J_TILE]; ACT_GROUP];
                 let mut jt = j0;
                 while jt < j0 + nj {
@@ -390,9 +477,16 @@ fn gemv_simd(
                     let mut r0 = 0;
                     while r0 < m {
                         let ma = (m - r0).min(ACT_GROUP);
+                        let (out, out_stride) = if straight {
+                            // SAFETY: rows `r0..r0+ma`, columns `jt..jt+nt` of the f32 output
+                            // (`m * n` elements) belong to this piece alone.
+                            (unsafe { (c.ptr as *mut f32).add(r0 * n + jt) }, n)
+                        } else {
+                            (acc[0].as_mut_ptr(), GEMV_J_TILE)
+                        };
                         // SAFETY: rows `jt..jt+nt` < n lie inside the weights; `xp` holds `m * kb`
-                        // (reordered for bf16) values; `acc[..ma]` has room for `nt` results
-                        // each, `GEMV_J_TILE` apart; `level` (AVX2/FMA/F16C, and AVX-512F when
+                        // (reordered for bf16) values; `out` has room for `ma` rows of `nt`
+                        // results, `out_stride` apart; `level` (AVX2/FMA/F16C, and AVX-512F when
                         // wide) was detected on this machine.
                         unsafe {
                             run_fn(
@@ -402,26 +496,28 @@ fn gemv_simd(
                                 xp.as_ptr().add(r0 * x_row),
                                 kb,
                                 ma,
-                                acc[0].as_mut_ptr(),
-                                GEMV_J_TILE,
+                                out,
+                                out_stride,
                             )
                         };
-                        if k > kb {
-                            for j in 0..nt {
-                                let mut tail = [0f32; 32];
-                                // SAFETY: elements `kb..k` of row `jt + j` < n.
-                                unsafe { load(w, (jt + j) * k + kb, &mut tail[..k - kb]) };
-                                for r in 0..ma {
-                                    let xr = &x[(r0 + r) * k + kb..(r0 + r + 1) * k];
-                                    // The `vdpbf16ps` path rounds the tail's activations too.
-                                    let xv = |v: f32| if dot { bf16::from_f32(v).to_f32() } else { v };
-                                    acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * xv(*b)).sum::<f32>();
+                        if !straight {
+                            if k > kb {
+                                for j in 0..nt {
+                                    let mut tail = [0f32; 32];
+                                    // SAFETY: elements `kb..k` of row `jt + j` < n.
+                                    unsafe { load(w, (jt + j) * k + kb, &mut tail[..k - kb]) };
+                                    for r in 0..ma {
+                                        let xr = &x[(r0 + r) * k + kb..(r0 + r + 1) * k];
+                                        // The `vdpbf16ps` path rounds the tail's activations too.
+                                        let xv = |v: f32| if dot { bf16::from_f32(v).to_f32() } else { v };
+                                        acc[r][j] += tail.iter().zip(xr).map(|(a, b)| a * xv(*b)).sum::<f32>();
+                                    }
                                 }
                             }
-                        }
-                        for (r, acc_r) in acc.iter_mut().enumerate().take(ma) {
-                            // SAFETY: `c[(r0+r)*n + jt..+nt]` belongs to this worker's column chunk.
-                            unsafe { finish(c, (r0 + r) * n + jt, &mut acc_r[..nt], alpha, beta) };
+                            for (r, acc_r) in acc.iter_mut().enumerate().take(ma) {
+                                // SAFETY: `c[(r0+r)*n + jt..+nt]` belongs to this piece.
+                                unsafe { finish(c, (r0 + r) * n + jt, &mut acc_r[..nt], alpha, beta) };
+                            }
                         }
                         r0 += ma;
                     }
@@ -431,7 +527,7 @@ fn gemv_simd(
         })
     };
     // SAFETY: `a` is a checked operand of at least `m*k` elements (checked by the caller),
-    // disjoint from `c` and read-only here.
+    // disjoint from every output and read-only here.
     unsafe { with_f32(a, m * k, run) }
 }
 
@@ -1094,6 +1190,88 @@ mod tests {
         }
     }
 
+    /// A grouped GEMV (several weight matrices by the same activations, one parallel region)
+    /// bit-equals a GEMV of each matrix alone: every kernel this machine runs, every weight
+    /// dtype, parts of different heights, with and without a k tail, with alpha and beta.
+    #[test]
+    fn grouped_gemv_equals_separate_gemvs() {
+        let be = CpuBackend::with_threads(2).unwrap();
+        let mut z = 13u64;
+        let shapes: [(usize, usize, &[usize], f32, f32); 4] = [
+            (32, 576, &[576, 192, 192], 1.0, 0.0),
+            (5, 100, &[70, 33], 1.0, 0.0),
+            (17, 64, &[300, 300, 8, 12], 0.5, 0.0),
+            (3, 577, &[40, 41], 1.0, 0.5),
+        ];
+        for (level, dot) in gemv_kernels() {
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                for &(m, k, ns, alpha, beta) in &shapes {
+                    let mut ws: Vec<Vec<u8>> = ns.iter().map(|&n| weights(dtype, n, k, &mut z).0).collect();
+                    let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z) * 4.0).collect();
+                    let c0: Vec<Vec<f32>> = ns.iter().map(|&n| (0..m * n).map(|_| lcg(&mut z)).collect()).collect();
+                    let mut grouped = c0.clone();
+                    let parts: Vec<Part> = ns
+                        .iter()
+                        .zip(ws.iter_mut())
+                        .zip(grouped.iter_mut())
+                        .map(|((&n, w), c)| Part {
+                            w: Raw { ptr: w.as_mut_ptr(), dtype, len: n * k },
+                            c: raw_f32(c),
+                            n,
+                        })
+                        .collect();
+                    gemv_parts_at(level, dot, &be, &raw_f32(&mut x), &parts, m, k, alpha, beta);
+                    for (p, part) in parts.iter().enumerate() {
+                        let mut alone = c0[p].clone();
+                        gemv_at(
+                            level,
+                            dot,
+                            &be,
+                            &raw_f32(&mut x),
+                            &part.w,
+                            &raw_f32(&mut alone),
+                            m,
+                            part.n,
+                            k,
+                            alpha,
+                            beta,
+                        );
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&grouped[p]),
+                            bits(&alone),
+                            "{level:?} dot={dot} {dtype} m={m} k={k}: part {p}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `gemm` with several batch entries over one activation matrix (`stride_a` 0: how a model
+    /// multiplies its k/v and gate/up projections) takes the grouped GEMV and bit-equals one
+    /// call per entry.
+    #[test]
+    fn batched_linear_over_shared_activations_equals_one_call_each() {
+        let be = CpuBackend::with_threads(2).unwrap();
+        let mut z = 17u64;
+        let (m, n, k) = (16, 192, 576);
+        let (mut wb, _) = weights(DType::BF16, 2 * n, k, &mut z);
+        let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype: DType::BF16, len: 2 * n * k };
+        let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut z)).collect();
+        let mut both = vec![0f32; 2 * m * n];
+        let args =
+            GemmArgs { batch: 2, stride_a: 0, stride_b: n * k, stride_c: m * n, ..GemmArgs::model_linear(m, n, k) };
+        gemm(&be, &raw_f32(&mut x), &raw_w, &raw_f32(&mut both), &args).unwrap();
+        for e in 0..2 {
+            let mut one = vec![0f32; m * n];
+            let w = raw_w.sub(e * n * k, n * k);
+            gemm(&be, &raw_f32(&mut x), &w, &raw_f32(&mut one), &GemmArgs::model_linear(m, n, k)).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&both[e * m * n..(e + 1) * m * n]), bits(&one), "entry {e}");
+        }
+    }
+
     /// The `vdpbf16ps` GEMV bit-equals a scalar reference that computes the same sums in f32 in
     /// the same order: activations rounded to bf16 (nearest even); per 32-element step, lane `l`
     /// adds the exact product of elements `2l + 1` then `2l`; the 16 lanes reduced in
@@ -1239,7 +1417,7 @@ mod tests {
                         for _ in 0..if timed { reps } else { 1 } {
                             let (rx, rc) = (raw_f32(&mut x), raw_f32(&mut c));
                             if path == 0 {
-                                gemv(&be, &rx, &raw_w, &rc, m, n, k, 1.0, 0.0, true);
+                                gemv(&be, &rx, &[Part { w: raw_w, c: rc, n }], m, k, 1.0, 0.0, true);
                             } else {
                                 general(&be, &rx, &raw_w, &rc, m, n, k, true, 1.0, 0.0);
                             }
