@@ -272,11 +272,6 @@ crate::settings! {
     /// reads (0 = only the byte and frame marks): a client that stops reading stops costing
     /// engine work within this time, well before 2 MiB of large frames pile up.
     conn_unread_pause_ms: u64 = 50;
-    /// Microseconds the engine loop, out of work, looks for the next request before it parks
-    /// (yielding the core between looks), while a connection whose receiver spins is open (shm,
-    /// or `wait = "busy-poll"`): a client's next call within this time is taken with no thread
-    /// wake-up (tens of microseconds on a loaded host). 0 = park at once.
-    engine_spin_us: u64 = 50;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

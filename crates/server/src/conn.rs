@@ -149,7 +149,7 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
     let mut c = Conn {
         sh: sh.clone(),
         id,
-        link: sh.sessions.link(id, tx.clone(), inflight.clone(), transport == "shm" || sh.cfg.wait == "busy-poll"),
+        link: sh.sessions.link(id, tx.clone(), inflight.clone()),
         tx,
         rx,
         counters,

@@ -22,7 +22,7 @@ pub(crate) mod outbound;
 mod tokenizer_pool;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -80,8 +80,6 @@ pub struct ConnLink {
     closer: Option<djinn_transport::ConnectionClose>,
     /// Wakes the engine loop (the queue drained below its mark, or the connection ended).
     svc: Weak<SessionService>,
-    /// Counted in [`SessionService::spinning_conns`] until the connection closes.
-    spins: AtomicBool,
 }
 
 impl ConnLink {
@@ -201,15 +199,6 @@ pub struct SessionService {
     stopped: Mutex<bool>,
     stopped_cv: Condvar,
     outbound: outbound::OutboundLimits,
-    /// Bumped after every change to `queue` the loop must see; the loop spins on it for
-    /// `engine_spin_us` before it parks, so a request that follows its previous answer within
-    /// that time is taken without a thread wake-up.
-    posted: AtomicU64,
-    /// Open connections whose receivers spin between requests (shm, or any with `wait =
-    /// busy-poll`): the loop spins only while there is one. A tcp request arrives through a
-    /// kernel wake-up of its connection thread anyway, and on a loaded host a spinning loop
-    /// delays that thread more than it saves (a tcp call measured +560 µs against +150 µs).
-    spinning_conns: AtomicUsize,
 }
 
 impl SessionService {
@@ -323,8 +312,6 @@ impl SessionService {
                 unread_pause: std::time::Duration::from_millis(cfg.conn_unread_pause_ms),
                 gauge: metrics.conn_outbound_frames.clone(),
             },
-            posted: AtomicU64::new(0),
-            spinning_conns: AtomicUsize::new(0),
         });
         let pool =
             tokenizer_pool::TokenizerPool::start(cfg.tokenize_workers, cfg.tokenize_queue_max, Arc::downgrade(&svc))
@@ -338,12 +325,8 @@ impl SessionService {
         Ok(svc)
     }
 
-    /// The session side of a new connection (its replies go through `tx`); `spins`: its
-    /// receiver spins between requests (see `spinning_conns`).
-    pub fn link(self: &Arc<Self>, id: u64, tx: ReplyTx, inflight: Arc<AtomicUsize>, spins: bool) -> Arc<ConnLink> {
-        if spins {
-            self.spinning_conns.fetch_add(1, Ordering::Relaxed);
-        }
+    /// The session side of a new connection (its replies go through `tx`).
+    pub fn link(self: &Arc<Self>, id: u64, tx: ReplyTx, inflight: Arc<AtomicUsize>) -> Arc<ConnLink> {
         let (closer, probe) = {
             let t = tx.lock().unwrap_or_else(|p| p.into_inner());
             (t.closer(), t.unread_probe())
@@ -356,7 +339,6 @@ impl SessionService {
             out: outbound::Outbound::new(self.outbound.clone(), probe),
             closer,
             svc: Arc::downgrade(self),
-            spins: AtomicBool::new(spins),
         })
     }
 
@@ -376,7 +358,6 @@ impl SessionService {
             out: outbound::Outbound::new(self.outbound.clone(), None),
             closer: Some(wake),
             svc: Arc::downgrade(self),
-            spins: AtomicBool::new(false),
         })
     }
 
@@ -394,10 +375,9 @@ impl SessionService {
         self.ring(q);
     }
 
-    /// Tells the loop that `q` changed (the caller changed it under this lock): a spinning loop
-    /// sees `posted` move; a parked one is woken.
+    /// Tells the loop that `q` changed (the caller changed it under this lock): a parked loop is
+    /// woken; a running one takes the change at its next look, with no futex call.
     fn ring(&self, q: MutexGuard<'_, Queue>) {
-        self.posted.fetch_add(1, Ordering::Release);
         let parked = q.parked;
         drop(q);
         if parked {
@@ -438,9 +418,6 @@ impl SessionService {
 
     /// A connection ended: its running decodes stop and its sessions' leases start.
     pub fn connection_closed(&self, conn: &ConnLink) {
-        if conn.spins.swap(false, Ordering::Relaxed) {
-            self.spinning_conns.fetch_sub(1, Ordering::Relaxed);
-        }
         conn.mark_closed();
         conn.out.close();
         self.kick();

@@ -46,7 +46,6 @@ mod tokenize;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,8 +77,6 @@ use tokenize::{Then, Tokenizing};
 
 /// Longest the loop parks without a wake-up (a safety net: wake-ups come from the condvar).
 const PARK_MAX: Duration = Duration::from_secs(1);
-/// How long [`EngineLoop::spin_for_work`] spins before it yields the core between looks.
-const SPIN_PURE: Duration = Duration::from_micros(5);
 
 pub(crate) struct LoadedModel<B: Backend> {
     pub info: ModelInfo,
@@ -109,8 +106,6 @@ pub(crate) struct EngineLoop<B: Backend> {
     lease: Duration,
     /// How long a session may stay paused at a breakpoint (`breakpoint_lease_ms`).
     pause_lease: Duration,
-    /// `engine_spin_us`: how long the loop looks for work before it parks.
-    spin: Duration,
     /// Breakpoint passes one batched part runs at most (`breakpoint_part_passes_max`).
     part_passes_max: usize,
     frame_bytes_max: u64,
@@ -179,7 +174,6 @@ impl<B: Backend> EngineLoop<B> {
             paused: 0,
             lease: Duration::from_secs(cfg.session_lease_s),
             pause_lease: Duration::from_millis(cfg.breakpoint_lease_ms),
-            spin: Duration::from_micros(cfg.engine_spin_us),
             part_passes_max: cfg.breakpoint_part_passes_max,
             frame_bytes_max: cfg.frame_bytes_max,
             metrics,
@@ -245,9 +239,6 @@ impl<B: Backend> EngineLoop<B> {
     fn take_jobs(&mut self, into: &mut VecDeque<Job>, stalled: bool) -> Option<Instant> {
         let idle = (self.order.is_empty() && self.logits_jobs.is_empty()) || stalled;
         let deadline = self.next_deadline();
-        if idle {
-            self.spin_for_work();
-        }
         let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
         let drained =
             q.drain_deadline.is_some() && self.order.is_empty() && self.logits_jobs.is_empty() && self.tokenizing == 0;
@@ -266,34 +257,6 @@ impl<B: Backend> EngineLoop<B> {
         std::mem::swap(&mut q.jobs, into);
         std::mem::swap(&mut q.tokenized, &mut self.tok_done);
         q.drain_deadline
-    }
-
-    /// Out of work: looks for a change to the queue for `engine_spin_us` before the caller
-    /// parks, so a request that follows its previous answer closely costs no futex wake-up (tens
-    /// of microseconds on a loaded host, most of a small call's remote overhead). Pure spin for a
-    /// few microseconds, then the core is yielded between looks: on a small host the thread that
-    /// is about to post may need this very core.
-    fn spin_for_work(&self) {
-        if self.spin.is_zero() || self.svc.spinning_conns.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let seen = self.svc.posted.load(Ordering::Acquire);
-        let start = Instant::now();
-        loop {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-                if self.svc.posted.load(Ordering::Acquire) != seen {
-                    return;
-                }
-            }
-            let spun = start.elapsed();
-            if spun >= self.spin {
-                return;
-            }
-            if spun >= SPIN_PURE {
-                std::thread::yield_now();
-            }
-        }
     }
 
     /// The next time the loop must look without a wake-up: a lease ends, a paused
