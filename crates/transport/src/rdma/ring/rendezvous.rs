@@ -8,7 +8,7 @@
 //!   places after the data. The receiver then closes the range again, so the key is dead before
 //!   `recv_data` returns: a peer can write only inside its ring and the one range granted to it
 //!   for the one transfer. How the range is opened:
-//!   - inside a host region handed over at start-up (`Listener::register_host_memory`: the
+//!   - inside a host region handed over at start-up (`Listener::register_host_memory`: e.g. a
 //!     server's staging pool; registered in pieces of `verbs::HOST_PIECE_BYTES`, each on its
 //!     first use and kept, one grant per piece a destination spans), on a device that holds
 //!     window writes to the window
