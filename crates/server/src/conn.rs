@@ -19,6 +19,7 @@
 //! - Staging memory comes from the server's pool ([`crate::staging`]), one chunk at a time as
 //!   data arrives, within the connection's and the tenant's budgets; everything is given back
 //!   when the request ends. A refused take is a typed error, the rest of the data is skipped.
+//!   A ping of at most [`SMALL_ECHO_BYTES`] echoes from the connection's own buffer instead.
 //! - A get whose reply would exceed the frame limit is refused (`FrameTooLarge`) before anything
 //!   is sent.
 //! - Session requests are parsed here and answered by the engine loop ([`crate::session`]) on
@@ -50,6 +51,9 @@ use crate::watchdog::{ConnClock, Phase, Slot};
 
 /// Bulk data of a staged put moves through pinned staging in pieces of this size.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
+/// A ping of at most this many bytes echoes from the connection's own buffer, not the staging
+/// pool: the latency probe takes no lock and allocates nothing.
+const SMALL_ECHO_BYTES: usize = 4096;
 /// Oldest protocol version this server still speaks.
 const VERSION_MIN: u16 = 1;
 
@@ -111,6 +115,8 @@ struct Conn<B: Backend> {
     staging: Option<Lease>,
     /// Pinned staging of [`PUT_CHUNK_BYTES`] for puts to memory that is not host-addressable.
     pinned: Option<B::Host>,
+    /// The echo of a ping of at most [`SMALL_ECHO_BYTES`].
+    small_echo: Box<[u8]>,
     /// This connection's phase, read by the watchdog's deadlines.
     clock: Arc<ConnClock>,
     /// The busy-poll spin gate: opened here when a request arrives, closed by the watchdog.
@@ -158,6 +164,7 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         _quota: None,
         staging: None,
         pinned: None,
+        small_echo: vec![0u8; SMALL_ECHO_BYTES].into_boxed_slice(),
         clock,
         spin,
         inflight,
@@ -186,18 +193,22 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
 
 impl<B: Backend> Conn<B> {
     fn run(&mut self) {
+        // The clock is read twice per request: when its header is in and when it ends. The phase
+        // changes reuse those reads (a read costs microseconds where the clocksource is emulated).
+        let mut ended = Instant::now();
         loop {
             if self.tenant.is_some() {
-                self.clock.enter(Phase::Waiting);
+                self.clock.enter_at(Phase::Waiting, ended);
             }
-            let head = match self.rx.recv_head() {
+            let (head, t0) = match self.rx.recv_head() {
                 Ok(h) => {
+                    let t0 = Instant::now();
                     if self.tenant.is_some() {
                         let with_data = h.header.data_len.get() > 0;
-                        self.clock.enter(if with_data { Phase::Serving } else { Phase::Busy });
+                        self.clock.enter_at(if with_data { Phase::Serving } else { Phase::Busy }, t0);
                         self.spin.store(true, Ordering::Relaxed);
                     }
-                    h
+                    (h, t0)
                 }
                 Err(TransportError::Closed) => return,
                 Err(TransportError::BadHeader(e)) => {
@@ -215,7 +226,6 @@ impl<B: Backend> Conn<B> {
                     return;
                 }
             };
-            let t0 = Instant::now();
             self.sh.requests_active.fetch_add(1, Ordering::AcqRel);
             let r = self.handle(head, t0);
             self.sh.requests_active.fetch_sub(1, Ordering::AcqRel);
@@ -223,8 +233,9 @@ impl<B: Backend> Conn<B> {
                 l.release();
             }
             self.flush_counters();
-            if r.is_err() {
-                return;
+            match r {
+                Ok(at) => ended = at,
+                Err(Fatal) => return,
             }
         }
     }
@@ -246,7 +257,8 @@ impl<B: Backend> Conn<B> {
         }))
     }
 
-    fn handle(&mut self, head: RxHead, t0: Instant) -> Result<(), Fatal> {
+    /// Serves one request; returns when it ended (the clock read its duration took).
+    fn handle(&mut self, head: RxHead, t0: Instant) -> Result<Instant, Fatal> {
         let h = head.header;
         let rid = h.request_id.get();
         let op_raw = h.opcode.get();
@@ -292,16 +304,16 @@ impl<B: Backend> Conn<B> {
         self.inflight.fetch_sub(1, Ordering::AcqRel);
         let outcome = outcome?;
         let close_after = opcode == Opcode::Hello && self.tenant.is_none();
-        self.finish(op_raw, rid, Some(opcode), t0, outcome)?;
+        let ended = self.finish(op_raw, rid, Some(opcode), t0, outcome)?;
         if close_after {
             // Failed handshake: one try per connection, so tokens cannot be guessed at line rate.
             return Err(Fatal);
         }
-        Ok(())
+        Ok(ended)
     }
 
-    /// Sends a rejection if there is one and records the request's duration.
-    /// `opcode` is `None` for an opcode this server does not know (labelled `unknown`).
+    /// Sends a rejection if there is one and records the request's duration; returns when the
+    /// request ended. `opcode` is `None` for an opcode this server does not know (`unknown`).
     fn finish(
         &mut self,
         op_raw: u16,
@@ -309,7 +321,7 @@ impl<B: Backend> Conn<B> {
         opcode: Option<Opcode>,
         t0: Instant,
         outcome: Outcome,
-    ) -> Result<(), Fatal> {
+    ) -> Result<Instant, Fatal> {
         let label = opcode.map_or("unknown", Opcode::name);
         // A queued session request logs its line when the engine loop answers it; the others here,
         // at debug level (pings and tensor ops run at line rate).
@@ -330,12 +342,13 @@ impl<B: Backend> Conn<B> {
             tracing::debug!(conn = self.id, opcode = label, status = rej.status.name(), msg = %rej.message, "request rejected");
             self.send_error(op_raw, rid, rej.status, &rej.message)?;
         }
-        let took_s = t0.elapsed().as_secs_f64();
+        let ended = Instant::now();
+        let took_s = ended.saturating_duration_since(t0).as_secs_f64();
         match opcode.and_then(|op| self.op_series(op)) {
             Some((_, duration)) => duration.observe(took_s),
             None => self.sh.metrics.request_duration_s.with_label_values(&[label]).observe(took_s),
         }
-        Ok(())
+        Ok(ended)
     }
 
     fn dispatch(&mut self, opcode: Opcode, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
@@ -508,6 +521,15 @@ impl<B: Backend> Conn<B> {
             self.send_ok(head, &[], &[], Some(t0))?;
             return Ok(Outcome::Sent);
         }
+        if n <= SMALL_ECHO_BYTES as u64 {
+            let echo = &mut self.small_echo[..n as usize];
+            if let Err(e) = self.rx.recv_data(echo) {
+                return Err(self.transport_failed(e));
+            }
+            self.clock.enter(Phase::Busy);
+            self.send_ok(head, &[], &[&self.small_echo[..n as usize]], None)?;
+            return Ok(Outcome::Sent);
+        }
         // The echo is held whole: taken from the pool chunk by chunk as the data arrives.
         let mut lease = self.staging.take().ok_or(Fatal)?;
         let r = self.ping_staged(head, &mut lease, n);
@@ -537,7 +559,9 @@ impl<B: Backend> Conn<B> {
             // `frame_data_timeout_ms` bounds a stall, not the whole echo: each chunk that arrives
             // starts it afresh (a 64 MiB ping on a slow link took longer than the deadline and
             // was closed mid-transfer).
-            self.clock.enter(Phase::Serving);
+            if got < n {
+                self.clock.enter(Phase::Serving);
+            }
         }
         // The data is in; sending the echo is bounded by the transport's backpressure.
         self.clock.enter(Phase::Busy);

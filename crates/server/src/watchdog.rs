@@ -55,9 +55,18 @@ impl ConnClock {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Enters `phase` now.
+    /// Enters `phase` now. `Busy` has no deadline, so entering it reads no clock (a clock read
+    /// costs microseconds where the clocksource is emulated, and a ping enters it every time).
     pub fn enter(&self, phase: Phase) {
-        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        if phase != Phase::Busy {
+            self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Enters `phase` as of `at`: a time the caller read anyway (one read serves both).
+    pub fn enter_at(&self, phase: Phase, at: Instant) {
+        self.since_ms.store(at.saturating_duration_since(self.epoch).as_millis() as u64, Ordering::Relaxed);
         self.phase.store(phase as u8, Ordering::Release);
     }
 

@@ -65,10 +65,6 @@ pub struct RdmaListener {
     local: SocketAddr,
     ready: Receiver<Halves>,
     acceptor: Option<thread::JoinHandle<()>>,
-    /// Host-region registrations started (at most `HOST_REGIONS_MAX`). Their threads are not
-    /// joined: each holds the device and the memory it registers, so it may outlive the listener,
-    /// and pinning a large region on a slow host must not hold up shutdown.
-    registering: usize,
 }
 
 /// Binds `rdma://ADDR:PORT` on the device `opts.rdma_device` names (else the one owning ADDR).
@@ -99,7 +95,7 @@ pub fn listen(addr: &str, opts: &TransportOptions) -> Result<RdmaListener, Trans
         .spawn(move || acceptor(listener, sh, tx))
         .map_err(io_err("rdma: acceptor thread"))?;
     tracing::debug!(%local, device = %shared.dev.name, "rdma listening");
-    Ok(RdmaListener { shared, local, ready, acceptor: Some(acceptor), registering: 0 })
+    Ok(RdmaListener { shared, local, ready, acceptor: Some(acceptor) })
 }
 
 /// Takes TCP connections until stopped; each gets a handshake thread.
@@ -212,32 +208,24 @@ impl Listener for RdmaListener {
         format!("rdma://{}", self.local)
     }
 
-    /// Registers in the background: pinning a large region takes seconds on a slow host, and the
-    /// listener serves meanwhile (transfers register per transfer until the region is in).
+    /// Takes the region at once and registers it piece by piece on first use (see
+    /// `verbs::HOST_PIECE_BYTES`). Grants bind windows over it only once the device's window probe
+    /// has said they are bounded: the probe runs on a thread of its own, so no request waits for
+    /// it (receives register their destination per transfer until then).
     fn register_host_memory(&mut self, mem: Arc<dyn crate::PinnedHost>) -> Result<bool, TransportError> {
-        if self.registering >= super::verbs::HOST_REGIONS_MAX {
-            return Err(TransportError::Other(format!(
-                "rdma: a listener registers at most {} host regions",
-                super::verbs::HOST_REGIONS_MAX
-            )));
-        }
         let (dev, unchecked) = (self.shared.dev.clone(), self.shared.opts.rdma_windows_unchecked);
+        let bytes = mem.len_bytes();
+        dev.add_host(mem).map_err(io_err("rdma: take a host region"))?;
+        tracing::info!(device = %dev.name, bytes, "rdma: host region taken (registered piece by piece on first use)");
+        if unchecked {
+            let _ = dev.windows_bounded.set(true);
+        }
         thread::Builder::new()
-            .name("rdma-register".into())
+            .name("rdma-probe".into())
             .spawn(move || {
-                if unchecked {
-                    let _ = dev.windows_bounded.set(true);
-                }
-                // Probed before the region is visible, so no request ever waits for the probe.
                 super::windows::bounded(&dev);
-                let bytes = mem.len_bytes();
-                match dev.register_host(mem) {
-                    Ok(()) => tracing::info!(device = %dev.name, bytes, "rdma: host region registered"),
-                    Err(e) => tracing::warn!(device = %dev.name, bytes, error = %e, "rdma: host region not registered; transfers register per transfer"),
-                }
             })
-            .map_err(io_err("rdma: start the registration thread"))?;
-        self.registering += 1;
+            .map_err(io_err("rdma: start the window probe thread"))?;
         Ok(true)
     }
 

@@ -16,7 +16,9 @@
 //!
 //! Waiting (`WaitMode`): busy-poll polls the CQ and checks the rendezvous socket for hang-up every
 //! millisecond; spin-then-park polls for `spin_us`, then arms the CQ, polls once more and sleeps
-//! in `poll(2)` on the completion channel and the socket.
+//! in `poll(2)` on the completion channel and the socket. A receiving half whose spin gate is
+//! closed (`FrameRx::set_spin_gate`: the server's idle connections) waits as spin-then-park does,
+//! so an idle busy-poll connection burns no CPU.
 //!
 //! Trust: a chunk length that would overfill the ring and a credit beyond what was sent are
 //! protocol errors (`Other`); headers and metadata are copied out of the ring into private memory
@@ -34,8 +36,9 @@ use std::time::{Duration, Instant};
 use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 
 use super::verbs::{empty_wc, ibv_wc, ibv_wc_opcode, ibv_wc_status, Cq, Device, Mr, Mw, Qp};
+use crate::conn::spins_unbounded;
 use crate::shm::sys::peer_gone_now;
-use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, TransportError, WaitMode};
+use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, WaitMode};
 
 /// Largest single write (and immediate): the receiver starts copying out while the rest flies.
 pub(crate) const CHUNK_BYTES: usize = 256 * 1024;
@@ -62,6 +65,8 @@ const PURE_SPIN: Duration = Duration::from_micros(5);
 const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// A closing sender waits at most this long for its last writes to be acknowledged.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Polls of the CQ between two looks at the clock while spinning (see `Waiter::wait`).
+const POLLS_PER_LOOK: u32 = 64;
 /// Completions taken per poll.
 const POLL_BATCH: usize = 16;
 
@@ -170,14 +175,21 @@ impl Credit {
 }
 
 /// How a half waits for its CQ.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Waiter {
     mode: WaitMode,
     spin: Duration,
+    /// Busy-poll spins without bound only while this is open (the receiving half's, see
+    /// `FrameRx::set_spin_gate`; `None`: always open).
+    gate: Option<SpinGate>,
 }
 
 impl Waiter {
     /// Returns as soon as `ready` (which polls the CQ) yields a value.
+    ///
+    /// The clock is read once per [`POLLS_PER_LOOK`] polls, and not at all by a wait that ends
+    /// within the first look: a clock read costs tens of nanoseconds on hardware but several
+    /// microseconds where the clocksource is emulated (the VM's HPET), as much as a round trip.
     fn wait<T>(
         &self,
         link: &Link,
@@ -188,14 +200,9 @@ impl Waiter {
         if let Some(v) = ready()? {
             return Ok(v);
         }
-        let start = Instant::now();
-        let mut last_check = start;
-        let spin = match self.mode {
-            WaitMode::BusyPoll => Duration::MAX,
-            WaitMode::SpinThenPark => self.spin,
-        };
-        while start.elapsed() < spin {
-            for _ in 0..64 {
+        let mut first: Option<(Instant, Instant)> = None;
+        loop {
+            for _ in 0..POLLS_PER_LOOK {
                 std::hint::spin_loop();
                 if let Some(v) = ready()? {
                     return Ok(v);
@@ -203,13 +210,19 @@ impl Waiter {
             }
             link.check_open()?;
             let now = Instant::now();
-            if now - last_check >= LIVENESS_CHECK_INTERVAL {
+            let (start, last_check) = first.get_or_insert((now, now));
+            // Checked at every look: a gate closed while spinning parks this wait too.
+            let spin = if spins_unbounded(self.mode, &self.gate) { Duration::MAX } else { self.spin };
+            if now - *start >= spin {
+                break;
+            }
+            if now - *last_check >= LIVENESS_CHECK_INTERVAL {
                 if peer_gone_now(&link.sock) {
                     return ready()?.ok_or(RingError::PeerGone);
                 }
                 std::thread::yield_now();
-                last_check = Instant::now();
-            } else if self.mode == WaitMode::SpinThenPark && start.elapsed() >= PURE_SPIN {
+                *last_check = now;
+            } else if spin != Duration::MAX && now - *start >= PURE_SPIN {
                 std::thread::yield_now();
             }
         }
@@ -355,7 +368,7 @@ pub(crate) fn halves(
         staging,
         credit_slots,
         link: link.clone(),
-        waiter: Waiter { mode: opts.wait, spin },
+        waiter: Waiter { mode: opts.wait, spin, gate: None },
         limits: opts.limits,
         remote,
         sq: SendQueue::default(),
@@ -379,7 +392,7 @@ pub(crate) fn halves(
         window,
         ring,
         link,
-        waiter: Waiter { mode: opts.wait, spin },
+        waiter: Waiter { mode: opts.wait, spin, gate: None },
         limits: opts.limits,
         sq: SendQueue::default(),
         size,
@@ -490,7 +503,7 @@ impl RdmaTx {
         if ok(self) {
             return Ok(());
         }
-        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter.clone());
         waiter.wait(&link, &cq, || {
             self.progress()?;
             if ok(self) {
@@ -719,7 +732,7 @@ impl RdmaRx {
             return Ok(self.avail());
         }
         self.credit()?;
-        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter.clone());
         waiter.wait(&link, &cq, || {
             self.progress()?;
             match self.avail() {
@@ -804,6 +817,10 @@ impl FrameRx for RdmaRx {
 
     fn skip_data(&mut self, len: u64) -> Result<(), TransportError> {
         crate::ring_rx::skip_data(self, len)
+    }
+
+    fn set_spin_gate(&mut self, gate: SpinGate) {
+        self.waiter.gate = Some(gate);
     }
 }
 

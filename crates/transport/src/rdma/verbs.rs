@@ -91,32 +91,51 @@ pub(crate) struct Device {
     /// QP number → what to do on its fatal event; entries live as long as their QP.
     on_fatal: Arc<Mutex<HashMap<u32, OnFatal>>>,
     events: Option<AsyncEvents>,
-    /// Host memory registered once for the device's life (see [`HostMr`]); at most
-    /// [`HOST_REGIONS_MAX`], never removed, deregistered in `Drop` before the PD goes.
-    host: std::sync::RwLock<Vec<HostMr>>,
+    /// Host memory handed over once (`Listener::register_host_memory`), registered piece by piece
+    /// on first use and kept for the device's life (see [`HostMr`]).
+    host: std::sync::RwLock<HostRegions>,
+    /// Held while one piece registers, so two transfers that miss the same piece register it once.
+    host_registering: Mutex<()>,
     /// Whether a peer's write through a memory window is held to the window's range (probed
     /// once, see `windows`); grants use windows only where it is.
     pub(crate) windows_bounded: std::sync::OnceLock<bool>,
 }
 
-/// Host regions one device registers at most (start-up arenas: a handful).
+/// Host regions one device takes at most (start-up arenas: a handful).
 pub(crate) const HOST_REGIONS_MAX: usize = 8;
+/// A host region is registered in pieces of this size (the last one shorter), each on the first
+/// transfer that touches it. Registering pins and, for lazily zeroed memory, faults in every page:
+/// 256 MiB took over 20 s in the TCG VM, and a process cannot exit while a registration is in the
+/// kernel. A piece bounds both what one transfer pays once and how long an exit waits.
+pub(crate) const HOST_PIECE_BYTES: u64 = 8 << 20;
 
-/// A start-up registration of host memory someone else owns ([`crate::PinnedHost`]), kept alive
-/// by the registration itself. Its own rkey grants nothing: access is `LOCAL_WRITE | MW_BIND`, so
-/// the NIC may read it as a send source and write it on the local side, and a peer may write it
-/// only through a memory window bound over one granted range (see `rendezvous`).
-struct HostMr {
-    mr: NonNull<ibv_mr>,
-    mem: Arc<dyn crate::PinnedHost>,
+/// Host memory someone else owns ([`crate::PinnedHost`]) and the pieces of it registered so far.
+#[derive(Default)]
+struct HostRegions {
+    regions: Vec<Arc<dyn crate::PinnedHost>>,
+    /// Sorted by start; at most one per [`HOST_PIECE_BYTES`] of the regions, never removed.
+    pieces: Vec<HostMr>,
 }
 
-/// What a transfer needs of the host region that covers its buffer.
+/// One registered piece of a host region, kept alive by the registration itself. Its own rkey
+/// grants nothing: access is `LOCAL_WRITE | MW_BIND`, so the NIC may read it as a send source and
+/// write it on the local side, and a peer may write it only through a memory window bound over
+/// one granted range (see `rendezvous`).
+struct HostMr {
+    mr: NonNull<ibv_mr>,
+    start: u64,
+    end: u64,
+    _mem: Arc<dyn crate::PinnedHost>,
+}
+
+/// What a transfer needs of the registered piece that covers the start of its buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct HostRegion {
-    /// The registration (valid while the device is: regions are never removed).
+    /// The registration (valid while the device is: pieces are never removed).
     pub(crate) mr: *mut ibv_mr,
     pub(crate) lkey: u32,
+    /// Bytes of the asked range, from its start, that this piece covers (at least one).
+    pub(crate) covers: u64,
 }
 
 /// The thread that reads the context's asynchronous events (ibv_get_async_event) and acks each.
@@ -307,7 +326,8 @@ impl Device {
             active_mtu: port.active_mtu,
             on_fatal,
             events: Some(events),
-            host: std::sync::RwLock::new(Vec::new()),
+            host: std::sync::RwLock::new(HostRegions::default()),
+            host_registering: Mutex::new(()),
             windows_bounded: std::sync::OnceLock::new(),
         }))
     }
@@ -331,43 +351,77 @@ impl Device {
 }
 
 impl Device {
-    /// Registers `mem` for the device's life (bounded by [`HOST_REGIONS_MAX`]).
-    pub(crate) fn register_host(&self, mem: Arc<dyn crate::PinnedHost>) -> io::Result<()> {
+    /// Takes `mem` for the device's life (bounded by [`HOST_REGIONS_MAX`]); its pieces register
+    /// on first use ([`Device::host_region`]).
+    pub(crate) fn add_host(&self, mem: Arc<dyn crate::PinnedHost>) -> io::Result<()> {
         let mut host = self.host.write().unwrap_or_else(|p| p.into_inner());
-        if host.len() >= HOST_REGIONS_MAX {
-            return Err(io::Error::other(format!("a device registers at most {HOST_REGIONS_MAX} host regions")));
+        if host.regions.len() >= HOST_REGIONS_MAX {
+            return Err(io::Error::other(format!("a device takes at most {HOST_REGIONS_MAX} host regions")));
         }
-        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
-        // SAFETY: `PinnedHost` promises the range stays valid at a fixed address while `mem`
-        // lives; `mem` is kept with the registration, which is dropped (deregistered) first.
-        let mr = unsafe { ibv_reg_mr(self.pd.as_ptr(), mem.ptr().cast(), mem.len_bytes(), access.0 as i32) };
-        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_mr (host region)"))?;
-        host.push(HostMr { mr, mem });
+        host.regions.push(mem);
         Ok(())
     }
 
-    /// The start-up region that covers `addr..+len`, if any.
+    /// The registered piece of a host region that covers `addr` (and how much of `addr..+len`),
+    /// registering it first if this is its first use; `None` outside every host region, or when
+    /// the registration failed (the caller then registers per transfer, as without the region).
     pub(crate) fn host_region(&self, addr: u64, len: u64) -> Option<HostRegion> {
+        if let Some(r) = self.host_piece(addr, len) {
+            return Some(r);
+        }
+        let mem = {
+            let host = self.host.read().unwrap_or_else(|p| p.into_inner());
+            host.regions
+                .iter()
+                .find(|m| (m.ptr() as u64..m.ptr() as u64 + m.len_bytes() as u64).contains(&addr))?
+                .clone()
+        };
+        let _one = self.host_registering.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = self.host_piece(addr, len) {
+            return Some(r);
+        }
+        let base = mem.ptr() as u64;
+        let start = base + (addr - base) / HOST_PIECE_BYTES * HOST_PIECE_BYTES;
+        let end = (start + HOST_PIECE_BYTES).min(base + mem.len_bytes() as u64);
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
+        let t0 = std::time::Instant::now();
+        // SAFETY: `PinnedHost` promises the region stays valid at a fixed address while `mem`
+        // lives; the piece keeps `mem` and is deregistered (dropped) before it.
+        let mr = unsafe { ibv_reg_mr(self.pd.as_ptr(), start as *mut _, (end - start) as usize, access.0 as i32) };
+        let Some(mr) = NonNull::new(mr) else {
+            let e = last_os("ibv_reg_mr (host region piece)");
+            tracing::warn!(device = %self.name, error = %e, "rdma: host region piece not registered; registering per transfer");
+            return None;
+        };
+        tracing::debug!(device = %self.name, bytes = end - start, took_ms = t0.elapsed().as_millis() as u64, "rdma: host region piece registered");
+        let mut host = self.host.write().unwrap_or_else(|p| p.into_inner());
+        let at = host.pieces.partition_point(|p| p.start < start);
+        host.pieces.insert(at, HostMr { mr, start, end, _mem: mem });
+        drop(host);
+        self.host_piece(addr, len)
+    }
+
+    /// The piece registered already that covers `addr`.
+    fn host_piece(&self, addr: u64, len: u64) -> Option<HostRegion> {
         let host = self.host.read().unwrap_or_else(|p| p.into_inner());
-        host.iter().find_map(|h| {
-            let start = h.mem.ptr() as u64;
-            let end = start + h.mem.len_bytes() as u64;
-            (addr >= start && addr.checked_add(len)? <= end).then_some(HostRegion {
-                mr: h.mr.as_ptr(),
-                // SAFETY: registered for the device's life.
-                lkey: unsafe { h.mr.as_ref().lkey },
-            })
+        let i = host.pieces.partition_point(|p| p.start <= addr).checked_sub(1)?;
+        let p = &host.pieces[i];
+        (addr < p.end && len > 0).then(|| HostRegion {
+            mr: p.mr.as_ptr(),
+            // SAFETY: registered for the device's life.
+            lkey: unsafe { p.mr.as_ref().lkey },
+            covers: len.min(p.end - addr),
         })
     }
 }
 
 impl Drop for Device {
     fn drop(&mut self) {
-        for h in self.host.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for h in self.host.get_mut().unwrap_or_else(|p| p.into_inner()).pieces.drain(..) {
             // SAFETY: every QP holds an Arc<Device>, so none is left to use the registration;
-            // `h.mem` (the memory) is dropped only after this.
+            // `h._mem` (the memory) is dropped only after this.
             unsafe { ibv_dereg_mr(h.mr.as_ptr()) };
-            drop(h.mem);
+            drop(h);
         }
         if let Some(mut ev) = self.events.take() {
             ev.stop.store(true, Ordering::Release);

@@ -52,11 +52,14 @@ fn probe(dev: &Arc<Device>) -> std::io::Result<bool> {
     let peer = |q: &Qp| QpPeer { qpn: q.qpn(), psn: q.psn, gid: dev.gid, mtu: dev.active_mtu };
     a.connect(&peer(&b))?;
     b.connect(&peer(&a))?;
+    tracing::debug!(device = %dev.name, "rdma: window probe: queue pairs connected");
     let rkey = mw.next_rkey();
-    let host = HostRegion { mr: region.raw(), lkey: region.lkey() };
+    let host = HostRegion { mr: region.raw(), lkey: region.lkey(), covers: 4096 };
     // SAFETY: the scratch region is ours alone and outlives both QPs (dropped after them).
     unsafe { b.post_bind_mw(1, &mut mw, rkey, host, region.addr(), WINDOW_BYTES, true)? };
-    if !completed(&b, 1)? {
+    let bound = completed(&b, 1);
+    tracing::debug!(device = %dev.name, ?bound, "rdma: window probe: bind");
+    if !bound? {
         return Err(std::io::Error::other("the window bind failed"));
     }
     let bytes = *b"outside!";

@@ -8,8 +8,10 @@
 //!   places after the data. The receiver then closes the range again, so the key is dead before
 //!   `recv_data` returns: a peer can write only inside its ring and the one range granted to it
 //!   for the one transfer. How the range is opened:
-//!   - inside a host region registered at start-up (`Listener::register_host_memory`: the
-//!     server's staging pool), on a device that holds window writes to the window
+//!   - inside a host region handed over at start-up (`Listener::register_host_memory`: e.g. a
+//!     server's staging pool; registered in pieces of `verbs::HOST_PIECE_BYTES`, each on its
+//!     first use and kept, one grant per piece a destination spans), on a device that holds
+//!     window writes to the window
 //!     (`rdma::windows`): this connection's type-2 memory window is bound over the range (a work
 //!     request on its own QP, so only this connection can use the key) and invalidated after;
 //!     nothing is registered;
@@ -18,8 +20,8 @@
 //! - `Ring { len }` for a smaller read, a skip, or a destination that could not be registered: the
 //!   rest of the frame streams through the ring as any small frame does.
 //!
-//! The sender reads a start-up region under its registration's local key and registers any other
-//! buffer for the transfer. No registration is cached by address: a freed and reallocated buffer at
+//! The sender reads a host region under its pieces' local keys (registering a piece on its first
+//! use) and registers any other buffer for the transfer. No registration is cached by address: a freed and reallocated buffer at
 //! the same address would still be pinned to its old pages (no munmap hook here to invalidate it);
 //! start-up regions are owned memory that lives as long as its registration. A sender that cannot
 //! register its buffer (RLIMIT_MEMLOCK) bounces the bytes through its staging buffer, which is
@@ -103,35 +105,49 @@ impl RdmaTx {
         let mut lent = Vec::new();
         let mut left = len;
         while left > 0 {
-            let piece = cur.next(left);
-            left -= piece.len() as u64;
-            // A start-up region needs no registration here.
-            let lkey = match dev.host_region(piece.as_ptr() as u64, piece.len() as u64) {
-                Some(region) => region.lkey,
-                None => match LentMr::for_reading(&dev, piece) {
-                    Ok(mr) => {
-                        let lkey = mr.lkey();
-                        lent.push(mr);
-                        lkey
-                    }
-                    Err(_) => {
-                        self.bounce(piece, &mut addr, rkey)?;
-                        continue;
-                    }
-                },
-            };
-            for part in piece.chunks(DIRECT_WR_BYTES) {
-                self.wait_for(|s| !s.sq.full())?;
-                let (wr_id, signaled) = self.sq.next();
-                // SAFETY: `part` is registered under `lkey` (a start-up region, or a registration
-                // in `lent`, dropped only after the done-write below completed or the QP failed);
-                // the remote range lies inside the grant (the parts add up to at most its `len`).
-                unsafe {
-                    self.qp
-                        .post_write(wr_id, part.as_ptr() as u64, part.len() as u32, lkey, addr, rkey, None, signaled)
-                        .map_err(super::verbs)?
+            let seg = cur.next(left);
+            left -= seg.len() as u64;
+            let mut rest = seg;
+            while !rest.is_empty() {
+                // A host region needs no registration here (one lookup per registered piece of
+                // it the segment spans).
+                let (piece, lkey) = match dev.host_region(rest.as_ptr() as u64, rest.len() as u64) {
+                    Some(region) => (&rest[..region.covers as usize], region.lkey),
+                    None => match LentMr::for_reading(&dev, rest) {
+                        Ok(mr) => {
+                            let lkey = mr.lkey();
+                            lent.push(mr);
+                            (rest, lkey)
+                        }
+                        Err(_) => {
+                            self.bounce(rest, &mut addr, rkey)?;
+                            break;
+                        }
+                    },
                 };
-                addr += part.len() as u64;
+                rest = &rest[piece.len()..];
+                for part in piece.chunks(DIRECT_WR_BYTES) {
+                    self.wait_for(|s| !s.sq.full())?;
+                    let (wr_id, signaled) = self.sq.next();
+                    // SAFETY: `part` is registered under `lkey` (a start-up region, or a registration
+                    // in `lent`, dropped only after the done-write below completed or the QP failed);
+                    // the remote range lies inside the grant (the parts add up to at most its `len`).
+                    unsafe {
+                        self.qp
+                            .post_write(
+                                wr_id,
+                                part.as_ptr() as u64,
+                                part.len() as u32,
+                                lkey,
+                                addr,
+                                rkey,
+                                None,
+                                signaled,
+                            )
+                            .map_err(super::verbs)?
+                    };
+                    addr += part.len() as u64;
+                }
             }
         }
         self.wait_for(|s| !s.sq.full() && s.imms_sent - s.credit.imms < DATA_RECV_WR as u64)?;
@@ -194,9 +210,10 @@ impl RdmaRx {
         if len >= DIRECT_BYTES_MIN {
             let dev = self.link.dev.clone();
             let addr = dst.as_ptr() as u64;
-            if self.window.is_some() {
-                if let Some(region) = dev.host_region(addr, len).filter(|_| crate::rdma::windows::bounded(&dev)) {
-                    return self.receive_windowed(region, dst);
+            // The probe ran before any host region became visible: never probe here.
+            if self.window.is_some() && dev.windows_bounded.get() == Some(&true) {
+                if let Some(region) = dev.host_region(addr, len) {
+                    return self.receive_windowed_pieces(region, dst);
                 }
             }
             match LentMr::for_remote_writing(&dev, dst) {
@@ -249,7 +266,28 @@ impl RdmaRx {
         Ok(true)
     }
 
-    /// Receives into `dst`, which lies in the start-up region `region`: binds this connection's
+    /// Receives into `dst`, which starts in `first`, a registered piece of a host region: one
+    /// window grant per piece it spans (each piece is its own registration); a part no piece
+    /// covers (its registration failed) is registered for the transfer.
+    fn receive_windowed_pieces(&mut self, first: HostRegion, dst: &mut [u8]) -> Result<(), RingError> {
+        let dev = self.link.dev.clone();
+        let mut region = Some(first);
+        let mut done = 0usize;
+        while done < dst.len() {
+            let rest = &mut dst[done..];
+            let Some(r) = region.take().or_else(|| dev.host_region(rest.as_ptr() as u64, rest.len() as u64)) else {
+                let (addr, len) = (rest.as_ptr() as u64, rest.len() as u64);
+                let mr = LentMr::for_remote_writing(&dev, rest).map_err(super::verbs)?;
+                return self.receive_direct(mr.rkey(), addr, len);
+            };
+            let n = r.covers as usize;
+            self.receive_windowed(r, &mut rest[..n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Receives into `dst`, which lies in one registered piece `region` of a host region: binds this connection's
     /// window over exactly `dst`, grants it, and invalidates it once the data is in, so no
     /// registration happens here and the key is dead before this returns, on error too.
     fn receive_windowed(&mut self, region: HostRegion, dst: &mut [u8]) -> Result<(), RingError> {
@@ -297,7 +335,7 @@ impl RdmaRx {
     fn wait_sq_room(&mut self) -> Result<(), RingError> {
         self.progress()?;
         if self.sq.full() {
-            let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+            let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter.clone());
             waiter.wait(&link, &cq, || {
                 self.progress()?;
                 Ok((!self.sq.full()).then_some(()))
@@ -309,7 +347,7 @@ impl RdmaRx {
     fn receive_direct(&mut self, rkey: u32, addr: u64, len: u64) -> Result<(), RingError> {
         self.grant_done = false;
         self.send_grant(Grant::Direct { addr, rkey, len })?;
-        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter);
+        let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter.clone());
         waiter.wait(&link, &cq, || {
             self.progress()?;
             if self.grant_done {
