@@ -343,12 +343,7 @@ fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
         median(&mut tps)
     };
     let solo = victim(srv.url());
-    let mut c = common::connect(srv.url());
-    for i in 0..LOGITS_SESSIONS {
-        let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
-        c.prefill(s, Input::Ids(&prompt(20 + i as u32, 4))).unwrap();
-        c.submit(Opcode::SessionDecode, &decode_req(s, 4000, LogitsWire::Full).to_meta(), &[]).unwrap();
-    }
+    let c = full_logits_client_that_stops_reading(srv.url());
     wait_for("the full-logits client's sessions pause", Duration::from_secs(20), || {
         metric_of(&metrics, "djinn_sessions_paused_backpressure") >= 1.0
     });
@@ -360,6 +355,18 @@ fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
     // Still paused: the engine did not go on computing for it.
     assert!(metric_of(&metrics, "djinn_sessions_paused_backpressure") >= 1.0, "the client's sessions resumed unread");
     drop(c);
+}
+
+/// A client that starts [`LOGITS_SESSIONS`] long full-logits decodes and never reads a byte of
+/// them (kept open by the caller).
+fn full_logits_client_that_stops_reading(url: &str) -> Client {
+    let mut c = common::connect(url);
+    for i in 0..LOGITS_SESSIONS {
+        let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+        c.prefill(s, Input::Ids(&prompt(20 + i as u32, 4))).unwrap();
+        c.submit(Opcode::SessionDecode, &decode_req(s, 4000, LogitsWire::Full).to_meta(), &[]).unwrap();
+    }
+    c
 }
 
 /// The committed tiny model with a 4096-token context (its weights do not depend on it), so a
@@ -392,12 +399,7 @@ fn reader_that_stops_is_paused_by_time(t: Transport) {
             ],
         );
         let metrics = srv.metrics.clone().unwrap();
-        let mut c = common::connect(srv.url());
-        for i in 0..LOGITS_SESSIONS {
-            let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
-            c.prefill(s, Input::Ids(&prompt(20 + i as u32, 4))).unwrap();
-            c.submit(Opcode::SessionDecode, &decode_req(s, 4000, LogitsWire::Full).to_meta(), &[]).unwrap();
-        }
+        let c = full_logits_client_that_stops_reading(srv.url());
         wait_for("the full-logits client's sessions pause", Duration::from_secs(30), || {
             metric_of(&metrics, "djinn_sessions_paused_backpressure") >= LOGITS_SESSIONS as f64
         });

@@ -334,11 +334,8 @@ impl Outbound {
                 Ok((link.out.lock(), true))
             }
             Err(e) => {
-                tracing::debug!(conn = link.id, error = %e, "session frame not delivered; closing");
                 drop(st);
-                link.out.close();
-                link.mark_closed();
-                link.kick();
+                send_failed(link, &e);
                 Err(PushError::Closed)
             }
         }
@@ -387,6 +384,15 @@ impl Outbound {
 }
 
 /// The writer thread of `link`: sends queued frames in order until the connection closes.
+/// A send on `link` failed (direct or by the writer): its queue is dropped, the connection
+/// counts as closed and the loop looks at it again.
+fn send_failed(link: &ConnLink, e: &djinn_transport::TransportError) {
+    tracing::debug!(conn = link.id, error = %e, "session frame not delivered; closing");
+    link.out.close();
+    link.mark_closed();
+    link.kick();
+}
+
 fn writer(link: &Arc<ConnLink>) {
     let out = &link.out;
     loop {
@@ -431,11 +437,8 @@ fn writer(link: &Arc<ConnLink>) {
             None => st.tail_pending = false,
         }
         if let Err(e) = r {
-            tracing::debug!(conn = link.id, error = %e, "session frame not delivered; closing");
             drop(st);
-            out.close();
-            link.mark_closed();
-            link.kick();
+            send_failed(link, &e);
             return;
         }
         st.progress = Instant::now();

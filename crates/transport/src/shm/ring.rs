@@ -461,11 +461,9 @@ impl ShmTx {
         let streamed_meta = if frame.meta.len() <= SLOT_META_INLINE_MAX { 0 } else { frame.meta.len() as u64 };
         Ok(data_len + streamed_meta)
     }
-}
 
-impl FrameTx for ShmTx {
-    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
-        self.check(frame)?;
+    /// Writes a frame `check` accepted, waiting for room as the `WaitMode` says.
+    fn send_checked(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
         match self.write_frame(frame) {
             Ok(()) => {
                 self.st.link.counters.sent.fetch_add(frame.header.frame_len(), Ordering::Relaxed);
@@ -477,6 +475,13 @@ impl FrameTx for ShmTx {
                 Err(e.into_transport(&self.st.link.peer))
             }
         }
+    }
+}
+
+impl FrameTx for ShmTx {
+    fn send(&mut self, frame: &OutFrame<'_>) -> Result<(), TransportError> {
+        self.check(frame)?;
+        self.send_checked(frame)
     }
 
     /// Sends the whole frame when one look at the receiver's counters shows a free slot and
@@ -494,7 +499,7 @@ impl FrameTx for ShmTx {
                 return Ok(TrySend::WouldBlock);
             }
         }
-        self.send(frame).map(|()| TrySend::Sent)
+        self.send_checked(frame).map(|()| TrySend::Sent)
     }
 
     fn closer(&self) -> Option<ConnectionClose> {

@@ -69,8 +69,8 @@ impl<B: Backend> EngineLoop<B> {
         let mut first_refused = None;
         let scratch = &mut self.plan_scratch;
         let alone = !others && cands.len() == 1 && !cands[0].decode;
-        let prefill = self.chunks[m].chunk(alone, eng.max_step_tokens());
         let step = eng.max_step_tokens();
+        let prefill = self.chunks[m].chunk(alone, step);
         self.qos.plan_chunk(prefill, &mut cands, step, self.max_sessions, &mut grant, scratch, |c, n| {
             let vs = sessions[&c.key].vs;
             let ok = match fit.iter().position(|f| f.0 == vs) {
