@@ -40,7 +40,7 @@ use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 
 use super::region::{DirOffsets, Region, SLOT_BYTES, SLOT_META_INLINE_MAX};
 use super::sys::{self, EventFd};
-use crate::conn::spins_unbounded;
+use crate::conn::{spins_unbounded, PURE_SPIN};
 use crate::{
     ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, TrySend, UnreadProbe,
     WaitMode,
@@ -51,8 +51,6 @@ use crate::{
 /// whole data area: capping the sender's lead (1–4 MiB, to keep the bytes in cache) measured no
 /// better, and worse for busy-poll on a loaded machine, where the lead absorbs the peer's preemption.
 const PUBLISH_CHUNK_BYTES: usize = 256 * 1024;
-/// Spin-then-park spins without yielding for this long before it yields between looks.
-const PURE_SPIN: Duration = Duration::from_micros(5);
 /// While busy-polling, check the peer's socket for hang-up (and yield) at most this often.
 const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 

@@ -1,7 +1,8 @@
 //! Plain-socket engine: `sendmsg`/`recv` on a blocking TCP socket shared by both halves.
 //!
 //! Waiting: spinning uses `MSG_DONTWAIT` per call (a per-call flag, so the two halves can wait
-//! differently on one socket), parking is a plain blocking call.
+//! differently on one socket; a bounded spin yields between calls past
+//! [`crate::conn::PURE_SPIN`]), parking is a plain blocking call.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::frame::StreamIo;
-use crate::conn::spins_unbounded;
+use crate::conn::{spins_unbounded, PURE_SPIN};
 use crate::{SpinGate, WaitMode};
 
 pub(crate) struct SocketIo {
@@ -26,7 +27,8 @@ impl SocketIo {
 
     /// Runs `op(flags)` with MSG_DONTWAIT while spinning, then (SpinThenPark) blocking.
     fn wait_loop(&self, base_flags: i32, mut op: impl FnMut(i32) -> isize) -> io::Result<usize> {
-        let mut deadline = None;
+        // When the bounded spin began (spin-then-park, or busy-poll whose gate closed).
+        let mut bounded_since = None;
         loop {
             let r = op(base_flags | libc::MSG_DONTWAIT);
             if r >= 0 {
@@ -37,14 +39,21 @@ impl SocketIo {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {}
                 _ => return Err(e),
             }
-            // Busy-poll spins while its gate is open; otherwise (or once it closes) spin-then-park.
-            if deadline.is_none() && !spins_unbounded(self.wait, &self.gate) {
-                deadline = Some(Instant::now() + self.spin);
+            // Busy-poll spins while its gate is open; otherwise (or once it closes) spin-then-park,
+            // yielding past the pure spin.
+            let now = Instant::now();
+            if bounded_since.is_none() && !spins_unbounded(self.wait, &self.gate) {
+                bounded_since = Some(now);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let spun = bounded_since.map(|t| now - t);
+            if spun.is_some_and(|s| s >= self.spin) {
                 break;
             }
-            std::hint::spin_loop();
+            if spun.is_some_and(|s| s >= PURE_SPIN) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         loop {
             let r = op(base_flags);

@@ -4,7 +4,8 @@
 //!
 //! Waiting: BusyPoll submits and then polls the completion queue, entering the kernel only when
 //! the ring's TASKRUN flag says a completion is waiting to be posted (see `new_ring`);
-//! SpinThenPark does the same for `spin_us` and then waits in `io_uring_enter`.
+//! SpinThenPark does the same for `spin_us` (yielding between looks past the first few µs,
+//! [`crate::conn::PURE_SPIN`]) and then waits in `io_uring_enter`.
 //!
 //! Invariant: memory handed to the kernel (buffers, iovecs, the msghdr) stays alive and untouched
 //! until the operation's last completion (for zero-copy: the notification) has been reaped. Every
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types, IoUring};
 
 use super::frame::StreamIo;
-use crate::conn::spins_unbounded;
+use crate::conn::{spins_unbounded, PURE_SPIN};
 use crate::{SpinGate, WaitMode};
 
 /// Submission queue entries per ring: one operation plus a cancel.
@@ -152,24 +153,29 @@ impl UringIo {
         if let Some(c) = self.pop_cqe() {
             return Ok(c);
         }
-        let mut deadline = None;
+        // When the bounded spin began (spin-then-park, or busy-poll whose gate closed).
+        let mut bounded_since = None;
         loop {
             if let Some(c) = self.pop_cqe() {
                 return Ok(c);
             }
             // Busy-poll spins while its gate is open; otherwise (or once it closes) spin-then-park.
-            if deadline.is_none() && !spins_unbounded(self.wait, &self.gate) {
-                deadline = Some(Instant::now() + self.spin);
+            let now = Instant::now();
+            if bounded_since.is_none() && !spins_unbounded(self.wait, &self.gate) {
+                bounded_since = Some(now);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let spun = bounded_since.map(|t| now - t);
+            if spun.is_some_and(|s| s >= self.spin) {
                 break;
             }
             // With COOP_TASKRUN the kernel does not interrupt us to finish the operation (the
             // receive retried once data arrived); it raises the TASKRUN flag instead, and entering
             // the kernel runs that work and posts the completion. No flag: keep spinning in user
-            // space without a syscall.
+            // space without a syscall, yielding past the pure spin while the spin is bounded.
             if self.ring.submission().taskrun() {
                 self.ring.submit()?;
+            } else if spun.is_some_and(|s| s >= PURE_SPIN) {
+                std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
             }
