@@ -220,10 +220,13 @@ impl Listener for RdmaListener {
         if unchecked {
             let _ = dev.windows_bounded.set(true);
         }
+        // Detached, never joined: shutdown does not wait for it, and the listener's stop flag
+        // ends it early (it holds no lock or resource anything else waits for).
+        let sh = self.shared.clone();
         thread::Builder::new()
             .name("rdma-probe".into())
             .spawn(move || {
-                super::windows::bounded(&dev);
+                super::windows::bounded(&dev, &|| sh.stopped.load(Ordering::Acquire));
             })
             .map_err(io_err("rdma: start the window probe thread"))?;
         Ok(true)

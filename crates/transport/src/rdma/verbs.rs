@@ -344,6 +344,12 @@ impl Drop for CtxGuard {
 }
 
 impl Device {
+    /// The protection domain, for registrations owned elsewhere (`regcache`), which hold an
+    /// `Arc` of this device so the PD outlives them.
+    pub(crate) fn pd_raw(&self) -> *mut ibv_pd {
+        self.pd.as_ptr()
+    }
+
     /// Runs `f` when the QP numbered `qpn` gets a fatal asynchronous event (until its QP drops).
     pub(crate) fn on_fatal(&self, qpn: u32, f: OnFatal) {
         self.on_fatal.lock().unwrap_or_else(|p| p.into_inner()).insert(qpn, f);
@@ -913,7 +919,8 @@ impl Mw {
 
 impl Drop for Mw {
     fn drop(&mut self) {
-        // SAFETY: owned; the QP it was bound through is dropped first (owner's field order).
+        // SAFETY: owned. Deallocating a bound window invalidates it (the NIC refuses its key from
+        // then on); owners drop it before the QP it was bound through (see `RdmaRx`).
         unsafe { ibv_dealloc_mw(self.mw.as_ptr()) };
     }
 }
