@@ -94,8 +94,9 @@ fn put_get_free_every_dtype(t: Transport) {
 }
 
 /// Puts from and gets into client-owned registered buffers (`RegBuf`): the bytes round-trip on
-/// every transport; over rdma each buffer is registered once for the connection (its cache), no
-/// transfer registers anything on the client, and the gets land by one-sided write.
+/// every transport; over rdma each buffer is registered once for the connection (its cache), the
+/// server's tensors are registered at creation, no transfer registers anything on either side,
+/// and puts and gets land by one-sided write.
 fn registered_buffer_puts_and_gets(t: Transport) {
     use std::sync::atomic::Ordering::Relaxed;
     let srv = server(t, &[]);
@@ -112,14 +113,23 @@ fn registered_buffer_puts_and_gets(t: Transport) {
         assert!(back[..] == out[..], "round trip {i} differs");
         c.free(&[h]).unwrap();
     }
+    let stats = c.stats().unwrap();
+    let server = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap_or_else(|| panic!("no {k}"));
     match c.registration_cache() {
         Some(s) => {
             assert_eq!(c.transport(), "rdma");
             assert_eq!((s.entries, s.registered_total, s.deregistered_total), (2, 2, 0), "{s:?}");
             assert_eq!(c.counters().registrations.load(Relaxed), 0, "a transfer registered a cached buffer");
             assert_eq!(c.counters().received_direct() - direct0, 3 * n as u64, "gets not written in place");
+            // The server's tensors were registered at creation: the puts landed in them through
+            // a window and the gets were sent from them, with no registration per transfer.
+            assert_eq!(server("connection_registrations"), 0, "the server registered on the request path");
+            assert_eq!(server("connection_bytes_received_direct"), 3 * n as u64, "puts not written in place");
         }
-        None => assert_ne!(c.transport(), "rdma"),
+        None => {
+            assert_ne!(c.transport(), "rdma");
+            assert_eq!(server("connection_registrations"), 0);
+        }
     }
 }
 

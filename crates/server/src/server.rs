@@ -202,6 +202,8 @@ impl<B: Backend> Server<B> {
             tracing::info!(url = %l.url(), "listening");
             listeners.push(l);
         }
+        // Tensors made by remote tensor ops are registered at creation (rdma), not per transfer.
+        shared.store.set_registrars(listeners.iter().filter_map(|l| l.host_registrar()).collect());
         let http = match &shared.cfg.metrics_listen {
             Some(addr) => {
                 let opts = HttpOptions {

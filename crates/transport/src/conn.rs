@@ -236,7 +236,29 @@ pub trait Listener: Send {
         let _ = mem;
         Ok(false)
     }
+
+    /// A handle that registers host memory at run time for every connection of this listener,
+    /// while a guard lives (a server's tensors, at creation). `None`: the transport registers
+    /// nothing.
+    fn host_registrar(&self) -> Option<Arc<dyn HostRegistrar>> {
+        None
+    }
 }
+
+/// Registers host memory for as long as the returned guard lives, so bulk data sent from it or
+/// received into it moves without a registration per transfer (rdma: the range gets its own
+/// registration; a peer still writes it only through a window granted for one transfer).
+pub trait HostRegistrar: Send + Sync {
+    /// `None` when nothing was registered (too small to move by grants, or the device refused:
+    /// transfers then register per transfer, as without it).
+    ///
+    /// # Safety
+    /// `ptr..+len` must be valid and stay at the same address until the guard drops.
+    unsafe fn register(&self, ptr: *mut u8, len: usize) -> Option<HostRegistration>;
+}
+
+/// Keeps a [`HostRegistrar`]'s registration; dropping it deregisters.
+pub type HostRegistration = Box<dyn std::any::Any + Send + Sync>;
 
 /// Host memory a transport may register once for zero-copy bulk data (the server's staging pool).
 ///

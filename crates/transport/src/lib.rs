@@ -18,9 +18,9 @@ pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame,
-    PinnedHost, RegCacheStats, Registration, RxHead, SpinGate, TransportError, TransportOptions, TrySend, UnreadProbe,
-    WaitMode,
+    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, HostRegistrar, HostRegistration, Listener,
+    ListenerStop, OutFrame, PinnedHost, RegCacheStats, Registration, RxHead, SpinGate, TransportError,
+    TransportOptions, TrySend, UnreadProbe, WaitMode,
 };
 pub use recommended::{connect, listen};
 pub use regbuf::RegBuf;

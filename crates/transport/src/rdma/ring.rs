@@ -25,6 +25,7 @@
 //! before they are validated. The peer can write only this connection's ring (its own MR and rkey).
 
 mod rendezvous;
+pub(crate) use rendezvous::RENDEZVOUS_BYTES_MIN;
 
 pub use self::rendezvous::OutOfBounds;
 

@@ -68,7 +68,12 @@ fn probe(dev: &Arc<Device>, stopped: &dyn Fn() -> bool) -> std::io::Result<bool>
     p.b.connect(&peer(&p.a))?;
     tracing::debug!(device = %dev.name, "rdma: window probe: queue pairs connected");
     let rkey = p.mw.next_rkey();
-    let host = HostRegion { mr: p.region.raw(), lkey: p.region.lkey(), covers: 4096 };
+    let host = HostRegion {
+        mr: p.region.raw(),
+        lkey: p.region.lkey(),
+        covers: 4096,
+        range: (p.region.addr(), p.region.addr() + 4096),
+    };
     // SAFETY: the scratch region is ours alone and outlives the window and both QPs (`Probe`'s
     // field order).
     unsafe { p.b.post_bind_mw(1, &mut p.mw, rkey, host, p.region.addr(), WINDOW_BYTES, true)? };

@@ -232,10 +232,15 @@ impl RdmaRx {
                     return self.receive_direct(mr.rkey(), addr, len);
                 }
             }
-            // The probe ran before any host region became visible: never probe here.
-            if self.window.is_some() && dev.windows_bounded.get() == Some(&true) {
+            // A window over registered memory: where the device holds window writes to the window
+            // (the probe said so; never probed here), or where the registration covers exactly
+            // this destination (a run-time range: a server's tensor being put), so that even a
+            // device that checks only the registration keeps the peer inside the destination.
+            if self.window.is_some() {
                 if let Some(region) = dev.host_region(addr, len) {
-                    return self.receive_windowed_pieces(region, dst);
+                    if region.range == (addr, addr + len) || dev.windows_bounded.get() == Some(&true) {
+                        return self.receive_windowed_pieces(region, dst);
+                    }
                 }
             }
             match LentMr::for_remote_writing(&dev, dst) {
