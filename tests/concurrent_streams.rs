@@ -28,7 +28,7 @@ use djinn_server::auth::TenantId;
 use djinn_server::lanes::ExecLanes;
 use djinn_server::metrics::Metrics;
 use djinn_server::quota::Quotas;
-use djinn_server::tensors::{Store, Tensor};
+use djinn_server::tensors::Store;
 use djinn_server::ServerConfig;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -156,9 +156,9 @@ fn exec_rounds<B: Backend>(be: Arc<B>) -> R<Vec<Vec<f32>>> {
     for (dt, shape, bytes) in inputs {
         let desc = TensorDesc::new(dt, &shape).map_err(|e| failed("desc", e))?;
         let res = store.reserve(&tenant, 1, desc.byte_len()).map_err(|e| failed("quota", e))?;
-        let region = store.alloc(&desc).map_err(|e| failed("alloc", e))?;
-        be.write(&region, 0, &bytes).map_err(|e| failed("write", e))?;
-        handles.extend(store.insert(res, vec![Tensor { desc, region }]));
+        let tensor = store.new_tensor(&desc).map_err(|e| failed("alloc", e))?;
+        be.write(&tensor.region, 0, &bytes).map_err(|e| failed("write", e))?;
+        handles.extend(store.insert(res, vec![tensor]));
     }
     let mut matmul = ExecNode::new(ExecOp::MatMul, &[ExecInput::Handle(handles[0]), ExecInput::Handle(handles[1])]);
     matmul.attrs_i64 = vec![1];

@@ -21,7 +21,7 @@ use djinn_proto::msg::{
     TensorPutReply, TensorPutReq,
 };
 use djinn_proto::{FrameHeader, Meta, MetaError, Opcode, Status, TensorDesc, VERSION};
-use djinn_transport::{ByteCounters, FrameRx, FrameTx, OutFrame, TransportError, TransportOptions};
+use djinn_transport::{ByteCounters, FrameRx, FrameTx, OutFrame, RegBuf, TransportError, TransportOptions};
 
 pub mod ping;
 pub mod session;
@@ -105,6 +105,23 @@ impl Default for ClientOptions {
             // measured faster than on io_uring (README, "Defaults").
             transport: TransportOptions { force_socket: true, ..TransportOptions::default() },
             replies_buffered_max: 1024,
+        }
+    }
+}
+
+/// Where a reply's bulk data goes instead of a fresh vector.
+enum Dest<'a> {
+    /// Resized to fit.
+    Vec(&'a mut Vec<u8>),
+    /// The data must fit.
+    Slice(&'a mut [u8]),
+}
+
+impl Dest<'_> {
+    fn reborrow(&mut self) -> Dest<'_> {
+        match self {
+            Dest::Vec(v) => Dest::Vec(v),
+            Dest::Slice(s) => Dest::Slice(s),
         }
     }
 }
@@ -199,6 +216,10 @@ impl Client {
     pub fn counters(&self) -> Arc<ByteCounters> {
         self.counters.clone()
     }
+    /// The connection's cache of registered buffers (rdma; `None` on transports without one).
+    pub fn registration_cache(&self) -> Option<djinn_transport::RegCacheStats> {
+        self.tx.registration_cache()
+    }
     /// Requests submitted and not yet claimed.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -267,14 +288,14 @@ impl Client {
             *data = std::mem::take(&mut r.data);
             return Ok(r);
         }
-        self.await_reply(id, Some(data))
+        self.await_reply(id, Some(Dest::Vec(data)))
     }
 
     /// Receives replies until the one to `id` (pending, not yet buffered) arrives, buffering
     /// the others within `replies_buffered_max`. With `into`, `id`'s bulk data lands there.
-    fn await_reply(&mut self, id: u64, mut into: Option<&mut Vec<u8>>) -> Result<Reply> {
+    fn await_reply(&mut self, id: u64, mut into: Option<Dest<'_>>) -> Result<Reply> {
         loop {
-            let (rid, r) = self.recv_reply(into.as_mut().map(|buf| (id, &mut **buf)))?;
+            let (rid, r) = self.recv_reply(into.as_mut().map(|d| (id, d.reborrow())))?;
             // Request id 0 is an unsolicited error (connection refused, framing lost): it
             // concerns every request on the connection, so it answers the one being waited for.
             if is_stream_frame(&r) {
@@ -312,7 +333,7 @@ impl Client {
     /// Receives one reply frame. The outer error is a transport failure; the inner one the
     /// server's verdict on that request. With `into = (id, buf)`, the data of `id`'s reply goes
     /// into `buf` instead of a fresh vector.
-    fn recv_reply(&mut self, into: Option<(u64, &mut Vec<u8>)>) -> Result<(u64, Result<Reply>)> {
+    fn recv_reply(&mut self, into: Option<(u64, Dest<'_>)>) -> Result<(u64, Result<Reply>)> {
         let head = self.rx.recv_head()?;
         let h = head.header;
         let n = usize::try_from(h.data_len.get())
@@ -320,13 +341,25 @@ impl Client {
         let rid = h.request_id.get();
         let mut data = Vec::new();
         match into {
-            Some((id, buf)) if id == rid => {
+            Some((id, Dest::Vec(buf))) if id == rid => {
                 if buf.len() < n {
                     buf.resize(n, 0);
                 }
                 buf.truncate(n);
                 if n > 0 {
                     self.rx.recv_data(buf)?;
+                }
+            }
+            Some((id, Dest::Slice(buf))) if id == rid => {
+                if n > buf.len() {
+                    self.rx.skip_data(n as u64)?;
+                    return Err(ClientError::Protocol {
+                        opcode: opcode_name(h.opcode.get()),
+                        why: format!("reply of {n} bytes for a buffer of {}", buf.len()),
+                    });
+                }
+                if n > 0 {
+                    self.rx.recv_data(&mut buf[..n])?;
                 }
             }
             _ => {
@@ -372,6 +405,53 @@ impl Client {
     pub fn put(&mut self, desc: TensorDesc, bytes: &[u8]) -> Result<Handle> {
         let r = self.call(Opcode::TensorPut, &TensorPutReq { desc }.to_meta(), &[bytes])?;
         Ok(decode::<TensorPutReply>(Opcode::TensorPut, &r.meta)?.handle)
+    }
+
+    /// Uploads the first `desc.byte_len()` bytes of `buf`. The connection registers `buf` once
+    /// (rdma: a bounded cache per connection, see `FrameTx::register_buffer`), so putting from the
+    /// same buffer again registers nothing.
+    pub fn put_from(&mut self, desc: TensorDesc, buf: &RegBuf) -> Result<Handle> {
+        let n = usize::try_from(desc.byte_len()).unwrap_or(usize::MAX);
+        if n > buf.len() {
+            return Err(ClientError::Protocol {
+                opcode: "TensorPut",
+                why: format!("tensor of {n} bytes from a buffer of {}", buf.len()),
+            });
+        }
+        self.tx.register_buffer(buf)?;
+        self.put(desc, &buf[..n])
+    }
+
+    /// Downloads a tensor into `buf` (its bytes are `buf[..desc.byte_len()]`); returns its
+    /// descriptor. As [`Client::put_from`], `buf` is registered once per connection: the server
+    /// writes the tensor straight into it.
+    pub fn get_into(&mut self, handle: Handle, buf: &mut RegBuf) -> Result<TensorDesc> {
+        self.tx.register_buffer(buf)?;
+        let id = self.submit(Opcode::TensorGet, &TensorGetReq { handle }.to_meta(), &[])?;
+        let r = self.await_reply_checked(id, buf)?;
+        let desc: TensorDesc = decode(Opcode::TensorGet, &r.meta)?;
+        if desc.byte_len() != r.header.data_len.get() {
+            return Err(ClientError::Protocol {
+                opcode: "TensorGet",
+                why: format!("descriptor says {} bytes, {} arrived", desc.byte_len(), r.header.data_len.get()),
+            });
+        }
+        Ok(desc)
+    }
+
+    /// Waits for `id`'s reply with its data landing in `buf` (a reply already buffered is copied).
+    fn await_reply_checked(&mut self, id: u64, buf: &mut [u8]) -> Result<Reply> {
+        if self.ready.contains_key(&id) || !self.pending.contains(&id) {
+            let r = self.wait(id)?;
+            let cap = buf.len();
+            let dst = buf.get_mut(..r.data.len()).ok_or_else(|| ClientError::Protocol {
+                opcode: "TensorGet",
+                why: format!("reply of {} bytes for a buffer of {cap}", r.data.len()),
+            })?;
+            dst.copy_from_slice(&r.data);
+            return Ok(r);
+        }
+        self.await_reply(id, Some(Dest::Slice(buf)))
     }
 
     /// Uploads f32 values of `shape`.

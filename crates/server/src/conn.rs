@@ -46,7 +46,7 @@ use crate::quota::Ticket;
 use crate::server::{ReplyTx, Shared};
 use crate::session::{ConnLink, Request};
 use crate::staging::{Lease, StagingError, CHUNK_BYTES};
-use crate::tensors::{Tensor, TensorError};
+use crate::tensors::TensorError;
 use crate::watchdog::{ConnClock, Phase, Slot};
 
 /// Bulk data of a staged put moves through pinned staging in pieces of this size.
@@ -581,6 +581,10 @@ impl<B: Backend> Conn<B> {
                 ("tenant_handles".into(), handles),
                 ("connection_bytes_received".into(), self.counters.received()),
                 ("connection_bytes_sent".into(), self.counters.sent()),
+                // rdma: registrations this connection's transfers made (0 when every transfer
+                // used memory registered at start-up or at the tensor's creation).
+                ("connection_registrations".into(), self.counters.registrations.load(Ordering::Relaxed)),
+                ("connection_bytes_received_direct".into(), self.counters.received_direct()),
             ],
         };
         let meta = reply.to_meta();
@@ -608,8 +612,8 @@ impl<B: Backend> Conn<B> {
         let sh = self.sh.clone();
         let store = &sh.store;
         // Quota and memory first, so a refused put never lands a byte.
-        let prepared = store.reserve(&tenant, 1, data_len).and_then(|res| Ok((res, store.alloc(&req.desc)?)));
-        let (res, region) = match prepared {
+        let prepared = store.reserve(&tenant, 1, data_len).and_then(|res| Ok((res, store.new_tensor(&req.desc)?)));
+        let (res, mut tensor) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 self.rx_skip(data_len)?;
@@ -618,19 +622,18 @@ impl<B: Backend> Conn<B> {
         };
         // data_len was validated against the frame limit, which fits in memory by configuration.
         let n = usize::try_from(data_len).map_err(|_| Fatal)?;
-        let mut region = region;
-        let write_err = match sh.backend.host_bytes_mut(&mut region, 0, n) {
+        let write_err = match sh.backend.host_bytes_mut(&mut tensor.region, 0, n) {
             // Host-addressable memory: the transport receives straight into the tensor.
             Some(dst) => {
                 self.rx.recv_data(dst).map_err(|e| self.transport_failed(e))?;
                 None
             }
-            None => self.recv_device(&mut region, n)?,
+            None => self.recv_device(&mut tensor.region, n)?,
         };
         if let Some(rej) = write_err {
             return Ok(Outcome::Rejected(rej));
         }
-        let handle = store.insert(res, vec![Tensor { desc: req.desc, region }])[0];
+        let handle = store.insert(res, vec![tensor])[0];
         let meta = TensorPutReply { handle }.to_meta();
         self.send_ok(head, &meta, &[], None)?;
         Ok(Outcome::Sent)

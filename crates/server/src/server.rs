@@ -192,11 +192,18 @@ impl<B: Backend> Server<B> {
         // Bind everything before accepting anything, so a bad URL fails start-up cleanly.
         let mut listeners: Vec<Box<dyn Listener>> = Vec::with_capacity(urls.len());
         for url in &urls {
-            let l = djinn_transport::listen(url, &opts)
+            let mut l = djinn_transport::listen(url, &opts)
+                .map_err(|source| ServerError::Listen { url: url.clone(), source })?;
+            // Staged bulk data (a ping's echo, gets through host staging) then needs no
+            // registration per request (rdma: registered piece by piece on first use, so start-up
+            // and shutdown never wait for the whole pool to be pinned).
+            l.register_host_memory(shared.staging.clone())
                 .map_err(|source| ServerError::Listen { url: url.clone(), source })?;
             tracing::info!(url = %l.url(), "listening");
             listeners.push(l);
         }
+        // Tensors made by remote tensor ops are registered at creation (rdma), not per transfer.
+        shared.store.set_registrars(listeners.iter().filter_map(|l| l.host_registrar()).collect());
         let http = match &shared.cfg.metrics_listen {
             Some(addr) => {
                 let opts = HttpOptions {

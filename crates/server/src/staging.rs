@@ -62,6 +62,17 @@ unsafe impl Send for StagingPool {}
 // SAFETY: as above; the free list and tenant table are behind mutexes.
 unsafe impl Sync for StagingPool {}
 
+// SAFETY: `base..+_mem.len()` is one boxed allocation owned by the pool, never moved or freed
+// while the pool lives; transports that register it keep an `Arc` of the pool.
+unsafe impl djinn_transport::PinnedHost for StagingPool {
+    fn ptr(&self) -> *mut u8 {
+        self.base
+    }
+    fn len_bytes(&self) -> usize {
+        self._mem.len()
+    }
+}
+
 impl StagingPool {
     /// Allocates the pool: `pool_bytes` rounded down to whole chunks (at least one).
     pub fn new(pool_bytes: u64, conn_max: u64, tenant_max: u64) -> Self {

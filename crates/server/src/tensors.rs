@@ -42,6 +42,10 @@ pub fn backend_dtype(d: WireDType) -> djinn_backend::DType {
 
 /// One tensor held for a tenant.
 pub struct Tensor<B: Backend> {
+    /// Registrations of the region's host memory with the rdma listeners, made at creation
+    /// ([`Store::new_tensor`]) so its put and gets register nothing; declared before `region`, so
+    /// they are dropped (deregistered) before the memory goes.
+    pub reg: Vec<djinn_transport::HostRegistration>,
     pub desc: TensorDesc,
     pub region: B::Region,
 }
@@ -166,6 +170,8 @@ pub struct Store<B: Backend> {
     quotas: Arc<Quotas>,
     pub bytes_max: u64,
     metrics: Metrics,
+    /// The listeners' registrars (rdma), set once they are bound.
+    registrars: std::sync::OnceLock<Vec<Arc<dyn djinn_transport::HostRegistrar>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,7 +192,34 @@ impl<B: Backend> Store<B> {
             quotas,
             bytes_max,
             metrics,
+            registrars: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tensors created from now on are registered with these (once; later calls are ignored).
+    pub fn set_registrars(&self, registrars: Vec<Arc<dyn djinn_transport::HostRegistrar>>) {
+        let _ = self.registrars.set(registrars);
+    }
+
+    /// A fresh (unpublished) tensor of `desc`: its region, and where the region is host memory,
+    /// its registration with every registrar (rdma: so the put that fills it and every get
+    /// register nothing on the request path).
+    pub fn new_tensor(&self, desc: &TensorDesc) -> Result<Tensor<B>, TensorError> {
+        let mut region = self.alloc(desc)?;
+        let mut reg = Vec::new();
+        if let Some(registrars) = self.registrars.get().filter(|r| !r.is_empty()) {
+            let n = usize::try_from(desc.byte_len()).unwrap_or(usize::MAX);
+            if let Some(bytes) = self.backend.host_bytes_mut(&mut region, 0, n) {
+                let ptr = bytes.as_mut_ptr();
+                for r in registrars {
+                    // SAFETY: a region's host memory stays at its address while the region
+                    // lives (it owns it; moving the region value does not move it), and `Tensor`
+                    // drops `reg` before `region`.
+                    reg.extend(unsafe { r.register(ptr, n) });
+                }
+            }
+        }
+        Ok(Tensor { reg, desc: *desc, region })
     }
 
     pub fn backend(&self) -> &B {

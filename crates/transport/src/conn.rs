@@ -24,6 +24,9 @@ pub struct ByteCounters {
     /// Of `received`, bulk bytes the peer placed straight in the destination buffer (rdma direct
     /// grants); 0 on transports that copy them out of a ring or socket.
     pub received_direct: AtomicU64,
+    /// Memory registrations made for one transfer (rdma; 0 on other transports): a transfer
+    /// from or into host memory handed over at start-up or a cached [`crate::RegBuf`] makes none.
+    pub registrations: AtomicU64,
 }
 
 impl ByteCounters {
@@ -120,6 +123,45 @@ pub trait FrameTx: Send {
     fn unread_probe(&self) -> Option<UnreadProbe> {
         None
     }
+
+    /// Makes sure `buf` is registered with this connection, so bulk data sent from it or received
+    /// into it moves without a registration per transfer. rdma: a cache per connection, bounded
+    /// by `rdma_reg_cache_entries_max` and `rdma_reg_cache_bytes_max`; the least recently used
+    /// buffer is deregistered to make room. The default (transports that register nothing):
+    /// [`Registration::Unsupported`].
+    fn register_buffer(&mut self, buf: &crate::RegBuf) -> Result<Registration, TransportError> {
+        let _ = buf;
+        Ok(Registration::Unsupported)
+    }
+
+    /// What the registration cache holds and has done (`None` where there is none).
+    fn registration_cache(&self) -> Option<RegCacheStats> {
+        None
+    }
+}
+
+/// What [`FrameTx::register_buffer`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// Registered now (and cached).
+    Registered,
+    /// Found in the cache: nothing registered.
+    Cached,
+    /// Larger than the cache may hold: not registered (transfers register per transfer).
+    TooLarge,
+    /// The transport registers nothing.
+    Unsupported,
+}
+
+/// A connection's registration cache (rdma).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegCacheStats {
+    pub entries: usize,
+    pub bytes: u64,
+    /// Buffers registered since the connection opened.
+    pub registered_total: u64,
+    /// Cached registrations deregistered (evicted; a transfer holding one defers it).
+    pub deregistered_total: u64,
 }
 
 /// Device memory exported as a dma-buf: the range starts `offset` bytes into the export.
@@ -200,7 +242,29 @@ pub trait Listener: Send {
         let _ = mem;
         Ok(false)
     }
+
+    /// A handle that registers host memory at run time for every connection of this listener,
+    /// while a guard lives (a server's tensors, at creation). `None`: the transport registers
+    /// nothing.
+    fn host_registrar(&self) -> Option<Arc<dyn HostRegistrar>> {
+        None
+    }
 }
+
+/// Registers host memory for as long as the returned guard lives, so bulk data sent from it or
+/// received into it moves without a registration per transfer (rdma: the range gets its own
+/// registration; a peer still writes it only through a window granted for one transfer).
+pub trait HostRegistrar: Send + Sync {
+    /// `None` when nothing was registered (too small to move by grants, or the device refused:
+    /// transfers then register per transfer, as without it).
+    ///
+    /// # Safety
+    /// `ptr..+len` must be valid and stay at the same address until the guard drops.
+    unsafe fn register(&self, ptr: *mut u8, len: usize) -> Option<HostRegistration>;
+}
+
+/// Keeps a [`HostRegistrar`]'s registration; dropping it deregisters.
+pub type HostRegistration = Box<dyn std::any::Any + Send + Sync>;
 
 /// Host memory a transport may register once for zero-copy bulk data (the server's staging pool).
 ///
@@ -239,6 +303,10 @@ pub struct TransportOptions {
     /// window's writes to its range (soft-RoCE), so the bind/invalidate path runs in the VM.
     /// Isolation then rests on the registered region: never set it in a server.
     pub rdma_windows_unchecked: bool,
+    /// RDMA, client: buffers ([`crate::RegBuf`]) a connection keeps registered at once.
+    pub rdma_reg_cache_entries_max: usize,
+    /// RDMA, client: bytes a connection keeps registered in its cache at once (pinned memory).
+    pub rdma_reg_cache_bytes_max: u64,
 }
 
 impl Default for TransportOptions {
@@ -261,6 +329,8 @@ impl Default for TransportOptions {
             rdma_ring_bytes: 4 * 1024 * 1024,
             rdma_connections_max: 256,
             rdma_windows_unchecked: false,
+            rdma_reg_cache_entries_max: 16,
+            rdma_reg_cache_bytes_max: 1 << 30,
         }
     }
 }

@@ -12,15 +12,18 @@ pub mod conn;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod recommended;
+pub mod regbuf;
 mod ring_rx;
 pub mod shm;
 pub mod tcp;
 
 pub use conn::{
-    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, Listener, ListenerStop, OutFrame,
-    PinnedHost, RxHead, SpinGate, TransportError, TransportOptions, TrySend, UnreadProbe, WaitMode,
+    ByteCounters, Connection, ConnectionClose, DmaBufDst, FrameRx, FrameTx, HostRegistrar, HostRegistration, Listener,
+    ListenerStop, OutFrame, PinnedHost, RegCacheStats, Registration, RxHead, SpinGate, TransportError,
+    TransportOptions, TrySend, UnreadProbe, WaitMode,
 };
 pub use recommended::{connect, listen};
+pub use regbuf::RegBuf;
 
 /// Whether this build carries the `rdma://` transport (the `rdma` feature).
 pub const RDMA_BUILT: bool = cfg!(feature = "rdma");

@@ -10,7 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use djinn_proto::{FrameHeader, HEADER_LEN, VERSION};
-use djinn_transport::{Connection, ListenerStop, OutFrame, TransportError, TransportOptions, TrySend, WaitMode};
+use djinn_transport::{
+    Connection, ListenerStop, OutFrame, RegBuf, Registration, TransportError, TransportOptions, TrySend, WaitMode,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 use zerocopy::IntoBytes;
 
@@ -620,6 +622,71 @@ fn counters(f: &Fixture) {
     assert_eq!((ends[0].sent, ends[0].received), (expect, expect));
 }
 
+/// A client's registered buffers ([`RegBuf`]): repeated sends from one and receives into another
+/// register each once (rdma: a per-connection cache; no registration per transfer, the echo lands
+/// by one-sided write), and a cache at its bound deregisters the least recently used buffer. On
+/// transports that register nothing the same bytes go both ways.
+fn registered_buffers(f: &Fixture) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut f = f.clone();
+    f.opts.rdma_reg_cache_entries_max = 2;
+    let echo = Echo::start(&f);
+    let mut c = echo.connect(&f);
+    let rdma = f.transport == "rdma";
+    let (new, hit) = if rdma {
+        (Registration::Registered, Registration::Cached)
+    } else {
+        (Registration::Unsupported, Registration::Unsupported)
+    };
+    // Large enough to move by grants (rdma rendezvous: 1 MiB and more).
+    let len = 2 << 20;
+    let mut out = RegBuf::new(len).unwrap();
+    out.copy_from_slice(&pattern(len, 3));
+    let mut back = RegBuf::new(len).unwrap();
+    assert_eq!(c.tx.register_buffer(&out).unwrap(), new);
+    assert_eq!(c.tx.register_buffer(&back).unwrap(), new);
+    let direct_before = c.counters.received_direct();
+    for i in 0..3u64 {
+        // As a client's put and get do: make sure of the registration, then move the bytes.
+        assert_eq!(c.tx.register_buffer(&out).unwrap(), hit);
+        assert_eq!(c.tx.register_buffer(&back).unwrap(), hit);
+        out[0] = i as u8;
+        send(&mut c, 2, 0, i, b"m", &out).unwrap();
+        let head = c.rx.recv_head().unwrap();
+        assert_eq!(head.header.data_len.get(), len as u64);
+        back[..8].fill(0xee);
+        c.rx.recv_data(&mut back).unwrap();
+        assert!(back[..] == out[..], "echo {i} differs");
+    }
+    if !rdma {
+        assert!(c.tx.registration_cache().is_none());
+        return;
+    }
+    assert_eq!(c.counters.registrations.load(Relaxed), 0, "a transfer registered a cached buffer");
+    assert_eq!(c.counters.received_direct() - direct_before, 3 * len as u64, "echoes not written in place");
+    let s = c.tx.registration_cache().unwrap();
+    assert_eq!((s.entries, s.bytes, s.registered_total, s.deregistered_total), (2, 2 * len as u64, 2, 0));
+    // At the bound of 2, a third buffer evicts the least recently used (`out`: `back` was used
+    // last) and deregisters it.
+    let third = RegBuf::new(4096).unwrap();
+    assert_eq!(c.tx.register_buffer(&third).unwrap(), Registration::Registered);
+    let s = c.tx.registration_cache().unwrap();
+    assert_eq!((s.entries, s.registered_total, s.deregistered_total), (2, 3, 1), "{s:?}");
+    // Evicted: a send from it registers for the transfer, and still arrives whole (so does the
+    // echo's receive into a plain vector: two registrations).
+    send(&mut c, 2, 0, 9, b"m", &out).unwrap();
+    let (_, _, d) = recv(&mut c).unwrap();
+    assert!(d[..] == out[..]);
+    assert_eq!(c.counters.registrations.load(Relaxed), 2);
+    // Registered again, it evicts `back` (now the least recently used).
+    assert_eq!(c.tx.register_buffer(&out).unwrap(), Registration::Registered);
+    assert_eq!(c.tx.registration_cache().unwrap().deregistered_total, 2);
+    // A buffer over the byte bound is not cached.
+    f.opts.rdma_reg_cache_bytes_max = 0;
+    let mut small = echo.connect(&f);
+    assert_eq!(small.tx.register_buffer(&third).unwrap(), Registration::TooLarge);
+}
+
 fn data_misuse_and_skip(f: &Fixture) {
     let echo = Echo::start(f);
     let mut c = echo.connect(f);
@@ -853,6 +920,7 @@ const TESTS: &[(&str, Body, Needs)] = &[
     ("half_sent_frame_does_not_block_others", half_sent_frame_does_not_block_others, RawBytes),
     ("counters", counters, Nothing),
     ("data_misuse_and_skip", data_misuse_and_skip, Nothing),
+    ("registered_buffers", registered_buffers, Nothing),
     ("vectored_data_slices", vectored_data_slices, Nothing),
     ("large_frames_in_pieces", large_frames_in_pieces, Nothing),
     ("writes_out_of_bounds_are_refused", writes_out_of_bounds_are_refused, OneSided),

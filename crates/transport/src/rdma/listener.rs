@@ -220,13 +220,20 @@ impl Listener for RdmaListener {
         if unchecked {
             let _ = dev.windows_bounded.set(true);
         }
+        // Detached, never joined: shutdown does not wait for it, and the listener's stop flag
+        // ends it early (it holds no lock or resource anything else waits for).
+        let sh = self.shared.clone();
         thread::Builder::new()
             .name("rdma-probe".into())
             .spawn(move || {
-                super::windows::bounded(&dev);
+                super::windows::bounded(&dev, &|| sh.stopped.load(Ordering::Acquire));
             })
             .map_err(io_err("rdma: start the window probe thread"))?;
         Ok(true)
+    }
+
+    fn host_registrar(&self) -> Option<Arc<dyn crate::HostRegistrar>> {
+        Some(Arc::new(Registrar(self.shared.dev.clone())))
     }
 
     fn stopper(&self) -> ListenerStop {
@@ -235,6 +242,26 @@ impl Listener for RdmaListener {
             sh.stopped.store(true, Ordering::Release);
             sh.bell.ring();
         })
+    }
+}
+
+/// Registers a server's memory at run time on the listener's device (see `Device::register_range`).
+struct Registrar(Arc<Device>);
+
+impl crate::HostRegistrar for Registrar {
+    unsafe fn register(&self, ptr: *mut u8, len: usize) -> Option<crate::HostRegistration> {
+        // Smaller frames move through the ring: a registration would never be used.
+        if (len as u64) < super::ring::RENDEZVOUS_BYTES_MIN {
+            return None;
+        }
+        // SAFETY (caller): the range stays valid at its address until the guard drops.
+        match unsafe { self.0.register_range(ptr, len) } {
+            Ok(guard) => Some(Box::new(guard)),
+            Err(e) => {
+                tracing::debug!(device = %self.0.name, error = %e, len, "rdma: range not registered; transfers register it");
+                None
+            }
+        }
     }
 }
 

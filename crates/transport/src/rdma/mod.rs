@@ -20,6 +20,7 @@
 //! address) and refuses an unspecified address without a named device.
 
 mod listener;
+mod regcache;
 mod ring;
 pub mod verbs;
 mod windows;
@@ -185,7 +186,10 @@ impl Side {
             .map_err(verbs_err("rdma: connect receive queue pair"))?;
         let staging = Mr::new(&self.dev, peer.ring_bytes as usize, false).map_err(verbs_err("rdma: staging buffer"))?;
         let counters = Arc::new(ByteCounters::default());
+        // Client side only (a listener's connections carry their slot): see `regcache`.
+        let reg_cache = slot.is_none().then(|| regcache::RegCache::new(opts));
         let link = Arc::new(Link {
+            reg_cache,
             sock: OwnedFd::from(sock),
             peer: peer_name.clone(),
             counters: counters.clone(),

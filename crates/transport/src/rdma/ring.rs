@@ -25,6 +25,7 @@
 //! before they are validated. The peer can write only this connection's ring (its own MR and rkey).
 
 mod rendezvous;
+pub(crate) use rendezvous::RENDEZVOUS_BYTES_MIN;
 
 pub use self::rendezvous::OutOfBounds;
 
@@ -99,6 +100,8 @@ fn verbs(e: std::io::Error) -> RingError {
 
 /// What both halves share: the rendezvous socket (kept open so each side sees the other die).
 pub(crate) struct Link {
+    /// A client's cache of registered `RegBuf`s (`None` on a server's connections).
+    pub(crate) reg_cache: Option<super::regcache::RegCache>,
     pub(crate) sock: OwnedFd,
     pub(crate) peer: String,
     pub(crate) counters: Arc<ByteCounters>,
@@ -325,10 +328,13 @@ pub struct RdmaTx {
 
 /// The receiving half.
 pub struct RdmaRx {
-    qp: Qp,
     /// Bound over one granted range of a start-up host region per transfer (`rendezvous`);
     /// `None` where the device has no memory windows (then grants register their range).
+    /// Declared before `qp`, so it is deallocated first: a window left bound (an invalidation
+    /// that failed) holds a reference to its QP in soft-RoCE, and destroying the QP first blocks
+    /// in the kernel (uninterruptibly, ~20 s) until that reference times out.
     window: Option<Mw>,
+    qp: Qp,
     ring: Mr,
     link: Arc<Link>,
     waiter: Waiter,
@@ -623,6 +629,19 @@ impl FrameTx for RdmaTx {
                 link.close();
             }
         }))
+    }
+
+    fn register_buffer(&mut self, buf: &crate::RegBuf) -> Result<crate::Registration, TransportError> {
+        match &self.link.reg_cache {
+            Some(cache) => cache
+                .register(&self.link.dev, buf.mem())
+                .map_err(|source| TransportError::Io { what: "rdma: register a client buffer", source }),
+            None => Ok(crate::Registration::Unsupported),
+        }
+    }
+
+    fn registration_cache(&self) -> Option<crate::RegCacheStats> {
+        self.link.reg_cache.as_ref().map(|c| c.stats())
     }
 }
 

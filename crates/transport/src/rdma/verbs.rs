@@ -96,6 +96,9 @@ pub(crate) struct Device {
     host: std::sync::RwLock<HostRegions>,
     /// Held while one piece registers, so two transfers that miss the same piece register it once.
     host_registering: Mutex<()>,
+    /// Ranges registered at run time ([`Device::register_range`]: a server's tensors), sorted by
+    /// start; each entry lives exactly as long as its [`RangeReg`] guard.
+    ranges: std::sync::RwLock<Vec<RangeMr>>,
     /// Whether a peer's write through a memory window is held to the window's range (probed
     /// once, see `windows`); grants use windows only where it is.
     pub(crate) windows_bounded: std::sync::OnceLock<bool>,
@@ -131,11 +134,44 @@ struct HostMr {
 /// What a transfer needs of the registered piece that covers the start of its buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct HostRegion {
-    /// The registration (valid while the device is: pieces are never removed).
+    /// The registration (valid while the device is: pieces are never removed; a run-time range
+    /// while its guard lives, which the memory's owner keeps beside the memory).
     pub(crate) mr: *mut ibv_mr,
     pub(crate) lkey: u32,
     /// Bytes of the asked range, from its start, that this piece covers (at least one).
     pub(crate) covers: u64,
+    /// The whole range the registration covers.
+    pub(crate) range: (u64, u64),
+}
+
+/// A range registered at run time, listed while its [`RangeReg`] lives.
+struct RangeMr {
+    mr: NonNull<ibv_mr>,
+    start: u64,
+    end: u64,
+}
+
+/// Keeps one run-time registration ([`Device::register_range`]); dropping it unlists and
+/// deregisters it.
+pub(crate) struct RangeReg {
+    dev: Arc<Device>,
+    mr: NonNull<ibv_mr>,
+}
+
+// SAFETY: an owned registration handle; verbs objects are thread-safe.
+unsafe impl Send for RangeReg {}
+// SAFETY: as above; `&RangeReg` gives access to nothing.
+unsafe impl Sync for RangeReg {}
+
+impl Drop for RangeReg {
+    fn drop(&mut self) {
+        let mut ranges = self.dev.ranges.write().unwrap_or_else(|p| p.into_inner());
+        ranges.retain(|r| r.mr != self.mr);
+        drop(ranges);
+        // SAFETY: unlisted above, so no new transfer finds it; a transfer using it borrows the
+        // memory, whose owner drops this guard only after such borrows end.
+        unsafe { ibv_dereg_mr(self.mr.as_ptr()) };
+    }
 }
 
 /// The thread that reads the context's asynchronous events (ibv_get_async_event) and acks each.
@@ -328,6 +364,7 @@ impl Device {
             events: Some(events),
             host: std::sync::RwLock::new(HostRegions::default()),
             host_registering: Mutex::new(()),
+            ranges: std::sync::RwLock::new(Vec::new()),
             windows_bounded: std::sync::OnceLock::new(),
         }))
     }
@@ -344,6 +381,12 @@ impl Drop for CtxGuard {
 }
 
 impl Device {
+    /// The protection domain, for registrations owned elsewhere (`regcache`), which hold an
+    /// `Arc` of this device so the PD outlives them.
+    pub(crate) fn pd_raw(&self) -> *mut ibv_pd {
+        self.pd.as_ptr()
+    }
+
     /// Runs `f` when the QP numbered `qpn` gets a fatal asynchronous event (until its QP drops).
     pub(crate) fn on_fatal(&self, qpn: u32, f: OnFatal) {
         self.on_fatal.lock().unwrap_or_else(|p| p.into_inner()).insert(qpn, f);
@@ -367,6 +410,9 @@ impl Device {
     /// the registration failed (the caller then registers per transfer, as without the region).
     pub(crate) fn host_region(&self, addr: u64, len: u64) -> Option<HostRegion> {
         if let Some(r) = self.host_piece(addr, len) {
+            return Some(r);
+        }
+        if let Some(r) = self.range_piece(addr, len) {
             return Some(r);
         }
         let mem = {
@@ -401,6 +447,38 @@ impl Device {
         self.host_piece(addr, len)
     }
 
+    /// Registers `ptr..+len` for local access and window binding (a peer writes it only through
+    /// a window granted for one transfer), listed for [`Device::host_region`] until the guard
+    /// drops.
+    ///
+    /// # Safety
+    /// `ptr..+len` must be valid, at a fixed address, until the guard drops.
+    pub(crate) unsafe fn register_range(self: &Arc<Self>, ptr: *mut u8, len: usize) -> io::Result<RangeReg> {
+        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
+        // SAFETY (caller): the range outlives the registration.
+        let mr = unsafe { ibv_reg_mr(self.pd.as_ptr(), ptr.cast(), len, access.0 as i32) };
+        let mr = NonNull::new(mr).ok_or_else(|| last_os("ibv_reg_mr (run-time range)"))?;
+        let start = ptr as u64;
+        let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
+        let at = ranges.partition_point(|r| r.start < start);
+        ranges.insert(at, RangeMr { mr, start, end: start + len as u64 });
+        Ok(RangeReg { dev: self.clone(), mr })
+    }
+
+    /// The run-time range that covers `addr`.
+    fn range_piece(&self, addr: u64, len: u64) -> Option<HostRegion> {
+        let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
+        let i = ranges.partition_point(|r| r.start <= addr).checked_sub(1)?;
+        let r = &ranges[i];
+        (addr < r.end && len > 0).then(|| HostRegion {
+            mr: r.mr.as_ptr(),
+            // SAFETY: registered while listed.
+            lkey: unsafe { r.mr.as_ref().lkey },
+            covers: len.min(r.end - addr),
+            range: (r.start, r.end),
+        })
+    }
+
     /// The piece registered already that covers `addr`.
     fn host_piece(&self, addr: u64, len: u64) -> Option<HostRegion> {
         let host = self.host.read().unwrap_or_else(|p| p.into_inner());
@@ -411,6 +489,7 @@ impl Device {
             // SAFETY: registered for the device's life.
             lkey: unsafe { p.mr.as_ref().lkey },
             covers: len.min(p.end - addr),
+            range: (p.start, p.end),
         })
     }
 }
@@ -913,7 +992,8 @@ impl Mw {
 
 impl Drop for Mw {
     fn drop(&mut self) {
-        // SAFETY: owned; the QP it was bound through is dropped first (owner's field order).
+        // SAFETY: owned. Deallocating a bound window invalidates it (the NIC refuses its key from
+        // then on); owners drop it before the QP it was bound through (see `RdmaRx`).
         unsafe { ibv_dealloc_mw(self.mw.as_ptr()) };
     }
 }

@@ -19,9 +19,11 @@ const WINDOW_BYTES: u64 = 64;
 /// A probe's completion that has not come by then counts as "not bounded".
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The device's answer, probed on the first call.
-pub(crate) fn bounded(dev: &Arc<Device>) -> bool {
-    *dev.windows_bounded.get_or_init(|| match probe(dev) {
+/// The device's answer, probed on the first call. `stopped` is looked at between the probe's
+/// steps and while it waits for a completion: a listener that stops ends the probe early (the
+/// answer is then "not bounded"), so nothing a shutdown does waits for it.
+pub(crate) fn bounded(dev: &Arc<Device>, stopped: &dyn Fn() -> bool) -> bool {
+    *dev.windows_bounded.get_or_init(|| match probe(dev, stopped) {
         Ok(true) => {
             tracing::info!(device = %dev.name, "rdma: memory windows hold writes to their range; grants bind windows");
             true
@@ -40,41 +42,64 @@ pub(crate) fn bounded(dev: &Arc<Device>) -> bool {
     })
 }
 
-fn probe(dev: &Arc<Device>) -> std::io::Result<bool> {
-    // Declared first, dropped last: the region and window outlive the QPs.
+/// What one probe holds. Fields drop in declaration order: the window first, so it is
+/// deallocated (and its binding with it) before the QP it was bound through is destroyed — in
+/// soft-RoCE a bound type-2 window holds a reference to its QP, and destroying the QP first
+/// blocks in the kernel, uninterruptibly, for ~20 s (a process exiting meanwhile cannot finish);
+/// then the QPs, then the scratch region they wrote.
+struct Probe {
+    mw: Mw,
+    a: Qp,
+    b: Qp,
+    region: Mr,
+}
+
+fn probe(dev: &Arc<Device>, stopped: &dyn Fn() -> bool) -> std::io::Result<bool> {
     let region =
         Mr::with_access(dev, 4096, ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND)?;
-    let mut mw = Mw::new(dev)?;
+    let mw = Mw::new(dev)?;
     let sizes = QpSizes { send_wr: 4, recv_wr: 1, inline_bytes: 16 };
     let (cq_a, cq_b) = (Arc::new(Cq::new(dev, 8)?), Arc::new(Cq::new(dev, 8)?));
     let a = Qp::new(dev, cq_a, sizes, 1)?;
     let b = Qp::new(dev, cq_b, sizes, 2)?;
+    let mut p = Probe { mw, a, b, region };
     let peer = |q: &Qp| QpPeer { qpn: q.qpn(), psn: q.psn, gid: dev.gid, mtu: dev.active_mtu };
-    a.connect(&peer(&b))?;
-    b.connect(&peer(&a))?;
+    p.a.connect(&peer(&p.b))?;
+    p.b.connect(&peer(&p.a))?;
     tracing::debug!(device = %dev.name, "rdma: window probe: queue pairs connected");
-    let rkey = mw.next_rkey();
-    let host = HostRegion { mr: region.raw(), lkey: region.lkey(), covers: 4096 };
-    // SAFETY: the scratch region is ours alone and outlives both QPs (dropped after them).
-    unsafe { b.post_bind_mw(1, &mut mw, rkey, host, region.addr(), WINDOW_BYTES, true)? };
-    let bound = completed(&b, 1);
+    let rkey = p.mw.next_rkey();
+    let host = HostRegion {
+        mr: p.region.raw(),
+        lkey: p.region.lkey(),
+        covers: 4096,
+        range: (p.region.addr(), p.region.addr() + 4096),
+    };
+    // SAFETY: the scratch region is ours alone and outlives the window and both QPs (`Probe`'s
+    // field order).
+    unsafe { p.b.post_bind_mw(1, &mut p.mw, rkey, host, p.region.addr(), WINDOW_BYTES, true)? };
+    let bound = completed(&p.b, 1, stopped);
     tracing::debug!(device = %dev.name, ?bound, "rdma: window probe: bind");
     if !bound? {
         return Err(std::io::Error::other("the window bind failed"));
     }
     let bytes = *b"outside!";
     // SAFETY: inline 8 bytes (copied during the call); the target is the scratch region.
-    unsafe { a.post_write(2, bytes.as_ptr() as u64, 8, 0, region.addr() + WINDOW_BYTES, rkey, None, true)? };
+    unsafe { p.a.post_write(2, bytes.as_ptr() as u64, 8, 0, p.region.addr() + WINDOW_BYTES, rkey, None, true)? };
     // Refused (a failed completion): the window is bounded.
-    Ok(!completed(&a, 2)?)
+    let refused = !completed(&p.a, 2, stopped)?;
+    tracing::debug!(device = %dev.name, refused, "rdma: window probe: write past the window");
+    Ok(refused)
 }
 
 /// Waits for the completion of `wr_id` on `qp`'s CQ; whether it succeeded. No completion in
-/// time is an error (the probe then counts as "not bounded").
-fn completed(qp: &Qp, wr_id: u64) -> std::io::Result<bool> {
+/// time, or the listener stopping, is an error (the probe then counts as "not bounded").
+fn completed(qp: &Qp, wr_id: u64, stopped: &dyn Fn() -> bool) -> std::io::Result<bool> {
     let start = Instant::now();
     let mut wcs = [empty_wc()];
     while start.elapsed() < PROBE_TIMEOUT {
+        if stopped() {
+            return Err(std::io::Error::other("the listener stopped during the window probe"));
+        }
         if qp.cq.poll(&mut wcs)? == 1 && wcs[0].wr_id == wr_id {
             return Ok(wcs[0].status == ibv_wc_status::IBV_WC_SUCCESS);
         }

@@ -20,10 +20,15 @@
 //! - `Ring { len }` for a smaller read, a skip, or a destination that could not be registered: the
 //!   rest of the frame streams through the ring as any small frame does.
 //!
+//! A client's [`crate::RegBuf`] registered with its connection (`regcache`) is used as it is: the
+//! sender reads it under its cached local key, and a receive into it is granted under its cached
+//! key (the client's protection domain serves this one connection), so neither registers anything.
+//!
 //! The sender reads a host region under its pieces' local keys (registering a piece on its first
-//! use) and registers any other buffer for the transfer. No registration is cached by address: a freed and reallocated buffer at
-//! the same address would still be pinned to its old pages (no munmap hook here to invalidate it);
-//! start-up regions are owned memory that lives as long as its registration. A sender that cannot
+//! use) and registers any other buffer for the transfer. No registration is cached by address: a
+//! freed and reallocated buffer at the same address would still be pinned to its old pages (no
+//! munmap hook here to invalidate it); start-up regions and cached `RegBuf`s are owned memory that
+//! lives as long as its registration. A sender that cannot
 //! register its buffer (RLIMIT_MEMLOCK) bounces the bytes through its staging buffer, which is
 //! idle during a direct grant: the grant's credit covers every byte placed in the ring before it.
 
@@ -103,6 +108,7 @@ impl RdmaTx {
         // Registrations live until the done-write completes (then the NIC has read every byte).
         // Bounded by the frame's segment count.
         let mut lent = Vec::new();
+        let mut cached = Vec::new();
         let mut left = len;
         while left > 0 {
             let seg = cur.next(left);
@@ -111,12 +117,21 @@ impl RdmaTx {
             while !rest.is_empty() {
                 // A host region needs no registration here (one lookup per registered piece of
                 // it the segment spans).
-                let (piece, lkey) = match dev.host_region(rest.as_ptr() as u64, rest.len() as u64) {
-                    Some(region) => (&rest[..region.covers as usize], region.lkey),
-                    None => match LentMr::for_reading(&dev, rest) {
+                let (at, n) = (rest.as_ptr() as u64, rest.len() as u64);
+                let found = self.link.reg_cache.as_ref().and_then(|c| c.find(at, n));
+                let (piece, lkey) = match (found, dev.host_region(at, n)) {
+                    // A client's cached `RegBuf` (held until the done-write completed).
+                    (Some((mr, covers)), _) => {
+                        let lkey = mr.lkey();
+                        cached.push(mr);
+                        (&rest[..covers as usize], lkey)
+                    }
+                    (None, Some(region)) => (&rest[..region.covers as usize], region.lkey),
+                    (None, None) => match LentMr::for_reading(&dev, rest) {
                         Ok(mr) => {
                             let lkey = mr.lkey();
                             lent.push(mr);
+                            self.link.counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             (rest, lkey)
                         }
                         Err(_) => {
@@ -161,7 +176,7 @@ impl RdmaTx {
         };
         self.imms_sent += 1;
         self.wait_for(move |s| s.sq.done >= done)?;
-        drop(lent);
+        drop((lent, cached));
         Ok(())
     }
 
@@ -210,14 +225,29 @@ impl RdmaRx {
         if len >= DIRECT_BYTES_MIN {
             let dev = self.link.dev.clone();
             let addr = dst.as_ptr() as u64;
-            // The probe ran before any host region became visible: never probe here.
-            if self.window.is_some() && dev.windows_bounded.get() == Some(&true) {
+            // A client's cached `RegBuf`: its registration is this connection's alone (see
+            // `regcache`), so it is granted as it is; held until the transfer is done.
+            if let Some((mr, covers)) = self.link.reg_cache.as_ref().and_then(|c| c.find(addr, len)) {
+                if covers == len {
+                    return self.receive_direct(mr.rkey(), addr, len);
+                }
+            }
+            // A window over registered memory: where the device holds window writes to the window
+            // (the probe said so; never probed here), or where the registration covers exactly
+            // this destination (a run-time range: a server's tensor being put), so that even a
+            // device that checks only the registration keeps the peer inside the destination.
+            if self.window.is_some() {
                 if let Some(region) = dev.host_region(addr, len) {
-                    return self.receive_windowed_pieces(region, dst);
+                    if region.range == (addr, addr + len) || dev.windows_bounded.get() == Some(&true) {
+                        return self.receive_windowed_pieces(region, dst);
+                    }
                 }
             }
             match LentMr::for_remote_writing(&dev, dst) {
-                Ok(mr) => return self.receive_direct(mr.rkey(), addr, len),
+                Ok(mr) => {
+                    self.link.counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.receive_direct(mr.rkey(), addr, len);
+                }
                 Err(e) => tracing::debug!(error = %e, len, "rdma: cannot register a receive buffer; using the ring"),
             }
         }
@@ -262,6 +292,7 @@ impl RdmaRx {
                 return Ok(false);
             }
         };
+        self.link.counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.receive_direct(mr.rkey(), iova, len)?;
         Ok(true)
     }
@@ -278,6 +309,7 @@ impl RdmaRx {
             let Some(r) = region.take().or_else(|| dev.host_region(rest.as_ptr() as u64, rest.len() as u64)) else {
                 let (addr, len) = (rest.as_ptr() as u64, rest.len() as u64);
                 let mr = LentMr::for_remote_writing(&dev, rest).map_err(super::verbs)?;
+                self.link.counters.registrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return self.receive_direct(mr.rkey(), addr, len);
             };
             let n = r.covers as usize;
