@@ -268,13 +268,7 @@ pub(super) fn run_node<B: Backend>(
 
 /// Gather along `dim`. The ids are read back and range-checked on the host first: device
 /// kernels do not check them, and the copy path computes offsets from them.
-fn run_gather<B: Backend>(
-    b: &B,
-    table: &Tensor<B>,
-    ids: &Tensor<B>,
-    dim: usize,
-    out: &Tensor<B>,
-) -> NodeResult<()> {
+fn run_gather<B: Backend>(b: &B, table: &Tensor<B>, ids: &Tensor<B>, dim: usize, out: &Tensor<B>) -> NodeResult<()> {
     let s = b.default_stream();
     // The ids may be an earlier node's output still being computed.
     b.sync_stream(s).map_err(bk)?;
