@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use djinn_proto::{FrameHeader, HeaderError, Limits, HEADER_LEN};
 
 use super::verbs::{empty_wc, ibv_wc, ibv_wc_opcode, ibv_wc_status, Cq, Device, Mr, Mw, Qp};
-use crate::conn::spins_unbounded;
+use crate::conn::{spins_unbounded, PURE_SPIN};
 use crate::shm::sys::peer_gone_now;
 use crate::{ByteCounters, ConnectionClose, FrameRx, FrameTx, OutFrame, RxHead, SpinGate, TransportError, WaitMode};
 
@@ -60,8 +60,6 @@ pub(crate) const INLINE_BYTES: u32 = 256;
 const CLOSE_IMM: u32 = u32::MAX;
 /// Immediate that says "the granted direct write is complete" (see `rendezvous`).
 pub(super) const GRANT_DONE_IMM: u32 = u32::MAX - 1;
-/// Spin-then-park spins without yielding this long before it yields between looks.
-const PURE_SPIN: Duration = Duration::from_micros(5);
 /// While busy-polling, check the peer's socket (and yield) at most this often.
 const LIVENESS_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// A closing sender waits at most this long for its last writes to be acknowledged.
