@@ -354,7 +354,52 @@ fn attend(job: &Job<'_>, item: usize, buf: &mut [f32]) {
             dst.iter_mut().for_each(|v| *v *= scale);
         }
     }
-    for blk in 0..=last_pos / bt {
+    // An f32 cache in blocks of whole 16-token groups is folded in parts of up to 64 positions
+    // (several blocks, read in place): one softmax update per part, not per block. Parts start
+    // at multiples of 64 positions whatever the rows, so a row folds the same parts in a
+    // prefill tile as decoded alone.
+    #[cfg(target_arch = "x86_64")]
+    let merged = job.wide
+        && cache.dtype == crate::DType::F32
+        && bt.is_multiple_of(avx512::GROUP_TOKENS)
+        && avx512::PART_TOKENS.is_multiple_of(bt);
+    #[cfg(not(target_arch = "x86_64"))]
+    let merged = false;
+    #[cfg(target_arch = "x86_64")]
+    if merged {
+        let gt = avx512::GROUP_TOKENS;
+        let mut p0 = 0;
+        while p0 <= last_pos {
+            let plen = avx512::PART_TOKENS.min(last_pos + 1 - p0);
+            let (mut kp, mut vp) = ([std::ptr::null(); avx512::PART_GROUPS], [std::ptr::null(); avx512::PART_GROUPS]);
+            for i in 0..plen.div_ceil(gt) {
+                let a = p0 + i * gt;
+                let (id, off, n) = (table[a / bt] as usize, (a % bt) * hd, gt.min(plen - i * gt) * hd);
+                // SAFETY: `id` < num_blocks (checked); the group's `n` elements lie inside its
+                // block's slab (a group never crosses a block: `bt` is a multiple of it), which
+                // this op only reads.
+                unsafe {
+                    kp[i] = cache.sub(l.elem_offset(id, layer, 0, h, 0) + off, n).slice::<f32>().as_ptr();
+                    vp[i] = cache.sub(l.elem_offset(id, layer, 1, h, 0) + off, n).slice::<f32>().as_ptr();
+                }
+            }
+            for j in 0..nr {
+                let pos = first_pos + j;
+                if pos < p0 {
+                    continue;
+                }
+                let upto = plen.min(pos + 1 - p0);
+                let (i0, i1) = (j * group, (j + 1) * group);
+                let st = avx512::RowState { m: &mut m[i0..i1], lsum: &mut lsum[i0..i1], acc: &mut acc[i0 * hd..i1 * hd] };
+                // SAFETY: `wide` means AVX-512F and a head dim the kernel takes; the row's
+                // `group` queries and states are `group × hd` long; every group `upto` reaches
+                // holds its tokens (set above).
+                unsafe { avx512::fold_groups(&qv[i0 * hd..i1 * hd], hd, &kp, &vp, upto, st) };
+            }
+            p0 += avx512::PART_TOKENS;
+        }
+    }
+    for blk in (0..=last_pos / bt).filter(|_| !merged) {
         let id = table[blk] as usize;
         let valid = bt.min(last_pos + 1 - blk * bt);
         // SAFETY: `id` < num_blocks (checked); the slabs are inside the cache, which this

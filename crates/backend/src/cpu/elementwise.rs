@@ -326,38 +326,89 @@ pub(crate) fn rms_norm(be: &CpuBackend, x: &Raw, res: Option<&Raw>, w: &Raw, out
     });
 }
 
+/// The rotation angles' cosines and sines of the last positions [`rope`] was called with, on the
+/// calling thread: a step rotates q and k of every layer at the same positions (60 calls for
+/// SmolLM2), and each call computed the same `sin_cos` again (half a millisecond of a 16-row
+/// step). The values are those of the same expression, so the bits do not change.
+#[derive(Default)]
+struct RopeTable {
+    positions: Vec<i32>,
+    inv_freq_bits: Vec<u32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Makes the table hold `positions` × `inv_freq`'s angles (`inv_freq.len()` per position).
+    fn prepare(&mut self, positions: &[i32], inv_freq: &[f32]) {
+        let same_freq = self.inv_freq_bits.len() == inv_freq.len()
+            && self.inv_freq_bits.iter().zip(inv_freq).all(|(a, b)| *a == b.to_bits());
+        if same_freq && self.positions == positions {
+            return;
+        }
+        self.positions.clear();
+        self.positions.extend_from_slice(positions);
+        self.inv_freq_bits.clear();
+        self.inv_freq_bits.extend(inv_freq.iter().map(|f| f.to_bits()));
+        let half = inv_freq.len();
+        self.cos.resize(positions.len() * half, 0.0);
+        self.sin.resize(positions.len() * half, 0.0);
+        for (t, &p) in positions.iter().enumerate() {
+            let pf = p as f32;
+            for (i, f) in inv_freq.iter().enumerate() {
+                let (s, c) = (pf * f).sin_cos();
+                self.cos[t * half + i] = c;
+                self.sin[t * half + i] = s;
+            }
+        }
+    }
+}
+
+thread_local! {
+    static ROPE: std::cell::RefCell<RopeTable> = std::cell::RefCell::new(RopeTable::default());
+}
+
 pub(crate) fn rope(be: &CpuBackend, x: &Raw, pos: &Raw, inv_freq: &Raw, heads: usize, head_dim: usize) {
     let tokens = pos.len;
     let half = head_dim / 2;
     let row = heads * head_dim;
-    be.for_chunks(tokens, rows_chunk(be, tokens, row, EW_HEAVY_CHUNK_MIN), |t0, nt| {
-        with_scratch(2 * half + head_dim, |buf| {
-            let (cs, rest) = buf.split_at_mut(half);
-            let (sn, h) = rest.split_at_mut(half);
-            // SAFETY: `positions` and `inv_freq` are checked, read-only, disjoint from `x`.
-            let (p, f) = unsafe { (pos.slice::<i32>(), inv_freq.slice::<f32>()) };
-            for t in t0..t0 + nt {
-                let pf = p[t] as f32;
-                for i in 0..half {
-                    let (s, c) = (pf * f[i]).sin_cos();
-                    cs[i] = c;
-                    sn[i] = s;
-                }
-                for hd in 0..heads {
-                    let at = t * row + hd * head_dim;
-                    // SAFETY: token `t` belongs to this worker; the head is read, then written.
-                    unsafe { load(x, at, h) };
-                    let (x1, x2) = h.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (x1[i], x2[i]);
-                        x1[i] = a * cs[i] - b * sn[i];
-                        x2[i] = b * cs[i] + a * sn[i];
-                    }
-                    // SAFETY: as above.
-                    unsafe { store(x, at, h) };
-                }
+    // SAFETY: `positions` and `inv_freq` are checked (`half` frequencies), read-only, disjoint
+    // from `x`.
+    let (p, f) = unsafe { (pos.slice::<i32>(), &inv_freq.slice::<f32>()[..half]) };
+    ROPE.with(|cell| {
+        // A nested call on this thread (none today) would find the table borrowed: it computes
+        // its own.
+        let mut own;
+        let mut guard = cell.try_borrow_mut();
+        let tab: &mut RopeTable = match guard {
+            Ok(ref mut t) => t,
+            Err(_) => {
+                own = RopeTable::default();
+                &mut own
             }
-        })
+        };
+        tab.prepare(p, f);
+        let (cos, sin) = (&tab.cos, &tab.sin);
+        be.for_chunks(tokens, rows_chunk(be, tokens, row, EW_HEAVY_CHUNK_MIN), |t0, nt| {
+            with_scratch(head_dim, |h| {
+                for t in t0..t0 + nt {
+                    let (cs, sn) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                    for hd in 0..heads {
+                        let at = t * row + hd * head_dim;
+                        // SAFETY: token `t` belongs to this worker; the head is read, then written.
+                        unsafe { load(x, at, h) };
+                        let (x1, x2) = h.split_at_mut(half);
+                        for i in 0..half {
+                            let (a, b) = (x1[i], x2[i]);
+                            x1[i] = a * cs[i] - b * sn[i];
+                            x2[i] = b * cs[i] + a * sn[i];
+                        }
+                        // SAFETY: as above.
+                        unsafe { store(x, at, h) };
+                    }
+                }
+            })
+        });
     });
 }
 
@@ -383,4 +434,45 @@ pub(crate) fn embedding(be: &CpuBackend, table: &Raw, ids: &Raw, out: &Raw, hidd
             }
         })
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw<T>(v: &mut [T], dtype: DType) -> Raw {
+        Raw { ptr: v.as_mut_ptr() as *mut u8, dtype, len: v.len() }
+    }
+
+    /// [`rope`] on a thread whose angle table holds other positions (or other frequencies) gives
+    /// the bits of a thread that never rotated anything: the table is rebuilt whenever
+    /// positions or frequencies differ, and reused only when both are the same.
+    #[test]
+    fn rope_table_reuse_keeps_the_bits() {
+        let be = CpuBackend::with_threads(2).unwrap();
+        let (heads, hd) = (3usize, 64usize);
+        let rotate = |be: &CpuBackend, pos: &[i32], freq: &[f32], seed: u32| {
+            let mut z = seed;
+            let mut x: Vec<f32> = (0..pos.len() * heads * hd)
+                .map(|_| {
+                    z = z.wrapping_mul(1664525).wrapping_add(1013904223);
+                    (z >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect();
+            let (mut p, mut f) = (pos.to_vec(), freq.to_vec());
+            rope(be, &raw(&mut x, DType::F32), &raw(&mut p, DType::I32), &raw(&mut f, DType::F32), heads, hd);
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let f1: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+        let f2: Vec<f32> = (0..hd / 2).map(|i| 500000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+        let a: Vec<i32> = (0..20).collect();
+        let b: Vec<i32> = (0..20).map(|i| 1000 + 7 * i).collect();
+        let cases = [(&a, &f1, 1), (&a, &f1, 2), (&b, &f1, 3), (&b, &f2, 4), (&a[..1].to_vec(), &f2, 5), (&a, &f1, 6)];
+        for (pos, freq, seed) in cases {
+            let got = rotate(&be, pos, freq, seed);
+            // A fresh thread has an empty table.
+            let want = std::thread::scope(|s| s.spawn(|| rotate(&be, pos, freq, seed)).join().unwrap());
+            assert_eq!(got, want, "seed {seed}");
+        }
+    }
 }

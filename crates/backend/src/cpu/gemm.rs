@@ -1295,6 +1295,7 @@ mod tests {
                 (5, 2.0, 0.5),
                 (6, 1.0, 0.0),
                 (16, 1.0, 0.0),
+                (17, 1.0, 0.0),
             ] {
                 let (mut wb, wf) = weights(DType::BF16, n, k, &mut z);
                 let raw_w = Raw { ptr: wb.as_mut_ptr(), dtype: DType::BF16, len: n * k };
@@ -1438,6 +1439,52 @@ mod tests {
                 t_gemv * 1e3,
                 t_gemm * 1e3,
                 t_gemm / t_gemv
+            );
+        }
+    }
+
+    /// Timing, not a check: one thread's bf16 GEMV over 30 layers of SmolLM2-135M's linear shapes
+    /// with distinct weights (212 MB, streamed from memory as a served step does) against the
+    /// same calls over one layer's weights (in cache), at m = 1 and 16: how much of a batched
+    /// step's GEMV time is waiting on memory. Run with `cargo test --release -p djinn-backend
+    /// --lib gemv_from_memory_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing; run by hand in release"]
+    fn gemv_from_memory_timing() {
+        let be = CpuBackend::with_threads(1).unwrap();
+        let shapes = [(576usize, 576usize), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+        let layers = 30;
+        let mut ws: Vec<Vec<u8>> = Vec::new();
+        for l in 0..layers {
+            for &(n, k) in &shapes {
+                // bf16 values near 1 (high bytes 0x3c), varied low bytes.
+                ws.push((0..n * k * 2).map(|i| if i % 2 == 1 { 0x3c } else { ((i + l) % 251) as u8 }).collect());
+            }
+        }
+        for m in [1usize, 16] {
+            let mut x: Vec<f32> = (0..m * 1536).map(|i| (i % 13) as f32 * 0.01).collect();
+            let mut c = vec![0f32; m * 1536];
+            // Best of several rounds, the two cases interleaved (the machine is shared).
+            let mut t = [f64::MAX; 2];
+            for _ in 0..8 {
+                for (slot, distinct) in [(0, true), (1, false)] {
+                    let t0 = std::time::Instant::now();
+                    for l in 0..layers {
+                        for (i, &(n, k)) in shapes.iter().enumerate() {
+                            let w = &mut ws[if distinct { l * shapes.len() + i } else { i }];
+                            let raw_w = Raw { ptr: w.as_mut_ptr(), dtype: DType::BF16, len: n * k };
+                            let (rx, rc) = (raw_f32(&mut x[..m * k]), raw_f32(&mut c[..m * n]));
+                            gemv(&be, &rx, &[Part { w: raw_w, c: rc, n }], m, k, 1.0, 0.0, true);
+                        }
+                    }
+                    t[slot] = t[slot].min(t0.elapsed().as_secs_f64());
+                }
+            }
+            println!(
+                "m={m:2}: 30 layers' linears, one thread: weights from memory {:.2} ms, one layer's (cached) {:.2} ms, ratio {:.2}",
+                t[0] * 1e3,
+                t[1] * 1e3,
+                t[0] / t[1]
             );
         }
     }

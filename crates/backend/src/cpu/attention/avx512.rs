@@ -66,10 +66,70 @@ pub(super) unsafe fn fold_block(q: &[f32], hd: usize, k: &[f32], v: &[f32], upto
     }
 }
 
+/// Groups of [`GROUP_TOKENS`] tokens one part folds at most.
+pub(super) const PART_GROUPS: usize = PART_TOKENS / T;
+
+/// [`fold_block`] for one part of up to [`PART_TOKENS`] tokens whose K and V are not contiguous:
+/// group `i` of [`GROUP_TOKENS`] tokens lies at `k[i]` and `v[i]` (`hd` apart per token); tokens
+/// `0..upto` of the part are folded. The softmax state is updated once per part instead of once
+/// per cache block (a 16-token block's update was a fixed cost as large as its tokens' work).
+///
+/// # Safety
+/// As [`fold_block`]; `upto <= PART_TOKENS`, and `k[i]`, `v[i]` hold the group's tokens (up to
+/// `upto - i * GROUP_TOKENS` rows of `hd`) for every group `i` that `upto` reaches.
+pub(super) unsafe fn fold_groups(
+    q: &[f32],
+    hd: usize,
+    k: &[*const f32; PART_GROUPS],
+    v: &[*const f32; PART_GROUPS],
+    upto: usize,
+    st: RowState<'_>,
+) {
+    let heads = st.m.len();
+    debug_assert!(q.len() >= heads * hd && st.acc.len() >= heads * hd && st.lsum.len() >= heads);
+    debug_assert!(upto <= PART_TOKENS);
+    let hc = hd / 16;
+    let per = (16 / hc).clamp(1, 4);
+    let mut h0 = 0;
+    while h0 < heads {
+        let g = per.min(heads - h0);
+        let (qh, mh, lh, ah) = (&q[h0 * hd..], &mut st.m[h0..], &mut st.lsum[h0..], &mut st.acc[h0 * hd..]);
+        macro_rules! go {
+            ($($hc:literal),*) => {
+                match (hc, g) {
+                    $(($hc, 1) => fold_part::<$hc, 1>(&load_q::<$hc, 1>(qh), k, v, upto, mh, lh, ah),
+                      ($hc, 2) => fold_part::<$hc, 2>(&load_q::<$hc, 2>(qh), k, v, upto, mh, lh, ah),
+                      ($hc, 3) => fold_part::<$hc, 3>(&load_q::<$hc, 3>(qh), k, v, upto, mh, lh, ah),
+                      ($hc, _) => fold_part::<$hc, 4>(&load_q::<$hc, 4>(qh), k, v, upto, mh, lh, ah),)*
+                    _ => unreachable!("head dim {hd} is not one `handles` takes"),
+                }
+            };
+        }
+        go!(1, 2, 3, 4, 5, 6, 7, 8);
+        h0 += g;
+    }
+}
+
+/// The query vectors of `G` heads of `HC * 16`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_q<const HC: usize, const G: usize>(q: &[f32]) -> [[__m512; HC]; G] {
+    let hd = HC * 16;
+    let mut qv = [[_mm512_setzero_ps(); HC]; G];
+    for (g, qg) in qv.iter_mut().enumerate() {
+        for (c, v) in qg.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(q.as_ptr().add(g * hd + c * 16));
+        }
+    }
+    qv
+}
+
 /// Tokens per score vector.
 const T: usize = 16;
+/// Tokens of one group of [`fold_groups`] (one score vector).
+pub(super) const GROUP_TOKENS: usize = T;
 /// Blocks longer than this are folded in parts (bounds the score buffers on the stack).
-const PART_TOKENS: usize = 64;
+pub(super) const PART_TOKENS: usize = 64;
 
 #[target_feature(enable = "avx512f")]
 unsafe fn fold<const HC: usize, const G: usize>(
@@ -82,28 +142,27 @@ unsafe fn fold<const HC: usize, const G: usize>(
     acc: &mut [f32],
 ) {
     let hd = HC * 16;
-    let mut qv = [[_mm512_setzero_ps(); HC]; G];
-    for g in 0..G {
-        for c in 0..HC {
-            qv[g][c] = _mm512_loadu_ps(q.as_ptr().add(g * hd + c * 16));
-        }
-    }
+    let qv = load_q::<HC, G>(q);
     let mut t0 = 0;
     while t0 < upto {
         let nt = PART_TOKENS.min(upto - t0);
-        fold_part::<HC, G>(&qv, k.as_ptr().add(t0 * hd), v.as_ptr().add(t0 * hd), nt, m, lsum, acc);
+        let (mut kp, mut vp) = ([k.as_ptr(); PART_GROUPS], [v.as_ptr(); PART_GROUPS]);
+        for i in 0..nt.div_ceil(T) {
+            (kp[i], vp[i]) = (k.as_ptr().add((t0 + i * T) * hd), v.as_ptr().add((t0 + i * T) * hd));
+        }
+        fold_part::<HC, G>(&qv, &kp, &vp, nt, m, lsum, acc);
         t0 += nt;
     }
 }
 
 /// One part of at most [`PART_TOKENS`] tokens for `G` heads: scores, the new maxima, weights,
-/// then V.
+/// then V. Group `i` of 16 tokens lies at `k[i]` / `v[i]`.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn fold_part<const HC: usize, const G: usize>(
     qv: &[[__m512; HC]; G],
-    k: *const f32,
-    v: *const f32,
+    k: &[*const f32; PART_GROUPS],
+    v: &[*const f32; PART_GROUPS],
     nt: usize,
     m: &mut [f32],
     lsum: &mut [f32],
@@ -116,7 +175,7 @@ unsafe fn fold_part<const HC: usize, const G: usize>(
         for (grp, sv) in sg.iter_mut().enumerate().take(groups) {
             let n = T.min(nt - grp * T);
             let dot = |t: usize| {
-                let kt = k.add((grp * T + t) * hd);
+                let kt = k[grp].add(t * hd);
                 let mut a = _mm512_mul_ps(qg[0], _mm512_loadu_ps(kt));
                 for c in 1..HC {
                     a = _mm512_fmadd_ps(qg[c], _mm512_loadu_ps(kt.add(c * 16)), a);
@@ -166,7 +225,7 @@ unsafe fn fold_part<const HC: usize, const G: usize>(
         }
     }
     for t in 0..nt {
-        let vt = v.add(t * hd);
+        let vt = v[t / T].add((t % T) * hd);
         let mut vc = [_mm512_setzero_ps(); HC];
         for c in 0..HC {
             vc[c] = _mm512_loadu_ps(vt.add(c * 16));
