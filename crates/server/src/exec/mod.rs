@@ -113,7 +113,7 @@ pub fn exec<B: Backend>(
         let mut res = store.reserve(tenant, req.outputs.len(), total_bytes)?;
         let mut outs: Vec<Tensor<B>> = Vec::with_capacity(descs.len());
         for d in &descs {
-            outs.push(Tensor { desc: *d, region: store.alloc(d)? });
+            outs.push(store.new_tensor(d)?);
         }
         let lane = store.exec_lane().map_err(|e| ExecError { status: Status::Busy, message: e.to_string() })?;
         let backend = &*lane;
