@@ -484,6 +484,142 @@ fn paused_state_waits_for_room(t: Transport) {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
+/// A checkpoint wide and long enough that one paused state is 1 MiB (the rdma rendezvous size):
+/// 2 layers, hidden 1024, 256-token prompts; weights small and deterministic.
+fn wide_model(dir: &std::path::Path) {
+    const H: usize = 1024;
+    let (vocab, inter, layers) = (128usize, 64usize, 2usize);
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": H, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+        "dtype": "float32"
+    });
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("lm_head.weight".into(), vec![vocab, H]), ("model.embed_tokens.weight".into(), vec![vocab, H])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.");
+        for (n, s) in [
+            ("input_layernorm.weight", vec![H]),
+            ("post_attention_layernorm.weight", vec![H]),
+            ("mlp.down_proj.weight", vec![H, inter]),
+            ("mlp.gate_proj.weight", vec![inter, H]),
+            ("mlp.up_proj.weight", vec![inter, H]),
+            ("self_attn.q_proj.weight", vec![64, H]),
+            ("self_attn.k_proj.weight", vec![32, H]),
+            ("self_attn.v_proj.weight", vec![32, H]),
+            ("self_attn.o_proj.weight", vec![H, 64]),
+        ] {
+            shapes.push((format!("{p}{n}"), s));
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![H]));
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+    for (name, shape) in &shapes {
+        let n: usize = shape.iter().product();
+        let at = data.len();
+        for i in 0..n {
+            let x = if name.contains("norm") { 1.0f32 } else { ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.05 };
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [at, data.len()]}),
+        );
+    }
+    let mut head = serde_json::to_vec(&header).unwrap();
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&head);
+    file.extend_from_slice(&data);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+}
+
+/// A hidden-state write is received into the server's staging pool (registered with the rdma
+/// listeners at start-up, allocated nothing per request) and handed to the engine loop:
+/// - 1 MiB (rendezvous-sized over rdma) written twice at one pause round-trips; the connection
+///   registers at most one destination per write (0 on tcp/shm, and over rdma where the device
+///   holds window writes to the window; soft-RoCE does not, so there each grant registers its
+///   destination — see docs/ARCHITECTURE.md);
+/// - one that needs more of the pool than is free is answered `Busy` and the paused state is
+///   intact.
+fn large_hidden_write_lands_in_staging(t: Transport) {
+    let dir = std::env::temp_dir().join(format!("djinn-wide-{}-{}", std::process::id(), t.name()));
+    wide_model(&dir);
+    let opts = DecodeOptions { max_new_tokens: 1, ignore_eos: true, ..DecodeOptions::default() };
+    let regs = |c: &mut Client| {
+        let stats = c.stats().unwrap();
+        stats.iter().find(|(n, _)| n == "connection_registrations").map(|(_, v)| *v).unwrap()
+    };
+    let patch_of = |n: usize| (0..n).map(|i| (i % 97) as f32 * 0.01).collect::<Vec<f32>>();
+
+    let srv = model_server(t, "wide", &dir, &["--dtype", "f32"]);
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new("wide")).unwrap().session;
+    let prompt: Vec<u32> = (0..256u32).map(|i| 3 + i % 120).collect();
+    let mut wrote = 0;
+    c.generate_with_breakpoints(
+        s,
+        Feed::Ids(&prompt),
+        &opts,
+        &[1],
+        |_| true,
+        |c, note| {
+            let patch = patch_of(note.tokens as usize * note.hidden as usize);
+            assert_eq!(patch.len() * 4, 1 << 20);
+            let before = regs(c);
+            for _ in 0..2 {
+                c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, &patch)?;
+                wrote += 1;
+            }
+            let made = regs(c) - before;
+            match t {
+                Transport::Rdma => assert!(made <= 2, "{made} registrations for 2 one-chunk writes"),
+                _ => assert_eq!(made, 0),
+            }
+            let (_, back) = c.read_hidden_f32(s)?;
+            assert_eq!(back, patch);
+            c.resume(s)
+        },
+    )
+    .unwrap();
+    assert_eq!(wrote, 2);
+    drop(srv);
+
+    // A pool of one chunk: a write of 257 rows (two chunks) is Busy, the state untouched.
+    let srv = model_server(
+        t,
+        "wide",
+        &dir,
+        &["--dtype", "f32", "--staging-pool-bytes", "1048576", "--max-step-tokens", "512"],
+    );
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new("wide")).unwrap().session;
+    let prompt: Vec<u32> = (0..257u32).map(|i| 3 + i % 120).collect();
+    c.generate_with_breakpoints(
+        s,
+        Feed::Ids(&prompt),
+        &opts,
+        &[1],
+        |_| true,
+        |c, note| {
+            let (_, before) = c.read_hidden_f32(s)?;
+            let patch = patch_of(before.len());
+            let r = c.write_hidden_f32(s, note.layer, note.tokens, note.hidden, &patch);
+            assert_eq!(status_of(r), Status::Busy);
+            assert_eq!(c.read_hidden_f32(s)?.1, before, "a refused write changed the state");
+            c.resume(s)
+        },
+    )
+    .unwrap();
+    drop(srv);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn main() {
     let smollm2: Vec<common::TrialSpec> = vec![("prefill_text_breakpoints", None, prefill_text_breakpoints)];
     let mut ignored = Vec::new();
@@ -510,6 +646,7 @@ fn main() {
         ("bad_input_typed_session_intact", None, bad_input_typed_session_intact),
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),
         ("resumed_together_batched", None, resumed_together_batched),
+        ("large_hidden_write_lands_in_staging", None, large_hidden_write_lands_in_staging),
     ];
     trials.extend(rest);
     common::run_trials_and(trials, ignored);

@@ -20,6 +20,9 @@
 //!   data arrives, within the connection's and the tenant's budgets; everything is given back
 //!   when the request ends. A refused take is a typed error, the rest of the data is skipped.
 //!   A ping of at most [`SMALL_ECHO_BYTES`] echoes from the connection's own buffer instead.
+//!   A hidden-state write is received into chunks of the connection's second lease (its
+//!   `hand_off`) and handed to the engine loop as [`Staged`]; they go back when the loop has
+//!   applied it, and a second write while one is away is answered `Busy`.
 //! - A get whose reply would exceed the frame limit is refused (`FrameTooLarge`) before anything
 //!   is sent.
 //! - Session requests are parsed here and answered by the engine loop ([`crate::session`]) on
@@ -45,7 +48,7 @@ use crate::auth::TenantId;
 use crate::quota::Ticket;
 use crate::server::{ReplyTx, Shared};
 use crate::session::{ConnLink, Request};
-use crate::staging::{Lease, StagingError, CHUNK_BYTES};
+use crate::staging::{HandOff, Lease, Staged, StagingError, CHUNK_BYTES};
 use crate::tensors::TensorError;
 use crate::watchdog::{ConnClock, Phase, Slot};
 
@@ -113,6 +116,9 @@ struct Conn<B: Backend> {
     _quota: Option<Ticket>,
     /// What this connection holds of the staging pool (from a successful Hello on).
     staging: Option<Lease>,
+    /// The lease a hidden-state write receives into and hands to the engine loop (a sibling of
+    /// `staging`, filled at Hello; empty while a write is away).
+    hand_off: HandOff,
     /// Pinned staging of [`PUT_CHUNK_BYTES`] for puts to memory that is not host-addressable.
     pinned: Option<B::Host>,
     /// The echo of a ping of at most [`SMALL_ECHO_BYTES`].
@@ -163,6 +169,7 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         tenant: None,
         _quota: None,
         staging: None,
+        hand_off: Arc::new(Mutex::new(None)),
         pinned: None,
         small_echo: vec![0u8; SMALL_ECHO_BYTES].into_boxed_slice(),
         clock,
@@ -406,12 +413,35 @@ impl<B: Backend> Conn<B> {
             }
         };
         let n = usize::try_from(data_len).map_err(|_| Fatal)?;
-        let mut bytes = Vec::new();
-        while bytes.len() < n {
-            let at = bytes.len();
-            bytes.resize(at + CHUNK_BYTES.min(n - at), 0);
-            self.rx.recv_data(&mut bytes[at..]).map_err(|e| self.transport_failed(e))?;
+        let taken = self.hand_off.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut lease) = taken else {
+            self.rx_skip(data_len)?;
+            let msg = "this connection's previous hidden-state write is still being applied; retry once it is answered";
+            return Ok(Outcome::Rejected(Reject::new(Status::Busy, msg)));
+        };
+        // Into pool chunks as the data arrives: registered memory over rdma, nothing allocated.
+        let mut got = 0usize;
+        while got < n {
+            let len = (n - got).min(CHUNK_BYTES);
+            let buf = match lease.take() {
+                Ok(b) => b,
+                Err(e) => {
+                    lease.release();
+                    *self.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+                    self.rx_skip((n - got) as u64)?;
+                    return Ok(Outcome::Rejected(e.into()));
+                }
+            };
+            if let Err(e) = self.rx.recv_data(&mut buf[..len]) {
+                return Err(self.transport_failed(e));
+            }
+            got += len;
+            // As a ping's: each chunk that arrives restarts `frame_data_timeout_ms`.
+            if got < n {
+                self.clock.enter(Phase::Serving);
+            }
         }
+        let bytes = Staged::new(lease, n, self.hand_off.clone());
         Ok(self.submit_session(Opcode::SessionHiddenWrite, head, Request::HiddenWrite(req, bytes)))
     }
 
@@ -496,7 +526,9 @@ impl<B: Backend> Conn<B> {
         tracing::debug!(conn = self.id, %tenant, client = %req.client_name, version, "handshake");
         // Out of the handshake before the reply goes out, so no later accept evicts it as silent.
         self.clock.enter(Phase::Busy);
-        self.staging = Some(self.sh.staging.lease(&tenant));
+        let lease = self.sh.staging.lease(&tenant);
+        *self.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease.sibling());
+        self.staging = Some(lease);
         self._quota = Some(ticket);
         self.tenant = Some(tenant);
         let info = self.sh.backend.info();

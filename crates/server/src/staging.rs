@@ -12,7 +12,11 @@
 //!   is what makes handing out `&mut [u8]` into the shared allocation sound.
 //! - What one connection and one tenant hold is bounded (`staging_bytes_max_per_conn`,
 //!   `staging_bytes_max_per_tenant`); a take past a bound or from an empty pool is an error, never
-//!   a wait.
+//!   a wait. A connection's leases ([`Lease::sibling`]) share its bound.
+//! - Data received for another thread (a hidden-state write, applied by the engine loop) travels
+//!   as [`Staged`]: the chunks it was received into, given back when it is dropped, its lease then
+//!   returned to the connection's [`HandOff`] slot for the next one — nothing is allocated per
+//!   request, and over rdma the bytes land in the registered pool.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,7 +109,13 @@ impl StagingPool {
             .or_insert_with(|| Arc::new(AtomicU64::new(0)))
             .clone();
         let most = (self.conn_max / CHUNK_BYTES as u64 + 1) as usize;
-        Lease { pool: self.clone(), tenant: tenant.clone(), tenant_held: held, chunks: Vec::with_capacity(most) }
+        Lease {
+            pool: self.clone(),
+            tenant: tenant.clone(),
+            tenant_held: held,
+            conn_held: Arc::new(AtomicU64::new(0)),
+            chunks: Vec::with_capacity(most),
+        }
     }
 }
 
@@ -114,6 +124,8 @@ pub struct Lease {
     pool: Arc<StagingPool>,
     tenant: TenantId,
     tenant_held: Arc<AtomicU64>,
+    /// Bytes held by this lease and its siblings (one connection's).
+    conn_held: Arc<AtomicU64>,
     chunks: Vec<u32>,
 }
 
@@ -122,19 +134,34 @@ impl Lease {
         (self.chunks.len() * CHUNK_BYTES) as u64
     }
 
+    /// Another lease of the same connection: empty, sharing this one's connection budget.
+    /// Allocates (its chunk list); made when the connection is set up, not per request.
+    pub fn sibling(&self) -> Lease {
+        Lease {
+            pool: self.pool.clone(),
+            tenant: self.tenant.clone(),
+            tenant_held: self.tenant_held.clone(),
+            conn_held: self.conn_held.clone(),
+            chunks: Vec::with_capacity(self.chunks.capacity()),
+        }
+    }
+
     /// Takes one more chunk (within both budgets) and returns it for writing.
     pub fn take(&mut self) -> Result<&mut [u8], StagingError> {
         let pool = &*self.pool;
         let bytes = CHUNK_BYTES as u64;
-        if self.held_bytes() + bytes > pool.conn_max.max(bytes) {
-            return Err(StagingError::ConnBudget { max: pool.conn_max });
+        let add = |held: &AtomicU64, max: u64| {
+            let max = max.max(bytes);
+            held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_add(bytes).filter(|&n| n <= max))
+        };
+        add(&self.conn_held, pool.conn_max).map_err(|_| StagingError::ConnBudget { max: pool.conn_max })?;
+        if add(&self.tenant_held, pool.tenant_max).is_err() {
+            self.conn_held.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(StagingError::TenantBudget { max: pool.tenant_max });
         }
-        let max = pool.tenant_max.max(bytes);
-        self.tenant_held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_add(bytes).filter(|&n| n <= max))
-            .map_err(|_| StagingError::TenantBudget { max: pool.tenant_max })?;
         let Some(i) = pool.free.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
             self.tenant_held.fetch_sub(bytes, Ordering::AcqRel);
+            self.conn_held.fetch_sub(bytes, Ordering::AcqRel);
             return Err(StagingError::PoolEmpty);
         };
         self.chunks.push(i);
@@ -151,18 +178,21 @@ impl Lease {
 
     /// The first `n` bytes held, as one slice per chunk (for a vectored send).
     pub fn slices(&self, n: usize) -> Vec<&[u8]> {
-        let mut out = Vec::with_capacity(n.div_ceil(CHUNK_BYTES));
+        self.chunks(n).collect()
+    }
+
+    /// The first `n` bytes held, one slice per chunk, in order; allocates nothing.
+    pub fn chunks(&self, n: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let mut left = n;
-        for &i in &self.chunks {
+        self.chunks.iter().map_while(move |&i| {
             if left == 0 {
-                break;
+                return None;
             }
             let len = left.min(CHUNK_BYTES);
-            // SAFETY: as in `chunk_mut`; shared borrows of `self` make the slices read-only.
-            out.push(unsafe { std::slice::from_raw_parts(self.pool.base.add(i as usize * CHUNK_BYTES), len) });
             left -= len;
-        }
-        out
+            // SAFETY: as in `chunk_mut`; shared borrows of `self` make the slices read-only.
+            Some(unsafe { std::slice::from_raw_parts(self.pool.base.add(i as usize * CHUNK_BYTES), len) })
+        })
     }
 
     /// Gives every chunk back to the pool.
@@ -171,6 +201,7 @@ impl Lease {
             return;
         }
         self.tenant_held.fetch_sub(self.held_bytes(), Ordering::AcqRel);
+        self.conn_held.fetch_sub(self.held_bytes(), Ordering::AcqRel);
         self.pool.free.lock().unwrap_or_else(|p| p.into_inner()).extend(self.chunks.drain(..));
     }
 }
@@ -182,6 +213,47 @@ impl Drop for Lease {
         let mut tenants = self.pool.tenants.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&self.tenant_held) == 2 {
             tenants.remove(&self.tenant);
+        }
+    }
+}
+
+/// A connection's slot for the lease its hand-offs ([`Staged`]) receive into: empty while one
+/// is away (at most one hidden-state write per connection is being applied at a time).
+pub type HandOff = Arc<Mutex<Option<Lease>>>;
+
+/// Bytes received into pool chunks and handed to another thread. Dropping it gives the chunks
+/// back and returns the (empty) lease to its connection's slot.
+pub struct Staged {
+    lease: Option<Lease>,
+    len: usize,
+    home: HandOff,
+}
+
+impl Staged {
+    /// `len` bytes received into `lease`'s chunks, going back to `home` when dropped.
+    pub fn new(lease: Lease, len: usize, home: HandOff) -> Self {
+        Staged { lease: Some(lease), len, home }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, one slice per chunk ([`CHUNK_BYTES`] each but the last), in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.lease.iter().flat_map(|l| l.chunks(self.len))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.lease.take() {
+            l.release();
+            *self.home.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
         }
     }
 }
@@ -210,6 +282,29 @@ mod tests {
         assert_eq!(pool.free_chunks(), 2);
         b.take().unwrap();
         drop((b, c));
+        assert_eq!(pool.free_chunks(), 4);
+        assert!(pool.tenants.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn siblings_share_the_connection_budget_and_staged_goes_home() {
+        let pool = Arc::new(StagingPool::new(4 * CHUNK_BYTES as u64, 2 * CHUNK_BYTES as u64, 4 * CHUNK_BYTES as u64));
+        let t = TenantId::Named("a".into());
+        let mut a = pool.lease(&t);
+        let home: HandOff = Arc::new(Mutex::new(Some(a.sibling())));
+        let mut b = home.lock().unwrap().take().unwrap();
+        a.take().unwrap();
+        b.take().unwrap().fill(3);
+        assert!(matches!(b.take().unwrap_err(), StagingError::ConnBudget { .. }));
+        let s = Staged::new(b, CHUNK_BYTES - 1, home.clone());
+        assert_eq!(s.chunks().map(|c| c.len()).collect::<Vec<_>>(), [CHUNK_BYTES - 1]);
+        assert!(s.chunks().flatten().all(|&x| x == 3));
+        assert!(home.lock().unwrap().is_none());
+        drop(s);
+        assert_eq!(pool.free_chunks(), 3);
+        assert!(home.lock().unwrap().as_ref().is_some_and(|l| l.chunks.is_empty()));
+        a.take().unwrap();
+        drop((a, home));
         assert_eq!(pool.free_chunks(), 4);
         assert!(pool.tenants.lock().unwrap().is_empty());
     }

@@ -145,9 +145,10 @@ pub enum Request {
     Cancel(u64),
     Close(u64),
     Logits(LogitsReq),
-    /// Breakpoints (`engine_loop::breakpoint`): read, write (with the state's bytes), resume.
+    /// Breakpoints (`engine_loop::breakpoint`): read, write (with the state's bytes, in the
+    /// connection's staging chunks), resume.
     HiddenRead(djinn_proto::HiddenReadReq),
-    HiddenWrite(djinn_proto::HiddenWriteReq, Vec<u8>),
+    HiddenWrite(djinn_proto::HiddenWriteReq, crate::staging::Staged),
     Resume(u64),
 }
 

@@ -39,6 +39,8 @@
 use djinn_model::{PassSeq, Residency};
 use djinn_proto::{HiddenDType, HiddenDesc, HiddenReadReq, HiddenWriteReq, PausedNote, ResumeReply};
 
+use crate::staging::{Staged, CHUNK_BYTES};
+
 use super::*;
 
 mod held;
@@ -454,7 +456,7 @@ impl<B: Backend> EngineLoop<B> {
         ans: Answer,
         tenant: &TenantId,
         r: HiddenWriteReq,
-        bytes: &[u8],
+        bytes: Staged,
     ) -> Result<(), (Answer, Refusal)> {
         let (m, b) = match self.paused(tenant, r.session, &ans.conn) {
             Ok(p) => p,
@@ -483,24 +485,29 @@ impl<B: Backend> EngineLoop<B> {
             Ok(p) => p,
             Err(e) => return Err((ans, e)),
         };
+        // The bytes sit in staging chunks of CHUNK_BYTES, a multiple of every element size, so no
+        // element straddles two chunks.
+        const _: () = assert!(CHUNK_BYTES.is_multiple_of(4));
         match d.dtype {
             HiddenDType::F32 => {
-                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks_exact(4)) {
+                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks().flat_map(|s| s.chunks_exact(4))) {
                     *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
             HiddenDType::F16 => {
-                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks_exact(2)) {
+                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks().flat_map(|s| s.chunks_exact(2))) {
                     *x = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
                 }
             }
             HiddenDType::BF16 => {
-                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks_exact(2)) {
+                for (x, c) in b.hidden.iter_mut().zip(bytes.chunks().flat_map(|s| s.chunks_exact(2))) {
                     *x = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
                 }
             }
         }
         b.patched = true;
+        // The chunks go back (and the connection may take its next write) before the answer.
+        drop(bytes);
         ans.ok(&[], &[]);
         Ok(())
     }

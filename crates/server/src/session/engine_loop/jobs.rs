@@ -25,7 +25,7 @@ impl<B: Backend> EngineLoop<B> {
             Request::Close(id) => self.close(ans, &tenant, id),
             Request::Logits(r) => self.logits(ans, &r.model, r.ids),
             Request::HiddenRead(r) => self.hidden_read(ans, &tenant, r),
-            Request::HiddenWrite(r, bytes) => self.hidden_write(ans, &tenant, r, &bytes),
+            Request::HiddenWrite(r, bytes) => self.hidden_write(ans, &tenant, r, bytes),
             Request::Resume(id) => self.resume(ans, &tenant, id),
         };
         self.finish_handling(session, r);
