@@ -22,7 +22,9 @@
 //!   A ping of at most [`SMALL_ECHO_BYTES`] echoes from the connection's own buffer instead.
 //!   A hidden-state write is received into chunks of the connection's second lease (its
 //!   `hand_off`) and handed to the engine loop as [`Staged`]; they go back when the loop has
-//!   applied it, and a second write while one is away is answered `Busy`.
+//!   applied it, and a second write while one is away is answered `Busy`. A hidden-state read
+//!   hands the loop the connection's third lease (`reply_off`), which its answer is written into
+//!   and sent from (over rdma: registered memory, no allocation or registration per read).
 //! - A get whose reply would exceed the frame limit is refused (`FrameTooLarge`) before anything
 //!   is sent.
 //! - Session requests are parsed here and answered by the engine loop ([`crate::session`]) on
@@ -119,6 +121,9 @@ struct Conn<B: Backend> {
     /// The lease a hidden-state write receives into and hands to the engine loop (a sibling of
     /// `staging`, filled at Hello; empty while a write is away).
     hand_off: HandOff,
+    /// The lease a hidden-state read's answer is written into by the engine loop and sent from
+    /// (a sibling of `staging`, filled at Hello; empty while an answer is on its way).
+    reply_off: HandOff,
     /// Pinned staging of [`PUT_CHUNK_BYTES`] for puts to memory that is not host-addressable.
     pinned: Option<B::Host>,
     /// The echo of a ping of at most [`SMALL_ECHO_BYTES`].
@@ -170,6 +175,7 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         _quota: None,
         staging: None,
         hand_off: Arc::new(Mutex::new(None)),
+        reply_off: Arc::new(Mutex::new(None)),
         pinned: None,
         small_echo: vec![0u8; SMALL_ECHO_BYTES].into_boxed_slice(),
         clock,
@@ -458,7 +464,11 @@ impl<B: Backend> Conn<B> {
             Opcode::SessionCancel => SessionReq::from_meta(m).map(|r| Request::Cancel(r.session)),
             Opcode::SessionClose => SessionReq::from_meta(m).map(|r| Request::Close(r.session)),
             Opcode::SessionResume => SessionReq::from_meta(m).map(|r| Request::Resume(r.session)),
-            Opcode::SessionHiddenRead => djinn_proto::HiddenReadReq::from_meta(m).map(Request::HiddenRead),
+            Opcode::SessionHiddenRead => djinn_proto::HiddenReadReq::from_meta(m).map(|r| {
+                // The answer is written into the connection's reply lease and sent from it.
+                let lease = self.reply_off.lock().unwrap_or_else(|p| p.into_inner()).take();
+                Request::HiddenRead(r, lease.map(|l| Staged::new(l, 0, self.reply_off.clone())))
+            }),
             _ => LogitsReq::from_meta(m).map(Request::Logits),
         };
         let req = match parsed {
@@ -528,6 +538,7 @@ impl<B: Backend> Conn<B> {
         self.clock.enter(Phase::Busy);
         let lease = self.sh.staging.lease(&tenant);
         *self.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease.sibling());
+        *self.reply_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease.sibling());
         self.staging = Some(lease);
         self._quota = Some(ticket);
         self.tenant = Some(tenant);

@@ -16,7 +16,12 @@
 //! - Data received for another thread (a hidden-state write, applied by the engine loop) travels
 //!   as [`Staged`]: the chunks it was received into, given back when it is dropped, its lease then
 //!   returned to the connection's [`HandOff`] slot for the next one — nothing is allocated per
-//!   request, and over rdma the bytes land in the registered pool.
+//!   request, and over rdma the bytes land in the registered pool. A reply made on another
+//!   thread (a hidden-state read's answer) goes the other way: the engine loop fills an empty
+//!   [`Staged`] ([`Staged::fill`]) and the reply is sent from its chunks.
+//! - The pool's chunks are its units for a transport ([`djinn_transport::PinnedHost::unit_bytes`]):
+//!   rdma registers it chunk by chunk, each on first use, so a receive into one chunk needs no
+//!   registration of its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,13 +72,18 @@ unsafe impl Send for StagingPool {}
 unsafe impl Sync for StagingPool {}
 
 // SAFETY: `base..+_mem.len()` is one boxed allocation owned by the pool, never moved or freed
-// while the pool lives; transports that register it keep an `Arc` of the pool.
+// while the pool lives; transports that register it keep an `Arc` of the pool. Its units are the
+// chunks: each is held whole by one `Lease` (see the module invariants), and the pool's users
+// receive only into chunks their lease holds, borrowed whole (`Lease::take`'s `&mut` chunk).
 unsafe impl djinn_transport::PinnedHost for StagingPool {
     fn ptr(&self) -> *mut u8 {
         self.base
     }
     fn len_bytes(&self) -> usize {
         self._mem.len()
+    }
+    fn unit_bytes(&self) -> Option<usize> {
+        Some(CHUNK_BYTES)
     }
 }
 
@@ -247,6 +257,31 @@ impl Staged {
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.lease.iter().flat_map(|l| l.chunks(self.len))
     }
+
+    /// Replaces the bytes with `n` new ones, taken chunk by chunk within the lease's budgets:
+    /// `write(at, part)` fills `part`, the bytes from offset `at` (a multiple of
+    /// [`CHUNK_BYTES`]), one chunk at a time in order. A refused take gives every chunk back and
+    /// leaves it empty.
+    pub fn fill(&mut self, n: usize, mut write: impl FnMut(usize, &mut [u8])) -> Result<(), StagingError> {
+        self.len = 0;
+        // `None` only inside `drop`.
+        let Some(lease) = self.lease.as_mut() else { return Err(StagingError::PoolEmpty) };
+        lease.release();
+        let mut at = 0;
+        while at < n {
+            let len = (n - at).min(CHUNK_BYTES);
+            match lease.take() {
+                Ok(chunk) => write(at, &mut chunk[..len]),
+                Err(e) => {
+                    lease.release();
+                    return Err(e);
+                }
+            }
+            at += len;
+        }
+        self.len = n;
+        Ok(())
+    }
 }
 
 impl Drop for Staged {
@@ -306,6 +341,34 @@ mod tests {
         a.take().unwrap();
         drop((a, home));
         assert_eq!(pool.free_chunks(), 4);
+        assert!(pool.tenants.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn fill_takes_chunks_in_order_and_gives_them_back_when_refused() {
+        let pool = Arc::new(StagingPool::new(3 * CHUNK_BYTES as u64, 2 * CHUNK_BYTES as u64, 3 * CHUNK_BYTES as u64));
+        let t = TenantId::Named("a".into());
+        let a = pool.lease(&t);
+        let home: HandOff = Arc::new(Mutex::new(None));
+        let mut s = Staged::new(a.sibling(), 0, home.clone());
+        let mut at_seen = Vec::new();
+        s.fill(CHUNK_BYTES + 3, |at, part| {
+            at_seen.push((at, part.len()));
+            part.fill((at / CHUNK_BYTES) as u8 + 1);
+        })
+        .unwrap();
+        assert_eq!(at_seen, [(0, CHUNK_BYTES), (CHUNK_BYTES, 3)]);
+        assert_eq!(s.len(), CHUNK_BYTES + 3);
+        let lens: Vec<(usize, u8)> = s.chunks().map(|c| (c.len(), c[c.len() - 1])).collect();
+        assert_eq!(lens, [(CHUNK_BYTES, 1), (3, 2)]);
+        assert_eq!(pool.free_chunks(), 1);
+        // Past the connection's budget: refused, everything back, empty.
+        assert!(matches!(s.fill(3 * CHUNK_BYTES, |_, _| {}), Err(StagingError::ConnBudget { .. })));
+        assert!(s.is_empty());
+        assert_eq!(pool.free_chunks(), 3);
+        drop(s);
+        assert!(home.lock().unwrap().is_some());
+        drop((a, home));
         assert!(pool.tenants.lock().unwrap().is_empty());
     }
 }

@@ -270,10 +270,21 @@ pub type HostRegistration = Box<dyn std::any::Any + Send + Sync>;
 ///
 /// # Safety
 /// `ptr()..+len_bytes()` must be one allocation that stays valid, at the same address, for as long as
-/// the value lives (a transport keeps an `Arc` of it beside its registration).
+/// the value lives (a transport keeps an `Arc` of it beside its registration). Where
+/// [`PinnedHost::unit_bytes`] is `Some(u)`, every `u`-byte unit from `ptr()` must be held whole
+/// by one user at a time, and a receive into part of a unit must come from its holder: for that
+/// receive, the peer may be able to write anywhere in the unit.
 pub unsafe trait PinnedHost: Send + Sync {
     fn ptr(&self) -> *mut u8;
     fn len_bytes(&self) -> usize;
+    /// The size of the units the memory is handed out in, whole, one holder each (a staging
+    /// pool's chunks); `None`: it is not. rdma registers such a region unit by unit (one
+    /// registration per unit, on its first use), so a receive into one unit is bounded by the
+    /// unit's own registration, needing none for the transfer even where the device's memory
+    /// windows do not bound a peer's writes (soft-RoCE).
+    fn unit_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Settings every transport reads, fixed at start-up.

@@ -145,9 +145,11 @@ pub enum Request {
     Cancel(u64),
     Close(u64),
     Logits(LogitsReq),
-    /// Breakpoints (`engine_loop::breakpoint`): read, write (with the state's bytes, in the
+    /// Breakpoints (`engine_loop::breakpoint`): read (with the connection's empty reply lease,
+    /// which the answer is written into and sent from; `None` while its previous read's answer
+    /// is still on its way: that answer is copied), write (with the state's bytes, in the
     /// connection's staging chunks), resume.
-    HiddenRead(djinn_proto::HiddenReadReq),
+    HiddenRead(djinn_proto::HiddenReadReq, Option<crate::staging::Staged>),
     HiddenWrite(djinn_proto::HiddenWriteReq, crate::staging::Staged),
     Resume(u64),
 }

@@ -19,7 +19,10 @@
 //!   max_inflight_per_conn` frames; a push past that hard bound is refused (the caller closes
 //!   the connection), never grown.
 //! - Frame buffers are recycled (a spare list as long as the hard bound): at steady state a frame
-//!   costs two copies of its bytes and no allocation.
+//!   costs two copies of its bytes and no allocation. A frame whose bytes are already in staging
+//!   chunks ([`Outbound::push_staged`]: a hidden-state read) is queued with them, not copied, and
+//!   sent from them (over rdma: memory registered already); the chunks go back once it is sent
+//!   or dropped. A pull link gets such a frame's bytes copied, as any frame's.
 //! - Frames go out in order: a direct send happens only with the queue empty, no frame being
 //!   sent and no tail of one pending (a direct send the transport took only part of leaves the
 //!   rest to the writer, which sends it before any queued frame).
@@ -47,6 +50,7 @@ use djinn_transport::{OutFrame, TrySend, UnreadProbe};
 use prometheus::IntGauge;
 
 use super::ConnLink;
+use crate::staging::Staged;
 
 /// Bounds of every connection's queue, fixed at start-up.
 #[derive(Clone)]
@@ -96,6 +100,8 @@ pub struct Frame {
     pub header: FrameHeader,
     pub meta: Vec<u8>,
     pub data: Vec<u8>,
+    /// The bulk data, when it is in staging chunks instead of `data` (never for a pull link).
+    staged: Option<Staged>,
 }
 
 struct State {
@@ -133,7 +139,7 @@ pub struct Outbound {
 }
 
 fn frame_bytes(f: &Frame) -> u64 {
-    (HEADER_LEN + f.meta.len() + f.data.len()) as u64
+    (HEADER_LEN + f.meta.len() + f.data.len() + f.staged.as_ref().map_or(0, Staged::len)) as u64
 }
 
 impl Outbound {
@@ -254,17 +260,58 @@ impl Outbound {
         if sent {
             return Ok(());
         }
+        Self::queue(link, st, header, meta, |f| {
+            for d in data {
+                f.data.extend_from_slice(d);
+            }
+        })
+    }
+
+    /// As [`Outbound::push`], for a frame whose bulk data is `staged`: queued with the chunks
+    /// (not copied) and sent from them; they go back when the frame is sent or dropped.
+    pub(crate) fn push_staged(
+        link: &Arc<ConnLink>,
+        header: FrameHeader,
+        meta: &[u8],
+        staged: Staged,
+    ) -> Result<(), PushError> {
+        // One slice per chunk: a few pointers, not the bytes.
+        let segs: Vec<&[u8]> = staged.chunks().collect();
+        // A pull link reads `Frame::data`.
+        if matches!(link.sink, super::Sink::Pull(_)) {
+            return Self::push(link, header, meta, &segs);
+        }
+        let st = link.out.lock();
+        if st.closed {
+            return Err(PushError::Closed);
+        }
+        let (st, sent) = Self::try_direct(link, st, header, meta, &segs)?;
+        drop(segs);
+        if sent {
+            return Ok(());
+        }
+        Self::queue(link, st, header, meta, |f| f.staged = Some(staged))
+    }
+
+    /// Queues a frame (its bulk data put in by `body`) and wakes whoever sends it.
+    fn queue(
+        link: &Arc<ConnLink>,
+        mut st: MutexGuard<'_, State>,
+        header: FrameHeader,
+        meta: &[u8],
+        body: impl FnOnce(&mut Frame),
+    ) -> Result<(), PushError> {
+        let out = &link.out;
         if st.queue.len() >= out.limits.frames_cap {
             return Err(PushError::Full);
         }
-        let mut f = st.spare.pop().unwrap_or_else(|| Frame { header, meta: Vec::new(), data: Vec::new() });
+        let mut f =
+            st.spare.pop().unwrap_or_else(|| Frame { header, meta: Vec::new(), data: Vec::new(), staged: None });
         f.header = header;
         f.meta.clear();
         f.meta.extend_from_slice(meta);
         f.data.clear();
-        for d in data {
-            f.data.extend_from_slice(d);
-        }
+        body(&mut f);
         if st.queue.is_empty() {
             st.progress = Instant::now();
         }
@@ -396,7 +443,7 @@ fn send_failed(link: &ConnLink, e: &djinn_transport::TransportError) {
 fn writer(link: &Arc<ConnLink>) {
     let out = &link.out;
     loop {
-        let f = {
+        let mut f = {
             let mut st = out.lock();
             loop {
                 if st.closed {
@@ -417,14 +464,26 @@ fn writer(link: &Arc<ConnLink>) {
         let super::Sink::Writer(tx) = &link.sink else { return };
         let r = match &f {
             Some(f) => {
-                let data: &[&[u8]] = &[&f.data];
-                let frame =
-                    OutFrame { header: f.header, meta: &f.meta, data: if f.data.is_empty() { &[] } else { data } };
+                let one: [&[u8]; 1] = [&f.data];
+                let chunks: Vec<&[u8]>;
+                let data: &[&[u8]] = match &f.staged {
+                    Some(s) => {
+                        chunks = s.chunks().collect();
+                        &chunks
+                    }
+                    None if f.data.is_empty() => &[],
+                    None => &one,
+                };
+                let frame = OutFrame { header: f.header, meta: &f.meta, data };
                 tx.lock().unwrap_or_else(|p| p.into_inner()).send(&frame)
             }
             // What a direct send left in the transport.
             None => tx.lock().unwrap_or_else(|p| p.into_inner()).flush(),
         };
+        // Sent (or failed): staged chunks go back before the frame's buffers are kept.
+        if let Some(f) = f.as_mut() {
+            f.staged = None;
+        }
         let mut st = out.lock();
         st.sending_bytes = 0;
         match f {

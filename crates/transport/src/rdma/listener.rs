@@ -209,14 +209,16 @@ impl Listener for RdmaListener {
     }
 
     /// Takes the region at once and registers it piece by piece on first use (see
-    /// `verbs::HOST_PIECE_BYTES`). Grants bind windows over it only once the device's window probe
-    /// has said they are bounded: the probe runs on a thread of its own, so no request waits for
-    /// it (receives register their destination per transfer until then).
+    /// `verbs::HOST_PIECE_BYTES`, or unit by unit: `PinnedHost::unit_bytes`). Grants bind windows
+    /// over it once the device's window probe has said they are bounded, or at once where the
+    /// registration under the window bounds the peer itself (a receive inside one unit): the probe
+    /// runs on a thread of its own, so no request waits for it (other receives register their
+    /// destination per transfer until then).
     fn register_host_memory(&mut self, mem: Arc<dyn crate::PinnedHost>) -> Result<bool, TransportError> {
         let (dev, unchecked) = (self.shared.dev.clone(), self.shared.opts.rdma_windows_unchecked);
-        let bytes = mem.len_bytes();
+        let (bytes, unit_bytes) = (mem.len_bytes(), mem.unit_bytes());
         dev.add_host(mem).map_err(io_err("rdma: take a host region"))?;
-        tracing::info!(device = %dev.name, bytes, "rdma: host region taken (registered piece by piece on first use)");
+        tracing::info!(device = %dev.name, bytes, ?unit_bytes, "rdma: host region taken (registered piece by piece on first use)");
         if unchecked {
             let _ = dev.windows_bounded.set(true);
         }

@@ -107,28 +107,54 @@ pub(crate) struct Device {
 /// Host regions one device takes at most (start-up arenas: a handful).
 pub(crate) const HOST_REGIONS_MAX: usize = 8;
 /// A host region is registered in pieces of this size (the last one shorter), each on the first
-/// transfer that touches it. Registering pins and, for lazily zeroed memory, faults in every page:
-/// 256 MiB took over 20 s in the TCG VM, and a process cannot exit while a registration is in the
-/// kernel. A piece bounds both what one transfer pays once and how long an exit waits.
+/// transfer that touches it, unless it is handed out in units ([`crate::PinnedHost::unit_bytes`]:
+/// a staging pool's chunks), which are then its pieces. Registering pins and, for lazily zeroed
+/// memory, faults in every page: 256 MiB took over 20 s in the TCG VM, and a process cannot exit
+/// while a registration is in the kernel. A piece bounds both what one transfer pays once and how
+/// long an exit waits.
 pub(crate) const HOST_PIECE_BYTES: u64 = 8 << 20;
 
 /// Host memory someone else owns ([`crate::PinnedHost`]) and the pieces of it registered so far.
 #[derive(Default)]
 struct HostRegions {
     regions: Vec<Arc<dyn crate::PinnedHost>>,
-    /// Sorted by start; at most one per [`HOST_PIECE_BYTES`] of the regions, never removed.
+    /// Sorted by start; at most one per piece of the regions (`pieces_max`), never removed
+    /// before the device drops.
     pieces: Vec<HostMr>,
+    /// The regions' pieces together (a staging pool: its chunk count): the bound of `pieces`,
+    /// reserved when a region is taken, so registering a piece never grows the list.
+    pieces_max: usize,
 }
 
-/// One registered piece of a host region, kept alive by the registration itself. Its own rkey
-/// grants nothing: access is `LOCAL_WRITE | MW_BIND`, so the NIC may read it as a send source and
-/// write it on the local side, and a peer may write it only through a memory window bound over
-/// one granted range (see `rendezvous`).
+/// The piece size of `mem` and whether its pieces are units it hands out whole.
+fn piece_of(mem: &dyn crate::PinnedHost) -> (u64, bool) {
+    match mem.unit_bytes().filter(|&u| u > 0) {
+        Some(u) => (u as u64, true),
+        None => (HOST_PIECE_BYTES, false),
+    }
+}
+
+/// One registered piece of a host region, kept alive by the registration itself and
+/// deregistered when dropped (before the memory it holds is released). Its own rkey grants
+/// nothing: access is `LOCAL_WRITE | MW_BIND`, so the NIC may read it as a send source and write
+/// it on the local side, and a peer may write it only through a memory window bound over one
+/// granted range (see `rendezvous`).
 struct HostMr {
     mr: NonNull<ibv_mr>,
     start: u64,
     end: u64,
+    /// The piece is one unit of its region ([`crate::PinnedHost::unit_bytes`]).
+    unit: bool,
     _mem: Arc<dyn crate::PinnedHost>,
+}
+
+impl Drop for HostMr {
+    fn drop(&mut self) {
+        // SAFETY: a listed piece drops only with its device (`Device::drop`), when every QP (each
+        // holds an Arc<Device>) is gone, and one never listed was never used, so no work request
+        // uses the registration; `_mem` (the memory) is released only after this body.
+        unsafe { ibv_dereg_mr(self.mr.as_ptr()) };
+    }
 }
 
 /// What a transfer needs of the registered piece that covers the start of its buffer.
@@ -142,6 +168,9 @@ pub(crate) struct HostRegion {
     pub(crate) covers: u64,
     /// The whole range the registration covers.
     pub(crate) range: (u64, u64),
+    /// The registration is one unit of a region handed out in whole units
+    /// ([`crate::PinnedHost::unit_bytes`]): whoever receives into part of it holds all of it.
+    pub(crate) unit: bool,
 }
 
 /// A range registered at run time, listed while its [`RangeReg`] lives.
@@ -401,6 +430,11 @@ impl Device {
         if host.regions.len() >= HOST_REGIONS_MAX {
             return Err(io::Error::other(format!("a device takes at most {HOST_REGIONS_MAX} host regions")));
         }
+        let (piece, _) = piece_of(&*mem);
+        let pieces = usize::try_from((mem.len_bytes() as u64).div_ceil(piece)).unwrap_or(usize::MAX);
+        host.pieces_max = host.pieces_max.saturating_add(pieces);
+        let more = host.pieces_max - host.pieces.len();
+        host.pieces.try_reserve_exact(more).map_err(|e| io::Error::other(format!("host region pieces: {e}")))?;
         host.regions.push(mem);
         Ok(())
     }
@@ -408,11 +442,15 @@ impl Device {
     /// The registered piece of a host region that covers `addr` (and how much of `addr..+len`),
     /// registering it first if this is its first use; `None` outside every host region, or when
     /// the registration failed (the caller then registers per transfer, as without the region).
+    ///
+    /// A run-time range (registered exactly over one destination) is looked up first: where a
+    /// region and a range overlap, the exact registration is the one that keeps a peer inside
+    /// the destination on a device whose windows do not.
     pub(crate) fn host_region(&self, addr: u64, len: u64) -> Option<HostRegion> {
-        if let Some(r) = self.host_piece(addr, len) {
+        if let Some(r) = self.range_piece(addr, len) {
             return Some(r);
         }
-        if let Some(r) = self.range_piece(addr, len) {
+        if let Some(r) = self.host_piece(addr, len) {
             return Some(r);
         }
         let mem = {
@@ -426,9 +464,10 @@ impl Device {
         if let Some(r) = self.host_piece(addr, len) {
             return Some(r);
         }
+        let (piece, unit) = piece_of(&*mem);
         let base = mem.ptr() as u64;
-        let start = base + (addr - base) / HOST_PIECE_BYTES * HOST_PIECE_BYTES;
-        let end = (start + HOST_PIECE_BYTES).min(base + mem.len_bytes() as u64);
+        let start = base + (addr - base) / piece * piece;
+        let end = (start + piece).min(base + mem.len_bytes() as u64);
         let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
         let t0 = std::time::Instant::now();
         // SAFETY: `PinnedHost` promises the region stays valid at a fixed address while `mem`
@@ -440,9 +479,16 @@ impl Device {
             return None;
         };
         tracing::debug!(device = %self.name, bytes = end - start, took_ms = t0.elapsed().as_millis() as u64, "rdma: host region piece registered");
+        let piece = HostMr { mr, start, end, unit, _mem: mem };
         let mut host = self.host.write().unwrap_or_else(|p| p.into_inner());
+        // Never past the reservation: one piece per piece-sized step of a region, each registered
+        // once (under `host_registering`, after the lookup above missed it).
+        if host.pieces.len() >= host.pieces_max {
+            tracing::warn!(device = %self.name, "rdma: host region pieces at their bound; registering per transfer");
+            return None;
+        }
         let at = host.pieces.partition_point(|p| p.start < start);
-        host.pieces.insert(at, HostMr { mr, start, end, _mem: mem });
+        host.pieces.insert(at, piece);
         drop(host);
         self.host_piece(addr, len)
     }
@@ -476,6 +522,7 @@ impl Device {
             lkey: unsafe { r.mr.as_ref().lkey },
             covers: len.min(r.end - addr),
             range: (r.start, r.end),
+            unit: false,
         })
     }
 
@@ -490,18 +537,15 @@ impl Device {
             lkey: unsafe { p.mr.as_ref().lkey },
             covers: len.min(p.end - addr),
             range: (p.start, p.end),
+            unit: p.unit,
         })
     }
 }
 
 impl Drop for Device {
     fn drop(&mut self) {
-        for h in self.host.get_mut().unwrap_or_else(|p| p.into_inner()).pieces.drain(..) {
-            // SAFETY: every QP holds an Arc<Device>, so none is left to use the registration;
-            // `h._mem` (the memory) is dropped only after this.
-            unsafe { ibv_dereg_mr(h.mr.as_ptr()) };
-            drop(h);
-        }
+        // Deregistered (`HostMr::drop`) before the PD below is deallocated.
+        self.host.get_mut().unwrap_or_else(|p| p.into_inner()).pieces.clear();
         if let Some(mut ev) = self.events.take() {
             ev.stop.store(true, Ordering::Release);
             ev.bell.ring();

@@ -73,6 +73,7 @@ fn probe(dev: &Arc<Device>, stopped: &dyn Fn() -> bool) -> std::io::Result<bool>
         lkey: p.region.lkey(),
         covers: 4096,
         range: (p.region.addr(), p.region.addr() + 4096),
+        unit: false,
     };
     // SAFETY: the scratch region is ours alone and outlives the window and both QPs (`Probe`'s
     // field order).

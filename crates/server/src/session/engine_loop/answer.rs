@@ -42,7 +42,25 @@ impl Answer {
         let mut header = FrameHeader::new(opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data_len);
         header.status = status.as_u16().into();
         let n = header.frame_len() as usize;
-        match Outbound::push(&self.conn, header, meta, data) {
+        self.pushed(Outbound::push(&self.conn, header, meta, data), n)
+    }
+
+    /// A successful answer whose bulk data is in staging chunks: sent from them, not copied
+    /// (see [`Outbound::push_staged`]).
+    pub(super) fn ok_staged(self, meta: &[u8], data: crate::staging::Staged) {
+        if self.conn.is_alive() {
+            let mut header =
+                FrameHeader::new(self.opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data.len() as u64);
+            header.status = Status::Ok.as_u16().into();
+            let n = header.frame_len() as usize;
+            self.pushed(Outbound::push_staged(&self.conn, header, meta, data), n);
+        }
+        self.log_done(Status::Ok, "-", 0);
+    }
+
+    /// What a push of an `n`-byte frame did: its wire bytes, 0 when it was not queued.
+    fn pushed(&self, r: Result<(), PushError>, n: usize) -> usize {
+        match r {
             Ok(()) => n,
             Err(PushError::Full) => {
                 // Past the hard bound the client has long stopped reading: give up on it (its

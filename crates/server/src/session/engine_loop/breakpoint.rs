@@ -420,6 +420,7 @@ impl<B: Backend> EngineLoop<B> {
         ans: Answer,
         tenant: &TenantId,
         r: HiddenReadReq,
+        reply: Option<Staged>,
     ) -> Result<(), (Answer, Refusal)> {
         let frame_max = self.frame_bytes_max;
         let (m, at, rows) = match self.paused(tenant, r.session, &ans.conn) {
@@ -442,12 +443,48 @@ impl<B: Backend> EngineLoop<B> {
             Ok((_, b)) => b,
             Err(e) => return Err((ans, e)),
         };
-        let data: Vec<u8> = match r.dtype {
-            HiddenDType::F32 => f32_bytes(&b.hidden).to_vec(),
-            HiddenDType::F16 => b.hidden.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-            HiddenDType::BF16 => b.hidden.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        };
-        ans.ok(&desc.to_meta(), &[&data]);
+        // Written into the connection's reply lease and sent from it (over rdma: memory
+        // registered already); the chunks start at multiples of CHUNK_BYTES, so no element
+        // straddles two.
+        let hidden = &b.hidden;
+        if let Some(mut out) = reply {
+            let filled = out.fill(bytes as usize, |at, part| match r.dtype {
+                HiddenDType::F32 => part.copy_from_slice(&f32_bytes(hidden)[at..at + part.len()]),
+                HiddenDType::F16 => {
+                    for (d, &x) in part.chunks_exact_mut(2).zip(&hidden[at / 2..]) {
+                        d.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
+                    }
+                }
+                HiddenDType::BF16 => {
+                    for (d, &x) in part.chunks_exact_mut(2).zip(&hidden[at / 2..]) {
+                        d.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+                    }
+                }
+            });
+            match filled {
+                Ok(()) => {
+                    ans.ok_staged(&desc.to_meta(), out);
+                    return Ok(());
+                }
+                // The pool is busy or smaller than the state: copied instead, as below.
+                Err(e) => {
+                    tracing::debug!(session = r.session, error = %e, "hidden-state read answered without staging")
+                }
+            }
+        }
+        // No reply lease (the connection's previous read is still being sent) or no room in the
+        // pool: the answer is copied into the connection's outbound frame.
+        match r.dtype {
+            HiddenDType::F32 => ans.ok(&desc.to_meta(), &[f32_bytes(hidden)]),
+            HiddenDType::F16 | HiddenDType::BF16 => {
+                let data: Vec<u8> = if r.dtype == HiddenDType::F16 {
+                    hidden.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
+                } else {
+                    hidden.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
+                };
+                ans.ok(&desc.to_meta(), &[&data]);
+            }
+        }
         Ok(())
     }
 

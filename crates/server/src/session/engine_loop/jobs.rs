@@ -24,7 +24,7 @@ impl<B: Backend> EngineLoop<B> {
             Request::Cancel(id) => self.cancel(ans, &tenant, id),
             Request::Close(id) => self.close(ans, &tenant, id),
             Request::Logits(r) => self.logits(ans, &r.model, r.ids),
-            Request::HiddenRead(r) => self.hidden_read(ans, &tenant, r),
+            Request::HiddenRead(r, reply) => self.hidden_read(ans, &tenant, r, reply),
             Request::HiddenWrite(r, bytes) => self.hidden_write(ans, &tenant, r, bytes),
             Request::Resume(id) => self.resume(ans, &tenant, id),
         };

@@ -9,10 +9,12 @@
 //!   `recv_data` returns: a peer can write only inside its ring and the one range granted to it
 //!   for the one transfer. How the range is opened:
 //!   - inside a host region handed over at start-up (`Listener::register_host_memory`: e.g. a
-//!     server's staging pool; registered in pieces of `verbs::HOST_PIECE_BYTES`, each on its
-//!     first use and kept, one grant per piece a destination spans), on a device that holds
-//!     window writes to the window
-//!     (`rdma::windows`): this connection's type-2 memory window is bound over the range (a work
+//!     server's staging pool; registered in pieces of `verbs::HOST_PIECE_BYTES`, or unit by
+//!     unit where it is handed out in units (`PinnedHost::unit_bytes`: the pool's chunks), each
+//!     on its first use and kept, one grant per piece a destination spans), on a device that
+//!     holds window writes to the window (`rdma::windows`), or where the registration under the
+//!     window is itself the bound (exactly the destination, or one unit that contains it):
+//!     this connection's type-2 memory window is bound over the range (a work
 //!     request on its own QP, so only this connection can use the key) and invalidated after;
 //!     nothing is registered;
 //!   - otherwise the range itself is registered for the transfer ([`LentMr`], scoped to the
@@ -233,12 +235,17 @@ impl RdmaRx {
                 }
             }
             // A window over registered memory: where the device holds window writes to the window
-            // (the probe said so; never probed here), or where the registration covers exactly
-            // this destination (a run-time range: a server's tensor being put), so that even a
-            // device that checks only the registration keeps the peer inside the destination.
+            // (the probe said so; never probed here), or where the registration itself keeps the
+            // peer inside memory the receiver holds, so that even a device that checks only the
+            // registration (soft-RoCE) does: one covering exactly this destination (a run-time
+            // range: a server's tensor being put; a whole staging chunk), or one unit of a region
+            // handed out in whole units that contains the destination (part of a staging chunk,
+            // whose holder is this receive).
             if self.window.is_some() {
                 if let Some(region) = dev.host_region(addr, len) {
-                    if region.range == (addr, addr + len) || dev.windows_bounded.get() == Some(&true) {
+                    let exact = region.range == (addr, addr + len);
+                    let in_unit = region.unit && region.covers == len;
+                    if exact || in_unit || dev.windows_bounded.get() == Some(&true) {
                         return self.receive_windowed_pieces(region, dst);
                     }
                 }
