@@ -426,26 +426,10 @@ impl<B: Backend> Conn<B> {
             return Ok(Outcome::Rejected(Reject::new(Status::Busy, msg)));
         };
         // Into pool chunks as the data arrives: registered memory over rdma, nothing allocated.
-        let mut got = 0usize;
-        while got < n {
-            let len = (n - got).min(CHUNK_BYTES);
-            let buf = match lease.take() {
-                Ok(b) => b,
-                Err(e) => {
-                    lease.release();
-                    *self.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
-                    self.rx_skip((n - got) as u64)?;
-                    return Ok(Outcome::Rejected(e.into()));
-                }
-            };
-            if let Err(e) = self.rx.recv_data(&mut buf[..len]) {
-                return Err(self.transport_failed(e));
-            }
-            got += len;
-            // As a ping's: each chunk that arrives restarts `frame_data_timeout_ms`.
-            if got < n {
-                self.clock.enter(Phase::Serving);
-            }
+        if let Some(reject) = self.recv_into_lease(&mut lease, n)? {
+            lease.release();
+            *self.hand_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+            return Ok(Outcome::Rejected(reject));
         }
         let bytes = Staged::new(lease, n, self.hand_off.clone());
         Ok(self.submit_session(Opcode::SessionHiddenWrite, head, Request::HiddenWrite(req, bytes)))
@@ -587,29 +571,40 @@ impl<B: Backend> Conn<B> {
             self.rx_skip(n)?;
             return Ok(Outcome::Rejected(StagingError::ConnBudget { max }.into()));
         }
-        let mut got = 0u64;
+        let n = usize::try_from(n).map_err(|_| Fatal)?;
+        if let Some(reject) = self.recv_into_lease(lease, n)? {
+            return Ok(Outcome::Rejected(reject));
+        }
+        // The data is in; sending the echo is bounded by the transport's backpressure.
+        self.clock.enter(Phase::Busy);
+        self.send_ok(head, &[], &lease.slices(n), None)?;
+        Ok(Outcome::Sent)
+    }
+
+    /// Receives the frame's `n` data bytes into `lease`'s chunks as they arrive (registered
+    /// memory over rdma, nothing allocated). A chunk the pool or a budget refuses: the rest of
+    /// the data is skipped and the refusal returned (the chunks taken so far stay in `lease`).
+    fn recv_into_lease(&mut self, lease: &mut Lease, n: usize) -> Result<Option<Reject>, Fatal> {
+        let mut got = 0usize;
         while got < n {
-            let len = (n - got).min(CHUNK_BYTES as u64) as usize;
+            let len = (n - got).min(CHUNK_BYTES);
             let buf = match lease.take() {
                 Ok(b) => b,
                 Err(e) => {
-                    self.rx_skip(n - got)?;
-                    return Ok(Outcome::Rejected(e.into()));
+                    self.rx_skip((n - got) as u64)?;
+                    return Ok(Some(e.into()));
                 }
             };
             self.rx.recv_data(&mut buf[..len]).map_err(|e| self.transport_failed(e))?;
-            got += len as u64;
-            // `frame_data_timeout_ms` bounds a stall, not the whole echo: each chunk that arrives
-            // starts it afresh (a 64 MiB ping on a slow link took longer than the deadline and
-            // was closed mid-transfer).
+            got += len;
+            // `frame_data_timeout_ms` bounds a stall, not the whole transfer: each chunk that
+            // arrives starts it afresh (a 64 MiB ping on a slow link took longer than the
+            // deadline and was closed mid-transfer).
             if got < n {
                 self.clock.enter(Phase::Serving);
             }
         }
-        // The data is in; sending the echo is bounded by the transport's backpressure.
-        self.clock.enter(Phase::Busy);
-        self.send_ok(head, &[], &lease.slices(n as usize), None)?;
-        Ok(Outcome::Sent)
+        Ok(None)
     }
 
     fn stats(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {
