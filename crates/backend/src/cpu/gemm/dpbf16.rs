@@ -55,6 +55,7 @@ pub(super) unsafe fn round_to_bf16(x: &[f32], xb: &mut [f32]) {
 ///
 /// `JOINT` reduces a call's accumulators together (the transposed butterfly of [`hsums`]);
 /// `false` reduces each on its own with [`hsum`] — the same bits, kept to time the two.
+/// `pf`'s lines are prefetched into L2, spread evenly over the call's steps.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run<const JOINT: bool>(
     w: *const u8,
@@ -65,18 +66,32 @@ pub(super) unsafe fn run<const JOINT: bool>(
     acts: usize,
     out: *mut f32,
     out_stride: usize,
+    pf: Prefetch,
 ) {
     // Weight rows per step: one accumulator per (row, activation), enough of them in flight to
     // cover the instruction's latency, within 32 registers.
     match acts {
-        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        1 => run_rm::<4, 1, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        2 => run_rm::<4, 2, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        3 => run_rm::<4, 3, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
-        _ => run_rm::<4, 4, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride),
+        1 if row_bytes >= LONG_ROW_BYTES => run_rm::<8, 1, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride, pf),
+        1 => run_rm::<4, 1, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride, pf),
+        2 => run_rm::<4, 2, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride, pf),
+        3 => run_rm::<4, 3, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride, pf),
+        _ => run_rm::<4, 4, JOINT>(w, row_bytes, nrows, xb, kb, out, out_stride, pf),
     }
 }
 
+/// Cache lines a kernel call prefetches while it computes: memory another call reads next.
+/// Prefetching never faults, so any address will do; the caller passes its own weights.
+#[derive(Clone, Copy)]
+pub(super) struct Prefetch {
+    pub first: *const u8,
+    pub lines: usize,
+}
+
+impl Prefetch {
+    pub(super) const NONE: Prefetch = Prefetch { first: std::ptr::null(), lines: 0 };
+}
+
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn run_rm<const R: usize, const M: usize, const TREE: bool>(
     w: *const u8,
@@ -86,7 +101,19 @@ unsafe fn run_rm<const R: usize, const M: usize, const TREE: bool>(
     kb: usize,
     out: *mut f32,
     out_stride: usize,
+    pf: Prefetch,
 ) {
+    // The prefetch spread over the R-row steps (then over each step's k steps).
+    let per_call = pf.lines.div_ceil((nrows / R).max(1));
+    let per_step = per_call.div_ceil((kb / STEP).max(1));
+    let left = std::cell::Cell::new(pf);
+    let next = |n: usize| {
+        let p = left.get();
+        let take = n.min(p.lines);
+        // Past the last line the pointer is not advanced (it is never dereferenced anyway).
+        left.set(Prefetch { first: p.first.wrapping_add(take * 64), lines: p.lines - take });
+        Prefetch { first: p.first, lines: take }
+    };
     // SAFETY: the caller's contract (rows inside `w`, activations `xb`, outputs inside `out`) is
     // the driver's and the kernel's; AVX-512F and AVX512_BF16 are enabled here.
     super::stream_rows::<R, M>(
@@ -95,8 +122,8 @@ unsafe fn run_rm<const R: usize, const M: usize, const TREE: bool>(
         nrows,
         out,
         out_stride,
-        |w, stride, o| unsafe { rows_rm::<R, M, TREE>(w, stride, xb, kb, o) },
-        |w, stride, o| unsafe { rows_rm::<1, M, TREE>(w, stride, xb, kb, o) },
+        |w, stride, o| unsafe { rows_rm::<R, M, TREE>(w, stride, xb, kb, o, next(per_call), per_step) },
+        |w, stride, o| unsafe { rows_rm::<1, M, TREE>(w, stride, xb, kb, o, next(per_call), per_step) },
     )
 }
 
@@ -108,6 +135,8 @@ unsafe fn rows_rm<const R: usize, const M: usize, const TREE: bool>(
     xb: *const f32,
     kb: usize,
     out: &mut [[f32; M]; R],
+    mut pf: Prefetch,
+    pf_per_step: usize,
 ) {
     let half = kb / 2;
     let mut acc = [[_mm512_setzero_ps(); M]; R];
@@ -116,6 +145,11 @@ unsafe fn rows_rm<const R: usize, const M: usize, const TREE: bool>(
         let mut x = [load_bh(xb as *const u8); M];
         for a in 0..M {
             x[a] = load_bh(xb.add(a * half + i / 2) as *const u8);
+        }
+        for _ in 0..pf_per_step.min(pf.lines) {
+            // A hint (never faults): into L2, where the next call reads it from.
+            _mm_prefetch::<_MM_HINT_T1>(pf.first as *const i8);
+            pf = Prefetch { first: pf.first.wrapping_add(64), lines: pf.lines - 1 };
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let wv = load_bh(w.add(r * stride + i * 2));
@@ -297,9 +331,9 @@ mod tests {
                                         c.as_mut_ptr().add(r0 * n),
                                     );
                                     if tree {
-                                        run::<true>(wp, k * 2, n, xp, k, acts, cp, n);
+                                        run::<true>(wp, k * 2, n, xp, k, acts, cp, n, Prefetch::NONE);
                                     } else {
-                                        run::<false>(wp, k * 2, n, xp, k, acts, cp, n);
+                                        run::<false>(wp, k * 2, n, xp, k, acts, cp, n, Prefetch::NONE);
                                     }
                                     r0 += acts;
                                 }
