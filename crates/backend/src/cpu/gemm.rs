@@ -479,16 +479,39 @@ fn gemv_simd(
                 // the first prefetch the next tile, spread over their steps: measured from memory
                 // at m = 16, two threads, 1.15× faster.
                 let groups = m.div_ceil(ACT_GROUP);
-                let tile = if dot && groups > 1 {
-                    nj.div_ceil(GEMV_PF_TILES).next_multiple_of(ACT_GROUP).min(GEMV_J_TILE)
-                } else {
-                    GEMV_J_TILE
+                let prefetch = dot && groups > 1;
+                let tile_of = |nj: usize| {
+                    if prefetch {
+                        nj.div_ceil(GEMV_PF_TILES).next_multiple_of(ACT_GROUP).min(GEMV_J_TILE)
+                    } else {
+                        GEMV_J_TILE
+                    }
                 };
+                let tile = tile_of(nj);
                 let mut jt = j0;
                 while jt < j0 + nj {
                     let nt = tile.min(j0 + nj - jt);
-                    // The next tile of this chunk, in cache lines (none past the chunk).
-                    let next_lines = if tile < GEMV_J_TILE { tile.min(j0 + nj - jt - nt) * row_bytes / 64 } else { 0 };
+                    // The next tile: this chunk's, else the first of the next piece (the next
+                    // one claimed, by this thread or the other, which then reads it from this
+                    // core's cache instead of memory). As (first byte, cache lines).
+                    let (next_w, next_lines): (*const u8, usize) = if !prefetch {
+                        (std::ptr::null(), 0)
+                    } else if jt + nt < j0 + nj {
+                        // SAFETY: row `jt + nt` < n is inside this part's weights.
+                        (
+                            unsafe { w.ptr.add((jt + nt) * row_bytes) as *const u8 },
+                            tile.min(j0 + nj - jt - nt) * row_bytes / 64,
+                        )
+                    } else if i + 1 < pieces.count() {
+                        let (p2, j2, n2) = pieces.get(i + 1, parts);
+                        // SAFETY: row `j2` < its part's n is inside that part's weights.
+                        (
+                            unsafe { parts[p2].w.ptr.add(j2 * row_bytes) as *const u8 },
+                            tile_of(n2).min(n2) * row_bytes / 64,
+                        )
+                    } else {
+                        (std::ptr::null(), 0)
+                    };
                     // Every activation row against this weight tile while it is in cache (read
                     // from memory once per call, whatever `m`), in groups of up to four: all
                     // `nt` weight rows per kernel call.
@@ -500,12 +523,9 @@ fn gemv_simd(
                         let share = next_lines.div_ceil(groups.saturating_sub(1).max(1));
                         let (l0, l1) = (((g.max(1) - 1) * share).min(next_lines), (g * share).min(next_lines));
                         let pf = if l1 > l0 {
-                            // SAFETY: lines `l0..l1` of the next tile lie inside the weights
-                            // (rows `jt + nt..` < n); nothing is read through the pointer.
-                            dpbf16::Prefetch {
-                                first: unsafe { w.ptr.add((jt + nt) * row_bytes + l0 * 64) },
-                                lines: l1 - l0,
-                            }
+                            // SAFETY: lines `l0..l1` of the next tile lie inside its weights;
+                            // nothing is read through the pointer.
+                            dpbf16::Prefetch { first: unsafe { next_w.add(l0 * 64) }, lines: l1 - l0 }
                         } else {
                             dpbf16::Prefetch::NONE
                         };
