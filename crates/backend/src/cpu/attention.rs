@@ -272,6 +272,15 @@ pub(crate) fn attention(
     let item_bytes = (2 * ctx_max * hd * l.dtype.size_bytes()).max(1);
     be.for_chunks(items, ATTEND_BYTES_MIN.div_ceil(item_bytes), |i0, ni| {
         for item in i0..i0 + ni {
+            // The cache is read once per step from memory (a batch's KV is tens of MiB beside
+            // the weights streaming through): this item's V is fetched while its scores are
+            // computed, the next item's K and V while this one runs (it was a third of a 16-row
+            // decode step's attention time waiting on V loads).
+            prefetch_kv(&job, item, 1, Hint::L1);
+            if item + 1 < items {
+                prefetch_kv(&job, item + 1, 0, Hint::L2);
+                prefetch_kv(&job, item + 1, 1, Hint::L2);
+            }
             with_scratch(scratch, |buf| attend(&job, item, buf));
         }
     });
@@ -313,6 +322,50 @@ struct Job<'a> {
     scale: f32,
     /// Fold blocks with the AVX-512 kernel (`avx512::handles(head_dim)`).
     wide: bool,
+}
+
+/// Which cache a prefetch fills.
+#[derive(Clone, Copy)]
+enum Hint {
+    L1,
+    L2,
+}
+
+/// Prefetches the K (`kv` 0) or V (1) slabs item `item` reads: its KV head's tokens up to the
+/// item's last position, block by block. A hint only (the addresses are inside the cache, and a
+/// prefetch never faults anyway).
+fn prefetch_kv(job: &Job<'_>, item: usize, kv: usize, hint: Hint) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        let (l, tiles) = (job.l, job.tiles);
+        let (s, rest) = (item / (l.kv_heads * tiles), item % (l.kv_heads * tiles));
+        let (h, tile) = (rest / tiles, rest % tiles);
+        let q_len = (job.qs[s + 1] - job.qs[s]) as usize;
+        if tile * ROW_TILE >= q_len {
+            return;
+        }
+        let last = job.ctx[s] as usize - q_len + (q_len - 1).min(tile * ROW_TILE + ROW_TILE - 1);
+        let (bt, esize) = (l.block_tokens, l.dtype.size_bytes());
+        let table = &job.tables[s * job.max_blocks..];
+        for blk in 0..=last / bt {
+            let valid = bt.min(last + 1 - blk * bt);
+            let first = l.elem_offset(table[blk] as usize, job.layer, kv, h, 0);
+            let base = job.cache.ptr.wrapping_add(first * esize) as *const i8;
+            for line in 0..(valid * l.head_dim * esize).div_ceil(64) {
+                let p = base.wrapping_add(line * 64);
+                // SAFETY: prefetching has no memory-safety preconditions (it never faults).
+                unsafe {
+                    match hint {
+                        Hint::L1 => _mm_prefetch::<_MM_HINT_T0>(p),
+                        Hint::L2 => _mm_prefetch::<_MM_HINT_T1>(p),
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (job, item, kv, hint);
 }
 
 multiversion! {
