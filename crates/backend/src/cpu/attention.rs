@@ -352,14 +352,12 @@ fn prefetch_kv(job: &Job<'_>, item: usize, kv: usize, hint: Hint) {
             let valid = bt.min(last + 1 - blk * bt);
             let first = l.elem_offset(table[blk] as usize, job.layer, kv, h, 0);
             let base = job.cache.ptr.wrapping_add(first * esize) as *const i8;
-            for line in 0..(valid * l.head_dim * esize).div_ceil(64) {
-                let p = base.wrapping_add(line * 64);
-                // SAFETY: prefetching has no memory-safety preconditions (it never faults).
-                unsafe {
-                    match hint {
-                        Hint::L1 => _mm_prefetch::<_MM_HINT_T0>(p),
-                        Hint::L2 => _mm_prefetch::<_MM_HINT_T1>(p),
-                    }
+            let lines = (valid * l.head_dim * esize).div_ceil(64);
+            // SAFETY: prefetching has no memory-safety preconditions (it never faults).
+            unsafe {
+                match hint {
+                    Hint::L1 => (0..lines).for_each(|i| _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(i * 64))),
+                    Hint::L2 => (0..lines).for_each(|i| _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(i * 64))),
                 }
             }
         }
