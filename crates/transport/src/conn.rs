@@ -103,6 +103,16 @@ pub trait FrameTx: Send {
         Ok(TrySend::WouldBlock)
     }
 
+    /// [`FrameTx::try_send`] of a frame that another frame on this half follows at once (a
+    /// decode's last token, then its final frame): the transport may hold this one back to go
+    /// out with the next (tcp: `MSG_MORE`, one segment and one wake-up of the peer instead of
+    /// two sends of ~5 µs each on loopback). The caller must send another frame on this half
+    /// right after (that `send` or `try_send` releases both). The default sends it as `try_send`
+    /// does.
+    fn try_send_more(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        self.try_send(frame)
+    }
+
     /// Sends, waiting as `send` does, what a [`FrameTx::try_send`] left over (nothing to do if it
     /// left nothing).
     fn flush(&mut self) -> Result<(), TransportError> {
