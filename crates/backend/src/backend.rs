@@ -243,6 +243,11 @@ pub trait Backend: Send + Sync + 'static {
 
     fn info(&self) -> DeviceInfo;
 
+    /// A hint that no op follows soon (the caller ran its last step and has nothing queued): a
+    /// backend whose workers spin for the next op has them yield their cores between looks at
+    /// once (they still park only after their usual spin). The default does nothing.
+    fn quiesce(&self) {}
+
     /// Bytes of the per-stream workspace some ops stage operands in (mixed-dtype GEMM operand A,
     /// sampling's sort slots), which bounds the rows one step may have; `None`: no such bound.
     /// Callers check their largest step against it at start-up, so no step fails midway on it.

@@ -103,6 +103,16 @@ pub trait FrameTx: Send {
         Ok(TrySend::WouldBlock)
     }
 
+    /// [`FrameTx::try_send`] of a frame that another frame on this half follows at once (a
+    /// decode's last token, then its final frame): the transport may hold this one back to go
+    /// out with the next (tcp: `MSG_MORE`, one segment and one wake-up of the peer instead of
+    /// two sends of ~5 µs each on loopback). The caller must send another frame on this half
+    /// right after (that `send` or `try_send` releases both). The default sends it as `try_send`
+    /// does.
+    fn try_send_more(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        self.try_send(frame)
+    }
+
     /// Sends, waiting as `send` does, what a [`FrameTx::try_send`] left over (nothing to do if it
     /// left nothing).
     fn flush(&mut self) -> Result<(), TransportError> {
@@ -207,8 +217,11 @@ pub type SpinGate = Arc<std::sync::atomic::AtomicBool>;
 /// A bounded spin (spin-then-park) spins without giving its core away for this long, then
 /// yields between looks: a thread woken onto the spinner's own core (the scheduler likes to put
 /// a wakee beside its waker) would otherwise wait out the whole spin. On two cores that wait was
-/// the 50–60 µs behind every slow tcp call.
-pub(crate) const PURE_SPIN: std::time::Duration = std::time::Duration::from_micros(5);
+/// the 50–60 µs behind every slow tcp call. Zero: a per-call timeline on the 2-core host showed
+/// the client, the server's connection thread and its engine loop all on one core, so each hop
+/// of a call (request → connection thread, reply → client) waited out the waiter's pure spin
+/// (5 µs each); a look between yields costs under a microsecond where the peer runs elsewhere.
+pub(crate) const PURE_SPIN: std::time::Duration = std::time::Duration::ZERO;
 
 /// Whether a wait in `mode` with `gate` may spin without bound right now.
 pub(crate) fn spins_unbounded(mode: WaitMode, gate: &Option<SpinGate>) -> bool {

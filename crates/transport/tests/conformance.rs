@@ -885,6 +885,56 @@ fn try_send_whole_frames(f: &Fixture) {
     eprintln!("{}: {sent} frames by try_send (last partly: {partly})", f.transport);
 }
 
+/// A frame sent with `try_send_more` (which a transport may hold back for the next one: tcp's
+/// `MSG_MORE`) arrives whole and in order once the next frame is sent, by `try_send` or by
+/// `send` — a decode's last token and its final frame.
+fn try_send_more_then_next(f: &Fixture) {
+    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
+    let url = listener.url();
+    let accept = thread::spawn(move || listener.accept().expect("accept"));
+    let mut c = djinn_transport::connect(&url, &f.opts).expect("connect");
+    let mut server = accept.join().unwrap();
+    const PAIRS: u64 = 50;
+    let reader = thread::spawn(move || {
+        for id in 0..2 * PAIRS {
+            let (h, meta, d) = recv(&mut server).expect("recv");
+            assert_eq!(h.request_id.get(), id);
+            assert_eq!(meta, id.to_le_bytes());
+            assert!(d == pattern((id % 7) as usize * 100, id), "frame {id} differs");
+        }
+    });
+    let t0 = Instant::now();
+    for pair in 0..PAIRS {
+        let (first, second) = (2 * pair, 2 * pair + 1);
+        let data = pattern((first % 7) as usize * 100, first);
+        let meta = first.to_le_bytes();
+        let header = FrameHeader::new(2, 0, first, meta.len() as u32, data.len() as u64);
+        match c.tx.try_send_more(&OutFrame { header, meta: &meta, data: &[&data] }).expect("try_send_more") {
+            TrySend::Sent | TrySend::Partly(_) => {}
+            TrySend::WouldBlock => send(&mut c, 2, 0, first, &meta, &data).expect("send"),
+        }
+        let data = pattern((second % 7) as usize * 100, second);
+        let meta = second.to_le_bytes();
+        let header = FrameHeader::new(2, 0, second, meta.len() as u32, data.len() as u64);
+        // Odd pairs end with `try_send` (falling back to `send`), even ones with `send`.
+        let direct = pair % 2 == 1
+            && match c.tx.try_send(&OutFrame { header, meta: &meta, data: &[&data] }).expect("try_send") {
+                TrySend::Sent => true,
+                TrySend::Partly(_) => {
+                    c.tx.flush().expect("flush");
+                    true
+                }
+                TrySend::WouldBlock => false,
+            };
+        if !direct {
+            send(&mut c, 2, 0, second, &meta, &data).expect("send");
+        }
+    }
+    reader.join().unwrap();
+    // A frame held back until a timer (tcp's 200 ms) would take 10 s here.
+    assert!(t0.elapsed() < Duration::from_secs(5), "frames held back: {:?}", t0.elapsed());
+}
+
 fn listener_stop(f: &Fixture) {
     let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
     let stop = listener.stopper();
@@ -928,6 +978,7 @@ const TESTS: &[(&str, Body, Needs)] = &[
     ("closer_unblocks_both_sides", closer_unblocks_both_sides, Closer),
     ("listener_stop", listener_stop, Nothing),
     ("try_send_whole_frames", try_send_whole_frames, Nothing),
+    ("try_send_more_then_next", try_send_more_then_next, Nothing),
 ];
 
 /// Busy-poll fixtures burn a core per waiting side; on a 2-core machine only the cheap tests run.

@@ -162,6 +162,10 @@ impl Backend for CpuBackend {
     type Event = CpuEvent;
     type Host = CpuHostBuf;
 
+    fn quiesce(&self) {
+        self.workers.quiesce();
+    }
+
     fn info(&self) -> DeviceInfo {
         let (total, free) = memory_bytes();
         DeviceInfo { kind: "cpu", name: cpu_name(), ordinal: 0, memory_total_bytes: total, memory_free_bytes: free }

@@ -72,6 +72,9 @@ struct Shared {
     panicked: AtomicBool,
     /// Workers that are parked or about to park (Dekker pairing with `word`, both SeqCst).
     sleepers: AtomicUsize,
+    /// The epoch current at the last [`Pool::quiesce`]: a worker whose last job is of this epoch
+    /// skips the rest of its pure spin (`u64::MAX`: none yet; epochs are 32 bits).
+    quiet: AtomicU64,
     stop: AtomicBool,
     park: Mutex<()>,
     wake: Condvar,
@@ -132,6 +135,7 @@ impl Pool {
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
+            quiet: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
             park: Mutex::new(()),
             wake: Condvar::new(),
@@ -144,6 +148,15 @@ impl Pool {
             pool.workers.push(h);
         }
         Ok(pool)
+    }
+
+    /// No job follows soon (the caller's last step is done and nothing is queued): workers that
+    /// have finished the latest job skip the rest of their pure spin and yield between looks, so
+    /// the threads the next request waits for (a connection thread, a client on this host) get
+    /// the core. The next job ends it: a worker that takes one spins purely again after it.
+    pub(crate) fn quiesce(&self) {
+        let sh = &*self.shared;
+        sh.quiet.store(epoch_of(sh.word.load(Ordering::Acquire)), Ordering::Relaxed);
     }
 
     /// Runs `f(i)` for every `i in 0..n`, spread over the workers and the calling thread; returns
@@ -227,7 +240,8 @@ fn worker(sh: &Shared) {
                     drop(g);
                     continue;
                 }
-                if now >= pure_until {
+                // Past the pure spin, or told that no job follows soon ([`Pool::quiesce`]).
+                if now >= pure_until || sh.quiet.load(Ordering::Relaxed) == seen {
                     std::thread::yield_now();
                 }
             }
@@ -296,6 +310,22 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 16);
+    }
+
+    #[test]
+    fn jobs_after_a_quiesce_hint_run_every_chunk() {
+        let pool = Pool::new(2).unwrap();
+        for round in 0..50 {
+            let count = AtomicUsize::new(0);
+            pool.run(16, &|_| {
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(count.load(Ordering::Relaxed), 16);
+            pool.quiesce();
+            if round % 10 == 0 {
+                std::thread::sleep(Duration::from_millis(1)); // past the spin: workers park
+            }
+        }
     }
 
     #[test]

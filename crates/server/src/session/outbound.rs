@@ -250,12 +250,25 @@ impl Outbound {
         meta: &[u8],
         data: &[&[u8]],
     ) -> Result<(), PushError> {
+        Self::push_then(link, header, meta, data, false)
+    }
+
+    /// [`Outbound::push`]; `more`: the caller pushes another frame of `link` right after (a
+    /// decode's last token, then its final frame), so a direct send may hold this one back to
+    /// go out with it ([`djinn_transport::FrameTx::try_send_more`]).
+    pub(crate) fn push_then(
+        link: &Arc<ConnLink>,
+        header: FrameHeader,
+        meta: &[u8],
+        data: &[&[u8]],
+        more: bool,
+    ) -> Result<(), PushError> {
         let out = &link.out;
         let mut st = out.lock();
         if st.closed {
             return Err(PushError::Closed);
         }
-        let (st_back, sent) = Self::try_direct(link, st, header, meta, data)?;
+        let (st_back, sent) = Self::try_direct(link, st, header, meta, data, more)?;
         st = st_back;
         if sent {
             return Ok(());
@@ -285,7 +298,7 @@ impl Outbound {
         if st.closed {
             return Err(PushError::Closed);
         }
-        let (st, sent) = Self::try_direct(link, st, header, meta, &segs)?;
+        let (st, sent) = Self::try_direct(link, st, header, meta, &segs, false)?;
         drop(segs);
         if sent {
             return Ok(());
@@ -358,6 +371,7 @@ impl Outbound {
         header: FrameHeader,
         meta: &[u8],
         data: &[&[u8]],
+        more: bool,
     ) -> Result<(MutexGuard<'a, State>, bool), PushError> {
         let super::Sink::Writer(tx) = &link.sink else { return Ok((st, false)) };
         if !st.queue.is_empty() || st.sending_bytes > 0 || st.tail_pending {
@@ -365,7 +379,8 @@ impl Outbound {
         }
         // Never wait for the half: the connection's reader may be sending a reply on it.
         let Ok(mut tx) = tx.try_lock() else { return Ok((st, false)) };
-        let r = tx.try_send(&OutFrame { header, meta, data });
+        let frame = OutFrame { header, meta, data };
+        let r = if more { tx.try_send_more(&frame) } else { tx.try_send(&frame) };
         drop(tx);
         match r {
             Ok(TrySend::Sent) => {

@@ -145,7 +145,9 @@ impl<I: StreamIo> StreamTx<I> {
         r
     }
 
-    fn try_send_inner(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+    /// `more`: another frame follows at once (`MSG_MORE`: the kernel holds a partial segment
+    /// until the next send without it, which every other send of this half is).
+    fn try_send_inner(&mut self, frame: &OutFrame<'_>, more: bool) -> Result<TrySend, TransportError> {
         if !self.tail.is_empty() {
             return Ok(TrySend::WouldBlock);
         }
@@ -162,7 +164,8 @@ impl<I: StreamIo> StreamTx<I> {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_iov = self.iov.as_ptr() as *mut libc::iovec;
             msg.msg_iovlen = self.iov.len() as _;
-            libc::sendmsg(self.io.socket().as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            let more = if more { libc::MSG_MORE } else { 0 };
+            libc::sendmsg(self.io.socket().as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | more)
         };
         if sent < 0 {
             let e = io::Error::last_os_error();
@@ -195,7 +198,13 @@ impl<I: StreamIo> FrameTx for StreamTx<I> {
     }
 
     fn try_send(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
-        let r = self.try_send_inner(frame);
+        let r = self.try_send_inner(frame, false);
+        self.iov.clear();
+        r
+    }
+
+    fn try_send_more(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
+        let r = self.try_send_inner(frame, true);
         self.iov.clear();
         r
     }

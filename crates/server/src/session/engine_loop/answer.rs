@@ -35,6 +35,12 @@ impl Answer {
     /// Queues the frame for the connection's writer (never blocks on the peer); returns its
     /// wire bytes, 0 when the connection is gone.
     pub(super) fn send(&self, opcode: Opcode, status: Status, meta: &[u8], data: &[&[u8]]) -> usize {
+        self.send_then(opcode, status, meta, data, false)
+    }
+
+    /// [`Answer::send`]; `more`: this answer's next frame is pushed right after (see
+    /// [`Outbound::push_then`]).
+    pub(super) fn send_then(&self, opcode: Opcode, status: Status, meta: &[u8], data: &[&[u8]], more: bool) -> usize {
         if !self.conn.is_alive() {
             return 0;
         }
@@ -42,7 +48,7 @@ impl Answer {
         let mut header = FrameHeader::new(opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data_len);
         header.status = status.as_u16().into();
         let n = header.frame_len() as usize;
-        self.pushed(Outbound::push(&self.conn, header, meta, data), n)
+        self.pushed(Outbound::push_then(&self.conn, header, meta, data, more), n)
     }
 
     /// A successful answer whose bulk data is in staging chunks: sent from them, not copied

@@ -248,6 +248,11 @@ impl<B: Backend> EngineLoop<B> {
                 (a, b) => a.or(b),
             };
             let wait = deadline.map_or(PARK_MAX, |d| d.saturating_duration_since(Instant::now()).min(PARK_MAX));
+            // Nothing to step: the backends' workers need not keep their cores for a next op,
+            // which the connection thread and a client on this host need for the next request.
+            for m in &self.models {
+                m.engine.backend().quiesce();
+            }
             q.parked = true;
             q = self.svc.wake.wait_timeout(q, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
             q.parked = false;

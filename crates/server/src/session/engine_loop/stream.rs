@@ -36,7 +36,15 @@ impl<B: Backend> EngineLoop<B> {
             (LogitsWire::Full, Some(row)) => &[f32_bytes(row)],
             _ => &[],
         };
-        let bytes = d.ans.send(Opcode::SessionToken, Status::Ok, w.as_bytes(), full);
+        // Known before the send: a last token's frame may go out together with the final frame.
+        let finish = if hit {
+            Some(FinishWire::Stop)
+        } else if d.produced >= d.max_new || s.tokens.len() >= s.max_tokens {
+            Some(FinishWire::Length)
+        } else {
+            None
+        };
+        let bytes = d.ans.send_then(Opcode::SessionToken, Status::Ok, w.as_bytes(), full, finish.is_some());
         self.meta = w.finish();
         let now = Instant::now();
         let labels = [self.models[m].info.name.as_str(), s.class.name()];
@@ -52,13 +60,6 @@ impl<B: Backend> EngineLoop<B> {
         d.last = now;
         self.metrics.tokens_generated_total.with_label_values(&[&self.models[m].info.name]).inc();
         self.metrics.step_bytes.observe(bytes as f64);
-        let finish = if hit {
-            Some(FinishWire::Stop)
-        } else if d.produced >= d.max_new || s.tokens.len() >= s.max_tokens {
-            Some(FinishWire::Length)
-        } else {
-            None
-        };
         if let Some(f) = finish {
             self.end_work(id, Ok(()), f);
         }
