@@ -603,6 +603,19 @@ impl Cq {
         Ok(n as usize)
     }
 
+    /// As [`Cq::poll`], into entries nobody initialised (a busy-polling loop calls this for
+    /// every look at the CQ: zeroing a batch each time would cost more than the poll); returns
+    /// the completions taken.
+    pub(crate) fn poll_into<'a>(&self, out: &'a mut [std::mem::MaybeUninit<ibv_wc>]) -> io::Result<&'a [ibv_wc]> {
+        // SAFETY: `out` has room for `out.len()` entries; the provider writes the first `n`.
+        let n = unsafe { ibv_poll_cq(self.cq.as_ptr(), out.len() as i32, out.as_mut_ptr().cast()) };
+        if n < 0 {
+            return Err(io::Error::other("ibv_poll_cq failed"));
+        }
+        // SAFETY: the provider initialised the first `n` (≤ out.len()) entries.
+        Ok(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<ibv_wc>(), n as usize) })
+    }
+
     /// Asks for one event on the channel at the next completion.
     pub(crate) fn arm(&self) -> io::Result<()> {
         // SAFETY: valid CQ.
@@ -991,6 +1004,37 @@ impl Qp {
         }
     }
 }
+
+impl Qp {
+    /// Posts `n` zero-length receives (for WRITE_WITH_IMM, which consumes no buffer), chained
+    /// [`RECV_CHAIN`] per call: one provider call per chain instead of one per receive.
+    pub(crate) fn post_empty_recvs(&self, n: u64) -> io::Result<()> {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(RECV_CHAIN as u64) as usize;
+            let mut wrs: [ibv_recv_wr; RECV_CHAIN] = std::array::from_fn(|_| ibv_recv_wr {
+                wr_id: 0,
+                next: ptr::null_mut(),
+                sg_list: ptr::null_mut(),
+                num_sge: 0,
+            });
+            let base = wrs.as_mut_ptr();
+            for i in 0..k - 1 {
+                // SAFETY: i + 1 < k <= RECV_CHAIN: both entries are inside `wrs`, which is only
+                // reached through `base` from here on.
+                unsafe { (*base.add(i)).next = base.add(i + 1) };
+            }
+            let mut bad = ptr::null_mut();
+            // SAFETY: zero-length receives hand no memory to the NIC; the chain lives across the call.
+            ret("ibv_post_recv", unsafe { ibv_post_recv(self.qp.as_ptr(), base, &mut bad) })?;
+            left -= k as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Receives one [`Qp::post_empty_recvs`] call posts at most.
+pub(crate) const RECV_CHAIN: usize = 16;
 
 impl Drop for Qp {
     fn drop(&mut self) {

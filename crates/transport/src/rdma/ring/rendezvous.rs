@@ -406,7 +406,8 @@ impl RdmaRx {
     /// Sends `grant` with the current credit (so the grant also says every ring byte is consumed).
     fn send_grant(&mut self, grant: Grant) -> Result<(), RingError> {
         self.wait_sq_room()?;
-        let c = super::Credit { head: self.head, imms: self.imms, closed: false, grant };
+        self.repost()?;
+        let c = super::Credit { head: self.head, imms: self.reposted, closed: false, grant };
         let (wr_id, signaled) = self.sq.next();
         self.qp.post_send_inline(wr_id, &c.encode(), signaled).map_err(super::verbs)?;
         self.reported = super::Credit { grant: Grant::None, ..c };
