@@ -324,6 +324,37 @@ struct Job<'a> {
     wide: bool,
 }
 
+/// The rows and positions of one work item.
+struct Span {
+    /// Sequence and KV head.
+    s: usize,
+    h: usize,
+    /// The sequence's first query row, and the item's first row within it and row count.
+    q0: usize,
+    j0: usize,
+    nr: usize,
+    /// Positions of the item's first and last rows.
+    first_pos: usize,
+    last_pos: usize,
+}
+
+impl Job<'_> {
+    /// Item `item`'s span; `None` for a tile past its sequence's rows.
+    fn span(&self, item: usize) -> Option<Span> {
+        let (kvh, tiles) = (self.l.kv_heads, self.tiles);
+        let (s, rest) = (item / (kvh * tiles), item % (kvh * tiles));
+        let (h, tile) = (rest / tiles, rest % tiles);
+        let (q0, q_len) = (self.qs[s] as usize, (self.qs[s + 1] - self.qs[s]) as usize);
+        let j0 = tile * ROW_TILE;
+        if j0 >= q_len {
+            return None;
+        }
+        let nr = ROW_TILE.min(q_len - j0);
+        let first_pos = self.ctx[s] as usize - q_len + j0;
+        Some(Span { s, h, q0, j0, nr, first_pos, last_pos: first_pos + nr - 1 })
+    }
+}
+
 /// Which cache a prefetch fills.
 #[derive(Clone, Copy)]
 enum Hint {
@@ -338,14 +369,8 @@ fn prefetch_kv(job: &Job<'_>, item: usize, kv: usize, hint: Hint) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
-        let (l, tiles) = (job.l, job.tiles);
-        let (s, rest) = (item / (l.kv_heads * tiles), item % (l.kv_heads * tiles));
-        let (h, tile) = (rest / tiles, rest % tiles);
-        let q_len = (job.qs[s + 1] - job.qs[s]) as usize;
-        if tile * ROW_TILE >= q_len {
-            return;
-        }
-        let last = job.ctx[s] as usize - q_len + (q_len - 1).min(tile * ROW_TILE + ROW_TILE - 1);
+        let l = job.l;
+        let Some(Span { s, h, last_pos: last, .. }) = job.span(item) else { return };
         let (bt, esize) = (l.block_tokens, l.dtype.size_bytes());
         let table = &job.tables[s * job.max_blocks..];
         for blk in 0..=last / bt {
@@ -371,20 +396,10 @@ multiversion! {
 fn attend(job: &Job<'_>, item: usize, buf: &mut [f32]) {
     let (l, group, heads, scale) = (job.l, job.group, job.heads, job.scale);
     let (q, cache, out) = (job.q, job.cache, job.out);
-    let (kvh, hd, bt, tiles) = (l.kv_heads, l.head_dim, l.block_tokens, job.tiles);
+    let (hd, bt) = (l.head_dim, l.block_tokens);
     let layer = job.layer;
     let slab = bt * hd;
-    let (s, rest) = (item / (kvh * tiles), item % (kvh * tiles));
-    let (h, tile) = (rest / tiles, rest % tiles);
-    let (q0, q_len) = (job.qs[s] as usize, (job.qs[s + 1] - job.qs[s]) as usize);
-    let j0 = tile * ROW_TILE;
-    if j0 >= q_len {
-        return;
-    }
-    let nr = ROW_TILE.min(q_len - j0);
-    let n_ctx = job.ctx[s] as usize;
-    let first_pos = n_ctx - q_len + j0;
-    let last_pos = first_pos + nr - 1;
+    let Some(Span { s, h, q0, j0, nr, first_pos, last_pos }) = job.span(item) else { return };
     let table = &job.tables[s * job.max_blocks..];
     let n = nr * group;
     let (m, buf) = buf.split_at_mut(n);

@@ -14,8 +14,8 @@ thread_local! {
 /// First index of the maximum (NaNs never win; an all-NaN row gives 0).
 pub(crate) fn argmax_row(row: &[f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F was detected.
+    if super::simd_level() == super::SimdLevel::Avx512 {
+        // SAFETY: AVX-512F was detected (the kernels' level, capped by `DJINN_CPU_SIMD`).
         return unsafe { argmax_avx512(row) };
     }
     argmax_scalar(row, f32::NEG_INFINITY, 0, 0)

@@ -31,51 +31,45 @@ pub(super) struct RowState<'a> {
     pub acc: &'a mut [f32],
 }
 
-/// Folds tokens `0..upto` of a block (`k` and `v`: `upto` rows of `hd`) into `st` for the query
-/// heads `q` (`st.m.len()` heads of `hd`, already scaled), several heads at once so their
-/// independent chains overlap and they share each V load. A head's arithmetic does not depend
-/// on which heads share its pass.
+/// Folds tokens `0..upto` of a block (`k` and `v`: `upto` rows of `hd`, back to back) into `st`
+/// for the query heads `q`: [`fold_groups`] over its parts of up to [`PART_TOKENS`].
 ///
 /// # Safety
 /// AVX-512F must be available; `handles(hd)`; `q` and `st.acc` hold `heads * hd` values,
 /// `st.lsum` `heads`, `k` and `v` at least `upto * hd`.
 pub(super) unsafe fn fold_block(q: &[f32], hd: usize, k: &[f32], v: &[f32], upto: usize, st: RowState<'_>) {
-    let heads = st.m.len();
-    debug_assert!(q.len() >= heads * hd && st.acc.len() >= heads * hd && st.lsum.len() >= heads);
     debug_assert!(k.len() >= upto * hd && v.len() >= upto * hd);
-    let hc = hd / 16;
-    // Heads per pass: their V accumulators (`hc` vectors each) within 16 registers.
-    let per = (16 / hc).clamp(1, 4);
-    let mut h0 = 0;
-    while h0 < heads {
-        let g = per.min(heads - h0);
-        let (qh, mh, lh, ah) = (&q[h0 * hd..], &mut st.m[h0..], &mut st.lsum[h0..], &mut st.acc[h0 * hd..]);
-        macro_rules! go {
-            ($($hc:literal),*) => {
-                match (hc, g) {
-                    $(($hc, 1) => fold::<$hc, 1>(qh, k, v, upto, mh, lh, ah),
-                      ($hc, 2) => fold::<$hc, 2>(qh, k, v, upto, mh, lh, ah),
-                      ($hc, 3) => fold::<$hc, 3>(qh, k, v, upto, mh, lh, ah),
-                      ($hc, _) => fold::<$hc, 4>(qh, k, v, upto, mh, lh, ah),)*
-                    _ => unreachable!("head dim {hd} is not one `handles` takes"),
-                }
-            };
+    // Parts of up to PART_TOKENS, each a run of 16-token groups laid out back to back.
+    let mut t0 = 0;
+    while t0 < upto {
+        let nt = PART_TOKENS.min(upto - t0);
+        let (mut kp, mut vp) = ([k.as_ptr(); PART_GROUPS], [v.as_ptr(); PART_GROUPS]);
+        for i in 0..nt.div_ceil(T) {
+            // Inside `k` and `v`: token `t0 + i * T` < `upto`.
+            (kp[i], vp[i]) = (k[(t0 + i * T) * hd..].as_ptr(), v[(t0 + i * T) * hd..].as_ptr());
         }
-        go!(1, 2, 3, 4, 5, 6, 7, 8);
-        h0 += g;
+        let part = RowState { m: &mut *st.m, lsum: &mut *st.lsum, acc: &mut *st.acc };
+        // SAFETY: the caller's contract; group `i` of the part holds its tokens (`t0 + i * T..`
+        // of `k` and `v`, within `upto`).
+        unsafe { fold_groups(q, hd, &kp, &vp, nt, part) };
+        t0 += nt;
     }
 }
 
 /// Groups of [`GROUP_TOKENS`] tokens one part folds at most.
 pub(super) const PART_GROUPS: usize = PART_TOKENS / T;
 
-/// [`fold_block`] for one part of up to [`PART_TOKENS`] tokens whose K and V are not contiguous:
-/// group `i` of [`GROUP_TOKENS`] tokens lies at `k[i]` and `v[i]` (`hd` apart per token); tokens
-/// `0..upto` of the part are folded. The softmax state is updated once per part instead of once
-/// per cache block (a 16-token block's update was a fixed cost as large as its tokens' work).
+/// Folds tokens `0..upto` of one part of up to [`PART_TOKENS`] tokens into `st` for the query
+/// heads `q` (`st.m.len()` heads of `hd`, already scaled), several heads at once so their
+/// independent chains overlap and they share each V load (a head's arithmetic does not depend on
+/// which heads share its pass). The part's K and V need not be contiguous: group `i` of
+/// [`GROUP_TOKENS`] tokens lies at `k[i]` and `v[i]` (`hd` apart per token). The softmax state is
+/// updated once per part instead of once per cache block (a 16-token block's update was a fixed
+/// cost as large as its tokens' work).
 ///
 /// # Safety
-/// As [`fold_block`]; `upto <= PART_TOKENS`, and `k[i]`, `v[i]` hold the group's tokens (up to
+/// AVX-512F must be available; `handles(hd)`; `q` and `st.acc` hold `heads * hd` values,
+/// `st.lsum` `heads`; `upto <= PART_TOKENS`, and `k[i]`, `v[i]` hold the group's tokens (up to
 /// `upto - i * GROUP_TOKENS` rows of `hd`) for every group `i` that `upto` reaches.
 pub(super) unsafe fn fold_groups(
     q: &[f32],
@@ -130,30 +124,6 @@ const T: usize = 16;
 pub(super) const GROUP_TOKENS: usize = T;
 /// Blocks longer than this are folded in parts (bounds the score buffers on the stack).
 pub(super) const PART_TOKENS: usize = 64;
-
-#[target_feature(enable = "avx512f")]
-unsafe fn fold<const HC: usize, const G: usize>(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    upto: usize,
-    m: &mut [f32],
-    lsum: &mut [f32],
-    acc: &mut [f32],
-) {
-    let hd = HC * 16;
-    let qv = load_q::<HC, G>(q);
-    let mut t0 = 0;
-    while t0 < upto {
-        let nt = PART_TOKENS.min(upto - t0);
-        let (mut kp, mut vp) = ([k.as_ptr(); PART_GROUPS], [v.as_ptr(); PART_GROUPS]);
-        for i in 0..nt.div_ceil(T) {
-            (kp[i], vp[i]) = (k.as_ptr().add((t0 + i * T) * hd), v.as_ptr().add((t0 + i * T) * hd));
-        }
-        fold_part::<HC, G>(&qv, &kp, &vp, nt, m, lsum, acc);
-        t0 += nt;
-    }
-}
 
 /// One part of at most [`PART_TOKENS`] tokens for `G` heads: scores, the new maxima, weights,
 /// then V. Group `i` of 16 tokens lies at `k[i]` / `v[i]`.
