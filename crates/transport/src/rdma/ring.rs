@@ -443,7 +443,7 @@ impl RdmaTx {
     fn progress(&mut self) -> Result<(), RingError> {
         let mut batch = [const { MaybeUninit::<ibv_wc>::uninit() }; POLL_BATCH];
         loop {
-            let wcs = self.qp.cq.poll_into(&mut batch).map_err(verbs)?;
+            let wcs = self.qp.cq.poll(&mut batch).map_err(verbs)?;
             let n = wcs.len();
             for wc in wcs {
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
@@ -693,7 +693,7 @@ impl RdmaRx {
     fn progress(&mut self) -> Result<(), RingError> {
         let mut batch = [const { MaybeUninit::<ibv_wc>::uninit() }; POLL_BATCH];
         loop {
-            let wcs = self.qp.cq.poll_into(&mut batch).map_err(verbs)?;
+            let wcs = self.qp.cq.poll(&mut batch).map_err(verbs)?;
             let n = wcs.len();
             for wc in wcs {
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {

@@ -593,20 +593,10 @@ impl Cq {
         }
     }
 
-    /// Moves up to `out.len()` completions into `out`; returns how many.
-    pub(crate) fn poll(&self, out: &mut [ibv_wc]) -> io::Result<usize> {
-        // SAFETY: `out` has room for `out.len()` entries, written by the provider.
-        let n = unsafe { ibv_poll_cq(self.cq.as_ptr(), out.len() as i32, out.as_mut_ptr()) };
-        if n < 0 {
-            return Err(io::Error::other("ibv_poll_cq failed"));
-        }
-        Ok(n as usize)
-    }
-
-    /// As [`Cq::poll`], into entries nobody initialised (a busy-polling loop calls this for
-    /// every look at the CQ: zeroing a batch each time would cost more than the poll); returns
-    /// the completions taken.
-    pub(crate) fn poll_into<'a>(&self, out: &'a mut [std::mem::MaybeUninit<ibv_wc>]) -> io::Result<&'a [ibv_wc]> {
+    /// Moves up to `out.len()` completions into `out`, entries nobody needs to initialise (a
+    /// busy-polling loop calls this for every look at the CQ: zeroing a batch each time would
+    /// cost more than the poll); returns the completions taken.
+    pub(crate) fn poll<'a>(&self, out: &'a mut [std::mem::MaybeUninit<ibv_wc>]) -> io::Result<&'a [ibv_wc]> {
         // SAFETY: `out` has room for `out.len()` entries; the provider writes the first `n`.
         let n = unsafe { ibv_poll_cq(self.cq.as_ptr(), out.len() as i32, out.as_mut_ptr().cast()) };
         if n < 0 {
@@ -1084,12 +1074,6 @@ impl Drop for Mw {
         // then on); owners drop it before the QP it was bound through (see `RdmaRx`).
         unsafe { ibv_dealloc_mw(self.mw.as_ptr()) };
     }
-}
-
-/// An empty work completion, to size poll arrays.
-pub(crate) fn empty_wc() -> ibv_wc {
-    // SAFETY: ibv_wc is plain data; all-zero is a valid (meaningless) value.
-    unsafe { std::mem::zeroed() }
 }
 
 pub(crate) use rdma_sys::{ibv_access_flags, ibv_wc, ibv_wc_opcode, ibv_wc_status};

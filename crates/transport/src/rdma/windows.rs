@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::verbs::{empty_wc, ibv_access_flags, ibv_wc_status, Cq, Device, HostRegion, Mr, Mw, Qp, QpPeer, QpSizes};
+use super::verbs::{ibv_access_flags, ibv_wc_status, Cq, Device, HostRegion, Mr, Mw, Qp, QpPeer, QpSizes};
 
 /// Bytes the probe's window covers (the write lands just past them, inside the region).
 const WINDOW_BYTES: u64 = 64;
@@ -96,13 +96,15 @@ fn probe(dev: &Arc<Device>, stopped: &dyn Fn() -> bool) -> std::io::Result<bool>
 /// time, or the listener stopping, is an error (the probe then counts as "not bounded").
 fn completed(qp: &Qp, wr_id: u64, stopped: &dyn Fn() -> bool) -> std::io::Result<bool> {
     let start = Instant::now();
-    let mut wcs = [empty_wc()];
+    let mut wcs = [std::mem::MaybeUninit::uninit()];
     while start.elapsed() < PROBE_TIMEOUT {
         if stopped() {
             return Err(std::io::Error::other("the listener stopped during the window probe"));
         }
-        if qp.cq.poll(&mut wcs)? == 1 && wcs[0].wr_id == wr_id {
-            return Ok(wcs[0].status == ibv_wc_status::IBV_WC_SUCCESS);
+        if let [wc] = qp.cq.poll(&mut wcs)? {
+            if wc.wr_id == wr_id {
+                return Ok(wc.status == ibv_wc_status::IBV_WC_SUCCESS);
+            }
         }
         std::thread::sleep(Duration::from_micros(100));
     }

@@ -44,30 +44,31 @@ impl Answer {
         if !self.conn.is_alive() {
             return 0;
         }
-        let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
-        let mut header = FrameHeader::new(opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data_len);
-        header.status = status.as_u16().into();
-        let n = header.frame_len() as usize;
-        self.pushed(Outbound::push_then(&self.conn, header, meta, data, more), n)
+        let header = self.header(opcode, status, meta, data.iter().map(|d| d.len() as u64).sum());
+        self.pushed(Outbound::push_then(&self.conn, header, meta, data, more), &header)
     }
 
     /// A successful answer whose bulk data is in staging chunks: sent from them, not copied
     /// (see [`Outbound::push_staged`]).
     pub(super) fn ok_staged(self, meta: &[u8], data: crate::staging::Staged) {
         if self.conn.is_alive() {
-            let mut header =
-                FrameHeader::new(self.opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data.len() as u64);
-            header.status = Status::Ok.as_u16().into();
-            let n = header.frame_len() as usize;
-            self.pushed(Outbound::push_staged(&self.conn, header, meta, data), n);
+            let header = self.header(self.opcode, Status::Ok, meta, data.len() as u64);
+            self.pushed(Outbound::push_staged(&self.conn, header, meta, data), &header);
         }
         self.log_done(Status::Ok, "-", 0);
     }
 
-    /// What a push of an `n`-byte frame did: its wire bytes, 0 when it was not queued.
-    fn pushed(&self, r: Result<(), PushError>, n: usize) -> usize {
+    /// The header of one of this answer's frames.
+    fn header(&self, opcode: Opcode, status: Status, meta: &[u8], data_len: u64) -> FrameHeader {
+        let mut header = FrameHeader::new(opcode.as_u16(), FLAG_REPLY, self.rid, meta.len() as u32, data_len);
+        header.status = status.as_u16().into();
+        header
+    }
+
+    /// What the push of the frame with `header` did: its wire bytes, 0 when it was not queued.
+    fn pushed(&self, r: Result<(), PushError>, header: &FrameHeader) -> usize {
         match r {
-            Ok(()) => n,
+            Ok(()) => header.frame_len() as usize,
             Err(PushError::Full) => {
                 // Past the hard bound the client has long stopped reading: give up on it (its
                 // sessions keep their lease).

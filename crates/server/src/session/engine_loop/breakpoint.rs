@@ -45,6 +45,24 @@ use super::*;
 
 mod held;
 
+/// `dst` filled with the first `dst.len() / dtype.size_bytes()` values of `src` as `dtype`,
+/// little-endian (the wire's hidden-state encoding).
+fn encode_hidden(dtype: HiddenDType, src: &[f32], dst: &mut [u8]) {
+    match dtype {
+        HiddenDType::F32 => dst.copy_from_slice(&f32_bytes(src)[..dst.len()]),
+        HiddenDType::F16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
+            }
+        }
+        HiddenDType::BF16 => {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+            }
+        }
+    }
+}
+
 /// A decode's input pass with breakpoints.
 pub(super) struct BreakState {
     /// Breakpoint layers, increasing; `next` is the index of the next stop.
@@ -447,20 +465,9 @@ impl<B: Backend> EngineLoop<B> {
         // registered already); the chunks start at multiples of CHUNK_BYTES, so no element
         // straddles two.
         let hidden = &b.hidden;
+        let size = r.dtype.size_bytes();
         if let Some(mut out) = reply {
-            let filled = out.fill(bytes as usize, |at, part| match r.dtype {
-                HiddenDType::F32 => part.copy_from_slice(&f32_bytes(hidden)[at..at + part.len()]),
-                HiddenDType::F16 => {
-                    for (d, &x) in part.chunks_exact_mut(2).zip(&hidden[at / 2..]) {
-                        d.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
-                    }
-                }
-                HiddenDType::BF16 => {
-                    for (d, &x) in part.chunks_exact_mut(2).zip(&hidden[at / 2..]) {
-                        d.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
-                    }
-                }
-            });
+            let filled = out.fill(bytes as usize, |at, part| encode_hidden(r.dtype, &hidden[at / size..], part));
             match filled {
                 Ok(()) => {
                     ans.ok_staged(&desc.to_meta(), out);
@@ -474,16 +481,12 @@ impl<B: Backend> EngineLoop<B> {
         }
         // No reply lease (the connection's previous read is still being sent) or no room in the
         // pool: the answer is copied into the connection's outbound frame.
-        match r.dtype {
-            HiddenDType::F32 => ans.ok(&desc.to_meta(), &[f32_bytes(hidden)]),
-            HiddenDType::F16 | HiddenDType::BF16 => {
-                let data: Vec<u8> = if r.dtype == HiddenDType::F16 {
-                    hidden.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()
-                } else {
-                    hidden.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
-                };
-                ans.ok(&desc.to_meta(), &[&data]);
-            }
+        if r.dtype == HiddenDType::F32 {
+            ans.ok(&desc.to_meta(), &[f32_bytes(hidden)]);
+        } else {
+            let mut data = vec![0u8; hidden.len() * size];
+            encode_hidden(r.dtype, hidden, &mut data);
+            ans.ok(&desc.to_meta(), &[&data]);
         }
         Ok(())
     }
