@@ -621,6 +621,36 @@ fn large_hidden_write_lands_in_staging(t: Transport) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A hidden state read in the model's 16-bit dtype is the f32 state rounded to it (the answer
+/// written into the connection's staging chunks; the copied answer uses the same encoder,
+/// `encode_hidden`, tested on its own).
+fn hidden_read_in_the_models_dtype(t: Transport) {
+    let (dir, rec) = record();
+    let srv = model_server(t, MODEL, &dir, &["--dtype", "bf16"]);
+    let mut c = connect(srv.url());
+    let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+    let mut reads = 0;
+    c.generate_with_breakpoints(
+        s,
+        Feed::Ids(&rec.prompt),
+        &opts(&rec),
+        &[1],
+        |_| true,
+        |c, note| {
+            assert_eq!(note.model_dtype, HiddenDType::BF16);
+            let (_, f32s) = c.read_hidden_f32(s)?;
+            let (desc, bytes) = c.read_hidden(s, HiddenDType::BF16)?;
+            assert_eq!(desc.dtype, HiddenDType::BF16);
+            let want: Vec<u8> = f32s.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+            assert_eq!(bytes, want);
+            reads += 1;
+            c.resume(s)
+        },
+    )
+    .unwrap();
+    assert!(reads > 0);
+}
+
 fn main() {
     let smollm2: Vec<common::TrialSpec> = vec![("prefill_text_breakpoints", None, prefill_text_breakpoints)];
     let mut ignored = Vec::new();
@@ -648,6 +678,7 @@ fn main() {
         ("pause_lease_rolls_back", None, pause_lease_rolls_back),
         ("resumed_together_batched", None, resumed_together_batched),
         ("large_hidden_write_lands_in_staging", None, large_hidden_write_lands_in_staging),
+        ("hidden_read_in_the_models_dtype", None, hidden_read_in_the_models_dtype),
     ];
     trials.extend(rest);
     common::run_trials_and(trials, ignored);

@@ -592,3 +592,29 @@ impl<B: Backend> EngineLoop<B> {
         self.metrics.breakpoint_held_bytes.set(bytes);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each dtype's bytes, from any element offset into the state (a staged answer encodes it
+    /// chunk by chunk), are the values' own little-endian encodings.
+    #[test]
+    fn encode_hidden_writes_each_value_in_its_dtype() {
+        let src: Vec<f32> = (0..37).map(|i| (i as f32 - 18.3) * 0.731).collect();
+        for dtype in [HiddenDType::F32, HiddenDType::F16, HiddenDType::BF16] {
+            let size = dtype.size_bytes();
+            let one = |x: f32| match dtype {
+                HiddenDType::F32 => x.to_le_bytes().to_vec(),
+                HiddenDType::F16 => half::f16::from_f32(x).to_le_bytes().to_vec(),
+                HiddenDType::BF16 => half::bf16::from_f32(x).to_le_bytes().to_vec(),
+            };
+            for from in [0, 1, 16, 36] {
+                let mut dst = vec![0u8; (src.len() - from) * size];
+                encode_hidden(dtype, &src[from..], &mut dst);
+                let want: Vec<u8> = src[from..].iter().flat_map(|&x| one(x)).collect();
+                assert_eq!(dst, want, "{} from {from}", dtype.name());
+            }
+        }
+    }
+}
