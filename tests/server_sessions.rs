@@ -472,8 +472,72 @@ fn memory_pressure(t: Transport) {
     assert!(seated > steps, "{seated} sessions over {steps} steps: never batched");
 }
 
+/// A request queued while the engine loop is parked is turned by its own connection thread
+/// (`engine_inline_turns`, the default): lone generates, one token or several (the engine
+/// thread takes over after the first step), and connections whose requests meet a running loop
+/// get the engine's tokens exactly as with the engine thread alone
+/// (`--engine-inline-turns=false`), which turns nothing inline.
+fn lone_requests_turn_inline(t: Transport) {
+    // One generate in a fresh session: its tokens.
+    fn generate(c: &mut Client, p: &[u32], n: u32) -> Vec<u32> {
+        let s = c.open_session(&OpenOptions::new(MODEL)).unwrap().session;
+        let mut ids = Vec::new();
+        c.generate(s, Feed::Ids(p), &greedy(n), |ev| {
+            ids.push(ev.token);
+            true
+        })
+        .unwrap();
+        c.close_session(s).unwrap();
+        ids
+    }
+    for inline in [true, false] {
+        let flag = if inline { "true" } else { "false" };
+        let srv = model_server(
+            t,
+            MODEL,
+            model_dir(),
+            &[&format!("--engine-inline-turns={flag}"), "--metrics-listen", "127.0.0.1:0"],
+        );
+        let mut c = connect(srv.url(), None);
+        for (i, n) in [1u32, 1, 8, 1, 3].into_iter().enumerate() {
+            // Past the workers' spin: the loop is parked when the request comes.
+            std::thread::sleep(Duration::from_millis(5));
+            let p = prompt(20 + i as u32, 5);
+            assert_eq!(generate(&mut c, &p, n), reference_greedy(&p, n as usize), "inline {inline}, generate {i}");
+        }
+        let (_, body) = http_get(srv.metrics.as_deref().unwrap(), "/metrics");
+        let turned = metric(&body, "djinn_engine_inline_turns_total").expect("djinn_engine_inline_turns_total");
+        if inline {
+            assert!(turned >= 5.0, "lone requests on a parked loop turn inline: {turned}");
+        } else {
+            assert_eq!(turned, 0.0, "--engine-inline-turns=false turns nothing inline");
+        }
+        // Four connections at once: inline turns, hand-overs and engine turns mixed.
+        let workers: Vec<_> = (0..4u32)
+            .map(|w| {
+                let url = srv.url().to_owned();
+                std::thread::spawn(move || {
+                    let mut c = connect(&url, None);
+                    for k in 0..4u32 {
+                        let p = prompt(100 + 10 * w + k, 4 + k as usize);
+                        assert_eq!(
+                            generate(&mut c, &p, 1 + k),
+                            reference_greedy(&p, 1 + k as usize),
+                            "worker {w}, {k}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    }
+}
+
 fn main() {
     run_trials(vec![
+        ("lone_requests_turn_inline", None, lone_requests_turn_inline),
         ("decode_matches_engine", None, decode_matches_engine),
         ("streaming_cancel", None, streaming_cancel),
         ("multi_turn", None, multi_turn),

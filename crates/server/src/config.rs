@@ -272,6 +272,11 @@ crate::settings! {
     /// reads (0 = only the byte and frame marks): a client that stops reading stops costing
     /// engine work within this time, well before 2 MiB of large frames pile up.
     conn_unread_pause_ms: u64 = 50;
+    /// A connection thread that queues a session request while the engine loop is parked runs
+    /// that turn of the loop itself (one step at most; the engine thread takes over whatever is
+    /// left), so a lone request's answer costs no thread wake-up. false: the engine thread runs
+    /// every turn.
+    engine_inline_turns: bool = true;
 }
 
 /// A `[tenant_defaults]` table: file only, no flag.

@@ -467,7 +467,7 @@ impl<B: Backend> Conn<B> {
         let Some(tenant) = self.tenant.clone() else {
             return Outcome::Rejected(Reject::new(Status::Unauthorized, "no Hello on this connection"));
         };
-        match self.sh.sessions.submit(&self.link, head.header.request_id.get(), opcode, tenant, req) {
+        match self.sh.sessions.submit(&self.link, head.header.request_id.get(), opcode, tenant, req, true) {
             Ok(()) => Outcome::Sent,
             Err(status) => {
                 Outcome::Rejected(Reject::new(status, "the session queue is full or the server is draining"))

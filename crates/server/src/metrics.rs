@@ -85,6 +85,9 @@ pub struct Metrics {
     pub session_request_duration_s: HistogramVec,
     /// Engine steps run (one batched forward per model each).
     pub engine_steps_total: IntCounter,
+    /// Engine loop turns a connection thread ran for the request it queued while the loop was
+    /// parked (`engine_inline_turns`): answers that cost no thread hand-off.
+    pub engine_inline_turns_total: IntCounter,
     /// Sessions in one engine step.
     pub engine_batch_sessions: Histogram,
     /// Wire bytes of one decode step of one session (its token frame).
@@ -219,6 +222,11 @@ impl Metrics {
             )
             .unwrap(),
             engine_steps_total: IntCounter::new("engine_steps_total", "Batched engine steps run").unwrap(),
+            engine_inline_turns_total: IntCounter::new(
+                "engine_inline_turns_total",
+                "Engine loop turns run by the connection thread that queued the request (the loop was parked)",
+            )
+            .unwrap(),
             engine_batch_sessions: Histogram::with_opts(
                 HistogramOpts::new("engine_batch_sessions", "Sessions in one batched engine step")
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
@@ -334,6 +342,7 @@ impl Metrics {
         r.register(Box::new(m.session_queue_depth.clone())).unwrap();
         r.register(Box::new(m.session_request_duration_s.clone())).unwrap();
         r.register(Box::new(m.engine_steps_total.clone())).unwrap();
+        r.register(Box::new(m.engine_inline_turns_total.clone())).unwrap();
         r.register(Box::new(m.engine_batch_sessions.clone())).unwrap();
         r.register(Box::new(m.step_bytes.clone())).unwrap();
         r.register(Box::new(m.conn_outbound_frames.clone())).unwrap();

@@ -157,7 +157,7 @@ impl Exchange {
     }
 
     fn submit(&self, svc: &SessionService, rid: u64, op: Opcode, req: Request) -> Result<(), ApiError> {
-        svc.submit(&self.link, rid, op, self.tenant.clone(), req).map_err(|s| match s {
+        svc.submit(&self.link, rid, op, self.tenant.clone(), req, false).map_err(|s| match s {
             Status::ShuttingDown => ApiError::from_status(s, "the server is shutting down"),
             _ => ApiError::busy("the session queue is full (session_queue_max): retry later"),
         })

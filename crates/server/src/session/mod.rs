@@ -1,14 +1,23 @@
 //! Sessions served on the server's models: the models loaded at start-up, the bounded queue of
-//! session requests from connection threads, and the one engine loop thread per device that
-//! owns every session and every model's [`djinn_model::Engine`] ([`engine_loop`]).
+//! session requests from connection threads, and the engine loop that owns every session and
+//! every model's [`djinn_model::Engine`] ([`engine_loop`]), with the engine thread that runs it.
 //!
 //! Flow: a connection thread parses a session request, wraps it in a [`Job`] with its
 //! connection's [`ConnLink`] and pushes it on the queue (`Busy` when `session_queue_max` jobs
 //! wait); the engine loop takes the jobs, runs every ready session's work in one batched step
 //! per model, and sends replies and token frames itself through the connection's `ReplyTx`.
 //!
+//! Who runs a turn of the loop ([`Leader`], under the queue's lock): the engine thread while
+//! there is work; when the loop is parked (nothing could make progress), the connection thread
+//! that queues a request runs that one turn itself (`engine_inline_turns`), so a lone request is
+//! answered without waking the engine thread (a futex wake and a context switch, 3–7 µs on a
+//! small host: most of a call's fixed overhead). Anything left after that turn (more steps, more
+//! input, a deadline to watch, a drain) is handed to the engine thread.
+//!
 //! Invariants:
-//! - Only the engine loop touches sessions and engines; connection threads never block on it.
+//! - Only the loop's leader touches sessions and engines, one turn at a time
+//!   ([`SessionService::turns`]); connection threads never block on it: a connection thread
+//!   turns only a parked loop, whose lock nobody holds.
 //! - A session belongs to the tenant that opened it; another tenant's id is `UnknownSession`.
 //! - Every job is answered exactly once (a decode: its token frames, then one final frame), or
 //!   dropped unanswered only when its connection is gone. Its [`ActiveGuard`] is held until then,
@@ -184,10 +193,47 @@ struct Queue {
     drain_deadline: Option<Instant>,
     /// Tokenizer results for the loop (at most `tokenize_queue_max` + `tokenize_workers`).
     tokenized: Vec<tokenizer_pool::TokenizeDone>,
-    /// The loop waits on the condvar (set and cleared under this lock): only then does a
-    /// producer pay the futex wake-up.
-    parked: bool,
+    /// Who runs the loop's next turn: only a parked loop costs a producer a futex wake-up, and
+    /// only a parked loop may be run by a connection thread.
+    leader: Leader,
 }
+
+/// Who runs the engine loop's turns (changed under the queue's lock). The loop itself is under
+/// [`SessionService::turns`], which only the leader locks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leader {
+    /// The engine thread: turning, or woken to turn.
+    Engine,
+    /// A connection thread runs one turn for the request it just queued; the engine thread stays
+    /// parked, and is handed the loop afterwards if anything is left to do.
+    Inline,
+    /// Nobody: the engine thread waits on the condvar (with a timeout at the loop's next
+    /// deadline).
+    Parked,
+}
+
+impl Queue {
+    /// Something for the loop to look at now. `quiet`: the loop has no work in progress, so a
+    /// drain may end.
+    fn has_input(&self, quiet: bool) -> bool {
+        !self.jobs.is_empty() || !self.tokenized.is_empty() || self.kicked || (quiet && self.drain_deadline.is_some())
+    }
+}
+
+/// Hands the loop to the engine thread when dropped: armed across an inline turn, so a turn that
+/// panics on a connection thread leaves the loop with the engine thread, not with nobody.
+struct HandOver<'a>(&'a SessionService);
+
+impl Drop for HandOver<'_> {
+    fn drop(&mut self) {
+        let q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.hand_over(q);
+    }
+}
+
+/// Longest the engine thread parks without a wake-up (a safety net: wake-ups come from the
+/// condvar and the loop's deadlines).
+const PARK_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The connection threads' handle on sessions.
 pub struct SessionService {
@@ -202,6 +248,13 @@ pub struct SessionService {
     stopped: Mutex<bool>,
     stopped_cv: Condvar,
     outbound: outbound::OutboundLimits,
+    /// The engine loop, locked by whoever runs a turn ([`Leader`]); `None` once it has ended.
+    turns: Mutex<Option<Box<dyn engine_loop::Turns>>>,
+    /// A connection thread that queues a request while the loop is parked runs the turn itself
+    /// (`engine_inline_turns`).
+    inline_turns: bool,
+    /// `djinn_engine_inline_turns_total`.
+    inline_turns_total: prometheus::IntCounter,
 }
 
 impl SessionService {
@@ -297,7 +350,7 @@ impl SessionService {
                 kicked: false,
                 drain_deadline: None,
                 tokenized: Vec::with_capacity(cfg.tokenize_queue_max + cfg.tokenize_workers.max(1)),
-                parked: false,
+                leader: Leader::Engine,
             }),
             wake: Condvar::new(),
             queue_max: cfg.session_queue_max,
@@ -315,14 +368,19 @@ impl SessionService {
                 unread_pause: std::time::Duration::from_millis(cfg.conn_unread_pause_ms),
                 gauge: metrics.conn_outbound_frames.clone(),
             },
+            turns: Mutex::new(None),
+            inline_turns: cfg.engine_inline_turns,
+            inline_turns_total: metrics.engine_inline_turns_total.clone(),
         });
         let pool =
             tokenizer_pool::TokenizerPool::start(cfg.tokenize_workers, cfg.tokenize_queue_max, Arc::downgrade(&svc))
                 .map_err(SessionStartError::Thread)?;
         let lp = engine_loop::EngineLoop::new(svc.clone(), models, cfg, qos, metrics.clone(), pool);
+        *svc.turns.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(lp));
+        let engine_svc = svc.clone();
         let t = std::thread::Builder::new()
             .name("djinn-engine".into())
-            .spawn(move || lp.run())
+            .spawn(move || engine_svc.engine_thread())
             .map_err(SessionStartError::Thread)?;
         *svc.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         Ok(svc)
@@ -379,13 +437,110 @@ impl SessionService {
     }
 
     /// Tells the loop that `q` changed (the caller changed it under this lock): a parked loop is
-    /// woken; a running one takes the change at its next look, with no futex call.
+    /// handed to the engine thread, which is woken; a running one takes the change at its next
+    /// look, with no futex call (a connection thread's inline turn hands it over when it ends).
     fn ring(&self, q: MutexGuard<'_, Queue>) {
-        let parked = q.parked;
-        drop(q);
-        if parked {
-            self.wake.notify_one();
+        if q.leader == Leader::Parked {
+            self.hand_over(q);
         }
+    }
+
+    /// The engine thread: turns while the loop can make progress, parks when it cannot, and
+    /// ends with it.
+    fn engine_thread(self: Arc<Self>) {
+        loop {
+            let (deadline, quiet) = {
+                let mut g = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(lp) = g.as_mut() else { return };
+                loop {
+                    match lp.turn() {
+                        engine_loop::Turn::Again => {}
+                        engine_loop::Turn::Park { deadline, quiet } => break (deadline, quiet),
+                        engine_loop::Turn::Stopped => {
+                            *g = None;
+                            return;
+                        }
+                    }
+                }
+            };
+            self.park(deadline, quiet);
+        }
+    }
+
+    /// The engine thread, leader with the loop released: waits until it is handed the loop
+    /// again ([`Self::ring`]) or `deadline` (or the drain's) passes; returns at once when input
+    /// is queued already.
+    fn park(&self, deadline: Option<Instant>, quiet: bool) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.has_input(quiet) {
+            return;
+        }
+        q.leader = Leader::Parked;
+        loop {
+            let until = match (deadline, q.drain_deadline) {
+                // An inline turn hands the loop over if a deadline is still pending after it:
+                // no need to look at the clock meanwhile (nor to spin on a deadline passed).
+                _ if q.leader == Leader::Inline => None,
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = until.map_or(PARK_MAX, |d| d.saturating_duration_since(Instant::now()).min(PARK_MAX));
+            let (g, timeout) = self.wake.wait_timeout(q, wait).unwrap_or_else(|p| p.into_inner());
+            q = g;
+            match q.leader {
+                // Handed over by `ring` or by an inline turn that left work.
+                Leader::Engine => return,
+                // A connection thread is turning; it hands the loop over if anything is left.
+                Leader::Inline => {}
+                Leader::Parked if timeout.timed_out() => {
+                    q.leader = Leader::Engine;
+                    return;
+                }
+                Leader::Parked => {}
+            }
+        }
+    }
+
+    /// A connection thread's turn of the loop, for the request it just queued while the loop was
+    /// parked (`leader` is [`Leader::Inline`]): its answer goes out without waking the engine
+    /// thread. Anything left afterwards (more steps, more input, a deadline to watch) is handed
+    /// to the engine thread.
+    fn turn_inline(&self) {
+        self.inline_turns_total.inc();
+        // Should the turn panic, the loop still goes to the engine thread.
+        let unwinding = HandOver(self);
+        let turn = {
+            let mut g = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            match g.as_mut().map(|lp| lp.turn()) {
+                Some(engine_loop::Turn::Stopped) => {
+                    *g = None;
+                    None
+                }
+                t => t,
+            }
+        };
+        std::mem::forget(unwinding);
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let hand_over = match turn {
+            // A deadline or a drain needs the engine thread's clock.
+            Some(engine_loop::Turn::Park { deadline, quiet }) => {
+                deadline.is_some() || q.drain_deadline.is_some() || q.has_input(quiet)
+            }
+            // More steps; or the loop ended (the engine thread finds it gone and ends too).
+            _ => true,
+        };
+        if hand_over {
+            self.hand_over(q);
+        } else {
+            q.leader = Leader::Parked;
+        }
+    }
+
+    /// Gives the loop to the engine thread and wakes it.
+    fn hand_over(&self, mut q: MutexGuard<'_, Queue>) {
+        q.leader = Leader::Engine;
+        drop(q);
+        self.wake.notify_one();
     }
 
     /// Names of the models served, for the capabilities reply.
@@ -398,6 +553,9 @@ impl SessionService {
     }
 
     /// Queues a request for the engine loop. On refusal the status to answer with is returned.
+    /// `inline`: the caller (a connection's reader thread) may run the loop's turn itself when
+    /// the loop is parked, so the request's answer costs no thread wake-up; a caller that serves
+    /// other connections from one thread (the HTTP front) passes false.
     pub fn submit(
         &self,
         conn: &Arc<ConnLink>,
@@ -405,6 +563,7 @@ impl SessionService {
         opcode: Opcode,
         tenant: TenantId,
         req: Request,
+        inline: bool,
     ) -> Result<(), djinn_proto::Status> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.drain_deadline.is_some() {
@@ -415,7 +574,13 @@ impl SessionService {
         }
         let guard = ActiveGuard::new([self.active.clone(), conn.inflight.clone()]);
         q.jobs.push_back(Job { conn: conn.clone(), rid, opcode, tenant, req, received: Instant::now(), guard });
-        self.ring(q);
+        if inline && self.inline_turns && q.leader == Leader::Parked {
+            q.leader = Leader::Inline;
+            drop(q);
+            self.turn_inline();
+        } else {
+            self.ring(q);
+        }
         Ok(())
     }
 

@@ -1,4 +1,6 @@
-//! The engine loop: one thread per device owning every session and every model's engine.
+//! The engine loop: one per device, owning every session and every model's engine. Its turns
+//! ([`Turns`]) run one at a time: on the engine thread, or on the connection thread that queued
+//! a request while the loop was parked ([`super::SessionService`] says who holds it when).
 //!
 //! Modules, one concept each: [`session`] (a session's state and its work), [`answer`] (replies
 //! and refusals), [`jobs`] (turning requests into work), [`tokenize`] (input to token ids),
@@ -8,7 +10,7 @@
 //! resort for KV memory), [`breakpoint`] (input passes paused at layers). This file holds the
 //! loop itself.
 //!
-//! Each iteration: take the queued jobs (open, prefill, decode, ... answered at once or turned
+//! Each turn: take the queued jobs (open, prefill, decode, ... answered at once or turned
 //! into session work), end the work of closed connections and cancelled decodes, close sessions
 //! whose lease ran out, then for each model: the next part of any breakpoint pass, ONE batched
 //! `Engine::step_sample` over the ready sessions' work as the scheduler plans it (`qos`: decodes
@@ -17,14 +19,16 @@
 //! not fit wait their turn, idle ones are swapped out by the VMU, lowest class then LRU; when
 //! nothing fits and the host pool is full, one session's KV is dropped and later rebuilt from its
 //! tokens), then one chunk of the oldest `Logits` request. After the step it queues the token
-//! frames and replies. It parks on the queue's condvar only when no session can make progress.
+//! frames and replies. A turn after which no session can make progress says so
+//! ([`Turn::Park`]), and the loop parks until input is queued or its next deadline.
 //!
 //! Session token invariant: `tokens` holds every token of the session; the KV cache holds
 //! `tokens[..kv]`. At rest `tokens.len() - kv ≤ 1`: the last token stays pending until a decode
 //! step feeds it and samples the next, so prefill never needs logits and a decode's first step
 //! computes the prompt's last position (time to first token = one step).
 //!
-//! The loop never sends on a connection: frames go to the connection's bounded outbound queue
+//! The loop never waits on a connection: a frame is sent directly only when the connection's
+//! transport takes it at once, else it goes to the connection's bounded outbound queue
 //! ([`super::outbound`]), drained by its own writer thread. A decode whose connection's queue is
 //! full is not stepped (paused; its KV stays and may be swapped out) until the writer drains it;
 //! a queue full with nothing sent for `conn_stall_timeout_ms` closes that connection, and its
@@ -75,8 +79,77 @@ use session::{DecodeState, Session, Work};
 use stream::f32_bytes;
 use tokenize::{Then, Tokenizing};
 
-/// Longest the loop parks without a wake-up (a safety net: wake-ups come from the condvar).
-const PARK_MAX: Duration = Duration::from_secs(1);
+/// What one turn of the loop leaves to do (see [`Turns`]).
+pub(crate) enum Turn {
+    /// Sessions can make progress: turn again at once.
+    Again,
+    /// Nothing can make progress until new input is queued, or until `deadline` (a lease ends,
+    /// a paused connection counts as stalled, a breakpoint's pause runs out). `quiet`: no
+    /// session work, `Logits` request or tokenization is in progress (a drain may end now).
+    Park { deadline: Option<Instant>, quiet: bool },
+    /// The server drained and the loop has ended: drop it.
+    Stopped,
+}
+
+/// The engine loop as the threads that run its turns see it, whatever the backend: the engine
+/// thread, and a connection thread that finds the loop parked when it queues a request
+/// ([`super::SessionService::submit`]). One thread at a time (the service keeps it under a
+/// lock).
+pub(crate) trait Turns: Send {
+    fn turn(&mut self) -> Turn;
+}
+
+impl<B: Backend> Turns for EngineLoop<B> {
+    /// One iteration: take the queued jobs (answered at once or turned into session work), end
+    /// the work of closed connections and cancelled decodes, close expired sessions, then for
+    /// each model the next part of any breakpoint pass, one batched step, and one chunk of the
+    /// oldest `Logits` request.
+    fn turn(&mut self) -> Turn {
+        // Swapped with the queue's own deque: no allocation per turn.
+        let mut jobs = std::mem::take(&mut self.jobs);
+        let drain = self.take_jobs(&mut jobs);
+        let mut done = std::mem::take(&mut self.tok_done);
+        for d in done.drain(..) {
+            self.tokenized(d);
+        }
+        self.tok_done = done;
+        // Jobs queued before the drain began were accepted: they are served like the rest.
+        while let Some(job) = jobs.pop_front() {
+            self.handle(job);
+        }
+        self.jobs = jobs;
+        self.sweep();
+        if let Some(deadline) = drain {
+            let idle = self.order.is_empty() && self.logits_jobs.is_empty() && self.tokenizing == 0;
+            if idle || Instant::now() >= deadline {
+                self.drain();
+                self.svc.mark_stopped();
+                return Turn::Stopped;
+            }
+        }
+        let mut progressed = false;
+        self.paused = 0;
+        for m in 0..self.models.len() {
+            let stepped = self.step_breakpoints(m) | self.step_model(m);
+            progressed |= stepped;
+            // A Logits request's next chunk between steps: it never holds the loop for more
+            // than one chunk.
+            progressed |= self.step_logits(m, stepped);
+        }
+        self.publish();
+        let idle = self.order.is_empty() && self.logits_jobs.is_empty();
+        if progressed && !idle {
+            return Turn::Again;
+        }
+        // Nothing to step (no work, or all of it waits for its connections to drain): the
+        // backends' workers need not keep their cores for a next op, which the connection thread
+        // and a client on this host need for the next request.
+        for m in &self.models {
+            m.engine.backend().quiesce();
+        }
+        Turn::Park { deadline: self.next_deadline(), quiet: idle && self.tokenizing == 0 }
+    }
+}
 
 pub(crate) struct LoadedModel<B: Backend> {
     pub info: ModelInfo,
@@ -128,6 +201,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     tokenizing: usize,
     tok_ticket: u64,
     tok_done: Vec<crate::session::tokenizer_pool::TokenizeDone>,
+    /// The jobs a turn takes, swapped with the queue's own deque (no allocation per turn).
+    jobs: VecDeque<Job>,
     /// Per model and class: the admitted, waiting and queued-token gauges, looked up once (a
     /// labelled lookup per gauge per step cost a hash and a lock each).
     sched_gauges: Vec<[[prometheus::IntGauge; 3]; 3]>,
@@ -189,6 +264,7 @@ impl<B: Backend> EngineLoop<B> {
             sampled: Vec::with_capacity(cfg.max_sessions),
             logits: Vec::new(),
             tok_done: Vec::with_capacity(tok_pool.queue_max()),
+            jobs: VecDeque::with_capacity(cfg.session_queue_max),
             sched_gauges,
             tok_pool,
             tokenizing: 0,
@@ -196,67 +272,10 @@ impl<B: Backend> EngineLoop<B> {
         }
     }
 
-    pub(crate) fn run(mut self) {
-        // Swapped with the queue's own deque each iteration: no allocation per step.
-        let mut jobs = VecDeque::with_capacity(self.svc.queue_max);
-        let mut progressed = true;
-        loop {
-            let drain = self.take_jobs(&mut jobs, !progressed);
-            let mut done = std::mem::take(&mut self.tok_done);
-            for d in done.drain(..) {
-                self.tokenized(d);
-            }
-            self.tok_done = done;
-            // Jobs queued before the drain began were accepted: they are served like the rest.
-            while let Some(job) = jobs.pop_front() {
-                self.handle(job);
-            }
-            self.sweep();
-            if let Some(deadline) = drain {
-                let idle = self.order.is_empty() && self.logits_jobs.is_empty() && self.tokenizing == 0;
-                if idle || Instant::now() >= deadline {
-                    self.drain();
-                    self.svc.mark_stopped();
-                    return;
-                }
-            }
-            progressed = false;
-            self.paused = 0;
-            for m in 0..self.models.len() {
-                let stepped = self.step_breakpoints(m) | self.step_model(m);
-                progressed |= stepped;
-                // A Logits request's next chunk between steps: it never holds the loop for
-                // more than one chunk.
-                progressed |= self.step_logits(m, stepped);
-            }
-            self.publish();
-        }
-    }
-
-    /// Takes every queued job into `into` (empty); parks first when no session can make
-    /// progress (none has work, or all wait for their connections to drain). Returns the drain
-    /// deadline once the server drains.
-    fn take_jobs(&mut self, into: &mut VecDeque<Job>, stalled: bool) -> Option<Instant> {
-        let idle = (self.order.is_empty() && self.logits_jobs.is_empty()) || stalled;
-        let deadline = self.next_deadline();
+    /// Takes every queued job into `into` (empty). Returns the drain deadline once the server
+    /// drains.
+    fn take_jobs(&mut self, into: &mut VecDeque<Job>) -> Option<Instant> {
         let mut q = self.svc.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let drained =
-            q.drain_deadline.is_some() && self.order.is_empty() && self.logits_jobs.is_empty() && self.tokenizing == 0;
-        if idle && q.jobs.is_empty() && q.tokenized.is_empty() && !q.kicked && !drained {
-            let deadline = match (deadline, q.drain_deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let wait = deadline.map_or(PARK_MAX, |d| d.saturating_duration_since(Instant::now()).min(PARK_MAX));
-            // Nothing to step: the backends' workers need not keep their cores for a next op,
-            // which the connection thread and a client on this host need for the next request.
-            for m in &self.models {
-                m.engine.backend().quiesce();
-            }
-            q.parked = true;
-            q = self.svc.wake.wait_timeout(q, wait).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
-            q.parked = false;
-        }
         q.kicked = false;
         self.metrics.session_queue_depth.set(q.jobs.len() as i64);
         std::mem::swap(&mut q.jobs, into);
