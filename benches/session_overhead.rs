@@ -56,6 +56,7 @@ fn part1() {
         payload_tokens: vec![1, 16, 256],
         decode_tokens: 32,
         calls: if quick() { 20 } else { CALLS },
+        block_calls: 16,
         threads: threads(),
         busy_poll: false,
     };

@@ -12,6 +12,13 @@
 //! drift falls on both alike; the overhead is the median of the paired differences, the times are
 //! medians.
 //!
+//! Per-call rows run in blocks ([`Options::block_calls`]): that many in-process calls, then as
+//! many remote ones, the k-th of each paired. Strict alternation (`block_calls` 1) measures the
+//! baseline's leftovers as the remote path's cost: after an in-process call the client's own pool
+//! worker spins on for up to 300 µs (its next op usually follows closely), so every remote call
+//! shared the two cores with it. In blocks, each side runs back to back as it would alone; the
+//! first call of each side's block warms it up and is not recorded.
+//!
 //! Targets (issue 12): ≤ 20 µs per call on tcp loopback, ≤ 5 µs on shm.
 
 use std::path::{Path, PathBuf};
@@ -115,6 +122,9 @@ pub struct Options {
     pub decode_tokens: usize,
     /// Paired calls per row; medians are reported.
     pub calls: usize,
+    /// Per-call rows: in-process calls per block before as many remote ones (1: strictly
+    /// alternated; more: each side's first call per block is a warm-up, not recorded).
+    pub block_calls: usize,
     /// CPU threads of each side.
     pub threads: usize,
     /// Both sides busy-poll (`serve --wait busy-poll`, a busy-poll client): what a
@@ -152,6 +162,7 @@ impl Row {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub calls: usize,
+    pub block_calls: usize,
     pub threads: usize,
     /// "spin-then-park" or "busy-poll" (both sides).
     pub wait: &'static str,
@@ -317,6 +328,7 @@ pub fn start_server(
 /// Measures every row; `progress` hears one line per step.
 pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result<Report> {
     anyhow::ensure!(opts.calls > 0, "calls must be at least 1");
+    anyhow::ensure!(opts.block_calls > 0, "block_calls must be at least 1");
     anyhow::ensure!(!opts.payload_tokens.contains(&0), "a payload is at least one token");
     let ctx = djinn_model::ModelConfig::load(&opts.model_dir)?;
     let (vocab, context) = (ctx.vocab_size, ctx.max_position_embeddings);
@@ -329,7 +341,14 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
     let max_step_tokens = longest.max(4);
     let mut eng = load_engine(&opts.model_dir, opts.threads, max_step_tokens, None)?;
     let wait = if opts.busy_poll { "busy-poll" } else { "spin-then-park" };
-    let mut report = Report { calls: opts.calls, threads: opts.threads, wait, rows: Vec::new(), skipped: Vec::new() };
+    let mut report = Report {
+        calls: opts.calls,
+        block_calls: opts.block_calls,
+        threads: opts.threads,
+        wait,
+        rows: Vec::new(),
+        skipped: Vec::new(),
+    };
     for &t in &opts.transports {
         if let Some(why) = t.unavailable() {
             progress(&format!("{}: skipped: {why}", t.name()));
@@ -349,9 +368,22 @@ pub fn measure(opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result
             in_process(&mut eng, &prompt, 1, 1)?; // warm-up
             remote(&mut client, MODEL_NAME, &prompt, 1, 1)?;
             let (mut local, mut far) = (Vec::with_capacity(opts.calls), Vec::with_capacity(opts.calls));
-            for _ in 0..opts.calls {
-                local.push(in_process(&mut eng, &prompt, 1, 1)?);
-                far.push(remote(&mut client, MODEL_NAME, &prompt, 1, 1)?);
+            // A block's first call of each side warms it up (unless strictly alternated).
+            let warm = usize::from(opts.block_calls > 1);
+            while local.len() < opts.calls {
+                let k = opts.block_calls.min(opts.calls - local.len());
+                for i in 0..k + warm {
+                    let r = in_process(&mut eng, &prompt, 1, 1)?;
+                    if i >= warm {
+                        local.push(r);
+                    }
+                }
+                for i in 0..k + warm {
+                    let r = remote(&mut client, MODEL_NAME, &prompt, 1, 1)?;
+                    if i >= warm {
+                        far.push(r);
+                    }
+                }
             }
             report.rows.push(row(t, "call", p, &local, &far));
         }
@@ -396,7 +428,10 @@ fn row(t: Transport, kind: &'static str, payload_tokens: usize, local: &[RunStat
 impl Report {
     /// The table `bench overhead` prints.
     pub fn table(&self) -> String {
-        let mut s = format!("waiting: {} (client and server)\n", self.wait);
+        let mut s = format!(
+            "waiting: {} (client and server); per-call rows in blocks of {} calls a side\n",
+            self.wait, self.block_calls
+        );
         s += &format!(
             "{:<5} {:<12} {:>8} {:>14} {:>11} {:>12} {:>8} {:>8} {:>8}  target\n",
             "trans", "kind", "payload", "in-process us", "remote us", "overhead us", "ratio", "B up", "B down"

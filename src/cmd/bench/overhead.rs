@@ -22,6 +22,12 @@ pub struct Args {
     /// Paired (in-process, remote) calls per row; medians are reported.
     #[arg(long, default_value_t = 200)]
     pub calls: usize,
+    /// Per-call rows: in-process calls per block, then as many remote ones, paired in order
+    /// (1: strictly alternated, so each remote call shares the cores with the in-process
+    /// baseline's still-spinning pool worker; more: each side's first call per block is a
+    /// warm-up, not recorded).
+    #[arg(long, default_value_t = 16)]
+    pub block_calls: usize,
     /// CPU threads of each side (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -63,6 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         payload_tokens: args.payload_tokens.clone(),
         decode_tokens: args.decode_tokens,
         calls: args.calls,
+        block_calls: args.block_calls,
         threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         busy_poll: args.busy_poll,
     };
