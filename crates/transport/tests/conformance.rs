@@ -935,6 +935,56 @@ fn try_send_more_then_next(f: &Fixture) {
     assert!(t0.elapsed() < Duration::from_secs(5), "frames held back: {:?}", t0.elapsed());
 }
 
+/// Pairs of `try_send_more` and `try_send` against a peer that reads nothing, until the transport
+/// is full: a held-back frame, the frame sent with it and a partial send's rest all arrive whole
+/// and in order once the peer reads, with the frames no `try_` call took sent by `send` (which
+/// sends whatever is held or kept first).
+fn try_send_more_until_full(f: &Fixture) {
+    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
+    let url = listener.url();
+    let accept = thread::spawn(move || listener.accept().expect("accept"));
+    let mut c = djinn_transport::connect(&url, &f.opts).expect("connect");
+    let mut server = accept.join().unwrap();
+    let frame_of = |id: u64| (id.to_le_bytes(), pattern(300 + (id % 5) as usize * 100, id));
+    let (mut next, mut how, t0) = (0u64, "sent", Instant::now());
+    // Until a `try_` call takes nothing (left to `send`) or only part of its frame.
+    while next < 1_000_000 {
+        let (meta, data) = frame_of(next);
+        let header = FrameHeader::new(2, 0, next, meta.len() as u32, data.len() as u64);
+        let frame = OutFrame { header, meta: &meta, data: &[&data] };
+        let r = if next % 2 == 0 { c.tx.try_send_more(&frame) } else { c.tx.try_send(&frame) };
+        match r.expect("try_send(_more)") {
+            TrySend::Sent => next += 1,
+            TrySend::Partly(_) => {
+                (next, how) = (next + 1, "partly");
+                break;
+            }
+            TrySend::WouldBlock => {
+                how = "would block";
+                break;
+            }
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "try_send(_more) waited");
+    // Whatever a pair's first frame was, the second follows at once: by `send` here.
+    let last = next | 1;
+    let reader = thread::spawn(move || {
+        for id in 0..=last {
+            let (h, meta, d) = recv(&mut server).expect("recv");
+            assert_eq!(h.request_id.get(), id);
+            let (want_meta, want_data) = frame_of(id);
+            assert_eq!(meta, want_meta);
+            assert!(d == want_data, "frame {id} differs");
+        }
+    });
+    for id in next..=last {
+        let (meta, data) = frame_of(id);
+        send(&mut c, 2, 0, id, &meta, &data).expect("send after try_send(_more)");
+    }
+    reader.join().unwrap();
+    eprintln!("{}: {next} frames by try_send(_more), the last {how}", f.transport);
+}
+
 fn listener_stop(f: &Fixture) {
     let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).unwrap();
     let stop = listener.stopper();
@@ -979,6 +1029,7 @@ const TESTS: &[(&str, Body, Needs)] = &[
     ("listener_stop", listener_stop, Nothing),
     ("try_send_whole_frames", try_send_whole_frames, Nothing),
     ("try_send_more_then_next", try_send_more_then_next, Nothing),
+    ("try_send_more_until_full", try_send_more_until_full, Nothing),
 ];
 
 /// Busy-poll fixtures burn a core per waiting side; on a 2-core machine only the cheap tests run.

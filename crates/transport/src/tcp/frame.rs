@@ -27,6 +27,9 @@ pub(crate) const DATA_SLICES_MAX: usize = 1022;
 /// Largest frame [`FrameTx::try_send`] tries to send: the most it may have to keep when the
 /// socket takes only part of it (token frames are tens of bytes; larger ones go to `send`).
 pub(crate) const TRY_SEND_BYTES_MAX: usize = 16 * 1024;
+/// Largest frame [`FrameTx::try_send_more`] holds back, copied, for the next send to take along
+/// in the same `sendmsg` (a token frame is tens of bytes); a larger one is sent with `MSG_MORE`.
+pub(crate) const HOLD_BYTES_MAX: usize = 1024;
 
 /// One engine (io_uring or plain socket) moving bytes on one half of a connection. Both calls wait
 /// according to the connection's `WaitMode`.
@@ -61,6 +64,9 @@ pub(crate) struct StreamTx<I> {
     /// What a `try_send` could not send: the tail of one frame (at most [`TRY_SEND_BYTES_MAX`];
     /// allocated on the first partial send, then reused). Sent before anything else.
     tail: Vec<u8>,
+    /// `tail` is a whole frame held back by `try_send_more` (not the rest of a partial send):
+    /// the next `try_send` sends it in the same call as its own frame instead of refusing.
+    held: bool,
 }
 
 // SAFETY: `iov` only holds pointers while `send` runs (it is cleared before returning); between
@@ -69,7 +75,7 @@ unsafe impl<I: Send> Send for StreamTx<I> {}
 
 impl<I: StreamIo> StreamTx<I> {
     pub(crate) fn new(io: I, counters: Arc<ByteCounters>) -> Self {
-        StreamTx { io, counters, iov: Vec::with_capacity(DATA_SLICES_MAX + 2), tail: Vec::new() }
+        StreamTx { io, counters, iov: Vec::with_capacity(DATA_SLICES_MAX + 3), tail: Vec::new(), held: false }
     }
 
     /// Checks `frame` and fills `self.iov` with its parts; returns its wire bytes.
@@ -142,20 +148,48 @@ impl<I: StreamIo> StreamTx<I> {
         self.iov.clear();
         // Sent, or the connection failed: either way the tail is not sent again.
         self.tail.clear();
+        self.held = false;
         r
+    }
+
+    /// Holds `frame` back (copied into `tail`) for the next send to take along: one `sendmsg`
+    /// for both frames instead of two. Returns false (nothing done) when something is pending
+    /// already or the frame is larger than [`HOLD_BYTES_MAX`].
+    fn hold(&mut self, frame: &OutFrame<'_>) -> Result<bool, TransportError> {
+        if !self.tail.is_empty() {
+            return Ok(false);
+        }
+        let header = frame.header;
+        let total = self.gather(frame, &header)?;
+        if total > HOLD_BYTES_MAX {
+            return Ok(false);
+        }
+        for v in &self.iov {
+            // SAFETY: each iovec describes readable memory of the frame (`header`, a local, and
+            // the caller's slices), borrowed for this call.
+            self.tail.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+        }
+        self.held = true;
+        Ok(true)
     }
 
     /// `more`: another frame follows at once (`MSG_MORE`: the kernel holds a partial segment
     /// until the next send without it, which every other send of this half is).
     fn try_send_inner(&mut self, frame: &OutFrame<'_>, more: bool) -> Result<TrySend, TransportError> {
-        if !self.tail.is_empty() {
+        if !self.tail.is_empty() && !self.held {
             return Ok(TrySend::WouldBlock);
+        }
+        // A held frame goes first, in this same call.
+        let held = self.tail.len();
+        if held > 0 {
+            self.iov.push(libc::iovec { iov_base: self.tail.as_ptr() as *mut libc::c_void, iov_len: held });
         }
         let header = frame.header;
         let total = self.gather(frame, &header)?;
         if total > TRY_SEND_BYTES_MAX {
             return Ok(TrySend::WouldBlock);
         }
+        let total = total + held;
         // Straight on the socket, whichever engine sends otherwise: the caller holds this half,
         // so no send of the engine is in flight, and the bytes go in order.
         // SAFETY: an all-zero msghdr is valid; it points at our iovecs, which point into `header`
@@ -176,12 +210,20 @@ impl<I: StreamIo> StreamTx<I> {
         }
         let sent = sent as usize;
         self.counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
+        self.held = false;
         if sent == total {
+            self.tail.clear();
             return Ok(TrySend::Sent);
         }
-        // The socket took a prefix: keep the rest, so the frame is never left half-sent.
-        let mut first = 0;
-        self.advance(&mut first, sent);
+        // The socket took a prefix: keep the rest, so no frame is ever left half-sent. The held
+        // frame's rest stays at the front of `tail` (its iovec is dropped, not copied from).
+        let mut first = usize::from(held > 0);
+        if sent < held {
+            self.tail.drain(..sent);
+        } else {
+            self.tail.clear();
+            self.advance(&mut first, sent - held);
+        }
         for v in &self.iov[first..] {
             // SAFETY: each iovec still describes readable memory of the frame (see above).
             self.tail.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
@@ -204,7 +246,16 @@ impl<I: StreamIo> FrameTx for StreamTx<I> {
     }
 
     fn try_send_more(&mut self, frame: &OutFrame<'_>) -> Result<TrySend, TransportError> {
-        let r = self.try_send_inner(frame, true);
+        // Small: held back and sent with the next frame (the caller sends one at once). Larger:
+        // sent now with `MSG_MORE`, which still makes one segment but costs a second `sendmsg`.
+        let r = match self.hold(frame) {
+            Ok(true) => Ok(TrySend::Sent),
+            Ok(false) => {
+                self.iov.clear();
+                self.try_send_inner(frame, true)
+            }
+            Err(e) => Err(e),
+        };
         self.iov.clear();
         r
     }
