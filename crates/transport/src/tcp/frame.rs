@@ -1,7 +1,9 @@
 //! Framing over a byte stream, shared by the io_uring and plain-socket engines.
 //!
 //! Sending gathers header + metadata + the caller's data slices into one iovec array handed to a
-//! single vectored send (partial sends advance the array; data is never copied). Receiving reads
+//! single vectored send (partial sends advance the array; data is never copied, except a small
+//! frame held back by `try_send_more` for the next send's call, and the rest of a partial
+//! `try_send`). Receiving reads
 //! into a private staging buffer of [`STAGE_BYTES`] until a whole header is there, validates a
 //! private copy of it, copies the metadata out, and then moves bulk data: whatever of it already
 //! arrived in the staging buffer is copied once (at most `STAGE_BYTES` per frame), the rest is
