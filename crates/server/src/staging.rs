@@ -31,6 +31,11 @@ use crate::auth::TenantId;
 
 /// Bytes of one chunk: the piece bulk data moves in.
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// Chunk slices a staged frame's send keeps on the stack (16 MiB of data; a larger frame's list
+/// is allocated, beside moving that much).
+pub const SEGS_INLINE: usize = 16;
+/// One slice per staging chunk of a frame's data, for a vectored send.
+pub type Segments<'a> = smallvec::SmallVec<[&'a [u8]; SEGS_INLINE]>;
 
 /// Why a take failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -186,8 +191,9 @@ impl Lease {
         unsafe { std::slice::from_raw_parts_mut(self.pool.base.add(i * CHUNK_BYTES), CHUNK_BYTES) }
     }
 
-    /// The first `n` bytes held, as one slice per chunk (for a vectored send).
-    pub fn slices(&self, n: usize) -> Vec<&[u8]> {
+    /// The first `n` bytes held, as one slice per chunk (for a vectored send; on the stack up to
+    /// [`SEGS_INLINE`] chunks).
+    pub fn slices(&self, n: usize) -> Segments<'_> {
         self.chunks(n).collect()
     }
 

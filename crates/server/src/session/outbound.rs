@@ -288,8 +288,8 @@ impl Outbound {
         meta: &[u8],
         staged: Staged,
     ) -> Result<(), PushError> {
-        // One slice per chunk: a few pointers, not the bytes.
-        let segs: Vec<&[u8]> = staged.chunks().collect();
+        // One slice per chunk: a few pointers, not the bytes (on the stack).
+        let segs: crate::staging::Segments<'_> = staged.chunks().collect();
         // A pull link reads `Frame::data`.
         if matches!(link.sink, super::Sink::Pull(_)) {
             return Self::push(link, header, meta, &segs);
@@ -480,7 +480,7 @@ fn writer(link: &Arc<ConnLink>) {
         let r = match &f {
             Some(f) => {
                 let one: [&[u8]; 1] = [&f.data];
-                let chunks: Vec<&[u8]>;
+                let chunks: crate::staging::Segments<'_>;
                 let data: &[&[u8]] = match &f.staged {
                     Some(s) => {
                         chunks = s.chunks().collect();
