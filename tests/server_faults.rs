@@ -306,12 +306,20 @@ fn sigterm_drains_and_exits_zero(t: Transport) {
     let mut idle = Client::connect_with(srv.url(), &ClientOptions::default()).unwrap();
     assert_eq!(idle.ping(b"x").unwrap(), b"x");
     let url = srv.url().to_owned();
+    // SIGTERM goes out once the busy client has connected and been served: a fixed sleep was
+    // shorter than an rdma connect under TCG, whose Hello was then refused as shutting down.
+    let (served_tx, served) = std::sync::mpsc::channel();
     let busy = std::thread::spawn(move || {
         let mut c = Client::connect_with(&url, &ClientOptions::default()).unwrap();
         let mut ok = 0u64;
         loop {
             match c.ping(&[3; 4096]) {
-                Ok(_) => ok += 1,
+                Ok(_) => {
+                    ok += 1;
+                    if ok == 1 {
+                        let _ = served_tx.send(());
+                    }
+                }
                 Err(e) => {
                     let st = e.status();
                     assert!(st.is_none() || st == Some(Status::ShuttingDown), "during drain: {e}");
@@ -320,6 +328,7 @@ fn sigterm_drains_and_exits_zero(t: Transport) {
             }
         }
     });
+    served.recv_timeout(Duration::from_secs(60)).expect("the busy client was served");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(http_get(&metrics, "/healthz").0, 200);
     let status = srv.terminate();

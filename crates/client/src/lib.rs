@@ -126,6 +126,53 @@ impl Dest<'_> {
     }
 }
 
+/// Fixed slots for the ids in flight before [`Pending`] spills into its set.
+const PENDING_SLOTS: usize = 8;
+
+/// The ids submitted and not yet claimed. The first [`PENDING_SLOTS`] in flight sit in fixed
+/// slots, found by comparison, so a blocking call or a ping (one request in flight) does no
+/// hashing on its round trip; more at once (pipelining) spill into a set. Request ids start at 1,
+/// so 0 marks a free slot.
+#[derive(Default)]
+struct Pending {
+    slots: [u64; PENDING_SLOTS],
+    spill: HashSet<u64>,
+    len: usize,
+}
+
+impl Pending {
+    fn insert(&mut self, id: u64) {
+        debug_assert!(id != 0 && !self.contains(id));
+        match self.slots.iter_mut().find(|s| **s == 0) {
+            Some(s) => *s = id,
+            None => {
+                self.spill.insert(id);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        id != 0 && (self.slots.contains(&id) || (!self.spill.is_empty() && self.spill.contains(&id)))
+    }
+
+    fn remove(&mut self, id: u64) {
+        if id == 0 {
+            return;
+        }
+        let found = match self.slots.iter_mut().find(|s| **s == id) {
+            Some(s) => {
+                *s = 0;
+                true
+            }
+            None => !self.spill.is_empty() && self.spill.remove(&id),
+        };
+        if found {
+            self.len -= 1;
+        }
+    }
+}
+
 /// A reply frame: header, metadata and bulk data, all owned.
 #[derive(Debug)]
 pub struct Reply {
@@ -143,7 +190,7 @@ pub struct Client {
     url: String,
     hello: HelloReply,
     next_id: u64,
-    pending: HashSet<u64>,
+    pending: Pending,
     ready: HashMap<u64, Result<Reply>>,
     replies_buffered_max: usize,
 }
@@ -180,7 +227,7 @@ impl Client {
                 transports: Vec::new(),
             },
             next_id: 1,
-            pending: HashSet::new(),
+            pending: Pending::default(),
             ready: HashMap::new(),
             replies_buffered_max: opts.replies_buffered_max.max(1),
         };
@@ -222,7 +269,7 @@ impl Client {
     }
     /// Requests submitted and not yet claimed.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.pending.len
     }
 
     // ---- pipelining -----------------------------------------------------------------------------
@@ -253,10 +300,10 @@ impl Client {
     /// Waits for the reply to `id`. A failure status becomes [`ClientError::Server`].
     pub fn wait(&mut self, id: u64) -> Result<Reply> {
         if let Some(r) = self.ready.remove(&id) {
-            self.pending.remove(&id);
+            self.pending.remove(id);
             return r;
         }
-        if !self.pending.contains(&id) {
+        if !self.pending.contains(id) {
             return Err(ClientError::UnknownRequest(id));
         }
         self.await_reply(id, None)
@@ -265,7 +312,7 @@ impl Client {
     /// Waits for whichever pending reply comes next (or one already buffered).
     pub fn wait_any(&mut self) -> Result<(u64, Result<Reply>)> {
         if let Some(&id) = self.ready.keys().next() {
-            self.pending.remove(&id);
+            self.pending.remove(id);
             let r = self.ready.remove(&id).expect("key just seen");
             return Ok((id, r));
         }
@@ -274,7 +321,7 @@ impl Client {
             if is_stream_frame(&r) {
                 continue;
             }
-            self.pending.remove(&rid);
+            self.pending.remove(rid);
             return Ok((rid, r));
         }
     }
@@ -283,7 +330,7 @@ impl Client {
     /// allocation is reused across calls, so repeated large replies cost no allocation). The
     /// returned reply's own `data` is empty.
     pub fn wait_into(&mut self, id: u64, data: &mut Vec<u8>) -> Result<Reply> {
-        if self.ready.contains_key(&id) || !self.pending.contains(&id) {
+        if self.ready.contains_key(&id) || !self.pending.contains(id) {
             let mut r = self.wait(id)?;
             *data = std::mem::take(&mut r.data);
             return Ok(r);
@@ -304,7 +351,7 @@ impl Client {
                 continue;
             }
             if rid == id || rid == 0 {
-                self.pending.remove(&id);
+                self.pending.remove(id);
                 return r;
             }
             self.buffer_reply(rid, r)?;
@@ -317,7 +364,7 @@ impl Client {
         if is_stream_frame(&r) {
             return Ok(());
         }
-        if !self.pending.contains(&rid) || self.ready.contains_key(&rid) {
+        if !self.pending.contains(rid) || self.ready.contains_key(&rid) {
             return Err(ClientError::Protocol {
                 opcode: "reply",
                 why: format!("reply to request {rid}, which is not pending"),
@@ -441,7 +488,7 @@ impl Client {
 
     /// Waits for `id`'s reply with its data landing in `buf` (a reply already buffered is copied).
     fn await_reply_checked(&mut self, id: u64, buf: &mut [u8]) -> Result<Reply> {
-        if self.ready.contains_key(&id) || !self.pending.contains(&id) {
+        if self.ready.contains_key(&id) || !self.pending.contains(id) {
             let r = self.wait(id)?;
             let cap = buf.len();
             let dst = buf.get_mut(..r.data.len()).ok_or_else(|| ClientError::Protocol {
@@ -509,4 +556,40 @@ fn is_stream_frame(r: &Result<Reply>) -> bool {
 
 fn decode<T: Meta>(op: Opcode, meta: &[u8]) -> Result<T> {
     T::from_meta(meta).map_err(|e: MetaError| ClientError::Protocol { opcode: op.name(), why: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Pending, PENDING_SLOTS};
+
+    /// Ids in the fixed slots and in the spill are found, counted and removed alike; a freed
+    /// slot is reused; 0 (unsolicited replies) and unknown ids are never pending.
+    #[test]
+    fn pending_slots_and_spill() {
+        let mut p = Pending::default();
+        let n = PENDING_SLOTS as u64 * 3;
+        for id in 1..=n {
+            p.insert(id);
+        }
+        assert_eq!(p.len, n as usize);
+        assert_eq!(p.spill.len(), n as usize - PENDING_SLOTS);
+        assert!((1..=n).all(|id| p.contains(id)));
+        assert!(!p.contains(0) && !p.contains(n + 1));
+        // Remove a slotted id and a spilled one; removing again or an unknown id changes nothing.
+        p.remove(2);
+        p.remove(n);
+        p.remove(2);
+        p.remove(n + 7);
+        p.remove(0);
+        assert_eq!(p.len, n as usize - 2);
+        assert!(!p.contains(2) && !p.contains(n));
+        // The freed slot takes the next id.
+        p.insert(n + 1);
+        assert!(p.slots.contains(&(n + 1)));
+        for id in (1..=n + 1).filter(|&id| id != 2 && id != n) {
+            p.remove(id);
+        }
+        assert_eq!(p.len, 0);
+        assert!(p.spill.is_empty() && p.slots.iter().all(|&s| s == 0));
+    }
 }

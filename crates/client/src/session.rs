@@ -269,7 +269,7 @@ impl Client {
                 }
                 r => r,
             };
-            self.pending.remove(&id);
+            self.pending.remove(id);
             return prefill_reply(Opcode::SessionPrefill, &reply?.meta);
         }
     }

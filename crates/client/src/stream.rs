@@ -203,7 +203,7 @@ impl Client {
     /// (empty) reply is claimed (a decode that had already ended makes it a no-op).
     fn finish_stream(&mut self, s: &mut DecodeStream) -> Result<()> {
         s.finished = true;
-        self.pending.remove(&s.id);
+        self.pending.remove(s.id);
         if let Some(c) = s.cancel {
             self.wait(c)?;
         }
