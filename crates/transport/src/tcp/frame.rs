@@ -3,11 +3,10 @@
 //! Sending gathers header + metadata + the caller's data slices into one iovec array handed to a
 //! single vectored send (partial sends advance the array; data is never copied, except a small
 //! frame held back by `try_send_more` for the next send's call, and the rest of a partial
-//! `try_send`). Receiving reads
-//! into a private staging buffer of [`STAGE_BYTES`] until a whole header is there, validates a
-//! private copy of it, copies the metadata out, and then moves bulk data: whatever of it already
-//! arrived in the staging buffer is copied once (at most `STAGE_BYTES` per frame), the rest is
-//! received straight into the caller's destination.
+//! `try_send`). Receiving reads into a private staging buffer of [`STAGE_BYTES`] until a whole
+//! header is there, validates a private copy of it, copies the metadata out, and then moves bulk
+//! data: whatever of it already arrived in the staging buffer is copied once (at most
+//! `STAGE_BYTES` per frame), the rest is received straight into the caller's destination.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -194,8 +193,9 @@ impl<I: StreamIo> StreamTx<I> {
         let total = total + held;
         // Straight on the socket, whichever engine sends otherwise: the caller holds this half,
         // so no send of the engine is in flight, and the bytes go in order.
-        // SAFETY: an all-zero msghdr is valid; it points at our iovecs, which point into `header`
-        // (a local), `frame.meta` and `frame.data`, readable for this call.
+        // SAFETY: an all-zero msghdr is valid; it points at our iovecs, which point into
+        // `self.tail` (a held frame, untouched until the call returns), `header` (a local),
+        // `frame.meta` and `frame.data`, readable for this call.
         let sent = unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_iov = self.iov.as_ptr() as *mut libc::iovec;
