@@ -839,16 +839,22 @@ fn closer_unblocks_both_sides(f: &Fixture) {
     assert!(matches!(ends[0].error, TransportError::Closed), "server saw {:?}", ends[0].error);
 }
 
+/// A client connection and the server side the listener accepted for it, no echo behind it (the
+/// body drives both ends).
+fn connected_pair(f: &Fixture) -> (Connection, Connection) {
+    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
+    let url = listener.url();
+    let accept = thread::spawn(move || listener.accept().expect("accept"));
+    let c = djinn_transport::connect(&url, &f.opts).expect("connect");
+    (c, accept.join().unwrap())
+}
+
 /// `try_send` never waits and never leaves part of a frame unaccounted: against a peer that reads
 /// nothing it sends until the transport is full (or, on a transport without a non-blocking send,
 /// sends nothing), and once the peer reads, every frame arrives whole and in order, the one a
 /// partial `try_send` kept included (flushed by the next `send`).
 fn try_send_whole_frames(f: &Fixture) {
-    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
-    let url = listener.url();
-    let accept = thread::spawn(move || listener.accept().expect("accept"));
-    let mut c = djinn_transport::connect(&url, &f.opts).expect("connect");
-    let mut server = accept.join().unwrap();
+    let (mut c, mut server) = connected_pair(f);
     let (mut sent, mut partly) = (0u64, false);
     let t0 = Instant::now();
     while sent < 1_000_000 {
@@ -889,11 +895,7 @@ fn try_send_whole_frames(f: &Fixture) {
 /// `MSG_MORE`) arrives whole and in order once the next frame is sent, by `try_send` or by
 /// `send` — a decode's last token and its final frame.
 fn try_send_more_then_next(f: &Fixture) {
-    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
-    let url = listener.url();
-    let accept = thread::spawn(move || listener.accept().expect("accept"));
-    let mut c = djinn_transport::connect(&url, &f.opts).expect("connect");
-    let mut server = accept.join().unwrap();
+    let (mut c, mut server) = connected_pair(f);
     const PAIRS: u64 = 50;
     let reader = thread::spawn(move || {
         for id in 0..2 * PAIRS {
@@ -940,11 +942,7 @@ fn try_send_more_then_next(f: &Fixture) {
 /// and in order once the peer reads, with the frames no `try_` call took sent by `send` (which
 /// sends whatever is held or kept first).
 fn try_send_more_until_full(f: &Fixture) {
-    let mut listener = djinn_transport::listen(&(f.listen_url)(), &f.opts).expect("listen");
-    let url = listener.url();
-    let accept = thread::spawn(move || listener.accept().expect("accept"));
-    let mut c = djinn_transport::connect(&url, &f.opts).expect("connect");
-    let mut server = accept.join().unwrap();
+    let (mut c, mut server) = connected_pair(f);
     let frame_of = |id: u64| (id.to_le_bytes(), pattern(300 + (id % 5) as usize * 100, id));
     let (mut next, mut how, t0) = (0u64, "sent", Instant::now());
     // Until a `try_` call takes nothing (left to `send`) or only part of its frame.
