@@ -96,6 +96,9 @@ pub struct Metrics {
     pub conn_outbound_frames: IntGauge,
     /// Sessions not stepped because their connection's outbound queue is full.
     pub sessions_paused_backpressure: IntGauge,
+    /// Times a connection went past a backpressure mark, by the mark (`frames`, `bytes`,
+    /// `unread`): which limit is pausing clients that fall behind.
+    pub conn_backpressure_total: IntCounterVec,
     /// Sessions paused at a breakpoint, and the bytes of hidden state they hold.
     pub sessions_paused_breakpoint: IntGauge,
     pub breakpoint_held_bytes: IntGauge,
@@ -247,6 +250,15 @@ impl Metrics {
                 "Sessions paused because their connection's outbound queue is full",
             )
             .unwrap(),
+            conn_backpressure_total: IntCounterVec::new(
+                Opts::new(
+                    "conn_backpressure_total",
+                    "Times a connection went past a backpressure mark and its sessions paused, by mark \
+                     (frames: conn_outbound_frames_max; bytes: conn_outbound_bytes_max; unread: conn_unread_pause_ms)",
+                ),
+                &["mark"],
+            )
+            .unwrap(),
             sessions_paused_breakpoint: IntGauge::new(
                 "sessions_paused_breakpoint",
                 "Sessions paused at a breakpoint (KV swappable like an idle session's)",
@@ -347,6 +359,7 @@ impl Metrics {
         r.register(Box::new(m.step_bytes.clone())).unwrap();
         r.register(Box::new(m.conn_outbound_frames.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_backpressure.clone())).unwrap();
+        r.register(Box::new(m.conn_backpressure_total.clone())).unwrap();
         r.register(Box::new(m.sessions_paused_breakpoint.clone())).unwrap();
         r.register(Box::new(m.breakpoint_held_bytes.clone())).unwrap();
         r.register(Box::new(m.breakpoint_parts_total.clone())).unwrap();

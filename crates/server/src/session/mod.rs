@@ -367,6 +367,7 @@ impl SessionService {
                 stall: std::time::Duration::from_millis(cfg.conn_stall_timeout_ms),
                 unread_pause: std::time::Duration::from_millis(cfg.conn_unread_pause_ms),
                 gauge: metrics.conn_outbound_frames.clone(),
+                passed: outbound::OutboundLimits::mark_counters(&metrics.conn_backpressure_total),
             },
             turns: Mutex::new(None),
             inline_turns: cfg.engine_inline_turns,

@@ -36,7 +36,9 @@
 //! - A third mark is time: a connection holding at least [`UNREAD_PAUSE_BYTES_MIN`] unread
 //!   bytes whose transport-held bytes have not fallen (its client read nothing) for
 //!   `unread_pause` pauses too, so a client that stops reading stops costing engine work within
-//!   that time, not only once megabytes of large frames piled up.
+//!   that time, not only once megabytes of large frames piled up. (Over tcp the client's kernel
+//!   taking bytes into its receive buffer also makes them fall, and restarts that time.) Each
+//!   time a connection goes past a mark counts once in `djinn_conn_backpressure_total{mark}`.
 //! - Nothing wakes the engine when a client reads from the transport, so while a connection is
 //!   past the byte or time mark its [`Outbound::stall_deadline`] asks the loop to look again
 //!   within [`BYTES_POLL`].
@@ -47,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use djinn_proto::{FrameHeader, HEADER_LEN};
 use djinn_transport::{OutFrame, TrySend, UnreadProbe};
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 
 use super::ConnLink;
 use crate::staging::Staged;
@@ -68,6 +70,16 @@ pub struct OutboundLimits {
     pub unread_pause: Duration,
     /// Frames queued over all connections (`djinn_conn_outbound_frames`).
     pub gauge: IntGauge,
+    /// Times a connection went past each mark (`djinn_conn_backpressure_total`), indexed by
+    /// [`Mark`].
+    pub passed: [IntCounter; 3],
+}
+
+impl OutboundLimits {
+    /// The per-mark counters of `djinn_conn_backpressure_total`, in [`Mark`] order.
+    pub fn mark_counters(total: &IntCounterVec) -> [IntCounter; 3] {
+        ["frames", "bytes", "unread"].map(|m| total.with_label_values(&[m]))
+    }
 }
 
 /// How soon the engine looks again at a connection paused by the byte mark (its client's reads
@@ -87,6 +99,7 @@ pub enum PushError {
     Closed,
 }
 
+/// A backpressure mark; its value indexes [`OutboundLimits::passed`].
 #[derive(Clone, Copy)]
 enum Mark {
     Frames,
@@ -127,6 +140,9 @@ struct State {
     /// engine asks several times a step, and on tcp each reading is a system call).
     held: u64,
     held_at: Option<Instant>,
+    /// Whether the last look found the connection past a mark (a look that finds it past one
+    /// after a look that did not counts that mark once).
+    past: bool,
 }
 
 /// One connection's queue (see the module docs).
@@ -158,6 +174,7 @@ impl Outbound {
                 read_at: Instant::now(),
                 held: 0,
                 held_at: None,
+                past: false,
             }),
             cv: Condvar::new(),
             limits,
@@ -206,7 +223,7 @@ impl Outbound {
 
     /// Which mark the connection is past, if any.
     fn mark(&self, st: &mut State) -> Option<Mark> {
-        if st.queue.len() >= self.limits.frames_max {
+        let mark = if st.queue.len() >= self.limits.frames_max {
             Some(Mark::Frames)
         } else if self.unread(st) >= self.limits.bytes_max {
             Some(Mark::Bytes)
@@ -214,7 +231,12 @@ impl Outbound {
             Some(Mark::Unread)
         } else {
             None
+        };
+        if let (Some(m), false) = (mark, st.past) {
+            self.limits.passed[m as usize].inc();
         }
+        st.past = mark.is_some();
+        mark
     }
 
     /// Whether the connection's sessions must pause (a backpressure mark is reached).
