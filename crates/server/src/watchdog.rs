@@ -7,7 +7,8 @@
 //! - Each connection publishes its phase and when it entered it in a [`ConnClock`] (two atomic
 //!   stores per phase change, no lock); the watchdog thread sweeps every registered connection
 //!   every `period` (a fraction of the shortest timeout): no per-connection timers, one lock
-//!   taken per sweep and per accept/close.
+//!   taken per sweep and per accept/close. With nothing registered it sleeps until a
+//!   registration wakes it.
 //! - The registry is bounded by `capacity` (fixed at start-up); registering beyond it fails
 //!   instead of growing.
 //! - A passed deadline calls the connection's transport closer (`FrameTx::closer`) outside the
@@ -186,6 +187,10 @@ impl Watchdog {
             return Err(Full(reg.entries.len()));
         };
         reg.entries[i] = Some((conn, w));
+        // The sweep sleeps untimed while nothing is registered.
+        if reg.free.len() + 1 == reg.entries.len() {
+            self.state.wake.notify_one();
+        }
         Ok(Slot(i))
     }
 
@@ -280,7 +285,13 @@ fn run(state: &State, metrics: &Metrics) {
             }
             reg = state.lock();
         }
-        reg = state.wake.wait_timeout(reg, period).unwrap_or_else(|p| p.into_inner()).0;
+        reg = if reg.free.len() == reg.entries.len() {
+            // No connection: nothing can fall due until one registers (which wakes this), so an
+            // idle server does not wake every period (2 ms with busy-poll's linger).
+            state.wake.wait(reg).unwrap_or_else(|p| p.into_inner())
+        } else {
+            state.wake.wait_timeout(reg, period).unwrap_or_else(|p| p.into_inner()).0
+        };
     }
 }
 
@@ -333,6 +344,8 @@ mod tests {
     #[test]
     fn each_phase_has_its_deadline_and_work_in_flight_is_not_idle() {
         let (w, _t) = Watchdog::start(timeouts(60), 8, Metrics::new("t")).unwrap();
+        // The sweep is asleep (nothing registered); registering below wakes it.
+        std::thread::sleep(Duration::from_millis(20));
         let counts: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         let ws: Vec<Watched> = counts.iter().map(|n| watched(&w, n)).collect();
         let (clocks, busy, spin) =
