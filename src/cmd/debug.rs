@@ -266,7 +266,7 @@ fn debug<B: Backend>(
             let mut detok = Detokenizer::new();
             let mut s = String::new();
             for &id in &tokens {
-                s.push_str(&detok.push(tok, id)?);
+                s.push_str(detok.push(tok, id)?);
             }
             s
         }

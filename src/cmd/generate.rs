@@ -246,7 +246,7 @@ fn generate<B: Backend>(
         tokens.push(next);
         if let Some(tok) = tok {
             let delta = detok.push(tok, next)?;
-            let (emit, hit) = stops.push(&delta);
+            let (emit, hit) = stops.push(delta);
             if !args.json && !emit.is_empty() {
                 out.write_all(emit.as_bytes())?;
                 out.flush()?;

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod detokenize;
 pub mod engine;
 pub mod error;
 pub mod forward;
@@ -20,6 +21,7 @@ pub mod weights;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use detokenize::{ByteTable, Detokenizer};
 /// The VMU types the engine's API carries (a session's KV handle, memory errors), so callers above
 /// the model need not depend on the VMU crate.
 pub use djinn_vmu::{host_swap_default_bytes, Residency, SessionId, VmuError};
@@ -27,5 +29,5 @@ pub use engine::{Engine, EngineOptions, HeldRow, PassSeq};
 pub use error::{ModelError, PassError, Result};
 pub use forward::{LogitsMode, Model, ScratchPlan, SeqStep, StepLimits, StepMemory, StepState};
 pub use source::{fast_dtype, open_model, ModelFiles};
-pub use tokenizer::{Detokenizer, StopStrings, TextTokenizer};
+pub use tokenizer::{StopStrings, TextTokenizer};
 pub use weights::WeightLayout;

@@ -1,6 +1,6 @@
 //! Text in, text out: `tokenizer.json` through the `tokenizers` crate, the model's chat template
-//! (from `tokenizer_config.json` or `chat_template.jinja`) rendered with minijinja, incremental
-//! detokenization and stop strings.
+//! (from `tokenizer_config.json` or `chat_template.jinja`) rendered with minijinja, and stop
+//! strings (incremental detokenization is [`crate::detokenize`]).
 //!
 //! A model directory without `tokenizer.json` still serves token ids; only text needs this.
 
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use crate::detokenize::ByteTable;
 use crate::error::{ModelError, Result};
 
 pub struct TextTokenizer {
@@ -17,6 +18,8 @@ pub struct TextTokenizer {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Each id's bytes, for a byte-level tokenizer (the streaming detokenizer's fast path).
+    bytes: Option<ByteTable>,
 }
 
 /// `bos_token` in tokenizer_config.json is a string or `{"content": "..."}`.
@@ -72,6 +75,7 @@ impl TextTokenizer {
         }
         Ok(TextTokenizer {
             path: path.to_path_buf(),
+            bytes: ByteTable::build(&inner),
             inner,
             chat_template: template,
             bos_token: token_str(config.and_then(|c| c.get("bos_token"))),
@@ -79,8 +83,17 @@ impl TextTokenizer {
         })
     }
 
-    fn err(&self, why: impl std::fmt::Display) -> ModelError {
+    pub(crate) fn err(&self, why: impl std::fmt::Display) -> ModelError {
         ModelError::Tokenizer { path: self.path.clone(), why: why.to_string() }
+    }
+
+    pub(crate) fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Each id's bytes, when the tokenizer is byte-level ([`ByteTable::build`]).
+    pub fn byte_table(&self) -> Option<&ByteTable> {
+        self.bytes.as_ref()
     }
 
     /// Token ids of `text`; `special` adds the tokenizer's own BOS/EOS post-processing.
@@ -163,37 +176,6 @@ pub fn render_chat_with(
     tpl.render(ctx).map_err(|e| ModelError::Template(e.to_string()))
 }
 
-/// Turns generated ids, one at a time, into text deltas: the `tokenizers` crate's streaming
-/// decoder (`DecodeStream`), which keeps only the ids still needed to decode the next piece and
-/// holds back an incomplete UTF-8 character. Its state lives here rather than in a
-/// `DecodeStream` (which borrows the tokenizer) so that a session can own it; each step is the
-/// crate's own `step_decode_stream`.
-#[derive(Debug, Default)]
-pub struct Detokenizer {
-    ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
-}
-
-impl Detokenizer {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds one id; returns the text it completes (possibly empty).
-    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
-        let step = tokenizers::tokenizer::step_decode_stream(
-            &tok.inner,
-            vec![id],
-            true,
-            &mut self.ids,
-            &mut self.prefix,
-            &mut self.prefix_index,
-        );
-        Ok(step.map_err(|e| tok.err(e))?.unwrap_or_default())
-    }
-}
-
 /// Watches generated text for stop strings.
 #[derive(Debug, Default)]
 pub struct StopStrings {
@@ -206,12 +188,15 @@ impl StopStrings {
         StopStrings { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), text: String::new() }
     }
 
-    /// Appends `delta`; returns the part of it to emit and whether a stop string was hit (the
-    /// stop string itself and anything after it are not emitted).
-    pub fn push(&mut self, delta: &str) -> (String, bool) {
+    /// Appends `delta`; returns the part of it to emit (the end of [`Self::text`]) and whether
+    /// a stop string was hit (the stop string itself and anything after it are not emitted).
+    pub fn push(&mut self, delta: &str) -> (&str, bool) {
         let start = self.text.len();
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
         self.text.push_str(delta);
+        if self.stops.is_empty() {
+            return (&self.text[start..], false);
+        }
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
         // Only a window that overlaps the new text can hold a new match.
         let mut from = start.saturating_sub(longest);
         while !self.text.is_char_boundary(from) {
@@ -220,11 +205,10 @@ impl StopStrings {
         let hit = self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
         match hit {
             Some(at) => {
-                let emit = if at > start { self.text[start..at].to_string() } else { String::new() };
                 self.text.truncate(at);
-                (emit, true)
+                (&self.text[start.min(at)..], true)
             }
-            None => (delta.to_string(), false),
+            None => (&self.text[start..], false),
         }
     }
 
@@ -241,28 +225,13 @@ mod tests {
     #[test]
     fn stop_strings_cut_across_deltas() {
         let mut s = StopStrings::new(vec!["END".into()]);
-        assert_eq!(s.push("hello E"), ("hello E".into(), false));
+        assert_eq!(s.push("hello E"), ("hello E", false));
         let (emit, hit) = s.push("ND more");
         assert!(hit);
         assert_eq!(emit, "");
         assert_eq!(s.text(), "hello ");
         let mut s = StopStrings::new(vec!["\n\n".into()]);
-        assert_eq!(s.push("ab\n\ncd"), ("ab".into(), true));
-    }
-
-    /// A byte-level vocabulary where "é" (C3 A9) takes two tokens: the first alone yields
-    /// nothing, the second the whole character; the deltas add up to the full decode.
-    #[test]
-    fn detokenizer_streams_whole_characters() {
-        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":null,"post_processor":null,
-            "decoder":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":false,"use_regex":false},
-            "model":{"type":"WordLevel","vocab":{"Ã":0,"©":1,"a":2,"Ġb":3},"unk_token":"a"}}"#;
-        let tok = TextTokenizer::from_parts(Path::new("t.json"), json.as_bytes(), None, None).unwrap();
-        let mut d = Detokenizer::new();
-        let deltas: Vec<String> = [2, 0, 1, 3, 2].iter().map(|&id| d.push(&tok, id).unwrap()).collect();
-        assert_eq!(deltas, ["a", "", "é", " b", "a"]);
-        assert_eq!(deltas.concat(), tok.decode(&[2, 0, 1, 3, 2], true).unwrap());
+        assert_eq!(s.push("ab\n\ncd"), ("ab", true));
     }
 
     #[test]

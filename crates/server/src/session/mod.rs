@@ -341,7 +341,8 @@ impl SessionService {
                 kv_bytes, host_bytes, weights_resident_bytes = resident, weights_file_bytes = file,
                 dtype = %dtype.map_or("stored".to_owned(), |d| format!("{d:?}").to_lowercase()), "model loaded"
             );
-            models.push(engine_loop::LoadedModel { info: info.clone(), engine, tok, eos });
+            let meters = engine_loop::TokenMeters::new(metrics, &spec.name);
+            models.push(engine_loop::LoadedModel { info: info.clone(), engine, tok, eos, meters });
             infos.push(info);
         }
         let svc = Arc::new(SessionService {

@@ -71,6 +71,7 @@ use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 
 pub(crate) use qos::QosPolicy;
+pub(crate) use stream::TokenMeters;
 
 use answer::{kv_bytes, model_status, Answer, Refusal};
 use logits::LogitsJob;
@@ -156,6 +157,8 @@ pub(crate) struct LoadedModel<B: Backend> {
     pub engine: Engine<B>,
     pub tok: Option<Arc<TextTokenizer>>,
     pub eos: Vec<u32>,
+    /// This model's per-token series, resolved once ([`stream::TokenMeters`]).
+    pub meters: stream::TokenMeters,
 }
 
 pub(crate) struct EngineLoop<B: Backend> {

@@ -2,6 +2,7 @@
 //! `SessionToken` frame (text delta, stop strings, top-k or full logits) on the connection's queue.
 
 use super::*;
+use prometheus::{Histogram, IntCounter};
 
 impl<B: Backend> EngineLoop<B> {
     /// A decode step of session `id` sampled `t`: emit it, or finish.
@@ -20,17 +21,17 @@ impl<B: Backend> EngineLoop<B> {
         d.produced += 1;
         let (emit, hit) = match &lm.tok {
             Some(tok) => match d.detok.push(tok, t) {
-                Ok(delta) => d.stops.push(&delta),
-                Err(_) => (String::new(), false),
+                Ok(delta) => d.stops.push(delta),
+                Err(_) => ("", false),
             },
-            None => (String::new(), false),
+            None => ("", false),
         };
         let mut w = MetaWriter::with_buf(std::mem::take(&mut self.meta));
         let top: Vec<(u32, f32)> = match (d.logits, logits) {
             (LogitsWire::TopK(k), Some(row)) => top_k(row, k as usize),
             _ => Vec::new(),
         };
-        let delta = truncate_str(&emit, djinn_proto::session::SESSION_DELTA_BYTES_MAX);
+        let delta = truncate_str(emit, djinn_proto::session::SESSION_DELTA_BYTES_MAX);
         SessionToken::encode_parts(&mut w, t, index, delta, &top);
         let full: &[&[u8]] = match (d.logits, logits) {
             (LogitsWire::Full, Some(row)) => &[f32_bytes(row)],
@@ -47,21 +48,42 @@ impl<B: Backend> EngineLoop<B> {
         let bytes = d.ans.send_then(Opcode::SessionToken, Status::Ok, w.as_bytes(), full, finish.is_some());
         self.meta = w.finish();
         let now = Instant::now();
-        let labels = [self.models[m].info.name.as_str(), s.class.name()];
+        let meters = &self.models[m].meters;
         if index == 0 {
             let t = now.duration_since(d.ans.received).as_secs_f64();
             self.metrics.ttft_s.observe(t);
-            self.metrics.sched_ttft_s.with_label_values(&labels).observe(t);
+            meters.ttft[s.class as usize].observe(t);
         } else {
             let t = now.duration_since(d.last).as_secs_f64();
             self.metrics.token_latency_s.observe(t);
-            self.metrics.sched_tpot_s.with_label_values(&labels).observe(t);
+            meters.tpot[s.class as usize].observe(t);
         }
         d.last = now;
-        self.metrics.tokens_generated_total.with_label_values(&[&self.models[m].info.name]).inc();
+        meters.tokens.inc();
         self.metrics.step_bytes.observe(bytes as f64);
         if let Some(f) = finish {
             self.end_work(id, Ok(()), f);
+        }
+    }
+}
+
+/// One model's per-token series, resolved at start-up: a token costs no label lookup (each is a
+/// hash and a lock in the registry).
+pub(crate) struct TokenMeters {
+    /// `djinn_tokens_generated_total{model}`.
+    tokens: IntCounter,
+    /// `djinn_scheduler_ttft_seconds` and `djinn_scheduler_tpot_seconds` by class (indexed by `Class`).
+    ttft: [Histogram; 3],
+    tpot: [Histogram; 3],
+}
+
+impl TokenMeters {
+    pub(crate) fn new(metrics: &Metrics, model: &str) -> TokenMeters {
+        let by_class = |h: &prometheus::HistogramVec| Class::ALL.map(|c| h.with_label_values(&[model, c.name()]));
+        TokenMeters {
+            tokens: metrics.tokens_generated_total.with_label_values(&[model]),
+            ttft: by_class(&metrics.sched_ttft_s),
+            tpot: by_class(&metrics.sched_tpot_s),
         }
     }
 }
