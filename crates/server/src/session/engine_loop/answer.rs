@@ -11,22 +11,22 @@ pub(super) struct Answer {
     pub(super) received: Instant,
     /// For the request's log line.
     tenant: TenantId,
-    /// Its end-to-end time (`djinn_session_request_duration_seconds`).
-    duration_s: prometheus::HistogramVec,
+    /// Its end-to-end time (`djinn_session_request_duration_seconds` of its opcode).
+    duration_s: prometheus::Histogram,
     _guard: ActiveGuard,
 }
 
 impl Answer {
-    pub(super) fn from_job(job: Job, metrics: &Metrics) -> (Answer, Request, TenantId) {
+    pub(super) fn from_job(job: Job, meters: &mut RequestMeters) -> (Answer, Request, TenantId) {
         let Job { conn, rid, opcode, tenant, req, received, guard } = job;
-        let duration_s = metrics.session_request_duration_s.clone();
+        let duration_s = meters.get(opcode);
         (Answer { conn, rid, opcode, received, tenant: tenant.clone(), duration_s, _guard: guard }, req, tenant)
     }
 
     /// The one log line of a finished session request (target `djinn::request`).
     fn log_done(&self, status: Status, model: &str, tokens: u32) {
         let elapsed = self.received.elapsed();
-        self.duration_s.with_label_values(&[self.opcode.name()]).observe(elapsed.as_secs_f64());
+        self.duration_s.observe(elapsed.as_secs_f64());
         let duration_us = elapsed.as_micros() as u64;
         let (tenant, opcode, status) = (&self.tenant, self.opcode.name(), status.name());
         tracing::info!(target: "djinn::request", %tenant, model, opcode, tokens, duration_us, status, "request");
@@ -96,6 +96,28 @@ impl Answer {
         let msg = ErrorReply::new(message);
         self.send(self.opcode, status, msg.encode_bytes(), &[]);
         self.log_done(status, "-", 0);
+    }
+}
+
+/// `djinn_session_request_duration_seconds{opcode}`, each opcode's series resolved on its first
+/// request and kept by the loop: after that a request costs no label lookup (a hash and a lock
+/// in the registry).
+pub(super) struct RequestMeters {
+    vec: prometheus::HistogramVec,
+    by_op: [Option<prometheus::Histogram>; 64],
+}
+
+impl RequestMeters {
+    pub(super) fn new(metrics: &Metrics) -> RequestMeters {
+        RequestMeters { vec: metrics.session_request_duration_s.clone(), by_op: std::array::from_fn(|_| None) }
+    }
+
+    fn get(&mut self, op: Opcode) -> prometheus::Histogram {
+        let vec = &self.vec;
+        match self.by_op.get_mut(usize::from(op.as_u16())) {
+            Some(h) => h.get_or_insert_with(|| vec.with_label_values(&[op.name()])).clone(),
+            None => vec.with_label_values(&[op.name()]),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ impl<B: Backend> EngineLoop<B> {
     // ---- jobs ---------------------------------------------------------------------------------
 
     pub(super) fn handle(&mut self, job: Job) {
-        let (ans, req, tenant) = Answer::from_job(job, &self.metrics);
+        let (ans, req, tenant) = Answer::from_job(job, &mut self.request_meters);
         let session = match &req {
             Request::Prefill(r) => Some(r.session),
             Request::Append(r) => Some(r.session),

@@ -70,9 +70,9 @@ impl<B: Backend> EngineLoop<B> {
                             context_tokens: s.tokens.len() as u32,
                             prompt_tokens: d.prompt_tokens,
                         };
-                        let model = &self.models[s.model].info.name;
-                        self.metrics.prompt_tokens_total.with_label_values(&[model]).inc_by(u64::from(d.prompt_tokens));
-                        d.ans.ok_decode(&r.to_meta(), model, d.produced);
+                        let lm = &self.models[s.model];
+                        lm.meters.prompt_tokens.inc_by(u64::from(d.prompt_tokens));
+                        d.ans.ok_decode(&r.to_meta(), &lm.info.name, d.produced);
                     }
                 }
             }
@@ -133,7 +133,7 @@ impl<B: Backend> EngineLoop<B> {
         // Jobs queued after the last take are refused too.
         let jobs = std::mem::take(&mut self.svc.queue.lock().unwrap_or_else(|p| p.into_inner()).jobs);
         for job in jobs {
-            let (ans, _, _) = Answer::from_job(job, &self.metrics);
+            let (ans, _, _) = Answer::from_job(job, &mut self.request_meters);
             ans.err(Status::ShuttingDown, "server is shutting down");
         }
     }

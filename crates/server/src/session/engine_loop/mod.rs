@@ -186,6 +186,7 @@ pub(crate) struct EngineLoop<B: Backend> {
     part_passes_max: usize,
     frame_bytes_max: u64,
     metrics: Metrics,
+    request_meters: answer::RequestMeters,
     ids_key: std::collections::hash_map::RandomState,
     ids_next: u64,
     // Per-step buffers, reused (capacity set at start-up).
@@ -254,6 +255,7 @@ impl<B: Backend> EngineLoop<B> {
             pause_lease: Duration::from_millis(cfg.breakpoint_lease_ms),
             part_passes_max: cfg.breakpoint_part_passes_max,
             frame_bytes_max: cfg.frame_bytes_max,
+            request_meters: answer::RequestMeters::new(&metrics),
             metrics,
             ids_key: std::collections::hash_map::RandomState::new(),
             ids_next: 1,

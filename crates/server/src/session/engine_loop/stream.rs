@@ -70,8 +70,9 @@ impl<B: Backend> EngineLoop<B> {
 /// One model's per-token series, resolved at start-up: a token costs no label lookup (each is a
 /// hash and a lock in the registry).
 pub(crate) struct TokenMeters {
-    /// `djinn_tokens_generated_total{model}`.
+    /// `djinn_tokens_generated_total{model}`, `djinn_prompt_tokens_total{model}`.
     tokens: IntCounter,
+    pub(super) prompt_tokens: IntCounter,
     /// `djinn_scheduler_ttft_seconds` and `djinn_scheduler_tpot_seconds` by class (indexed by `Class`).
     ttft: [Histogram; 3],
     tpot: [Histogram; 3],
@@ -82,6 +83,7 @@ impl TokenMeters {
         let by_class = |h: &prometheus::HistogramVec| Class::ALL.map(|c| h.with_label_values(&[model, c.name()]));
         TokenMeters {
             tokens: metrics.tokens_generated_total.with_label_values(&[model]),
+            prompt_tokens: metrics.prompt_tokens_total.with_label_values(&[model]),
             ttft: by_class(&metrics.sched_ttft_s),
             tpot: by_class(&metrics.sched_tpot_s),
         }
