@@ -209,6 +209,13 @@ mod tests {
         assert_eq!(ids[0], super::IM_START_ID as u32);
         assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(tok.eos_id(), Some(super::IM_END_ID as u32));
+        // Its Fuse decoder streams from a byte table (the engine loop's fast token path).
+        let mut d = djinn_model::Detokenizer::new();
+        assert!(tok.byte_table().is_some());
+        assert_eq!(
+            ids.iter().map(|&id| d.push(&tok, id).unwrap().to_owned()).collect::<String>(),
+            "user\nHi there\nassistant\n"
+        );
         let be = std::sync::Arc::new(djinn_backend::cpu::CpuBackend::with_threads(1).unwrap());
         let mut eng = djinn_model::Engine::load_dir(be, &dir, &djinn_model::EngineOptions::default()).unwrap();
         let sid = eng.open_session().unwrap();

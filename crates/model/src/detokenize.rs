@@ -3,7 +3,8 @@
 //!
 //! Two paths, one answer:
 //! - A byte-level tokenizer (GPT-2 style: SmolLM2, Llama 3, Qwen; `decoder.type = ByteLevel`)
-//!   decodes a sequence to the bytes of its tokens concatenated, read as lossy UTF-8. Its
+//!   decodes a sequence to the bytes of its tokens concatenated, read as lossy UTF-8 (a `Fuse`
+//!   decoder likewise, each token's bytes being its UTF-8). Its
 //!   [`ByteTable`] (built once per tokenizer) holds each id's bytes, so a step appends a slice
 //!   and checks UTF-8: no tokenizer call, no allocation at steady state (a decode step's token
 //!   path is on the engine loop).
@@ -41,14 +42,18 @@ fn byte_of(c: char) -> Option<u8> {
 }
 
 impl ByteTable {
-    /// The table of `tok` when its decoder is exactly `ByteLevel`, else `None`. Each token's
-    /// bytes follow the decoder's rule: every character mapped back to its byte, or, if any
-    /// character has no byte, the token's own UTF-8. A sample of ids is checked against the
-    /// tokenizer's own decode; any difference gives `None` (the caller keeps the crate's path).
+    /// The table of `tok` when its decoder is exactly `ByteLevel` or `Fuse` (tokens joined as
+    /// they are), else `None`. Under `ByteLevel` each token's bytes follow the decoder's rule:
+    /// every character mapped back to its byte, or, if any character has no byte, the token's
+    /// own UTF-8. A sample of ids is checked against the tokenizer's own decode; any difference
+    /// gives `None` (the caller keeps the crate's path).
     pub fn build(tok: &Tokenizer) -> Option<ByteTable> {
-        if !matches!(tok.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
-            return None;
-        }
+        let byte_level = match tok.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => true,
+            // Tokens joined as they are.
+            Some(DecoderWrapper::Fuse(_)) => false,
+            _ => return None,
+        };
         let map: Vec<Option<u8>> = (0u32..512).map(|c| char::from_u32(c).and_then(byte_of)).collect();
         let added = tok.get_added_vocabulary();
         let last_added = added.get_added_tokens_decoder().keys().copied().max();
@@ -57,15 +62,11 @@ impl ByteTable {
         for id in 0..n as u32 {
             if let Some(s) = tok.id_to_token(id).filter(|s| !added.is_special_token(s)) {
                 let start = t.bytes.len();
-                for c in s.chars() {
-                    match map.get(c as usize).copied().flatten() {
-                        Some(b) => t.bytes.push(b),
-                        None => {
-                            t.bytes.truncate(start);
-                            t.bytes.extend_from_slice(s.as_bytes());
-                            break;
-                        }
-                    }
+                let mapped = byte_level
+                    && s.chars().all(|c| map.get(c as usize).copied().flatten().map(|b| t.bytes.push(b)).is_some());
+                if !mapped {
+                    t.bytes.truncate(start);
+                    t.bytes.extend_from_slice(s.as_bytes());
                 }
             }
             t.ends.push(u32::try_from(t.bytes.len()).ok()?);
@@ -177,6 +178,20 @@ mod tests {
         assert_eq!(byte_of('Ń'), Some(0xad));
         assert_eq!(byte_of('ń'), None);
         assert_eq!(byte_of(' '), None);
+    }
+
+    /// A `Fuse` decoder (the generated tiny model's) joins tokens as they are: a table too.
+    #[test]
+    fn fuse_decoder_gets_a_table() {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{"id":3,"content":"<e>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":{"type":"Fuse"},
+            "model":{"type":"WordLevel","vocab":{"a":0,"é":1," b":2,"<e>":3},"unk_token":"a"}}"#;
+        let tok = TextTokenizer::from_parts(Path::new("t.json"), json.as_bytes(), None, None).unwrap();
+        assert_eq!(tok.byte_table().map(|t| t.get(1)), Some("é".as_bytes()));
+        let mut d = Detokenizer::new();
+        let deltas: Vec<String> = [0, 1, 3, 2].iter().map(|&id| d.push(&tok, id).unwrap().to_owned()).collect();
+        assert_eq!(deltas, ["a", "é", "", " b"]);
     }
 
     /// Random id streams through a byte-level vocabulary of all 256 bytes (so characters split
