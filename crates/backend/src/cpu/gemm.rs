@@ -451,6 +451,7 @@ fn gemv_simd(
     // would have chunks, so the workers finish the region as evenly as they would finish it.
     let n_max = parts.iter().map(|p| p.n).max().unwrap_or(0);
     let pieces = Pieces::new(parts, gemv_chunk(be, n_max, row_bytes, m));
+    let region_bytes = parts.iter().map(|p| p.n).sum::<usize>() * row_bytes * m.max(1);
     let run = |x: &[f32]| {
         with_scratch(if direct { 0 } else { m * x_row }, |xbuf| {
             for r in (0..m).filter(|_| !direct) {
@@ -465,7 +466,7 @@ fn gemv_simd(
                 }
             }
             let xp: &[f32] = if direct { x } else { xbuf };
-            be.parallel_for(pieces.count(), |i| {
+            let piece = |i: usize| {
                 let (p, j0, nj) = pieces.get(i, parts);
                 let (w, c, n) = (&parts[p].w, &parts[p].c, parts[p].n);
                 // The kernel writes straight into an f32 output when nothing is left to apply
@@ -572,7 +573,15 @@ fn gemv_simd(
                     }
                     jt += nt;
                 }
-            });
+            };
+            // A region with less than two chunks' minimum of weights (a tiny model's grouped
+            // projections) runs on the calling thread, as a lone GEMV that small does: split,
+            // it costs more in hand-offs than it saves.
+            if region_bytes < 2 * GEMV_CHUNK_BYTES_MIN {
+                (0..pieces.count()).for_each(piece);
+            } else {
+                be.parallel_for(pieces.count(), piece);
+            }
         })
     };
     // SAFETY: `a` is a checked operand of at least `m*k` elements (checked by the caller),
@@ -1241,7 +1250,8 @@ mod tests {
 
     /// A grouped GEMV (several weight matrices by the same activations, one parallel region)
     /// bit-equals a GEMV of each matrix alone: every kernel this machine runs, every weight
-    /// dtype, parts of different heights, with and without a k tail, with alpha and beta.
+    /// dtype, parts of different heights, with and without a k tail, with alpha and beta, regions
+    /// small enough to run on the calling thread and larger ones spread over the workers.
     #[test]
     fn grouped_gemv_equals_separate_gemvs() {
         let be = CpuBackend::with_threads(2).unwrap();
