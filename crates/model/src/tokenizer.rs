@@ -18,7 +18,8 @@ pub struct TextTokenizer {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
-    /// Each id's bytes, for a byte-level tokenizer (the streaming detokenizer's fast path).
+    /// Each id's bytes, for a byte-level or `Fuse` tokenizer (the streaming detokenizer's fast
+    /// path).
     bytes: Option<ByteTable>,
 }
 
@@ -91,7 +92,7 @@ impl TextTokenizer {
         &self.inner
     }
 
-    /// Each id's bytes, when the tokenizer is byte-level ([`ByteTable::build`]).
+    /// Each id's bytes, when the tokenizer is byte-level or `Fuse` ([`ByteTable::build`]).
     pub fn byte_table(&self) -> Option<&ByteTable> {
         self.bytes.as_ref()
     }
