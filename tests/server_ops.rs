@@ -336,7 +336,10 @@ fn anonymous_connections_are_tenants(t: Transport) {
 
 fn many_concurrent_clients(t: Transport) {
     const CLIENTS: usize = 34;
-    let srv = server(t, &["--max-connections", "64"]);
+    // Every client must be served: Execs wait for one of the 4 lanes as long as it takes (in the
+    // soft-RoCE VM, emulated on two cores, 34 clients' lane holders were off the CPU past the
+    // default 2 s wait once; `exec_waits_for_a_lane_with_a_deadline` tests the wait itself).
+    let srv = server(t, &["--max-connections", "64", "--exec-lane-wait-ms", "60000"]);
     let url = srv.url().to_owned();
     let threads: Vec<_> = (0..CLIENTS)
         .map(|i| {
