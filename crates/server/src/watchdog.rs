@@ -129,6 +129,13 @@ struct Registry {
     stopped: bool,
 }
 
+impl Registry {
+    /// Connections registered.
+    fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+}
+
 struct State {
     reg: Mutex<Registry>,
     wake: Condvar,
@@ -188,7 +195,7 @@ impl Watchdog {
         };
         reg.entries[i] = Some((conn, w));
         // The sweep sleeps untimed while nothing is registered.
-        if reg.free.len() + 1 == reg.entries.len() {
+        if reg.len() == 1 {
             self.state.wake.notify_one();
         }
         Ok(Slot(i))
@@ -203,8 +210,7 @@ impl Watchdog {
 
     /// Connections registered right now.
     pub fn registered(&self) -> usize {
-        let reg = self.state.lock();
-        reg.entries.len() - reg.free.len()
+        self.state.lock().len()
     }
 
     /// With `max` or more connections still in their handshake, closes the one that has waited
@@ -285,7 +291,7 @@ fn run(state: &State, metrics: &Metrics) {
             }
             reg = state.lock();
         }
-        reg = if reg.free.len() == reg.entries.len() {
+        reg = if reg.len() == 0 {
             // No connection: nothing can fall due until one registers (which wakes this), so an
             // idle server does not wake every period (2 ms with busy-poll's linger).
             state.wake.wait(reg).unwrap_or_else(|p| p.into_inner())
