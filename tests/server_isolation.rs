@@ -4,9 +4,9 @@
 //! `--drain-timeout-ms` plus 1 s whatever clients do, letting running generations finish first; a
 //! session's lease follows every connection attached to it.
 //!
-//! A client "stops reading" here by asking for a 32 MiB tensor it never reads: its connection's
-//! sending half blocks in that reply (the transport buffers are full), which is where a
-//! non-reading client leaves any sender.
+//! A client "stops reading" here by asking for a 32 MiB tensor, four times, and never reading:
+//! its connection's sending half blocks in one of those replies (the transport buffers are full),
+//! which is where a non-reading client leaves any sender.
 
 mod common;
 
@@ -94,8 +94,16 @@ fn decode_req(session: u64, n: u32, logits: LogitsWire) -> SessionDecodeReq {
 /// slots, whichever reply the connection's sender blocks in first.
 const STALLED_SESSIONS: usize = 6;
 
-/// A client that opens sessions, starts decodes with full logits and then a 32 MiB get, and
-/// never reads a byte of the replies. Returns the client (kept open) and its sessions.
+/// Gets of the 32 MiB tensor the stalled client asks for. One is not enough over tcp: Linux 6.18
+/// lets a receive buffer grow to 32 MiB (`tcp_rmem`) without the application reading, so the
+/// client's kernel and the server's send buffer can take a whole 32 MiB reply and the sessions
+/// finish unpaused (stop 25's CI). Four (128 MiB) are more than both kernels hold at their
+/// maximum here (32 MiB received, 4 MiB sent), with room for a host whose maximum is larger; a get
+/// is sent from the tensor itself, so they cost the server no memory.
+const STALLED_GETS: usize = 4;
+
+/// A client that opens sessions, starts decodes with full logits and then [`STALLED_GETS`] gets
+/// of a 32 MiB tensor, and never reads a byte of the replies. Returns the client (kept open) and its sessions.
 fn stalled_client(url: &str, token: &str) -> (Client, Vec<u64>) {
     let mut c = connect(url, token);
     let big = c.put_f32(&[8 << 20], &vec![1.0f32; 8 << 20]).unwrap();
@@ -108,7 +116,9 @@ fn stalled_client(url: &str, token: &str) -> (Client, Vec<u64>) {
     for &s in &sessions {
         c.submit(Opcode::SessionDecode, &decode_req(s, 50, LogitsWire::Full).to_meta(), &[]).unwrap();
     }
-    c.submit(Opcode::TensorGet, &TensorGetReq { handle: big }.to_meta(), &[]).unwrap();
+    for _ in 0..STALLED_GETS {
+        c.submit(Opcode::TensorGet, &TensorGetReq { handle: big }.to_meta(), &[]).unwrap();
+    }
     (c, sessions)
 }
 
