@@ -50,7 +50,7 @@ use crate::auth::TenantId;
 use crate::quota::Ticket;
 use crate::server::{ReplyTx, Shared};
 use crate::session::{ConnLink, Request};
-use crate::staging::{HandOff, Lease, Staged, StagingError, CHUNK_BYTES};
+use crate::staging::{FillError, HandOff, Lease, Staged, StagingError, CHUNK_BYTES};
 use crate::tensors::TensorError;
 use crate::watchdog::{ConnClock, Phase, Slot};
 
@@ -585,26 +585,25 @@ impl<B: Backend> Conn<B> {
     /// memory over rdma, nothing allocated). A chunk the pool or a budget refuses: the rest of
     /// the data is skipped and the refusal returned (the chunks taken so far stay in `lease`).
     fn recv_into_lease(&mut self, lease: &mut Lease, n: usize) -> Result<Option<Reject>, Fatal> {
-        let mut got = 0usize;
-        while got < n {
-            let len = (n - got).min(CHUNK_BYTES);
-            let buf = match lease.take() {
-                Ok(b) => b,
-                Err(e) => {
-                    self.rx_skip((n - got) as u64)?;
-                    return Ok(Some(e.into()));
-                }
-            };
-            self.rx.recv_data(&mut buf[..len]).map_err(|e| self.transport_failed(e))?;
-            got += len;
+        let (rx, clock) = (&mut self.rx, &self.clock);
+        let r = lease.fill(n, |at, part| {
+            rx.recv_data(part)?;
             // `frame_data_timeout_ms` bounds a stall, not the whole transfer: each chunk that
             // arrives starts it afresh (a 64 MiB ping on a slow link took longer than the
             // deadline and was closed mid-transfer).
-            if got < n {
-                self.clock.enter(Phase::Serving);
+            if at + part.len() < n {
+                clock.enter(Phase::Serving);
             }
+            Ok(())
+        });
+        match r {
+            Ok(()) => Ok(None),
+            Err(FillError::Refused { at, error }) => {
+                self.rx_skip((n - at) as u64)?;
+                Ok(Some(error.into()))
+            }
+            Err(FillError::Write(e)) => Err(self.transport_failed(e)),
         }
-        Ok(None)
     }
 
     fn stats(&mut self, head: &RxHead, t0: Instant) -> Result<Outcome, Fatal> {

@@ -48,6 +48,16 @@ pub enum StagingError {
     TenantBudget { max: u64 },
 }
 
+/// Why [`Lease::fill`] stopped.
+#[derive(Debug)]
+pub enum FillError<E> {
+    /// A chunk was refused (pool or budget) at byte offset `at`: the bytes from there were not
+    /// taken.
+    Refused { at: usize, error: StagingError },
+    /// The write of a part failed.
+    Write(E),
+}
+
 impl StagingError {
     pub fn status(self) -> djinn_proto::Status {
         match self {
@@ -184,6 +194,25 @@ impl Lease {
         Ok(self.chunk_mut(k))
     }
 
+    /// Takes chunks in order for `n` bytes and hands each to `write(at, part)` as it is taken
+    /// (`at`: the part's offset, a multiple of [`CHUNK_BYTES`]; `part`: the chunk, or its head
+    /// for the last one): how a receive streams into staging and a device read fills it. Stops
+    /// at the first refused take or failed write; the chunks taken so far stay held.
+    pub fn fill<E>(
+        &mut self,
+        n: usize,
+        mut write: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(), FillError<E>> {
+        let mut at = 0;
+        while at < n {
+            let len = (n - at).min(CHUNK_BYTES);
+            let chunk = self.take().map_err(|error| FillError::Refused { at, error })?;
+            write(at, &mut chunk[..len]).map_err(FillError::Write)?;
+            at += len;
+        }
+        Ok(())
+    }
+
     fn chunk_mut(&mut self, k: usize) -> &mut [u8] {
         let i = self.chunks[k] as usize;
         // SAFETY: chunk `i` is inside the allocation (indices come from the pool's own free list)
@@ -273,20 +302,20 @@ impl Staged {
         // `None` only inside `drop`.
         let Some(lease) = self.lease.as_mut() else { return Err(StagingError::PoolEmpty) };
         lease.release();
-        let mut at = 0;
-        while at < n {
-            let len = (n - at).min(CHUNK_BYTES);
-            match lease.take() {
-                Ok(chunk) => write(at, &mut chunk[..len]),
-                Err(e) => {
-                    lease.release();
-                    return Err(e);
-                }
+        match lease.fill(n, |at, part| {
+            write(at, part);
+            Ok::<(), std::convert::Infallible>(())
+        }) {
+            Ok(()) => {
+                self.len = n;
+                Ok(())
             }
-            at += len;
+            Err(FillError::Refused { error, .. }) => {
+                lease.release();
+                Err(error)
+            }
+            Err(FillError::Write(never)) => match never {},
         }
-        self.len = n;
-        Ok(())
     }
 }
 
