@@ -97,9 +97,9 @@ const STALLED_SESSIONS: usize = 6;
 /// Gets of the 32 MiB tensor the stalled client asks for. One is not enough over tcp: Linux 6.18
 /// lets a receive buffer grow to 32 MiB (`tcp_rmem`) without the application reading, so the
 /// client's kernel and the server's send buffer can take a whole 32 MiB reply and the sessions
-/// finish unpaused (stop 25's CI). Four (128 MiB) are more than both kernels hold at their
-/// maximum here (32 MiB received, 4 MiB sent), with room for a host whose maximum is larger; a get
-/// is sent from the tensor itself, so they cost the server no memory.
+/// finish unpaused (the CI run of session 11's submission). Four (128 MiB) are more than both
+/// kernels hold at their maximum here (32 MiB received, 4 MiB sent), with room for a host whose
+/// maximum is larger; a get is sent from the tensor itself, so they cost the server no memory.
 const STALLED_GETS: usize = 4;
 
 /// A client that opens sessions, starts decodes with full logits and then [`STALLED_GETS`] gets
