@@ -108,7 +108,8 @@ const STALLED_TOKENS_LONG: u32 = 2000;
 const STALLED_GETS: usize = 4;
 
 /// A client that opens sessions, starts decodes of `tokens` tokens with full logits and then
-/// [`STALLED_GETS`] gets of a 32 MiB tensor, and never reads a byte of the replies. Returns the client (kept open) and its sessions.
+/// [`STALLED_GETS`] gets of a 32 MiB tensor, and never reads a byte of the replies. Returns the
+/// client (kept open) and its sessions.
 fn stalled_client(url: &str, token: &str, tokens: u32) -> (Client, Vec<u64>) {
     let mut c = connect(url, token);
     let big = c.put_f32(&[8 << 20], &vec![1.0f32; 8 << 20]).unwrap();
@@ -383,8 +384,9 @@ fn full_logits_reader_that_stops_is_paused_by_bytes(t: Transport) {
     drop(c);
 }
 
-/// Tokens each full-logits session asks for: 4 × 16 000 frames of 560 bytes, 36 MB, more than the
-/// client kernel's receive buffer (32 MiB at most) and the server's send buffer (4 MiB) hold.
+/// Tokens each full-logits session asks for: 4 × 16 000 frames of about 560 bytes, 36 MB, more
+/// than the client kernel's receive buffer (32 MiB at most) and the server's send buffer (4 MiB)
+/// hold.
 const LOGITS_TOKENS: u32 = 16_000;
 
 /// A client that starts [`LOGITS_SESSIONS`] long full-logits decodes and never reads a byte of
