@@ -47,6 +47,7 @@ use djinn_proto::{FrameHeader, Opcode, Status, FLAG_REPLY, HEADER_LEN, VERSION};
 use djinn_transport::{ByteCounters, Connection, FrameRx, OutFrame, RxHead, TransportError};
 
 use crate::auth::TenantId;
+use crate::metrics::ByOpcode;
 use crate::quota::Ticket;
 use crate::server::{ReplyTx, Shared};
 use crate::session::{ConnLink, Request};
@@ -141,7 +142,7 @@ struct Conn<B: Backend> {
     seen_received: u64,
     /// This connection's `requests_total` and `request_duration_s` series per opcode (indexed by
     /// its wire value), looked up on first use: a request at line rate does no label hashing.
-    op_series: Vec<Option<OpSeries>>,
+    op_series: ByOpcode<OpSeries>,
 }
 
 /// One opcode's request counter and duration histogram.
@@ -183,7 +184,7 @@ pub(crate) fn serve_connection<B: Backend>(sh: Arc<Shared<B>>, id: u64, conn: Co
         inflight,
         seen_sent: 0,
         seen_received: 0,
-        op_series: vec![None; Opcode::ALL.iter().map(|o| o.as_u16() as usize + 1).max().unwrap_or(0)],
+        op_series: ByOpcode::new(),
     };
     c.run();
     // Running decodes stop at their next step; the sessions' leases start.
@@ -261,13 +262,12 @@ impl<B: Backend> Conn<B> {
         self.seen_received = r;
     }
 
-    /// The opcode's series (`None` for an opcode without a slot, which `Opcode::ALL` rules out).
-    fn op_series(&mut self, op: Opcode) -> Option<&OpSeries> {
+    /// The opcode's series.
+    fn op_series(&mut self, op: Opcode) -> &OpSeries {
         let m = &self.sh.metrics;
-        let slot = self.op_series.get_mut(op.as_u16() as usize)?;
-        Some(slot.get_or_insert_with(|| {
-            (m.requests_total.with_label_values(&[op.name()]), m.request_duration_s.with_label_values(&[op.name()]))
-        }))
+        self.op_series.get(op, |label| {
+            (m.requests_total.with_label_values(&[label]), m.request_duration_s.with_label_values(&[label]))
+        })
     }
 
     /// Serves one request; returns when it ended (the clock read its duration took).
@@ -290,11 +290,7 @@ impl<B: Backend> Conn<B> {
                 );
             }
         };
-        let label = opcode.name();
-        match self.op_series(opcode) {
-            Some((requests, _)) => requests.inc(),
-            None => self.sh.metrics.requests_total.with_label_values(&[label]).inc(),
-        }
+        self.op_series(opcode).0.inc();
 
         let precheck = if h.flags.get() & FLAG_REPLY != 0 {
             Some(Reject::new(Status::BadFrame, "a client may not send reply frames"))
@@ -357,8 +353,8 @@ impl<B: Backend> Conn<B> {
         }
         let ended = Instant::now();
         let took_s = ended.saturating_duration_since(t0).as_secs_f64();
-        match opcode.and_then(|op| self.op_series(op)) {
-            Some((_, duration)) => duration.observe(took_s),
+        match opcode {
+            Some(op) => self.op_series(op).1.observe(took_s),
             None => self.sh.metrics.request_duration_s.with_label_values(&[label]).observe(took_s),
         }
         Ok(ended)

@@ -13,6 +13,26 @@ use prometheus::{
     TextEncoder,
 };
 
+/// One value per opcode, made on the opcode's first use and kept: how a connection and the engine
+/// loop hold their per-opcode series, so a request at line rate does no label lookup (a hash and
+/// a lock in the registry). Indexed by wire value; every opcode has a slot.
+pub(crate) struct ByOpcode<T> {
+    slots: Vec<Option<T>>,
+}
+
+impl<T> ByOpcode<T> {
+    pub(crate) fn new() -> Self {
+        let n = djinn_proto::Opcode::ALL.iter().map(|o| usize::from(o.as_u16()) + 1).max().unwrap_or(0);
+        ByOpcode { slots: (0..n).map(|_| None).collect() }
+    }
+
+    /// `op`'s value, made by `make(op's label)` the first time.
+    pub(crate) fn get(&mut self, op: djinn_proto::Opcode, make: impl FnOnce(&'static str) -> T) -> &T {
+        // In bounds: `new` sized the slots past every opcode's wire value.
+        self.slots[usize::from(op.as_u16())].get_or_insert_with(|| make(op.name()))
+    }
+}
+
 /// Series renamed so the unit comes last: (old name, new name). Both are exported for one
 /// release (the old one's help says so); drop this table in the next.
 const RENAMED: &[(&str, &str)] =

@@ -100,24 +100,20 @@ impl Answer {
 }
 
 /// `djinn_session_request_duration_seconds{opcode}`, each opcode's series resolved on its first
-/// request and kept by the loop: after that a request costs no label lookup (a hash and a lock
-/// in the registry).
+/// request and kept by the loop.
 pub(super) struct RequestMeters {
     vec: prometheus::HistogramVec,
-    by_op: [Option<prometheus::Histogram>; 64],
+    by_op: ByOpcode<prometheus::Histogram>,
 }
 
 impl RequestMeters {
     pub(super) fn new(metrics: &Metrics) -> RequestMeters {
-        RequestMeters { vec: metrics.session_request_duration_s.clone(), by_op: std::array::from_fn(|_| None) }
+        RequestMeters { vec: metrics.session_request_duration_s.clone(), by_op: ByOpcode::new() }
     }
 
     fn get(&mut self, op: Opcode) -> prometheus::Histogram {
         let vec = &self.vec;
-        match self.by_op.get_mut(usize::from(op.as_u16())) {
-            Some(h) => h.get_or_insert_with(|| vec.with_label_values(&[op.name()])).clone(),
-            None => vec.with_label_values(&[op.name()]),
-        }
+        self.by_op.get(op, |label| vec.with_label_values(&[label])).clone()
     }
 }
 

@@ -68,7 +68,7 @@ use super::outbound::{Outbound, PushError};
 use super::{ActiveGuard, ConnLink, Job, ModelInfo, Request, SessionService};
 use crate::auth::TenantId;
 use crate::config::ServerConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{ByOpcode, Metrics};
 
 pub(crate) use qos::QosPolicy;
 pub(crate) use stream::TokenMeters;
