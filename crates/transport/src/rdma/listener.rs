@@ -168,9 +168,12 @@ fn setup(sh: &Shared, mut sock: TcpStream) -> Result<Halves, String> {
             return Err(format!("busy: {e}"));
         }
     };
-    let ours = side.hello();
+    // The client's receiving half polls its ring if it asked (a busy-poll client): we write to
+    // it framed, without immediates. Ours is gated (`FrameRx::set_spin_gate`), so it never asks.
+    let polled = super::ring::Polled { tx: hello.flags & super::FLAG_POLLED_RING != 0, rx: false };
+    let ours = side.hello(if polled.tx { super::FLAG_POLLED_RING } else { 0 });
     let halves = side
-        .finish(&hello, sock.try_clone().map_err(client)?, format!("rdma://{peer_addr}"), &sh.opts, Some(slot))
+        .finish(&hello, sock.try_clone().map_err(client)?, format!("rdma://{peer_addr}"), &sh.opts, Some(slot), polled)
         .map_err(|e| e.to_string())?;
     sock.write_all(&ours.encode()).map_err(client)?;
     let mut ready = [0u8; 1];

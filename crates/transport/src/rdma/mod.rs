@@ -49,6 +49,9 @@ const HELLO_BYTES: usize = 80;
 const STATUS_OK: u32 = 0;
 const STATUS_BUSY: u32 = 1;
 const STATUS_REFUSED: u32 = 2;
+/// Hello flag: the sender's receiving half polls its ring (a client's ask), or will be written
+/// to as one (the server's answer); see `ring::polled`.
+const FLAG_POLLED_RING: u32 = 1;
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |source| TransportError::Io { what, source }
@@ -66,6 +69,7 @@ struct Hello {
     rx_psn: u32,
     ring_addr: u64,
     ring_rkey: u32,
+    flags: u32,
     ring_bytes: u64,
 }
 
@@ -82,6 +86,7 @@ impl Hello {
         b[44..48].copy_from_slice(&self.rx_psn.to_le_bytes());
         b[48..56].copy_from_slice(&self.ring_addr.to_le_bytes());
         b[56..60].copy_from_slice(&self.ring_rkey.to_le_bytes());
+        b[60..64].copy_from_slice(&self.flags.to_le_bytes());
         b[64..72].copy_from_slice(&self.ring_bytes.to_le_bytes());
         b
     }
@@ -99,6 +104,7 @@ impl Hello {
             rx_psn: u32_at(44),
             ring_addr: u64_at(48),
             ring_rkey: u32_at(56),
+            flags: u32_at(60),
             ring_bytes: u64_at(64),
         })
     }
@@ -152,8 +158,9 @@ impl Side {
         Ok(Side { dev: dev.clone(), tx_qp, credit_slots, rx_qp, ring })
     }
 
-    fn hello(&self) -> Hello {
+    fn hello(&self, flags: u32) -> Hello {
         Hello {
+            flags,
             status: STATUS_OK,
             mtu: self.dev.active_mtu,
             gid: self.dev.gid,
@@ -175,6 +182,7 @@ impl Side {
         peer_name: String,
         opts: &TransportOptions,
         slot: Option<listener::Slot>,
+        polled: ring::Polled,
     ) -> Result<Halves, TransportError> {
         let verbs_err = |what: &'static str| io_err(what);
         // Our tx QP talks to the peer's rx QP, and the reverse.
@@ -211,7 +219,8 @@ impl Side {
             );
         }
         let remote = RemoteRing { addr: peer.ring_addr, rkey: peer.ring_rkey, bytes: peer.ring_bytes };
-        let (tx, rx) = ring::halves(link, self.tx_qp, staging, self.credit_slots, remote, self.rx_qp, self.ring, opts);
+        let (tx, rx) =
+            ring::halves(link, self.tx_qp, staging, self.credit_slots, remote, self.rx_qp, self.ring, opts, polled);
         Ok(Halves { tx, rx, counters, peer: peer_name })
     }
 }
@@ -270,7 +279,9 @@ fn connect_halves(addr: &str, opts: &TransportOptions) -> Result<Halves, Transpo
     let local = sock.local_addr().map_err(io_err("rdma: local address"))?;
     let dev = open_device(opts.rdma_device.as_deref(), local.ip())?;
     let side = Side::new(&dev, ring_bytes).map_err(io_err("rdma: create queue pairs and regions"))?;
-    sock.write_all(&side.hello().encode()).map_err(io_err("rdma: send hello"))?;
+    // A busy-poll client never parks its receiving half: it asks for the polled ring.
+    let ask = if opts.wait == crate::WaitMode::BusyPoll { FLAG_POLLED_RING } else { 0 };
+    sock.write_all(&side.hello(ask).encode()).map_err(io_err("rdma: send hello"))?;
     let peer = match read_hello(&mut sock) {
         Ok(Some(h)) => h,
         Ok(None) => return Err(TransportError::Other(format!("rdma://{addr}: not a djinn rdma endpoint"))),
@@ -292,11 +303,19 @@ fn connect_halves(addr: &str, opts: &TransportOptions) -> Result<Halves, Transpo
             peer.ring_bytes
         )));
     }
-    let halves =
-        side.finish(&peer, sock.try_clone().map_err(io_err("rdma: socket"))?, format!("rdma://{addr}"), opts, None)?;
+    // A server that predates the polled ring answers without the flag: immediates both ways.
+    let polled = ring::Polled { tx: false, rx: ask & peer.flags & FLAG_POLLED_RING != 0 };
+    let halves = side.finish(
+        &peer,
+        sock.try_clone().map_err(io_err("rdma: socket"))?,
+        format!("rdma://{addr}"),
+        opts,
+        None,
+        polled,
+    )?;
     // Our receives are posted and our QPs are in RTS: the server may send.
     sock.write_all(&[1]).map_err(io_err("rdma: send ready"))?;
-    tracing::debug!(addr, device = %dev.name, ring_bytes, "rdma connected");
+    tracing::debug!(addr, device = %dev.name, ring_bytes, polled_ring = polled.rx, "rdma connected");
     Ok(halves)
 }
 

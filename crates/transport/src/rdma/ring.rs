@@ -7,7 +7,9 @@
 //! RDMA WRITE_WITH_IMM in chunks of at most `CHUNK_BYTES` that never cross the ring's end; the
 //! immediate is the chunk's length, so the receiver learns new bytes from its CQ and never has to
 //! trust an index in memory the peer writes. Writes of up to the QP's `max_inline_data` go inline.
-//! Every `SIGNAL_EVERY`-th work request is signalled (selective signalling).
+//! Every `SIGNAL_EVERY`-th work request is signalled (selective signalling). A receiver that
+//! never parks (a busy-poll client) is written to by plain WRITE instead, each chunk framed so it
+//! can find it by polling memory ([`polled`]): no receive or completion per chunk.
 //!
 //! Credits (`RdmaRx` → peer's `RdmaTx`): the receiver reposts a receive for every immediate it
 //! took, in one chained post before it waits (not on the path of a frame that has arrived), and,
@@ -25,6 +27,7 @@
 //! protocol errors (`Other`); headers and metadata are copied out of the ring into private memory
 //! before they are validated. The peer can write only this connection's ring (its own MR and rkey).
 
+mod polled;
 mod rendezvous;
 pub(crate) use rendezvous::RENDEZVOUS_BYTES_MIN;
 
@@ -317,6 +320,8 @@ pub struct RdmaTx {
     tail: u64,
     /// Bytes at the end of `tail` not yet posted.
     pending: u64,
+    /// Where the last posted write into the ring ends (cumulative): no credit may pass it.
+    posted: u64,
     imms_sent: u64,
     credit: Credit,
     /// The receiver's latest unused grant (rendezvous frames only).
@@ -324,6 +329,10 @@ pub struct RdmaTx {
     /// Address and key of the last direct grant used (for `OutOfBounds::StaleGrant`).
     stale: Option<(u64, u32)>,
     poisoned: Option<RingError>,
+    /// The receiver polls its ring ([`polled`]): the next chunk's sequence number.
+    polled: Option<u32>,
+    /// Where the open chunk's prefix is (cumulative, as `tail`), while `pending > 0`.
+    chunk_start: u64,
 }
 
 /// The receiving half.
@@ -354,6 +363,27 @@ pub struct RdmaRx {
     /// The sender said its direct write into the current grant is complete.
     grant_done: bool,
     poisoned: Option<RingError>,
+    /// This half polls its ring ([`polled`]), no immediate announcing data.
+    polled: Option<PolledRx>,
+}
+
+/// Where a polling receiver is in its ring's chunks.
+struct PolledRx {
+    /// The next chunk's sequence number.
+    seq: u32,
+    /// Payload bytes of the current chunk not yet read (they start at `head`).
+    left: u64,
+    /// Padding and trailer after them, skipped once they are read.
+    skip: u64,
+}
+
+/// Which halves use the polled ring ([`polled`]), as the rendezvous agreed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Polled {
+    /// The peer polls its ring: our sending half writes chunks framed, without immediates.
+    pub(crate) tx: bool,
+    /// We poll ours.
+    pub(crate) rx: bool,
 }
 
 /// Builds the halves of one side. `rx_qp` has its data receives posted already (see
@@ -368,6 +398,7 @@ pub(crate) fn halves(
     rx_qp: Qp,
     ring: Mr,
     opts: &crate::TransportOptions,
+    polled: Polled,
 ) -> (RdmaTx, RdmaRx) {
     let spin = Duration::from_micros(opts.spin_us);
     let size = ring.len() as u64;
@@ -382,11 +413,14 @@ pub(crate) fn halves(
         sq: SendQueue::default(),
         tail: 0,
         pending: 0,
+        posted: 0,
         imms_sent: 0,
         credit: Credit::default(),
         grant: Grant::None,
         stale: None,
         poisoned: None,
+        polled: polled.tx.then_some(1),
+        chunk_start: 0,
     };
     let window = match Mw::new(&link.dev) {
         Ok(mw) => Some(mw),
@@ -414,6 +448,7 @@ pub(crate) fn halves(
         rendezvous: false,
         grant_done: false,
         poisoned: None,
+        polled: polled.rx.then_some(PolledRx { seq: 1, left: 0, skip: 0 }),
     };
     (tx, rx)
 }
@@ -467,7 +502,7 @@ impl RdmaTx {
                         )
                     };
                     let c = Credit::decode(&raw).ok_or(RingError::Corrupt("credit message of an unknown kind"))?;
-                    let posted = self.tail - self.pending;
+                    let posted = self.posted;
                     if c.head < self.credit.head
                         || c.head > posted
                         || c.imms < self.credit.imms
@@ -534,10 +569,16 @@ impl RdmaTx {
         })
     }
 
-    /// Posts the pending bytes as one WRITE_WITH_IMM.
+    /// Posts the pending bytes as one WRITE_WITH_IMM (a sealed chunk by plain WRITE where the
+    /// receiver polls).
     fn flush(&mut self) -> Result<(), RingError> {
         if self.pending == 0 {
             return Ok(());
+        }
+        if let Some(seq) = self.polled {
+            let len = self.pending;
+            self.pending = 0;
+            return self.post_chunk(self.chunk_start, seq, len as u32);
         }
         self.wait_for(|s| !s.sq.full() && s.imms_sent - s.credit.imms < DATA_RECV_WR as u64)?;
         let len = self.pending;
@@ -562,11 +603,93 @@ impl RdmaTx {
         };
         self.imms_sent += 1;
         self.pending = 0;
+        self.posted = self.tail;
+        Ok(())
+    }
+
+    /// Seals the chunk (or wrap marker) whose prefix is at cumulative offset `start` and posts it
+    /// by plain WRITE; `tail` moves to its end.
+    fn post_chunk(&mut self, start: u64, seq: u32, len: u32) -> Result<(), RingError> {
+        self.wait_for(|s| !s.sq.full())?;
+        let pos = start % self.remote.bytes;
+        // SAFETY: the chunk's footprint lies in staging before the ring's end (`open_chunk` and
+        // `stream_polled` keep it there) and in free space, which no write is reading; staging is
+        // page-aligned and `pos` a multiple of 16.
+        let bytes = unsafe { polled::seal(self.staging.ptr().add(pos as usize), seq, len) };
+        self.tail = start + bytes;
+        self.posted = self.tail;
+        self.polled = Some(polled::next(seq));
+        let (wr_id, signaled) = self.sq.next();
+        // SAFETY: as `flush`'s write: staging[pos..pos+bytes] is not rewritten until the
+        // receiver's credit covers it, and the remote range is inside the ring.
+        unsafe {
+            self.qp
+                .post_write(
+                    wr_id,
+                    self.staging.addr() + pos,
+                    bytes as u32,
+                    self.staging.lkey(),
+                    self.remote.addr + pos,
+                    self.remote.rkey,
+                    None,
+                    signaled,
+                )
+                .map_err(verbs)
+        }
+    }
+
+    /// Opens a chunk at the tail of a polled ring (its prefix reserved), first skipping the
+    /// ring's rest with a wrap marker where no chunk fits before the end.
+    fn open_chunk(&mut self) -> Result<(), RingError> {
+        let size = self.remote.bytes;
+        let to_end = size - self.tail % size;
+        if to_end < polled::MIN_FOOTPRINT {
+            self.wait_for(|s| s.free_bytes() >= to_end)?;
+            let seq = self.polled.expect("polled ring");
+            self.post_chunk(self.tail, seq, polled::WRAP)?;
+        }
+        self.wait_for(|s| s.free_bytes() >= polled::MIN_FOOTPRINT)?;
+        self.chunk_start = self.tail;
+        self.tail += polled::PREFIX;
+        Ok(())
+    }
+
+    /// [`RdmaTx::stream`] into a polled ring: chunks grow while their footprint fits in the free
+    /// space and before the ring's end.
+    fn stream_polled(&mut self, src: &[u8]) -> Result<(), RingError> {
+        let size = self.remote.bytes;
+        let mut done = 0usize;
+        while done < src.len() {
+            if self.pending == 0 {
+                self.open_chunk()?;
+            }
+            let pos = self.chunk_start % size;
+            let room = (size - pos).min(size - (self.chunk_start - self.credit.head));
+            let max = ((room - polled::PREFIX - polled::TRAILER) & !(polled::ALIGN - 1)).min(CHUNK_BYTES as u64);
+            if self.pending >= max {
+                self.flush()?;
+                continue;
+            }
+            let n = ((max - self.pending) as usize).min(src.len() - done);
+            let at = (self.tail % size) as usize;
+            // SAFETY: at + n <= pos + PREFIX + max <= the ring's end, inside staging; the range is
+            // free (covered by no unacknowledged write), so the NIC is not reading it.
+            unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), self.staging.ptr().add(at), n) };
+            self.tail += n as u64;
+            self.pending += n as u64;
+            done += n;
+            if self.pending as usize == CHUNK_BYTES {
+                self.flush()?;
+            }
+        }
         Ok(())
     }
 
     /// Copies `src` into staging, posting chunks as they fill and waiting for ring space.
     fn stream(&mut self, src: &[u8]) -> Result<(), RingError> {
+        if self.polled.is_some() {
+            return self.stream_polled(src);
+        }
         let mut done = 0usize;
         while done < src.len() {
             if self.free_bytes() == 0 {
@@ -707,6 +830,8 @@ impl RdmaRx {
                         self.peer_closed = true;
                     } else if imm == GRANT_DONE_IMM {
                         self.grant_done = true;
+                    } else if self.polled.is_some() {
+                        return Err(RingError::Corrupt("an immediate announcing data on a polled ring"));
                     } else {
                         let tail = self.tail + imm as u64;
                         if imm as usize > CHUNK_BYTES || tail - self.head > self.size {
@@ -766,7 +891,32 @@ impl RdmaRx {
     }
 
     fn avail(&self) -> u64 {
-        self.tail - self.head
+        match &self.polled {
+            Some(p) => p.left,
+            None => self.tail - self.head,
+        }
+    }
+
+    /// On a polled ring, takes the chunks (and wrap markers) whole at the head until one has
+    /// bytes to read.
+    fn poll_ring(&mut self) -> Result<(), RingError> {
+        let Some(p) = &mut self.polled else { return Ok(()) };
+        while p.left == 0 {
+            let pos = self.head % self.size;
+            // SAFETY: the ring is registered for the connection's life and page-aligned; `head`
+            // moves in 16-byte steps between chunks (`read` skips each one's padding and trailer).
+            match unsafe { polled::find(self.ring.ptr(), self.size, pos, p.seq)? } {
+                None => return Ok(()),
+                Some(polled::Found::Wrap) => self.head += self.size - pos,
+                Some(polled::Found::Chunk(len)) => {
+                    self.head += polled::PREFIX;
+                    p.left = len;
+                    p.skip = polled::footprint(len) - polled::PREFIX - len;
+                }
+            }
+            p.seq = polled::next(p.seq);
+        }
+        Ok(())
     }
 
     /// Waits for bulk bytes in the ring; `PeerGone` once the sender closed and all is consumed.
@@ -777,6 +927,7 @@ impl RdmaRx {
             return Ok(self.avail());
         }
         self.progress()?;
+        self.poll_ring()?;
         if self.avail() > 0 {
             return Ok(self.avail());
         }
@@ -784,7 +935,10 @@ impl RdmaRx {
         self.credit()?;
         let (link, cq, waiter) = (self.link.clone(), self.qp.cq.clone(), self.waiter.clone());
         waiter.wait(&link, &cq, || {
+            // The CQ first: a close seen there follows every write before it, so the ring
+            // looked at after it holds all there will be.
             self.progress()?;
+            self.poll_ring()?;
             match self.avail() {
                 0 if self.peer_closed => Err(RingError::PeerGone),
                 0 => Ok(None),
@@ -813,6 +967,12 @@ impl RdmaRx {
             }
             self.head += n;
             done += n;
+            if let Some(p) = &mut self.polled {
+                p.left -= n;
+                if p.left == 0 {
+                    self.head += std::mem::take(&mut p.skip);
+                }
+            }
             self.credit()?;
         }
         Ok(())
@@ -870,7 +1030,11 @@ impl FrameRx for RdmaRx {
     }
 
     fn set_spin_gate(&mut self, gate: SpinGate) {
-        self.waiter.gate = Some(gate);
+        // A polled ring's receiver never parks (no completion would wake it): it asked for the
+        // polled ring only because it busy-polls without a gate, as a client does.
+        if self.polled.is_none() {
+            self.waiter.gate = Some(gate);
+        }
     }
 }
 
