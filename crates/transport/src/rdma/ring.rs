@@ -583,28 +583,36 @@ impl RdmaTx {
         self.wait_for(|s| !s.sq.full() && s.imms_sent - s.credit.imms < DATA_RECV_WR as u64)?;
         let len = self.pending;
         let start = (self.tail - len) % self.remote.bytes;
-        let (wr_id, signaled) = self.sq.next();
-        // SAFETY: staging[start..start+len] holds the chunk and is not rewritten until the
-        // receiver's credit covers it, which implies the write was placed (the NIC is done with
-        // it); the chunk ends at or before the ring's end, so the remote range is in the ring.
-        unsafe {
-            self.qp
-                .post_write(
-                    wr_id,
-                    self.staging.addr() + start,
-                    len as u32,
-                    self.staging.lkey(),
-                    self.remote.addr + start,
-                    self.remote.rkey,
-                    Some(len as u32),
-                    signaled,
-                )
-                .map_err(verbs)?
-        };
+        // SAFETY: staging[start..start+len] holds the chunk; it ends at or before the ring's end.
+        unsafe { self.post_staged(start, len, Some(len as u32))? };
         self.imms_sent += 1;
         self.pending = 0;
         self.posted = self.tail;
         Ok(())
+    }
+
+    /// Writes `staging[pos..pos + len]` to the same offsets of the peer's ring.
+    ///
+    /// # Safety
+    /// The range lies in staging and before the ring's end. It is not rewritten until the
+    /// receiver's credit covers it, which implies the write was placed (the NIC is done with it).
+    unsafe fn post_staged(&mut self, pos: u64, len: u64, imm: Option<u32>) -> Result<(), RingError> {
+        let (wr_id, signaled) = self.sq.next();
+        // SAFETY (caller): the local range is registered staging and the remote one is in the ring.
+        unsafe {
+            self.qp
+                .post_write(
+                    wr_id,
+                    self.staging.addr() + pos,
+                    len as u32,
+                    self.staging.lkey(),
+                    self.remote.addr + pos,
+                    self.remote.rkey,
+                    imm,
+                    signaled,
+                )
+                .map_err(verbs)
+        }
     }
 
     /// Seals the chunk (or wrap marker) whose prefix is at cumulative offset `start` and posts it
@@ -619,23 +627,8 @@ impl RdmaTx {
         self.tail = start + bytes;
         self.posted = self.tail;
         self.polled = Some(polled::next(seq));
-        let (wr_id, signaled) = self.sq.next();
-        // SAFETY: as `flush`'s write: staging[pos..pos+bytes] is not rewritten until the
-        // receiver's credit covers it, and the remote range is inside the ring.
-        unsafe {
-            self.qp
-                .post_write(
-                    wr_id,
-                    self.staging.addr() + pos,
-                    bytes as u32,
-                    self.staging.lkey(),
-                    self.remote.addr + pos,
-                    self.remote.rkey,
-                    None,
-                    signaled,
-                )
-                .map_err(verbs)
-        }
+        // SAFETY: the chunk was sealed in staging just now, before the ring's end.
+        unsafe { self.post_staged(pos, bytes, None) }
     }
 
     /// Opens a chunk at the tail of a polled ring (its prefix reserved), first skipping the
