@@ -462,6 +462,19 @@ fn round_trip_sizes(f: &Fixture) {
     assert!(matches!(ends[0].error, TransportError::Closed), "{:?}", ends[0].error);
 }
 
+/// Echoes that leave a small ring 16 bytes short of its end, twice. An rdma busy-poll client is
+/// written its replies on the polled ring (`rdma/ring/polled.rs`: 16 bytes of framing around a
+/// payload padded to 16), where a 32-byte header and 96 bytes of data take 144 bytes: 455 of them
+/// end 16 bytes before the end of the fixture's 64 KiB ring, too little for a chunk, so the next
+/// one follows a wrap marker. Every transport carries the same frames.
+fn ring_end_too_small_for_a_chunk(f: &Fixture) {
+    let echo = Echo::start(f);
+    let mut c = echo.connect(f);
+    for id in 0..2 * 455 + 10 {
+        round_trip(&mut c, id, 0, 96);
+    }
+}
+
 fn pipelined(f: &Fixture) {
     // Requests sent without reading a reply, within what every transport buffers each way: the
     // echo blocks on a reply once the client's receive side is full, and then only the credits
@@ -1011,6 +1024,7 @@ use Needs::*;
 const TESTS: &[(&str, Body, Needs)] = &[
     ("round_trip_sizes", round_trip_sizes, Nothing),
     ("pipelined", pipelined, Nothing),
+    ("ring_end_too_small_for_a_chunk", ring_end_too_small_for_a_chunk, Nothing),
     ("halves_on_threads", halves_on_threads, Nothing),
     ("concurrent_32", concurrent_32, Nothing),
     ("peer_close", peer_close, Nothing),
@@ -1031,7 +1045,8 @@ const TESTS: &[(&str, Body, Needs)] = &[
 ];
 
 /// Busy-poll fixtures burn a core per waiting side; on a 2-core machine only the cheap tests run.
-const BUSY_TESTS: &[&str] = &["round_trip_sizes", "pipelined", "halves_on_threads", "counters"];
+const BUSY_TESTS: &[&str] =
+    &["round_trip_sizes", "pipelined", "ring_end_too_small_for_a_chunk", "halves_on_threads", "counters"];
 
 fn trials(name: &'static str, setup: Setup) -> Vec<Trial> {
     let busy = setup.as_ref().map(|f| f.opts.wait == WaitMode::BusyPoll).unwrap_or(false);

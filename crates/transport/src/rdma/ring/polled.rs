@@ -11,8 +11,9 @@
 //!
 //! (little-endian u64s, every chunk 16-byte aligned in the ring), and the receiver polls the
 //! prefix at its head for the next sequence number, then the trailer. A WRITE places its bytes in
-//! order (soft-RoCE copies them packet by packet; RC delivers packets in order), so a visible
-//! trailer means the chunk is whole. The sequence number (never 0, so a zeroed ring holds
+//! order (soft-RoCE copies them packet by packet; RC delivers packets in order; the ring is
+//! registered without `IBV_ACCESS_RELAXED_ORDERING`, so a NIC's PCIe writes into it stay in
+//! order too), so a visible trailer means the chunk is whole. The sequence number (never 0, so a zeroed ring holds
 //! nothing) makes stale bytes of an earlier lap unreadable as a new chunk: a lap holds far fewer
 //! than 2^32 chunks. Where fewer than [`MIN_FOOTPRINT`] bytes are left before the ring's end the
 //! sender writes a wrap marker (`len` = [`WRAP`], no payload): the rest of the ring is skipped.
