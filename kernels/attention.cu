@@ -22,7 +22,7 @@ __device__ void paged_decode_impl(const void* __restrict__ q, int q_dt, const T*
                                   int kv_heads, int head_dim, int block_tokens, i64 block_elems, int layer,
                                   int part_tokens, int lpt, float scale_log2, unsigned* err) {
     constexpr int VEC = Vec16<T>::N;
-    extern __shared__ float smem[];
+    DYNAMIC_SMEM(float, smem);
     const int kvh = blockIdx.x, seq = blockIdx.y, part = blockIdx.z, num_parts = gridDim.z;
     if (q_start[seq + 1] - q_start[seq] != 1) return;  // not a decode row: prefill_<dt> covers it
     const int G = heads / kv_heads;
@@ -211,7 +211,7 @@ __device__ void prefill_impl(const void* __restrict__ q, int q_dt, const T* __re
                              const int* __restrict__ block_tables, int max_blocks, void* __restrict__ out, int out_dt,
                              int heads, int kv_heads, int head_dim, int block_tokens, i64 block_elems, int layer,
                              int kt, int min_rows, float scale_log2, unsigned* err) {
-    extern __shared__ float smem[];
+    DYNAMIC_SMEM(float, smem);
     const int seq = blockIdx.z, h = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int r0 = q_start[seq];

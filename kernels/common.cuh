@@ -4,8 +4,14 @@
 //
 // Storage dtypes are f32, f16 (__half) and bf16 (__nv_bfloat16); all arithmetic is f32.
 
+#ifndef DJINN_COMMON_CUH
+#define DJINN_COMMON_CUH
+
+// DJINN_KERNEL_EMU: the host compile of kernels/emu (scripts/cuda-emu), which defines these types.
+#ifndef DJINN_KERNEL_EMU
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 #define NEG_INF (__int_as_float(0xff800000u))
 typedef long long i64;
@@ -104,7 +110,11 @@ __device__ __forceinline__ void st_dt(void* p, int dt, i64 i, float v) {
         case DT_BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
         default: {
             int r;
+#ifdef DJINN_KERNEL_EMU
+            r = emu_cvt_rzi_sat_s32(v);
+#else
             asm("cvt.rzi.sat.s32.f32 %0, %1;" : "=r"(r) : "f"(v));
+#endif
             static_cast<int*>(p)[i] = r;
         }
     }
@@ -120,5 +130,14 @@ __device__ __forceinline__ void report(unsigned* err, unsigned bit) {
     if (err) atomicOr(err, bit);
 }
 
+// The launch's dynamic shared memory as `T name[]`.
+#ifdef DJINN_KERNEL_EMU
+#define DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(emu::dynamic_smem())
+#else
+#define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 // Instantiates `NAME##_f32/_f16/_bf16` from a macro body taking the storage type.
 #define DJINN_FOR_FLOATS(M, NAME) M(NAME##_f32, float) M(NAME##_f16, __half) M(NAME##_bf16, __nv_bfloat16)
+
+#endif  // DJINN_COMMON_CUH

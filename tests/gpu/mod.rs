@@ -24,15 +24,30 @@ pub fn cuda_trials(binary: &str, suite: &impl Suite) -> Vec<Trial> {
     if let Err(why) = &cuda {
         eprintln!("{binary}: cuda trials ignored: {why}");
     }
+    // The kernel emulator (kernels/emu, scripts/cuda-emu) is not a GPU: its trials are named
+    // `cuda-emu::`, so no log can count them as CUDA passes.
+    #[cfg(feature = "cuda")]
+    if let Ok(be) = &cuda {
+        if djinn_backend::Backend::info(&**be).name.contains(EMULATOR) {
+            eprintln!("{binary}: cuda trials run on the kernel emulator (the CPU), named cuda-emu::");
+            return suite.trials("cuda-emu", cuda);
+        }
+    }
     suite.trials("cuda", cuda)
 }
 
-/// Whether GPU 0 opens with this build's kernels; `Err` says why not (no `cuda` feature, no
-/// driver, no device).
+/// What the kernel emulator's device name contains (kernels/emu/driver.cpp).
+#[allow(dead_code)]
+pub const EMULATOR: &str = "cuda-emu";
+
+/// Whether GPU 0 opens with this build's kernels — `Ok(true)` when it is the kernel emulator,
+/// not a GPU; `Err` says why not (no `cuda` feature, no driver, no device).
 #[allow(dead_code)] // each test binary uses its own subset of this module
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<bool, String> {
     #[cfg(feature = "cuda")]
-    return djinn_dataplane::kernels::cuda_backend(0).map(drop).map_err(|e| format!("no CUDA device: {e}"));
+    return djinn_dataplane::kernels::cuda_backend(0)
+        .map(|be| djinn_backend::Backend::info(&be).name.contains(EMULATOR))
+        .map_err(|e| format!("no CUDA device: {e}"));
     #[cfg(not(feature = "cuda"))]
     Err("built without the `cuda` feature".to_owned())
 }

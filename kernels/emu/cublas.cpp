@@ -1,0 +1,116 @@
+// libcublas.so for the kernel emulator: cublasGemmEx and cublasGemmStridedBatchedEx over host
+// memory (device pointers are host addresses, see driver.cpp), column-major as cuBLAS defines
+// them, f32 accumulation. Arguments are checked as cuBLAS checks them — leading dimensions
+// against the operand shapes, the (A/B, C, compute) type combinations cuBLAS supports — so a
+// layout the host code gets wrong fails here as it would on a GPU. beta == 0 never reads C.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum : int { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
+enum : int { R_32F = 0, R_16F = 2, R_16BF = 14 };
+enum : int { COMPUTE_32F = 68 };
+
+struct Handle {
+    void* stream = nullptr;
+};
+
+float load(const void* p, int ty, int64_t i) {
+    switch (ty) {
+        case R_32F: return static_cast<const float*>(p)[i];
+        case R_16F: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+        default: {
+            const uint32_t u = (uint32_t)static_cast<const uint16_t*>(p)[i] << 16;
+            float f;
+            std::memcpy(&f, &u, 4);
+            return f;
+        }
+    }
+}
+
+void store(void* p, int ty, int64_t i, float v) {
+    switch (ty) {
+        case R_32F: static_cast<float*>(p)[i] = v; break;
+        case R_16F: static_cast<uint16_t*>(p)[i] = (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); break;
+        default: {
+            uint32_t u;
+            std::memcpy(&u, &v, 4);
+            const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+            static_cast<uint16_t*>(p)[i] = nan ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
+bool known(int ty) { return ty == R_32F || ty == R_16F || ty == R_16BF; }
+
+// C = alpha · op(A) · op(B) + beta · C for `batch` matrices at the given element strides.
+int gemm(int ta, int tb, int m, int n, int k, const float* alpha, const void* a, int at, int lda, int64_t sa,
+         const void* b, int bt, int ldb, int64_t sb, const float* beta, void* c, int ct, int ldc, int64_t sc,
+         int batch, int compute) {
+    if (compute != COMPUTE_32F) return NOT_SUPPORTED;
+    if (!known(at) || !known(bt) || !known(ct) || at != bt || (ct != at && ct != R_32F)) return NOT_SUPPORTED;
+    if (ta < 0 || ta > 2 || tb < 0 || tb > 2) return INVALID_VALUE;
+    if (m < 0 || n < 0 || k < 0 || batch < 0) return INVALID_VALUE;
+    const int a_rows = ta == 0 ? m : k, b_rows = tb == 0 ? k : n;
+    if (lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
+    if (m == 0 || n == 0 || batch == 0) return OK;
+    std::vector<float> ar((size_t)m * k), br((size_t)n * k);
+    for (int p = 0; p < batch; ++p) {
+        // op(A) as m rows of k, op(B)ᵀ as n rows of k: every dot product reads contiguously.
+        for (int i = 0; i < m; ++i)
+            for (int l = 0; l < k; ++l)
+                ar[(size_t)i * k + l] = load(a, at, p * sa + (ta == 0 ? i + (int64_t)l * lda : l + (int64_t)i * lda));
+        for (int j = 0; j < n; ++j)
+            for (int l = 0; l < k; ++l)
+                br[(size_t)j * k + l] = load(b, bt, p * sb + (tb == 0 ? l + (int64_t)j * ldb : j + (int64_t)l * ldb));
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                const float* x = &ar[(size_t)i * k];
+                const float* y = &br[(size_t)j * k];
+                float acc = 0.0f;
+                for (int l = 0; l < k; ++l) acc += x[l] * y[l];
+                const int64_t ci = p * sc + i + (int64_t)j * ldc;
+                const float prior = *beta == 0.0f ? 0.0f : *beta * load(c, ct, ci);
+                store(c, ct, ci, *alpha * acc + prior);
+            }
+    }
+    return OK;
+}
+
+}  // namespace
+
+#define API extern "C" __attribute__((visibility("default"))) int
+
+API cublasCreate_v2(Handle** h) {
+    *h = new Handle;
+    return OK;
+}
+API cublasDestroy_v2(Handle* h) {
+    if (!h) return NOT_INITIALIZED;
+    delete h;
+    return OK;
+}
+API cublasSetStream_v2(Handle* h, void* s) {
+    if (!h) return NOT_INITIALIZED;
+    h->stream = s;
+    return OK;
+}
+API cublasGetVersion_v2(Handle*, int* v) {
+    *v = 130000;
+    return OK;
+}
+API cublasGemmEx(Handle* h, int ta, int tb, int m, int n, int k, const float* alpha, const void* a, int at, int lda,
+                 const void* b, int bt, int ldb, const float* beta, void* c, int ct, int ldc, int compute, int) {
+    if (!h) return NOT_INITIALIZED;
+    return gemm(ta, tb, m, n, k, alpha, a, at, lda, 0, b, bt, ldb, 0, beta, c, ct, ldc, 0, 1, compute);
+}
+API cublasGemmStridedBatchedEx(Handle* h, int ta, int tb, int m, int n, int k, const float* alpha, const void* a,
+                               int at, int lda, long long sa, const void* b, int bt, int ldb, long long sb,
+                               const float* beta, void* c, int ct, int ldc, long long sc, int batch, int compute, int) {
+    if (!h) return NOT_INITIALIZED;
+    return gemm(ta, tb, m, n, k, alpha, a, at, lda, sa, b, bt, ldb, sb, beta, c, ct, ldc, sc, batch, compute);
+}
