@@ -423,26 +423,40 @@ fn gemm_test<B: Backend>(be: &B, want: Want) -> R {
         for (m, n, k) in
             [(1, 37, 64), (1, 96, 203), (3, 65, 130), (8, 33, 17), (9, 70, 41), (40, 129, 96), (64, 64, 300)]
         {
-            cases.push((m, n, k, true, 1, [dt, dt, dt]));
+            cases.push((m, n, k, true, 1, false, [dt, dt, dt]));
         }
-        cases.push((5, 31, 47, false, 1, [dt, dt, dt]));
-        cases.push((33, 17, 9, false, 1, [dt, dt, dt]));
-        cases.push((4, 24, 20, true, 3, [dt, dt, dt]));
-        cases.push((17, 12, 8, false, 2, [dt, dt, dt]));
+        cases.push((5, 31, 47, false, 1, false, [dt, dt, dt]));
+        cases.push((33, 17, 9, false, 1, false, [dt, dt, dt]));
+        cases.push((4, 24, 20, true, 3, false, [dt, dt, dt]));
+        cases.push((17, 12, 8, false, 2, false, [dt, dt, dt]));
         // Activations f32 against stored weights, and mixed outputs.
-        cases.push((1, 300, 257, true, 1, [DType::F32, dt, DType::F32]));
-        cases.push((4, 77, 128, true, 1, [DType::F32, dt, DType::F32]));
-        cases.push((20, 50, 70, true, 1, [DType::F32, dt, DType::F32]));
-        cases.push((2, 64, 96, true, 1, [dt, dt, DType::F32]));
+        cases.push((1, 300, 257, true, 1, false, [DType::F32, dt, DType::F32]));
+        cases.push((4, 77, 128, true, 1, false, [DType::F32, dt, DType::F32]));
+        cases.push((20, 50, 70, true, 1, false, [DType::F32, dt, DType::F32]));
+        cases.push((2, 64, 96, true, 1, false, [dt, dt, DType::F32]));
+        cases.push((3, 40, 24, false, 2, false, [DType::F32, dt, DType::F32]));
+        cases.push((3, 40, 24, true, 2, true, [DType::F32, dt, DType::F32]));
+        cases.push((6, 10, 12, false, 1, false, [dt, DType::F32, DType::F32]));
+        if dt != DType::F32 {
+            // B widened to f32 past a 32 MiB workspace (CUDA): row slices of an [n, k] weight,
+            // k slices of a [k, n] matrix, a B shared by a batch.
+            cases.push((2, 4500, 2048, true, 1, false, [DType::F32, dt, DType::F32]));
+            cases.push((3, 2048, 4500, false, 1, false, [DType::F32, dt, DType::F32]));
+            cases.push((2, 4200, 2048, true, 2, true, [DType::F32, dt, DType::F32]));
+        }
     }
-    for (ci, (m, n, k, trans_b, batch, dts)) in cases.into_iter().enumerate() {
+    for (ci, (m, n, k, trans_b, batch, shared_b, dts)) in cases.into_iter().enumerate() {
         let (alpha, beta) = match ci % 3 {
             0 => (1.0, 0.0),
             1 => (0.5, 1.0),
             _ => (-1.25, 0.75),
         };
         // Batched entries at padded strides.
-        let (sa, sb, sc) = if batch > 1 { (m * k + 3, n * k + 5, m * n + 7) } else { (0, 0, 0) };
+        let (sa, sb, sc) = match (batch > 1, shared_b) {
+            (true, false) => (m * k + 3, n * k + 5, m * n + 7),
+            (true, true) => (m * k + 3, 0, m * n + 7),
+            _ => (0, 0, 0),
+        };
         let args = GemmArgs {
             m,
             n,
@@ -475,11 +489,14 @@ fn gemm_test<B: Backend>(be: &B, want: Want) -> R {
             keep(&mut got);
             keep(&mut wanted);
         }
+        // Generic products (no `bf16_activations`) of f32 outputs multiply the stored inputs
+        // exactly, widened to f32: nothing is rounded to 16 bits on the way.
+        let tol = if dts[2] == DType::F32 && dts[..2].contains(&DType::F32) { 1e-5 } else { tol(&dts) };
         close(
             &got,
             &wanted,
-            tol(&dts),
-            &format!("gemm case {ci} m={m} n={n} k={k} trans_b={trans_b} batch={batch} {dts:?}"),
+            tol,
+            &format!("gemm case {ci} m={m} n={n} k={k} trans_b={trans_b} batch={batch} shared_b={shared_b} {dts:?}"),
         )?;
     }
     Ok(())

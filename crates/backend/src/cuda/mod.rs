@@ -30,6 +30,7 @@
 //! error word, which the next `sync_stream` / `sync_event` on that stream reports as an error.
 
 mod dispatch;
+mod gemm;
 mod kernels;
 mod ops;
 

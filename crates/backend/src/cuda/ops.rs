@@ -1,16 +1,12 @@
 //! Op launches for [`CudaBackend`]: host-side validation (dtypes, shapes, every operand inside
-//! its region, no output overlapping an input), launch geometry, and the cuBLAS GEMM.
+//! its region, no output overlapping an input) and launch geometry. The cuBLAS GEMM is gemm.rs.
 //!
 //! Kernel names are static strings indexed by storage dtype (f32, f16, bf16), so a launch does
 //! no allocation and the function cache is keyed by the literal.
 
-use std::ffi::c_void;
-
-use cudarc::cublas::sys as blas_sys;
-
 use super::dispatch::{decode_plan, dispatch, AttnShape, DecodePlan, GRID_Y_MAX};
 use super::{kargs, CudaBackend, Region, Stream};
-use crate::backend::{AttnBatch, BinaryOp, GemmArgs, KvCacheRef, SampleParams, UnaryOp, View};
+use crate::backend::{AttnBatch, BinaryOp, KvCacheRef, SampleParams, UnaryOp, View};
 use crate::error::{BackendError, Result};
 use crate::validate;
 use crate::DType;
@@ -34,7 +30,7 @@ fn dt_index(op: &'static str, operand: &'static str, v: &V) -> Result<usize> {
 }
 
 /// The kernels' runtime storage-dtype code (common.cuh: 0 f32, 1 f16, 2 bf16, 3 i32).
-fn code(op: &'static str, operand: &'static str, v: &V, int_ok: bool) -> Result<i32> {
+pub(super) fn code(op: &'static str, operand: &'static str, v: &V, int_ok: bool) -> Result<i32> {
     match v.dtype {
         DType::F32 => Ok(0),
         DType::F16 => Ok(1),
@@ -57,7 +53,7 @@ fn want(op: &'static str, operand: &'static str, v: &V, dt: DType) -> Result<()>
     }
 }
 
-fn shape(op: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<()> {
+pub(super) fn shape(op: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -66,7 +62,7 @@ fn shape(op: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<()>
 }
 
 /// Device address of a view, after checking it lies inside its region.
-fn dptr(op: &'static str, operand: &'static str, v: &V) -> Result<u64> {
+pub(super) fn dptr(op: &'static str, operand: &'static str, v: &V) -> Result<u64> {
     range_ptr(op, operand, v.region, v.offset, v.bytes())
 }
 
@@ -77,7 +73,7 @@ fn range_ptr(op: &'static str, operand: &'static str, region: &Region, offset: u
     }
 }
 
-fn i32_arg(op: &'static str, what: &str, v: usize) -> Result<i32> {
+pub(super) fn i32_arg(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| BackendError::Shape { op, why: format!("{what} = {v} exceeds i32") })
 }
 
@@ -122,122 +118,6 @@ impl CudaBackend {
     fn grid_1d(&self, n: usize) -> u32 {
         let blocks = n.div_ceil(THREADS as usize).max(1);
         blocks.min(self.dev.sm_count as usize * 32) as u32
-    }
-
-    pub(super) fn gemm_impl(&self, s: &Stream, a: V, b: V, c: V, args: &GemmArgs) -> Result<()> {
-        const OP: &str = "gemm";
-        let ca = code(OP, "a", &a, false)?;
-        let cb = code(OP, "b", &b, false)?;
-        code(OP, "c", &c, false)?;
-        // cuBLAS (f32 compute) takes A and B of one type and C of that type or f32.
-        let c_ok = c.dtype == DType::F32 || (c.dtype == b.dtype && b.dtype != DType::F32);
-        if !c_ok {
-            return Err(BackendError::Unsupported { op: OP, why: format!("b {} with c {}", b.dtype, c.dtype) });
-        }
-        let GemmArgs { m, n, k, trans_b, batch, stride_a, stride_b, stride_c, alpha, beta, .. } = *args;
-        if m == 0 || n == 0 || batch == 0 {
-            return Ok(());
-        }
-        let need = |stride: usize, one: usize| (batch - 1).checked_mul(stride).and_then(|x| x.checked_add(one));
-        shape(OP, need(stride_a, m * k).is_some_and(|x| x <= a.len), || format!("a holds {} < needed", a.len))?;
-        shape(OP, need(stride_b, n * k).is_some_and(|x| x <= b.len), || format!("b holds {} < needed", b.len))?;
-        shape(OP, need(stride_c, m * n).is_some_and(|x| x <= c.len), || format!("c holds {} < needed", c.len))?;
-        let (pa, pb, pc) = (dptr(OP, "a", &a)?, dptr(OP, "b", &b)?, dptr(OP, "c", &c)?);
-        validate::gemm(&a, &b, &c)?;
-        let (mi, ni, ki) = (i32_arg(OP, "m", m)?, i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
-        let batch_i = i32_arg(OP, "batch", batch)?;
-        let ty = |d: DType| match d {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            _ => blas_sys::cudaDataType::CUDA_R_16BF,
-        };
-        // Row-major C[m,n] = A[m,k] · op(B) is column-major Cᵀ[n,m] = op(B)ᵀ · Aᵀ: pass B as
-        // cuBLAS's first operand (transposed iff B is the [n,k] weight layout) and A second.
-        let op_b =
-            if trans_b { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let ldb = if trans_b { ki } else { ni };
-        let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
-        let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
-        // Held until the GEMM is issued: the converted A lives in the workspace until cuBLAS has
-        // read it, and the handle is bound to this stream.
-        let scratch = s.scratch(OP)?;
-        self.bind()?;
-        // Mixed inputs (f32 activations against 16-bit weights): A is converted to B's dtype in
-        // the stream's workspace (A is the small operand: activations), strides kept.
-        let mut pa = pa;
-        if a.dtype != b.dtype {
-            let a_elems = need(stride_a, m * k).unwrap_or(usize::MAX);
-            let bytes = a_elems.saturating_mul(b.dtype.size_bytes());
-            if bytes > super::ATTN_WORKSPACE_BYTES {
-                return Err(BackendError::Unsupported {
-                    op: OP,
-                    why: format!("{} × {} operand A of {bytes} B exceeds the conversion workspace", a.dtype, b.dtype),
-                });
-            }
-            let ws = scratch.ptr();
-            let n_a = a_elems as i64;
-            let mut p = kargs![&pa, &ca, &ws, &cb, &n_a];
-            // SAFETY: matches `cast(const void*, int, void*, int, i64)`; A's extent was checked
-            // against its region and the workspace holds `bytes`.
-            unsafe { self.launch(s, "cast", (self.grid_1d(a_elems), 1, 1), THREADS, 0, &mut p)? };
-            pa = ws;
-        }
-        let (alpha_p, beta_p) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
-        // SAFETY: every operand's extent (including all batch entries) was checked against its
-        // region above; alpha/beta are host f32 (the handle's default host pointer mode, which
-        // reads them before the call returns); the handle is bound to `s` and held exclusively.
-        let r = unsafe {
-            if batch == 1 {
-                cudarc::cublas::result::gemm_ex(
-                    scratch.blas(),
-                    op_b,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    ni,
-                    mi,
-                    ki,
-                    alpha_p,
-                    pb as *const c_void,
-                    ty(b.dtype),
-                    ldb,
-                    pa as *const c_void,
-                    ty(b.dtype),
-                    ki,
-                    beta_p,
-                    pc as *mut c_void,
-                    ty(c.dtype),
-                    ni,
-                    compute,
-                    algo,
-                )
-            } else {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    scratch.blas(),
-                    op_b,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    ni,
-                    mi,
-                    ki,
-                    alpha_p,
-                    pb as *const c_void,
-                    ty(b.dtype),
-                    ldb,
-                    stride_b as i64,
-                    pa as *const c_void,
-                    ty(b.dtype),
-                    ki,
-                    stride_a as i64,
-                    beta_p,
-                    pc as *mut c_void,
-                    ty(c.dtype),
-                    ni,
-                    stride_c as i64,
-                    batch_i,
-                    compute,
-                    algo,
-                )
-            }
-        };
-        r.map_err(|e| BackendError::Driver { op: "cublasGemmEx", msg: e.to_string() })
     }
 
     pub(super) fn binary_impl(&self, s: &Stream, op: BinaryOp, a: V, b: V, out: V) -> Result<()> {
