@@ -445,22 +445,58 @@ fn gpus_flag_is_checked(_t: Transport) {
     }
 }
 
-/// `--gpus 0` serves on GPU 0. Ignored, with the reason, where GPU 0 does not open.
+/// `--gpus 0` serves on GPU 0, the CPU backend's greedy tokens. Ignored, with the reason, where
+/// GPU 0 does not open.
 fn gpus_0_serves_on_the_gpu() -> libtest_mimic::Trial {
-    let name = "gpus_0_serves_on_the_gpu_tcp".to_owned();
-    if let Err(why) = gpu::probe() {
-        return gpu::ignored(name, &why);
-    }
+    let name = match gpu::probe() {
+        Err(why) => return gpu::ignored("gpus_0_serves_on_the_gpu_tcp".to_owned(), &why),
+        // Not a GPU: named so no log counts it as one (scripts/cuda-emu).
+        Ok(true) => "gpus_0_serves_on_the_cuda_emulator_tcp".to_owned(),
+        Ok(false) => "gpus_0_serves_on_the_gpu_tcp".to_owned(),
+    };
     libtest_mimic::Trial::test(name, || {
-        let srv = ServerProc::try_start(&["--listen", "tcp://127.0.0.1:0", "--gpus", "0"])?;
+        // The committed tiny model in f32: greedy tokens as the CPU backend's.
+        let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY).display());
+        let start = |gpus: &str| {
+            ServerProc::try_start(&[
+                "--listen",
+                "tcp://127.0.0.1:0",
+                "--gpus",
+                gpus,
+                "--model",
+                &model,
+                "--dtype",
+                "f32",
+            ])
+        };
+        let srv = start("0")?;
         let c = Client::connect_with(srv.url(), &ClientOptions::default()).map_err(|e| e.to_string())?;
         let backend = c.capabilities().backend.clone();
         if backend != "cuda" {
             return Err(format!("--gpus 0 serves on {backend:?}, not cuda").into());
         }
         still_serves(srv.url());
+        let cpu = start("cpu")?;
+        let (got, want) = (greedy_tokens(srv.url()), greedy_tokens(cpu.url()));
+        if got != want {
+            return Err(format!("--gpus 0 generated {got:?}, the CPU backend {want:?}").into());
+        }
         Ok(())
     })
+}
+
+/// The committed tiny model (tests/data/models).
+const TINY: &str = "tests/data/models/llama-gqa";
+
+/// 24 greedy tokens after a 12-token prompt, from model `tiny`.
+fn greedy_tokens(url: &str) -> Vec<u32> {
+    use djinn_client::{DecodeOptions, Input, OpenOptions};
+    let mut c = Client::connect_with(url, &ClientOptions::default()).unwrap();
+    let s = c.open_session(&OpenOptions::new("tiny")).unwrap().session;
+    let prompt: Vec<u32> = (0..12).map(|i| 8 + (i * 37) % 120).collect();
+    c.prefill(s, Input::Ids(&prompt)).unwrap();
+    let opts = DecodeOptions { max_new_tokens: 24, ignore_eos: true, ..Default::default() };
+    c.decode_collect(s, &opts).unwrap().0
 }
 
 fn bad_listen_url_fails_start(_t: Transport) {

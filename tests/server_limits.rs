@@ -214,9 +214,11 @@ fn session_quotas_are_per_tenant(t: Transport) {
 /// whole length cost nothing until they grow; a prefill or decode past the quota is refused with
 /// the numbers, and closing a session makes room.
 fn kv_quota_counts_blocks_in_use(t: Transport) {
-    // llama-gqa: 8 KiB per 16-token block. Alice may hold three blocks.
+    // llama-gqa: 128 KV elements per token, 16-token blocks, f32 on the CPU (8 KiB a block) and
+    // bf16 on CUDA (the served dtype of this f32 checkpoint: 4 KiB). Alice may hold three blocks.
+    let block: u64 = if common::test_backend_kind() == "cpu" { 8192 } else { 4096 };
     let tokens = temp_file("tokens", "alice tok-a\n");
-    let cfg = temp_file("cfg", "[tenants.alice]\nkv_bytes_max = 24576\n");
+    let cfg = temp_file("cfg", &format!("[tenants.alice]\nkv_bytes_max = {}\n", 3 * block));
     let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL).display());
     let args = ["--config", cfg.to_str().unwrap(), "--auth-token-file", tokens.to_str().unwrap(), "--model", &model];
     let srv = server(t, &args);
@@ -229,7 +231,8 @@ fn kv_quota_counts_blocks_in_use(t: Transport) {
     c.prefill(s[1], Input::Ids(&ids[..10])).unwrap(); // 1 block: 3 held
     let e = c.prefill(s[2], Input::Ids(&ids[..4])).unwrap_err();
     assert_eq!(e.status(), Some(Status::LimitExceeded), "{e}");
-    assert!(e.to_string().contains("32768") && e.to_string().contains("24576"), "numbers in {e}");
+    let (want, max) = ((4 * block).to_string(), (3 * block).to_string());
+    assert!(e.to_string().contains(&want) && e.to_string().contains(&max), "numbers in {e}");
     // A decode reserves what it may generate: 10 + 10 tokens need a second block of s[1].
     let opts = DecodeOptions { max_new_tokens: 10, ignore_eos: true, ..Default::default() };
     assert_eq!(status_of(c.decode_collect(s[1], &opts)), Status::LimitExceeded);

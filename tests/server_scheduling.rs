@@ -176,7 +176,15 @@ fn qos_realtime_over_batch(t: Transport) {
     // From the realtime stream's first token to its last (connecting and opening are not its
     // steps).
     let (start, end) = (at[0], *at.last().unwrap());
-    assert_eq!(ids, reference_greedy(&p, RT_TOKENS), "realtime tokens");
+    let want = reference_greedy(&p, RT_TOKENS);
+    if common::test_backend_kind() == "cpu" {
+        assert_eq!(ids, want, "realtime tokens");
+    } else {
+        // CUDA's kernels are not batch invariant: the stream's logits move by rounding with
+        // the batch it shares steps with, and a long greedy run may part from the CPU's where
+        // two logits nearly tie. The start must agree.
+        assert_eq!((ids.len(), &ids[..32]), (want.len(), &want[..32]), "realtime tokens");
+    }
     let counts = batch_counts.lock().unwrap().clone();
     for (i, c) in counts.iter().enumerate() {
         let during = c.iter().filter(|&&x| x >= start && x <= end).count();
@@ -233,7 +241,14 @@ fn logits_batched_with_streams(t: Transport) {
     let mut want = Vec::new();
     eng.prefill(sid, &ids, true, &mut want).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    assert!(bits(&got) == bits(&want), "server logits differ from one in-process prefill");
+    if common::test_backend_kind() == "cpu" {
+        assert!(bits(&got) == bits(&want), "server logits differ from one in-process prefill");
+    } else {
+        // Another backend than the in-process CPU engine: equal to rounding.
+        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4 * scale, "server logits {worst} from one in-process prefill (scale {scale})");
+    }
     stream.join().unwrap();
 }
 
