@@ -11,6 +11,8 @@
 //! (and one warm-up pass first). Without a GPU the bench prints why and exits successfully.
 //!
 //! Flags (for `scripts/gpu-bundle`'s runner): `--json PATH` also writes every figure as JSON;
+//! `--smoke` runs every case kind once at toy sizes (the kernel emulator's rehearsal of the check,
+//! `scripts/cuda-emu --bundle`: its figures mean nothing);
 //! `--probe` prints the GPU's name (exit 0) or why none opens (exit 3); `--kernels` prints how
 //! this build's kernels were compiled and fails unless every module carries PTX and cubins.
 
@@ -22,8 +24,17 @@ use serde_json::{json, Value};
 type Be = djinn_backend::cuda::CudaBackend;
 type Region = <Be as Backend>::Region;
 
-/// Seconds per call of `f`, averaged over `iters` calls after one warm-up call.
+/// `--smoke`: toy sizes, one timed call each (set once in `main`).
+static SMOKE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn smoke() -> bool {
+    SMOKE.get().copied().unwrap_or(false)
+}
+
+/// Seconds per call of `f`, averaged over `iters` calls after one warm-up call (one call under
+/// `--smoke`).
 fn time(be: &Be, iters: usize, mut f: impl FnMut()) -> f64 {
+    let iters = if smoke() { 1 } else { iters };
     let s = be.default_stream();
     f();
     be.sync_stream(s).expect("sync");
@@ -62,7 +73,7 @@ fn write_i32(be: &Be, r: &Region, offset: usize, v: &[i32]) {
 }
 
 fn copy_bandwidth(be: &Be) -> f64 {
-    let bytes = 1usize << 30;
+    let bytes = if smoke() { 16usize << 20 } else { 1usize << 30 };
     let src = be.reserve(bytes).expect("reserve");
     let dst = be.reserve(bytes).expect("reserve");
     let s = be.default_stream();
@@ -79,9 +90,9 @@ fn decode_attention(be: &Be, copy_bw: f64) -> Value {
         "paged decode attention, bf16, {heads} q heads / {kv_heads} kv heads, head_dim {head_dim}, {bt}-token blocks"
     );
     println!("{:>6} {:>7} {:>10} {:>10} {:>12} {:>6}", "batch", "context", "time_us", "GB/s", "vs_copy", "parts");
-    const BATCHES: [usize; 4] = [1, 8, 16, 64];
-    const CONTEXTS: [usize; 4] = [512, 4096, 8192, 32768];
-    let (batch_max, ctx_max) = (BATCHES[3], CONTEXTS[3]);
+    let (batches, contexts): (&[usize], &[usize]) =
+        if smoke() { (&[1, 8], &[512, 4096]) } else { (&[1, 8, 16, 64], &[512, 4096, 8192, 32768]) };
+    let (batch_max, ctx_max) = (batches[batches.len() - 1], contexts[contexts.len() - 1]);
     let num_blocks = batch_max * ctx_max.div_ceil(bt);
     let cache_bytes = num_blocks * layout.block_bytes();
     let q_elems_max = batch_max * heads * head_dim;
@@ -97,8 +108,8 @@ fn decode_attention(be: &Be, copy_bw: f64) -> Value {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut rows = Vec::new();
     let (mut target_cases, mut target_met) = (0, 0);
-    for batch in BATCHES {
-        for ctx in CONTEXTS {
+    for &batch in batches {
+        for &ctx in contexts {
             let blocks_per_seq = ctx.div_ceil(bt);
             // Blocks scattered over the cache (a permutation prefix), as a long-running
             // server's would be.
@@ -150,7 +161,12 @@ fn gemm(be: &Be) -> Value {
     println!("cuBLAS GEMM (bf16 in, f32 compute, bf16 out), C[m,n] = A[m,k] · B[n,k]ᵀ");
     println!("{:>6} {:>6} {:>6} {:>10} {:>10} {:>12}", "m", "n", "k", "time_us", "TFLOP/s", "weight GB/s");
     let mut rows = Vec::new();
-    for (m, n, k) in [(8192usize, 8192usize, 8192usize), (4096, 14336, 4096), (8, 14336, 4096), (1, 4096, 4096)] {
+    let shapes: &[(usize, usize, usize)] = if smoke() {
+        &[(64, 64, 64), (8, 256, 128), (1, 128, 128)]
+    } else {
+        &[(8192, 8192, 8192), (4096, 14336, 4096), (8, 14336, 4096), (1, 4096, 4096)]
+    };
+    for &(m, n, k) in shapes {
         let (a_b, b_b, c_b) = (m * k * 2, n * k * 2, m * n * 2);
         let r = be.reserve(a_b + b_b + c_b).expect("reserve");
         fill(be, &r, 0, a_b + b_b, 3);
@@ -168,7 +184,8 @@ fn gemm(be: &Be) -> Value {
 }
 
 fn norm_rope(be: &Be, copy_bw: f64) -> Value {
-    let (rows, hidden) = (4096usize, 4096usize);
+    // hidden = heads × head_dim of the RoPE case below, which reuses the region.
+    let (rows, hidden) = (if smoke() { 64usize } else { 4096usize }, 4096usize);
     let n = rows * hidden;
     let r = be.reserve(n * 2 * 3 + hidden * 2 + rows * 4 + 64 * 4).expect("reserve");
     fill(be, &r, 0, n * 2 * 3 + hidden * 2, 5);
@@ -236,6 +253,7 @@ fn main() {
     // `cargo bench` passes `--bench`; the runner's flags are documented at the top.
     let args: Vec<String> = std::env::args().collect();
     let json_path = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    SMOKE.set(args.iter().any(|a| a == "--smoke")).expect("set once");
     if args.iter().any(|a| a == "--kernels") {
         if let Err(why) = kernel_images() {
             eprintln!("gpu_ops: {why}");

@@ -133,8 +133,15 @@ bool run_block(unsigned n, std::string* why) {
         f.state = State::Ready;
         prime(f);
     }
+    // DJINN_CUDA_EMU_ORDER=reverse runs each barrier interval's threads last to first: a kernel
+    // whose result depends on that order has a race a GPU may or may not show.
+    static const bool reverse = [] {
+        const char* v = std::getenv("DJINN_CUDA_EMU_ORDER");
+        return v != nullptr && std::string(v) == "reverse";
+    }();
     for (;;) {
-        for (unsigned i = 0; i < n; ++i) {
+        for (unsigned j = 0; j < n; ++j) {
+            const unsigned i = reverse ? n - 1 - j : j;
             if (pool[i].state != State::Ready) continue;
             current = &pool[i];
             emu_switch(&scheduler_sp, pool[i].sp);
