@@ -437,6 +437,7 @@ fn gemm_test<B: Backend>(be: &B, want: Want) -> R {
         cases.push((3, 40, 24, false, 2, false, [DType::F32, dt, DType::F32]));
         cases.push((3, 40, 24, true, 2, true, [DType::F32, dt, DType::F32]));
         cases.push((6, 10, 12, false, 1, false, [dt, DType::F32, DType::F32]));
+        cases.push((5, 40, 24, true, 1, false, [DType::F32, dt, dt]));
         if dt != DType::F32 {
             // B widened to f32 past a 32 MiB workspace (CUDA): row slices of an [n, k] weight,
             // k slices of a [k, n] matrix, a B shared by a batch.

@@ -6,10 +6,12 @@
 //! * **a model's projection** (`bf16_activations`), f32 activations against 16-bit weights: the
 //!   activations are rounded to the weights' type (as transformers runs a 16-bit model) — the
 //!   small operand, converted once;
-//! * **any other f32 × 16-bit product** (generic tensor ops, whose f32 operands stay f32): the
-//!   16-bit operand is widened to f32 in slices that fit the workspace — row slices of an [n, k]
-//!   weight, each writing its own columns of C, or k slices of a [k, n] matrix, accumulated with
-//!   beta = 1 — so the product is the f32 product of the inputs at any size;
+//! * **any other f32 × 16-bit product into f32** (generic tensor ops, whose f32 operands stay
+//!   f32): the 16-bit operand is widened to f32 in slices that fit the workspace — row slices of
+//!   an [n, k] weight, each writing its own columns of C, or k slices of a [k, n] matrix,
+//!   accumulated with beta = 1 — so the product is the f32 product of the inputs at any size
+//!   (into a 16-bit C, rounded to 16 bits anyway, A is rounded instead, as for a model's
+//!   projection: cuBLAS writes no 16-bit C from f32 inputs);
 //! * a 16-bit A against f32 B: A widened (exact).
 //!
 //! C is f32, or the 16-bit type both inputs are multiplied in.
@@ -42,11 +44,11 @@ enum Convert {
     WidenB,
 }
 
-fn convert_for(a: DType, b: DType, bf16_activations: bool) -> Option<Convert> {
+fn convert_for(a: DType, b: DType, c: DType, bf16_activations: bool) -> Option<Convert> {
     match (a, b) {
         _ if a == b => Some(Convert::None),
         (_, DType::F32) => Some(Convert::WidenA),
-        (DType::F32, _) if bf16_activations => Some(Convert::NarrowA),
+        (DType::F32, _) if bf16_activations || c != DType::F32 => Some(Convert::NarrowA),
         (DType::F32, _) => Some(Convert::WidenB),
         _ => None, // f16 × bf16: neither widens to the other
     }
@@ -157,7 +159,7 @@ impl CudaBackend {
         let ca = code(OP, "a", &a, false)?;
         let cb = code(OP, "b", &b, false)?;
         code(OP, "c", &c, false)?;
-        let Some(conv) = convert_for(a.dtype, b.dtype, args.bf16_activations) else {
+        let Some(conv) = convert_for(a.dtype, b.dtype, c.dtype, args.bf16_activations) else {
             return Err(BackendError::Unsupported {
                 op: OP,
                 why: format!("{} × {}: convert one operand to the other's type first", a.dtype, b.dtype),
@@ -348,12 +350,13 @@ mod tests {
     #[test]
     fn mixed_types_convert_without_losing_f32() {
         use DType::*;
-        assert_eq!(convert_for(BF16, BF16, false), Some(Convert::None));
-        assert_eq!(convert_for(F32, BF16, true), Some(Convert::NarrowA));
-        assert_eq!(convert_for(F32, F16, true), Some(Convert::NarrowA));
-        assert_eq!(convert_for(F32, BF16, false), Some(Convert::WidenB));
-        assert_eq!(convert_for(BF16, F32, false), Some(Convert::WidenA));
-        assert_eq!(convert_for(F16, F32, true), Some(Convert::WidenA));
-        assert_eq!(convert_for(F16, BF16, false), None);
+        assert_eq!(convert_for(BF16, BF16, BF16, false), Some(Convert::None));
+        assert_eq!(convert_for(F32, BF16, F32, true), Some(Convert::NarrowA));
+        assert_eq!(convert_for(F32, F16, F32, true), Some(Convert::NarrowA));
+        assert_eq!(convert_for(F32, BF16, F32, false), Some(Convert::WidenB));
+        assert_eq!(convert_for(F32, BF16, BF16, false), Some(Convert::NarrowA), "a 16-bit C is rounded anyway");
+        assert_eq!(convert_for(BF16, F32, F32, false), Some(Convert::WidenA));
+        assert_eq!(convert_for(F16, F32, F32, true), Some(Convert::WidenA));
+        assert_eq!(convert_for(F16, BF16, F32, false), None);
     }
 }
