@@ -379,6 +379,13 @@ API cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, Function* 
     return cuOccupancyMaxActiveBlocksPerMultiprocessor(blocks, f, block_size, smem);
 }
 
+// The driver's private export tables (NVRTC asks for one when it finds a libcuda): none here,
+// so a process that compiles kernels with NVRTC while the emulator is on its path carries on.
+API cuGetExportTable(const void** table, const void*) {
+    *table = nullptr;
+    return NOT_SUPPORTED;
+}
+
 API cuGetErrorName(CUresult r, const char** s) {
     *s = error_name(r);
     return SUCCESS;
