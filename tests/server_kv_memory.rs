@@ -21,12 +21,10 @@ use djinn_client::{Client, ClientOptions, DecodeOptions, FinishReason, Input, Lo
 const MODEL: &str = "tiny";
 const SRC_MODEL: &str = "tests/data/models/llama-gqa";
 const VOCAB: u32 = 128;
-/// llama-gqa: 2 layers × 2 KV heads × 16 dims × K,V = 128 elements per token, 16 tokens per
-/// block; sessions hold at most 64 tokens (4 blocks). The KV is f32 on the CPU backend (8 KiB
-/// per block) and the served weights' dtype on CUDA (bf16 for this f32 checkpoint: 4 KiB).
+/// llama-gqa: 16-token blocks ([`common::tiny_kv_block_bytes`]); sessions hold at most 64 tokens
+/// (4 blocks).
 fn block_bytes() -> f64 {
-    let elem = if common::test_backend_kind() == "cpu" { 4.0 } else { 2.0 };
-    16.0 * 128.0 * elem
+    common::tiny_kv_block_bytes() as f64
 }
 /// linux/capability.h (the libc crate does not name capabilities).
 const CAP_IPC_LOCK: libc::c_ulong = 14;

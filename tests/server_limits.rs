@@ -214,9 +214,8 @@ fn session_quotas_are_per_tenant(t: Transport) {
 /// whole length cost nothing until they grow; a prefill or decode past the quota is refused with
 /// the numbers, and closing a session makes room.
 fn kv_quota_counts_blocks_in_use(t: Transport) {
-    // llama-gqa: 128 KV elements per token, 16-token blocks, f32 on the CPU (8 KiB a block) and
-    // bf16 on CUDA (the served dtype of this f32 checkpoint: 4 KiB). Alice may hold three blocks.
-    let block: u64 = if common::test_backend_kind() == "cpu" { 8192 } else { 4096 };
+    // llama-gqa's 16-token blocks (8 KiB on the CPU, 4 KiB on CUDA). Alice may hold three.
+    let block = common::tiny_kv_block_bytes();
     let tokens = temp_file("tokens", "alice tok-a\n");
     let cfg = temp_file("cfg", &format!("[tenants.alice]\nkv_bytes_max = {}\n", 3 * block));
     let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY_MODEL).display());

@@ -211,6 +211,15 @@ pub fn test_backend_kind() -> &'static str {
     }
 }
 
+/// Bytes of one 16-token KV block of the committed tiny model (llama-gqa: 2 layers × 2 KV heads ×
+/// 16 dims × K,V = 128 elements per token) as a server of [`test_gpus`] keeps it at `serve`'s
+/// default dtype: f32 on the CPU backend (8 KiB), the served weights' dtype on CUDA (bf16 for
+/// this f32 checkpoint: 4 KiB).
+pub fn tiny_kv_block_bytes() -> u64 {
+    let elem = if test_backend_kind() == "cpu" { 4 } else { 2 };
+    16 * 128 * elem
+}
+
 /// A server serving the model directory `dir` under `name` (plus `extra` args), as [`server`].
 /// It computes in f32 (`serve` would pick bf16 for an f32 checkpoint), so its sessions can be
 /// compared with in-process f32 runs.

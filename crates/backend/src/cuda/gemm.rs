@@ -20,7 +20,7 @@ use std::ffi::c_void;
 
 use cudarc::cublas::sys as blas_sys;
 
-use super::ops::{code, dptr, i32_arg, shape};
+use super::ops::{code, dptr, i32_arg, shape, THREADS};
 use super::{kargs, CudaBackend, Stream, ATTN_WORKSPACE_BYTES};
 use crate::backend::{GemmArgs, View};
 use crate::error::{BackendError, Result};
@@ -28,9 +28,6 @@ use crate::validate;
 use crate::DType;
 
 type V<'a> = View<'a, CudaBackend>;
-
-/// Threads per block of the conversion launches.
-const THREADS: u32 = 256;
 
 /// How mixed input types are brought to one (the module doc).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -266,6 +263,8 @@ impl CudaBackend {
         }
         let shared = batch == 1 || stride_b == 0;
         let (entries, nb) = if shared { (1, batch) } else { (batch, 1) };
+        let (mi, ni, ki, nbi) =
+            (i32_arg(OP, "m", m)?, i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?, i32_arg(OP, "batch", nb)?);
         let (bsz, f32sz) = (b_dtype.size_bytes() as u64, 4u64);
         for p in 0..entries as u64 {
             let (pa_p, pb_p, pc_p) =
@@ -273,6 +272,7 @@ impl CudaBackend {
             let mut r0 = 0;
             while r0 < rows {
                 let nr = per.min(rows - r0);
+                let nri = i32_arg(OP, "rows", nr)?;
                 // SAFETY: rows r0..r0+nr of this entry of B lie inside B's checked extent, and
                 // nr * row_elems f32 fit the workspace (`per`).
                 unsafe { self.cast_into(s, pb_p + (r0 * row_elems) as u64 * bsz, b_code, ws, 0, nr * row_elems)? };
@@ -280,19 +280,19 @@ impl CudaBackend {
                     // Cᵀ rows r0.. (C's columns) = B[r0..r0+nr, :] · Aᵀ.
                     Call {
                         trans_a: true,
-                        m: i32_arg(OP, "rows", nr)?,
-                        n: i32_arg(OP, "m", m)?,
-                        k: i32_arg(OP, "k", k)?,
+                        m: nri,
+                        n: mi,
+                        k: ki,
                         a: ws,
-                        lda: i32_arg(OP, "k", k)?,
+                        lda: ki,
                         stride_a: 0,
                         b: pa_p,
-                        ldb: i32_arg(OP, "k", k)?,
+                        ldb: ki,
                         stride_b: stride_a as i64,
                         c: pc_p + r0 as u64 * f32sz,
-                        ldc: i32_arg(OP, "n", n)?,
+                        ldc: ni,
                         stride_c: stride_c as i64,
-                        batch: i32_arg(OP, "batch", nb)?,
+                        batch: nbi,
                         alpha,
                         beta,
                         ab: DType::F32,
@@ -302,19 +302,19 @@ impl CudaBackend {
                     // Cᵀ (+)= B[r0..r0+nr, :]ᵀ · A[:, r0..r0+nr]ᵀ.
                     Call {
                         trans_a: false,
-                        m: i32_arg(OP, "n", n)?,
-                        n: i32_arg(OP, "m", m)?,
-                        k: i32_arg(OP, "rows", nr)?,
+                        m: ni,
+                        n: mi,
+                        k: nri,
                         a: ws,
-                        lda: i32_arg(OP, "n", n)?,
+                        lda: ni,
                         stride_a: 0,
                         b: pa_p + r0 as u64 * f32sz,
-                        ldb: i32_arg(OP, "k", k)?,
+                        ldb: ki,
                         stride_b: stride_a as i64,
                         c: pc_p,
-                        ldc: i32_arg(OP, "n", n)?,
+                        ldc: ni,
                         stride_c: stride_c as i64,
-                        batch: i32_arg(OP, "batch", nb)?,
+                        batch: nbi,
                         alpha,
                         beta: if r0 == 0 { beta } else { 1.0 },
                         ab: DType::F32,
@@ -337,9 +337,8 @@ impl CudaBackend {
     unsafe fn cast_into(&self, s: &Stream, src: u64, from: i32, dst: u64, to: i32, elems: usize) -> Result<()> {
         let n = elems as i64;
         let mut p = kargs![&src, &from, &dst, &to, &n];
-        let blocks = elems.div_ceil(THREADS as usize).max(1).min(self.dev.sm_count as usize * 32) as u32;
         // SAFETY: matches `cast(const void*, int, void*, int, i64)`; extents per this fn's contract.
-        unsafe { self.launch(s, "cast", (blocks, 1, 1), THREADS, 0, &mut p) }
+        unsafe { self.launch(s, "cast", (self.grid_1d(elems), 1, 1), THREADS, 0, &mut p) }
     }
 }
 

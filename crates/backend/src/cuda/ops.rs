@@ -14,7 +14,7 @@ use crate::DType;
 type V<'a> = View<'a, CudaBackend>;
 
 /// Threads per block of the elementwise and row kernels.
-const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 /// Rows per `sample_<dt>` launch at most: the per-row parameters travel in the kernel parameter
 /// buffer (64 × 32 bytes, inside the 4 KiB limit). Must equal SAMPLE_ROWS_MAX in kernels/sampling.cu.
 const SAMPLE_ROWS_MAX: usize = 64;
@@ -115,7 +115,7 @@ struct SampleBatch {
 }
 
 impl CudaBackend {
-    fn grid_1d(&self, n: usize) -> u32 {
+    pub(super) fn grid_1d(&self, n: usize) -> u32 {
         let blocks = n.div_ceil(THREADS as usize).max(1);
         blocks.min(self.dev.sm_count as usize * 32) as u32
     }
