@@ -137,6 +137,20 @@ __device__ __forceinline__ void report(unsigned* err, unsigned bit) {
 #define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
 #endif
 
+// Static shared memory: `SHARED_ARRAY(T, name, N)` is `__shared__ T name[N]`, `SHARED(T, name)`
+// is `__shared__ T name`. In the emulator each declaration has its own range of a block-wide arena.
+#ifdef DJINN_KERNEL_EMU
+#define SHARED_ARRAY(T, name, N)                                                                        \
+    static const size_t name##_emu_at = emu::reserve_static_smem(sizeof(T) * (N), alignof(T), #name); \
+    T* const name = reinterpret_cast<T*>(emu::static_smem() + name##_emu_at)
+#define SHARED(T, name) \
+    SHARED_ARRAY(T, name##_emu_one, 1); \
+    T& name = *name##_emu_one
+#else
+#define SHARED_ARRAY(T, name, N) __shared__ T name[N]
+#define SHARED(T, name) __shared__ T name
+#endif
+
 // Instantiates `NAME##_f32/_f16/_bf16` from a macro body taking the storage type.
 #define DJINN_FOR_FLOATS(M, NAME) M(NAME##_f32, float) M(NAME##_f16, __half) M(NAME##_bf16, __nv_bfloat16)
 

@@ -7,7 +7,7 @@
 // same over x. `out` may be `x` (in place): each thread reads its elements before writing them.
 extern "C" __global__ void rms_norm(const void* x, int x_dt, void* residual, int res_dt, const void* weight, int w_dt,
                                     void* out, int out_dt, int hidden, float eps) {
-    __shared__ float scratch[32];
+    SHARED_ARRAY(float, scratch, 32);
     const i64 base = (i64)blockIdx.x * hidden;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
@@ -30,7 +30,7 @@ extern "C" __global__ void rms_norm(const void* x, int x_dt, void* residual, int
 // `out` may be `x`: every element is read in the first two passes before the barrier inside
 // block_sum, and the third pass reads only the element the same thread then writes.
 extern "C" __global__ void softmax(const void* x, int x_dt, void* out, int out_dt, int cols) {
-    __shared__ float scratch[32];
+    SHARED_ARRAY(float, scratch, 32);
     const i64 base = (i64)blockIdx.x * cols;
     float m = NEG_INF;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, ld_dt(x, x_dt, base + j));

@@ -91,8 +91,8 @@ __device__ int block_argmax(const T* __restrict__ x, int n, float* sv, int* si) 
 
 template <typename T>
 __device__ void argmax_impl(const T* logits, int* out, int vocab) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
+    SHARED_ARRAY(float, sv, 32);
+    SHARED_ARRAY(int, si, 32);
     const int best = block_argmax(logits + (i64)blockIdx.x * vocab, vocab, sv, si);
     if (threadIdx.x == 0) out[blockIdx.x] = best;
 }
@@ -140,11 +140,11 @@ __device__ int warp_seq_find(int n, float target, bool ge, F f) {
 template <typename T>
 __device__ void sample_impl(const T* logits, int* out, int vocab, int row0, const SampleBatch& batch, u64* ws,
                             int vpow2) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    __shared__ u32 su[32];
-    __shared__ int kept_ids[SAMPLE_SMALL_KEPT];
-    __shared__ int keep_sh;
+    SHARED_ARRAY(float, sv, 32);
+    SHARED_ARRAY(int, si, 32);
+    SHARED_ARRAY(u32, su, 32);
+    SHARED_ARRAY(int, kept_ids, SAMPLE_SMALL_KEPT);
+    SHARED(int, keep_sh);
     const SampleRow p = batch.rows[blockIdx.x];
     const i64 row = (i64)row0 + blockIdx.x;
     const T* x = logits + row * vocab;

@@ -3,15 +3,20 @@
 // them, f32 accumulation. Arguments are checked as cuBLAS checks them — leading dimensions
 // against the operand shapes, the (A/B, C, compute) type combinations cuBLAS supports — so a
 // layout the host code gets wrong fails here as it would on a GPU. beta == 0 never reads C.
+// Every operand's whole extent (leading dimensions and batch strides included) must lie within
+// one device allocation, as the emulated driver knows them: a GPU's kernels would fault
+// otherwise, so the call fails with CUBLAS_STATUS_EXECUTION_FAILED and says which operand.
+#include <dlfcn.h>
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-enum : int { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
+enum : int { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
 enum : int { R_32F = 0, R_16F = 2, R_16BF = 14 };
 enum : int { COMPUTE_32F = 68 };
 
@@ -47,6 +52,39 @@ void store(void* p, int ty, int64_t i, float v) {
 
 bool known(int ty) { return ty == R_32F || ty == R_16F || ty == R_16BF; }
 
+// The emulated driver (driver.cpp), when the libcuda.so.1 loaded is ours: its allocation check,
+// and (check builds) its record of the bytes written.
+struct Driver {
+    int (*span)(const void*, size_t) = nullptr;
+    void (*mark_written)(const void*, size_t) = nullptr;
+};
+const Driver& driver() {
+    static const Driver d = [] {
+        Driver d;
+        if (void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD)) {
+            d.span = reinterpret_cast<int (*)(const void*, size_t)>(dlsym(lib, "djinn_emu_device_span"));
+            d.mark_written = reinterpret_cast<void (*)(const void*, size_t)>(dlsym(lib, "djinn_emu_mark_written"));
+        }
+        return d;
+    }();
+    return d;
+}
+
+// The bytes the `rows` x `cols` column-major operand spans (leading dimension `ld`, `batch` of
+// them `stride` elements apart).
+size_t extent(int ty, int rows, int cols, int ld, int64_t stride, int batch) {
+    if (rows == 0 || cols == 0 || batch == 0) return 0;
+    const int64_t last = (int64_t)(batch - 1) * (stride > 0 ? stride : 0) + (int64_t)(cols - 1) * ld + (rows - 1);
+    return (size_t)(last + 1) * (ty == R_32F ? 4 : 2);
+}
+
+// Whether the operand's extent lies in one device allocation; says which operand where not.
+bool operand_ok(const char* name, const void* p, size_t bytes) {
+    if (bytes == 0 || driver().span == nullptr || driver().span(p, bytes) != 0) return true;
+    std::fprintf(stderr, "cuda-emu cublas: %s reaches %zu B from %p, past its device allocation\n", name, bytes, p);
+    return false;
+}
+
 // C = alpha · op(A) · op(B) + beta · C for `batch` matrices at the given element strides.
 int gemm(int ta, int tb, int m, int n, int k, const float* alpha, const void* a, int at, int lda, int64_t sa,
          const void* b, int bt, int ldb, int64_t sb, const float* beta, void* c, int ct, int ldc, int64_t sc,
@@ -58,6 +96,10 @@ int gemm(int ta, int tb, int m, int n, int k, const float* alpha, const void* a,
     const int a_rows = ta == 0 ? m : k, b_rows = tb == 0 ? k : n;
     if (lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
     if (m == 0 || n == 0 || batch == 0) return OK;
+    const size_t c_bytes = extent(ct, m, n, ldc, sc, batch);
+    if (!operand_ok("A", a, extent(at, a_rows, ta == 0 ? k : m, lda, sa, batch)) ||
+        !operand_ok("B", b, extent(bt, b_rows, tb == 0 ? n : k, ldb, sb, batch)) || !operand_ok("C", c, c_bytes))
+        return EXECUTION_FAILED;
     std::vector<float> ar((size_t)m * k), br((size_t)n * k);
     for (int p = 0; p < batch; ++p) {
         // op(A) as m rows of k, op(B)ᵀ as n rows of k: every dot product reads contiguously.
@@ -83,6 +125,7 @@ int gemm(int ta, int tb, int m, int n, int k, const float* alpha, const void* a,
                 store(c, ct, ci, *alpha * acc + prior);
             }
     }
+    if (driver().mark_written) driver().mark_written(c, c_bytes);
     return OK;
 }
 

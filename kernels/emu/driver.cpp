@@ -35,6 +35,7 @@ enum : int {
     INVALID_HANDLE = 400,
     NOT_FOUND = 500,
     NOT_READY = 600,
+    ILLEGAL_ADDRESS = 700,
     LAUNCH_OUT_OF_RESOURCES = 701,
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
@@ -66,6 +67,7 @@ std::atomic<size_t> allocated{0};
 struct Alloc {
     void* ptr;
     size_t len;
+    unsigned char* written;  // check builds, device memory: see emu::MemRange
 };
 std::mutex allocs_lock;
 std::vector<Alloc> allocs;       // device
@@ -89,6 +91,7 @@ const char* error_name(CUresult r) {
         case INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
         case NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
         case NOT_READY: return "CUDA_ERROR_NOT_READY";
+        case ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
         case LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
         case LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
         case NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
@@ -129,6 +132,55 @@ void* host_alloc(size_t bytes) {
 }
 
 }  // namespace
+
+namespace emu {
+void memory_ranges(std::vector<MemRange>* out) {
+    out->clear();
+    std::lock_guard<std::mutex> hold(allocs_lock);
+    for (const Alloc& a : allocs) out->push_back(MemRange{reinterpret_cast<uintptr_t>(a.ptr), a.len, false, a.written});
+    for (const Alloc& a : host_allocs)
+        out->push_back(MemRange{reinterpret_cast<uintptr_t>(a.ptr), a.len, true, nullptr});
+}
+}  // namespace emu
+
+namespace {
+// Whether [p, p + bytes) lies within one device allocation or mapped pinned host allocation:
+// what a copy, a memset or a GEMM on the device side must address (a GPU refuses or faults).
+bool device_span(uintptr_t p, size_t bytes) {
+    std::lock_guard<std::mutex> hold(allocs_lock);
+    for (const std::vector<Alloc>* list : {&allocs, &host_allocs})
+        for (const Alloc& a : *list) {
+            const uintptr_t base = reinterpret_cast<uintptr_t>(a.ptr);
+            if (p >= base && p - base <= a.len && bytes <= a.len - (p - base)) return true;
+        }
+    return false;
+}
+
+// Refuses a copy or memset whose device side `d` is not within one allocation, as the driver
+// does (CUDA_ERROR_INVALID_VALUE), saying which.
+bool span_refused(const char* call, const char* side, CUdeviceptr d, size_t n) {
+    if (n == 0 || device_span(d, n)) return false;
+    std::fprintf(stderr, "cuda-emu: %s: %s [0x%llx, +%zu B) is not within one device allocation\n", call, side, d, n);
+    return true;
+}
+
+// Check builds: marks [p, p + bytes) written where it lies in a device allocation.
+void mark_written(uintptr_t p, size_t bytes) {
+    std::lock_guard<std::mutex> hold(allocs_lock);
+    for (const Alloc& a : allocs) {
+        const uintptr_t base = reinterpret_cast<uintptr_t>(a.ptr);
+        if (a.written && p >= base && p - base < a.len) emu::bits_set(a.written, p - base, std::min(bytes, a.len - (p - base)));
+    }
+}
+}  // namespace
+
+// For the emulator's cuBLAS (cublas.cpp): device_span, and mark_written for the C it wrote.
+extern "C" __attribute__((visibility("default"))) int djinn_emu_device_span(const void* p, size_t bytes) {
+    return device_span(reinterpret_cast<uintptr_t>(p), bytes) ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) void djinn_emu_mark_written(const void* p, size_t bytes) {
+    mark_written(reinterpret_cast<uintptr_t>(p), bytes);
+}
 
 #define API extern "C" __attribute__((visibility("default"))) CUresult
 
@@ -244,9 +296,18 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
         return OUT_OF_MEMORY;
     }
     std::memset(m, 0xff, bytes < POISON_LIMIT ? bytes : POISON_LIMIT);
+    unsigned char* written = nullptr;
+#ifdef DJINN_EMU_CHECK
+    written = static_cast<unsigned char*>(host_alloc(bytes / 8 + 1));  // zero pages until touched
+    if (!written) {
+        munmap(m, bytes);
+        allocated.fetch_sub(bytes);
+        return OUT_OF_MEMORY;
+    }
+#endif
     {
         std::lock_guard<std::mutex> hold(allocs_lock);
-        allocs.push_back(Alloc{m, bytes});
+        allocs.push_back(Alloc{m, bytes, written});
     }
     *p = reinterpret_cast<CUdeviceptr>(m);
     return SUCCESS;
@@ -256,6 +317,7 @@ API cuMemFree_v2(CUdeviceptr p) {
     for (size_t i = 0; i < allocs.size(); ++i) {
         if (reinterpret_cast<CUdeviceptr>(allocs[i].ptr) != p) continue;
         munmap(allocs[i].ptr, allocs[i].len);
+        if (allocs[i].written) munmap(allocs[i].written, allocs[i].len / 8 + 1);
         allocated.fetch_sub(allocs[i].len);
         allocs.erase(allocs.begin() + (long)i);
         return SUCCESS;
@@ -267,7 +329,7 @@ API cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = host_alloc(bytes);
     if (!*p) return OUT_OF_MEMORY;
     std::lock_guard<std::mutex> hold(allocs_lock);
-    host_allocs.push_back(Alloc{*p, bytes});
+    host_allocs.push_back(Alloc{*p, bytes, nullptr});
     return SUCCESS;
 }
 API cuMemFreeHost(void* p) {
@@ -285,22 +347,30 @@ API cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned) {
     return SUCCESS;
 }
 API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    if (span_refused("cuMemcpyHtoD", "destination", d, n)) return INVALID_VALUE;
     std::memcpy(reinterpret_cast<void*>(d), s, n);
+    mark_written(d, n);
     return SUCCESS;
 }
 API cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    if (span_refused("cuMemcpyDtoH", "source", s, n)) return INVALID_VALUE;
     std::memcpy(d, reinterpret_cast<const void*>(s), n);
     return SUCCESS;
 }
 API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    if (span_refused("cuMemcpyDtoD", "source", s, n) || span_refused("cuMemcpyDtoD", "destination", d, n))
+        return INVALID_VALUE;
     std::memmove(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s), n);
+    mark_written(d, n);
     return SUCCESS;
 }
 API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { return cuMemcpyHtoD_v2(d, s, n); }
 API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoH_v2(d, s, n); }
 API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
 API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    if (span_refused("cuMemsetD8", "destination", d, n)) return INVALID_VALUE;
     std::memset(reinterpret_cast<void*>(d), v, n);
+    mark_written(d, n);
     return SUCCESS;
 }
 API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
@@ -355,12 +425,19 @@ API cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned 
         return INVALID_VALUE;
     }
     std::string why;
-    if (!emu::launch(*f->kernel, dim3e{gx, gy, gz}, dim3e{bx, by, bz}, smem, params, &why)) {
-        std::fprintf(stderr, "cuda-emu: %s launch failed: %s\n", f->kernel->name, why.c_str());
-        const unsigned long long threads = (unsigned long long)bx * by * bz;
-        return threads > f->kernel->max_threads ? LAUNCH_OUT_OF_RESOURCES : LAUNCH_FAILED;
+    switch (emu::launch(*f->kernel, dim3e{gx, gy, gz}, dim3e{bx, by, bz}, smem, params, &why)) {
+        case emu::Launch::Ok: return SUCCESS;
+        case emu::Launch::Refused:
+            std::fprintf(stderr, "cuda-emu: %s launch refused: %s\n", f->kernel->name, why.c_str());
+            return (unsigned long long)bx * by * bz > f->kernel->max_threads ? LAUNCH_OUT_OF_RESOURCES : INVALID_VALUE;
+        case emu::Launch::Hung:
+            std::fprintf(stderr, "cuda-emu: %s launch failed: %s\n", f->kernel->name, why.c_str());
+            return LAUNCH_FAILED;
+        case emu::Launch::Illegal:
+            std::fprintf(stderr, "cuda-emu check: %s: %s\n", f->kernel->name, why.c_str());
+            return ILLEGAL_ADDRESS;
     }
-    return SUCCESS;
+    return LAUNCH_FAILED;
 }
 
 // Resident blocks per SM by H100 limits: 2048 threads, 32 blocks, 228 KiB of shared memory with

@@ -26,8 +26,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-// Static shared memory: one block runs at a time, so a function-local static is the block's.
-#define __shared__ static
+// Static shared memory is SHARED / SHARED_ARRAY (common.cuh): a function-local static would be one
+// for every block, and out of the check's sight.
+#define __shared__ __shared___use_SHARED_or_SHARED_ARRAY_from_common_cuh
 
 struct dim3e {
     unsigned x, y, z;
@@ -37,11 +38,15 @@ struct alignas(16) uint4 {
 };
 
 namespace emu {
-// The running fiber's thread index; the launch's block index and dimensions (fiber.cpp).
-const dim3e& thread_idx();
+// The running fiber's thread index (a copy: kernel code reads no scheduler state in place); the
+// launch's block index and dimensions (fiber.cpp).
+dim3e thread_idx();
 extern dim3e block_idx, block_dim, grid_dim;
 // Dynamic shared memory of the running block (`extern __shared__ T name[]` in the kernels).
 void* dynamic_smem();
+// The static shared-memory arena, and a declaration's offset in it (reserved once per process).
+unsigned char* static_smem();
+size_t reserve_static_smem(size_t bytes, size_t align, const char* name);
 void sync_block();
 // Exchanges 64 bits with lane `src` of the calling warp; every live lane must call it.
 uint64_t shuffle(uint64_t bits, int src);

@@ -2,16 +2,21 @@
 // its own stack, switched by hand (x86-64 SysV; a switch costs a few nanoseconds, which matters:
 // a decode block parks its 128 threads at every warp shuffle).
 //
-// Invariants: one launch at a time in the process (the launch lock: static `__shared__` arrays
-// and the fiber pool are global); every fiber of a block runs on the launching OS thread; a
-// parked fiber resumes only when its barrier is complete — every live thread of the block for
+// Invariants: one launch at a time in the process (the launch lock: the shared-memory arenas and
+// the fiber pool are global); every fiber of a block runs on the launching OS thread; a parked
+// fiber resumes only when its barrier is complete — every live thread of the block for
 // `__syncthreads`, every live lane of its warp, at the same shuffle count, for a shuffle.
+//
+// Built with DJINN_EMU_CHECK (scripts/cuda-emu --check), the scheduler also tells check.cpp
+// which thread runs and where each barrier interval begins, and a thread whose access the check
+// refuses (`fail_thread`) is never resumed: its block, and the launch, fail.
 #include "runtime.h"
 
 #include <sys/mman.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -60,7 +65,7 @@ constexpr size_t STACK_BYTES = 128 << 10;
 constexpr size_t GUARD_BYTES = 4096;
 constexpr unsigned MAX_THREADS = 1024;
 
-enum class State { Ready, AtBlock, AtWarp, Done };
+enum class State { Ready, AtBlock, AtWarp, Done, Failed };
 
 struct Fiber {
     void* sp = nullptr;
@@ -78,6 +83,11 @@ Fiber* current = nullptr;
 void (*body)(void**) = nullptr;
 void** body_params = nullptr;
 void* smem = nullptr;
+// Static shared memory (`SHARED`/`SHARED_ARRAY` in common.cuh): each declaration's range of one
+// arena, reserved when a thread first reaches it.
+alignas(64) unsigned char static_arena[STATIC_SMEM_BYTES];
+size_t static_reserved = 0;
+std::string failure;  // why the running block failed (fail_thread), or empty
 // Shuffle exchange: [warp][shuffle parity][lane]. Two buffers, because a fast lane may write
 // its next shuffle's value before a slow lane has read this one's.
 uint64_t exchange[MAX_THREADS / 32][2][32];
@@ -117,6 +127,14 @@ void prime(Fiber& f) {
     f.sp = s;
 }
 
+void switch_to(Fiber& f) {
+    current = &f;
+#ifdef DJINN_EMU_CHECK
+    check::running(f.lin, f.stack);
+#endif
+    emu_switch(&scheduler_sp, f.sp);
+}
+
 void park(State s) {
     current->state = s;
     emu_switch(&current->sp, scheduler_sp);
@@ -133,6 +151,11 @@ bool run_block(unsigned n, std::string* why) {
         f.state = State::Ready;
         prime(f);
     }
+    // Shared memory starts undefined in every block: NaN bytes, so reads before writes show.
+    std::memset(static_arena, 0xff, static_reserved);
+#ifdef DJINN_EMU_CHECK
+    check::block_begins();
+#endif
     // DJINN_CUDA_EMU_ORDER=reverse runs each barrier interval's threads last to first: a kernel
     // whose result depends on that order has a race a GPU may or may not show.
     static const bool reverse = [] {
@@ -143,8 +166,12 @@ bool run_block(unsigned n, std::string* why) {
         for (unsigned j = 0; j < n; ++j) {
             const unsigned i = reverse ? n - 1 - j : j;
             if (pool[i].state != State::Ready) continue;
-            current = &pool[i];
-            emu_switch(&scheduler_sp, pool[i].sp);
+            switch_to(pool[i]);
+            if (!failure.empty()) {
+                current = nullptr;
+                *why = failure;
+                return false;
+            }
         }
         current = nullptr;
         unsigned done = 0, at_block = 0;
@@ -156,6 +183,9 @@ bool run_block(unsigned n, std::string* why) {
         if (at_block + done == n) {
             for (unsigned i = 0; i < n; ++i)
                 if (pool[i].state == State::AtBlock) pool[i].state = State::Ready;
+#ifdef DJINN_EMU_CHECK
+            check::block_synced();
+#endif
             continue;
         }
         bool released = false;
@@ -197,9 +227,37 @@ bool run_block(unsigned n, std::string* why) {
 
 }  // namespace
 
-const dim3e& thread_idx() { return current->tid; }
+dim3e thread_idx() { return current->tid; }
 
 void* dynamic_smem() { return smem; }
+
+unsigned char* static_smem() { return static_arena; }
+
+size_t reserve_static_smem(size_t bytes, size_t align, const char* name) {
+    const size_t at = (static_reserved + align - 1) / align * align;
+    if (at + bytes > STATIC_SMEM_BYTES) {
+        std::fprintf(stderr, "cuda-emu: static shared memory `%s` (%zu B) past the emulator's %zu B\n", name, bytes,
+                     STATIC_SMEM_BYTES);
+        std::abort();
+    }
+    std::memset(static_arena + at, 0xff, bytes);
+    static_reserved = at + bytes;
+#ifdef DJINN_EMU_CHECK
+    check::static_smem_reserved(static_arena + at, bytes, name);
+#endif
+    return at;
+}
+
+void fail_thread(std::string why) {
+    if (failure.empty()) {
+        char where[96];
+        const dim3e t = current->tid;
+        std::snprintf(where, sizeof where, "thread (%u,%u,%u): ", t.x, t.y, t.z);
+        failure = where + why;
+    }
+    park(State::Failed);
+    std::abort();  // a failed fiber is never resumed
+}
 
 void sync_block() { park(State::AtBlock); }
 
@@ -215,16 +273,24 @@ uint64_t shuffle(uint64_t bits, int src) {
     return exchange[warp][parity][s];
 }
 
-bool launch(const Kernel& k, dim3e grid, dim3e block, size_t smem_bytes, void** params, std::string* why) {
+// The end of a launch, whatever its outcome.
+static void finish() {
+    smem = nullptr;
+#ifdef DJINN_EMU_CHECK
+    check::launch_ends();
+#endif
+}
+
+Launch launch(const Kernel& k, dim3e grid, dim3e block, size_t smem_bytes, void** params, std::string* why) {
     const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
     if (threads == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
         *why = "empty grid or block";
-        return false;
+        return Launch::Refused;
     }
     if (threads > k.max_threads) {
         *why = "block of " + std::to_string(threads) + " threads exceeds the kernel's bound of " +
                std::to_string(k.max_threads);
-        return false;
+        return Launch::Refused;
     }
     std::lock_guard<std::mutex> hold(launch_lock);
     ensure_pool();
@@ -235,6 +301,12 @@ bool launch(const Kernel& k, dim3e grid, dim3e block, size_t smem_bytes, void** 
     body_params = params;
     grid_dim = grid;
     block_dim = block;
+    failure.clear();
+#ifdef DJINN_EMU_CHECK
+    check::launch_begins(dyn.data(), dyn.size(), pool[0].stack - GUARD_BYTES,
+                         pool[MAX_THREADS - 1].stack + STACK_BYTES,
+                         STACK_BYTES + GUARD_BYTES, STACK_BYTES);
+#endif
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
@@ -243,12 +315,12 @@ bool launch(const Kernel& k, dim3e grid, dim3e block, size_t smem_bytes, void** 
                 if (!run_block((unsigned)threads, &err)) {
                     *why = std::string(k.name) + " block (" + std::to_string(x) + "," + std::to_string(y) + "," +
                            std::to_string(z) + "): " + err;
-                    smem = nullptr;
-                    return false;
+                    finish();
+                    return failure.empty() ? Launch::Hung : Launch::Illegal;
                 }
             }
-    smem = nullptr;
-    return true;
+    finish();
+    return Launch::Ok;
 }
 
 }  // namespace emu
