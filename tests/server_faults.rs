@@ -455,8 +455,10 @@ fn gpus_0_serves_on_the_gpu() -> libtest_mimic::Trial {
         Ok(false) => "gpus_0_serves_on_the_gpu_tcp".to_owned(),
     };
     libtest_mimic::Trial::test(name, || {
-        // The committed tiny model in f32: greedy tokens as the CPU backend's.
-        let model = format!("tiny={}", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TINY).display());
+        // The committed tiny model in f32: greedy tokens as the CPU backend's. Found from the
+        // working directory (the repository root, under cargo and in the GPU check alike).
+        let dir = std::env::current_dir().map_err(|e| e.to_string())?.join(TINY);
+        let model = format!("tiny={}", dir.display());
         let start = |gpus: &str| {
             ServerProc::try_start(&[
                 "--listen",

@@ -14,7 +14,10 @@
 // Uninitialized reads, in device memory: a read of a byte no copy, memset, GEMM or kernel has
 // written since the allocation (the driver keeps a bit per byte in check builds). A GPU's new
 // memory holds whatever was there before; the plain build's NaN fill catches only what shows in a
-// result.
+// result. Data moves (Kernel::moves_data) may load such bytes; what they store from them stays
+// unwritten.
+//
+// Races in device memory, within a launch: see `global` below.
 //
 // Races, in shared memory: for each byte, its last writer and its readers, and the barrier
 // interval (from the block's start or its last completed __syncthreads) they acted in. Two
@@ -30,6 +33,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -41,8 +45,8 @@ namespace {
 constexpr uint16_t MANY = 0xffff;  // readers: more than one thread
 
 struct Cell {
-    uint32_t w_at = 0;  // interval of the last write (0: never)
-    uint32_t r_at = 0;  // interval of the readers below
+    uint64_t w_at = 0;  // interval of the last write (0: never)
+    uint64_t r_at = 0;  // interval of the readers below
     uint16_t w_tid = 0;
     uint16_t r_tid = 0;  // the one reader, or MANY
 };
@@ -63,7 +67,12 @@ std::vector<Decl> decls;
 uintptr_t stacks_lo = 0, stacks_hi = 0, slot_bytes = 1, stack_bytes = 0;
 uintptr_t my_stack = 0;  // the running thread's lowest stack byte
 unsigned tid = 0;
-uint32_t interval = 1, block_first = 1;
+// Barrier intervals, numbered across launches: each block's start and each completed
+// __syncthreads begins one. Never wraps (64 bits).
+uint64_t interval = 1, block_first = 1, launch_first = 1;
+std::vector<unsigned char> stored;  // per `memory` entry: a kernel stored to it in this launch
+bool moves_data = false;            // the launch's kernel is a data move (Kernel::moves_data)
+unsigned char loaded_unwritten[1024];  // data moves, per thread: its last load read unwritten bytes
 std::vector<std::pair<uintptr_t, uintptr_t>> image;  // this library's loaded segments
 
 bool within(uintptr_t a, size_t n, uintptr_t lo, uintptr_t hi) { return a >= lo && a < hi && n <= hi - a; }
@@ -156,6 +165,34 @@ void shared(Cell* c, uintptr_t a, size_t n, bool write) {
     }
 }
 
+// Device memory within one launch: a store to a byte another thread stored to in this launch —
+// from another block (blocks are unordered), or from this block since the last __syncthreads —
+// and a load of such a byte. Stores are recorded per 4-byte granule (`MemRange::stores`: the
+// barrier interval, the thread and which of the 4 bytes, so two threads' stores to neighbouring
+// f16 elements are no race); a granule keeps only its last storing thread, so a race with an
+// earlier one on other bytes can go unseen, never a false one. Loads are not recorded: a load
+// followed by another thread's store (write-after-read) goes unseen.
+void global(const MemRange& m, size_t idx, uintptr_t a, size_t n, bool write) {
+    if (m.stores == nullptr || (!write && !stored[idx])) return;
+    const uintptr_t off = a - m.lo;
+    for (uintptr_t g = off / 4; g * 4 < off + n; ++g) {
+        const uintptr_t lo = std::max<uintptr_t>(g * 4, off), hi = std::min<uintptr_t>(g * 4 + 4, off + n);
+        const uint64_t mask = ((1u << (hi - lo)) - 1) << (lo - g * 4);
+        const uint64_t r = m.stores[g];
+        const uint64_t at = r >> 14;
+        const unsigned who = (unsigned)(r >> 4) & 0x3ff;
+        const bool mine = at == interval && who == tid;
+        if ((r & mask) != 0 && at >= launch_first && (at < block_first || (at == interval && who != tid)))
+            fail_thread(std::string("global-memory race: ") + (write ? "writes" : "reads") + " offset " +
+                        std::to_string(lo) + " of the " + std::to_string(m.bytes) + " B device allocation at " +
+                        hex(m.lo) + ", which thread " + std::to_string(who) +
+                        (at < block_first ? " of another block of this launch wrote (blocks are unordered)"
+                                          : " wrote since the last __syncthreads"));
+        if (write) m.stores[g] = (interval << 14) | ((uint64_t)tid << 4) | (mine ? (r & 0xf) | mask : mask);
+    }
+    if (write) stored[idx] = 1;
+}
+
 // `track`: plain accesses; atomics are checked for bounds only (and mark what they write).
 inline void access(uintptr_t a, size_t n, bool write, bool track = true) {
     if (!active) return;
@@ -181,12 +218,29 @@ inline void access(uintptr_t a, size_t n, bool write, bool track = true) {
         }
     }
     if (m != nullptr) {
-        if (m->written == nullptr) return;
-        if (write) return bits_set(m->written, a - m->lo, n);
-        if (track && !bits_all(m->written, a - m->lo, n))
-            fail_thread("uninitialized read: reads " + std::to_string(n) + " B at offset " + std::to_string(a - m->lo) +
-                        " of the " + std::to_string(m->bytes) + " B device allocation at " + hex(m->lo) +
-                        ", which no copy, memset, GEMM or kernel has written");
+        if (m->written == nullptr) {  // mapped host memory: not tracked
+            if (write) loaded_unwritten[tid] = 0;
+            return;
+        }
+        if (track && !write && !bits_all(m->written, a - m->lo, n)) {
+            if (!moves_data)
+                fail_thread("uninitialized read: reads " + std::to_string(n) + " B at offset " +
+                            std::to_string(a - m->lo) + " of the " + std::to_string(m->bytes) +
+                            " B device allocation at " + hex(m->lo) +
+                            ", which no copy, memset, GEMM or kernel has written");
+            loaded_unwritten[tid] = 1;
+        }
+        if (track) global(*m, (size_t)(m - memory.data()), a, n, write);
+        if (write) {
+            // A data move's store of an unwritten load moves no data: the destination stays
+            // unwritten. (Each store pairs with the thread's last load; a pair misread errs
+            // toward written, so no later read is refused wrongly.)
+            if (moves_data && loaded_unwritten[tid])
+                bits_clear(m->written, a - m->lo, n);
+            else
+                bits_set(m->written, a - m->lo, n);
+            loaded_unwritten[tid] = 0;
+        }
         return;
     }
     if (a >= arena_lo && a < arena_lo + arena_cap) refuse(a, n, write);  // in the image, but no declaration's
@@ -198,11 +252,14 @@ inline void access(uintptr_t a, size_t n, bool write, bool track = true) {
 
 }  // namespace
 
-void launch_begins(void* dyn, size_t dyn_bytes, char* lo, char* hi, size_t slot, size_t each) {
+void launch_begins(const Kernel& k, void* dyn, size_t dyn_bytes, char* lo, char* hi, size_t slot, size_t each) {
     active = true;
+    moves_data = k.moves_data;
     memory_ranges(&memory);
     std::sort(memory.begin(), memory.end(), [](const MemRange& x, const MemRange& y) { return x.lo < y.lo; });
     last_hit = 0;
+    stored.assign(memory.size(), 0);
+    launch_first = interval + 1;
     dyn_lo = reinterpret_cast<uintptr_t>(dyn);
     dyn_hi = dyn_lo + dyn_bytes;
     dyn_cells.assign(dyn_bytes, Cell{});
@@ -216,12 +273,8 @@ void launch_begins(void* dyn, size_t dyn_bytes, char* lo, char* hi, size_t slot,
 void launch_ends() { active = false; }
 
 void block_begins() {
-    if (interval > 0xf0000000u) {  // before the counter wraps: forget every byte's history
-        for (Cell& c : dyn_cells) c = Cell{};
-        for (Cell& c : arena_cells) c = Cell{};
-        interval = 0;
-    }
     block_first = ++interval;
+    std::memset(loaded_unwritten, 0, sizeof loaded_unwritten);
 }
 
 void block_synced() { ++interval; }

@@ -68,6 +68,7 @@ struct Alloc {
     void* ptr;
     size_t len;
     unsigned char* written;  // check builds, device memory: see emu::MemRange
+    uint64_t* stores;        // likewise
 };
 std::mutex allocs_lock;
 std::vector<Alloc> allocs;       // device
@@ -126,6 +127,9 @@ bool image_has(const unsigned char* img, size_t len, const char* name) {
     return false;
 }
 
+// Check builds: the size of an allocation's `stores` map (a u64 per 4 bytes).
+size_t stores_bytes(size_t bytes) { return (bytes + 3) / 4 * sizeof(uint64_t); }
+
 void* host_alloc(size_t bytes) {
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     return p == MAP_FAILED ? nullptr : p;
@@ -137,9 +141,10 @@ namespace emu {
 void memory_ranges(std::vector<MemRange>* out) {
     out->clear();
     std::lock_guard<std::mutex> hold(allocs_lock);
-    for (const Alloc& a : allocs) out->push_back(MemRange{reinterpret_cast<uintptr_t>(a.ptr), a.len, false, a.written});
+    for (const Alloc& a : allocs)
+        out->push_back(MemRange{reinterpret_cast<uintptr_t>(a.ptr), a.len, false, a.written, a.stores});
     for (const Alloc& a : host_allocs)
-        out->push_back(MemRange{reinterpret_cast<uintptr_t>(a.ptr), a.len, true, nullptr});
+        out->push_back(MemRange{reinterpret_cast<uintptr_t>(a.ptr), a.len, true, nullptr, nullptr});
 }
 }  // namespace emu
 
@@ -297,9 +302,14 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     }
     std::memset(m, 0xff, bytes < POISON_LIMIT ? bytes : POISON_LIMIT);
     unsigned char* written = nullptr;
+    uint64_t* stores = nullptr;
 #ifdef DJINN_EMU_CHECK
-    written = static_cast<unsigned char*>(host_alloc(bytes / 8 + 1));  // zero pages until touched
-    if (!written) {
+    // Zero pages until touched: only what kernels store to costs memory.
+    written = static_cast<unsigned char*>(host_alloc(bytes / 8 + 1));
+    stores = static_cast<uint64_t*>(host_alloc(stores_bytes(bytes)));
+    if (!written || !stores) {
+        if (written) munmap(written, bytes / 8 + 1);
+        if (stores) munmap(stores, stores_bytes(bytes));
         munmap(m, bytes);
         allocated.fetch_sub(bytes);
         return OUT_OF_MEMORY;
@@ -307,7 +317,7 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 #endif
     {
         std::lock_guard<std::mutex> hold(allocs_lock);
-        allocs.push_back(Alloc{m, bytes, written});
+        allocs.push_back(Alloc{m, bytes, written, stores});
     }
     *p = reinterpret_cast<CUdeviceptr>(m);
     return SUCCESS;
@@ -318,6 +328,7 @@ API cuMemFree_v2(CUdeviceptr p) {
         if (reinterpret_cast<CUdeviceptr>(allocs[i].ptr) != p) continue;
         munmap(allocs[i].ptr, allocs[i].len);
         if (allocs[i].written) munmap(allocs[i].written, allocs[i].len / 8 + 1);
+        if (allocs[i].stores) munmap(allocs[i].stores, stores_bytes(allocs[i].len));
         allocated.fetch_sub(allocs[i].len);
         allocs.erase(allocs.begin() + (long)i);
         return SUCCESS;
@@ -329,7 +340,7 @@ API cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = host_alloc(bytes);
     if (!*p) return OUT_OF_MEMORY;
     std::lock_guard<std::mutex> hold(allocs_lock);
-    host_allocs.push_back(Alloc{*p, bytes, nullptr});
+    host_allocs.push_back(Alloc{*p, bytes, nullptr, nullptr});
     return SUCCESS;
 }
 API cuMemFreeHost(void* p) {

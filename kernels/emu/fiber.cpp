@@ -303,7 +303,7 @@ Launch launch(const Kernel& k, dim3e grid, dim3e block, size_t smem_bytes, void*
     block_dim = block;
     failure.clear();
 #ifdef DJINN_EMU_CHECK
-    check::launch_begins(dyn.data(), dyn.size(), pool[0].stack - GUARD_BYTES,
+    check::launch_begins(k, dyn.data(), dyn.size(), pool[0].stack - GUARD_BYTES,
                          pool[MAX_THREADS - 1].stack + STACK_BYTES,
                          STACK_BYTES + GUARD_BYTES, STACK_BYTES);
 #endif

@@ -29,6 +29,7 @@ __attribute__((no_sanitize("thread"), noipa)) void invoke(void (*f)(A...), void*
 
 // Launch bounds as the kernels declare them (attention.cu DECODE: MINB 4, 4, 3, 2).
 #define KB(NAME, MAXT, MINB) {#NAME, [](void** p) { invoke(NAME, p); }, MAXT, MINB}
+#define KMOVE(NAME, MAXT) {#NAME, [](void** p) { invoke(NAME, p); }, MAXT, 0, true}
 #define K(NAME, MAXT) KB(NAME, MAXT, 0)
 #define K3(NAME, MAXT) K(NAME##_f32, MAXT), K(NAME##_f16, MAXT), K(NAME##_bf16, MAXT)
 #define DECODE_G(DT) KB(paged_decode_##DT##_g1, 128, 4), KB(paged_decode_##DT##_g2, 128, 4), \
@@ -41,7 +42,7 @@ const emu::Kernel REGISTRY[] = {
     K(binary, 1024), K(unary, 1024), K(cast, 1024), K(silu_mul, 1024), K(embedding, 1024),
     K(rms_norm, 1024), K(softmax, 1024), K(rope, 1024),
     K3(kv_append, 1024),
-    K(block_move_v16, 1024), K(block_move_u8, 1024),
+    KMOVE(block_move_v16, 1024), KMOVE(block_move_u8, 1024),
     K3(argmax, 1024),
     K3(sample, 1024),
 };

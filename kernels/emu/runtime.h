@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,10 @@ struct Kernel {
     // blocks per SM (0 where it gives none).
     unsigned max_threads;
     int min_blocks;
+    // A pure data move (dst[i] = src[i]): the check lets it load bytes nothing wrote, and its
+    // store of such a load leaves the destination unwritten (KV blocks move with their unused
+    // slots). Other kernels' loads of unwritten bytes are refused.
+    bool moves_data = false;
 };
 
 // The kernel named `name`, or null.
@@ -51,14 +56,35 @@ struct MemRange {
     // Check builds, device allocations: a bit per byte, set once a copy, memset, GEMM or kernel
     // wrote it (a GPU's new memory holds whatever was there). Null: not tracked.
     unsigned char* written;
+    // Check builds, device allocations: per 4-byte granule, the last kernel store — (barrier
+    // interval << 14) | (thread << 4) | the bytes stored; 0 for none (check.cpp). Null: not tracked.
+    uint64_t* stores;
 };
 void memory_ranges(std::vector<MemRange>* out);  // driver.cpp
 
-// Bits [from, from + n) of a `written` map: set them; whether all are set.
-// Atomic: a launch on one thread and a copy on another may mark bytes that share a map byte.
-inline void bits_set(unsigned char* bits, size_t from, size_t n) {
-    for (size_t i = from; i < from + n; ++i) __atomic_fetch_or(&bits[i >> 3], (unsigned char)(1u << (i & 7)), __ATOMIC_RELAXED);
+// Bits [from, from + n) of a `written` map: set or clear them; whether all are set.
+// A launch on one thread and a copy on another may mark bits that share a map byte: the partial
+// bytes at the ends change atomically; whole bytes are stored (a copy may mark gigabytes).
+inline void bits_fill(unsigned char* bits, size_t from, size_t n, bool on) {
+    size_t i = from;
+    const size_t end = from + n;
+    for (; i < end && (i & 7) != 0; ++i) {
+        const unsigned char bit = (unsigned char)(1u << (i & 7));
+        on ? __atomic_fetch_or(&bits[i >> 3], bit, __ATOMIC_RELAXED)
+           : __atomic_fetch_and(&bits[i >> 3], (unsigned char)~bit, __ATOMIC_RELAXED);
+    }
+    if (end - i >= 8) {
+        std::memset(bits + (i >> 3), on ? 0xff : 0, (end - i) >> 3);
+        i += (end - i) & ~size_t{7};
+    }
+    for (; i < end; ++i) {
+        const unsigned char bit = (unsigned char)(1u << (i & 7));
+        on ? __atomic_fetch_or(&bits[i >> 3], bit, __ATOMIC_RELAXED)
+           : __atomic_fetch_and(&bits[i >> 3], (unsigned char)~bit, __ATOMIC_RELAXED);
+    }
 }
+inline void bits_set(unsigned char* bits, size_t from, size_t n) { bits_fill(bits, from, n, true); }
+inline void bits_clear(unsigned char* bits, size_t from, size_t n) { bits_fill(bits, from, n, false); }
 inline bool bits_all(const unsigned char* bits, size_t from, size_t n) {
     for (size_t i = from; i < from + n; ++i)
         if (!(bits[i >> 3] & (1u << (i & 7)))) return false;
@@ -70,8 +96,8 @@ namespace check {
 // A launch begins: its dynamic shared memory, and the fiber stacks (in [stacks_lo, stacks_hi),
 // one per `slot_bytes`, each a guard page and then `stack_bytes` of stack). Accesses are checked
 // from here to launch_ends.
-void launch_begins(void* dyn, size_t dyn_bytes, char* stacks_lo, char* stacks_hi, size_t slot_bytes,
-                   size_t stack_bytes);
+void launch_begins(const Kernel& k, void* dyn, size_t dyn_bytes, char* stacks_lo, char* stacks_hi,
+                   size_t slot_bytes, size_t stack_bytes);
 void launch_ends();
 void block_begins();
 void block_synced();  // every live thread of the block passed a __syncthreads

@@ -15,6 +15,7 @@ extern "C" int cuInit(unsigned);
 extern "C" int cuMemAlloc_v2(unsigned long long* p, size_t bytes);
 extern "C" int cuMemFree_v2(unsigned long long p);
 extern "C" int cuMemsetD8_v2(unsigned long long p, unsigned char v, size_t n);
+extern "C" int cuMemcpyHtoD_v2(unsigned long long d, const void* s, size_t n);
 
 namespace {
 
@@ -70,6 +71,22 @@ __global__ void foreign_stack(float* out) {
     __syncthreads();
 }
 
+// Thread 0 of every block stores to out[0]: blocks are unordered, so which store lands is chance.
+__global__ void same_word(float* out) {
+    if (threadIdx.x == 0) out[0] = (float)blockIdx.x;
+}
+
+// Thread t stores out[t], then (after a barrier, or not) reads its neighbour's out[t ^ 1].
+__global__ void exchange_global(float* out, int sync) {
+    const int t = threadIdx.x;
+    out[t] = (float)t;
+    if (sync) __syncthreads();
+    out[32 + t] = out[t ^ 1];
+}
+
+// Thread t stores 16-bit element t: neighbours share 4-byte granules, not bytes.
+__global__ void halves(unsigned short* out) { out[threadIdx.x] = (unsigned short)threadIdx.x; }
+
 // Every thread ORs a bit into one device word: atomics are not races.
 __global__ void atomics(unsigned* word) { atomicOr(word, 1u << (threadIdx.x % 32)); }
 
@@ -80,13 +97,16 @@ __attribute__((no_sanitize("thread"), noipa)) void invoke(void (*f)(A...), void*
 
 int failures = 0;
 
+bool moves_data = false;  // the next launch's Kernel::moves_data
+
 template <typename... A>
 void expect(const char* name, void (*f)(A...), unsigned grid, unsigned block, size_t smem, const char* want,
             A... args) {
     void* values[] = {&args...};
     static void (*fn)(A...);
     fn = f;
-    const emu::Kernel k{name, [](void** p) { invoke(fn, p, std::index_sequence_for<A...>{}); }, 1024, 0};
+    const emu::Kernel k{name, [](void** p) { invoke(fn, p, std::index_sequence_for<A...>{}); }, 1024, 0, moves_data};
+    moves_data = false;
     std::string why;
     const emu::Launch r = emu::launch(k, dim3e{grid, 1, 1}, dim3e{block, 1, 1}, smem, values, &why);
     const bool ok = want == nullptr ? r == emu::Launch::Ok
@@ -115,6 +135,17 @@ int main() {
     expect("device memory half written", copy_shifted, 1, 64, 0,
            "uninitialized read: reads 4 B at offset 128 of the 256 B device allocation",
            reinterpret_cast<const float*>(fresh_d), out, 0);
+    // A data move (KV blocks with unused slots) may copy unwritten bytes; they stay unwritten.
+    unsigned long long moved_d;
+    cuMemAlloc_v2(&moved_d, 64 * sizeof(float));
+    auto* moved = reinterpret_cast<float*>(moved_d);
+    moves_data = true;
+    expect("a data move of a half-written buffer", copy_shifted, 1, 64, 0, nullptr,
+           reinterpret_cast<const float*>(fresh_d), moved, 0);
+    expect("reading the moved written half", copy_shifted, 1, 32, 0, nullptr, static_cast<const float*>(moved), out, 0);
+    expect("reading the moved unwritten half", copy_shifted, 1, 64, 0,
+           "uninitialized read: reads 4 B at offset 128 of the 256 B", static_cast<const float*>(moved), out, 0);
+    cuMemFree_v2(moved_d);
     expect("neighbour with __syncthreads", neighbour, 1, 64, 0, nullptr, out, 1);
     expect("neighbour without a barrier", neighbour, 1, 64, 0, "shared-memory race: reads `slots` +0, which thread 0 wrote", out, 0);
     expect("lanes ordered by a shuffle only", shuffle_ordered, 1, 32, 0, "shared-memory race", out);
@@ -124,7 +155,20 @@ int main() {
     expect("dynamic shared memory one past", dynamic_past, 1, 32, 16 * sizeof(float), "64 B into the launch's 64 B",
            out, 16);
     expect("another thread's stack", foreign_stack, 1, 32, 0, "in thread 0's stack", out);
+    expect("one block stores to a word", same_word, 1, 32, 0, nullptr, out);
+    expect("two blocks store to one word", same_word, 2, 32, 0, "thread 0 of another block of this launch wrote", out);
+    expect("device memory exchanged after __syncthreads", exchange_global, 1, 32, 0, nullptr, out, 1);
+    expect("device memory exchanged without a barrier", exchange_global, 1, 32, 0,
+           "global-memory race: reads offset 0 of the 1024 B device allocation", out, 0);
+    expect("16-bit stores by neighbouring threads", halves, 1, 64, 0, nullptr, reinterpret_cast<unsigned short*>(out));
     expect("atomics on one word", atomics, 1, 128, 0, nullptr, reinterpret_cast<unsigned*>(word_d));
+
+    // The driver refuses a copy whose device side leaves its allocation (CUDA_ERROR_INVALID_VALUE).
+    const unsigned char host[128] = {};
+    const bool copy_refused = cuMemcpyHtoD_v2(in_d + 200, host, sizeof host) == 1;
+    const bool copy_fits = cuMemcpyHtoD_v2(in_d + 128, host, sizeof host) == 0;
+    std::printf("%s copy past an allocation refused, copy to its end taken\n", copy_refused && copy_fits ? "ok  " : "FAIL");
+    failures += !(copy_refused && copy_fits);
 
     cuMemFree_v2(in_d);
     cuMemFree_v2(out_d);

@@ -16,6 +16,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_djinn-dataplane");
 
+/// The binary [`ServerProc`] starts: `DJINN_SERVER_BIN` where set (the GPU check runs a release
+/// build carried in gpu-bundle/, away from this build tree), else this build's [`BIN`].
+pub fn server_bin() -> PathBuf {
+    std::env::var_os("DJINN_SERVER_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
+
 /// How long a server gets to print its listeners.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -102,10 +108,11 @@ impl ServerProc {
     pub fn try_start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Result<ServerProc, String> {
         let stderr_path = std::env::temp_dir().join(format!("{}.stderr", unique_name("log")));
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(BIN);
+        let bin = server_bin();
+        let mut cmd = Command::new(&bin);
         cmd.arg("serve").args(args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         configure(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| format!("spawning {BIN}: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| format!("spawning {}: {e}", bin.display()))?;
         let want_metrics = args.contains(&"--metrics-listen");
         let want_api = args.contains(&"--http-listen");
         let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
