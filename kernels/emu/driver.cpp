@@ -174,7 +174,8 @@ void mark_written(uintptr_t p, size_t bytes) {
     std::lock_guard<std::mutex> hold(allocs_lock);
     for (const Alloc& a : allocs) {
         const uintptr_t base = reinterpret_cast<uintptr_t>(a.ptr);
-        if (a.written && p >= base && p - base < a.len) emu::bits_set(a.written, p - base, std::min(bytes, a.len - (p - base)));
+        if (a.written && p >= base && p - base < a.len)
+            emu::bits_set(a.written, p - base, std::min(bytes, a.len - (p - base)));
     }
 }
 }  // namespace

@@ -147,7 +147,8 @@ int main() {
            "uninitialized read: reads 4 B at offset 128 of the 256 B", static_cast<const float*>(moved), out, 0);
     cuMemFree_v2(moved_d);
     expect("neighbour with __syncthreads", neighbour, 1, 64, 0, nullptr, out, 1);
-    expect("neighbour without a barrier", neighbour, 1, 64, 0, "shared-memory race: reads `slots` +0, which thread 0 wrote", out, 0);
+    expect("neighbour without a barrier", neighbour, 1, 64, 0,
+           "shared-memory race: reads `slots` +0, which thread 0 wrote", out, 0);
     expect("lanes ordered by a shuffle only", shuffle_ordered, 1, 32, 0, "shared-memory race", out);
     expect("shared memory written in the block", stale_shared, 2, 32, 0, nullptr, out, 1);
     expect("shared memory left by another block", stale_shared, 2, 32, 0, "before any thread of this block wrote it",
@@ -167,7 +168,8 @@ int main() {
     const unsigned char host[128] = {};
     const bool copy_refused = cuMemcpyHtoD_v2(in_d + 200, host, sizeof host) == 1;
     const bool copy_fits = cuMemcpyHtoD_v2(in_d + 128, host, sizeof host) == 0;
-    std::printf("%s copy past an allocation refused, copy to its end taken\n", copy_refused && copy_fits ? "ok  " : "FAIL");
+    std::printf("%s copy past an allocation refused, copy to its end taken\n",
+                copy_refused && copy_fits ? "ok  " : "FAIL");
     failures += !(copy_refused && copy_fits);
 
     cuMemFree_v2(in_d);
