@@ -149,43 +149,45 @@ void memory_ranges(std::vector<MemRange>* out) {
 }  // namespace emu
 
 namespace {
-// Whether [p, p + bytes) lies within one device allocation or mapped pinned host allocation:
-// what a copy, a memset or a GEMM on the device side must address (a GPU refuses or faults).
-bool device_span(uintptr_t p, size_t bytes) {
-    std::lock_guard<std::mutex> hold(allocs_lock);
+// The device allocation or mapped pinned host allocation that holds all of [p, p + bytes) — what
+// a copy, a memset or a GEMM on the device side must address (a GPU refuses or faults) — or null.
+// Call with allocs_lock held.
+const Alloc* holding(uintptr_t p, size_t bytes) {
     for (const std::vector<Alloc>* list : {&allocs, &host_allocs})
         for (const Alloc& a : *list) {
             const uintptr_t base = reinterpret_cast<uintptr_t>(a.ptr);
-            if (p >= base && p - base <= a.len && bytes <= a.len - (p - base)) return true;
+            if (p >= base && p - base <= a.len && bytes <= a.len - (p - base)) return &a;
         }
-    return false;
+    return nullptr;
+}
+
+// Where [p, p + bytes) lies in one allocation: true, and (`mark`, check builds) its bytes marked
+// written. Else false.
+bool device_span(uintptr_t p, size_t bytes, bool mark) {
+    std::lock_guard<std::mutex> hold(allocs_lock);
+    const Alloc* a = holding(p, bytes);
+    if (a != nullptr && mark && a->written != nullptr)
+        emu::bits_set(a->written, p - reinterpret_cast<uintptr_t>(a->ptr), bytes);
+    return a != nullptr;
 }
 
 // Refuses a copy or memset whose device side `d` is not within one allocation, as the driver
-// does (CUDA_ERROR_INVALID_VALUE), saying which.
-bool span_refused(const char* call, const char* side, CUdeviceptr d, size_t n) {
-    if (n == 0 || device_span(d, n)) return false;
-    std::fprintf(stderr, "cuda-emu: %s: %s [0x%llx, +%zu B) is not within one device allocation\n", call, side, d, n);
+// does (CUDA_ERROR_INVALID_VALUE), saying which; a destination taken is marked written.
+bool span_refused(const char* call, CUdeviceptr d, size_t n, bool destination) {
+    if (n == 0 || device_span(d, n, destination)) return false;
+    std::fprintf(stderr, "cuda-emu: %s: %s [0x%llx, +%zu B) is not within one device allocation\n", call,
+                 destination ? "destination" : "source", d, n);
     return true;
-}
-
-// Check builds: marks [p, p + bytes) written where it lies in a device allocation.
-void mark_written(uintptr_t p, size_t bytes) {
-    std::lock_guard<std::mutex> hold(allocs_lock);
-    for (const Alloc& a : allocs) {
-        const uintptr_t base = reinterpret_cast<uintptr_t>(a.ptr);
-        if (a.written && p >= base && p - base < a.len)
-            emu::bits_set(a.written, p - base, std::min(bytes, a.len - (p - base)));
-    }
 }
 }  // namespace
 
-// For the emulator's cuBLAS (cublas.cpp): device_span, and mark_written for the C it wrote.
+// For the emulator's cuBLAS (cublas.cpp): whether an operand lies in one allocation, and the C it
+// wrote marked written.
 extern "C" __attribute__((visibility("default"))) int djinn_emu_device_span(const void* p, size_t bytes) {
-    return device_span(reinterpret_cast<uintptr_t>(p), bytes) ? 1 : 0;
+    return device_span(reinterpret_cast<uintptr_t>(p), bytes, false) ? 1 : 0;
 }
 extern "C" __attribute__((visibility("default"))) void djinn_emu_mark_written(const void* p, size_t bytes) {
-    mark_written(reinterpret_cast<uintptr_t>(p), bytes);
+    device_span(reinterpret_cast<uintptr_t>(p), bytes, true);
 }
 
 #define API extern "C" __attribute__((visibility("default"))) CUresult
@@ -359,30 +361,27 @@ API cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned) {
     return SUCCESS;
 }
 API cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
-    if (span_refused("cuMemcpyHtoD", "destination", d, n)) return INVALID_VALUE;
+    if (span_refused("cuMemcpyHtoD", d, n, true)) return INVALID_VALUE;
     std::memcpy(reinterpret_cast<void*>(d), s, n);
-    mark_written(d, n);
     return SUCCESS;
 }
 API cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
-    if (span_refused("cuMemcpyDtoH", "source", s, n)) return INVALID_VALUE;
+    if (span_refused("cuMemcpyDtoH", s, n, false)) return INVALID_VALUE;
     std::memcpy(d, reinterpret_cast<const void*>(s), n);
     return SUCCESS;
 }
 API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
-    if (span_refused("cuMemcpyDtoD", "source", s, n) || span_refused("cuMemcpyDtoD", "destination", d, n))
+    if (span_refused("cuMemcpyDtoD", s, n, false) || span_refused("cuMemcpyDtoD", d, n, true))
         return INVALID_VALUE;
     std::memmove(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s), n);
-    mark_written(d, n);
     return SUCCESS;
 }
 API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { return cuMemcpyHtoD_v2(d, s, n); }
 API cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoH_v2(d, s, n); }
 API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
 API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
-    if (span_refused("cuMemsetD8", "destination", d, n)) return INVALID_VALUE;
+    if (span_refused("cuMemsetD8", d, n, true)) return INVALID_VALUE;
     std::memset(reinterpret_cast<void*>(d), v, n);
-    mark_written(d, n);
     return SUCCESS;
 }
 API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }

@@ -3,8 +3,6 @@
 // the image's parameter layout — a host argument of the wrong size or order reads as garbage
 // here as it would on a GPU.
 #include <cstring>
-#include <type_traits>
-#include <utility>
 
 #include "runtime.h"
 
@@ -16,20 +14,9 @@
 
 namespace {
 
-// Not instrumented for the check (check.cpp): the parameter array is the host's memory, read as a
-// GPU's launch reads it, before any kernel code runs.
-template <typename... A, size_t... I>
-__attribute__((no_sanitize("thread"), noipa)) void invoke(void (*f)(A...), void** p, std::index_sequence<I...>) {
-    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(p[I])...);
-}
-template <typename... A>
-__attribute__((no_sanitize("thread"), noipa)) void invoke(void (*f)(A...), void** p) {
-    invoke(f, p, std::index_sequence_for<A...>{});
-}
-
 // Launch bounds as the kernels declare them (attention.cu DECODE: MINB 4, 4, 3, 2).
-#define KB(NAME, MAXT, MINB) {#NAME, [](void** p) { invoke(NAME, p); }, MAXT, MINB}
-#define KMOVE(NAME, MAXT) {#NAME, [](void** p) { invoke(NAME, p); }, MAXT, 0, true}
+#define KB(NAME, MAXT, MINB) {#NAME, [](void** p) { emu::invoke(NAME, p); }, MAXT, MINB}
+#define KMOVE(NAME, MAXT) {#NAME, [](void** p) { emu::invoke(NAME, p); }, MAXT, 0, true}
 #define K(NAME, MAXT) KB(NAME, MAXT, 0)
 #define K3(NAME, MAXT) K(NAME##_f32, MAXT), K(NAME##_f16, MAXT), K(NAME##_bf16, MAXT)
 #define DECODE_G(DT) KB(paged_decode_##DT##_g1, 128, 4), KB(paged_decode_##DT##_g2, 128, 4), \

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "emu.h"
@@ -25,6 +27,20 @@ struct Kernel {
     // slots). Other kernels' loads of unwritten bytes are refused.
     bool moves_data = false;
 };
+
+// Calls kernel `f` with `params[i]` pointing at its i-th argument, as a GPU's launch unpacks the
+// parameter array. Not instrumented for the check (check.cpp): the array is the host's memory,
+// read before any kernel code runs; `noipa` keeps GCC from moving those reads into an
+// instrumented caller.
+template <typename... A, size_t... I>
+__attribute__((no_sanitize("thread"), noipa)) void invoke(void (*f)(A...), void** params,
+                                                           std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(params[I])...);
+}
+template <typename... A>
+void invoke(void (*f)(A...), void** params) {
+    invoke(f, params, std::index_sequence_for<A...>{});
+}
 
 // The kernel named `name`, or null.
 const Kernel* find_kernel(const char* name);
@@ -66,22 +82,19 @@ void memory_ranges(std::vector<MemRange>* out);  // driver.cpp
 // A launch on one thread and a copy on another may mark bits that share a map byte: the partial
 // bytes at the ends change atomically; whole bytes are stored (a copy may mark gigabytes).
 inline void bits_fill(unsigned char* bits, size_t from, size_t n, bool on) {
-    size_t i = from;
-    const size_t end = from + n;
-    for (; i < end && (i & 7) != 0; ++i) {
+    const auto one = [&](size_t i) {
         const unsigned char bit = (unsigned char)(1u << (i & 7));
         on ? __atomic_fetch_or(&bits[i >> 3], bit, __ATOMIC_RELAXED)
            : __atomic_fetch_and(&bits[i >> 3], (unsigned char)~bit, __ATOMIC_RELAXED);
-    }
+    };
+    size_t i = from;
+    const size_t end = from + n;
+    for (; i < end && (i & 7) != 0; ++i) one(i);
     if (end - i >= 8) {
         std::memset(bits + (i >> 3), on ? 0xff : 0, (end - i) >> 3);
         i += (end - i) & ~size_t{7};
     }
-    for (; i < end; ++i) {
-        const unsigned char bit = (unsigned char)(1u << (i & 7));
-        on ? __atomic_fetch_or(&bits[i >> 3], bit, __ATOMIC_RELAXED)
-           : __atomic_fetch_and(&bits[i >> 3], (unsigned char)~bit, __ATOMIC_RELAXED);
-    }
+    for (; i < end; ++i) one(i);
 }
 inline void bits_set(unsigned char* bits, size_t from, size_t n) { bits_fill(bits, from, n, true); }
 inline void bits_clear(unsigned char* bits, size_t from, size_t n) { bits_fill(bits, from, n, false); }

@@ -5,8 +5,6 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
-#include <type_traits>
-#include <utility>
 
 #include "../common.cuh"
 #include "runtime.h"
@@ -90,11 +88,6 @@ __global__ void halves(unsigned short* out) { out[threadIdx.x] = (unsigned short
 // Every thread ORs a bit into one device word: atomics are not races.
 __global__ void atomics(unsigned* word) { atomicOr(word, 1u << (threadIdx.x % 32)); }
 
-template <typename... A, size_t... I>
-__attribute__((no_sanitize("thread"), noipa)) void invoke(void (*f)(A...), void** p, std::index_sequence<I...>) {
-    f(*static_cast<std::remove_reference_t<A>*>(p[I])...);
-}
-
 int failures = 0;
 
 bool moves_data = false;  // the next launch's Kernel::moves_data
@@ -105,7 +98,7 @@ void expect(const char* name, void (*f)(A...), unsigned grid, unsigned block, si
     void* values[] = {&args...};
     static void (*fn)(A...);
     fn = f;
-    const emu::Kernel k{name, [](void** p) { invoke(fn, p, std::index_sequence_for<A...>{}); }, 1024, 0, moves_data};
+    const emu::Kernel k{name, [](void** p) { emu::invoke(fn, p); }, 1024, 0, moves_data};
     moves_data = false;
     std::string why;
     const emu::Launch r = emu::launch(k, dim3e{grid, 1, 1}, dim3e{block, 1, 1}, smem, values, &why);
